@@ -1,0 +1,210 @@
+//! Running a micro-guest end to end: RAM, VM, load, run, and what it reported.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use guests::MicroGuest;
+use serde::Serialize;
+use vmm::boot::micro::{self, WorkRange};
+use vmm::cpuid::CpuidConfig;
+use vmm::devices::ConsoleSink;
+use vmm::vcpu::VcpuStop;
+use vmm::{GuestRam, Vm, VmConfig};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MicroOptions {
+    pub guest: &'static MicroGuest,
+    pub mem: u64,
+    pub vcpus: u8,
+    /// The guest's argument; `None` takes the guest's default.
+    pub arg: Option<u64>,
+    /// The work range; `None` takes all low RAM above the boot area.
+    pub range: Option<WorkRange>,
+    pub cpuid: CpuidConfig,
+    pub console: ConsoleSink,
+}
+
+impl MicroOptions {
+    /// Defaults for `guest`: 64 MiB, one vCPU, the guest's own argument.
+    pub fn new(guest: &'static MicroGuest) -> Self {
+        MicroOptions {
+            guest,
+            mem: 64 << 20,
+            vcpus: 1,
+            arg: None,
+            range: None,
+            cpuid: CpuidConfig::default(),
+            console: ConsoleSink::stdout(),
+        }
+    }
+}
+
+/// A micro-guest loaded into a VM, ready to run.
+pub struct MicroVm {
+    pub vm: Vm,
+    pub guest: &'static MicroGuest,
+    pub range: WorkRange,
+    pub arg: u64,
+    created: Instant,
+}
+
+/// What one vCPU of a micro-guest did.
+#[derive(Debug, Clone, Serialize)]
+pub struct VcpuReport {
+    pub vcpu: u8,
+    /// The exit code, if the guest wrote one.
+    pub exit_code: Option<u32>,
+    pub reports: Vec<u64>,
+    pub triple_fault: bool,
+}
+
+/// What a micro-guest run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct MicroReport {
+    pub guest: &'static str,
+    pub mem: u64,
+    pub arg: u64,
+    pub range_start: u64,
+    pub range_pages: u64,
+    pub vcpus: Vec<VcpuReport>,
+    /// From the start of VM creation to the guest's first instruction.
+    #[serde(serialize_with = "as_micros")]
+    pub to_first_instruction: Option<Duration>,
+    /// From the start of VM creation to the last vCPU's exit.
+    #[serde(serialize_with = "as_micros")]
+    pub to_completion: Option<Duration>,
+}
+
+fn as_micros<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_u64(d.as_micros() as u64),
+        None => s.serialize_none(),
+    }
+}
+
+/// Why a micro-guest run did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestFailure {
+    #[error("guest {guest:?} crashed: vCPU {vcpu} triple-faulted")]
+    TripleFault { guest: &'static str, vcpu: u8 },
+    #[error("guest {guest:?} failed: vCPU {vcpu} exited with code {code}")]
+    ExitCode {
+        guest: &'static str,
+        vcpu: u8,
+        code: u32,
+    },
+    #[error("guest {guest:?} stopped before vCPU {vcpu} finished")]
+    Unfinished { guest: &'static str, vcpu: u8 },
+}
+
+impl MicroReport {
+    /// Ok if every vCPU exited with code 0.
+    pub fn check(&self) -> Result<(), GuestFailure> {
+        for v in &self.vcpus {
+            let guest = self.guest;
+            match (v.triple_fault, v.exit_code) {
+                (true, _) => {
+                    return Err(GuestFailure::TripleFault {
+                        guest,
+                        vcpu: v.vcpu,
+                    })
+                }
+                (false, Some(0)) => {}
+                (false, Some(code)) => {
+                    return Err(GuestFailure::ExitCode {
+                        guest,
+                        vcpu: v.vcpu,
+                        code,
+                    })
+                }
+                (false, None) => {
+                    return Err(GuestFailure::Unfinished {
+                        guest,
+                        vcpu: v.vcpu,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `index`-th value each vCPU reported, summed (wrapping): the checksum of a guest whose
+    /// vCPUs each report a partial sum.
+    pub fn summed_report(&self, index: usize) -> Option<u64> {
+        self.vcpus
+            .iter()
+            .map(|v| v.reports.get(index).copied())
+            .try_fold(0u64, |sum, r| r.map(|r| sum.wrapping_add(r)))
+    }
+}
+
+impl MicroVm {
+    /// Creates RAM and the VM and loads the guest.
+    pub fn new(options: &MicroOptions) -> anyhow::Result<Self> {
+        let created = Instant::now();
+        let ram = GuestRam::new(options.mem).context("cannot create guest RAM")?;
+        Self::with_ram(options, ram, created)
+    }
+
+    /// Like [`MicroVm::new`], over RAM the caller made (and perhaps handed to a pager).
+    pub fn with_ram(
+        options: &MicroOptions,
+        ram: GuestRam,
+        created: Instant,
+    ) -> anyhow::Result<Self> {
+        let config = VmConfig {
+            vcpus: options.vcpus,
+            cpuid: options.cpuid.clone(),
+            console: options.console.clone(),
+        };
+        let vm = Vm::new(&config, ram).context("cannot create the VM")?;
+        let range = options
+            .range
+            .unwrap_or_else(|| micro::default_work_range(vm.ram()));
+        let arg = options.arg.unwrap_or(options.guest.default_arg);
+        let entries = micro::load(vm.ram(), options.guest, range, arg, options.vcpus)
+            .with_context(|| format!("cannot load micro-guest {:?}", options.guest.name))?;
+        vm.set_entries(&entries)
+            .context("cannot set the vCPUs' entry state")?;
+        Ok(MicroVm {
+            vm,
+            guest: options.guest,
+            range,
+            arg,
+            created,
+        })
+    }
+
+    /// Runs the guest to the end.
+    pub fn run(&mut self) -> anyhow::Result<MicroReport> {
+        let outcome = self
+            .vm
+            .run()
+            .with_context(|| format!("micro-guest {:?} failed", self.guest.name))?;
+        let finished = Instant::now();
+        let vcpus = outcome
+            .vcpus
+            .iter()
+            .map(|v| VcpuReport {
+                vcpu: v.vcpu,
+                exit_code: match v.stop {
+                    VcpuStop::Exited(code) => Some(code),
+                    _ => None,
+                },
+                reports: v.reports.clone(),
+                triple_fault: v.stop == VcpuStop::TripleFault,
+            })
+            .collect();
+        Ok(MicroReport {
+            guest: self.guest.name,
+            mem: self.vm.ram().size(),
+            arg: self.arg,
+            range_start: self.range.start,
+            range_pages: self.range.pages,
+            vcpus,
+            to_first_instruction: outcome.first_instruction.map(|t| t - self.created),
+            to_completion: Some(finished - self.created),
+        })
+    }
+}

@@ -1,0 +1,104 @@
+//! The command line as a user meets it: exit codes and messages.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn faultline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn run_hello_prints_its_report_and_succeeds() {
+    require_kvm!();
+    let out = faultline(&["run", "--guest", "hello"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("{:#x}", guests::HELLO_REPORT)));
+}
+
+#[test]
+fn run_touch_checks_memory() {
+    require_kvm!();
+    let out = faultline(&["run", "--guest", "touch", "--mem", "16M", "--cpus", "2"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("memory check ok"));
+}
+
+#[test]
+fn json_report_is_machine_readable() {
+    require_kvm!();
+    let out = faultline(&[
+        "run", "--guest", "dirty", "--mem", "8M", "--arg", "2", "--json",
+    ]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["guest"], "dirty");
+    assert_eq!(report["vcpus"][0]["reports"][0], 2);
+    assert_eq!(report["vcpus"][0]["exit_code"], 0);
+}
+
+#[test]
+fn a_crashing_guest_fails_with_a_message() {
+    require_kvm!();
+    let out = faultline(&["run", "--guest", "fault"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("triple-faulted"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_input_is_named() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--guest", "nope"], "no micro-guest named \"nope\""),
+        (&["run", "--guest", "hello", "--mem", "12Q"], "unknown unit"),
+        (
+            &["run", "--guest", "hello", "--mem", "1000"],
+            "must be a multiple of 4 KiB",
+        ),
+        (
+            &["run", "--kernel", "/nonexistent/vmlinux"],
+            "cannot read kernel /nonexistent/vmlinux",
+        ),
+        (
+            &["run", "--guest", "hello", "--cpuid-mask", "warp"],
+            "unknown CPU feature \"warp\"",
+        ),
+        (&["run"], "required"),
+    ];
+    for (args, message) in cases {
+        if args.len() > 1 && !args.contains(&"--mem") && !common::kvm_available() {
+            continue;
+        }
+        let out = faultline(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(message),
+            "{args:?}: expected {message:?} in {stderr:?}"
+        );
+    }
+}
+
+#[test]
+fn guests_lists_every_micro_guest() {
+    let out = faultline(&["guests"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    for guest in guests::ALL {
+        assert!(
+            stdout.contains(guest.name),
+            "{} missing from {stdout}",
+            guest.name
+        );
+    }
+}

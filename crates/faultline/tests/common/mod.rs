@@ -1,0 +1,50 @@
+//! Shared by the end-to-end tests: the KVM check and quiet micro-guest runs.
+#![allow(dead_code)]
+
+use faultline::micro::{MicroOptions, MicroReport, MicroVm};
+use vmm::devices::ConsoleSink;
+
+/// Returns false (after saying so loudly) when /dev/kvm cannot be used, so the test can skip.
+/// With FAULTLINE_REQUIRE_KVM=1 (as CI sets it) a missing /dev/kvm fails the test instead.
+pub fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var_os("FAULTLINE_REQUIRE_KVM").is_some_and(|v| v == "1") {
+                panic!("/dev/kvm is required (FAULTLINE_REQUIRE_KVM=1) but cannot be opened: {e}");
+            }
+            eprintln!("SKIPPED: /dev/kvm cannot be opened ({e}); this test needs KVM");
+            false
+        }
+    }
+}
+
+/// Skips the calling test when KVM is unavailable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !common::kvm_available() {
+            return;
+        }
+    };
+}
+
+/// Options for `name` with no console output.
+pub fn options(name: &str) -> MicroOptions {
+    let guest = guests::find(name).unwrap_or_else(|| panic!("no guest {name}"));
+    MicroOptions {
+        console: ConsoleSink::default(),
+        ..MicroOptions::new(guest)
+    }
+}
+
+/// Builds and runs, returning the VM for inspection and the report.
+pub fn run(options: &MicroOptions) -> (MicroVm, MicroReport) {
+    let mut vm = MicroVm::new(options).expect("VM builds");
+    let report = vm.run().expect("VM runs");
+    (vm, report)
+}

@@ -1,0 +1,183 @@
+//! Micro-guests: tiny 64-bit x86 programs that faultline boots to test and measure itself.
+//!
+//! The CPU under KVM is emulated on our build machines, so a guest that does real work must do
+//! it in a few instructions per page. Each program is an assembly file in `asm/` (the contract
+//! with the VMM is documented in `asm/common.inc`), assembled at build time and embedded here.
+//! This crate only knows the programs and the ports they use; loading them is the VMM's job.
+
+/// Guest-physical address every micro-guest is linked and loaded at.
+pub const CODE_BASE: u64 = 0x10_0000;
+
+/// The VMM's test device: the I/O ports micro-guests write to. Must match `asm/common.inc`.
+pub mod ports {
+    /// Any write: the first guest instruction has run.
+    pub const STARTED: u16 = 0x510;
+    /// Low 32 bits of a report value.
+    pub const REPORT_LO: u16 = 0x514;
+    /// High 32 bits of a report value; completes the report.
+    pub const REPORT_HI: u16 = 0x518;
+    /// The vCPU's exit code: 0 is success.
+    pub const EXIT: u16 = 0x51c;
+}
+
+/// The `touch` guest's default seed.
+pub const TOUCH_DEFAULT_SEED: u64 = 0x5eed_f00d;
+
+/// What the `hello` guest reports: "faultln!" as a little-endian u64.
+pub const HELLO_REPORT: u64 = u64::from_le_bytes(*b"faultln!");
+
+/// One embedded micro-guest.
+#[derive(Debug, Clone, Copy)]
+pub struct MicroGuest {
+    /// Name used on the command line (`faultline run --guest NAME`).
+    pub name: &'static str,
+    /// One line on what it does and what it reports.
+    pub summary: &'static str,
+    /// Whether it reads or writes the work range (so it needs RAM beyond the boot area).
+    pub uses_work_range: bool,
+    /// The argument (rdx) used when the command line gives none.
+    pub default_arg: u64,
+    /// Flat binary, to be loaded at [`CODE_BASE`].
+    pub code: &'static [u8],
+}
+
+macro_rules! guest {
+    ($name:literal, $uses_range:expr, $default_arg:expr, $summary:literal) => {
+        MicroGuest {
+            name: $name,
+            summary: $summary,
+            uses_work_range: $uses_range,
+            default_arg: $default_arg,
+            code: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bin")),
+        }
+    };
+}
+
+/// Every micro-guest, in the order `faultline guests` lists them.
+pub const ALL: &[MicroGuest] = &[
+    guest!(
+        "hello",
+        false,
+        0,
+        "reports the constant \"faultln!\" and exits 0"
+    ),
+    guest!(
+        "touch",
+        true,
+        TOUCH_DEFAULT_SEED,
+        "writes (address ^ arg) into one word of every page of the work range; reports the sum"
+    ),
+    guest!(
+        "checksum",
+        true,
+        0,
+        "reads one word of every page of the work range; reports the sum"
+    ),
+    guest!(
+        "dirty",
+        true,
+        3,
+        "rewrites every page (address + pass) for arg passes (0 = forever); reports passes, sum"
+    ),
+    guest!(
+        "cpuid",
+        false,
+        0,
+        "reports CPUID 0x40000000 ebx, 0x40000001 eax (KVM features) and leaf 1 ecx"
+    ),
+    guest!(
+        "asyncpf",
+        true,
+        0,
+        "enables KVM async page faults like Linux (MSRs 0x4b564d06, 0x4b564d02); reports both"
+    ),
+    guest!(
+        "fault",
+        false,
+        0,
+        "divides by zero with an empty IDT: a triple fault the VMM must report as a crash"
+    ),
+];
+
+/// A 16-bit real-mode program (not a micro-guest) that writes STARTED, then exit code 0:
+/// what the boot benchmark runs on a bare KVM VM as its baseline.
+pub const BASELINE_REAL_MODE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/baseline16.bin"));
+
+/// Finds a micro-guest by name.
+pub fn find(name: &str) -> Option<&'static MicroGuest> {
+    ALL.iter().find(|guest| guest.name == name)
+}
+
+/// The checksum the `touch` guest reports for pages at `start + i * 4096`, `i < pages`.
+pub fn touch_checksum(start: u64, pages: u64, seed: u64) -> u64 {
+    (0..pages).fold(0u64, |sum, i| sum.wrapping_add((start + i * 4096) ^ seed))
+}
+
+/// The checksum the `dirty` guest reports after `passes` passes over the range.
+pub fn dirty_checksum(start: u64, pages: u64, passes: u64) -> u64 {
+    (0..pages).fold(0u64, |sum, i| sum.wrapping_add(start + i * 4096 + passes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inc_value(name: &str) -> u64 {
+        let inc = include_str!("../asm/common.inc");
+        let line = inc
+            .lines()
+            .find(|line| line.starts_with(&format!(".set {name},")))
+            .unwrap_or_else(|| panic!("{name} missing from common.inc"));
+        let value = line
+            .split(',')
+            .nth(1)
+            .unwrap()
+            .split('#')
+            .next()
+            .unwrap()
+            .trim();
+        u64::from_str_radix(value.trim_start_matches("0x"), 16).unwrap()
+    }
+
+    #[test]
+    fn ports_match_the_assembly_contract() {
+        assert_eq!(inc_value("PORT_STARTED"), u64::from(ports::STARTED));
+        assert_eq!(inc_value("PORT_REPORT_LO"), u64::from(ports::REPORT_LO));
+        assert_eq!(inc_value("PORT_REPORT_HI"), u64::from(ports::REPORT_HI));
+        assert_eq!(inc_value("PORT_EXIT"), u64::from(ports::EXIT));
+    }
+
+    #[test]
+    fn code_base_matches_the_linker_address() {
+        let build = include_str!("../build.rs");
+        assert!(build.contains(&format!("CODE_BASE: &str = \"{CODE_BASE:#x}\"")));
+    }
+
+    #[test]
+    fn every_guest_is_assembled_and_small() {
+        for guest in ALL {
+            assert!(!guest.code.is_empty(), "{} is empty", guest.name);
+            assert!(
+                guest.code.len() < 4096,
+                "{} is larger than a page",
+                guest.name
+            );
+        }
+        let names: std::collections::HashSet<_> = ALL.iter().map(|g| g.name).collect();
+        assert_eq!(names.len(), ALL.len(), "guest names are unique");
+    }
+
+    #[test]
+    fn hello_report_spells_its_name() {
+        assert_eq!(&HELLO_REPORT.to_le_bytes(), b"faultln!");
+        assert!(find("hello").is_some());
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn checksums_of_known_ranges() {
+        assert_eq!(touch_checksum(0x20_0000, 0, 7), 0);
+        assert_eq!(touch_checksum(0x20_0000, 2, 0), 0x20_0000 + 0x20_1000);
+        assert_eq!(dirty_checksum(0x1000, 2, 3), 0x1003 + 0x2003);
+    }
+}

@@ -1,0 +1,248 @@
+//! Guest RAM: memfd-backed `MAP_SHARED` regions, one KVM memslot each.
+//!
+//! RAM below 4 GiB stops at the 32-bit MMIO gap; the rest is placed above 4 GiB. Every region is
+//! its own memfd so that another component can pass it to another process, hole-punch it, read
+//! it back without the guest, or serve it with userfaultfd (missing or minor mode). The layout
+//! exposes only plain facts (guest address, host address, size, memfd) so that crates that know
+//! nothing of KVM, such as the pager and the snapshot format, can use it.
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+
+use rustix::fs::{memfd_create, MemfdFlags};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Size of a guest page as KVM and the micro-guests see it.
+pub const PAGE_SIZE: u64 = 4096;
+/// Where the 32-bit MMIO gap (IOAPIC, LAPIC, PCI holes) begins: RAM stops here below 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// Where the MMIO gap ends and high RAM begins.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The smallest guest we build: enough for boot structures, a micro-guest and its stacks.
+pub const MIN_RAM: u64 = 2 * 1024 * 1024;
+
+/// Errors building guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is not usable.
+    #[error(
+        "guest RAM size {0} bytes is invalid: it must be a multiple of 4 KiB and at least 2 MiB"
+    )]
+    InvalidSize(u64),
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the memfd backing guest RAM at {gpa:#x} ({size} bytes)")]
+    Memfd {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap of the memfd failed.
+    #[error("cannot map guest RAM at {gpa:#x} ({size} bytes)")]
+    Map {
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// vm-memory refused the region list.
+    #[error("guest RAM regions are inconsistent")]
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// One contiguous range of guest RAM.
+#[derive(Debug, Clone)]
+pub struct RamRegion {
+    gpa: u64,
+    size: u64,
+    host_addr: usize,
+    memfd: Arc<File>,
+}
+
+impl RamRegion {
+    /// Guest-physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+    /// Length in bytes (a multiple of [`PAGE_SIZE`]).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Address of the first byte in this process.
+    pub fn host_addr(&self) -> usize {
+        self.host_addr
+    }
+    /// The memfd that backs the region (offset 0 is `gpa`).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+    /// The memfd as a shared file handle.
+    pub fn memfd_file(&self) -> Arc<File> {
+        Arc::clone(&self.memfd)
+    }
+    /// Whether the guest-physical range `[gpa, gpa + len)` lies inside this region.
+    pub fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.gpa
+            && gpa
+                .checked_add(len)
+                .is_some_and(|end| end <= self.gpa + self.size)
+    }
+}
+
+/// All of a guest's RAM.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    regions: Vec<RamRegion>,
+    memory: GuestMemoryMmap,
+}
+
+/// The guest-physical ranges `(gpa, size)` that `size` bytes of RAM occupy.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+impl GuestRam {
+    /// Creates `size` bytes of guest RAM, laid out around the MMIO gap.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size < MIN_RAM || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(MemoryError::InvalidSize(size));
+        }
+        let mut regions = Vec::new();
+        let mut mmap_regions = Vec::new();
+        for (gpa, len) in ram_ranges(size) {
+            let memfd = create_memfd(gpa, len)?;
+            let mapping = MmapRegion::<()>::from_file(
+                FileOffset::new(
+                    memfd.try_clone().map_err(|source| MemoryError::Memfd {
+                        gpa,
+                        size: len,
+                        source,
+                    })?,
+                    0,
+                ),
+                len as usize,
+            )
+            .map_err(|source| MemoryError::Map {
+                gpa,
+                size: len,
+                source,
+            })?;
+            regions.push(RamRegion {
+                gpa,
+                size: len,
+                host_addr: mapping.as_ptr() as usize,
+                memfd: Arc::new(memfd),
+            });
+            mmap_regions.push(
+                GuestRegionMmap::new(mapping, GuestAddress(gpa))
+                    .expect("a region below 2^64 built from a valid mapping"),
+            );
+        }
+        let memory = GuestMemoryMmap::from_regions(mmap_regions).map_err(MemoryError::Layout)?;
+        Ok(GuestRam { regions, memory })
+    }
+
+    /// The regions, lowest address first.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total bytes of RAM.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(RamRegion::size).sum()
+    }
+
+    /// One past the highest guest-physical address of RAM.
+    pub fn end(&self) -> u64 {
+        self.regions.last().map_or(0, |r| r.gpa + r.size)
+    }
+
+    /// RAM below 4 GiB, in bytes.
+    pub fn low_size(&self) -> u64 {
+        self.regions[0].size
+    }
+
+    /// The vm-memory view, for loaders and `Bytes` access.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Host address of guest-physical `gpa` if `[gpa, gpa + len)` is RAM within one region.
+    pub fn host_range(&self, gpa: u64, len: u64) -> Option<usize> {
+        self.regions
+            .iter()
+            .find(|r| r.contains(gpa, len))
+            .map(|r| r.host_addr + (gpa - r.gpa) as usize)
+    }
+
+    /// Reads the little-endian u64 at `gpa`.
+    pub fn read_u64(&self, gpa: u64) -> Option<u64> {
+        use vm_memory::Bytes;
+        self.memory.read_obj::<u64>(GuestAddress(gpa)).ok()
+    }
+}
+
+fn create_memfd(gpa: u64, size: u64) -> Result<File, MemoryError> {
+    let err = |source: std::io::Error| MemoryError::Memfd { gpa, size, source };
+    let fd = memfd_create(format!("faultline-ram-{gpa:#x}"), MemfdFlags::CLOEXEC)
+        .map_err(|e| err(e.into()))?;
+    let file = File::from(fd);
+    file.set_len(size).map_err(err)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn small_ram_is_one_low_region() {
+        assert_eq!(ram_ranges(64 << 20), vec![(0, 64 << 20)]);
+        assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
+    }
+
+    #[test]
+    fn large_ram_skips_the_mmio_gap() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(ranges, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]);
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), 4 << 30);
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(
+            GuestRam::new(4096),
+            Err(MemoryError::InvalidSize(4096))
+        ));
+        assert!(matches!(
+            GuestRam::new((8 << 20) + 1),
+            Err(MemoryError::InvalidSize(_))
+        ));
+    }
+
+    #[test]
+    fn guest_writes_land_in_the_memfd() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.memory()
+            .write_obj(0xdead_beef_u64, GuestAddress(0x3000))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        File::from(ram.regions()[0].memfd().try_clone_to_owned().unwrap())
+            .read_exact_at(&mut buf, 0x3000)
+            .unwrap();
+        assert_eq!(u64::from_le_bytes(buf), 0xdead_beef);
+        assert_eq!(ram.read_u64(0x3000), Some(0xdead_beef));
+        assert_eq!(
+            ram.host_range(0x3000, 8),
+            Some(ram.regions()[0].host_addr() + 0x3000)
+        );
+        assert_eq!(ram.host_range(8 << 20, 1), None);
+    }
+}

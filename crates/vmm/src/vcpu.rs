@@ -1,0 +1,329 @@
+//! A vCPU: its entry state, its run loop, and the micro-guest test device it owns.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::long_mode::{long_mode_sregs, protected_mode_sregs};
+use crate::boot::VcpuEntry;
+use crate::control::{RunControl, StopReason};
+use crate::devices::LegacyDevices;
+
+/// MSR_IA32_MISC_ENABLE and its "fast string operations" bit, which Linux expects set.
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// LAPIC local vector table registers for LINT0 and LINT1 (offsets in the register page).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+
+/// Errors of one vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl on the vCPU failed.
+    #[error("vCPU {vcpu}: {what} failed")]
+    Kvm {
+        vcpu: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM could not execute a guest instruction (on emulating hosts: an unsupported one).
+    #[error("vCPU {vcpu}: KVM internal error (suberror {suberror}) at rip {rip:#x}; on an instruction-emulating host this is usually an instruction the emulator cannot run (SSE, cmpxchg16b, xrstor): try --cpuid-mask emulator")]
+    InternalError { vcpu: u8, suberror: u32, rip: u64 },
+    /// VM entry failed.
+    #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
+    FailEntry { vcpu: u8, reason: u64 },
+    /// An exit faultline does not handle.
+    #[error("vCPU {vcpu}: unexpected exit {exit}")]
+    UnexpectedExit { vcpu: u8, exit: String },
+}
+
+/// How one vCPU's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// A micro-guest wrote its exit code to the test device.
+    Exited(u32),
+    /// The VM was stopped (reset, shutdown, request) while this vCPU ran.
+    Stopped,
+    /// This vCPU triple-faulted.
+    TripleFault,
+}
+
+/// What one vCPU did.
+#[derive(Debug, Clone)]
+pub struct VcpuOutcome {
+    pub vcpu: u8,
+    pub stop: VcpuStop,
+    /// Values the micro-guest reported, in order.
+    pub reports: Vec<u64>,
+    /// Guest port accesses that no device claimed.
+    pub unhandled_io: u64,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub(crate) fn new(index: u8, fd: VcpuFd) -> Self {
+        Vcpu { index, fd }
+    }
+
+    /// This vCPU's index (and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The KVM vCPU, for state queries.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let vcpu = self.index;
+        move |source| VcpuError::Kvm { vcpu, what, source }
+    }
+
+    /// Sets the registers (and MP state) for `entry`.
+    pub fn configure(&self, entry: &VcpuEntry) -> Result<(), VcpuError> {
+        self.configure_lapic()?;
+        let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+        let regs = match *entry {
+            VcpuEntry::WaitForSipi => return Ok(()),
+            VcpuEntry::LongMode {
+                rip,
+                rsp,
+                rdi,
+                rsi,
+                rdx,
+                rcx,
+            } => {
+                long_mode_sregs(&mut sregs);
+                kvm_regs {
+                    rip,
+                    rsp,
+                    rbp: rsp,
+                    rdi,
+                    rsi,
+                    rdx,
+                    rcx,
+                    rflags: 0x2,
+                    ..Default::default()
+                }
+            }
+            VcpuEntry::Pvh { rip, rbx } => {
+                protected_mode_sregs(&mut sregs);
+                kvm_regs {
+                    rip,
+                    rbx,
+                    rflags: 0x2,
+                    ..Default::default()
+                }
+            }
+        };
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.kvm_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(self.kvm_err("KVM_SET_REGS"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(self.kvm_err("KVM_SET_FPU"))?;
+        let msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: MSR_IA32_MISC_ENABLE,
+            data: MISC_ENABLE_FAST_STRING,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        // Application processors start halted waiting for SIPI; ours start right away.
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(self.kvm_err("KVM_SET_MP_STATE"))
+    }
+
+    /// Routes LINT0 to ExtINT (the PIC) and LINT1 to NMI, as a PC BIOS leaves them.
+    fn configure_lapic(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+            let bytes: [u8; 4] = lapic.regs[offset..offset + 4]
+                .iter()
+                .map(|b| *b as u8)
+                .collect::<Vec<_>>()
+                .try_into()
+                .expect("four bytes");
+            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[offset + i] = *b as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.kvm_err("KVM_SET_LAPIC"))
+    }
+
+    /// Reads MSRs; returns (index, value) for each one KVM returned.
+    pub fn read_msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+        let entries: Vec<_> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).expect("MSR list fits");
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.kvm_err("KVM_GET_MSRS"))?;
+        Ok(msrs.as_slice()[..read]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect())
+    }
+
+    /// The CPUID table KVM holds for this vCPU.
+    pub fn cpuid(&self) -> Result<kvm_bindings::CpuId, VcpuError> {
+        self.fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.kvm_err("KVM_GET_CPUID2"))
+    }
+
+    /// Runs until the guest exits through the test device, the VM is stopped, or an error.
+    pub fn run(
+        &mut self,
+        devices: &LegacyDevices,
+        control: &RunControl,
+        first_instruction: &OnceLock<Instant>,
+    ) -> Result<VcpuOutcome, VcpuError> {
+        let mut outcome = VcpuOutcome {
+            vcpu: self.index,
+            stop: VcpuStop::Stopped,
+            reports: Vec::new(),
+            unhandled_io: 0,
+        };
+        let mut report_low: u32 = 0;
+        let index = self.index;
+        loop {
+            if control.should_stop() {
+                return Ok(outcome);
+            }
+            let exit = match self.fd.run() {
+                Ok(exit) => exit,
+                // A kick from the VMM (signal) or a transient condition: look at the stop flag.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(source) => {
+                    return Err(VcpuError::Kvm {
+                        vcpu: index,
+                        what: "KVM_RUN",
+                        source,
+                    })
+                }
+            };
+            match exit {
+                VcpuExit::IoOut(port, data) => match port {
+                    guests::ports::STARTED => {
+                        first_instruction.get_or_init(Instant::now);
+                    }
+                    guests::ports::REPORT_LO => report_low = le_u32(data),
+                    guests::ports::REPORT_HI => {
+                        outcome
+                            .reports
+                            .push((u64::from(le_u32(data)) << 32) | u64::from(report_low));
+                    }
+                    guests::ports::EXIT => {
+                        outcome.stop = VcpuStop::Exited(le_u32(data));
+                        return Ok(outcome);
+                    }
+                    _ => {
+                        if !devices.io_out(port, data) {
+                            outcome.unhandled_io += 1;
+                        }
+                    }
+                },
+                VcpuExit::IoIn(port, data) => {
+                    if !devices.io_in(port, data) {
+                        data.fill(0xff);
+                        outcome.unhandled_io += 1;
+                    }
+                }
+                // No MMIO devices yet: reads see all-ones, writes are dropped.
+                VcpuExit::MmioRead(_, data) => data.fill(0xff),
+                VcpuExit::MmioWrite(..) => {}
+                VcpuExit::Intr => {}
+                VcpuExit::Hlt => {
+                    control.request_stop(StopReason::Requested);
+                    return Ok(outcome);
+                }
+                VcpuExit::Shutdown => {
+                    control.request_stop(StopReason::TripleFault { vcpu: index });
+                    outcome.stop = VcpuStop::TripleFault;
+                    return Ok(outcome);
+                }
+                VcpuExit::SystemEvent(kind, _) => {
+                    control.request_stop(StopReason::SystemEvent(kind));
+                    return Ok(outcome);
+                }
+                VcpuExit::InternalError => {
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel filled
+                    // the `internal` member of the union.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(VcpuError::InternalError {
+                        vcpu: index,
+                        suberror,
+                        rip,
+                    });
+                }
+                VcpuExit::FailEntry(reason, _) => {
+                    return Err(VcpuError::FailEntry {
+                        vcpu: index,
+                        reason,
+                    })
+                }
+                other => {
+                    return Err(VcpuError::UnexpectedExit {
+                        vcpu: index,
+                        exit: format!("{other:?}"),
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn le_u32(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::le_u32;
+
+    #[test]
+    fn port_data_is_little_endian() {
+        assert_eq!(le_u32(&[0x78, 0x56, 0x34, 0x12]), 0x1234_5678);
+        assert_eq!(le_u32(&[0xff]), 0xff);
+    }
+}

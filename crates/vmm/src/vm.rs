@@ -1,0 +1,277 @@
+//! A KVM virtual machine: guest RAM as memslots, the in-kernel irqchip and PIT, vCPUs on their
+//! own threads, and the legacy devices.
+
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::VcpuEntry;
+use crate::control::{RunControl, StopReason};
+use crate::cpuid::{self, CpuidConfig};
+use crate::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use crate::memory::GuestRam;
+use crate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
+
+/// Where KVM puts the TSS and identity-map pages it needs (just below the 4 GiB BIOS area).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// How often a stopping VM re-kicks vCPUs that have not left KVM_RUN yet.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Errors creating or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or cannot be opened.
+    #[error("cannot open /dev/kvm (is KVM available, and may this user open it? root or the kvm group is needed)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The vCPU count is out of range.
+    #[error("{0} vCPUs requested: faultline supports 1 to {1}")]
+    VcpuCount(u8, u8),
+    /// Setting up a vCPU failed.
+    #[error("cannot set up the vCPU")]
+    Vcpu(#[from] VcpuError),
+    /// The serial interrupt eventfd could not be created.
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The vCPU kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU thread could not be started or died.
+    #[error("vCPU thread {0} could not be started or panicked")]
+    Thread(u8),
+    /// The entry list does not match the vCPU count.
+    #[error("{entries} vCPU entries for {vcpus} vCPUs")]
+    EntryCount { entries: usize, vcpus: usize },
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub cpuid: CpuidConfig,
+    pub console: ConsoleSink,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            cpuid: CpuidConfig::default(),
+            console: ConsoleSink::stdout(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    /// Each vCPU's result, by index.
+    pub vcpus: Vec<VcpuOutcome>,
+    /// Why the VM stopped as a whole, if it did (micro-guests simply exit vCPU by vCPU).
+    pub stop_reason: Option<StopReason>,
+    /// When the first micro-guest instruction reported in (the STARTED port).
+    pub first_instruction: Option<Instant>,
+}
+
+/// The largest vCPU count we accept.
+pub const MAX_VCPUS: u8 = 32;
+
+/// A VM with its RAM, devices and vCPUs.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<Vcpu>,
+    devices: Arc<LegacyDevices>,
+    control: Arc<RunControl>,
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal only makes KVM_RUN return EINTR.
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+impl Vm {
+    /// Creates a VM over `ram`: memslots, irqchip, PIT, devices and `config.vcpus` vCPUs.
+    pub fn new(config: &VmConfig, ram: GuestRam) -> Result<Vm, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::VcpuCount(config.vcpus, MAX_VCPUS));
+        }
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(KVM_TSS_ADDR)
+            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+
+        for (slot, region) in ram.regions().iter().enumerate() {
+            let memslot = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.gpa(),
+                memory_size: region.size(),
+                userspace_addr: region.host_addr() as u64,
+            };
+            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
+            // the VM keeps for as long as the memslot exists.
+            unsafe { fd.set_user_memory_region(memslot) }
+                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let control = Arc::new(RunControl::default());
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        let devices = Arc::new(LegacyDevices::new(
+            serial_irq,
+            config.console.clone(),
+            Arc::clone(&control),
+        ));
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for index in 0..config.vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            let mut cpuid = supported.clone();
+            cpuid::customize(&mut cpuid, &config.cpuid, index, config.vcpus);
+            vcpu_fd
+                .set_cpuid2(&cpuid)
+                .map_err(|source| VcpuError::Kvm {
+                    vcpu: index,
+                    what: "KVM_SET_CPUID2",
+                    source,
+                })?;
+            vcpus.push(Vcpu::new(index, vcpu_fd));
+        }
+
+        // The handler is process-wide; installing it again is harmless.
+        register_signal_handler(kick_signal(), kick_handler).map_err(VmError::Signal)?;
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            ram,
+            vcpus,
+            devices,
+            control,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The KVM VM, for VM-wide state queries.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// The vCPUs, by index.
+    pub fn vcpus(&self) -> &[Vcpu] {
+        &self.vcpus
+    }
+
+    /// The legacy devices (to feed serial input).
+    pub fn devices(&self) -> Arc<LegacyDevices> {
+        Arc::clone(&self.devices)
+    }
+
+    /// Stops a running VM from another thread.
+    pub fn control(&self) -> Arc<RunControl> {
+        Arc::clone(&self.control)
+    }
+
+    /// Sets every vCPU's entry state; `entries[i]` is for vCPU `i`.
+    pub fn set_entries(&self, entries: &[VcpuEntry]) -> Result<(), VmError> {
+        if entries.len() != self.vcpus.len() {
+            return Err(VmError::EntryCount {
+                entries: entries.len(),
+                vcpus: self.vcpus.len(),
+            });
+        }
+        for (vcpu, entry) in self.vcpus.iter().zip(entries) {
+            vcpu.configure(entry)?;
+        }
+        Ok(())
+    }
+
+    /// Runs every vCPU on its own thread until all have exited or the VM is stopped. If a vCPU
+    /// fails, the others are stopped and the first error is returned.
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
+        self.control.reset();
+        let first_instruction = Arc::new(OnceLock::new());
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        for mut vcpu in self.vcpus.drain(..) {
+            let devices = Arc::clone(&self.devices);
+            let control = Arc::clone(&self.control);
+            let first = Arc::clone(&first_instruction);
+            let index = vcpu.index();
+            let handle = thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let result = vcpu.run(&devices, &control, &first);
+                    if result.is_err() {
+                        control.request_stop(StopReason::VcpuError { vcpu: index });
+                    }
+                    (vcpu, result)
+                })
+                .map_err(|_| VmError::Thread(index))?;
+            handles.push((index, handle));
+        }
+
+        // Kick vCPUs out of KVM_RUN once a stop is requested, until each has returned.
+        while handles.iter().any(|(_, h)| !h.is_finished()) {
+            if self.control.should_stop() {
+                for (_, handle) in handles.iter().filter(|(_, h)| !h.is_finished()) {
+                    let _ = handle.kill(kick_signal());
+                }
+            }
+            thread::sleep(KICK_INTERVAL);
+        }
+
+        let mut outcomes = Vec::new();
+        let mut first_error = None;
+        for (index, handle) in handles {
+            let (vcpu, result) = handle.join().map_err(|_| VmError::Thread(index))?;
+            self.vcpus.push(vcpu);
+            match result {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(VmError::Vcpu(e));
+        }
+        Ok(RunOutcome {
+            vcpus: outcomes,
+            stop_reason: self.control.reason(),
+            first_instruction: first_instruction.get().copied(),
+        })
+    }
+}
