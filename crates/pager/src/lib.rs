@@ -1,0 +1,330 @@
+//! faultline's demand-paging engine.
+//!
+//! Hand it mapped memory ranges, each with a [`PageSource`]; it registers them with a
+//! userfaultfd and, from then on, installs every missing page the first time anything touches
+//! it: a vCPU, the kernel on a vCPU's behalf, or any other thread. It knows nothing of KVM,
+//! which is what lets a plain host thread stand in for a vCPU in tests and benchmarks.
+//!
+//! Guarantees (each has a test): a page is installed at most once; an installed page is never
+//! overwritten (UFFDIO_COPY refuses present pages, and the pager counts EEXIST as installed);
+//! a fault is answered with the page's contents or an explicit error (poison), never garbage
+//! and never left hanging; the presence map agrees with the kernel.
+
+mod bitmap;
+mod engine;
+mod region;
+mod source;
+mod stats;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+pub use source::{Content, FileSource, MemorySource, PageSource, SourceError, ZeroSource};
+pub use stats::{FaultOrigin, Latency, RegionStats, Stats};
+use uffd::{Features, RegisterMode, Uffd, UffdError};
+
+use engine::{Job, Shared};
+use region::Region;
+use stats::Counters;
+
+/// What to do when a page source cannot produce a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Poison the page: the toucher gets SIGBUS (a kernel-mode access, such as KVM's, gets
+    /// EFAULT). Other pages keep being served.
+    #[default]
+    Poison,
+    /// Poison the page and report a fatal error through the `on_fatal` callback (the VMM
+    /// stops the VM with it).
+    Stop,
+}
+
+/// Tuning knobs.
+#[derive(Debug, Clone)]
+pub struct PagerConfig {
+    /// Fault-service threads.
+    pub fault_threads: usize,
+    /// Pages installed per fault, the faulting one first (1 = read-ahead off).
+    pub readahead_pages: usize,
+    /// Pages per background install.
+    pub background_batch_pages: usize,
+    /// Background bytes per second (None: as fast as urgent faults allow).
+    pub background_rate: Option<u64>,
+    pub failure_policy: FailurePolicy,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        PagerConfig {
+            fault_threads: 1,
+            readahead_pages: 1,
+            background_batch_pages: 64,
+            background_rate: None,
+            failure_policy: FailurePolicy::Poison,
+        }
+    }
+}
+
+/// Errors setting the pager up.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error("cannot open the userfaultfd")]
+    Uffd(#[source] UffdError),
+    #[error("cannot register [{start:#x}, +{len:#x}) for demand paging")]
+    Register {
+        start: u64,
+        len: u64,
+        #[source]
+        source: UffdError,
+    },
+    #[error("region [{start:#x}, +{len:#x}) is not page aligned or is empty")]
+    Misaligned { start: u64, len: u64 },
+    #[error("region [{start:#x}, +{len:#x}) overlaps another region")]
+    Overlap { start: u64, len: u64 },
+    #[error("cannot read which pages of [{start:#x}, +{len:#x}) are resident")]
+    Residency {
+        start: u64,
+        len: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the pager's stop eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start a pager thread")]
+    Thread(#[source] std::io::Error),
+    #[error("no region {0}")]
+    NoRegion(usize),
+}
+
+/// The features the pager needs from the kernel.
+pub const REQUIRED_FEATURES: Features = Features(
+    Features::MISSING_SHMEM.0
+        | Features::THREAD_ID.0
+        | Features::EVENT_REMOVE.0
+        | Features::POISON.0,
+);
+
+/// Collects regions, then starts the pager.
+pub struct PagerBuilder {
+    config: PagerConfig,
+    uffd: Uffd,
+    regions: Vec<Region>,
+    on_fatal: Option<engine::FatalCallback>,
+}
+
+impl PagerBuilder {
+    /// Opens the userfaultfd.
+    pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
+        let uffd = Uffd::open(REQUIRED_FEATURES).map_err(PagerError::Uffd)?;
+        Ok(PagerBuilder {
+            config,
+            uffd,
+            regions: Vec::new(),
+            on_fatal: None,
+        })
+    }
+
+    /// Registers `[start, start + len)` (mapped, page aligned) to be served from `source`.
+    /// Pages already resident (written before this call) are never fetched. Returns the
+    /// region's index.
+    pub fn region(
+        &mut self,
+        start: u64,
+        len: u64,
+        source: Arc<dyn PageSource>,
+    ) -> Result<usize, PagerError> {
+        let page_size = uffd::PAGE_SIZE;
+        if len == 0 || !start.is_multiple_of(page_size) || !len.is_multiple_of(page_size) {
+            return Err(PagerError::Misaligned { start, len });
+        }
+        if self
+            .regions
+            .iter()
+            .any(|r| start < r.start + r.len && r.start < start + len)
+        {
+            return Err(PagerError::Overlap { start, len });
+        }
+        let region = Region::new(start, len, page_size, source);
+        self.uffd
+            .register(start, len, RegisterMode::MISSING)
+            .map_err(|source| PagerError::Register { start, len, source })?;
+        let resident = region
+            .mark_resident()
+            .map_err(|source| PagerError::Residency { start, len, source })?;
+        tracing::debug!(start, len, resident, "pager: region registered");
+        self.regions.push(region);
+        Ok(self.regions.len() - 1)
+    }
+
+    /// Called once, from a pager thread, if a source fails under [`FailurePolicy::Stop`].
+    pub fn on_fatal(&mut self, callback: impl Fn(&str) + Send + Sync + 'static) {
+        self.on_fatal = Some(Box::new(callback));
+    }
+
+    /// Starts the fault threads and the background worker.
+    pub fn start(self) -> Result<Pager, PagerError> {
+        let stop_evt = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| PagerError::EventFd(e.into()))?;
+        let shared = Arc::new(Shared {
+            uffd: self.uffd,
+            regions: self.regions,
+            config: self.config.clone(),
+            counters: Counters::default(),
+            stop: AtomicBool::new(false),
+            stop_evt,
+            urgent_pending: AtomicU64::new(0),
+            background: Mutex::new(VecDeque::new()),
+            background_cv: Condvar::new(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            fatal: Mutex::new(None),
+            on_fatal: self.on_fatal,
+        });
+        let mut threads = Vec::new();
+        for i in 0..self.config.fault_threads.max(1) {
+            let shared = Arc::clone(&shared);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pager-fault{i}"))
+                    .spawn(move || shared.fault_loop())
+                    .map_err(PagerError::Thread)?,
+            );
+        }
+        let background = Arc::clone(&shared);
+        threads.push(
+            std::thread::Builder::new()
+                .name("pager-background".into())
+                .spawn(move || background.background_loop())
+                .map_err(PagerError::Thread)?,
+        );
+        Ok(Pager {
+            handle: PagerHandle { shared },
+            threads,
+        })
+    }
+}
+
+/// A cheap, clonable handle on a running pager (for stats, prefetch, vCPU registration).
+#[derive(Clone)]
+pub struct PagerHandle {
+    shared: Arc<Shared>,
+}
+
+impl PagerHandle {
+    /// Counts faults from thread `tid` as vCPU faults.
+    pub fn register_vcpu_thread(&self, tid: u32) {
+        self.shared
+            .vcpu_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tid);
+    }
+
+    /// Queues pages `[first, first + count)` of `region` for background install, in order.
+    pub fn prefetch(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
+        let pages = self
+            .shared
+            .regions
+            .get(region)
+            .ok_or(PagerError::NoRegion(region))?
+            .pages();
+        let count = count.min(pages.saturating_sub(first));
+        self.shared
+            .counters
+            .background_pending_pages
+            .fetch_add(count as u64, Ordering::Relaxed);
+        self.shared
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(Job {
+                region,
+                first,
+                count,
+            });
+        self.shared.background_cv.notify_one();
+        Ok(())
+    }
+
+    /// Queues every page of every region for background install (background fill).
+    pub fn fill_all(&self) {
+        for (index, region) in self.shared.regions.iter().enumerate() {
+            self.prefetch(index, 0, region.pages())
+                .expect("the region exists");
+        }
+    }
+
+    /// Whether `region`'s `page` is installed (or was resident).
+    pub fn is_present(&self, region: usize, page: usize) -> bool {
+        self.shared.regions[region].present.get(page)
+    }
+
+    /// The pager's counters now.
+    pub fn stats(&self) -> Stats {
+        self.shared
+            .counters
+            .snapshot(self.shared.regions.iter().map(Region::stats).collect())
+    }
+
+    /// The first fatal error under [`FailurePolicy::Stop`], if any.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Number of regions.
+    pub fn regions(&self) -> usize {
+        self.shared.regions.len()
+    }
+}
+
+/// A running pager. Dropping it stops its threads; the registrations go with the userfaultfd.
+pub struct Pager {
+    handle: PagerHandle,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pager {
+    pub fn handle(&self) -> PagerHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the threads and returns the final stats.
+    pub fn shutdown(mut self) -> Stats {
+        self.stop_threads();
+        self.handle.stats()
+    }
+
+    fn stop_threads(&mut self) {
+        let shared = &self.handle.shared;
+        shared.stop.store(true, Ordering::Release);
+        let _ = rustix::io::write(&shared.stop_evt, &1u64.to_ne_bytes());
+        {
+            let _queue = shared.background.lock().unwrap_or_else(|e| e.into_inner());
+            shared.background_cv.notify_all();
+        }
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Pager {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+impl std::ops::Deref for Pager {
+    type Target = PagerHandle;
+    fn deref(&self) -> &PagerHandle {
+        &self.handle
+    }
+}

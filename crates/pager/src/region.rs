@@ -1,0 +1,93 @@
+//! A registered range of memory, its page source, and the state of each of its pages.
+//!
+//! Per page, three bits: `present` (installed, or resident when the region was added),
+//! `inflight` (a thread has claimed it and is fetching it: the single-install guarantee), and
+//! `discarded` (removed by madvise/balloon since: its true contents are now zero).
+
+use std::sync::Arc;
+
+use crate::bitmap::AtomicBitmap;
+use crate::source::PageSource;
+use crate::stats::RegionStats;
+
+/// A page-aligned range of mapped memory served by one source.
+pub struct Region {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+    pub(crate) page_size: u64,
+    pub(crate) source: Arc<dyn PageSource>,
+    pub(crate) present: AtomicBitmap,
+    pub(crate) inflight: AtomicBitmap,
+    pub(crate) discarded: AtomicBitmap,
+}
+
+impl Region {
+    pub(crate) fn new(start: u64, len: u64, page_size: u64, source: Arc<dyn PageSource>) -> Region {
+        let pages = (len / page_size) as usize;
+        Region {
+            start,
+            len,
+            page_size,
+            source,
+            present: AtomicBitmap::new(pages),
+            inflight: AtomicBitmap::new(pages),
+            discarded: AtomicBitmap::new(pages),
+        }
+    }
+
+    pub fn pages(&self) -> usize {
+        self.present.len()
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.start && addr < self.start + self.len
+    }
+
+    pub fn page_of(&self, addr: u64) -> usize {
+        ((addr - self.start) / self.page_size) as usize
+    }
+
+    pub fn addr_of(&self, page: usize) -> u64 {
+        self.start + page as u64 * self.page_size
+    }
+
+    /// Marks the pages the kernel already has (written before registration) as present, so
+    /// that they are never fetched: `mincore` reports page-cache residency for shared file
+    /// mappings and populated pages for anonymous ones.
+    pub(crate) fn mark_resident(&self) -> std::io::Result<usize> {
+        let mut vec = vec![0u8; self.pages()];
+        // SAFETY: `start`/`len` describe a live mapping the caller registered; `vec` has one
+        // byte per page of it, as mincore requires.
+        let ret = unsafe {
+            libc::mincore(
+                self.start as *mut libc::c_void,
+                self.len as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut resident = 0;
+        for (page, byte) in vec.iter().enumerate() {
+            if byte & 1 != 0 {
+                self.present.set(page);
+                resident += 1;
+            }
+        }
+        Ok(resident)
+    }
+
+    pub(crate) fn stats(&self) -> RegionStats {
+        RegionStats {
+            start: self.start,
+            bytes: self.len,
+            source: self.source.describe(),
+            pages: self.pages() as u64,
+            pages_present: self.present.count() as u64,
+            presence_map_bytes: (self.present.bytes()
+                + self.inflight.bytes()
+                + self.discarded.bytes()) as u64,
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The pager on real userfaultfds over shared memfd mappings (as guest RAM is), with host
+//! threads as touchers. Skips loudly where no userfaultfd can be had.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use pager::*;
+
+const PAGE: usize = 4096;
+
+/// A memfd mapped MAP_SHARED, like a guest RAM region.
+struct Shm {
+    _file: std::fs::File,
+    addr: u64,
+    len: usize,
+}
+
+impl Shm {
+    fn new(pages: usize) -> Shm {
+        let fd = rustix::fs::memfd_create("pager-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len((pages * PAGE) as u64).unwrap();
+        let len = pages * PAGE;
+        // SAFETY: a fresh shared mapping of the memfd; checked against MAP_FAILED.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(addr, libc::MAP_FAILED);
+        Shm {
+            _file: file,
+            addr: addr as u64,
+            len,
+        }
+    }
+    fn page(&self, index: usize) -> u64 {
+        self.addr + (index * PAGE) as u64
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `new` mapped.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+fn read_u64(addr: u64) -> u64 {
+    // SAFETY: test addresses are inside live `Shm` mappings.
+    unsafe { std::ptr::read_volatile(addr as *const u64) }
+}
+
+fn write_u64(addr: u64, value: u64) {
+    // SAFETY: as above.
+    unsafe { std::ptr::write_volatile(addr as *mut u64, value) }
+}
+
+/// Source contents: every word of page `p` holds `p * 0x1_0001 + 7`.
+fn pattern(pages: usize) -> Vec<u8> {
+    (0..pages)
+        .flat_map(|p| ((p as u64) * 0x1_0001 + 7).to_le_bytes().repeat(PAGE / 8))
+        .collect()
+}
+
+fn builder(config: PagerConfig) -> Option<PagerBuilder> {
+    match PagerBuilder::new(config) {
+        Ok(builder) => Some(builder),
+        Err(e) if std::env::var_os("FAULTLINE_REQUIRE_UFFD").is_none() => {
+            eprintln!("SKIPPED: the pager cannot open a userfaultfd here: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Waits (bounded, so a bug fails instead of hanging) until `done` holds.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A kernel-mode read of 8 bytes at `addr` (write(2) to a pipe): returns the errno on failure.
+fn kernel_read(addr: u64) -> Result<u64, i32> {
+    let (read_end, write_end) = rustix::pipe::pipe().unwrap();
+    // SAFETY: the kernel validates the user pointer; it is inside a live mapping.
+    let n = unsafe { libc::write(write_end.as_raw_fd(), addr as *const libc::c_void, 8) };
+    if n != 8 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    let mut buf = [0u8; 8];
+    rustix::io::read(&read_end, &mut buf).unwrap();
+    Ok(u64::from_le_bytes(buf))
+}
+
+#[test]
+fn concurrent_random_faults_get_every_page_right_once() {
+    const PAGES: usize = 2048;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(MemorySource::new(pattern(PAGES))),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    let base = shm.addr;
+    let touchers: Vec<_> = (0..2u64)
+        .map(|seed| {
+            std::thread::spawn(move || {
+                // Each thread visits every page in its own pseudo-random order.
+                let mut order: Vec<usize> = (0..PAGES).collect();
+                let mut state = seed * 0x9e37_79b9 + 1;
+                for i in (1..PAGES).rev() {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    order.swap(i, (state % (i as u64 + 1)) as usize);
+                }
+                for page in order {
+                    let offset = (page * PAGE + (state as usize % (PAGE / 8)) * 8) as u64;
+                    assert_eq!(
+                        read_u64(base + offset),
+                        page as u64 * 0x1_0001 + 7,
+                        "page {page}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in touchers {
+        t.join().unwrap();
+    }
+    let stats = pager.shutdown();
+    assert_eq!(
+        stats.pages_installed_urgent, PAGES as u64,
+        "each page installed exactly once"
+    );
+    assert_eq!(stats.regions[0].pages_present, PAGES as u64);
+    assert_eq!(stats.source_errors, 0);
+    assert!(stats.faults_other >= PAGES as u64 - stats.faults_joined);
+}
+
+/// A source that blocks fetches of one page until released, and counts fetches per page.
+struct GatedSource {
+    inner: MemorySource,
+    gated_page: usize,
+    gate: Arc<Barrier>,
+    fetches: Mutex<Vec<usize>>,
+}
+
+impl PageSource for GatedSource {
+    fn describe(&self) -> String {
+        "gated".into()
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let first = offset as usize / PAGE;
+        self.fetches
+            .lock()
+            .unwrap()
+            .extend(first..first + buf.len() / PAGE);
+        if (first..first + buf.len() / PAGE).contains(&self.gated_page) {
+            self.gate.wait();
+        }
+        self.inner.fetch(offset, buf)
+    }
+}
+
+#[test]
+fn a_fault_on_a_page_in_flight_joins_it() {
+    const PAGES: usize = 16;
+    let config = PagerConfig {
+        background_batch_pages: 1,
+        ..Default::default()
+    };
+    let Some(mut builder) = builder(config) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let gate = Arc::new(Barrier::new(2));
+    let source = Arc::new(GatedSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        gated_page: 5,
+        gate: Arc::clone(&gate),
+        fetches: Mutex::new(Vec::new()),
+    });
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::clone(&source) as Arc<dyn PageSource>,
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    // The background worker claims page 5 and blocks in the source.
+    pager.prefetch(0, 5, 1).unwrap();
+    wait_until("the background fetch of page 5", || {
+        source.fetches.lock().unwrap().contains(&5)
+    });
+    // Now a thread touches page 5: the fault must join the fetch in flight.
+    let target = shm.page(5);
+    let toucher = std::thread::spawn(move || read_u64(target));
+    let handle = pager.handle();
+    wait_until("the fault to be seen", || handle.stats().faults_joined == 1);
+    gate.wait(); // release the source
+    assert_eq!(toucher.join().unwrap(), 5 * 0x1_0001 + 7);
+    let stats = pager.shutdown();
+    assert_eq!(
+        source
+            .fetches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|p| **p == 5)
+            .count(),
+        1,
+        "fetched once"
+    );
+    assert_eq!(stats.pages_installed_background, 1);
+    assert_eq!(stats.pages_installed_urgent, 0);
+}
+
+#[test]
+fn removed_pages_are_served_again_as_zero() {
+    const PAGES: usize = 8;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(MemorySource::new(pattern(PAGES))),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    assert_eq!(read_u64(shm.page(3)), 3 * 0x1_0001 + 7);
+    write_u64(shm.page(3), 0xdead);
+    // A balloon-style discard: MADV_REMOVE frees the shmem page (the pager is told first).
+    // SAFETY: discarding one page of our own mapping; no references into it.
+    let ret = unsafe { libc::madvise(shm.page(3) as *mut libc::c_void, PAGE, libc::MADV_REMOVE) };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    // madvise returns once the pager has read the event; it applies it just after.
+    let handle = pager.handle();
+    wait_until("the remove to be applied", || !handle.is_present(0, 3));
+    // Touched again: served (no hang), with the page's true contents now: zero.
+    assert_eq!(read_u64(shm.page(3)), 0);
+    // The install wakes the toucher; the pager marks the page present right after.
+    wait_until("page 3 to be marked present", || handle.is_present(0, 3));
+    // Neighbours are untouched.
+    assert_eq!(read_u64(shm.page(4)), 4 * 0x1_0001 + 7);
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_removed, 1);
+    assert_eq!(stats.zero_pages, 1);
+}
+
+/// Fails every fetch that includes page `bad`.
+struct FailingSource {
+    inner: MemorySource,
+    bad: usize,
+}
+
+impl PageSource for FailingSource {
+    fn describe(&self) -> String {
+        "failing".into()
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let first = offset as usize / PAGE;
+        if (first..first + buf.len() / PAGE).contains(&self.bad) {
+            return Err(SourceError::Unavailable {
+                offset,
+                reason: "test source refuses this page".into(),
+            });
+        }
+        self.inner.fetch(offset, buf)
+    }
+}
+
+fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Arc<Mutex<Option<String>>>)> {
+    const PAGES: usize = 8;
+    let mut builder = builder(PagerConfig {
+        failure_policy: policy,
+        ..Default::default()
+    })?;
+    let shm = Shm::new(PAGES);
+    let source = FailingSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        bad: 2,
+    };
+    builder
+        .region(shm.addr, shm.len as u64, Arc::new(source))
+        .unwrap();
+    let reported = Arc::new(Mutex::new(None));
+    let sink = Arc::clone(&reported);
+    builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
+    Some((builder.start().unwrap(), shm, reported))
+}
+
+#[test]
+fn a_failing_source_poisons_the_page_and_serves_the_rest() {
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Poison) else {
+        return;
+    };
+    assert_eq!(
+        kernel_read(shm.page(2)),
+        Err(libc::EFAULT),
+        "an explicit error, not garbage"
+    );
+    assert_eq!(kernel_read(shm.page(3)), Ok(3 * 0x1_0001 + 7));
+    assert!(
+        reported.lock().unwrap().is_none(),
+        "Poison does not stop anything"
+    );
+    let stats = pager.shutdown();
+    assert_eq!((stats.source_errors, stats.pages_poisoned), (1, 1));
+}
+
+#[test]
+fn a_failing_source_under_stop_reports_fatally() {
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop) else {
+        return;
+    };
+    assert_eq!(kernel_read(shm.page(2)), Err(libc::EFAULT));
+    let message = reported
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("on_fatal was called");
+    assert!(
+        message.contains("test source refuses this page"),
+        "{message}"
+    );
+    assert_eq!(pager.fatal_error(), Some(message));
+}
+
+#[test]
+fn readahead_installs_a_run_in_one_ioctl() {
+    const PAGES: usize = 32;
+    let config = PagerConfig {
+        readahead_pages: 8,
+        ..Default::default()
+    };
+    let Some(mut builder) = builder(config) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(MemorySource::new(pattern(PAGES))),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    assert_eq!(read_u64(shm.page(4)), 4 * 0x1_0001 + 7);
+    let handle = pager.handle();
+    wait_until("the run to be marked present", || handle.is_present(0, 11));
+    for page in 4..12 {
+        assert!(
+            pager.is_present(0, page),
+            "page {page} came with the fault on page 4"
+        );
+    }
+    assert!(!pager.is_present(0, 12));
+    for page in 4..12 {
+        assert_eq!(read_u64(shm.page(page)), page as u64 * 0x1_0001 + 7);
+    }
+    let stats = pager.shutdown();
+    assert_eq!((stats.install_ioctls, stats.pages_installed_urgent), (1, 8));
+}
+
+#[test]
+fn resident_pages_are_never_fetched() {
+    const PAGES: usize = 8;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    write_u64(shm.page(1), 0x1111); // written before registration: resident
+    let fetched = Arc::new(AtomicUsize::new(0));
+    struct Counting(Arc<AtomicUsize>);
+    impl PageSource for Counting {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        fn fetch(&self, _offset: u64, _buf: &mut [u8]) -> Result<Content, SourceError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(Content::Zero)
+        }
+    }
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(Counting(Arc::clone(&fetched))),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    assert!(pager.is_present(0, 1));
+    assert_eq!(read_u64(shm.page(1)), 0x1111);
+    assert_eq!(fetched.load(Ordering::SeqCst), 0);
+    assert_eq!(read_u64(shm.page(2)), 0);
+    assert_eq!(fetched.load(Ordering::SeqCst), 1);
+    let handle = pager.handle();
+    wait_until("page 2 to be marked present", || handle.is_present(0, 2));
+    assert_eq!(pager.shutdown().regions[0].pages_present, 2);
+}
+
+#[test]
+fn background_fill_installs_everything_without_faults() {
+    const PAGES: usize = 512;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(MemorySource::new(pattern(PAGES))),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    pager.fill_all();
+    let handle = pager.handle();
+    wait_until("background fill", || {
+        handle.stats().regions[0].pages_present == PAGES as u64
+    });
+    for page in 0..PAGES {
+        assert_eq!(read_u64(shm.page(page) + 8), page as u64 * 0x1_0001 + 7);
+    }
+    let stats = pager.shutdown();
+    assert_eq!(stats.faults_other + stats.faults_vcpu, 0);
+    assert_eq!(stats.pages_installed_background, PAGES as u64);
+}
+
+#[test]
+fn zero_source_installs_zero_pages_without_copies() {
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(4);
+    builder
+        .region(shm.addr, shm.len as u64, Arc::new(ZeroSource))
+        .unwrap();
+    let pager = builder.start().unwrap();
+    for page in 0..4 {
+        assert_eq!(read_u64(shm.page(page)), 0);
+    }
+    let stats = pager.shutdown();
+    assert_eq!((stats.zero_pages, stats.bytes_copied), (4, 0));
+}
+
+#[test]
+fn bad_regions_are_rejected() {
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(4);
+    assert!(matches!(
+        builder.region(shm.addr + 1, 4096, Arc::new(ZeroSource)),
+        Err(PagerError::Misaligned { .. })
+    ));
+    builder
+        .region(shm.addr, 8192, Arc::new(ZeroSource))
+        .unwrap();
+    assert!(matches!(
+        builder.region(shm.addr + 4096, 8192, Arc::new(ZeroSource)),
+        Err(PagerError::Overlap { .. })
+    ));
+}
