@@ -291,7 +291,10 @@ impl PageSource for FailingSource {
     }
 }
 
-fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Arc<Mutex<Option<String>>>)> {
+/// What `on_fatal` reported, if anything.
+type Reported = Arc<Mutex<Option<String>>>;
+
+fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Reported)> {
     const PAGES: usize = 8;
     let mut builder = builder(PagerConfig {
         failure_policy: policy,
