@@ -2,6 +2,7 @@
 //! for the command line. Library crates below it do the work; this crate decides policy.
 
 pub mod bench;
+pub mod lazy;
 pub mod linux;
 pub mod micro;
 pub mod size;

@@ -49,6 +49,7 @@ pub fn run(options: &LinuxOptions) -> anyhow::Result<LinuxReport> {
         vcpus: options.vcpus,
         cpuid: options.cpuid.clone(),
         console: options.console.clone(),
+        on_vcpu_thread: None,
     };
     let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
     let boot = LinuxBootConfig {

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use faultline::lazy::LazySpec;
 use faultline::micro::{MicroOptions, MicroVm};
 use faultline::size::{format_size, parse_size};
 use faultline::{bench, host_checksum, linux};
+use pager::{FailurePolicy, PagerConfig};
 use vmm::cpuid::{CpuidConfig, FeatureMask};
 use vmm::devices::ConsoleSink;
 
@@ -70,6 +72,21 @@ struct RunArgs {
     /// Stop the guest after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Serve guest RAM lazily through the pager (userfaultfd): "zero", or "file:PATH" for a raw
+    /// image of guest RAM. What the loader wrote at start stays resident; the rest is fetched
+    /// on first touch.
+    #[arg(long, value_name = "SOURCE", conflicts_with = "kernel")]
+    lazy: Option<LazySpec>,
+    /// With --lazy: pages installed per fault, the faulting one first (1 = off).
+    #[arg(long, value_name = "PAGES", default_value_t = 1, requires = "lazy")]
+    readahead: usize,
+    /// With --lazy: also install every remaining page in the background.
+    #[arg(long, requires = "lazy")]
+    background_fill: bool,
+    /// With --lazy: what a page-source failure does: "poison" the page (the guest sees an
+    /// error) or "stop" the VM.
+    #[arg(long, value_name = "POLICY", default_value = "poison", value_parser = parse_policy, requires = "lazy")]
+    on_source_error: FailurePolicy,
     /// Print the micro-guest's report as JSON instead of text.
     #[arg(long, conflicts_with = "kernel")]
     json: bool,
@@ -99,6 +116,16 @@ fn parse_u64(text: &str) -> Result<u64, String> {
     parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x-prefixed hex)"))
 }
 
+fn parse_policy(text: &str) -> Result<FailurePolicy, String> {
+    match text {
+        "poison" => Ok(FailurePolicy::Poison),
+        "stop" => Ok(FailurePolicy::Stop),
+        _ => Err(format!(
+            "{text:?} is not a policy: use \"poison\" or \"stop\""
+        )),
+    }
+}
+
 fn cpuid_config(args: &RunArgs) -> anyhow::Result<CpuidConfig> {
     let mask = match &args.cpuid_mask {
         Some(list) => FeatureMask::parse(list)?,
@@ -124,9 +151,23 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         arg: args.arg,
         cpuid: cpuid_config(args)?,
         console: ConsoleSink::stdout(),
+        lazy: args.lazy.clone(),
+        pager: PagerConfig {
+            readahead_pages: args.readahead,
+            failure_policy: args.on_source_error,
+            ..PagerConfig::default()
+        },
         ..MicroOptions::new(guest)
     };
+    if args.readahead == 0 {
+        bail!("--readahead must be at least 1 (1 turns read-ahead off)");
+    }
     let mut vm = MicroVm::new(&options)?;
+    if args.background_fill {
+        if let Some(pager) = &vm.pager {
+            pager.fill_all();
+        }
+    }
     if !args.json {
         println!(
             "faultline: guest {} | RAM {} | {} vCPU(s) | work range {:#x} + {} pages | arg {:#x}",
@@ -155,6 +196,20 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             println!(
                 "faultline: finished {:.1} ms after VM creation began",
                 done.as_secs_f64() * 1e3
+            );
+        }
+        if let Some(stats) = &report.pager {
+            println!(
+                "pager: {} vCPU faults, {} other, {} joined; {} pages installed on fault, {} in background ({} zero pages, {} KiB copied); install p50 {} us, p99 {} us",
+                stats.faults_vcpu,
+                stats.faults_other,
+                stats.faults_joined,
+                stats.pages_installed_urgent,
+                stats.pages_installed_background,
+                stats.zero_pages,
+                stats.bytes_copied / 1024,
+                stats.install_latency_us.p50,
+                stats.install_latency_us.p99
             );
         }
     }

@@ -11,6 +11,9 @@ use vmm::devices::ConsoleSink;
 use vmm::vcpu::VcpuStop;
 use vmm::{GuestRam, Vm, VmConfig};
 
+use crate::lazy::{start_pager, LazySpec, PagerLink};
+use pager::{Pager, PagerConfig};
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct MicroOptions {
@@ -23,6 +26,10 @@ pub struct MicroOptions {
     pub range: Option<WorkRange>,
     pub cpuid: CpuidConfig,
     pub console: ConsoleSink,
+    /// Serve guest RAM lazily through the pager from this source.
+    pub lazy: Option<LazySpec>,
+    /// The pager's knobs (with `lazy`).
+    pub pager: PagerConfig,
 }
 
 impl MicroOptions {
@@ -36,6 +43,8 @@ impl MicroOptions {
             range: None,
             cpuid: CpuidConfig::default(),
             console: ConsoleSink::stdout(),
+            lazy: None,
+            pager: PagerConfig::default(),
         }
     }
 }
@@ -46,6 +55,8 @@ pub struct MicroVm {
     pub guest: &'static MicroGuest,
     pub range: WorkRange,
     pub arg: u64,
+    /// The pager serving guest RAM, when it is lazy.
+    pub pager: Option<Pager>,
     created: Instant,
 }
 
@@ -74,6 +85,8 @@ pub struct MicroReport {
     /// From the start of VM creation to the last vCPU's exit.
     #[serde(serialize_with = "as_micros")]
     pub to_completion: Option<Duration>,
+    /// The pager's counters after the run, when RAM was lazy.
+    pub pager: Option<pager::Stats>,
 }
 
 fn as_micros<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -140,23 +153,17 @@ impl MicroReport {
 }
 
 impl MicroVm {
-    /// Creates RAM and the VM and loads the guest.
+    /// Creates RAM and the VM, loads the guest, and (with `lazy`) puts the RAM that the load
+    /// did not write behind the pager.
     pub fn new(options: &MicroOptions) -> anyhow::Result<Self> {
         let created = Instant::now();
         let ram = GuestRam::new(options.mem).context("cannot create guest RAM")?;
-        Self::with_ram(options, ram, created)
-    }
-
-    /// Like [`MicroVm::new`], over RAM the caller made (and perhaps handed to a pager).
-    pub fn with_ram(
-        options: &MicroOptions,
-        ram: GuestRam,
-        created: Instant,
-    ) -> anyhow::Result<Self> {
+        let link = PagerLink::default();
         let config = VmConfig {
             vcpus: options.vcpus,
             cpuid: options.cpuid.clone(),
             console: options.console.clone(),
+            on_vcpu_thread: options.lazy.as_ref().map(|_| link.vcpu_hook()),
         };
         let vm = Vm::new(&config, ram).context("cannot create the VM")?;
         let range = options
@@ -167,11 +174,22 @@ impl MicroVm {
             .with_context(|| format!("cannot load micro-guest {:?}", options.guest.name))?;
         vm.set_entries(&entries)
             .context("cannot set the vCPUs' entry state")?;
+        let pager = match &options.lazy {
+            Some(spec) => Some(start_pager(
+                vm.ram(),
+                spec,
+                options.pager.clone(),
+                &link,
+                vm.control(),
+            )?),
+            None => None,
+        };
         Ok(MicroVm {
             vm,
             guest: options.guest,
             range,
             arg,
+            pager,
             created,
         })
     }
@@ -205,6 +223,7 @@ impl MicroVm {
             vcpus,
             to_first_instruction: outcome.first_instruction.map(|t| t - self.created),
             to_completion: Some(finished - self.created),
+            pager: self.pager.as_ref().map(|p| p.stats()),
         })
     }
 }

@@ -21,7 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-pub use source::{Content, FileSource, MemorySource, PageSource, SourceError, ZeroSource};
+pub use source::{
+    Content, FileSource, MemorySource, OffsetSource, PageSource, SourceError, ZeroSource,
+};
 pub use stats::{FaultOrigin, Latency, RegionStats, Stats};
 use uffd::{Features, RegisterMode, Uffd, UffdError};
 

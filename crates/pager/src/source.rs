@@ -142,6 +142,22 @@ impl PageSource for FileSource {
     }
 }
 
+/// A window of another source: byte `i` of the region is byte `base + i` of `inner` (one
+/// memory image serving several RAM regions).
+pub struct OffsetSource {
+    pub inner: std::sync::Arc<dyn PageSource>,
+    pub base: u64,
+}
+
+impl PageSource for OffsetSource {
+    fn describe(&self) -> String {
+        format!("{}@{:#x}", self.inner.describe(), self.base)
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        self.inner.fetch(self.base + offset, buf)
+    }
+}
+
 /// Page contents held in memory (tests, and small images).
 #[derive(Debug, Clone)]
 pub struct MemorySource {

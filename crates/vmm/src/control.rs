@@ -16,6 +16,8 @@ pub enum StopReason {
     VcpuError { vcpu: u8 },
     /// The VMM asked it to stop.
     Requested,
+    /// Guest memory could not be provided (a page source failed under the Stop policy).
+    MemoryUnavailable,
 }
 
 /// Shared by the vCPU threads and whoever may stop them.

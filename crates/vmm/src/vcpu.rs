@@ -40,6 +40,12 @@ pub enum VcpuError {
     /// VM entry failed.
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
     FailEntry { vcpu: u8, reason: u64 },
+    /// The guest accessed its own RAM and KVM could not (the page could not be provided: a
+    /// failed page source poisoned it). Never answered with made-up data.
+    #[error(
+        "vCPU {vcpu}: guest RAM at {gpa:#x} could not be accessed (its page could not be provided)"
+    )]
+    RamUnavailable { vcpu: u8, gpa: u64 },
     /// An exit faultline does not handle.
     #[error("vCPU {vcpu}: unexpected exit {exit}")]
     UnexpectedExit { vcpu: u8, exit: String },
@@ -212,7 +218,12 @@ impl Vcpu {
         devices: &LegacyDevices,
         control: &RunControl,
         first_instruction: &OnceLock<Instant>,
+        ram: &[(u64, u64)],
     ) -> Result<VcpuOutcome, VcpuError> {
+        let in_ram = |gpa: u64| {
+            ram.iter()
+                .any(|&(start, size)| gpa >= start && gpa - start < size)
+        };
         let mut outcome = VcpuOutcome {
             vcpu: self.index,
             stop: VcpuStop::Stopped,
@@ -263,6 +274,10 @@ impl Vcpu {
                         data.fill(0xff);
                         outcome.unhandled_io += 1;
                     }
+                }
+                // An "MMIO" access inside RAM means KVM could not reach the page.
+                VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) if in_ram(gpa) => {
+                    return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
                 }
                 // No MMIO devices yet: reads see all-ones, writes are dropped.
                 VcpuExit::MmioRead(_, data) => data.fill(0xff),

@@ -41,6 +41,9 @@ pub enum VmError {
     /// Setting up a vCPU failed.
     #[error("cannot set up the vCPU")]
     Vcpu(#[from] VcpuError),
+    /// A vCPU failed while the guest ran.
+    #[error("the guest stopped with an error")]
+    VcpuRun(#[source] VcpuError),
     /// The serial interrupt eventfd could not be created.
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
@@ -55,12 +58,24 @@ pub enum VmError {
     EntryCount { entries: usize, vcpus: usize },
 }
 
+/// Called on each vCPU thread as it starts, with the vCPU index and the thread's id (so that,
+/// say, a pager can tell vCPU faults from others).
+#[derive(Clone)]
+pub struct VcpuThreadHook(pub Arc<dyn Fn(u8, u32) + Send + Sync>);
+
+impl std::fmt::Debug for VcpuThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VcpuThreadHook")
+    }
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub vcpus: u8,
     pub cpuid: CpuidConfig,
     pub console: ConsoleSink,
+    pub on_vcpu_thread: Option<VcpuThreadHook>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +84,7 @@ impl Default for VmConfig {
             vcpus: 1,
             cpuid: CpuidConfig::default(),
             console: ConsoleSink::stdout(),
+            on_vcpu_thread: None,
         }
     }
 }
@@ -95,6 +111,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     devices: Arc<LegacyDevices>,
     control: Arc<RunControl>,
+    on_vcpu_thread: Option<VcpuThreadHook>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -181,6 +198,7 @@ impl Vm {
             vcpus,
             devices,
             control,
+            on_vcpu_thread: config.on_vcpu_thread.clone(),
         })
     }
 
@@ -235,11 +253,24 @@ impl Vm {
             let control = Arc::clone(&self.control);
             let first = Arc::clone(&first_instruction);
             let done = done_tx.clone();
+            let hook = self.on_vcpu_thread.clone();
+            let ram: Vec<(u64, u64)> = self
+                .ram
+                .regions()
+                .iter()
+                .map(|r| (r.gpa(), r.size()))
+                .collect();
             let index = vcpu.index();
             let handle = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let result = vcpu.run(&devices, &control, &first);
+                    if let Some(VcpuThreadHook(hook)) = hook {
+                        hook(
+                            index,
+                            rustix::thread::gettid().as_raw_nonzero().get() as u32,
+                        );
+                    }
+                    let result = vcpu.run(&devices, &control, &first, &ram);
                     if result.is_err() {
                         control.request_stop(StopReason::VcpuError { vcpu: index });
                     }
@@ -284,7 +315,7 @@ impl Vm {
             }
         }
         if let Some(e) = first_error {
-            return Err(VmError::Vcpu(e));
+            return Err(VmError::VcpuRun(e));
         }
         Ok(RunOutcome {
             vcpus: outcomes,

@@ -1,0 +1,125 @@
+//! Putting guest RAM behind the pager: which source serves it (`--lazy`), and the wiring
+//! between the pager and the VM (vCPU thread ids, stopping the VM on a fatal source error).
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use pager::{
+    FileSource, OffsetSource, PageSource, Pager, PagerBuilder, PagerConfig, PagerHandle, ZeroSource,
+};
+use vmm::control::{RunControl, StopReason};
+use vmm::vm::VcpuThreadHook;
+use vmm::GuestRam;
+
+/// Where lazily served guest RAM comes from.
+#[derive(Clone)]
+pub enum LazySpec {
+    /// Every page starts as zero.
+    Zero,
+    /// A raw image of guest RAM: the regions, lowest address first, back to back.
+    File(PathBuf),
+    /// A source given by the program, laid out like `File` (tests; snapshot restore).
+    Source(Arc<dyn PageSource>),
+}
+
+impl std::fmt::Debug for LazySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LazySpec::Zero => f.write_str("zero"),
+            LazySpec::File(path) => write!(f, "file:{}", path.display()),
+            LazySpec::Source(source) => write!(f, "source:{}", source.describe()),
+        }
+    }
+}
+
+impl std::str::FromStr for LazySpec {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.split_once(':') {
+            None if text == "zero" => Ok(LazySpec::Zero),
+            Some(("file", path)) if !path.is_empty() => Ok(LazySpec::File(path.into())),
+            _ => Err(format!(
+                "{text:?} is not a page source: use \"zero\" or \"file:PATH\""
+            )),
+        }
+    }
+}
+
+/// The vCPU-thread hook and the slot the pager handle goes into once the pager exists (the VM
+/// is built before the pager, the threads start after it).
+#[derive(Clone, Default)]
+pub struct PagerLink(Arc<OnceLock<PagerHandle>>);
+
+impl PagerLink {
+    /// The hook to put in the VM config.
+    pub fn vcpu_hook(&self) -> VcpuThreadHook {
+        let slot = Arc::clone(&self.0);
+        VcpuThreadHook(Arc::new(move |_, tid| {
+            if let Some(handle) = slot.get() {
+                handle.register_vcpu_thread(tid);
+            }
+        }))
+    }
+}
+
+/// Registers every RAM region with a new pager over `spec` and starts it. Pages already
+/// written (the boot area) stay resident; the rest is served on first touch. Under
+/// `FailurePolicy::Stop` a source failure stops the VM through `control`.
+pub fn start_pager(
+    ram: &GuestRam,
+    spec: &LazySpec,
+    config: PagerConfig,
+    link: &PagerLink,
+    control: Arc<RunControl>,
+) -> anyhow::Result<Pager> {
+    let image: Arc<dyn PageSource> = match spec {
+        LazySpec::Zero => Arc::new(ZeroSource),
+        LazySpec::File(path) => {
+            Arc::new(FileSource::open(path).context("cannot open the memory image")?)
+        }
+        LazySpec::Source(source) => Arc::clone(source),
+    };
+    let mut builder = PagerBuilder::new(config).context("cannot start the pager")?;
+    let mut image_offset = 0;
+    for region in ram.regions() {
+        let source: Arc<dyn PageSource> = match spec {
+            LazySpec::Zero => Arc::clone(&image),
+            LazySpec::File(_) | LazySpec::Source(_) => Arc::new(OffsetSource {
+                inner: Arc::clone(&image),
+                base: image_offset,
+            }),
+        };
+        builder
+            .region(region.host_addr() as u64, region.size(), source)
+            .with_context(|| {
+                format!(
+                    "cannot put guest RAM at {:#x} behind the pager",
+                    region.gpa()
+                )
+            })?;
+        image_offset += region.size();
+    }
+    builder.on_fatal(move |message| {
+        tracing::error!("stopping the VM: {message}");
+        control.request_stop(StopReason::MemoryUnavailable);
+    });
+    let pager = builder.start()?;
+    let _ = link.0.set(pager.handle());
+    Ok(pager)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert!(matches!("zero".parse::<LazySpec>(), Ok(LazySpec::Zero)));
+        assert!(
+            matches!("file:/tmp/x".parse::<LazySpec>(), Ok(LazySpec::File(p)) if p == std::path::Path::new("/tmp/x"))
+        );
+        assert!("file:".parse::<LazySpec>().is_err());
+        assert!("nfs:/x".parse::<LazySpec>().unwrap_err().contains("zero"));
+    }
+}
