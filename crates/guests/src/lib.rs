@@ -68,6 +68,12 @@ pub const ALL: &[MicroGuest] = &[
         "writes (address ^ arg) into one word of every page of the work range; reports the sum"
     ),
     guest!(
+        "timedtouch",
+        true,
+        TOUCH_DEFAULT_SEED,
+        "like touch, and stores each first write's TSC ticks in the page's second word"
+    ),
+    guest!(
         "checksum",
         true,
         0,

@@ -123,14 +123,20 @@ impl Shared {
         let page_size = region.page_size;
         let len = count * page_size as usize;
         buf.resize(len, 0);
-        // A discarded page's true contents are zero, whatever the source holds.
+        // A discarded page's true contents are zero, whatever the source holds. A source
+        // that has the range mapped is installed from directly; others fill `buf`.
+        let offset = first as u64 * page_size;
+        let mapped = if region.discarded.get(first) {
+            None
+        } else {
+            region.source.mapped_addr(offset, len as u64)
+        };
         let content = if region.discarded.get(first) {
             Content::Zero
+        } else if mapped.is_some() {
+            Content::Data
         } else {
-            match region
-                .source
-                .fetch(first as u64 * page_size, &mut buf[..len])
-            {
+            match region.source.fetch(offset, &mut buf[..len]) {
                 Ok(content) => content,
                 Err(e) => {
                     self.release(region, first, count);

@@ -45,6 +45,13 @@ pub trait PageSource: Send + Sync {
     /// Fills `buf` with the bytes at `offset` (page aligned, a whole number of pages), or
     /// returns [`Content::Zero`] when they are all zero.
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError>;
+
+    /// A host address holding the `len` bytes at `offset`, if the source has them mapped
+    /// (a file image): the pager then installs straight from it, with no fetch and no
+    /// intermediate copy. `None` (the default) means "use `fetch`".
+    fn mapped_addr(&self, _offset: u64, _len: u64) -> Option<u64> {
+        None
+    }
 }
 
 /// Every page is zero: answered with UFFDIO_ZEROPAGE, never a copy.
@@ -61,7 +68,8 @@ impl PageSource for ZeroSource {
 }
 
 /// A raw memory image in a file: byte `i` of the region is byte `i` of the file. Holes of a
-/// sparse file, and everything past its end, are zero pages.
+/// sparse file, and everything past its end, are zero pages. The file is also mapped
+/// read-only so that data pages are installed straight from the page cache.
 #[derive(Debug)]
 pub struct FileSource {
     path: PathBuf,
@@ -69,7 +77,23 @@ pub struct FileSource {
     size: u64,
     /// Sorted, disjoint `[start, end)` ranges that hold data (the rest are holes).
     data: Vec<(u64, u64)>,
+    /// Address of a read-only shared mapping of the whole file (0 if the file is empty).
+    map: u64,
 }
+
+impl Drop for FileSource {
+    fn drop(&mut self) {
+        if self.map != 0 {
+            // SAFETY: unmapping exactly the mapping made in `open`; nothing else refers to it
+            // (the pager's installs that used it have completed before the source is dropped).
+            unsafe { libc::munmap(self.map as *mut libc::c_void, self.size as usize) };
+        }
+    }
+}
+
+// SAFETY: the mapping is read-only and only ever handed to the kernel as a copy source.
+unsafe impl Send for FileSource {}
+unsafe impl Sync for FileSource {}
 
 impl FileSource {
     pub fn open(path: &Path) -> Result<FileSource, SourceError> {
@@ -80,11 +104,32 @@ impl FileSource {
         let file = File::open(path).map_err(open_err)?;
         let size = file.metadata().map_err(open_err)?.len();
         let data = data_extents(&file, size).map_err(open_err)?;
+        let map = if size == 0 {
+            0
+        } else {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a new read-only shared mapping of the whole file; checked below.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    size as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(open_err(std::io::Error::last_os_error()));
+            }
+            addr as u64
+        };
         Ok(FileSource {
             path: path.into(),
             file,
             size,
             data,
+            map,
         })
     }
 
@@ -123,6 +168,13 @@ impl PageSource for FileSource {
         format!("file:{}", self.path.display())
     }
 
+    fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
+        // Only ranges wholly inside the file and with data: holes are installed as zero pages,
+        // and bytes past the end must not be read through the mapping.
+        let end = offset.checked_add(len)?;
+        (self.map != 0 && end <= self.size && self.has_data(offset, end)).then(|| self.map + offset)
+    }
+
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         let end = offset + buf.len() as u64;
         if !self.has_data(offset, end) {
@@ -155,6 +207,9 @@ impl PageSource for OffsetSource {
     }
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         self.inner.fetch(self.base + offset, buf)
+    }
+    fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
+        self.inner.mapped_addr(self.base + offset, len)
     }
 }
 
@@ -231,6 +286,24 @@ mod tests {
         assert!(buf[..4096].iter().all(|b| *b == 0));
         assert!(buf[4096..8192].iter().all(|b| *b == 0xbb));
         assert!(buf[8192..].iter().all(|b| *b == 0));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn data_ranges_are_mapped_and_holes_are_not() {
+        let path = sparse_file("mapped");
+        let source = FileSource::open(&path).unwrap();
+        let addr = source
+            .mapped_addr(256 * 4096, 4096)
+            .expect("data is mapped");
+        // SAFETY: the mapping covers the file, which has 258 pages.
+        assert_eq!(unsafe { std::ptr::read_volatile(addr as *const u8) }, 0xbb);
+        assert_eq!(source.mapped_addr(8 * 4096, 4096), None, "a hole");
+        assert_eq!(
+            source.mapped_addr(257 * 4096, 2 * 4096),
+            None,
+            "past the end"
+        );
         std::fs::remove_file(path).unwrap();
     }
 

@@ -11,6 +11,9 @@ use crate::event::Event;
 use crate::features::Features;
 use crate::sys;
 
+/// The most events one [`Uffd::read_events`] call returns.
+pub const MAX_EVENTS_PER_READ: usize = 64;
+
 /// Errors from userfaultfd operations.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
@@ -309,6 +312,19 @@ impl Uffd {
     /// UFFDIO_COPY: atomically fills the missing pages at `dst` with `src` and wakes the
     /// threads waiting on them. Never overwrites a present page (that is [`Outcome::Exists`]).
     pub fn copy(&self, dst: u64, src: &[u8], mode: CopyMode) -> Result<Outcome, UffdError> {
+        self.copy_from_addr(dst, src.as_ptr() as u64, src.len() as u64, mode)
+    }
+
+    /// UFFDIO_COPY from a raw source address (`len` bytes at `src`), e.g. a mapping of a file:
+    /// the kernel reads the source itself (copy_from_user), so a bad address is an EFAULT
+    /// error, not undefined behaviour, and no intermediate buffer is needed.
+    pub fn copy_from_addr(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: CopyMode,
+    ) -> Result<Outcome, UffdError> {
         let mut bits = 0u64;
         if mode.write_protect {
             bits |= u64::from(uapi::UFFDIO_COPY_MODE_WP);
@@ -316,10 +332,9 @@ impl Uffd {
         if mode.dont_wake {
             bits |= u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE);
         }
-        let len = src.len() as u64;
         let mut arg = uapi::uffdio_copy {
             dst,
-            src: src.as_ptr() as u64,
+            src,
             len,
             mode: bits,
             copy: 0,
@@ -455,12 +470,14 @@ impl Uffd {
         Self::outcome(result, arg.move_, "UFFDIO_MOVE", dst, len)
     }
 
-    /// Reads the pending events into `out` (at most `max`), without blocking. Returns how
-    /// many were read: 0 when none are pending.
+    /// Reads the pending events into `out` (at most `max`, at most [`MAX_EVENTS_PER_READ`]),
+    /// without blocking. Returns how many were read: 0 when none are pending. Does not
+    /// allocate beyond `out`'s growth: it sits on the fault path.
     pub fn read_events(&self, out: &mut Vec<Event>, max: usize) -> Result<usize, UffdError> {
         const MSG_SIZE: usize = std::mem::size_of::<uapi::uffd_msg>();
-        let mut buf = vec![0u8; MSG_SIZE * max.max(1)];
-        let n = match rustix::io::read(&self.fd, &mut buf) {
+        let mut buf = [0u8; MSG_SIZE * MAX_EVENTS_PER_READ];
+        let want = max.clamp(1, MAX_EVENTS_PER_READ) * MSG_SIZE;
+        let n = match rustix::io::read(&self.fd, &mut buf[..want]) {
             Ok(n) => n,
             Err(rustix::io::Errno::AGAIN) => return Ok(0),
             Err(e) => return Err(UffdError::Read(e.into())),

@@ -2,6 +2,7 @@
 //! ratio. Timings belong here, never in tests.
 
 pub mod boot;
+pub mod faults;
 
 use std::time::Duration;
 
