@@ -83,6 +83,10 @@ struct RunArgs {
     /// With --lazy: also install every remaining page in the background.
     #[arg(long, requires = "lazy")]
     background_fill: bool,
+    /// With --background-fill: at most this many bytes per second (e.g. 256M); unlimited by
+    /// default (the fill always yields to faults).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "background_fill")]
+    fill_rate: Option<u64>,
     /// With --lazy: what a page-source failure does: "poison" the page (the guest sees an
     /// error) or "stop" the VM.
     #[arg(long, value_name = "POLICY", default_value = "poison", value_parser = parse_policy, requires = "lazy")]
@@ -178,6 +182,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         pager: PagerConfig {
             readahead_pages: args.readahead,
             failure_policy: args.on_source_error,
+            background_rate: args.fill_rate,
             ..PagerConfig::default()
         },
         ..MicroOptions::new(guest)
