@@ -156,9 +156,19 @@ impl Shared {
             let outcome = match content {
                 Content::Zero => self.uffd.zeropage(addr, remaining, false),
                 Content::Data => {
-                    let offset = done_pages * page_size as usize;
-                    self.uffd
-                        .copy(addr, &buf[offset..len], uffd::CopyMode::default())
+                    let skip = done_pages * page_size as usize;
+                    match mapped {
+                        // Straight from the source's mapping (a file image's page cache).
+                        Some(src) => self.uffd.copy_from_addr(
+                            addr,
+                            src + skip as u64,
+                            remaining,
+                            uffd::CopyMode::default(),
+                        ),
+                        None => self
+                            .uffd
+                            .copy(addr, &buf[skip..len], uffd::CopyMode::default()),
+                    }
                 }
             };
             let (done, present_after) = match outcome {

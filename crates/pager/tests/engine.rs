@@ -487,3 +487,48 @@ fn bad_regions_are_rejected() {
         Err(PagerError::Overlap { .. })
     ));
 }
+
+#[test]
+fn a_file_image_is_installed_with_its_contents() {
+    const PAGES: usize = 64;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    // Data on even pages (the pattern), holes on odd pages.
+    let path = std::env::temp_dir().join(format!("pager-file-image-{}", std::process::id()));
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len((PAGES * PAGE) as u64).unwrap();
+        let image = pattern(PAGES);
+        for page in (0..PAGES).step_by(2) {
+            file.write_all_at(&image[page * PAGE..(page + 1) * PAGE], (page * PAGE) as u64)
+                .unwrap();
+        }
+    }
+    let shm = Shm::new(PAGES);
+    builder
+        .region(
+            shm.addr,
+            shm.len as u64,
+            Arc::new(FileSource::open(&path).unwrap()),
+        )
+        .unwrap();
+    let pager = builder.start().unwrap();
+    for page in 0..PAGES {
+        let expected = if page % 2 == 0 {
+            page as u64 * 0x1_0001 + 7
+        } else {
+            0
+        };
+        assert_eq!(read_u64(shm.page(page) + 64), expected, "page {page}");
+    }
+    let stats = pager.shutdown();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(stats.zero_pages, (PAGES / 2) as u64, "holes are zero pages");
+    assert_eq!(
+        stats.bytes_copied,
+        (PAGES / 2 * PAGE) as u64,
+        "data pages are copied"
+    );
+}
