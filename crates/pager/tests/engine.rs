@@ -103,21 +103,26 @@ fn kernel_read(addr: u64) -> Result<u64, i32> {
     Ok(u64::from_le_bytes(buf))
 }
 
-#[test]
-fn concurrent_random_faults_get_every_page_right_once() {
-    const PAGES: usize = 2048;
-    let Some(mut builder) = builder(PagerConfig::default()) else {
-        return;
-    };
-    let shm = Shm::new(PAGES);
+/// A started pager serving `pages` pages of a fresh shared mapping from [`pattern`].
+fn pattern_pager(pages: usize, config: PagerConfig) -> Option<(Pager, Shm)> {
+    let mut builder = builder(config)?;
+    let shm = Shm::new(pages);
     builder
         .region(
             shm.addr,
             shm.len as u64,
-            Arc::new(MemorySource::new(pattern(PAGES))),
+            Arc::new(MemorySource::new(pattern(pages))),
         )
         .unwrap();
-    let pager = builder.start().unwrap();
+    Some((builder.start().unwrap(), shm))
+}
+
+#[test]
+fn concurrent_random_faults_get_every_page_right_once() {
+    const PAGES: usize = 2048;
+    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+        return;
+    };
     let base = shm.addr;
     let touchers: Vec<_> = (0..2u64)
         .map(|seed| {
@@ -237,18 +242,9 @@ fn a_fault_on_a_page_in_flight_joins_it() {
 #[test]
 fn removed_pages_are_served_again_as_zero() {
     const PAGES: usize = 8;
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    builder
-        .region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(MemorySource::new(pattern(PAGES))),
-        )
-        .unwrap();
-    let pager = builder.start().unwrap();
     assert_eq!(read_u64(shm.page(3)), 3 * 0x1_0001 + 7);
     write_u64(shm.page(3), 0xdead);
     // A balloon-style discard: MADV_REMOVE frees the shmem page (the pager is told first).
@@ -358,18 +354,9 @@ fn readahead_installs_a_run_in_one_ioctl() {
         readahead_pages: 8,
         ..Default::default()
     };
-    let Some(mut builder) = builder(config) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, config) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    builder
-        .region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(MemorySource::new(pattern(PAGES))),
-        )
-        .unwrap();
-    let pager = builder.start().unwrap();
     assert_eq!(read_u64(shm.page(4)), 4 * 0x1_0001 + 7);
     let handle = pager.handle();
     wait_until("the run to be marked present", || handle.is_present(0, 11));
@@ -427,18 +414,9 @@ fn resident_pages_are_never_fetched() {
 #[test]
 fn background_fill_installs_everything_without_faults() {
     const PAGES: usize = 512;
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    builder
-        .region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(MemorySource::new(pattern(PAGES))),
-        )
-        .unwrap();
-    let pager = builder.start().unwrap();
     pager.fill_all();
     let handle = pager.handle();
     wait_until("background fill", || {

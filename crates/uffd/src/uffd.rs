@@ -130,6 +130,14 @@ pub struct Uffd {
     opened_through: OpenedThrough,
 }
 
+/// ORs together the bits whose flag is set.
+fn mode_bits(flags: &[(bool, u64)]) -> u64 {
+    flags
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |mode, (_, bit)| mode | bit)
+}
+
 /// The one userfaultfd handed to `ioctl`, with its result checked.
 fn ioctl<T>(fd: RawFd, request: u32, arg: &mut T) -> std::io::Result<()> {
     // SAFETY: `request` is a userfaultfd ioctl whose argument type is `T` (the caller pairs
@@ -325,13 +333,10 @@ impl Uffd {
         len: u64,
         mode: CopyMode,
     ) -> Result<Outcome, UffdError> {
-        let mut bits = 0u64;
-        if mode.write_protect {
-            bits |= u64::from(uapi::UFFDIO_COPY_MODE_WP);
-        }
-        if mode.dont_wake {
-            bits |= u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE);
-        }
+        let bits = mode_bits(&[
+            (mode.write_protect, u64::from(uapi::UFFDIO_COPY_MODE_WP)),
+            (mode.dont_wake, u64::from(uapi::UFFDIO_COPY_MODE_DONTWAKE)),
+        ]);
         let mut arg = uapi::uffdio_copy {
             dst,
             src,
@@ -345,11 +350,7 @@ impl Uffd {
 
     /// UFFDIO_ZEROPAGE: fills missing pages with zeros without copying anything.
     pub fn zeropage(&self, start: u64, len: u64, dont_wake: bool) -> Result<Outcome, UffdError> {
-        let mode = if dont_wake {
-            u64::from(uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-        } else {
-            0
-        };
+        let mode = mode_bits(&[(dont_wake, u64::from(uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE))]);
         let mut arg = uapi::uffdio_zeropage {
             range: uapi::uffdio_range { start, len },
             mode,
@@ -367,13 +368,10 @@ impl Uffd {
         write_protect: bool,
         dont_wake: bool,
     ) -> Result<Outcome, UffdError> {
-        let mut mode = 0;
-        if write_protect {
-            mode |= sys::UFFDIO_CONTINUE_MODE_WP;
-        }
-        if dont_wake {
-            mode |= sys::UFFDIO_CONTINUE_MODE_DONTWAKE;
-        }
+        let mode = mode_bits(&[
+            (write_protect, sys::UFFDIO_CONTINUE_MODE_WP),
+            (dont_wake, sys::UFFDIO_CONTINUE_MODE_DONTWAKE),
+        ]);
         let mut arg = uapi::uffdio_continue {
             range: uapi::uffdio_range { start, len },
             mode,
@@ -386,11 +384,7 @@ impl Uffd {
     /// UFFDIO_POISON: marks missing pages poisoned; touching them raises SIGBUS (a kernel
     /// access gets EFAULT). The explicit answer to a page whose contents cannot be had.
     pub fn poison(&self, start: u64, len: u64, dont_wake: bool) -> Result<Outcome, UffdError> {
-        let mode = if dont_wake {
-            sys::UFFDIO_POISON_MODE_DONTWAKE
-        } else {
-            0
-        };
+        let mode = mode_bits(&[(dont_wake, sys::UFFDIO_POISON_MODE_DONTWAKE)]);
         let mut arg = uapi::uffdio_poison {
             range: uapi::uffdio_range { start, len },
             mode,
@@ -409,13 +403,10 @@ impl Uffd {
         protect: bool,
         dont_wake: bool,
     ) -> Result<(), UffdError> {
-        let mut mode = 0;
-        if protect {
-            mode |= sys::UFFDIO_WRITEPROTECT_MODE_WP;
-        }
-        if dont_wake {
-            mode |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-        }
+        let mode = mode_bits(&[
+            (protect, sys::UFFDIO_WRITEPROTECT_MODE_WP),
+            (dont_wake, sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE),
+        ]);
         let mut arg = uapi::uffdio_writeprotect {
             range: uapi::uffdio_range { start, len },
             mode,
@@ -452,13 +443,10 @@ impl Uffd {
         allow_src_holes: bool,
         dont_wake: bool,
     ) -> Result<Outcome, UffdError> {
-        let mut mode = 0;
-        if allow_src_holes {
-            mode |= sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
-        }
-        if dont_wake {
-            mode |= sys::UFFDIO_MOVE_MODE_DONTWAKE;
-        }
+        let mode = mode_bits(&[
+            (allow_src_holes, sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES),
+            (dont_wake, sys::UFFDIO_MOVE_MODE_DONTWAKE),
+        ]);
         let mut arg = uapi::uffdio_move {
             dst,
             src,
