@@ -123,21 +123,17 @@ impl Shared {
         let page_size = region.page_size;
         let len = count * page_size as usize;
         buf.resize(len, 0);
-        // A discarded page's true contents are zero, whatever the source holds. A source
-        // that has the range mapped is installed from directly; others fill `buf`.
+        // Decide once where the bytes come from: a discarded page's true contents are zero
+        // whatever the source holds; a source that maps the range is installed from directly;
+        // others fill `buf`.
         let offset = first as u64 * page_size;
-        let mapped = if region.discarded.get(first) {
-            None
-        } else {
-            region.source.mapped_addr(offset, len as u64)
-        };
-        let content = if region.discarded.get(first) {
-            Content::Zero
-        } else if mapped.is_some() {
-            Content::Data
+        let (content, mapped) = if region.discarded.get(first) {
+            (Content::Zero, None)
+        } else if let Some(addr) = region.source.mapped_addr(offset, len as u64) {
+            (Content::Data, Some(addr))
         } else {
             match region.source.fetch(offset, &mut buf[..len]) {
-                Ok(content) => content,
+                Ok(content) => (content, None),
                 Err(e) => {
                     self.release(region, first, count);
                     return Err(InstallError::Source(e));
