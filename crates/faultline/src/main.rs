@@ -243,12 +243,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
     }
     report.check()?;
     // Guests that sum page contents must agree with what the host reads from guest memory.
-    let checksum_index = match guest.name {
-        "touch" | "timedtouch" | "checksum" => Some(0),
-        "dirty" => Some(1),
-        _ => None,
-    };
-    if let Some(index) = checksum_index {
+    if let Some(index) = guest.checksum_report {
         let guest_sum = report
             .summed_report(index)
             .context("the guest reported no checksum")?;

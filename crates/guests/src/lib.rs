@@ -37,17 +37,21 @@ pub struct MicroGuest {
     pub uses_work_range: bool,
     /// The argument (rdx) used when the command line gives none.
     pub default_arg: u64,
+    /// Which of each vCPU's reports is the wrapping sum of the first word of every page of its
+    /// slice of the work range, if any: summed over vCPUs, it must equal the host's sum.
+    pub checksum_report: Option<usize>,
     /// Flat binary, to be loaded at [`CODE_BASE`].
     pub code: &'static [u8],
 }
 
 macro_rules! guest {
-    ($name:literal, $uses_range:expr, $default_arg:expr, $summary:literal) => {
+    ($name:literal, $uses_range:expr, $default_arg:expr, $checksum:expr, $summary:literal) => {
         MicroGuest {
             name: $name,
             summary: $summary,
             uses_work_range: $uses_range,
             default_arg: $default_arg,
+            checksum_report: $checksum,
             code: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".bin")),
         }
     };
@@ -59,48 +63,56 @@ pub const ALL: &[MicroGuest] = &[
         "hello",
         false,
         0,
+        None,
         "reports the constant \"faultln!\" and exits 0"
     ),
     guest!(
         "touch",
         true,
         TOUCH_DEFAULT_SEED,
+        Some(0),
         "writes (address ^ arg) into one word of every page of the work range; reports the sum"
     ),
     guest!(
         "timedtouch",
         true,
         TOUCH_DEFAULT_SEED,
+        Some(0),
         "like touch, and stores each first write's TSC ticks in the page's second word"
     ),
     guest!(
         "checksum",
         true,
         0,
+        Some(0),
         "reads one word of every page of the work range; reports the sum"
     ),
     guest!(
         "dirty",
         true,
         3,
+        Some(1),
         "rewrites every page (address + pass) for arg passes (0 = forever); reports passes, sum"
     ),
     guest!(
         "cpuid",
         false,
         0,
+        None,
         "reports CPUID 0x40000000 ebx, 0x40000001 eax (KVM features) and leaf 1 ecx"
     ),
     guest!(
         "asyncpf",
         true,
         0,
+        None,
         "enables KVM async page faults like Linux (MSRs 0x4b564d06, 0x4b564d02); reports both"
     ),
     guest!(
         "fault",
         false,
         0,
+        None,
         "divides by zero with an empty IDT: a triple fault the VMM must report as a crash"
     ),
 ];
@@ -171,6 +183,19 @@ mod tests {
         }
         let names: std::collections::HashSet<_> = ALL.iter().map(|g| g.name).collect();
         assert_eq!(names.len(), ALL.len(), "guest names are unique");
+    }
+
+    #[test]
+    fn checksum_reports_are_declared_for_the_page_summing_guests() {
+        let summing: Vec<_> = ALL
+            .iter()
+            .filter(|g| g.checksum_report.is_some())
+            .map(|g| g.name)
+            .collect();
+        assert_eq!(summing, ["touch", "timedtouch", "checksum", "dirty"]);
+        assert!(ALL
+            .iter()
+            .all(|g| g.checksum_report.is_none() || g.uses_work_range));
     }
 
     #[test]
