@@ -169,15 +169,12 @@ impl Vcpu {
     fn configure_lapic(&self) -> Result<(), VcpuError> {
         let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
         for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-            let bytes: [u8; 4] = lapic.regs[offset..offset + 4]
-                .iter()
-                .map(|b| *b as u8)
-                .collect::<Vec<_>>()
-                .try_into()
-                .expect("four bytes");
-            let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
-            for (i, b) in value.to_le_bytes().iter().enumerate() {
-                lapic.regs[offset + i] = *b as _;
+            // The register page is an array of C chars; each LVT entry is a little-endian u32
+            // whose bits 8..11 are the delivery mode.
+            let value = u32::from_le_bytes(std::array::from_fn(|i| lapic.regs[offset + i] as u8));
+            let value = (value & !0x700) | (mode << 8);
+            for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+                lapic.regs[offset + i] = byte as _;
             }
         }
         self.fd
