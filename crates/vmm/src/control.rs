@@ -1,7 +1,17 @@
-//! Stopping a running VM from any thread: a flag every vCPU loop checks, and the reason.
+//! Controlling a running VM from any thread: stopping it (a flag every vCPU loop checks, and
+//! the reason), pausing it (vCPUs park after saving their state), and kicking vCPU threads out
+//! of KVM_RUN.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::state::VcpuState;
+
+/// How often a pause re-kicks vCPUs that have not parked yet (a kick that lands just before a
+/// thread enters KVM_RUN is lost, so it is repeated).
+const PAUSE_KICK_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Why a VM stopped as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,19 +30,77 @@ pub enum StopReason {
     MemoryUnavailable,
 }
 
-/// Shared by the vCPU threads and whoever may stop them.
+/// Why a pause did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the VM is not running (its vCPUs have finished or not started)")]
+    NotRunning,
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM stopped while pausing")]
+    Stopped,
+    #[error("vCPU {vcpu} has finished; a VM can only be paused while all its vCPUs run")]
+    VcpuFinished { vcpu: u8 },
+    #[error("vCPU {vcpu} could not save its state: {message}")]
+    SaveFailed { vcpu: u8, message: String },
+    #[error("the vCPUs did not pause within {0:?}")]
+    Timeout(Duration),
+}
+
 #[derive(Debug, Default)]
+struct Threads {
+    /// vCPU index -> its thread, for the threads inside their run loop.
+    running: BTreeMap<u8, libc::pthread_t>,
+    /// vCPUs that have left their run loop during this run.
+    finished: Vec<u8>,
+    /// The state each parked vCPU saved as it parked (or why it could not).
+    parked: BTreeMap<u8, Result<VcpuState, String>>,
+    /// A pause is in force (requested, possibly not reached yet).
+    paused: bool,
+}
+
+/// Shared by the vCPU threads and whoever controls them.
+#[derive(Debug)]
 pub struct RunControl {
     stop: AtomicBool,
+    pause: AtomicBool,
     reason: Mutex<Option<StopReason>>,
+    threads: Mutex<Threads>,
+    changed: Condvar,
+    started: Mutex<Option<Instant>>,
+    kick_signal: libc::c_int,
+}
+
+impl Default for RunControl {
+    fn default() -> Self {
+        RunControl {
+            stop: AtomicBool::new(false),
+            pause: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            threads: Mutex::new(Threads::default()),
+            changed: Condvar::new(),
+            started: Mutex::new(None),
+            kick_signal: vmm_sys_util::signal::SIGRTMIN(),
+        }
+    }
 }
 
 impl RunControl {
-    /// Asks every vCPU to stop; the first reason given is kept.
+    fn threads(&self) -> MutexGuard<'_, Threads> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks every vCPU to stop; the first reason given is kept. Parked vCPUs wake and leave.
     pub fn request_stop(&self, reason: StopReason) {
         let mut current = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         current.get_or_insert(reason);
+        drop(current);
         self.stop.store(true, Ordering::SeqCst);
+        let threads = self.threads();
+        self.kick(&threads);
+        self.changed.notify_all();
     }
 
     /// Whether a stop was requested.
@@ -40,15 +108,185 @@ impl RunControl {
         self.stop.load(Ordering::SeqCst)
     }
 
+    /// Whether vCPUs should park.
+    pub fn pause_requested(&self) -> bool {
+        self.pause.load(Ordering::SeqCst)
+    }
+
     /// The reason of the first stop request, if any.
     pub fn reason(&self) -> Option<StopReason> {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Clears a previous stop so the VM can run again.
+    /// Clears a previous stop (and pause) so the VM can run again.
     pub fn reset(&self) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.stop.store(false, Ordering::SeqCst);
+        self.pause.store(false, Ordering::SeqCst);
+        let mut threads = self.threads();
+        threads.finished.clear();
+        threads.parked.clear();
+        threads.paused = false;
+    }
+
+    /// Records that the guest signalled it runs (the micro-guest STARTED port); the first
+    /// signal of a run is kept.
+    pub fn mark_started(&self) {
+        self.started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// When the guest first signalled it runs, in this run.
+    pub fn started_at(&self) -> Option<Instant> {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any vCPU thread is inside its run loop.
+    pub fn is_running(&self) -> bool {
+        !self.threads().running.is_empty()
+    }
+
+    /// Whether the VM is paused (every running vCPU has parked).
+    pub fn is_paused(&self) -> bool {
+        let threads = self.threads();
+        threads.paused
+            && !threads.running.is_empty()
+            && threads.parked.len() == threads.running.len()
+    }
+
+    /// Called by a vCPU thread as it enters its run loop.
+    pub(crate) fn enter(&self, vcpu: u8) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads().running.insert(vcpu, me);
+    }
+
+    /// Called by a vCPU thread as it leaves its run loop (before the thread ends, so that no
+    /// kick is ever sent to a thread that no longer exists).
+    pub(crate) fn leave(&self, vcpu: u8) {
+        let mut threads = self.threads();
+        threads.running.remove(&vcpu);
+        threads.parked.remove(&vcpu);
+        threads.finished.push(vcpu);
+        self.changed.notify_all();
+    }
+
+    /// Interrupts KVM_RUN in every running vCPU thread.
+    pub fn kick_all(&self) {
+        let threads = self.threads();
+        self.kick(&threads);
+    }
+
+    fn kick(&self, threads: &Threads) {
+        for &thread in threads.running.values() {
+            // SAFETY: the thread is registered, so it has not left its run loop and still
+            // exists (it deregisters under this same lock before ending); the signal has a
+            // handler that does nothing, so delivering it only interrupts KVM_RUN.
+            unsafe { libc::pthread_kill(thread, self.kick_signal) };
+        }
+    }
+
+    /// Called by a vCPU thread that saw a pause request: hands over its saved state and waits
+    /// until the VM is resumed or stopped.
+    pub(crate) fn park(&self, vcpu: u8, state: Result<VcpuState, String>) {
+        let mut threads = self.threads();
+        threads.parked.insert(vcpu, state);
+        self.changed.notify_all();
+        while self.pause_requested() && !self.should_stop() {
+            threads = self
+                .changed
+                .wait(threads)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        threads.parked.remove(&vcpu);
+    }
+
+    /// Pauses the VM: every vCPU leaves KVM_RUN, completes pending I/O, saves its state and
+    /// parks. Returns once all have, with their states by vCPU index.
+    pub fn pause(&self, timeout: Duration) -> Result<Vec<VcpuState>, PauseError> {
+        let deadline = Instant::now() + timeout;
+        let mut threads = self.threads();
+        if threads.paused {
+            return Err(PauseError::AlreadyPaused);
+        }
+        if let Some(&vcpu) = threads.finished.first() {
+            return Err(PauseError::VcpuFinished { vcpu });
+        }
+        if threads.running.is_empty() {
+            return Err(PauseError::NotRunning);
+        }
+        threads.paused = true;
+        self.pause.store(true, Ordering::SeqCst);
+        let result = loop {
+            if self.should_stop() {
+                break Err(PauseError::Stopped);
+            }
+            if let Some(&vcpu) = threads.finished.first() {
+                break Err(PauseError::VcpuFinished { vcpu });
+            }
+            if threads.parked.len() == threads.running.len() {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                break Err(PauseError::Timeout(timeout));
+            }
+            self.kick(&threads);
+            threads = self
+                .changed
+                .wait_timeout(threads, PAUSE_KICK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        };
+        let states = result.and_then(|()| {
+            threads
+                .parked
+                .iter()
+                .map(|(&vcpu, state)| {
+                    state
+                        .clone()
+                        .map_err(|message| PauseError::SaveFailed { vcpu, message })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        });
+        if states.is_err() {
+            // Never leave a half-paused VM behind.
+            threads.paused = false;
+            self.pause.store(false, Ordering::SeqCst);
+            self.changed.notify_all();
+        }
+        states
+    }
+
+    /// The states the parked vCPUs saved, while the VM is paused.
+    pub fn paused_states(&self) -> Result<Vec<VcpuState>, PauseError> {
+        let threads = self.threads();
+        if !threads.paused {
+            return Err(PauseError::NotPaused);
+        }
+        threads
+            .parked
+            .iter()
+            .map(|(&vcpu, state)| {
+                state
+                    .clone()
+                    .map_err(|message| PauseError::SaveFailed { vcpu, message })
+            })
+            .collect()
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut threads = self.threads();
+        if !threads.paused {
+            return Err(PauseError::NotPaused);
+        }
+        threads.paused = false;
+        self.pause.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+        Ok(())
     }
 }
 

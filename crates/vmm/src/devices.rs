@@ -9,6 +9,7 @@ use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::{RunControl, StopReason};
+use crate::state::{DeviceState, SerialState};
 
 /// COM1's first port.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -83,15 +84,73 @@ impl Trigger for ResetLine {
 pub struct LegacyDevices {
     serial: Mutex<Serial<IrqLine, NoEvents, ConsoleSink>>,
     i8042: Mutex<I8042Device<ResetLine>>,
+    /// What a restored serial port is rebuilt with.
+    serial_irq: EventFd,
+    console: ConsoleSink,
 }
 
 impl LegacyDevices {
     /// `serial_irq` is an eventfd the caller has registered as the irqfd of [`COM1_IRQ`].
-    pub fn new(serial_irq: EventFd, console: ConsoleSink, control: Arc<RunControl>) -> Self {
-        LegacyDevices {
-            serial: Mutex::new(Serial::new(IrqLine(serial_irq), console)),
+    pub fn new(
+        serial_irq: EventFd,
+        console: ConsoleSink,
+        control: Arc<RunControl>,
+    ) -> std::io::Result<Self> {
+        Ok(LegacyDevices {
+            serial: Mutex::new(Serial::new(
+                IrqLine(serial_irq.try_clone()?),
+                console.clone(),
+            )),
             i8042: Mutex::new(I8042Device::new(ResetLine(control))),
+            serial_irq,
+            console,
+        })
+    }
+
+    /// The devices' state, for a snapshot.
+    pub fn state(&self) -> DeviceState {
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let s = serial.state();
+        DeviceState {
+            serial: SerialState {
+                baud_divisor_low: s.baud_divisor_low,
+                baud_divisor_high: s.baud_divisor_high,
+                interrupt_enable: s.interrupt_enable,
+                interrupt_identification: s.interrupt_identification,
+                line_control: s.line_control,
+                line_status: s.line_status,
+                modem_control: s.modem_control,
+                modem_status: s.modem_status,
+                scratch: s.scratch,
+                in_buffer: s.in_buffer,
+            },
         }
+    }
+
+    /// Puts saved device state back (before the vCPUs run).
+    pub fn restore(&self, state: &DeviceState) -> std::io::Result<()> {
+        let s = &state.serial;
+        let saved = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(
+            &saved,
+            IrqLine(self.serial_irq.try_clone()?),
+            NoEvents,
+            self.console.clone(),
+        )
+        .map_err(|e| std::io::Error::other(format!("invalid serial state: {e:?}")))?;
+        *self.serial.lock().unwrap_or_else(|e| e.into_inner()) = serial;
+        Ok(())
     }
 
     /// Handles a guest write to `port`; returns false if no device is there.
@@ -154,7 +213,7 @@ mod tests {
         };
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         (
-            LegacyDevices::new(evt, sink, Arc::clone(&control)),
+            LegacyDevices::new(evt, sink, Arc::clone(&control)).unwrap(),
             capture,
             control,
         )
@@ -182,6 +241,26 @@ mod tests {
         assert!(!devices.io_out(0x80, &[1]));
         let mut data = [0u8; 1];
         assert!(!devices.io_in(0x61, &mut data));
+    }
+
+    #[test]
+    fn serial_state_round_trips() {
+        let (source, _, _) = devices();
+        let devices = source;
+        // Program the line control and scratch registers, queue input.
+        assert!(devices.io_out(COM1_BASE + 3, &[0x03]));
+        assert!(devices.io_out(COM1_BASE + 7, &[0x5a]));
+        devices.serial_input(b"ab");
+        let saved = devices.state();
+        let (other, _, _) = self::devices();
+        assert_eq!(saved.serial.line_control, 0x03);
+        assert_eq!(saved.serial.scratch, 0x5a);
+        assert_eq!(saved.serial.in_buffer, b"ab");
+        other.restore(&saved).unwrap();
+        assert_eq!(other.state(), saved);
+        let mut data = [0u8; 1];
+        assert!(other.io_in(COM1_BASE, &mut data));
+        assert_eq!(data[0], b'a');
     }
 
     #[test]

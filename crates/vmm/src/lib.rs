@@ -9,8 +9,9 @@ pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use memory::{GuestRam, RamRegion, PAGE_SIZE};
-pub use vm::{RunOutcome, Vm, VmConfig, VmError};
+pub use vm::{DirtyPages, MachineState, RunOutcome, Vm, VmConfig, VmError, VmHandle};

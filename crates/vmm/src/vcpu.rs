@@ -1,7 +1,6 @@
 //! A vCPU: its entry state, its run loop, and the micro-guest test device it owns.
 
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -13,6 +12,7 @@ use crate::boot::long_mode::{long_mode_sregs, protected_mode_sregs};
 use crate::boot::VcpuEntry;
 use crate::control::{RunControl, StopReason};
 use crate::devices::LegacyDevices;
+use crate::state::{self, VcpuState};
 
 /// MSR_IA32_MISC_ENABLE and its "fast string operations" bit, which Linux expects set.
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -49,6 +49,12 @@ pub enum VcpuError {
     /// An exit faultline does not handle.
     #[error("vCPU {vcpu}: unexpected exit {exit}")]
     UnexpectedExit { vcpu: u8, exit: String },
+    /// Saved state that cannot be put back as it is.
+    #[error("vCPU {vcpu}: invalid saved state: {what}")]
+    BadState { vcpu: u8, what: &'static str },
+    /// KVM refused one of the saved MSRs.
+    #[error("vCPU {vcpu}: KVM refused saved MSR {msr:#x}")]
+    MsrRejected { vcpu: u8, msr: u32 },
 }
 
 /// How one vCPU's run ended.
@@ -77,11 +83,54 @@ pub struct VcpuOutcome {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The MSRs KVM can save and restore (KVM_GET_MSR_INDEX_LIST).
+    msr_list: Arc<[u32]>,
+    /// Whether KVM_RUN was ever entered (only then can I/O be pending).
+    has_run: bool,
 }
 
 impl Vcpu {
-    pub(crate) fn new(index: u8, fd: VcpuFd) -> Self {
-        Vcpu { index, fd }
+    pub(crate) fn new(index: u8, fd: VcpuFd, msr_list: Arc<[u32]>) -> Self {
+        Vcpu {
+            index,
+            fd,
+            msr_list,
+            has_run: false,
+        }
+    }
+
+    /// Saves this vCPU's state. An I/O or MMIO exit is only complete once KVM_RUN is entered
+    /// again, so a vCPU that has run first re-enters it with `immediate_exit` set: KVM finishes
+    /// the pending operation and returns at once without running the guest.
+    pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
+        if self.has_run {
+            self.fd.set_kvm_immediate_exit(1);
+            let result = self.fd.run().map(|_| ());
+            self.fd.set_kvm_immediate_exit(0);
+            match result {
+                Ok(()) => {}
+                Err(e) if e.errno() == libc::EINTR => {}
+                Err(source) => {
+                    return Err(VcpuError::Kvm {
+                        vcpu: self.index,
+                        what: "KVM_RUN (completing pending I/O)",
+                        source,
+                    })
+                }
+            }
+        }
+        state::save_vcpu(&self.fd, self.index, &self.msr_list)
+    }
+
+    /// Puts saved state back into this vCPU, which must not have run yet.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        if state.index != self.index {
+            return Err(VcpuError::BadState {
+                vcpu: self.index,
+                what: "the state belongs to another vCPU",
+            });
+        }
+        state::restore_vcpu(&self.fd, state)
     }
 
     /// This vCPU's index (and APIC id).
@@ -210,11 +259,11 @@ impl Vcpu {
     }
 
     /// Runs until the guest exits through the test device, the VM is stopped, or an error.
+    /// When the VM is paused, the vCPU saves its state, parks, and goes on when resumed.
     pub fn run(
         &mut self,
         devices: &LegacyDevices,
         control: &RunControl,
-        first_instruction: &OnceLock<Instant>,
         ram: &[(u64, u64)],
     ) -> Result<VcpuOutcome, VcpuError> {
         let in_ram = |gpa: u64| {
@@ -233,6 +282,12 @@ impl Vcpu {
             if control.should_stop() {
                 return Ok(outcome);
             }
+            if control.pause_requested() {
+                let saved = self.save_state().map_err(|e| e.to_string());
+                control.park(index, saved);
+                continue;
+            }
+            self.has_run = true;
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
                 // A kick from the VMM (signal) or a transient condition: look at the stop flag.
@@ -247,9 +302,7 @@ impl Vcpu {
             };
             match exit {
                 VcpuExit::IoOut(port, data) => match port {
-                    guests::ports::STARTED => {
-                        first_instruction.get_or_init(Instant::now);
-                    }
+                    guests::ports::STARTED => control.mark_started(),
                     guests::ports::REPORT_LO => report_low = le_u32(data),
                     guests::ports::REPORT_HI => {
                         outcome

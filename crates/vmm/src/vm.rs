@@ -1,22 +1,24 @@
 //! A KVM virtual machine: guest RAM as memslots, the in-kernel irqchip and PIT, vCPUs on their
 //! own threads, and the legacy devices.
 
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::boot::VcpuEntry;
-use crate::control::{RunControl, StopReason};
+use crate::control::{PauseError, RunControl, StopReason};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::memory::GuestRam;
+use crate::state::{self, DeviceState, VcpuState, VmState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
 
 /// Where KVM puts the TSS and identity-map pages it needs (just below the 4 GiB BIOS area).
@@ -56,6 +58,18 @@ pub enum VmError {
     /// The entry list does not match the vCPU count.
     #[error("{entries} vCPU entries for {vcpus} vCPUs")]
     EntryCount { entries: usize, vcpus: usize },
+    /// Saved state does not fit this VM.
+    #[error("the saved state does not fit this VM: {0}")]
+    StateMismatch(String),
+    /// Pausing or resuming failed.
+    #[error("cannot pause or resume the VM")]
+    Pause(#[from] PauseError),
+    /// Dirty pages were asked for, but the VM does not track them.
+    #[error("dirty page tracking is off (start the VM with dirty tracking)")]
+    DirtyTrackingOff,
+    /// The VM is running, so its vCPUs cannot be read from this thread.
+    #[error("the VM is running: pause it first")]
+    Running,
 }
 
 /// Called on each vCPU thread as it starts, with the vCPU index and the thread's id (so that,
@@ -76,6 +90,8 @@ pub struct VmConfig {
     pub cpuid: CpuidConfig,
     pub console: ConsoleSink,
     pub on_vcpu_thread: Option<VcpuThreadHook>,
+    /// Log guest writes per page (KVM_MEM_LOG_DIRTY_PAGES), for diff snapshots.
+    pub track_dirty: bool,
 }
 
 impl Default for VmConfig {
@@ -85,7 +101,39 @@ impl Default for VmConfig {
             cpuid: CpuidConfig::default(),
             console: ConsoleSink::stdout(),
             on_vcpu_thread: None,
+            track_dirty: false,
         }
+    }
+}
+
+/// Everything KVM holds for a VM, besides its memory.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub devices: DeviceState,
+}
+
+/// Guest pages written since the last look, one bit per page of RAM with the regions back to
+/// back (the layout of a memory image).
+#[derive(Debug, Clone)]
+pub struct DirtyPages {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyPages {
+    /// Whether page `page` was written.
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+    /// How many pages were written.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+    /// Pages of RAM covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
     }
 }
 
@@ -106,12 +154,21 @@ pub const MAX_VCPUS: u8 = 32;
 /// A VM with its RAM, devices and vCPUs.
 pub struct Vm {
     _kvm: Kvm,
-    fd: VmFd,
-    ram: GuestRam,
     vcpus: Vec<Vcpu>,
+    on_vcpu_thread: Option<VcpuThreadHook>,
+    handle: VmHandle,
+}
+
+/// What another thread may do with a VM while it runs: pause, resume, stop, read VM-wide and
+/// device state, dirty pages and memory. Cheap to clone.
+#[derive(Clone)]
+pub struct VmHandle {
+    fd: Arc<VmFd>,
+    ram: GuestRam,
     devices: Arc<LegacyDevices>,
     control: Arc<RunControl>,
-    on_vcpu_thread: Option<VcpuThreadHook>,
+    track_dirty: bool,
+    vcpu_count: u8,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -120,6 +177,85 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 fn kick_signal() -> libc::c_int {
     SIGRTMIN()
+}
+
+/// How long a pause waits for the vCPUs to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl VmHandle {
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+    /// The run control (stop, pause).
+    pub fn control(&self) -> &Arc<RunControl> {
+        &self.control
+    }
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpu_count
+    }
+    /// Whether guest writes are logged.
+    pub fn tracks_dirty(&self) -> bool {
+        self.track_dirty
+    }
+
+    /// Pauses the running VM; returns the vCPUs' saved states.
+    pub fn pause(&self) -> Result<Vec<VcpuState>, VmError> {
+        Ok(self.control.pause(PAUSE_TIMEOUT)?)
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&self) -> Result<(), VmError> {
+        Ok(self.control.resume()?)
+    }
+
+    /// The whole machine state of a paused VM.
+    pub fn paused_state(&self) -> Result<MachineState, VmError> {
+        let vcpus = self.control.paused_states()?;
+        Ok(MachineState {
+            vcpus,
+            vm: self.vm_state()?,
+            devices: self.devices.state(),
+        })
+    }
+
+    /// VM-wide KVM state (irqchips, PIT, clock).
+    pub fn vm_state(&self) -> Result<VmState, VmError> {
+        state::save_vm(&self.fd).map_err(|(what, e)| VmError::Kvm(what, e))
+    }
+
+    /// The pages guest writes dirtied since the previous call (or since tracking began), and
+    /// starts a new interval.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        if !self.track_dirty {
+            return Err(VmError::DirtyTrackingOff);
+        }
+        let pages = self.ram.size() / crate::PAGE_SIZE;
+        let mut words = vec![0u64; pages.div_ceil(64) as usize];
+        let mut base = 0u64;
+        for (slot, region) in self.ram.regions().iter().enumerate() {
+            let bitmap = self
+                .fd
+                .get_dirty_log(slot as u32, region.size() as usize)
+                .map_err(|e| VmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
+            let region_pages = region.size() / crate::PAGE_SIZE;
+            for (w, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let page = w as u64 * 64 + bit;
+                    if page < region_pages {
+                        let global = base + page;
+                        words[(global / 64) as usize] |= 1 << (global % 64);
+                    }
+                }
+            }
+            base += region_pages;
+        }
+        Ok(DirtyPages { words, pages })
+    }
 }
 
 impl Vm {
@@ -134,10 +270,15 @@ impl Vm {
             .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        let slot_flags = if config.track_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in ram.regions().iter().enumerate() {
             let memslot = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: slot_flags,
                 guest_phys_addr: region.gpa(),
                 memory_size: region.size(),
                 userspace_addr: region.host_addr() as u64,
@@ -163,11 +304,15 @@ impl Vm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         fd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
-        let devices = Arc::new(LegacyDevices::new(
-            serial_irq,
-            config.console.clone(),
-            Arc::clone(&control),
-        ));
+        let devices = Arc::new(
+            LegacyDevices::new(serial_irq, config.console.clone(), Arc::clone(&control))
+                .map_err(VmError::EventFd)?,
+        );
+        let msr_list: Arc<[u32]> = kvm
+            .get_msr_index_list()
+            .map_err(|e| VmError::Kvm("KVM_GET_MSR_INDEX_LIST", e))?
+            .as_slice()
+            .into();
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -186,30 +331,76 @@ impl Vm {
                     what: "KVM_SET_CPUID2",
                     source,
                 })?;
-            vcpus.push(Vcpu::new(index, vcpu_fd));
+            vcpus.push(Vcpu::new(index, vcpu_fd, Arc::clone(&msr_list)));
         }
 
         // The handler is process-wide; installing it again is harmless.
         register_signal_handler(kick_signal(), kick_handler).map_err(VmError::Signal)?;
         Ok(Vm {
             _kvm: kvm,
-            fd,
-            ram,
             vcpus,
-            devices,
-            control,
             on_vcpu_thread: config.on_vcpu_thread.clone(),
+            handle: VmHandle {
+                fd: Arc::new(fd),
+                ram,
+                devices,
+                control,
+                track_dirty: config.track_dirty,
+                vcpu_count: config.vcpus,
+            },
         })
     }
 
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
-        &self.ram
+        &self.handle.ram
     }
 
     /// The KVM VM, for VM-wide state queries.
     pub fn fd(&self) -> &VmFd {
-        &self.fd
+        &self.handle.fd
+    }
+
+    /// A handle for other threads (API server, snapshots).
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// Saves the whole machine state of a VM that is not running (created and not started,
+    /// or after its run ended).
+    pub fn save_state(&mut self) -> Result<MachineState, VmError> {
+        if self.vcpus.len() != usize::from(self.handle.vcpu_count) {
+            return Err(VmError::Running);
+        }
+        let vcpus = self
+            .vcpus
+            .iter_mut()
+            .map(Vcpu::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MachineState {
+            vcpus,
+            vm: self.handle.vm_state()?,
+            devices: self.handle.devices.state(),
+        })
+    }
+
+    /// Puts a saved machine state into this VM, which must not have run.
+    pub fn restore_state(&self, state: &MachineState) -> Result<(), VmError> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(VmError::StateMismatch(format!(
+                "{} saved vCPUs, {} in this VM",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        state::restore_vm(&self.handle.fd, &state.vm).map_err(|(what, e)| VmError::Kvm(what, e))?;
+        for (vcpu, saved) in self.vcpus.iter().zip(&state.vcpus) {
+            vcpu.restore_state(saved)?;
+        }
+        self.handle
+            .devices
+            .restore(&state.devices)
+            .map_err(|e| VmError::StateMismatch(e.to_string()))
     }
 
     /// The vCPUs, by index.
@@ -219,12 +410,12 @@ impl Vm {
 
     /// The legacy devices (to feed serial input).
     pub fn devices(&self) -> Arc<LegacyDevices> {
-        Arc::clone(&self.devices)
+        Arc::clone(&self.handle.devices)
     }
 
     /// Stops a running VM from another thread.
     pub fn control(&self) -> Arc<RunControl> {
-        Arc::clone(&self.control)
+        Arc::clone(&self.handle.control)
     }
 
     /// Sets every vCPU's entry state; `entries[i]` is for vCPU `i`.
@@ -244,17 +435,17 @@ impl Vm {
     /// Runs every vCPU on its own thread until all have exited or the VM is stopped. If a vCPU
     /// fails, the others are stopped and the first error is returned.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
-        self.control.reset();
-        let first_instruction = Arc::new(OnceLock::new());
+        let control = Arc::clone(&self.handle.control);
+        control.reset();
         let (done_tx, done_rx) = mpsc::channel();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         for mut vcpu in self.vcpus.drain(..) {
-            let devices = Arc::clone(&self.devices);
-            let control = Arc::clone(&self.control);
-            let first = Arc::clone(&first_instruction);
+            let devices = Arc::clone(&self.handle.devices);
+            let control = Arc::clone(&control);
             let done = done_tx.clone();
             let hook = self.on_vcpu_thread.clone();
             let ram: Vec<(u64, u64)> = self
+                .handle
                 .ram
                 .regions()
                 .iter()
@@ -270,7 +461,9 @@ impl Vm {
                             rustix::thread::gettid().as_raw_nonzero().get() as u32,
                         );
                     }
-                    let result = vcpu.run(&devices, &control, &first, &ram);
+                    control.enter(index);
+                    let result = vcpu.run(&devices, &control, &ram);
+                    control.leave(index);
                     if result.is_err() {
                         control.request_stop(StopReason::VcpuError { vcpu: index });
                     }
@@ -285,7 +478,7 @@ impl Vm {
         // (again every KICK_INTERVAL, in case a kick landed just before they entered it).
         let mut running = handles.len();
         while running > 0 {
-            let wait = if self.control.should_stop() {
+            let wait = if control.should_stop() {
                 KICK_INTERVAL
             } else {
                 STOP_POLL_INTERVAL
@@ -295,10 +488,8 @@ impl Vm {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-            if self.control.should_stop() {
-                for (_, handle) in handles.iter().filter(|(_, h)| !h.is_finished()) {
-                    let _ = handle.kill(kick_signal());
-                }
+            if control.should_stop() {
+                control.kick_all();
             }
         }
 
@@ -319,8 +510,8 @@ impl Vm {
         }
         Ok(RunOutcome {
             vcpus: outcomes,
-            stop_reason: self.control.reason(),
-            first_instruction: first_instruction.get().copied(),
+            stop_reason: control.reason(),
+            first_instruction: control.started_at(),
         })
     }
 }
