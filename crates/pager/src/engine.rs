@@ -48,10 +48,12 @@ pub(crate) struct Shared {
     pub vcpu_threads: Mutex<Vec<u32>>,
     pub fatal: Mutex<Option<String>>,
     pub on_fatal: Option<FatalCallback>,
+    /// (region, page) of each fault that claimed its page, when recording.
+    pub fault_log: Mutex<Vec<(usize, usize)>>,
 }
 
 /// Why an install could not complete.
-enum InstallError {
+pub(crate) enum InstallError {
     Source(SourceError),
     Uffd(uffd::UffdError),
     TooManyRetries,
@@ -112,13 +114,16 @@ impl Shared {
     /// The single install path: fetch `count` claimed pages from `first` and install them
     /// (zero pages without a copy), handling EEXIST (never overwrite) and EAGAIN (read
     /// pending events, retry). Marks what it installed present; releases the claim.
-    fn install(
+    /// `given` is the address of the pages' contents when the caller already has them (a
+    /// working set read ahead of time); the source is then not asked.
+    pub(crate) fn install(
         &self,
         region: &Region,
         first: usize,
         count: usize,
         buf: &mut Vec<u8>,
         background: bool,
+        given: Option<u64>,
     ) -> Result<(), InstallError> {
         let page_size = region.page_size;
         let len = count * page_size as usize;
@@ -129,6 +134,8 @@ impl Shared {
         let offset = first as u64 * page_size;
         let (content, mapped) = if region.discarded.get(first) {
             (Content::Zero, None)
+        } else if let Some(addr) = given {
+            (Content::Data, Some(addr))
         } else if let Some(addr) = region.source.mapped_addr(offset, len as u64) {
             (Content::Data, Some(addr))
         } else {
@@ -238,6 +245,32 @@ impl Shared {
         }
     }
 
+    /// Installs `data` (whole pages) at `first` onward in `region`, skipping pages that are
+    /// present or being installed: those hold what the guest has seen, never to be overwritten.
+    /// Returns how many pages this call installed.
+    pub(crate) fn install_given(&self, index: usize, first: usize, data: &[u8]) -> usize {
+        let region = &self.regions[index];
+        let page_size = region.page_size as usize;
+        let end = (first + data.len() / page_size).min(region.pages());
+        let mut buf = Vec::new();
+        let mut installed = 0;
+        let mut page = first;
+        while page < end {
+            let count = self.claim_run(region, page, end - page);
+            if count == 0 {
+                page += 1;
+                continue;
+            }
+            let addr = data[(page - first) * page_size..].as_ptr() as u64;
+            match self.install(region, page, count, &mut buf, true, Some(addr)) {
+                Ok(()) => installed += count,
+                Err(e) => self.fail_pages(region, page, count, &e),
+            }
+            page += count;
+        }
+        installed
+    }
+
     /// Serves one fault.
     fn serve_fault(&self, address: u64, thread_id: u32, buf: &mut Vec<u8>) {
         let started = Instant::now();
@@ -261,7 +294,13 @@ impl Shared {
             }
             return;
         }
-        if let Err(e) = self.install(region, page, count, buf, false) {
+        if self.config.record_faults {
+            self.fault_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((index, page));
+        }
+        if let Err(e) = self.install(region, page, count, buf, false, None) {
             self.fail_pages(region, page, count, &e);
         }
         self.counters
@@ -422,7 +461,7 @@ impl Shared {
                         .fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
-                if let Err(e) = self.install(region, page, count, &mut buf, true) {
+                if let Err(e) = self.install(region, page, count, &mut buf, true, None) {
                     self.fail_pages(region, page, count, &e);
                 }
                 bytes_done += count as u64 * region.page_size;

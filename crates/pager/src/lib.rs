@@ -55,6 +55,8 @@ pub struct PagerConfig {
     /// Background bytes per second (None: as fast as urgent faults allow).
     pub background_rate: Option<u64>,
     pub failure_policy: FailurePolicy,
+    /// Keep the order in which faults claimed pages (for working-set recording).
+    pub record_faults: bool,
 }
 
 impl Default for PagerConfig {
@@ -65,6 +67,7 @@ impl Default for PagerConfig {
             background_batch_pages: 64,
             background_rate: None,
             failure_policy: FailurePolicy::Poison,
+            record_faults: false,
         }
     }
 }
@@ -185,6 +188,7 @@ impl PagerBuilder {
             vcpu_threads: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             on_fatal: self.on_fatal,
+            fault_log: Mutex::new(Vec::new()),
         });
         let mut threads = Vec::new();
         for i in 0..self.config.fault_threads.max(1) {
@@ -252,6 +256,21 @@ impl PagerHandle {
         Ok(())
     }
 
+    /// Installs pages whose contents the caller holds (a recorded working set), on the
+    /// calling thread: `data` covers whole pages from `first` on. Pages already present or in
+    /// flight are left alone. Returns the number of pages installed.
+    pub fn install_pages(
+        &self,
+        region: usize,
+        first: usize,
+        data: &[u8],
+    ) -> Result<usize, PagerError> {
+        if region >= self.shared.regions.len() {
+            return Err(PagerError::NoRegion(region));
+        }
+        Ok(self.shared.install_given(region, first, data))
+    }
+
     /// Queues every page of every region for background install (background fill).
     pub fn fill_all(&self) {
         for (index, region) in self.shared.regions.iter().enumerate() {
@@ -276,6 +295,16 @@ impl PagerHandle {
     pub fn fatal_error(&self) -> Option<String> {
         self.shared
             .fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// With [`PagerConfig::record_faults`]: the (region, page) of every fault that installed a
+    /// page, in the order they came (a page appears once).
+    pub fn fault_log(&self) -> Vec<(usize, usize)> {
+        self.shared
+            .fault_log
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()

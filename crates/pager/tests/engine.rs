@@ -375,6 +375,28 @@ fn readahead_installs_a_run_in_one_ioctl() {
 }
 
 #[test]
+fn recorded_faults_keep_their_order() {
+    const PAGES: usize = 32;
+    let config = PagerConfig {
+        record_faults: true,
+        ..Default::default()
+    };
+    let Some((pager, shm)) = pattern_pager(PAGES, config) else {
+        return;
+    };
+    // Touch in a scrambled order, one page twice.
+    let order = [9usize, 3, 27, 3, 0, 14];
+    for &page in &order {
+        assert_eq!(read_u64(shm.page(page)), page as u64 * 0x1_0001 + 7);
+    }
+    assert_eq!(
+        pager.fault_log(),
+        vec![(0, 9), (0, 3), (0, 27), (0, 0), (0, 14)],
+        "each page once, in first-touch order"
+    );
+}
+
+#[test]
 fn resident_pages_are_never_fetched() {
     const PAGES: usize = 8;
     let Some(mut builder) = builder(PagerConfig::default()) else {
