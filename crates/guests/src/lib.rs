@@ -95,6 +95,20 @@ pub const ALL: &[MicroGuest] = &[
         "rewrites every page (address + pass) for arg passes (0 = forever); reports passes, sum"
     ),
     guest!(
+        "mix",
+        true,
+        3,
+        Some(1),
+        "mixes each page's word with its address and the pass, arg passes (0 = forever); reports passes, sum"
+    ),
+    guest!(
+        "scatter",
+        true,
+        0,
+        None,
+        "reads one word from each of arg pages spread over the work range; reports their sum"
+    ),
+    guest!(
         "cpuid",
         false,
         0,
@@ -129,6 +143,30 @@ pub fn find(name: &str) -> Option<&'static MicroGuest> {
 /// The checksum the `touch` guest reports for pages at `start + i * 4096`, `i < pages`.
 pub fn touch_checksum(start: u64, pages: u64, seed: u64) -> u64 {
     (0..pages).fold(0u64, |sum, i| sum.wrapping_add((start + i * 4096) ^ seed))
+}
+
+/// The multiplier of the `mix` guest (must match `asm/mix.S`).
+pub const MIX_MULTIPLIER: u64 = 0x5851_f42d_4c95_7f2d;
+
+/// The word the `mix` guest leaves at `address` after `passes` passes from `initial`.
+pub fn mix_word(address: u64, initial: u64, passes: u64) -> u64 {
+    (1..=passes).fold(initial, |v, pass| {
+        v.wrapping_mul(MIX_MULTIPLIER).wrapping_add(address ^ pass)
+    })
+}
+
+/// The checksum the `mix` guest reports after `passes` passes over a range that started zero.
+pub fn mix_checksum(start: u64, pages: u64, passes: u64) -> u64 {
+    (0..pages).fold(0u64, |sum, i| {
+        sum.wrapping_add(mix_word(start + i * 4096, 0, passes))
+    })
+}
+
+/// The pages the `scatter` guest reads: `(first page address, stride in bytes, count)`.
+pub fn scatter_pages(start: u64, pages: u64, arg: u64) -> (u64, u64, u64) {
+    let count = if arg == 0 || arg > pages { pages } else { arg };
+    let stride = pages.checked_div(count).unwrap_or(0) * 4096;
+    (start, stride, count)
 }
 
 /// The checksum the `dirty` guest reports after `passes` passes over the range.
@@ -192,7 +230,7 @@ mod tests {
             .filter(|g| g.checksum_report.is_some())
             .map(|g| g.name)
             .collect();
-        assert_eq!(summing, ["touch", "timedtouch", "checksum", "dirty"]);
+        assert_eq!(summing, ["touch", "timedtouch", "checksum", "dirty", "mix"]);
         assert!(ALL
             .iter()
             .all(|g| g.checksum_report.is_none() || g.uses_work_range));
@@ -210,5 +248,14 @@ mod tests {
         assert_eq!(touch_checksum(0x20_0000, 0, 7), 0);
         assert_eq!(touch_checksum(0x20_0000, 2, 0), 0x20_0000 + 0x20_1000);
         assert_eq!(dirty_checksum(0x1000, 2, 3), 0x1003 + 0x2003);
+        // One pass from zero leaves A ^ 1; two passes mix that again.
+        assert_eq!(mix_word(0x1000, 0, 1), 0x1001);
+        assert_eq!(
+            mix_word(0x1000, 0, 2),
+            0x1001u64.wrapping_mul(MIX_MULTIPLIER).wrapping_add(0x1002)
+        );
+        assert_eq!(mix_checksum(0x1000, 2, 1), 0x1001 + 0x2001);
+        assert_eq!(scatter_pages(0x1000, 100, 10), (0x1000, 10 * 4096, 10));
+        assert_eq!(scatter_pages(0x1000, 5, 0), (0x1000, 4096, 5));
     }
 }
