@@ -1,0 +1,346 @@
+//! The checksummed file container every snapshot file except the memory image uses.
+//!
+//! Layout, little endian:
+//!
+//! ```text
+//! magic [u8; 8] | version u32 | reserved u32 (0) | payload length u64 | payload | crc32 u32
+//! ```
+//!
+//! The CRC32 covers every byte before it (header and payload). Files are written to a
+//! temporary name and renamed into place, so a reader sees the old file or the whole new one.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::SnapshotError;
+
+/// Bytes before the payload: magic, version, reserved word, payload length.
+pub const HEADER_LEN: u64 = 24;
+/// Bytes after the payload: the CRC32.
+pub const TRAILER_LEN: u64 = 4;
+
+/// Writes `payload` in a container at `path`, atomically: the bytes go to `<path>.tmp` in the
+/// same directory, reach the disk, and only then replace `path`.
+pub fn write(
+    path: &Path,
+    magic: &[u8; 8],
+    version: u32,
+    payload: &[u8],
+) -> Result<(), SnapshotError> {
+    let mut header = [0u8; HEADER_LEN as usize];
+    header[..8].copy_from_slice(magic);
+    header[8..12].copy_from_slice(&version.to_le_bytes());
+    // Bytes 12..16: the reserved word, zero.
+    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&header);
+    hasher.update(payload);
+    let crc = hasher.finalize();
+
+    let tmp = tmp_path(path);
+    if let Err(source) = write_synced(&tmp, &[&header[..], payload, &crc.to_le_bytes()[..]]) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SnapshotError::Io { path: tmp, source });
+    }
+    std::fs::rename(&tmp, path).map_err(SnapshotError::io(path))
+}
+
+/// Reads the container at `path` and returns its payload, after checking, in this order: the
+/// header is all there, the magic, the version, the length, and the checksum.
+pub fn read(path: &Path, magic: &[u8; 8], version: u32) -> Result<Vec<u8>, SnapshotError> {
+    let mut bytes = std::fs::read(path).map_err(SnapshotError::io(path))?;
+    let found = bytes.len() as u64;
+    if found < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            path: path.into(),
+            expected: HEADER_LEN,
+            found,
+        });
+    }
+    let found_magic = array::<8>(&bytes[..8]);
+    if found_magic != *magic {
+        return Err(SnapshotError::BadMagic {
+            path: path.into(),
+            found: found_magic,
+        });
+    }
+    let found_version = u32::from_le_bytes(array(&bytes[8..12]));
+    if found_version != version {
+        return Err(SnapshotError::UnsupportedVersion {
+            path: path.into(),
+            found: found_version,
+            supported: version,
+        });
+    }
+    // The reserved word (bytes 12..16) is not checked: a later version may use it for
+    // something an older reader can ignore.
+    let payload_len = u64::from_le_bytes(array(&bytes[16..24]));
+    let expected = HEADER_LEN
+        .saturating_add(payload_len)
+        .saturating_add(TRAILER_LEN);
+    if found < expected {
+        return Err(SnapshotError::Truncated {
+            path: path.into(),
+            expected,
+            found,
+        });
+    }
+    if found > expected {
+        return Err(SnapshotError::TrailingData {
+            path: path.into(),
+            extra: found - expected,
+        });
+    }
+    let crc_at = (expected - TRAILER_LEN) as usize;
+    let stored = u32::from_le_bytes(array(&bytes[crc_at..]));
+    let computed = crc32fast::hash(&bytes[..crc_at]);
+    if stored != computed {
+        return Err(SnapshotError::ChecksumMismatch {
+            path: path.into(),
+            stored,
+            computed,
+        });
+    }
+    bytes.truncate(crc_at);
+    bytes.drain(..HEADER_LEN as usize);
+    Ok(bytes)
+}
+
+/// Creates (or truncates) `path`, writes `parts` one after the other, and waits until the
+/// data is on disk.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let mut file = File::create(path)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
+    file.sync_data()
+}
+
+/// `<path>.tmp`: beside `path`, so that the rename stays within one file system.
+pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
+
+/// The first `N` bytes of `bytes` as an array (callers have checked the length).
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(&bytes[..N]);
+    out
+}
+
+/// Reads the little-endian fields of a container's payload in order; anything missing or left
+/// over is a [`SnapshotError::Malformed`] naming the file.
+pub(crate) struct Decoder<'a> {
+    path: &'a Path,
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Decoder<'a> {
+    /// Starts at the beginning of `bytes`, the payload of `path`.
+    pub(crate) fn new(path: &'a Path, bytes: &'a [u8]) -> Self {
+        Decoder {
+            path,
+            bytes,
+            pos: 0,
+        }
+    }
+
+    /// The next `len` bytes, which hold `what`.
+    pub(crate) fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], SnapshotError> {
+        let bytes: &'a [u8] = self.bytes;
+        let rest = &bytes[self.pos..];
+        if rest.len() < len {
+            return Err(self.malformed(format!(
+                "the payload ends inside {what}: {len} bytes needed, {} left",
+                rest.len()
+            )));
+        }
+        self.pos += len;
+        Ok(&rest[..len])
+    }
+
+    /// `count` items of `size` bytes each (a length read from the file, so checked for
+    /// overflow before anything is allocated for it).
+    pub(crate) fn take_array(
+        &mut self,
+        count: u64,
+        size: usize,
+        what: &str,
+    ) -> Result<&'a [u8], SnapshotError> {
+        let len = usize::try_from(count)
+            .ok()
+            .and_then(|count| count.checked_mul(size))
+            .ok_or_else(|| self.malformed(format!("{what}: a count of {count} is impossible")))?;
+        self.take(len, what)
+    }
+
+    /// The next byte.
+    pub(crate) fn u8(&mut self, what: &str) -> Result<u8, SnapshotError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    /// The next little-endian u32.
+    pub(crate) fn u32(&mut self, what: &str) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(array(self.take(4, what)?)))
+    }
+
+    /// The next little-endian u64.
+    pub(crate) fn u64(&mut self, what: &str) -> Result<u64, SnapshotError> {
+        Ok(u64::from_le_bytes(array(self.take(8, what)?)))
+    }
+
+    /// Succeeds if every byte was read.
+    pub(crate) fn finish(self) -> Result<(), SnapshotError> {
+        let left = self.bytes.len() - self.pos;
+        if left == 0 {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("{left} unexpected bytes at the end of the payload")))
+        }
+    }
+
+    /// A [`SnapshotError::Malformed`] for this payload's file.
+    pub(crate) fn malformed(&self, reason: String) -> SnapshotError {
+        SnapshotError::malformed(self.path, reason)
+    }
+}
+
+/// Splits `bytes` (a multiple of 4 long) into little-endian u32s.
+pub(crate) fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes.chunks_exact(4).map(|b| u32::from_le_bytes(array(b)))
+}
+
+/// Splits `bytes` (a multiple of 8 long) into little-endian u64s.
+pub(crate) fn u64s(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.chunks_exact(8).map(|b| u64::from_le_bytes(array(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    const MAGIC: &[u8; 8] = b"FLTTEST\0";
+
+    fn written(dir: &TempDir, payload: &[u8]) -> PathBuf {
+        let path = dir.path().join("file");
+        write(&path, MAGIC, 1, payload).unwrap();
+        path
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = TempDir::new("container-round-trip");
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let path = written(&dir, &payload);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            HEADER_LEN + payload.len() as u64 + TRAILER_LEN
+        );
+        assert_eq!(read(&path, MAGIC, 1).unwrap(), payload);
+        assert!(!tmp_path(&path).exists(), "the temporary file was renamed");
+        // An empty payload, written over the first file.
+        write(&path, MAGIC, 1, &[]).unwrap();
+        assert_eq!(read(&path, MAGIC, 1).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn truncation_is_caught_wherever_it_cuts() {
+        let dir = TempDir::new("container-truncated");
+        let payload = vec![0x5a; 100];
+        let path = written(&dir, &payload);
+        let full = HEADER_LEN + 100 + TRAILER_LEN;
+        // Inside the header, inside the payload, the checksum missing, half the checksum.
+        for (len, expected) in [
+            (0, HEADER_LEN),
+            (10, HEADER_LEN),
+            (HEADER_LEN, full),
+            (HEADER_LEN + 50, full),
+            (full - TRAILER_LEN, full),
+            (full - 2, full),
+        ] {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(len).unwrap();
+            match read(&path, MAGIC, 1) {
+                Err(SnapshotError::Truncated {
+                    expected: e, found, ..
+                }) => {
+                    assert_eq!((e, found), (expected, len), "cut at {len}");
+                }
+                other => panic!("cut at {len}: {other:?}"),
+            }
+            write(&path, MAGIC, 1, &payload).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_flipped_payload_byte_fails_the_checksum() {
+        let dir = TempDir::new("container-flipped");
+        let path = written(&dir, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[HEADER_LEN as usize + 3] ^= 0x10;
+        std::fs::write(&path, bytes).unwrap();
+        let err = read(&path, MAGIC, 1).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::ChecksumMismatch { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(path.to_str().unwrap()));
+    }
+
+    #[test]
+    fn wrong_magic_and_version_are_named() {
+        let dir = TempDir::new("container-magic");
+        let path = written(&dir, b"payload");
+        match read(&path, b"FLTOTHER", 1) {
+            Err(SnapshotError::BadMagic { found, .. }) => assert_eq!(&found, MAGIC),
+            other => panic!("{other:?}"),
+        }
+        write(&path, MAGIC, 99, b"payload").unwrap();
+        match read(&path, MAGIC, 1) {
+            Err(SnapshotError::UnsupportedVersion {
+                found, supported, ..
+            }) => assert_eq!((found, supported), (99, 1)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn extra_bytes_are_trailing_data() {
+        let dir = TempDir::new("container-trailing");
+        let path = written(&dir, b"payload");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"junk").unwrap();
+        match read(&path, MAGIC, 1) {
+            Err(SnapshotError::TrailingData { extra, .. }) => assert_eq!(extra, 4),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn decoder_reports_short_and_long_payloads() {
+        let path = Path::new("/snap/x");
+        let bytes = [1, 0, 0, 0, 2];
+        let mut decoder = Decoder::new(path, &bytes);
+        assert_eq!(decoder.u32("a").unwrap(), 1);
+        assert!(matches!(
+            decoder.u64("b"),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        let mut decoder = Decoder::new(path, &bytes);
+        decoder.u32("a").unwrap();
+        assert!(matches!(
+            decoder.finish(),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        let mut decoder = Decoder::new(path, &bytes);
+        assert!(decoder.take_array(u64::MAX, 8, "c").is_err());
+    }
+}

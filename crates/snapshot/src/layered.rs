@@ -1,0 +1,542 @@
+//! A chain of memory layers read as one memory: a full image at the bottom, diff layers over
+//! it, each page coming from the newest layer that holds it.
+
+use std::path::PathBuf;
+
+use pager::{Content, PageSource, SourceError};
+
+use crate::memory::{LayerKind, MemoryImage, MemorySpanMut, Progress, PAGE_SIZE};
+use crate::SnapshotError;
+
+/// What [`SnapshotMemory::load_into`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LoadSummary {
+    /// Bytes copied from the images into guest memory.
+    pub bytes_copied: u64,
+    /// Pages zeroed because a newer layer holds them as zero over an older layer's data.
+    pub pages_zeroed: u64,
+}
+
+/// A snapshot's memory: its layers, newest first, the last a full image.
+#[derive(Debug)]
+pub struct SnapshotMemory {
+    layers: Vec<MemoryImage>,
+}
+
+impl SnapshotMemory {
+    /// Opens the layers in `dirs`, newest first. All must have the same size, the last must
+    /// be a full image and the others diff layers.
+    pub fn open(dirs: &[PathBuf]) -> Result<SnapshotMemory, SnapshotError> {
+        if dirs.is_empty() {
+            return Err(SnapshotError::Layers("no snapshot layers given".into()));
+        }
+        let layers = dirs
+            .iter()
+            .map(|dir| MemoryImage::open(dir.as_path()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (base, diffs) = layers.split_last().expect("at least one layer");
+        if base.kind() != LayerKind::Full {
+            return Err(SnapshotError::Layers(format!(
+                "the oldest layer, {}, is a diff: a chain must end in a full snapshot",
+                base.dir().display()
+            )));
+        }
+        if let Some(full) = diffs.iter().find(|layer| layer.kind() == LayerKind::Full) {
+            return Err(SnapshotError::Layers(format!(
+                "{} is a full snapshot but not the oldest layer: only the last layer may be full",
+                full.dir().display()
+            )));
+        }
+        if let Some(other) = diffs.iter().find(|layer| layer.size() != base.size()) {
+            return Err(SnapshotError::Layers(format!(
+                "{} holds {} bytes of memory but its base {} holds {}",
+                other.dir().display(),
+                other.size(),
+                base.dir().display(),
+                base.size()
+            )));
+        }
+        Ok(SnapshotMemory { layers })
+    }
+
+    /// The memory's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.base().size()
+    }
+
+    /// The layers, newest first.
+    pub fn layers(&self) -> &[MemoryImage] {
+        &self.layers
+    }
+
+    /// The layer page `page` comes from: the newest that holds it (the base for pages past
+    /// the end).
+    pub fn layer_of(&self, page: u64) -> &MemoryImage {
+        self.layers
+            .iter()
+            .find(|layer| layer.contains(page))
+            .unwrap_or_else(|| self.base())
+    }
+
+    /// Verifies the chunk that holds page `page` in the layer the page comes from.
+    pub fn verify_page(&self, page: u64) -> Result<(), SnapshotError> {
+        let offset = page.saturating_mul(PAGE_SIZE);
+        self.layer_of(page).verify_range(offset, PAGE_SIZE)
+    }
+
+    /// The full image at the bottom of the chain.
+    fn base(&self) -> &MemoryImage {
+        self.layers.last().expect("a chain has a base")
+    }
+
+    /// Restores the whole memory into `spans`, laid back to back like the image, which must
+    /// be freshly zeroed memory: holes are not touched, so the destination stays sparse.
+    /// Every chunk is verified before anything is copied from it. `progress(done, total)` is
+    /// called every 64 MiB or so and at the end.
+    pub fn load_into(
+        &self,
+        spans: &[MemorySpanMut],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<LoadSummary, SnapshotError> {
+        let dest = Destination::new(spans);
+        if dest.size != self.size() {
+            return Err(SnapshotError::Layers(format!(
+                "the destination memory is {} bytes but the snapshot in {} holds {}",
+                dest.size,
+                self.layers[0].dir().display(),
+                self.size()
+            )));
+        }
+        let base = self.base();
+        let diffs = &self.layers[..self.layers.len() - 1];
+        let total = base
+            .data_extents()
+            .iter()
+            .map(|(start, end)| end - start)
+            .sum::<u64>()
+            + diffs
+                .iter()
+                .map(|layer| layer.held_page_count() * PAGE_SIZE)
+                .sum::<u64>();
+        let mut progress = Progress::new(total, progress);
+        let mut summary = LoadSummary::default();
+
+        // The base: its data extents, a chunk at a time, each chunk verified first.
+        for &(start, end) in base.data_extents() {
+            let mut pos = start;
+            while pos < end {
+                let chunk = pos / base.chunk_size();
+                let piece_end = ((chunk + 1) * base.chunk_size()).min(end);
+                base.verify_chunk(chunk)?;
+                let bytes = base
+                    .mapped(pos, piece_end - pos)
+                    .expect("data extents lie inside the image");
+                dest.copy(pos, bytes);
+                summary.bytes_copied += piece_end - pos;
+                progress.advance(piece_end - pos);
+                pos = piece_end;
+            }
+        }
+
+        // The diff layers, oldest first, each over what the older ones left.
+        for (i, layer) in diffs.iter().enumerate().rev() {
+            let older = &self.layers[i + 1..];
+            for page in layer.held_pages() {
+                let offset = page * PAGE_SIZE;
+                let end = offset + PAGE_SIZE;
+                layer.verify_range(offset, PAGE_SIZE)?;
+                if layer.has_data(offset, end) {
+                    let bytes = layer
+                        .mapped(offset, PAGE_SIZE)
+                        .expect("held pages lie inside the image");
+                    dest.copy(offset, bytes);
+                    summary.bytes_copied += PAGE_SIZE;
+                } else {
+                    // A zero page: the destination already reads zero unless an older layer
+                    // put data there.
+                    let below = older
+                        .iter()
+                        .find(|layer| layer.contains(page))
+                        .unwrap_or(base);
+                    if below.has_data(offset, end) {
+                        dest.zero(offset, PAGE_SIZE);
+                        summary.pages_zeroed += 1;
+                    }
+                }
+                progress.advance(PAGE_SIZE);
+            }
+        }
+        progress.finish();
+        Ok(summary)
+    }
+}
+
+/// Destination spans addressed as one range of bytes.
+struct Destination<'a> {
+    spans: &'a [MemorySpanMut],
+    /// Where each span starts in the concatenation.
+    starts: Vec<u64>,
+    size: u64,
+}
+
+impl<'a> Destination<'a> {
+    fn new(spans: &'a [MemorySpanMut]) -> Self {
+        let mut starts = Vec::with_capacity(spans.len());
+        let mut size = 0;
+        for span in spans {
+            starts.push(size);
+            size += span.len();
+        }
+        Destination {
+            spans,
+            starts,
+            size,
+        }
+    }
+
+    /// Calls `f(address, offset in the range, length)` for each non-empty piece of
+    /// `[offset, offset + len)` that lies in one span.
+    fn pieces(&self, offset: u64, len: u64, mut f: impl FnMut(*mut u8, usize, usize)) {
+        assert!(
+            offset.checked_add(len).is_some_and(|end| end <= self.size),
+            "[{offset:#x}, +{len:#x}) is outside the destination's {:#x} bytes",
+            self.size
+        );
+        if len == 0 {
+            return;
+        }
+        // The last span that starts at or before `offset` (empty spans share their start
+        // with the next one, so this is the span that holds `offset`).
+        let mut i = self.starts.partition_point(|&start| start <= offset) - 1;
+        let mut done = 0;
+        while done < len {
+            let span = &self.spans[i];
+            let within = offset + done - self.starts[i];
+            let n = (span.len() - within).min(len - done);
+            if n > 0 {
+                f(
+                    span.addr().wrapping_add(within as usize),
+                    done as usize,
+                    n as usize,
+                );
+            }
+            done += n;
+            i += 1;
+        }
+    }
+
+    /// Copies `bytes` to `offset`.
+    fn copy(&self, offset: u64, bytes: &[u8]) {
+        self.pieces(offset, bytes.len() as u64, |dst, at, n| {
+            let src = &bytes[at..at + n];
+            // SAFETY: `dst` and the `n` bytes after it lie in one destination span, which
+            // `MemorySpanMut::new`'s contract makes writable and ours alone; `src` is a
+            // snapshot mapping or a buffer, never guest memory, so they do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, n) };
+        });
+    }
+
+    /// Zeroes `len` bytes at `offset`.
+    fn zero(&self, offset: u64, len: u64) {
+        self.pieces(offset, len, |dst, _, n| {
+            // SAFETY: `dst` and the `n` bytes after it lie in one destination span, which
+            // `MemorySpanMut::new`'s contract makes writable and ours alone.
+            unsafe { std::ptr::write_bytes(dst, 0, n) };
+        });
+    }
+}
+
+impl PageSource for SnapshotMemory {
+    fn describe(&self) -> String {
+        format!("snapshot:{}", self.layers[0].dir().display())
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let size = self.size();
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= size)
+            .ok_or(SourceError::OutOfRange {
+                offset,
+                len: buf.len(),
+                size,
+            })?;
+        // Until a page with data turns up, `buf` is left alone (a `Zero` answer must not
+        // touch it); after that, holes are filled with zeros.
+        let mut any_data = false;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / PAGE_SIZE;
+            let piece_end = ((page + 1) * PAGE_SIZE).min(end);
+            let layer = self.layer_of(page);
+            layer
+                .verify_range(pos, piece_end - pos)
+                .map_err(|e| SourceError::Unavailable {
+                    offset: page * PAGE_SIZE,
+                    reason: e.to_string(),
+                })?;
+            let at = (pos - offset) as usize;
+            let piece = at..at + (piece_end - pos) as usize;
+            if layer.has_data(pos, piece_end) {
+                if !any_data {
+                    buf[..at].fill(0);
+                    any_data = true;
+                }
+                let bytes = layer
+                    .mapped(pos, piece_end - pos)
+                    .expect("the range was checked against the size");
+                buf[piece].copy_from_slice(bytes);
+            } else if any_data {
+                buf[piece].fill(0);
+            }
+            pos = piece_end;
+        }
+        Ok(if any_data {
+            Content::Data
+        } else {
+            Content::Zero
+        })
+    }
+
+    fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.size() {
+            return None;
+        }
+        // Only a range that one layer serves whole, and that has data in it (holes are
+        // installed as zero pages): otherwise `fetch` assembles it.
+        let first = offset / PAGE_SIZE;
+        let layer = self.layer_of(first);
+        let one_layer = (first + 1..=(end - 1) / PAGE_SIZE)
+            .all(|page| std::ptr::eq(self.layer_of(page), layer));
+        if !one_layer || !layer.has_data(offset, end) {
+            return None;
+        }
+        // A damaged chunk: `None` sends the pager to `fetch`, which reports the error.
+        layer.verify_range(offset, len).ok()?;
+        layer.mapped(offset, len).map(|bytes| bytes.as_ptr() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::write_image;
+    use crate::testutil::{fill_page, spans, spans_mut, TempDir};
+    use crate::MEMORY_FILE;
+    use std::os::unix::fs::FileExt;
+
+    const PAGE: usize = PAGE_SIZE as usize;
+    const PAGES: u64 = 64;
+
+    fn write(dir: &std::path::Path, buf: &[u8], dirty: Option<&[u64]>) {
+        let held = dirty.map(|dirty| move |page: u64| dirty.contains(&page));
+        let held = held.as_ref().map(|f| f as &dyn Fn(u64) -> bool);
+        let kind = if dirty.is_some() {
+            LayerKind::Diff
+        } else {
+            LayerKind::Full
+        };
+        // Two spans, cut in the middle.
+        let half = buf.len() as u64 / PAGE_SIZE / 2;
+        write_image(dir, &spans(buf, &[half]), kind, held).unwrap();
+    }
+
+    /// Three generations of a 64-page memory: a full base, then two diff layers.
+    struct Chain {
+        dir: TempDir,
+        generations: Vec<Vec<u8>>,
+    }
+
+    fn chain() -> Chain {
+        let dir = TempDir::new("layered");
+        let mut memory = vec![0u8; PAGES as usize * PAGE];
+        for page in [0, 1, 2, 3, 10, 11, 30, 63] {
+            fill_page(&mut memory, page, 1);
+        }
+        write(&dir.subdir("base"), &memory, None);
+        let mut generations = vec![memory.clone()];
+
+        // Page 3 changes, 10 becomes zero, 20 gains data, 40 changes from zero to data, 50
+        // is written but stays zero.
+        fill_page(&mut memory, 3, 2);
+        memory[10 * PAGE..11 * PAGE].fill(0);
+        fill_page(&mut memory, 20, 2);
+        fill_page(&mut memory, 40, 2);
+        write(
+            &dir.subdir("diff1"),
+            &memory,
+            Some(&[3, 10, 20, 40, 50][..]),
+        );
+        generations.push(memory.clone());
+
+        // Page 3 changes again, 10 gains data again, 11 becomes zero.
+        fill_page(&mut memory, 3, 3);
+        fill_page(&mut memory, 10, 3);
+        memory[11 * PAGE..12 * PAGE].fill(0);
+        write(&dir.subdir("diff2"), &memory, Some(&[3, 10, 11][..]));
+        generations.push(memory);
+        Chain { dir, generations }
+    }
+
+    impl Chain {
+        fn dirs(&self, names: &[&str]) -> Vec<PathBuf> {
+            names
+                .iter()
+                .map(|name| self.dir.path().join(name))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_chain_reads_like_a_full_image_of_its_newest_state() {
+        let chain = chain();
+        let newest = chain.generations.last().unwrap();
+        write(&chain.dir.subdir("full"), newest, None);
+        let full = SnapshotMemory::open(&chain.dirs(&["full"])).unwrap();
+        let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
+        assert_eq!(layered.size(), PAGES * PAGE_SIZE);
+        assert_eq!(layered.layers().len(), 3);
+        assert!(layered.describe().ends_with("diff2"));
+        assert_eq!(layered.layer_of(3).dir(), chain.dir.path().join("diff2"));
+        assert_eq!(layered.layer_of(40).dir(), chain.dir.path().join("diff1"));
+        assert_eq!(layered.layer_of(30).dir(), chain.dir.path().join("base"));
+
+        // Eagerly, into destination spans cut inside a page.
+        let mut restored = vec![0u8; newest.len()];
+        let dest = spans_mut(&mut restored, &[5 * PAGE + 100, 30 * PAGE]);
+        let mut reports = Vec::new();
+        let summary = layered
+            .load_into(&dest, &mut |done, total| reports.push((done, total)))
+            .unwrap();
+        assert!(restored == *newest, "load_into restores the newest state");
+        // Page 11: base data under a zero page of diff2. Page 10 is zeroed by diff1 and
+        // rewritten by diff2; page 50 has no data anywhere, so it is left alone.
+        assert_eq!(summary.pages_zeroed, 2);
+        let (done, total) = *reports.last().unwrap();
+        assert_eq!(done, total);
+
+        let mut other = vec![0u8; newest.len()];
+        let dest = spans_mut(&mut other, &[]);
+        full.load_into(&dest, &mut |_, _| {}).unwrap();
+        assert!(other == *newest);
+
+        // On demand, a page at a time and in longer ranges.
+        let mut a = vec![0x55u8; PAGE];
+        let mut b = vec![0x55u8; PAGE];
+        for page in 0..PAGES {
+            let offset = page * PAGE_SIZE;
+            let content = layered.fetch(offset, &mut a).unwrap();
+            assert_eq!(full.fetch(offset, &mut b).unwrap(), content, "page {page}");
+            let expected = &newest[offset as usize..offset as usize + PAGE];
+            if content == Content::Data {
+                assert_eq!(a, expected, "page {page}");
+            } else {
+                assert!(expected.iter().all(|&byte| byte == 0), "page {page}");
+            }
+        }
+        let mut long = vec![0x55u8; 16 * PAGE];
+        assert_eq!(layered.fetch(0, &mut long).unwrap(), Content::Data);
+        assert!(long == newest[..16 * PAGE]);
+        // Pages 44-59: holes in the base, and page 50, a zero page of diff1.
+        long.fill(0x55);
+        assert_eq!(
+            layered.fetch(44 * PAGE_SIZE, &mut long).unwrap(),
+            Content::Zero
+        );
+        assert!(
+            long.iter().all(|&byte| byte == 0x55),
+            "a zero answer leaves the buffer"
+        );
+        assert!(matches!(
+            layered.fetch(60 * PAGE_SIZE, &mut long),
+            Err(SourceError::OutOfRange { .. })
+        ));
+
+        // Mapped: ranges served whole by one layer and holding data.
+        let addr = layered.mapped_addr(3 * PAGE_SIZE, PAGE_SIZE).unwrap();
+        // SAFETY: the address is in diff2's mapping, which covers the page and lives as long
+        // as `layered`.
+        let mapped = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
+        assert_eq!(mapped, &newest[3 * PAGE..4 * PAGE]);
+        assert!(
+            layered.mapped_addr(0, 2 * PAGE_SIZE).is_some(),
+            "base pages 0-1"
+        );
+        assert_eq!(
+            layered.mapped_addr(2 * PAGE_SIZE, 2 * PAGE_SIZE),
+            None,
+            "base and diff2"
+        );
+        assert_eq!(
+            layered.mapped_addr(50 * PAGE_SIZE, PAGE_SIZE),
+            None,
+            "a hole"
+        );
+        assert_eq!(
+            layered.mapped_addr(63 * PAGE_SIZE, 2 * PAGE_SIZE),
+            None,
+            "the end"
+        );
+    }
+
+    #[test]
+    fn chains_must_end_in_one_full_image_of_the_same_size() {
+        let chain = chain();
+        let layers_error = |names: &[&str]| match SnapshotMemory::open(&chain.dirs(names)) {
+            Err(SnapshotError::Layers(reason)) => reason,
+            other => panic!("{names:?}: {other:?}"),
+        };
+        layers_error(&[]);
+        assert!(layers_error(&["diff1"]).contains("diff1"));
+        assert!(layers_error(&["base", "diff1"]).contains("diff1"));
+        assert!(layers_error(&["diff1", "base", "base"]).contains("base"));
+
+        let small = vec![0u8; 8 * PAGE];
+        write(&chain.dir.subdir("small"), &small, Some(&[1][..]));
+        assert!(layers_error(&["small", "base"]).contains("small"));
+
+        let base = SnapshotMemory::open(&chain.dirs(&["base"])).unwrap();
+        let mut wrong = vec![0u8; 8 * PAGE];
+        let dest = spans_mut(&mut wrong, &[]);
+        assert!(matches!(
+            base.load_into(&dest, &mut |_, _| {}),
+            Err(SnapshotError::Layers(_))
+        ));
+    }
+
+    #[test]
+    fn a_damaged_diff_chunk_is_unavailable() {
+        let chain = chain();
+        let image = chain.dir.path().join("diff1").join(MEMORY_FILE);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        let at = 20 * PAGE_SIZE + 7;
+        let byte = chain.generations[1][at as usize];
+        file.write_all_at(&[byte ^ 0x80], at).unwrap();
+        drop(file);
+
+        let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
+        let mut buf = vec![0u8; PAGE];
+        match layered.fetch(20 * PAGE_SIZE, &mut buf) {
+            Err(SourceError::Unavailable { offset, reason }) => {
+                assert_eq!(offset, 20 * PAGE_SIZE);
+                assert!(reason.contains(image.to_str().unwrap()), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(layered.mapped_addr(20 * PAGE_SIZE, PAGE_SIZE), None);
+        // Pages from other chunks, or served by other layers, are unaffected.
+        layered.fetch(30 * PAGE_SIZE, &mut buf).unwrap();
+        layered.fetch(3 * PAGE_SIZE, &mut buf).unwrap();
+
+        let mut restored = vec![0u8; PAGES as usize * PAGE];
+        let dest = spans_mut(&mut restored, &[]);
+        assert!(matches!(
+            layered.load_into(&dest, &mut |_, _| {}),
+            Err(SnapshotError::ChunkChecksum { .. })
+        ));
+    }
+}

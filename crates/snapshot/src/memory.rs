@@ -1,0 +1,1131 @@
+//! Guest RAM as a sparse raw image with chunk checksums.
+//!
+//! `memory.img` holds the guest's RAM regions back to back: byte `i` of the image is byte `i`
+//! of the concatenated regions, and the file's length is the total RAM. Zero pages, and in a
+//! diff layer the pages the layer does not hold, are holes, so the file takes only the space
+//! of the data it carries.
+//!
+//! `memory.sums` is a [`container`] (magic `FLTMSUMS`, version 1) whose payload is, little
+//! endian:
+//!
+//! ```text
+//! page_size u32 | chunk_size u32 | size u64 | kind u8 (0 full, 1 diff) | 7 zero bytes
+//! | chunk count u64 | crc32 u32 x count
+//! | (diff only) word count u64 | u64 x words: bit p set = the layer holds page p
+//! ```
+//!
+//! A chunk's CRC32 is that of its bytes as they read back from `memory.img` (holes read as
+//! zero); the last chunk may be shorter than the others.
+
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::container::{self, Decoder};
+use crate::{SnapshotError, MEMORY_FILE, SUMS_FILE};
+
+/// The page size of images: the unit of holes, diffs and working sets.
+pub const PAGE_SIZE: u64 = 4096;
+/// Bytes covered by one checksum in images this build writes.
+pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+/// The magic of `memory.sums`.
+pub const SUMS_MAGIC: [u8; 8] = *b"FLTMSUMS";
+/// The format version of `memory.sums` this build writes and reads.
+pub const SUMS_VERSION: u32 = 1;
+
+/// The most bytes handed to one write: long runs of data pages are split so that a write
+/// never pins an unbounded amount of guest memory in one system call.
+const MAX_WRITE: usize = 1 << 20;
+/// Progress is reported about this often (in bytes of image).
+const PROGRESS_STEP: u64 = 64 << 20;
+
+/// Zeros to hash in place of holes and zero pages.
+static ZERO_PAGE: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
+
+/// Chunk verification states.
+const UNCHECKED: u8 = 0;
+const GOOD: u8 = 1;
+const BAD: u8 = 2;
+
+/// A range of host memory to snapshot, such as one guest RAM region as the VMM maps it.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySpan {
+    addr: usize,
+    len: u64,
+}
+
+impl MemorySpan {
+    /// The `len` bytes at `addr`.
+    ///
+    /// # Safety
+    ///
+    /// The range must stay mapped and readable for as long as the span is used, and nothing
+    /// may write to it meanwhile (the guest is stopped while it is snapshotted).
+    pub unsafe fn new(addr: *const u8, len: u64) -> Self {
+        MemorySpan {
+            addr: addr as usize,
+            len,
+        }
+    }
+
+    /// The first byte.
+    pub fn addr(&self) -> *const u8 {
+        self.addr as *const u8
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the span has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The span's bytes.
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `new`'s contract: the range is mapped, readable and not written while the
+        // span is in use; it is non-empty, so the address is not null.
+        unsafe { std::slice::from_raw_parts(self.addr(), self.len as usize) }
+    }
+}
+
+/// A range of host memory to restore into, such as one freshly created guest RAM region.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySpanMut {
+    addr: usize,
+    len: u64,
+}
+
+impl MemorySpanMut {
+    /// The `len` bytes at `addr`.
+    ///
+    /// # Safety
+    ///
+    /// The range must stay mapped and writable for as long as the span is used, and nothing
+    /// else may access it while a restore writes to it.
+    pub unsafe fn new(addr: *mut u8, len: u64) -> Self {
+        MemorySpanMut {
+            addr: addr as usize,
+            len,
+        }
+    }
+
+    /// The first byte.
+    pub fn addr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the span has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Whether an image holds every page (a full snapshot) or only some (a diff layer over older
+/// layers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum LayerKind {
+    /// Every page: holes are zero pages.
+    Full,
+    /// The pages of its bitmap: holes among them are zero pages, the other pages come from
+    /// older layers.
+    Diff,
+}
+
+/// What [`write_image`] wrote.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WriteSummary {
+    /// Pages the layer holds (all of them for a full layer).
+    pub pages_included: u64,
+    /// Held pages with data, written to the image.
+    pub data_pages: u64,
+    /// Held pages that are zero, left as holes.
+    pub zero_pages: u64,
+    /// Bytes written to the image.
+    pub bytes_written: u64,
+}
+
+/// Reports progress about every [`PROGRESS_STEP`] bytes, and once at the end.
+pub(crate) struct Progress<'a> {
+    report: &'a mut dyn FnMut(u64, u64),
+    total: u64,
+    done: u64,
+    next: u64,
+}
+
+impl<'a> Progress<'a> {
+    /// Progress over `total` bytes, reported to `report(done, total)`.
+    pub(crate) fn new(total: u64, report: &'a mut dyn FnMut(u64, u64)) -> Self {
+        Progress {
+            report,
+            total,
+            done: 0,
+            next: PROGRESS_STEP,
+        }
+    }
+
+    /// `bytes` more are done.
+    pub(crate) fn advance(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.done >= self.next {
+            (self.report)(self.done, self.total);
+            self.next = self.done + PROGRESS_STEP;
+        }
+    }
+
+    /// Everything is done.
+    pub(crate) fn finish(self) {
+        (self.report)(self.total, self.total);
+    }
+}
+
+/// Writes `memory.img` and `memory.sums` in `dir` from `spans`, laid back to back, as a layer
+/// of kind `kind`. `include(p)` selects pages by index `p` across the concatenated spans:
+///
+/// - a diff layer holds exactly the pages `include` selects (all of them if it is `None`);
+/// - a full layer holds every page, and `include`, if given, says which pages may hold data:
+///   the others are taken as zero without being read (reading a page that was never touched
+///   would allocate it).
+///
+/// Held zero pages and pages not held are holes. Both files are written under temporary names
+/// and renamed into place once on disk. Every span must be a whole number of pages.
+pub fn write_image(
+    dir: &Path,
+    spans: &[MemorySpan],
+    kind: LayerKind,
+    include: Option<&dyn Fn(u64) -> bool>,
+) -> Result<WriteSummary, SnapshotError> {
+    write_image_with_progress(dir, spans, kind, include, &mut |_, _| {})
+}
+
+/// [`write_image`], calling `progress(bytes done, total bytes)` every 64 MiB or so and at the
+/// end.
+pub fn write_image_with_progress(
+    dir: &Path,
+    spans: &[MemorySpan],
+    kind: LayerKind,
+    include: Option<&dyn Fn(u64) -> bool>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<WriteSummary, SnapshotError> {
+    let image_path = dir.join(MEMORY_FILE);
+    let mut size = 0u64;
+    for (i, span) in spans.iter().enumerate() {
+        if !span.len.is_multiple_of(PAGE_SIZE) {
+            return Err(SnapshotError::malformed(
+                &image_path,
+                format!(
+                    "memory span {i} is {:#x} bytes, not a whole number of {PAGE_SIZE}-byte pages",
+                    span.len
+                ),
+            ));
+        }
+        size += span.len;
+    }
+
+    let tmp = container::tmp_path(&image_path);
+    let mut progress = Progress::new(size, progress);
+    let written = match write_data(&tmp, spans, size, kind, include, &mut progress) {
+        Ok(written) => written,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &image_path).map_err(SnapshotError::io(&image_path))?;
+
+    let payload = encode_sums(size, kind, &written.sums, written.bitmap.as_deref());
+    container::write(&dir.join(SUMS_FILE), &SUMS_MAGIC, SUMS_VERSION, &payload)?;
+    tracing::debug!(
+        "snapshot: wrote {} ({kind:?}): {:?}",
+        image_path.display(),
+        written.summary
+    );
+    progress.finish();
+    Ok(written.summary)
+}
+
+/// The result of the pass over guest memory.
+struct Written {
+    summary: WriteSummary,
+    sums: Vec<u32>,
+    /// The held pages (a diff layer only).
+    bitmap: Option<Vec<u64>>,
+}
+
+/// One pass over `spans`: writes the held data pages to a new sparse file at `tmp` and
+/// computes the chunk checksums on the way.
+fn write_data(
+    tmp: &Path,
+    spans: &[MemorySpan],
+    size: u64,
+    kind: LayerKind,
+    include: Option<&dyn Fn(u64) -> bool>,
+    progress: &mut Progress<'_>,
+) -> Result<Written, SnapshotError> {
+    let file = File::create(tmp).map_err(SnapshotError::io(tmp))?;
+    // Everything starts as a hole; only data is written.
+    file.set_len(size).map_err(SnapshotError::io(tmp))?;
+    let page_len = PAGE_SIZE as usize;
+    let mut bitmap =
+        (kind == LayerKind::Diff).then(|| vec![0u64; (size / PAGE_SIZE).div_ceil(64) as usize]);
+    let mut sums = ChunkSums::new(DEFAULT_CHUNK_SIZE, size);
+    let mut summary = WriteSummary::default();
+    let mut page_index = 0u64;
+    let mut span_base = 0u64;
+    for span in spans {
+        let bytes = span.bytes();
+        // Start (in the span) of the data pages not written yet: consecutive data pages of a
+        // span are contiguous in memory and in the image, so they go in one write.
+        let mut run: Option<usize> = None;
+        for (i, page) in bytes.chunks_exact(page_len).enumerate() {
+            let included = include.is_none_or(|include| include(page_index));
+            let held = included || kind == LayerKind::Full;
+            // A page left out is not read: a full layer takes it as zero.
+            let data = included && !is_zero_page(page);
+            if held {
+                summary.pages_included += 1;
+                if data {
+                    summary.data_pages += 1;
+                } else {
+                    summary.zero_pages += 1;
+                }
+                if let Some(bitmap) = &mut bitmap {
+                    bitmap[(page_index / 64) as usize] |= 1u64 << (page_index % 64);
+                }
+            }
+            sums.push(data.then_some(page));
+
+            let at = i * page_len;
+            if data {
+                let start = *run.get_or_insert(at);
+                if at + page_len - start >= MAX_WRITE {
+                    write_run(
+                        &file,
+                        tmp,
+                        &bytes[start..at + page_len],
+                        span_base + start as u64,
+                    )?;
+                    run = None;
+                }
+            } else if let Some(start) = run.take() {
+                write_run(&file, tmp, &bytes[start..at], span_base + start as u64)?;
+            }
+            page_index += 1;
+            progress.advance(PAGE_SIZE);
+        }
+        if let Some(start) = run {
+            write_run(&file, tmp, &bytes[start..], span_base + start as u64)?;
+        }
+        span_base += span.len;
+    }
+    summary.bytes_written = summary.data_pages * PAGE_SIZE;
+    file.sync_data().map_err(SnapshotError::io(tmp))?;
+    Ok(Written {
+        summary,
+        sums: sums.finish(),
+        bitmap,
+    })
+}
+
+/// Writes `bytes` at `offset` of the image being written.
+fn write_run(file: &File, path: &Path, bytes: &[u8], offset: u64) -> Result<(), SnapshotError> {
+    file.write_all_at(bytes, offset)
+        .map_err(SnapshotError::io(path))
+}
+
+/// Whether a page is all zero. Words are ORed together a 64-byte block at a time (which the
+/// compiler vectorises), stopping at the first block that is not zero.
+fn is_zero_page(page: &[u8]) -> bool {
+    let mut blocks = page.chunks_exact(64);
+    let zero_blocks = blocks.all(|block| {
+        block
+            .chunks_exact(8)
+            .map(|word| u64::from_ne_bytes(word.try_into().expect("8-byte word")))
+            .fold(0, |acc, word| acc | word)
+            == 0
+    });
+    zero_blocks && blocks.remainder().iter().all(|&byte| byte == 0)
+}
+
+/// Hashes `len` zero bytes.
+fn hash_zeros(hasher: &mut crc32fast::Hasher, mut len: u64) {
+    while len > 0 {
+        let n = len.min(PAGE_SIZE);
+        hasher.update(&ZERO_PAGE[..n as usize]);
+        len -= n;
+    }
+}
+
+/// Chunk checksums computed a page at a time, in image order. Zero pages are hashed only when
+/// needed: an all-zero chunk takes a checksum computed once.
+struct ChunkSums {
+    chunk_size: u64,
+    hasher: crc32fast::Hasher,
+    /// Bytes of the current chunk seen so far.
+    filled: u64,
+    /// Zero bytes of the current chunk not hashed yet.
+    zeros: u64,
+    has_data: bool,
+    /// The checksum of a whole chunk of zeros.
+    zero_chunk: u32,
+    sums: Vec<u32>,
+}
+
+impl ChunkSums {
+    /// For an image of `size` bytes in chunks of `chunk_size` (a whole number of pages).
+    fn new(chunk_size: u64, size: u64) -> Self {
+        let mut zero_chunk = crc32fast::Hasher::new();
+        hash_zeros(&mut zero_chunk, chunk_size);
+        ChunkSums {
+            chunk_size,
+            hasher: crc32fast::Hasher::new(),
+            filled: 0,
+            zeros: 0,
+            has_data: false,
+            zero_chunk: zero_chunk.finalize(),
+            sums: Vec::with_capacity(size.div_ceil(chunk_size) as usize),
+        }
+    }
+
+    /// The next page: its bytes, or `None` if it reads back as zero.
+    fn push(&mut self, page: Option<&[u8]>) {
+        match page {
+            Some(bytes) => {
+                hash_zeros(&mut self.hasher, self.zeros);
+                self.zeros = 0;
+                self.hasher.update(bytes);
+                self.has_data = true;
+            }
+            None => self.zeros += PAGE_SIZE,
+        }
+        self.filled += PAGE_SIZE;
+        if self.filled == self.chunk_size {
+            self.end_chunk();
+        }
+    }
+
+    fn end_chunk(&mut self) {
+        let crc = if !self.has_data && self.filled == self.chunk_size {
+            self.zero_chunk
+        } else {
+            hash_zeros(&mut self.hasher, self.zeros);
+            std::mem::take(&mut self.hasher).finalize()
+        };
+        self.sums.push(crc);
+        self.filled = 0;
+        self.zeros = 0;
+        self.has_data = false;
+    }
+
+    /// The checksums, the last (shorter) chunk included.
+    fn finish(mut self) -> Vec<u32> {
+        if self.filled > 0 {
+            self.end_chunk();
+        }
+        self.sums
+    }
+}
+
+/// The `memory.sums` payload.
+fn encode_sums(size: u64, kind: LayerKind, sums: &[u32], bitmap: Option<&[u64]>) -> Vec<u8> {
+    let bitmap = bitmap.unwrap_or_default();
+    let mut out: Vec<u8> = Vec::with_capacity(40 + 4 * sums.len() + 8 * bitmap.len());
+    out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&(DEFAULT_CHUNK_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&size.to_le_bytes());
+    out.push(match kind {
+        LayerKind::Full => 0,
+        LayerKind::Diff => 1,
+    });
+    out.extend_from_slice(&[0; 7]);
+    out.extend_from_slice(&(sums.len() as u64).to_le_bytes());
+    for sum in sums {
+        out.extend_from_slice(&sum.to_le_bytes());
+    }
+    if kind == LayerKind::Diff {
+        out.extend_from_slice(&(bitmap.len() as u64).to_le_bytes());
+        for word in bitmap {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// A decoded `memory.sums` payload.
+struct Sums {
+    size: u64,
+    chunk_size: u64,
+    kind: LayerKind,
+    sums: Vec<u32>,
+    bitmap: Vec<u64>,
+}
+
+fn decode_sums(path: &Path, payload: &[u8]) -> Result<Sums, SnapshotError> {
+    let mut d = Decoder::new(path, payload);
+    let page_size = u64::from(d.u32("the page size")?);
+    if page_size != PAGE_SIZE {
+        return Err(d.malformed(format!(
+            "the page size is {page_size}; only {PAGE_SIZE} is supported"
+        )));
+    }
+    let chunk_size = u64::from(d.u32("the chunk size")?);
+    if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) {
+        return Err(d.malformed(format!(
+            "the chunk size {chunk_size} is not a whole number of pages"
+        )));
+    }
+    let size = d.u64("the image size")?;
+    if !size.is_multiple_of(PAGE_SIZE) {
+        return Err(d.malformed(format!(
+            "the image size {size:#x} is not a whole number of pages"
+        )));
+    }
+    let kind = match d.u8("the layer kind")? {
+        0 => LayerKind::Full,
+        1 => LayerKind::Diff,
+        other => return Err(d.malformed(format!("unknown layer kind {other}"))),
+    };
+    d.take(7, "the reserved bytes")?;
+    let count = d.u64("the chunk count")?;
+    let expected = size.div_ceil(chunk_size);
+    if count != expected {
+        return Err(d.malformed(format!(
+            "{count} chunk checksums for {size} bytes in {chunk_size}-byte chunks, not {expected}"
+        )));
+    }
+    let sums = container::u32s(d.take_array(count, 4, "the chunk checksums")?).collect();
+    let bitmap = match kind {
+        LayerKind::Full => Vec::new(),
+        LayerKind::Diff => {
+            let words = d.u64("the bitmap length")?;
+            let expected = (size / PAGE_SIZE).div_ceil(64);
+            if words != expected {
+                return Err(d.malformed(format!(
+                    "a bitmap of {words} words for {} pages (expected {expected})",
+                    size / PAGE_SIZE
+                )));
+            }
+            container::u64s(d.take_array(words, 8, "the page bitmap")?).collect()
+        }
+    };
+    d.finish()?;
+    Ok(Sums {
+        size,
+        chunk_size,
+        kind,
+        sums,
+        bitmap,
+    })
+}
+
+/// One layer of a snapshot's memory: `memory.img` mapped read-only, with its checksums.
+/// Chunks are verified on first use and the result is kept, so each is read for
+/// verification at most once.
+pub struct MemoryImage {
+    dir: PathBuf,
+    /// `memory.img`.
+    path: PathBuf,
+    size: u64,
+    kind: LayerKind,
+    chunk_size: u64,
+    sums: Vec<u32>,
+    /// The held pages of a diff layer (empty for a full one).
+    bitmap: Vec<u64>,
+    /// Sorted, disjoint `[start, end)` ranges that hold data (the rest are holes).
+    data: Vec<(u64, u64)>,
+    /// Per chunk: `UNCHECKED`, `GOOD` or `BAD`.
+    verified: Vec<AtomicU8>,
+    /// A read-only shared mapping of the whole image (null if the image is empty).
+    map: *const u8,
+}
+
+// SAFETY: the mapping is read-only and owned by the image (unmapped only in `drop`); the
+// verification states are atomics. Sharing or sending the image shares nothing mutable.
+unsafe impl Send for MemoryImage {}
+// SAFETY: as for `Send`: every method takes `&self` and only reads the mapping.
+unsafe impl Sync for MemoryImage {}
+
+impl Drop for MemoryImage {
+    fn drop(&mut self) {
+        if !self.map.is_null() {
+            // SAFETY: unmapping exactly the mapping made in `open`; the slices handed out
+            // borrow `self`, so none outlives it (a user of `mapped_addr` must not use the
+            // address after the image is dropped, as with the pager's `FileSource`).
+            unsafe { libc::munmap(self.map as *mut libc::c_void, self.size as usize) };
+        }
+    }
+}
+
+impl fmt::Debug for MemoryImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryImage")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .field("kind", &self.kind)
+            .field("chunk_size", &self.chunk_size)
+            .field("data_extents", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryImage {
+    /// Opens the layer in `dir`: reads and checks `memory.sums`, checks that `memory.img` has
+    /// the size it records, maps the image, and finds its data extents. The image's chunks
+    /// are verified later, as they are used.
+    pub fn open(dir: &Path) -> Result<MemoryImage, SnapshotError> {
+        let sums_path = dir.join(SUMS_FILE);
+        let payload = container::read(&sums_path, &SUMS_MAGIC, SUMS_VERSION)?;
+        let sums = decode_sums(&sums_path, &payload)?;
+
+        let path = dir.join(MEMORY_FILE);
+        let file = File::open(&path).map_err(SnapshotError::io(&path))?;
+        let found = file.metadata().map_err(SnapshotError::io(&path))?.len();
+        if found != sums.size {
+            return Err(SnapshotError::ImageSize {
+                path,
+                expected: sums.size,
+                found,
+            });
+        }
+        let data = data_extents(&file, sums.size).map_err(SnapshotError::io(&path))?;
+        let map = if sums.size == 0 {
+            std::ptr::null()
+        } else {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a new read-only shared mapping of the whole file, which is open; the
+            // result is checked below. The mapping outlives the descriptor, as mappings do.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    sums.size as usize,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    file.as_raw_fd(),
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(SnapshotError::Io {
+                    path,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            addr as *const u8
+        };
+        Ok(MemoryImage {
+            dir: dir.to_path_buf(),
+            path,
+            size: sums.size,
+            kind: sums.kind,
+            chunk_size: sums.chunk_size,
+            verified: (0..sums.sums.len())
+                .map(|_| AtomicU8::new(UNCHECKED))
+                .collect(),
+            sums: sums.sums,
+            bitmap: sums.bitmap,
+            data,
+            map,
+        })
+    }
+
+    /// The snapshot directory this layer is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The image file (`memory.img`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The image's size in bytes: the guest's RAM.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Pages in the image.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+
+    /// A full image or a diff layer.
+    pub fn kind(&self) -> LayerKind {
+        self.kind
+    }
+
+    /// Bytes covered by one checksum.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Number of chunks (the last may be shorter).
+    pub fn chunks(&self) -> u64 {
+        self.sums.len() as u64
+    }
+
+    /// Whether this layer holds page `page` (every page of a full image; the pages of its
+    /// bitmap for a diff layer). Pages past the end are never held.
+    pub fn contains(&self, page: u64) -> bool {
+        if page >= self.pages() {
+            return false;
+        }
+        match self.kind {
+            LayerKind::Full => true,
+            LayerKind::Diff => (self.bitmap[(page / 64) as usize] >> (page % 64)) & 1 == 1,
+        }
+    }
+
+    /// The pages this layer holds, in increasing order.
+    pub fn held_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        let pages = self.pages();
+        let full = if self.kind == LayerKind::Full {
+            pages
+        } else {
+            0
+        };
+        let diff = self.bitmap.iter().enumerate().flat_map(|(i, &word)| Bits {
+            word,
+            base: i as u64 * 64,
+        });
+        (0..full).chain(diff.filter(move |&page| page < pages))
+    }
+
+    /// How many pages this layer holds.
+    pub fn held_page_count(&self) -> u64 {
+        match self.kind {
+            LayerKind::Full => self.pages(),
+            LayerKind::Diff => self.held_pages().count() as u64,
+        }
+    }
+
+    /// Checks chunk `chunk` against its checksum, once: later calls return the first
+    /// answer. A damaged chunk is a [`SnapshotError::ChunkChecksum`] naming `memory.img`.
+    pub fn verify_chunk(&self, chunk: u64) -> Result<(), SnapshotError> {
+        let Some(state) = usize::try_from(chunk)
+            .ok()
+            .and_then(|i| self.verified.get(i))
+        else {
+            return Err(SnapshotError::malformed(
+                &self.path,
+                format!(
+                    "chunk {chunk} is past the end of the image ({} chunks)",
+                    self.chunks()
+                ),
+            ));
+        };
+        match state.load(Ordering::Acquire) {
+            GOOD => return Ok(()),
+            BAD => return Err(self.chunk_error(chunk)),
+            _ => {}
+        }
+        // Two threads may both get here for one chunk: they compute the same answer.
+        let start = chunk * self.chunk_size;
+        let end = (start + self.chunk_size).min(self.size);
+        let good = self.crc_of(start, end) == self.sums[chunk as usize];
+        state.store(if good { GOOD } else { BAD }, Ordering::Release);
+        if good {
+            Ok(())
+        } else {
+            tracing::warn!(
+                "snapshot: chunk {chunk} of {} does not match its checksum",
+                self.path.display()
+            );
+            Err(self.chunk_error(chunk))
+        }
+    }
+
+    /// Verifies every chunk that overlaps `[offset, offset + len)` (the part of it inside the
+    /// image).
+    pub fn verify_range(&self, offset: u64, len: u64) -> Result<(), SnapshotError> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        for chunk in offset / self.chunk_size..=(end - 1) / self.chunk_size {
+            self.verify_chunk(chunk)?;
+        }
+        Ok(())
+    }
+
+    /// Verifies the whole image, stopping at the first damaged chunk. `progress(done, total)`
+    /// is called every 64 MiB or so and at the end.
+    pub fn verify_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), SnapshotError> {
+        let mut progress = Progress::new(self.size, progress);
+        for chunk in 0..self.chunks() {
+            self.verify_chunk(chunk)?;
+            let start = chunk * self.chunk_size;
+            progress.advance((start + self.chunk_size).min(self.size) - start);
+        }
+        progress.finish();
+        Ok(())
+    }
+
+    /// Whether any data extent overlaps `[start, end)` (if none does, the range reads as
+    /// zero).
+    pub fn has_data(&self, start: u64, end: u64) -> bool {
+        let i = self.data.partition_point(|&(_, e)| e <= start);
+        self.data.get(i).is_some_and(|&(s, _)| s < end)
+    }
+
+    /// The `len` bytes at `offset`, straight from the mapping (not verified: see
+    /// [`verify_range`](Self::verify_range)); `None` if the range goes past the end.
+    pub fn mapped(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
+        if end > self.size {
+            return None;
+        }
+        if len == 0 {
+            return Some(&[]);
+        }
+        // SAFETY: `[offset, end)` lies inside the mapping of the whole image (so the mapping
+        // exists: the image is not empty), which lives as long as `self`. Snapshot files are
+        // written once, renamed into place and never modified, so the bytes do not change.
+        Some(unsafe { std::slice::from_raw_parts(self.map.add(offset as usize), len as usize) })
+    }
+
+    /// Sorted, disjoint `[start, end)` byte ranges of the image that hold data; everything
+    /// else is a hole.
+    pub fn data_extents(&self) -> &[(u64, u64)] {
+        &self.data
+    }
+
+    /// The CRC32 of `[start, end)` as it reads back: holes are hashed as zeros without
+    /// touching the mapping, so verifying a chunk of holes reads nothing from the disk.
+    fn crc_of(&self, start: u64, end: u64) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut pos = start;
+        let first = self.data.partition_point(|&(_, e)| e <= start);
+        for &(s, e) in &self.data[first..] {
+            if s >= end {
+                break;
+            }
+            let (s, e) = (s.max(pos), e.min(end));
+            hash_zeros(&mut hasher, s - pos);
+            hasher.update(
+                self.mapped(s, e - s)
+                    .expect("data extents lie inside the image"),
+            );
+            pos = e;
+        }
+        hash_zeros(&mut hasher, end - pos);
+        hasher.finalize()
+    }
+
+    fn chunk_error(&self, chunk: u64) -> SnapshotError {
+        SnapshotError::ChunkChecksum {
+            path: self.path.clone(),
+            chunk,
+            offset: chunk * self.chunk_size,
+        }
+    }
+}
+
+/// The set bits of one bitmap word, as page indices.
+struct Bits {
+    word: u64,
+    base: u64,
+}
+
+impl Iterator for Bits {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.word == 0 {
+            return None;
+        }
+        let bit = u64::from(self.word.trailing_zeros());
+        // Clear the lowest set bit.
+        self.word &= self.word - 1;
+        Some(self.base + bit)
+    }
+}
+
+/// The data extents of a file, found with SEEK_DATA / SEEK_HOLE (clipped to `size`).
+fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut extents = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match seek(file, SeekFrom::Data(pos)) {
+            Ok(start) => start,
+            // No data after `pos`.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(file, SeekFrom::Hole(start))?.min(size);
+        extents.push((start, end));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{fill_page, spans, TempDir};
+
+    const PAGE: usize = PAGE_SIZE as usize;
+
+    fn write_full(dir: &Path, buf: &[u8], cuts: &[u64]) -> WriteSummary {
+        write_image(dir, &spans(buf, cuts), LayerKind::Full, None).unwrap()
+    }
+
+    #[test]
+    fn full_image_round_trip_with_holes_for_zero_pages() {
+        let dir = TempDir::new("memory-full");
+        let pages = 320u64;
+        let mut buf = vec![0u8; pages as usize * PAGE];
+        // A run of 260 data pages (more than one 1 MiB write) that crosses the boundary
+        // between the two spans, and a few lone ones.
+        let data: Vec<u64> = [0, 1, 5, 17]
+            .into_iter()
+            .chain(40..300)
+            .chain([319])
+            .collect();
+        for &page in &data {
+            fill_page(&mut buf, page, 1);
+        }
+        let mut reports = Vec::new();
+        let summary = write_image_with_progress(
+            dir.path(),
+            &spans(&buf, &[100]),
+            LayerKind::Full,
+            None,
+            &mut |done, total| reports.push((done, total)),
+        )
+        .unwrap();
+        let size = pages * PAGE_SIZE;
+        assert_eq!(summary.pages_included, pages);
+        assert_eq!(summary.data_pages, data.len() as u64);
+        assert_eq!(summary.zero_pages, pages - data.len() as u64);
+        assert_eq!(summary.bytes_written, data.len() as u64 * PAGE_SIZE);
+        assert_eq!(reports.last(), Some(&(size, size)));
+        assert!(!dir.path().join("memory.img.tmp").exists());
+
+        assert_eq!(std::fs::read(dir.path().join(MEMORY_FILE)).unwrap(), buf);
+        let image = MemoryImage::open(dir.path()).unwrap();
+        assert_eq!(image.size(), size);
+        assert_eq!(image.kind(), LayerKind::Full);
+        assert_eq!(image.chunk_size(), DEFAULT_CHUNK_SIZE);
+        assert_eq!(image.chunks(), 20);
+        assert!(image.contains(0) && image.contains(319) && !image.contains(320));
+        assert_eq!(image.held_page_count(), pages);
+        image.verify_all(&mut |_, _| {}).unwrap();
+
+        // Zero pages are holes (SEEK_DATA does not find them), data pages are not.
+        assert!(!image.has_data(2 * PAGE_SIZE, 5 * PAGE_SIZE));
+        assert!(!image.has_data(300 * PAGE_SIZE, 319 * PAGE_SIZE));
+        assert!(image.has_data(5 * PAGE_SIZE, 6 * PAGE_SIZE));
+        assert!(image.has_data(40 * PAGE_SIZE, 41 * PAGE_SIZE));
+        let data_bytes: u64 = image.data_extents().iter().map(|(s, e)| e - s).sum();
+        assert!(data_bytes < size, "the image is sparse");
+
+        assert_eq!(
+            image.mapped(17 * PAGE_SIZE, PAGE_SIZE).unwrap(),
+            &buf[17 * PAGE..18 * PAGE]
+        );
+        assert!(image.mapped(size - PAGE_SIZE, 2 * PAGE_SIZE).is_none());
+        assert!(image.mapped(u64::MAX, 2).is_none());
+    }
+
+    #[test]
+    fn diff_layer_holds_only_the_chosen_pages() {
+        let dir = TempDir::new("memory-diff");
+        let mut buf = vec![0u8; 64 * PAGE];
+        for page in [3, 4, 10, 63] {
+            fill_page(&mut buf, page, 2);
+        }
+        // Page 20 is chosen and zero; page 10 has data but is not chosen.
+        let chosen = [3u64, 4, 20, 63];
+        let held: &dyn Fn(u64) -> bool = &|page| chosen.contains(&page);
+        let summary =
+            write_image(dir.path(), &spans(&buf, &[]), LayerKind::Diff, Some(held)).unwrap();
+        assert_eq!(summary.pages_included, 4);
+        assert_eq!(summary.data_pages, 3);
+        assert_eq!(summary.zero_pages, 1);
+        assert_eq!(summary.bytes_written, 3 * PAGE_SIZE);
+
+        let image = MemoryImage::open(dir.path()).unwrap();
+        assert_eq!(image.kind(), LayerKind::Diff);
+        assert!(image.contains(20), "a chosen zero page is held");
+        assert!(!image.contains(10) && !image.contains(0) && !image.contains(64));
+        assert_eq!(image.held_pages().collect::<Vec<_>>(), chosen);
+        assert_eq!(image.held_page_count(), 4);
+        assert!(!image.has_data(10 * PAGE_SIZE, 11 * PAGE_SIZE));
+        assert!(!image.has_data(20 * PAGE_SIZE, 21 * PAGE_SIZE));
+        image.verify_all(&mut |_, _| {}).unwrap();
+
+        let mut expected = vec![0u8; 64 * PAGE];
+        for page in [3, 4, 63] {
+            fill_page(&mut expected, page, 2);
+        }
+        assert_eq!(
+            std::fs::read(dir.path().join(MEMORY_FILE)).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn a_full_layer_takes_pages_left_out_as_zero() {
+        let dir = TempDir::new("memory-resident");
+        let mut buf = vec![0u8; 20 * PAGE];
+        fill_page(&mut buf, 2, 6);
+        fill_page(&mut buf, 5, 6);
+        // Page 2 is left out (as if its memfd had a hole there): it is not read.
+        let resident: &dyn Fn(u64) -> bool = &|page| page == 5;
+        let summary = write_image(
+            dir.path(),
+            &spans(&buf, &[]),
+            LayerKind::Full,
+            Some(resident),
+        )
+        .unwrap();
+        assert_eq!(summary.pages_included, 20);
+        assert_eq!((summary.data_pages, summary.zero_pages), (1, 19));
+        let image = MemoryImage::open(dir.path()).unwrap();
+        assert_eq!(image.kind(), LayerKind::Full);
+        assert!(image.contains(2) && !image.has_data(2 * PAGE_SIZE, 3 * PAGE_SIZE));
+        image.verify_all(&mut |_, _| {}).unwrap();
+        let mut expected = vec![0u8; 20 * PAGE];
+        fill_page(&mut expected, 5, 6);
+        assert_eq!(
+            std::fs::read(dir.path().join(MEMORY_FILE)).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_exactly_its_chunk() {
+        let dir = TempDir::new("memory-flipped");
+        let mut buf = vec![0u8; 48 * PAGE];
+        for page in 0..48 {
+            fill_page(&mut buf, page, 3);
+        }
+        write_full(dir.path(), &buf, &[]);
+        let image_path = dir.path().join(MEMORY_FILE);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image_path)
+            .unwrap();
+        let at = DEFAULT_CHUNK_SIZE + 100;
+        file.write_all_at(&[buf[at as usize] ^ 0x40], at).unwrap();
+        drop(file);
+
+        let image = MemoryImage::open(dir.path()).unwrap();
+        image.verify_chunk(0).unwrap();
+        for _ in 0..2 {
+            match image.verify_chunk(1) {
+                Err(SnapshotError::ChunkChecksum {
+                    path,
+                    chunk,
+                    offset,
+                }) => {
+                    assert_eq!(path, image_path);
+                    assert_eq!((chunk, offset), (1, DEFAULT_CHUNK_SIZE));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        image.verify_chunk(2).unwrap();
+        image.verify_range(0, PAGE_SIZE).unwrap();
+        assert!(image.verify_range(60_000, 10_000).is_err());
+        assert!(image.verify_all(&mut |_, _| {}).is_err());
+        assert!(image.verify_chunk(3).is_err(), "past the end");
+    }
+
+    #[test]
+    fn a_truncated_image_is_caught_at_open() {
+        let dir = TempDir::new("memory-truncated");
+        let mut buf = vec![0u8; 16 * PAGE];
+        fill_page(&mut buf, 0, 4);
+        write_full(dir.path(), &buf, &[]);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(MEMORY_FILE))
+            .unwrap();
+        file.set_len(15 * PAGE_SIZE).unwrap();
+        match MemoryImage::open(dir.path()) {
+            Err(SnapshotError::ImageSize {
+                expected, found, ..
+            }) => assert_eq!((expected, found), (16 * PAGE_SIZE, 15 * PAGE_SIZE)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn corrupt_sums_are_caught_at_open() {
+        let dir = TempDir::new("memory-sums");
+        let mut buf = vec![0u8; 16 * PAGE];
+        fill_page(&mut buf, 7, 5);
+        write_full(dir.path(), &buf, &[]);
+        let sums_path = dir.path().join(SUMS_FILE);
+        let mut bytes = std::fs::read(&sums_path).unwrap();
+        bytes[container::HEADER_LEN as usize + 30] ^= 1;
+        std::fs::write(sums_path, bytes).unwrap();
+        assert!(matches!(
+            MemoryImage::open(dir.path()),
+            Err(SnapshotError::ChecksumMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn spans_must_be_whole_pages() {
+        let dir = TempDir::new("memory-span");
+        let buf = vec![0u8; 2 * PAGE];
+        // SAFETY: `buf` outlives the span and is not written while it is used.
+        let span = unsafe { MemorySpan::new(buf.as_ptr(), PAGE_SIZE + 1) };
+        assert!(matches!(
+            write_image(dir.path(), &[span], LayerKind::Full, None),
+            Err(SnapshotError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn an_empty_memory_round_trips() {
+        let dir = TempDir::new("memory-empty");
+        let summary = write_image(dir.path(), &[], LayerKind::Full, None).unwrap();
+        assert_eq!(summary.pages_included, 0);
+        let image = MemoryImage::open(dir.path()).unwrap();
+        assert_eq!((image.size(), image.chunks()), (0, 0));
+        assert_eq!(image.mapped(0, 0), Some(&[][..]));
+    }
+
+    #[test]
+    fn zero_detection_and_chunk_sums_agree_with_plain_hashing() {
+        let mut page = vec![0u8; PAGE];
+        assert!(is_zero_page(&page));
+        page[PAGE - 1] = 1;
+        assert!(!is_zero_page(&page));
+        page[PAGE - 1] = 0;
+        page[9] = 1;
+        assert!(!is_zero_page(&page));
+
+        // Three pages of chunk 0 (zero, data, zero), then one zero page in a short chunk.
+        let mut sums = ChunkSums::new(3 * PAGE_SIZE, 4 * PAGE_SIZE);
+        sums.push(None);
+        sums.push(Some(&page[..]));
+        sums.push(None);
+        sums.push(None);
+        let mut chunk0 = vec![0u8; 3 * PAGE];
+        chunk0[PAGE..2 * PAGE].copy_from_slice(&page);
+        assert_eq!(
+            sums.finish(),
+            [crc32fast::hash(&chunk0), crc32fast::hash(&[0; PAGE])]
+        );
+    }
+}
