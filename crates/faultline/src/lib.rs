@@ -1,10 +1,13 @@
-//! The faultline VMM's orchestration: it wires guest RAM, the VM and (later) the pager together
-//! for the command line. Library crates below it do the work; this crate decides policy.
+//! The faultline VMM's orchestration: it wires guest RAM, the VM, the pager, snapshots and the
+//! control API together for the command line. Library crates below it do the work; this crate
+//! decides policy.
 
+pub mod api;
 pub mod bench;
 pub mod lazy;
 pub mod linux;
 pub mod micro;
+pub mod restore;
 pub mod size;
 
 /// Sum (wrapping) of the first u64 of every page of `range` as the host sees guest memory:

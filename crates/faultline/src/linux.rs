@@ -51,6 +51,7 @@ pub fn run(options: &LinuxOptions) -> anyhow::Result<LinuxReport> {
         cpuid: options.cpuid.clone(),
         console: options.console.clone(),
         on_vcpu_thread: None,
+        track_dirty: false,
     };
     let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
     let boot = LinuxBootConfig {

@@ -6,11 +6,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use faultline::api::http;
+use faultline::api::{ApiServer, Controller};
 use faultline::lazy::LazySpec;
-use faultline::micro::{MicroOptions, MicroVm};
+use faultline::micro::{MicroOptions, MicroReport, MicroVm};
+use faultline::restore::{RestoreMode, RestoreOptions};
 use faultline::size::{format_size, parse_size};
 use faultline::{bench, host_checksum, linux};
 use pager::{FailurePolicy, PagerConfig};
+use snapshot::state::GuestInfo;
+use vmm::boot::micro::WorkRange;
 use vmm::cpuid::{CpuidConfig, FeatureMask};
 use vmm::devices::ConsoleSink;
 
@@ -29,6 +34,18 @@ struct Cli {
 enum Command {
     /// Boot a micro-guest (--guest) or a Linux kernel (--kernel) and run it to the end.
     Run(RunArgs),
+    /// Restore a snapshot into a new VM and run it to the end.
+    Restore(RestoreArgs),
+    /// Snapshots of a running faultline, through its API socket.
+    Snapshot {
+        #[command(subcommand)]
+        snapshot: SnapshotCommand,
+    },
+    /// Control a running faultline through its API socket.
+    Vm {
+        #[command(subcommand)]
+        action: VmCommand,
+    },
     /// List the built-in micro-guests.
     Guests,
     /// Benchmarks that print JSON figures for faultline beside a baseline from the same run.
@@ -94,6 +111,84 @@ struct RunArgs {
     /// Print the micro-guest's report as JSON instead of text.
     #[arg(long, conflicts_with = "kernel")]
     json: bool,
+    /// Serve the control API (HTTP/1.1 + JSON: pause, resume, snapshot, stats, shutdown) on
+    /// this Unix socket while the micro-guest runs.
+    #[arg(long, value_name = "PATH", conflicts_with = "kernel")]
+    api_sock: Option<PathBuf>,
+    /// Log guest writes (KVM dirty log), so that snapshots after the first can be diffs.
+    #[arg(long, conflicts_with = "kernel")]
+    track_dirty: bool,
+    /// Limit the micro-guest's work range to its first N pages.
+    #[arg(long, value_name = "N", conflicts_with = "kernel")]
+    range_pages: Option<u64>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The snapshot directory (a diff snapshot brings its parents along).
+    #[arg(long, value_name = "DIR")]
+    snapshot: PathBuf,
+    /// How memory comes back: "eager" (read it all, then resume), "lazy" (resume at once,
+    /// fetch pages on first touch) or "prefetch" (install the recorded working set first, the
+    /// rest lazily).
+    #[arg(long, value_name = "MODE", default_value = "lazy")]
+    memory: RestoreMode,
+    /// With --memory lazy: record the order in which the guest faults pages in and write it,
+    /// with the pages, as the snapshot's working set (for --memory prefetch).
+    #[arg(long)]
+    record_ws: bool,
+    /// Serve the control API on this Unix socket while the restored VM runs.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Log guest writes, so that a snapshot of the restored VM can be a diff on this one.
+    #[arg(long)]
+    track_dirty: bool,
+    /// With a lazy mode: pages installed per fault, the faulting one first (1 = off).
+    #[arg(long, value_name = "PAGES", default_value_t = 1)]
+    readahead: usize,
+    /// With a lazy mode: what a page that cannot be read does: "poison" it or "stop" the VM.
+    #[arg(long, value_name = "POLICY", default_value = "stop", value_parser = parse_policy)]
+    on_source_error: FailurePolicy,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Snapshot the VM served on --api-sock into a new directory (the VM is paused for the
+    /// duration, then resumes; a paused VM stays paused).
+    Create {
+        #[arg(long, value_name = "PATH")]
+        api_sock: PathBuf,
+        /// The new snapshot's directory (must not exist).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Save only the pages written since this VM's previous snapshot (needs --track-dirty).
+        #[arg(long)]
+        diff: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Stop the vCPUs where they are.
+    Pause(ApiSock),
+    /// Let a paused VM run again.
+    Resume(ApiSock),
+    /// Print the VM's state and counters (JSON).
+    Stats(ApiSock),
+    /// Print the VM's state (JSON).
+    Info(ApiSock),
+    /// Stop the VM; its faultline process exits.
+    Shutdown(ApiSock),
+}
+
+#[derive(Args)]
+struct ApiSock {
+    /// The API socket of the running faultline.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +212,29 @@ enum BenchCommand {
         /// dominate otherwise on nested hosts).
         #[arg(long)]
         pin: bool,
+        /// Print JSON (the output is always JSON; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot restore per mode (eager, lazy, prefetch): time to the first guest instruction
+    /// per RAM size, and time to finish a scattered workload against RAM already in place.
+    Restore {
+        /// Guest RAM sizes, comma separated.
+        #[arg(long, value_name = "LIST", default_value = "64M,256M,1G", value_delimiter = ',', value_parser = parse_size)]
+        mem: Vec<u64>,
+        /// The RAM size whose workload is measured (one of --mem).
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        workload_mem: u64,
+        /// Bytes the workload reads, one word per page, spread over the guest's RAM.
+        #[arg(long, value_name = "SIZE", default_value = "24M", value_parser = parse_size)]
+        working_set: u64,
+        /// Runs per mode and size; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Directory for the benchmark's snapshots (removed afterwards) [default: a new one
+        /// under the system's temporary directory].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
         /// Print JSON (the output is always JSON; accepted for scripts).
         #[arg(long)]
         json: bool,
@@ -172,8 +290,29 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             names.join(", ")
         );
     };
+    let mem = args.mem.unwrap_or(64 << 20);
+    let range = match args.range_pages {
+        None => None,
+        Some(pages) => {
+            let ram = vmm::GuestRam::new(mem).context("cannot size guest RAM")?;
+            let full = vmm::boot::micro::default_work_range(&ram);
+            if pages == 0 || pages > full.pages {
+                bail!(
+                    "--range-pages must be 1 to {} with {} of RAM",
+                    full.pages,
+                    format_size(mem)
+                );
+            }
+            Some(WorkRange {
+                start: full.start,
+                pages,
+            })
+        }
+    };
     let options = MicroOptions {
-        mem: args.mem.unwrap_or(64 << 20),
+        mem,
+        range,
+        track_dirty: args.track_dirty,
         vcpus: args.cpus,
         arg: args.arg,
         cpuid: cpuid_config(args)?,
@@ -207,8 +346,48 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             vm.arg
         );
     }
+    let api = match &args.api_sock {
+        Some(path) => {
+            let guest_info = GuestInfo {
+                name: guest.name.to_string(),
+                range_start: vm.range.start,
+                range_pages: vm.range.pages,
+                arg: vm.arg,
+            };
+            let controller = Controller::new(
+                vm.vm.handle(),
+                vm.pager.as_ref().map(|p| p.handle()),
+                Some(guest_info),
+            );
+            let controller = std::sync::Arc::new(controller);
+            let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
+            if !args.json {
+                println!("faultline: API on {}", path.display());
+            }
+            Some((server, controller))
+        }
+        None => None,
+    };
     let report = vm.run()?;
-    if args.json {
+    print_micro_report(&report, args.json)?;
+    if shut_down_by_api(api.as_ref()) {
+        return Ok(());
+    }
+    check_micro_report(&report, guest, vm.vm.ram(), vm.range, args.json)
+}
+
+/// Whether the run ended because an API client asked for a shutdown (then an unfinished
+/// guest is what was asked for, not a failure).
+fn shut_down_by_api(api: Option<&(ApiServer, std::sync::Arc<Controller>)>) -> bool {
+    let asked = api.is_some_and(|(_, controller)| controller.shutdown_requested());
+    if asked {
+        eprintln!("faultline: the VM was shut down through the API");
+    }
+    asked
+}
+
+fn print_micro_report(report: &MicroReport, json: bool) -> anyhow::Result<()> {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for v in &report.vcpus {
@@ -222,7 +401,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         }
         if let Some(done) = report.to_completion {
             println!(
-                "faultline: finished {:.1} ms after VM creation began",
+                "faultline: finished {:.1} ms after the VM's creation or restore began",
                 done.as_secs_f64() * 1e3
             );
         }
@@ -241,23 +420,137 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The guest must have exited 0, and a guest that sums page contents must agree with what the
+/// host reads from guest memory.
+fn check_micro_report(
+    report: &MicroReport,
+    guest: &guests::MicroGuest,
+    ram: &vmm::GuestRam,
+    range: WorkRange,
+    json: bool,
+) -> anyhow::Result<()> {
     report.check()?;
-    // Guests that sum page contents must agree with what the host reads from guest memory.
     if let Some(index) = guest.checksum_report {
         let guest_sum = report
             .summed_report(index)
             .context("the guest reported no checksum")?;
-        let host_sum = host_checksum(vm.vm.ram(), vm.range);
+        let host_sum = host_checksum(ram, range);
         if guest_sum != host_sum {
             bail!(
                 "memory check failed: guest checksum {guest_sum:#x} != host checksum {host_sum:#x}"
             );
         }
-        if !args.json {
+        if !json {
             println!("faultline: memory check ok (guest and host checksums are {host_sum:#x})");
         }
     }
     Ok(())
+}
+
+fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    if args.record_ws && args.memory != RestoreMode::Lazy {
+        bail!("--record-ws records what a lazy restore faults in: use it with --memory lazy");
+    }
+    if args.readahead == 0 {
+        bail!("--readahead must be at least 1 (1 turns read-ahead off)");
+    }
+    let options = RestoreOptions {
+        dir: args.snapshot.clone(),
+        mode: args.memory,
+        console: ConsoleSink::stdout(),
+        pager: PagerConfig {
+            readahead_pages: args.readahead,
+            failure_policy: args.on_source_error,
+            record_faults: args.record_ws,
+            ..PagerConfig::default()
+        },
+        track_dirty: args.track_dirty,
+    };
+    let mut restored = faultline::restore::restore(&options)?;
+    if !args.json {
+        println!(
+            "faultline: restored {} ({} layer(s), {} vCPU(s), {}) with --memory {:?}: ready after {:.2} ms ({} pages loaded up front)",
+            args.snapshot.display(),
+            restored.chain.len(),
+            restored.state.machine.vcpus.len(),
+            format_size(restored.state.ram_size()),
+            args.memory,
+            restored.timings.ready_ms,
+            restored.timings.pages_loaded
+        );
+    }
+    let api = match &args.api_sock {
+        Some(path) => {
+            let controller = Controller::new(
+                restored.vm.handle(),
+                restored.pager.as_ref().map(|p| p.handle()),
+                restored.state.guest.clone(),
+            );
+            let controller = std::sync::Arc::new(controller);
+            let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
+            if !args.json {
+                println!("faultline: API on {}", path.display());
+            }
+            Some((server, controller))
+        }
+        None => None,
+    };
+    let result = match restored.guest_run() {
+        Some(run) => {
+            let report = run.run(&mut restored.vm, restored.pager.as_ref())?;
+            print_micro_report(&report, args.json)?;
+            if shut_down_by_api(api.as_ref()) {
+                Ok(())
+            } else {
+                check_micro_report(&report, run.guest, restored.vm.ram(), run.range, args.json)
+            }
+        }
+        None => {
+            let outcome = restored.vm.run().context("the restored VM failed")?;
+            println!("faultline: the VM stopped: {:?}", outcome.stop_reason);
+            Ok(())
+        }
+    };
+    if args.record_ws {
+        let pages = restored.write_working_set(&args.snapshot)?;
+        if !args.json {
+            println!(
+                "faultline: recorded a working set of {pages} pages in {}",
+                args.snapshot.join(snapshot::WORKING_SET_FILE).display()
+            );
+        }
+    }
+    result
+}
+
+/// Sends one API request and returns the JSON answer; a refusal becomes an error with the
+/// server's message.
+fn api_call(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    // A snapshot of a large guest takes a while; everything else answers at once.
+    let timeout = Duration::from_secs(if path.starts_with("/snapshot") {
+        1800
+    } else {
+        30
+    });
+    let (status, answer) = http::call(socket, method, path, body, Some(timeout))?;
+    if !(200..300).contains(&status) {
+        let message = answer
+            .as_ref()
+            .and_then(|a| a.get("error"))
+            .and_then(|e| e.as_str())
+            .unwrap_or("no reason given")
+            .to_string();
+        bail!("the VMM refused {method} {path} (HTTP {status}): {message}");
+    }
+    Ok(answer)
 }
 
 fn run_kernel(args: &RunArgs, kernel: PathBuf) -> anyhow::Result<()> {
@@ -300,6 +593,41 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Restore(args) => run_restore(&args),
+        Command::Snapshot {
+            snapshot:
+                SnapshotCommand::Create {
+                    api_sock,
+                    dir,
+                    diff,
+                },
+        } => {
+            let body = serde_json::json!({
+                "dir": std::path::absolute(&dir).context("cannot resolve the snapshot directory")?,
+                "type": if diff { "diff" } else { "full" },
+            });
+            eprintln!("faultline: taking a snapshot into {} ...", dir.display());
+            let answer = api_call(&api_sock, "PUT", "/snapshot/create", Some(&body))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer.unwrap_or_default())?
+            );
+            Ok(())
+        }
+        Command::Vm { action } => {
+            let (method, path, socket) = match &action {
+                VmCommand::Pause(s) => ("PUT", "/vm/pause", &s.api_sock),
+                VmCommand::Resume(s) => ("PUT", "/vm/resume", &s.api_sock),
+                VmCommand::Shutdown(s) => ("PUT", "/vm/shutdown", &s.api_sock),
+                VmCommand::Stats(s) => ("GET", "/vm/stats", &s.api_sock),
+                VmCommand::Info(s) => ("GET", "/vm", &s.api_sock),
+            };
+            match api_call(socket, method, path, None)? {
+                Some(answer) => println!("{}", serde_json::to_string_pretty(&answer)?),
+                None => println!("faultline: {} done", &path[4..]),
+            }
+            Ok(())
+        }
         Command::Run(args) => match (&args.guest, &args.kernel) {
             (Some(name), _) => run_micro(&args, name),
             (None, Some(kernel)) => run_kernel(&args, kernel.clone()),
@@ -327,6 +655,34 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 pin_one_cpu: pin,
             };
             let result = bench::faults::run(&options, |step| eprintln!("faultline bench {step}"))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Restore {
+                    mem,
+                    workload_mem,
+                    working_set,
+                    runs,
+                    dir,
+                    json: _,
+                },
+        } => {
+            if runs == 0 || working_set < vmm::PAGE_SIZE {
+                bail!("--runs must be at least 1 and --working-set at least one page");
+            }
+            let dir = dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("faultline-bench-restore-{}", std::process::id()))
+            });
+            let options = bench::restore::RestoreBenchOptions {
+                mems: mem,
+                workload_mem,
+                working_set,
+                runs,
+                dir,
+            };
+            let result = bench::restore::run(&options, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

@@ -30,6 +30,8 @@ pub struct MicroOptions {
     pub lazy: Option<LazySpec>,
     /// The pager's knobs (with `lazy`).
     pub pager: PagerConfig,
+    /// Log guest writes for diff snapshots.
+    pub track_dirty: bool,
 }
 
 impl MicroOptions {
@@ -45,6 +47,7 @@ impl MicroOptions {
             console: ConsoleSink::stdout(),
             lazy: None,
             pager: PagerConfig::default(),
+            track_dirty: false,
         }
     }
 }
@@ -164,6 +167,7 @@ impl MicroVm {
             cpuid: options.cpuid.clone(),
             console: options.console.clone(),
             on_vcpu_thread: options.lazy.as_ref().map(|_| link.vcpu_hook()),
+            track_dirty: options.track_dirty,
         };
         let vm = Vm::new(&config, ram).context("cannot create the VM")?;
         let range = options
@@ -196,8 +200,30 @@ impl MicroVm {
 
     /// Runs the guest to the end.
     pub fn run(&mut self) -> anyhow::Result<MicroReport> {
-        let outcome = self
-            .vm
+        let run = GuestRun {
+            guest: self.guest,
+            range: self.range,
+            arg: self.arg,
+            since: self.created,
+        };
+        run.run(&mut self.vm, self.pager.as_ref())
+    }
+}
+
+/// A micro-guest run to report on: which guest, with what, timed from when.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestRun {
+    pub guest: &'static MicroGuest,
+    pub range: WorkRange,
+    pub arg: u64,
+    /// Times in the report count from here (VM creation; restore start).
+    pub since: Instant,
+}
+
+impl GuestRun {
+    /// Runs `vm` until its vCPUs are done and reports what the guest did.
+    pub fn run(&self, vm: &mut Vm, pager: Option<&Pager>) -> anyhow::Result<MicroReport> {
+        let outcome = vm
             .run()
             .with_context(|| format!("micro-guest {:?} failed", self.guest.name))?;
         let finished = Instant::now();
@@ -216,14 +242,14 @@ impl MicroVm {
             .collect();
         Ok(MicroReport {
             guest: self.guest.name,
-            mem: self.vm.ram().size(),
+            mem: vm.ram().size(),
             arg: self.arg,
             range_start: self.range.start,
             range_pages: self.range.pages,
             vcpus,
-            to_first_instruction: outcome.first_instruction.map(|t| t - self.created),
-            to_completion: Some(finished - self.created),
-            pager: self.pager.as_ref().map(|p| p.stats()),
+            to_first_instruction: outcome.first_instruction.map(|t| t - self.since),
+            to_completion: Some(finished - self.since),
+            pager: pager.map(|p| p.stats()),
         })
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod faults;
+pub mod restore;
 
 use std::time::Duration;
 

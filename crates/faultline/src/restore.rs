@@ -1,0 +1,271 @@
+//! Bringing a snapshot back: eagerly (all memory read before the guest runs), lazily (the
+//! pager serves the snapshot's pages on first touch), or lazily with the recorded working set
+//! installed alongside (REAP's idea: the pages the guest will want, read in one go, installed
+//! in the order the guest wanted them, while it runs).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use pager::{PageSource, Pager, PagerConfig, PagerHandle};
+use serde::Serialize;
+use snapshot::state::{self, SnapshotState};
+use snapshot::{MemorySpanMut, SnapshotMemory, WorkingSet, PAGE_SIZE};
+use vmm::boot::micro::WorkRange;
+use vmm::devices::ConsoleSink;
+use vmm::{GuestRam, Vm, VmConfig};
+
+use crate::lazy::{start_pager, LazySpec, PagerLink};
+use crate::micro::GuestRun;
+
+/// How guest memory comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreMode {
+    /// Read the whole image into RAM, then resume.
+    Eager,
+    /// Resume at once; the pager serves each page on first touch.
+    Lazy,
+    /// Install the recorded working set, resume, and serve the rest lazily.
+    Prefetch,
+}
+
+impl std::str::FromStr for RestoreMode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "eager" => Ok(RestoreMode::Eager),
+            "lazy" => Ok(RestoreMode::Lazy),
+            "prefetch" => Ok(RestoreMode::Prefetch),
+            _ => Err(format!(
+                "{text:?} is not a restore mode: use eager, lazy or prefetch"
+            )),
+        }
+    }
+}
+
+/// What to restore, and how.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    pub mode: RestoreMode,
+    pub console: ConsoleSink,
+    /// The pager's knobs (lazy and prefetch).
+    pub pager: PagerConfig,
+    /// Keep logging dirty pages even if the snapshot's VM did not.
+    pub track_dirty: bool,
+}
+
+/// Where a restore's time went, in milliseconds from its start.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreTimings {
+    /// State file(s) read and checked, memory layers opened.
+    pub state_ms: f64,
+    /// Memory in place (eager: all of it; lazy and prefetch: nothing yet).
+    pub memory_ms: f64,
+    /// VM built and its state restored: ready to run.
+    pub ready_ms: f64,
+    /// Pages loaded before the guest resumed (eager), or being prefetched while it runs.
+    pub pages_loaded: u64,
+}
+
+/// A restored VM, ready to run.
+pub struct RestoredVm {
+    pub vm: Vm,
+    /// The working-set installer (prefetch mode), running.
+    pub prefetch: Option<JoinHandle<u64>>,
+    pub pager: Option<Pager>,
+    pub state: SnapshotState,
+    pub memory: Arc<SnapshotMemory>,
+    /// The snapshot and the parents it is layered on, newest first.
+    pub chain: Vec<PathBuf>,
+    pub mode: RestoreMode,
+    pub started: Instant,
+    pub timings: RestoreTimings,
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Installs the working set through the pager, run by run in recorded order, on its own
+/// thread while the guest runs: pages the guest reaches first are installed by its faults,
+/// the rest arrive before it asks. Returns the thread, which yields the pages it installed.
+fn start_prefetch(
+    pager: PagerHandle,
+    ram: &GuestRam,
+    set: Arc<WorkingSet>,
+) -> std::io::Result<JoinHandle<u64>> {
+    let mut bounds = Vec::new();
+    let mut base = 0u64;
+    for region in ram.regions() {
+        let pages = region.size() / PAGE_SIZE;
+        bounds.push((base, pages));
+        base += pages;
+    }
+    std::thread::Builder::new()
+        .name("prefetch".into())
+        .spawn(move || {
+            let mut installed = 0u64;
+            for (first, index, count) in set.runs() {
+                let Some(region) = bounds
+                    .iter()
+                    .position(|&(b, pages)| first >= b && first + count as u64 <= b + pages)
+                else {
+                    tracing::warn!("prefetch: pages {first}+{count} are not in one RAM region");
+                    continue;
+                };
+                let data = set.contents(index, count);
+                match pager.install_pages(region, (first - bounds[region].0) as usize, data) {
+                    Ok(n) => installed += n as u64,
+                    Err(e) => tracing::warn!("prefetch: {e}"),
+                }
+            }
+            installed
+        })
+}
+
+/// Restores the snapshot in `options.dir` into a new VM. Nothing runs yet; the caller runs it.
+pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
+    let started = Instant::now();
+    let mut timings = RestoreTimings::default();
+    let state = state::read(&options.dir)
+        .with_context(|| format!("cannot restore {}", options.dir.display()))?;
+    let chain = state::chain(&options.dir)
+        .with_context(|| format!("cannot restore {}", options.dir.display()))?;
+    let memory = Arc::new(
+        SnapshotMemory::open(&chain)
+            .with_context(|| format!("cannot open the memory of {}", options.dir.display()))?,
+    );
+    if memory.size() != state.ram_size() {
+        bail!(
+            "the memory image holds {} bytes but the state describes {} bytes of RAM",
+            memory.size(),
+            state.ram_size()
+        );
+    }
+    let working_set = match options.mode {
+        RestoreMode::Prefetch => Some(WorkingSet::read(&options.dir).with_context(|| {
+            format!(
+                "no usable working set in {} (record one with `faultline restore --memory lazy --record-ws`)",
+                options.dir.display()
+            )
+        })?),
+        _ => None,
+    };
+    timings.state_ms = ms_since(started);
+
+    let ram = GuestRam::new(state.ram_size()).context("cannot create guest RAM")?;
+    let layout: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa(), r.size())).collect();
+    let saved: Vec<(u64, u64)> = state.layout.iter().map(|r| (r.gpa, r.size)).collect();
+    if layout != saved {
+        bail!(
+            "the snapshot's RAM layout {saved:x?} is not what this faultline builds ({layout:x?})"
+        );
+    }
+    match options.mode {
+        RestoreMode::Eager => {
+            let spans: Vec<MemorySpanMut> = ram
+                .regions()
+                .iter()
+                // SAFETY: fresh, writable mappings owned by `ram`, which outlives the call;
+                // nothing else uses them yet.
+                .map(|r| unsafe { MemorySpanMut::new(r.host_addr() as *mut u8, r.size()) })
+                .collect();
+            let loaded = memory
+                .load_into(&spans, &mut |_, _| {})
+                .context("cannot load the snapshot's memory")?;
+            timings.pages_loaded = loaded.bytes_copied / PAGE_SIZE;
+        }
+        RestoreMode::Lazy | RestoreMode::Prefetch => {}
+    }
+    timings.memory_ms = ms_since(started);
+
+    let link = PagerLink::default();
+    let lazy = options.mode != RestoreMode::Eager;
+    let config = VmConfig {
+        vcpus: state.machine.vcpus.len() as u8,
+        console: options.console.clone(),
+        on_vcpu_thread: lazy.then(|| link.vcpu_hook()),
+        track_dirty: state.track_dirty || options.track_dirty,
+        ..VmConfig::default()
+    };
+    let vm = Vm::new(&config, ram).context("cannot create the VM")?;
+    vm.restore_state(&state.machine)
+        .context("cannot restore the VM's state")?;
+    let pager = if lazy {
+        let source: Arc<dyn PageSource> = memory.clone();
+        Some(start_pager(
+            vm.ram(),
+            &LazySpec::Source(source),
+            options.pager.clone(),
+            &link,
+            vm.control(),
+        )?)
+    } else {
+        None
+    };
+    let prefetch = match (&pager, working_set) {
+        (Some(pager), Some(set)) => {
+            timings.pages_loaded = set.len() as u64;
+            Some(
+                start_prefetch(pager.handle(), vm.ram(), Arc::new(set))
+                    .context("cannot start the prefetch thread")?,
+            )
+        }
+        _ => None,
+    };
+    timings.ready_ms = ms_since(started);
+    Ok(RestoredVm {
+        prefetch,
+        vm,
+        pager,
+        state,
+        memory,
+        chain,
+        mode: options.mode,
+        started,
+        timings,
+    })
+}
+
+impl RestoredVm {
+    /// The micro-guest run this snapshot continues, if it holds one faultline knows.
+    pub fn guest_run(&self) -> Option<GuestRun> {
+        let info = self.state.guest.as_ref()?;
+        Some(GuestRun {
+            guest: guests::find(&info.name)?,
+            range: WorkRange {
+                start: info.range_start,
+                pages: info.range_pages,
+            },
+            arg: info.arg,
+            since: self.started,
+        })
+    }
+
+    /// With a pager that recorded its faults: writes them, in order, as the snapshot's working
+    /// set (contents taken from the snapshot, not from the guest's changed memory). Returns the
+    /// number of pages.
+    pub fn write_working_set(&self, dir: &Path) -> anyhow::Result<u64> {
+        let pager = self
+            .pager
+            .as_ref()
+            .context("recording a working set needs a lazy restore")?;
+        let mut bases = Vec::new();
+        let mut base = 0u64;
+        for region in self.vm.ram().regions() {
+            bases.push(base);
+            base += region.size() / PAGE_SIZE;
+        }
+        let pages: Vec<u64> = pager
+            .fault_log()
+            .into_iter()
+            .map(|(region, page)| bases[region] + page as u64)
+            .collect();
+        snapshot::working_set::write(dir, &pages, &self.memory)
+            .with_context(|| format!("cannot write the working set into {}", dir.display()))
+    }
+}

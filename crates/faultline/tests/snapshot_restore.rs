@@ -1,0 +1,499 @@
+//! End to end: a running micro-guest snapshotted through the API socket, restored in new
+//! processes in every memory mode, finishing with the result of an uninterrupted run; diff
+//! snapshots; and snapshots that are damaged being refused.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use faultline::api::http;
+use snapshot::state;
+use snapshot::{MemorySpanMut, SnapshotMemory};
+
+/// Passes the mix guest makes: about a second on an instruction-emulating host, so that a
+/// snapshot taken as soon as the VM runs lands mid-run.
+const PASSES: u64 = 2000;
+const RANGE_PAGES: u64 = 128;
+
+fn faultline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("faultline-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `faultline run` child serving the API on `sock`.
+fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "run".to_string(),
+        "--guest".into(),
+        "mix".into(),
+        "--mem".into(),
+        "8M".into(),
+        "--range-pages".into(),
+        RANGE_PAGES.to_string(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("faultline starts")
+}
+
+fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let (status, answer) = http::call(
+        sock,
+        method,
+        path,
+        body.as_ref(),
+        Some(Duration::from_secs(60)),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (status, answer.unwrap_or(serde_json::Value::Null))
+}
+
+/// Waits until the VM behind `sock` reports `running`.
+fn wait_running(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("faultline exited early ({status}): {err}");
+        }
+        if sock.exists() {
+            if let Ok((200, Some(info))) = http::call(sock, "GET", "/vm", None, None) {
+                if info["state"] == "running" {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the VM never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn snapshot_via_cli(sock: &Path, dir: &Path, diff: bool) -> serde_json::Value {
+    let mut args = vec![
+        "snapshot",
+        "create",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    if diff {
+        args.push("--diff");
+    }
+    let out = faultline(&args);
+    assert!(
+        out.status.success(),
+        "snapshot create: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("snapshot create prints JSON")
+}
+
+fn shutdown(sock: &Path, mut child: Child) {
+    let out = faultline(&["vm", "shutdown", "--api-sock", sock.to_str().unwrap()]);
+    assert!(out.status.success(), "vm shutdown: {}", text(&out.stderr));
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "faultline run after an API shutdown: {status}"
+    );
+    assert!(!sock.exists(), "the API socket is removed on exit");
+}
+
+fn restore(dir: &Path, mode: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "restore",
+        "--snapshot",
+        dir.to_str().unwrap(),
+        "--memory",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    faultline(&args)
+}
+
+/// The JSON report printed by `run --json` / `restore --json` (after any progress lines).
+fn report(out: &Output) -> serde_json::Value {
+    let stdout = text(&out.stdout);
+    let start = stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON in {stdout}"));
+    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[test]
+fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
+    require_kvm!();
+    let tmp = TempDir::new("midrun");
+    let sock = tmp.join("api.sock");
+    let snap = tmp.join("snap");
+
+    // The uninterrupted run, for the expected result.
+    let out = faultline(&[
+        "run",
+        "--guest",
+        "mix",
+        "--mem",
+        "8M",
+        "--range-pages",
+        &RANGE_PAGES.to_string(),
+        "--arg",
+        &PASSES.to_string(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let uninterrupted = report(&out)["vcpus"][0]["reports"].clone();
+    let start = report(&out)["range_start"].as_u64().unwrap();
+    assert_eq!(
+        uninterrupted,
+        serde_json::json!([PASSES, guests::mix_checksum(start, RANGE_PAGES, PASSES)])
+    );
+
+    let mut child = spawn_run(&sock, &["--arg", &PASSES.to_string()]);
+    wait_running(&sock, &mut child);
+    let summary = snapshot_via_cli(&sock, &snap, false);
+    assert_eq!(summary["type"], "full");
+    shutdown(&sock, child);
+
+    // Mid-run: the vCPU had done some passes and not all of them.
+    let saved = state::read(&snap).unwrap();
+    let passes_done = saved.machine.vcpus[0].regs.r13;
+    assert!(
+        passes_done > 0 && passes_done < PASSES,
+        "snapshot after {passes_done} of {PASSES} passes"
+    );
+    assert_eq!(saved.guest.as_ref().unwrap().name, "mix");
+
+    for (mode, extra) in [
+        ("eager", &[][..]),
+        ("lazy", &["--record-ws"][..]),
+        ("prefetch", &[][..]),
+    ] {
+        let out = restore(&snap, mode, extra);
+        assert!(
+            out.status.success(),
+            "restore {mode}: {}",
+            text(&out.stderr)
+        );
+        let restored = report(&out);
+        assert_eq!(
+            restored["vcpus"][0]["reports"], uninterrupted,
+            "restore {mode}"
+        );
+        assert_eq!(restored["vcpus"][0]["exit_code"], 0);
+        if mode != "eager" {
+            assert!(
+                restored["pager"]["faults_vcpu"].as_u64().unwrap() > 0 || mode == "prefetch",
+                "a lazy restore faults pages in"
+            );
+        }
+        if mode == "lazy" {
+            assert!(
+                snap.join(snapshot::WORKING_SET_FILE).exists(),
+                "--record-ws wrote the set"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
+    require_kvm!();
+    let tmp = TempDir::new("diff");
+    let sock = tmp.join("api.sock");
+    let mut child = spawn_run(&sock, &["--arg", "0", "--track-dirty"]);
+    wait_running(&sock, &mut child);
+
+    let base = snapshot_via_cli(&sock, &tmp.join("base"), false);
+    assert_eq!(base["type"], "full");
+    // Let the guest write for a while, then stop it where it is.
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = api(&sock, "PUT", "/vm/pause", None);
+    assert_eq!(status, 204);
+    let diff = snapshot_via_cli(&sock, &tmp.join("diff"), true);
+    let full = snapshot_via_cli(&sock, &tmp.join("full"), false);
+    let (status, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(
+        (status, info["state"].as_str()),
+        (200, Some("paused")),
+        "snapshots keep a paused VM paused"
+    );
+    shutdown(&sock, child);
+
+    assert_eq!(diff["type"], "diff");
+    let diff_pages = diff["memory"]["pages_included"].as_u64().unwrap();
+    let full_pages = full["memory"]["pages_included"].as_u64().unwrap();
+    assert!(
+        diff_pages > 0,
+        "the guest wrote pages between the snapshots"
+    );
+    assert!(
+        diff_pages <= RANGE_PAGES + 16,
+        "a diff holds only what was written: {diff_pages}"
+    );
+    assert!(full_pages > diff_pages);
+
+    let chain = state::chain(&tmp.join("diff")).unwrap();
+    assert_eq!(chain.len(), 2);
+    let layered = SnapshotMemory::open(&chain).unwrap();
+    let single = SnapshotMemory::open(&[tmp.join("full")]).unwrap();
+    let load = |memory: &SnapshotMemory| {
+        let mut bytes = vec![0u8; memory.size() as usize];
+        // SAFETY: `bytes` is a live, writable buffer of exactly this length.
+        let span = unsafe { MemorySpanMut::new(bytes.as_mut_ptr(), bytes.len() as u64) };
+        memory.load_into(&[span], &mut |_, _| {}).unwrap();
+        bytes
+    };
+    assert!(
+        load(&layered) == load(&single),
+        "chain and full snapshot hold the same memory"
+    );
+    let diff_state = state::read(&tmp.join("diff")).unwrap();
+    let full_state = state::read(&tmp.join("full")).unwrap();
+    assert_eq!(
+        serde_json::to_value(&diff_state.machine.vcpus).unwrap(),
+        serde_json::to_value(&full_state.machine.vcpus).unwrap(),
+        "both were taken in the same pause"
+    );
+}
+
+/// A small finished-guest snapshot written in-process, for the corruption tests.
+fn small_snapshot(dir: &Path) {
+    let mut options = common::options("touch");
+    options.mem = 4 << 20;
+    let mut vm = faultline::micro::MicroVm::new(&options).unwrap();
+    let machine = vm.vm.save_state().unwrap();
+    let guest = snapshot::state::GuestInfo {
+        name: "touch".into(),
+        range_start: vm.range.start,
+        range_pages: vm.range.pages,
+        arg: vm.arg,
+    };
+    snapshot::create::write(
+        dir,
+        machine,
+        vm.vm.ram(),
+        snapshot::create::Pages::Full,
+        Some(guest),
+        false,
+        snapshot::create::MemoryBacking::Resident,
+    )
+    .unwrap();
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    let mut file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(bytes).unwrap();
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_distinct_errors() {
+    require_kvm!();
+    let tmp = TempDir::new("damaged");
+    let good = tmp.join("good");
+    small_snapshot(&good);
+    let out = restore(&good, "eager", &[]);
+    assert!(
+        out.status.success(),
+        "the intact snapshot restores: {}",
+        text(&out.stderr)
+    );
+
+    let copy = |name: &str| {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for file in ["state", "memory.img", "memory.sums"] {
+            std::fs::copy(good.join(file), dir.join(file)).unwrap();
+        }
+        dir
+    };
+    let state_len = std::fs::metadata(good.join("state")).unwrap().len();
+
+    let truncated = copy("truncated");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(truncated.join("state"))
+        .unwrap()
+        .set_len(state_len / 2)
+        .unwrap();
+    let bad_magic = copy("magic");
+    patch(&bad_magic.join("state"), 0, b"NOTFAULT");
+    let bad_version = copy("version");
+    patch(&bad_version.join("state"), 8, &99u32.to_le_bytes());
+    let corrupt = copy("corrupt");
+    patch(&corrupt.join("state"), state_len / 2, b"\xff\xfe");
+    let bad_memory = copy("memory");
+    // The loader's code page is data in the image; damage the guest's first instruction.
+    patch(&bad_memory.join("memory.img"), guests::CODE_BASE, &[0x5a]);
+
+    for (dir, expected) in [
+        (&truncated, "truncated"),
+        (&bad_magic, "is not a faultline snapshot state file"),
+        (&bad_version, "format version 99"),
+        (&corrupt, "corrupt"),
+    ] {
+        for mode in ["eager", "lazy"] {
+            let out = restore(dir, mode, &[]);
+            let err = text(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "{} restored in {mode}",
+                dir.display()
+            );
+            assert!(
+                err.contains(expected),
+                "{}: wanted {expected:?} in: {err}",
+                dir.display()
+            );
+            assert!(!text(&out.stdout).contains("reports"), "nothing ran");
+        }
+    }
+    // Damaged memory: an eager restore refuses before the guest runs; a lazy one stops the
+    // VM at the first touch of the damaged chunk instead of running on wrong bytes.
+    let out = restore(&bad_memory, "eager", &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("does not match its checksum"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = restore(&bad_memory, "lazy", &[]);
+    assert!(
+        !out.status.success(),
+        "a lazy restore must not finish on damaged memory"
+    );
+    assert!(
+        text(&out.stderr).contains("does not match its checksum"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A missing snapshot and a prefetch without a working set name the problem.
+    let out = restore(&tmp.join("nope"), "lazy", &[]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("nope"));
+    let out = restore(&good, "prefetch", &[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("working set"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn api_errors_are_clear() {
+    require_kvm!();
+    let tmp = TempDir::new("apierr");
+    let sock = tmp.join("api.sock");
+    let mut child = spawn_run(&sock, &["--arg", "0"]);
+    wait_running(&sock, &mut child);
+    let (status, body) = api(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not paused"));
+    let (status, _) = api(&sock, "GET", "/nope", None);
+    assert_eq!(status, 404);
+    let (status, _) = api(&sock, "DELETE", "/vm/pause", None);
+    assert_eq!(status, 405);
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": tmp.join("d"), "type": "diff"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"path": "x"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    // Without --track-dirty a diff is refused even after a full snapshot.
+    snapshot_via_cli(&sock, &tmp.join("full"), false);
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": tmp.join("d2"), "type": "diff"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("dirty tracking"),
+        "{body}"
+    );
+    assert!(!tmp.join("d2").exists(), "nothing half-written");
+    // The directory of an existing snapshot is never overwritten.
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": tmp.join("full")})),
+    );
+    assert_eq!(status, 400, "{body}");
+    let (status, stats) = api(&sock, "GET", "/vm/stats", None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        stats["state"], "running",
+        "a failed snapshot leaves the VM running"
+    );
+    shutdown(&sock, child);
+    // A client pointed at a dead socket says so.
+    let out = faultline(&["vm", "stats", "--api-sock", sock.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+}
