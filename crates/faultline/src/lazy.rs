@@ -73,6 +73,28 @@ pub fn start_pager(
     link: &PagerLink,
     control: Arc<RunControl>,
 ) -> anyhow::Result<Pager> {
+    start_pager_over(ram, spec, config, link, control, false)
+}
+
+/// [`start_pager`] for RAM that nothing has written yet (a restore): residency is not probed.
+pub fn start_pager_untouched(
+    ram: &GuestRam,
+    spec: &LazySpec,
+    config: PagerConfig,
+    link: &PagerLink,
+    control: Arc<RunControl>,
+) -> anyhow::Result<Pager> {
+    start_pager_over(ram, spec, config, link, control, true)
+}
+
+fn start_pager_over(
+    ram: &GuestRam,
+    spec: &LazySpec,
+    config: PagerConfig,
+    link: &PagerLink,
+    control: Arc<RunControl>,
+    untouched: bool,
+) -> anyhow::Result<Pager> {
     let image: Arc<dyn PageSource> = match spec {
         LazySpec::Zero => Arc::new(ZeroSource),
         LazySpec::File(path) => {
@@ -90,14 +112,18 @@ pub fn start_pager(
                 base: image_offset,
             }),
         };
-        builder
-            .region(region.host_addr() as u64, region.size(), source)
-            .with_context(|| {
-                format!(
-                    "cannot put guest RAM at {:#x} behind the pager",
-                    region.gpa()
-                )
-            })?;
+        let (start, len) = (region.host_addr() as u64, region.size());
+        let registered = if untouched {
+            builder.region_untouched(start, len, source)
+        } else {
+            builder.region(start, len, source)
+        };
+        registered.with_context(|| {
+            format!(
+                "cannot put guest RAM at {:#x} behind the pager",
+                region.gpa()
+            )
+        })?;
         image_offset += region.size();
     }
     builder.on_fatal(move |message| {

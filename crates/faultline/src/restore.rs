@@ -17,7 +17,7 @@ use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 use vmm::{GuestRam, Vm, VmConfig};
 
-use crate::lazy::{start_pager, LazySpec, PagerLink};
+use crate::lazy::{start_pager_untouched, LazySpec, PagerLink};
 use crate::micro::GuestRun;
 
 /// How guest memory comes back.
@@ -65,9 +65,11 @@ pub struct RestoreTimings {
     pub state_ms: f64,
     /// Memory in place (eager: all of it; lazy and prefetch: nothing yet).
     pub memory_ms: f64,
-    /// VM built and its state restored: ready to run.
+    /// VM built and its state restored.
+    pub vm_ms: f64,
+    /// Pager started (lazy modes): ready to run.
     pub ready_ms: f64,
-    /// Pages loaded before the guest resumed (eager), or being prefetched while it runs.
+    /// Pages loaded before the guest resumed (eager).
     pub pages_loaded: u64,
 }
 
@@ -90,13 +92,15 @@ fn ms_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-/// Installs the working set through the pager, run by run in recorded order, on its own
-/// thread while the guest runs: pages the guest reaches first are installed by its faults,
-/// the rest arrive before it asks. Returns the thread, which yields the pages it installed.
+/// Reads the working set in `dir` and installs it through the pager, run by run in recorded
+/// order, on its own thread while the guest runs: pages the guest reaches first are installed
+/// by its faults, the rest arrive before it asks. A working set that cannot be read is
+/// reported and skipped: every page is still served lazily from the snapshot. Returns the
+/// thread, which yields the pages it installed.
 fn start_prefetch(
     pager: PagerHandle,
     ram: &GuestRam,
-    set: Arc<WorkingSet>,
+    dir: PathBuf,
 ) -> std::io::Result<JoinHandle<u64>> {
     let mut bounds = Vec::new();
     let mut base = 0u64;
@@ -108,6 +112,15 @@ fn start_prefetch(
     std::thread::Builder::new()
         .name("prefetch".into())
         .spawn(move || {
+            let began = Instant::now();
+            let set = match WorkingSet::read(&dir) {
+                Ok(set) => set,
+                Err(e) => {
+                    tracing::error!("prefetch: the working set is unusable, serving every page lazily: {e}");
+                    return 0;
+                }
+            };
+            let read_ms = ms_since(began);
             let mut installed = 0u64;
             for (first, index, count) in set.runs() {
                 let Some(region) = bounds
@@ -123,6 +136,11 @@ fn start_prefetch(
                     Err(e) => tracing::warn!("prefetch: {e}"),
                 }
             }
+            tracing::info!(
+                "prefetch: {installed} of {} pages installed in {:.2} ms ({read_ms:.2} ms reading and checking the set)",
+                set.len(),
+                ms_since(began)
+            );
             installed
         })
 }
@@ -146,13 +164,19 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
             state.ram_size()
         );
     }
+    // The working set is read and checked on the prefetch thread, while the VM is built and
+    // runs; here only its presence is checked, so that a missing one is a clear error.
     let working_set = match options.mode {
-        RestoreMode::Prefetch => Some(WorkingSet::read(&options.dir).with_context(|| {
-            format!(
-                "no usable working set in {} (record one with `faultline restore --memory lazy --record-ws`)",
-                options.dir.display()
-            )
-        })?),
+        RestoreMode::Prefetch => {
+            let path = options.dir.join(snapshot::WORKING_SET_FILE);
+            if !path.is_file() {
+                bail!(
+                    "{} has no working set (record one with `faultline restore --memory lazy --record-ws`)",
+                    options.dir.display()
+                );
+            }
+            Some(options.dir.clone())
+        }
         _ => None,
     };
     timings.state_ms = ms_since(started);
@@ -195,9 +219,11 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     let vm = Vm::new(&config, ram).context("cannot create the VM")?;
     vm.restore_state(&state.machine)
         .context("cannot restore the VM's state")?;
+    timings.vm_ms = ms_since(started);
     let pager = if lazy {
         let source: Arc<dyn PageSource> = memory.clone();
-        Some(start_pager(
+        // Nothing has written guest RAM since it was created: no residency to probe.
+        Some(start_pager_untouched(
             vm.ram(),
             &LazySpec::Source(source),
             options.pager.clone(),
@@ -208,13 +234,10 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         None
     };
     let prefetch = match (&pager, working_set) {
-        (Some(pager), Some(set)) => {
-            timings.pages_loaded = set.len() as u64;
-            Some(
-                start_prefetch(pager.handle(), vm.ram(), Arc::new(set))
-                    .context("cannot start the prefetch thread")?,
-            )
-        }
+        (Some(pager), Some(dir)) => Some(
+            start_prefetch(pager.handle(), vm.ram(), dir)
+                .context("cannot start the prefetch thread")?,
+        ),
         _ => None,
     };
     timings.ready_ms = ms_since(started);

@@ -50,6 +50,20 @@ pub fn write(
 /// header is all there, the magic, the version, the length, and the checksum.
 pub fn read(path: &Path, magic: &[u8; 8], version: u32) -> Result<Vec<u8>, SnapshotError> {
     let mut bytes = std::fs::read(path).map_err(SnapshotError::io(path))?;
+    let payload = check(path, &bytes, magic, version)?;
+    bytes.truncate(payload.end);
+    bytes.drain(..payload.start);
+    Ok(bytes)
+}
+
+/// Checks a whole container held in memory (read, or mapped) the way [`read`] does, and
+/// returns where its payload lies in `bytes`.
+pub fn check(
+    path: &Path,
+    bytes: &[u8],
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<std::ops::Range<usize>, SnapshotError> {
     let found = bytes.len() as u64;
     if found < HEADER_LEN {
         return Err(SnapshotError::Truncated {
@@ -102,9 +116,7 @@ pub fn read(path: &Path, magic: &[u8; 8], version: u32) -> Result<Vec<u8>, Snaps
             computed,
         });
     }
-    bytes.truncate(crc_at);
-    bytes.drain(..HEADER_LEN as usize);
-    Ok(bytes)
+    Ok(HEADER_LEN as usize..crc_at)
 }
 
 /// Creates (or truncates) `path`, writes `parts` one after the other, and waits until the

@@ -20,6 +20,7 @@ pub mod container;
 pub mod create;
 mod error;
 pub mod layered;
+mod mapping;
 pub mod memory;
 pub mod state;
 pub mod working_set;

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::container::{self, Decoder};
+use crate::mapping::ReadOnlyMap;
 use crate::{SnapshotError, MEMORY_FILE, SUMS_FILE};
 
 /// The page size of images: the unit of holes, diffs and working sets.
@@ -547,25 +548,8 @@ pub struct MemoryImage {
     data: Vec<(u64, u64)>,
     /// Per chunk: `UNCHECKED`, `GOOD` or `BAD`.
     verified: Vec<AtomicU8>,
-    /// A read-only shared mapping of the whole image (null if the image is empty).
-    map: *const u8,
-}
-
-// SAFETY: the mapping is read-only and owned by the image (unmapped only in `drop`); the
-// verification states are atomics. Sharing or sending the image shares nothing mutable.
-unsafe impl Send for MemoryImage {}
-// SAFETY: as for `Send`: every method takes `&self` and only reads the mapping.
-unsafe impl Sync for MemoryImage {}
-
-impl Drop for MemoryImage {
-    fn drop(&mut self) {
-        if !self.map.is_null() {
-            // SAFETY: unmapping exactly the mapping made in `open`; the slices handed out
-            // borrow `self`, so none outlives it (a user of `mapped_addr` must not use the
-            // address after the image is dropped, as with the pager's `FileSource`).
-            unsafe { libc::munmap(self.map as *mut libc::c_void, self.size as usize) };
-        }
-    }
+    /// A read-only shared mapping of the whole image.
+    map: ReadOnlyMap,
 }
 
 impl fmt::Debug for MemoryImage {
@@ -600,30 +584,7 @@ impl MemoryImage {
             });
         }
         let data = data_extents(&file, sums.size).map_err(SnapshotError::io(&path))?;
-        let map = if sums.size == 0 {
-            std::ptr::null()
-        } else {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a new read-only shared mapping of the whole file, which is open; the
-            // result is checked below. The mapping outlives the descriptor, as mappings do.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    sums.size as usize,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    file.as_raw_fd(),
-                    0,
-                )
-            };
-            if addr == libc::MAP_FAILED {
-                return Err(SnapshotError::Io {
-                    path,
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            addr as *const u8
-        };
+        let map = ReadOnlyMap::new(&file, sums.size, &path)?;
         Ok(MemoryImage {
             dir: dir.to_path_buf(),
             path,
@@ -786,13 +747,7 @@ impl MemoryImage {
         if end > self.size {
             return None;
         }
-        if len == 0 {
-            return Some(&[]);
-        }
-        // SAFETY: `[offset, end)` lies inside the mapping of the whole image (so the mapping
-        // exists: the image is not empty), which lives as long as `self`. Snapshot files are
-        // written once, renamed into place and never modified, so the bytes do not change.
-        Some(unsafe { std::slice::from_raw_parts(self.map.add(offset as usize), len as usize) })
+        Some(&self.map.bytes()[offset as usize..end as usize])
     }
 
     /// Sorted, disjoint `[start, end)` byte ranges of the image that hold data; everything

@@ -15,6 +15,7 @@ use std::path::Path;
 use pager::{Content, PageSource};
 
 use crate::container::{self, Decoder};
+use crate::mapping::ReadOnlyMap;
 use crate::memory::PAGE_SIZE;
 use crate::{SnapshotError, SnapshotMemory, WORKING_SET_FILE};
 
@@ -80,8 +81,10 @@ pub struct WorkingSet {
     /// Page indices into the snapshot's memory, in the order the guest touched them, each
     /// once.
     pub pages: Vec<u64>,
-    /// The pages' contents, a page each, in the same order.
-    data: Vec<u8>,
+    /// The file, mapped: the pages' contents, a page each in the same order, start at
+    /// `contents_at`.
+    map: ReadOnlyMap,
+    contents_at: usize,
 }
 
 impl fmt::Debug for WorkingSet {
@@ -96,8 +99,13 @@ impl WorkingSet {
     /// Reads and checks `working-set` in `dir`.
     pub fn read(dir: &Path) -> Result<WorkingSet, SnapshotError> {
         let path = dir.join(WORKING_SET_FILE);
-        let mut payload = container::read(&path, &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
-        let mut d = Decoder::new(&path, &payload);
+        let file = std::fs::File::open(&path).map_err(SnapshotError::io(&path))?;
+        let len = file.metadata().map_err(SnapshotError::io(&path))?.len();
+        // Mapped, not read: the contents go from the page cache straight into guest memory.
+        let map = ReadOnlyMap::new(&file, len, &path)?;
+        let payload =
+            container::check(&path, map.bytes(), &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
+        let mut d = Decoder::new(&path, &map.bytes()[payload.clone()]);
         let page_size = u64::from(d.u32("the page size")?);
         if page_size != PAGE_SIZE {
             return Err(d.malformed(format!(
@@ -111,19 +119,15 @@ impl WorkingSet {
             .take_array(count, PAGE_SIZE as usize, "the page contents")?
             .len();
         d.finish()?;
-        // The contents are the payload's tail: keep them in place.
-        payload.drain(..payload.len() - contents);
+        // The contents are the payload's tail.
+        let contents_at = payload.end - contents;
         Ok(WorkingSet {
             pages,
-            data: payload,
+            map,
+            contents_at,
         })
     }
 
-    /// The contents of the `i`th page of the set.
-    ///
-    /// # Panics
-    ///
-    /// If `i` is not less than [`len`](Self::len).
     pub fn page(&self, i: usize) -> &[u8] {
         self.contents(i, 1)
     }
@@ -136,7 +140,8 @@ impl WorkingSet {
     /// If the entries go past the end of the set.
     pub fn contents(&self, i: usize, count: usize) -> &[u8] {
         let page_len = PAGE_SIZE as usize;
-        &self.data[i * page_len..(i + count) * page_len]
+        &self.map.bytes()
+            [self.contents_at + i * page_len..self.contents_at + (i + count) * page_len]
     }
 
     /// Number of pages.
