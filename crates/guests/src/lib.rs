@@ -204,6 +204,12 @@ mod tests {
     }
 
     #[test]
+    fn mix_multiplier_matches_the_assembly() {
+        let source = include_str!("../asm/mix.S");
+        assert!(source.contains(&format!(".set MIX_MULTIPLIER, {MIX_MULTIPLIER:#x}")));
+    }
+
+    #[test]
     fn code_base_matches_the_linker_address() {
         let build = include_str!("../build.rs");
         assert!(build.contains(&format!("CODE_BASE: &str = \"{CODE_BASE:#x}\"")));

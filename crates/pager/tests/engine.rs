@@ -397,6 +397,38 @@ fn recorded_faults_keep_their_order() {
 }
 
 #[test]
+fn given_pages_are_installed_and_present_ones_are_left_alone() {
+    const PAGES: usize = 16;
+    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+        return;
+    };
+    // Page 5 is faulted in (from the source) and then changed by its user.
+    assert_eq!(read_u64(shm.page(5)), 5 * 0x1_0001 + 7);
+    write_u64(shm.page(5), 0xdead);
+    // Install pages 4..8 from a buffer of 0xab bytes: 4, 6 and 7 are new, 5 must not be
+    // overwritten.
+    let data = vec![0xabu8; 4 * 4096];
+    assert_eq!(pager.install_pages(0, 4, &data).unwrap(), 3);
+    assert_eq!(
+        read_u64(shm.page(5)),
+        0xdead,
+        "a present page is never overwritten"
+    );
+    for page in [4, 6, 7] {
+        assert!(pager.is_present(0, page));
+        assert_eq!(read_u64(shm.page(page)), 0xabab_abab_abab_abab);
+    }
+    assert!(pager.install_pages(3, 0, &data).is_err(), "no region 3");
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_installed_background, 3);
+    assert_eq!(
+        stats.faults_vcpu + stats.faults_other,
+        1,
+        "only page 5 was faulted"
+    );
+}
+
+#[test]
 fn resident_pages_are_never_fetched() {
     const PAGES: usize = 8;
     let Some(mut builder) = builder(PagerConfig::default()) else {
