@@ -359,12 +359,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
                 vm.pager.as_ref().map(|p| p.handle()),
                 Some(guest_info),
             );
-            let controller = std::sync::Arc::new(controller);
-            let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
-            if !args.json {
-                println!("faultline: API on {}", path.display());
-            }
-            Some((server, controller))
+            Some(start_api(path, controller, args.json)?)
         }
         None => None,
     };
@@ -374,6 +369,20 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     check_micro_report(&report, guest, vm.vm.ram(), vm.range, args.json)
+}
+
+/// Serves the control API on `path` for the VM behind `controller`.
+fn start_api(
+    path: &std::path::Path,
+    controller: Controller,
+    json: bool,
+) -> anyhow::Result<(ApiServer, std::sync::Arc<Controller>)> {
+    let controller = std::sync::Arc::new(controller);
+    let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
+    if !json {
+        println!("faultline: API on {}", path.display());
+    }
+    Ok((server, controller))
 }
 
 /// Whether the run ended because an API client asked for a shutdown (then an unfinished
@@ -489,12 +498,7 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 restored.pager.as_ref().map(|p| p.handle()),
                 restored.state.guest.clone(),
             );
-            let controller = std::sync::Arc::new(controller);
-            let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
-            if !args.json {
-                println!("faultline: API on {}", path.display());
-            }
-            Some((server, controller))
+            Some(start_api(path, controller, args.json)?)
         }
         None => None,
     };

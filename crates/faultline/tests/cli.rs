@@ -2,18 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-fn faultline(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{faultline, text};
 
 #[test]
 fn run_hello_prints_its_report_and_succeeds() {

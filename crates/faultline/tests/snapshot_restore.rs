@@ -18,16 +18,7 @@ use snapshot::{MemorySpanMut, SnapshotMemory};
 const PASSES: u64 = 2000;
 const RANGE_PAGES: u64 = 128;
 
-fn faultline(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{faultline, text};
 
 struct TempDir(PathBuf);
 

@@ -22,7 +22,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 pub use source::{
-    Content, FileSource, MemorySource, OffsetSource, PageSource, SourceError, ZeroSource,
+    data_extents, Content, FileSource, MemorySource, OffsetSource, PageSource, SourceError,
+    ZeroSource,
 };
 pub use stats::{FaultOrigin, Latency, RegionStats, Stats};
 use uffd::{Features, RegisterMode, Uffd, UffdError};

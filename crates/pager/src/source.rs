@@ -145,8 +145,10 @@ impl FileSource {
     }
 }
 
-/// The data extents of a file, found with SEEK_DATA / SEEK_HOLE.
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+/// The data extents of a file's first `size` bytes, found with SEEK_DATA / SEEK_HOLE: sorted,
+/// disjoint `[start, end)` ranges; everything else is a hole.
+pub fn data_extents(file: impl std::os::fd::AsFd, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let file = file.as_fd();
     use rustix::fs::{seek, SeekFrom};
     let mut extents = Vec::new();
     let mut pos = 0;

@@ -2,7 +2,6 @@
 //! directory, and resume it. The directory appears whole or not at all: everything is written
 //! into a staging directory beside it, which is renamed into place last.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -119,34 +118,20 @@ pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummar
 /// Per page of RAM (regions back to back): whether its memfd holds data there. Holes are zero
 /// pages that were never written.
 fn resident_pages(ram: &GuestRam) -> Result<Vec<bool>, SnapshotError> {
-    use rustix::fs::{seek, SeekFrom};
     let page = vmm::PAGE_SIZE;
     let mut data = vec![false; (ram.size() / page) as usize];
     let mut base = 0usize;
     for region in ram.regions() {
-        let fd = region.memfd();
-        let mut pos = 0u64;
-        while pos < region.size() {
-            let start = match seek(fd.as_fd(), SeekFrom::Data(pos)) {
-                Ok(start) => start,
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(e) => {
-                    return Err(SnapshotError::Io {
-                        path: PathBuf::from(format!("memfd of RAM at {:#x}", region.gpa())),
-                        source: e.into(),
-                    })
-                }
-            };
-            let end = seek(fd.as_fd(), SeekFrom::Hole(start))
-                .map_err(|e| SnapshotError::Io {
-                    path: PathBuf::from(format!("memfd of RAM at {:#x}", region.gpa())),
-                    source: e.into(),
-                })?
-                .min(region.size());
+        let extents = pager::data_extents(region.memfd(), region.size()).map_err(|source| {
+            SnapshotError::Io {
+                path: PathBuf::from(format!("memfd of RAM at {:#x}", region.gpa())),
+                source,
+            }
+        })?;
+        for (start, end) in extents {
             for p in start / page..end.div_ceil(page) {
                 data[base + p as usize] = true;
             }
-            pos = end;
         }
         base += (region.size() / page) as usize;
     }

@@ -583,7 +583,7 @@ impl MemoryImage {
                 found,
             });
         }
-        let data = data_extents(&file, sums.size).map_err(SnapshotError::io(&path))?;
+        let data = pager::data_extents(&file, sums.size).map_err(SnapshotError::io(&path))?;
         let map = ReadOnlyMap::new(&file, sums.size, &path)?;
         Ok(MemoryImage {
             dir: dir.to_path_buf(),
@@ -805,28 +805,6 @@ impl Iterator for Bits {
         self.word &= self.word - 1;
         Some(self.base + bit)
     }
-}
-
-/// The data extents of a file, found with SEEK_DATA / SEEK_HOLE (clipped to `size`).
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use rustix::fs::{seek, SeekFrom};
-    let mut extents = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let start = match seek(file, SeekFrom::Data(pos)) {
-            Ok(start) => start,
-            // No data after `pos`.
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        if start >= size {
-            break;
-        }
-        let end = seek(file, SeekFrom::Hole(start))?.min(size);
-        extents.push((start, end));
-        pos = end;
-    }
-    Ok(extents)
 }
 
 #[cfg(test)]

@@ -61,6 +61,20 @@ struct Threads {
     paused: bool,
 }
 
+impl Threads {
+    /// The parked vCPUs' saved states, by index (or the first failure to save one).
+    fn saved_states(&self) -> Result<Vec<VcpuState>, PauseError> {
+        self.parked
+            .iter()
+            .map(|(&vcpu, state)| {
+                state
+                    .clone()
+                    .map_err(|message| PauseError::SaveFailed { vcpu, message })
+            })
+            .collect()
+    }
+}
+
 /// Shared by the vCPU threads and whoever controls them.
 #[derive(Debug)]
 pub struct RunControl {
@@ -240,17 +254,7 @@ impl RunControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         };
-        let states = result.and_then(|()| {
-            threads
-                .parked
-                .iter()
-                .map(|(&vcpu, state)| {
-                    state
-                        .clone()
-                        .map_err(|message| PauseError::SaveFailed { vcpu, message })
-                })
-                .collect::<Result<Vec<_>, _>>()
-        });
+        let states = result.and_then(|()| threads.saved_states());
         if states.is_err() {
             // Never leave a half-paused VM behind.
             threads.paused = false;
@@ -266,15 +270,7 @@ impl RunControl {
         if !threads.paused {
             return Err(PauseError::NotPaused);
         }
-        threads
-            .parked
-            .iter()
-            .map(|(&vcpu, state)| {
-                state
-                    .clone()
-                    .map_err(|message| PauseError::SaveFailed { vcpu, message })
-            })
-            .collect()
+        threads.saved_states()
     }
 
     /// Lets parked vCPUs run again.

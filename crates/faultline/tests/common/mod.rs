@@ -48,3 +48,16 @@ pub fn run(options: &MicroOptions) -> (MicroVm, MicroReport) {
     let report = vm.run().expect("VM runs");
     (vm, report)
 }
+
+/// Runs the faultline binary with `args` and waits for it.
+pub fn faultline(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Process output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
