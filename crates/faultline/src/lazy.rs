@@ -63,37 +63,25 @@ impl PagerLink {
     }
 }
 
+/// What guest RAM holds when the pager takes it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamState {
+    /// The loader wrote some pages (the boot area): they are found and kept resident.
+    Loaded,
+    /// Nothing has written it (a restore): there is no residency to probe.
+    Fresh,
+}
+
 /// Registers every RAM region with a new pager over `spec` and starts it. Pages already
-/// written (the boot area) stay resident; the rest is served on first touch. Under
-/// `FailurePolicy::Stop` a source failure stops the VM through `control`.
+/// written stay resident; the rest is served on first touch. Under `FailurePolicy::Stop` a
+/// source failure stops the VM through `control`.
 pub fn start_pager(
     ram: &GuestRam,
+    ram_state: RamState,
     spec: &LazySpec,
     config: PagerConfig,
     link: &PagerLink,
     control: Arc<RunControl>,
-) -> anyhow::Result<Pager> {
-    start_pager_over(ram, spec, config, link, control, false)
-}
-
-/// [`start_pager`] for RAM that nothing has written yet (a restore): residency is not probed.
-pub fn start_pager_untouched(
-    ram: &GuestRam,
-    spec: &LazySpec,
-    config: PagerConfig,
-    link: &PagerLink,
-    control: Arc<RunControl>,
-) -> anyhow::Result<Pager> {
-    start_pager_over(ram, spec, config, link, control, true)
-}
-
-fn start_pager_over(
-    ram: &GuestRam,
-    spec: &LazySpec,
-    config: PagerConfig,
-    link: &PagerLink,
-    control: Arc<RunControl>,
-    untouched: bool,
 ) -> anyhow::Result<Pager> {
     let image: Arc<dyn PageSource> = match spec {
         LazySpec::Zero => Arc::new(ZeroSource),
@@ -113,10 +101,9 @@ fn start_pager_over(
             }),
         };
         let (start, len) = (region.host_addr() as u64, region.size());
-        let registered = if untouched {
-            builder.region_untouched(start, len, source)
-        } else {
-            builder.region(start, len, source)
+        let registered = match ram_state {
+            RamState::Fresh => builder.region_untouched(start, len, source),
+            RamState::Loaded => builder.region(start, len, source),
         };
         registered.with_context(|| {
             format!(

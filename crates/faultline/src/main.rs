@@ -14,7 +14,6 @@ use faultline::restore::{RestoreMode, RestoreOptions};
 use faultline::size::{format_size, parse_size};
 use faultline::{bench, host_checksum, linux};
 use pager::{FailurePolicy, PagerConfig};
-use snapshot::state::GuestInfo;
 use vmm::boot::micro::WorkRange;
 use vmm::cpuid::{CpuidConfig, FeatureMask};
 use vmm::devices::ConsoleSink;
@@ -348,16 +347,10 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
     }
     let api = match &args.api_sock {
         Some(path) => {
-            let guest_info = GuestInfo {
-                name: guest.name.to_string(),
-                range_start: vm.range.start,
-                range_pages: vm.range.pages,
-                arg: vm.arg,
-            };
             let controller = Controller::new(
                 vm.vm.handle(),
                 vm.pager.as_ref().map(|p| p.handle()),
-                Some(guest_info),
+                Some(vm.guest_info()),
             );
             Some(start_api(path, controller, args.json)?)
         }

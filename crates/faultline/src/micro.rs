@@ -1,5 +1,6 @@
 //! Running a micro-guest end to end: RAM, VM, load, run, and what it reported.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,8 +12,11 @@ use vmm::devices::ConsoleSink;
 use vmm::vcpu::VcpuStop;
 use vmm::{GuestRam, Vm, VmConfig};
 
-use crate::lazy::{start_pager, LazySpec, PagerLink};
+use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use pager::{Pager, PagerConfig};
+use snapshot::create::{MemoryBacking, Pages};
+use snapshot::state::GuestInfo;
+use snapshot::WriteSummary;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -181,6 +185,7 @@ impl MicroVm {
         let pager = match &options.lazy {
             Some(spec) => Some(start_pager(
                 vm.ram(),
+                RamState::Loaded,
                 spec,
                 options.pager.clone(),
                 &link,
@@ -196,6 +201,38 @@ impl MicroVm {
             pager,
             created,
         })
+    }
+
+    /// What a snapshot records of the guest, so that a restore can report and check it.
+    pub fn guest_info(&self) -> GuestInfo {
+        GuestInfo {
+            name: self.guest.name.into(),
+            range_start: self.range.start,
+            range_pages: self.range.pages,
+            arg: self.arg,
+        }
+    }
+
+    /// Writes a full snapshot of this VM, which must not be running (not started yet, or
+    /// finished), into the new directory `dir`.
+    pub fn write_snapshot(&mut self, dir: &Path) -> anyhow::Result<WriteSummary> {
+        let machine = self.vm.save_state().context("cannot save the VM state")?;
+        let backing = if self.pager.is_some() {
+            MemoryBacking::Lazy
+        } else {
+            MemoryBacking::Resident
+        };
+        let guest = self.guest_info();
+        snapshot::create::write(
+            dir,
+            machine,
+            self.vm.ram(),
+            Pages::Full,
+            Some(guest),
+            self.vm.handle().tracks_dirty(),
+            backing,
+        )
+        .with_context(|| format!("cannot write a snapshot into {}", dir.display()))
     }
 
     /// Runs the guest to the end.

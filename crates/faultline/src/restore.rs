@@ -17,7 +17,7 @@ use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 use vmm::{GuestRam, Vm, VmConfig};
 
-use crate::lazy::{start_pager_untouched, LazySpec, PagerLink};
+use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::micro::GuestRun;
 
 /// How guest memory comes back.
@@ -151,7 +151,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     let mut timings = RestoreTimings::default();
     let state = state::read(&options.dir)
         .with_context(|| format!("cannot restore {}", options.dir.display()))?;
-    let chain = state::chain(&options.dir)
+    let chain = state::chain(&options.dir, &state)
         .with_context(|| format!("cannot restore {}", options.dir.display()))?;
     let memory = Arc::new(
         SnapshotMemory::open(&chain)
@@ -223,8 +223,9 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     let pager = if lazy {
         let source: Arc<dyn PageSource> = memory.clone();
         // Nothing has written guest RAM since it was created: no residency to probe.
-        Some(start_pager_untouched(
+        Some(start_pager(
             vm.ram(),
+            RamState::Fresh,
             &LazySpec::Source(source),
             options.pager.clone(),
             &link,

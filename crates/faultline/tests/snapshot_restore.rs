@@ -273,7 +273,8 @@ fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
     );
     assert!(full_pages > diff_pages);
 
-    let chain = state::chain(&tmp.join("diff")).unwrap();
+    let diff_dir = tmp.join("diff");
+    let chain = state::chain(&diff_dir, &state::read(&diff_dir).unwrap()).unwrap();
     assert_eq!(chain.len(), 2);
     let layered = SnapshotMemory::open(&chain).unwrap();
     let single = SnapshotMemory::open(&[tmp.join("full")]).unwrap();
@@ -302,23 +303,7 @@ fn small_snapshot(dir: &Path) {
     let mut options = common::options("touch");
     options.mem = 4 << 20;
     let mut vm = faultline::micro::MicroVm::new(&options).unwrap();
-    let machine = vm.vm.save_state().unwrap();
-    let guest = snapshot::state::GuestInfo {
-        name: "touch".into(),
-        range_start: vm.range.start,
-        range_pages: vm.range.pages,
-        arg: vm.arg,
-    };
-    snapshot::create::write(
-        dir,
-        machine,
-        vm.vm.ram(),
-        snapshot::create::Pages::Full,
-        Some(guest),
-        false,
-        snapshot::create::MemoryBacking::Resident,
-    )
-    .unwrap();
+    vm.write_snapshot(dir).unwrap();
 }
 
 fn patch(path: &Path, offset: u64, bytes: &[u8]) {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use faultline::restore::{restore, RestoreMode, RestoreOptions};
 use snapshot::create::{MemoryBacking, Pages};
-use snapshot::state::{self, GuestInfo};
+use snapshot::state;
 use vmm::devices::ConsoleSink;
 use vmm::state::{VcpuState, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT};
 use vmm::{MachineState, Vm, VmConfig};
@@ -110,12 +110,7 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
         before.clone(),
         vm.vm.ram(),
         Pages::Full,
-        Some(GuestInfo {
-            name: guest.into(),
-            range_start: vm.range.start,
-            range_pages: vm.range.pages,
-            arg: vm.arg,
-        }),
+        Some(vm.guest_info()),
         false,
         MemoryBacking::Resident,
     )

@@ -95,36 +95,36 @@ pub fn read(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     Ok(state)
 }
 
-/// The directories of the snapshot at `dir` and the parents it is layered on, newest first,
-/// ending with a full snapshot. Every layer must describe the same RAM layout.
-pub fn chain(dir: &Path) -> Result<Vec<PathBuf>, SnapshotError> {
-    let first = read(dir)?;
+/// The directories of the snapshot at `dir`, whose state `first` the caller has read, and of
+/// the parents it is layered on, newest first, ending with a full snapshot. Every layer must
+/// describe the same RAM layout.
+pub fn chain(dir: &Path, first: &SnapshotState) -> Result<Vec<PathBuf>, SnapshotError> {
     let mut dirs = vec![dir.to_path_buf()];
-    let mut current = first.clone();
-    let mut current_dir = dir.to_path_buf();
-    while current.memory == MemoryKind::Diff {
+    let mut parent = first
+        .parent
+        .clone()
+        .filter(|_| first.memory == MemoryKind::Diff);
+    while let Some(relative) = parent {
         if dirs.len() >= MAX_CHAIN {
             return Err(SnapshotError::Layers(format!(
                 "the chain from {} is longer than {MAX_CHAIN} snapshots (a loop?)",
                 dir.display()
             )));
         }
-        let parent = current
-            .parent
-            .as_ref()
-            .expect("read() rejects a diff without a parent");
-        let parent_dir = current_dir.join(parent);
+        let child = dirs.last().expect("the chain starts with `dir`");
+        let parent_dir = child.join(relative);
         let parent_state = read(&parent_dir)?;
         if parent_state.layout != first.layout {
             return Err(SnapshotError::Layers(format!(
                 "{} and its parent {} describe different RAM",
-                current_dir.display(),
+                child.display(),
                 parent_dir.display()
             )));
         }
-        dirs.push(parent_dir.clone());
-        current = parent_state;
-        current_dir = parent_dir;
+        parent = parent_state
+            .parent
+            .filter(|_| parent_state.memory == MemoryKind::Diff);
+        dirs.push(parent_dir);
     }
     Ok(dirs)
 }

@@ -16,8 +16,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use pager::PagerConfig;
 use serde::Serialize;
-use snapshot::create::{MemoryBacking, Pages};
-use snapshot::state::GuestInfo;
 use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 
@@ -138,22 +136,7 @@ fn scatter_options(mem: u64, ws_pages: u64) -> MicroOptions {
 fn make_snapshot(dir: &Path, mem: u64, ws_pages: u64) -> anyhow::Result<u64> {
     let mut vm = MicroVm::new(&scatter_options(mem, ws_pages))?;
     fill(&vm);
-    let machine = vm.vm.save_state().context("cannot save the VM state")?;
-    let guest = GuestInfo {
-        name: vm.guest.name.into(),
-        range_start: vm.range.start,
-        range_pages: vm.range.pages,
-        arg: vm.arg,
-    };
-    snapshot::create::write(
-        dir,
-        machine,
-        vm.vm.ram(),
-        Pages::Full,
-        Some(guest),
-        false,
-        MemoryBacking::Resident,
-    )?;
+    vm.write_snapshot(dir)?;
     Ok(expected_sum(vm.range, vm.arg))
 }
 
