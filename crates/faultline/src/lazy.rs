@@ -101,9 +101,14 @@ pub fn start_pager(
             }),
         };
         let (start, len) = (region.host_addr() as u64, region.size());
-        let registered = match ram_state {
-            RamState::Fresh => builder.region_untouched(start, len, source),
-            RamState::Loaded => builder.region(start, len, source),
+        // SAFETY: guest RAM is raw memory that no Rust object owns; the caller keeps it mapped
+        // until the pager has shut down (see `MicroVm` and `RestoredVm`, which drop the pager
+        // before the VM and its RAM).
+        let registered = unsafe {
+            match ram_state {
+                RamState::Fresh => builder.region_untouched(start, len, source),
+                RamState::Loaded => builder.region(start, len, source),
+            }
         };
         registered.with_context(|| {
             format!(

@@ -1,28 +1,43 @@
 //! The fault service: the one install path, the fault threads and the background worker.
 //!
-//! A fault is read from the userfaultfd, mapped to (region, page), and then either joins an
-//! install already in flight for that page (the install wakes it) or claims the page, fetches
-//! it from the region's source and installs it. Background work (prefetch, fill) uses the
-//! same claim-fetch-install path, in small batches, and yields while urgent faults wait.
+//! A fault thread reads events from the userfaultfd into its own queue and dispatches them in
+//! that order, by kind: a missing fault joins an install already in flight for its page (that
+//! install wakes it) or claims the page, fetches it from the region's source and installs it;
+//! remove events are applied at the moment they are read. Background work (prefetch, fill)
+//! and caller-held pages (a working set) use the same claim-fetch-install path.
+//!
+//! Liveness: every claimed page ends installed or poisoned, and the ioctl that does it wakes
+//! the threads waiting on it; a claim is released only after that. A fault thread that can no
+//! longer read its userfaultfd is a fatal error under every policy.
+//!
+//! Remove versus install: the kernel lets `madvise` zap pages as soon as the remove event is
+//! *read*, so an install whose copy lands after the zap would leave stale contents. Installs
+//! therefore decide a page's content and install it under `event_gate` held shared, and event
+//! reads hold it exclusively and mark removed pages discarded before releasing it: an install
+//! either lands before the read (and the zap removes it) or starts after it and installs zeros.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use uffd::{Event, Outcome, Uffd};
+use uffd::{Event, Outcome, Uffd, UffdError};
 
 use crate::region::Region;
 use crate::source::{Content, SourceError};
 use crate::stats::{Counters, FaultOrigin};
 use crate::{FailurePolicy, PagerConfig};
 
-/// How many times an install is retried after EAGAIN before it is treated as an error.
-const MAX_AGAIN_RETRIES: usize = 1000;
 /// Events read per read(2).
 const EVENT_BATCH: usize = 64;
+/// The first wait after an install is refused with EAGAIN; it doubles up to the cap.
+const AGAIN_FIRST_WAIT: Duration = Duration::from_micros(20);
+const AGAIN_MAX_WAIT: Duration = Duration::from_millis(5);
+/// How long an install keeps retrying EAGAIN before it is treated as an error (the condition
+/// clears when a fault thread reads the pending remove event: only a dead reader keeps it).
+const AGAIN_GIVE_UP: Duration = Duration::from_secs(30);
 
-/// Called with the message of a fatal source error.
+/// Called with the message of a fatal error.
 pub(crate) type FatalCallback = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A page-range job for the background worker.
@@ -50,23 +65,96 @@ pub(crate) struct Shared {
     pub on_fatal: Option<FatalCallback>,
     /// (region, page) of each fault that claimed its page, when recording.
     pub fault_log: Mutex<Vec<(usize, usize)>>,
+    /// Shared by installs while they decide and install a page's content; exclusive while
+    /// events are read and remove events applied (see the module documentation).
+    pub event_gate: RwLock<()>,
 }
 
 /// Why an install could not complete.
+#[derive(Debug)]
 pub(crate) enum InstallError {
     Source(SourceError),
-    Uffd(uffd::UffdError),
-    TooManyRetries,
+    Uffd(UffdError),
+    /// EAGAIN did not clear (no fault thread read the pending event).
+    AgainForever(Duration),
+    /// The pager is stopping.
+    Stopped,
 }
 
 impl std::fmt::Display for InstallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            InstallError::Source(e) => write!(f, "page source failed: {e}"),
-            InstallError::Uffd(e) => write!(f, "install failed: {e}"),
-            InstallError::TooManyRetries => write!(f, "install kept failing with EAGAIN"),
+            InstallError::Source(e) => write!(f, "page source failed: {e}")?,
+            InstallError::Uffd(e) => write!(f, "install failed: {e}")?,
+            InstallError::AgainForever(waited) => write!(
+                f,
+                "the address space kept changing (EAGAIN) for {waited:?}: no fault thread read the pending event"
+            )?,
+            InstallError::Stopped => write!(f, "the pager stopped before the page was installed")?,
+        }
+        // The causes, on one line: these messages end up in logs and fatal errors.
+        let mut source = match self {
+            InstallError::Source(e) => std::error::Error::source(e),
+            InstallError::Uffd(e) => std::error::Error::source(e),
+            _ => None,
+        };
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// The events a fault thread has read and not dispatched yet, in order.
+#[derive(Default)]
+pub(crate) struct EventQueue {
+    pending: VecDeque<Event>,
+    scratch: Vec<Event>,
+}
+
+/// Who is installing: a fault thread reads the userfaultfd itself when an install is refused
+/// because the address space is changing; any other thread waits for a fault thread to do it.
+enum Role<'q> {
+    FaultThread(&'q mut EventQueue),
+    Other,
+}
+
+/// What an install needs besides the pages: who installs, for which queue, and a buffer.
+pub(crate) struct InstallContext<'q> {
+    role: Role<'q>,
+    background: bool,
+    buf: Vec<u8>,
+}
+
+impl InstallContext<'static> {
+    /// For a thread that is not a fault thread (background worker, working-set installer).
+    pub(crate) fn other(background: bool) -> Self {
+        InstallContext {
+            role: Role::Other,
+            background,
+            buf: Vec::new(),
         }
     }
+}
+
+/// Where the bytes of a run come from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bytes {
+    Zero,
+    /// A host address holding the run's bytes (a mapped source, or pages the caller holds).
+    Address(u64),
+    /// The context's buffer.
+    Buffer,
+}
+
+/// What [`Shared::fill`] did with a claimed run.
+struct Filled {
+    /// Pages from the first that are now present (installed, or found present).
+    done: usize,
+    /// Of those, the pages this call installed.
+    installed: usize,
+    error: Option<InstallError>,
 }
 
 impl Shared {
@@ -83,10 +171,14 @@ impl Shared {
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
     /// Claims up to `max` contiguous pages from `first` that are neither present nor in flight
     /// and share `first`'s discarded state. Returns how many were claimed (0: `first` was
     /// taken).
-    fn claim_run(&self, region: &Region, first: usize, max: usize) -> usize {
+    pub(crate) fn claim_run(&self, region: &Region, first: usize, max: usize) -> usize {
         if region.present.get(first) || !region.inflight.test_and_set(first) {
             return 0;
         }
@@ -111,113 +203,241 @@ impl Shared {
         }
     }
 
-    /// The single install path: fetch `count` claimed pages from `first` and install them
-    /// (zero pages without a copy), handling EEXIST (never overwrite) and EAGAIN (read
-    /// pending events, retry). Marks what it installed present; releases the claim.
-    /// `given` is the address of the pages' contents when the caller already has them (a
-    /// working set read ahead of time); the source is then not asked.
-    pub(crate) fn install(
+    /// The single install path for `count` claimed pages of region `index` from `first`:
+    /// fetch (unless `given` holds the bytes), install, and poison whatever could not be
+    /// installed, exactly those pages. Every page ends present or poisoned, with its waiters
+    /// woken; the claim is released last. Returns the pages this call installed.
+    pub(crate) fn install_claimed(
+        &self,
+        index: usize,
+        first: usize,
+        count: usize,
+        ctx: &mut InstallContext<'_>,
+        given: Option<u64>,
+    ) -> usize {
+        let region = &self.regions[index];
+        let filled = self.fill(region, first, count, ctx, given);
+        let mut installed = filled.installed;
+        match filled.error {
+            None => {}
+            // A multi-page fetch that failed: one bad page must not take its neighbours down,
+            // so each page is tried on its own and only those that fail are poisoned.
+            Some(InstallError::Source(_)) if filled.done == 0 && count > 1 && given.is_none() => {
+                for page in first..first + count {
+                    let single = self.fill(region, page, 1, ctx, None);
+                    installed += single.installed;
+                    if let Some(error) = single.error {
+                        self.fail_pages(region, page, 1, &error, ctx);
+                    }
+                }
+            }
+            Some(error) => {
+                let from = first + filled.done;
+                self.fail_pages(region, from, first + count - from, &error, ctx);
+            }
+        }
+        self.release(region, first, count);
+        installed
+    }
+
+    /// Fetches and installs a claimed run, stopping at the first error.
+    fn fill(
         &self,
         region: &Region,
         first: usize,
         count: usize,
-        buf: &mut Vec<u8>,
-        background: bool,
+        ctx: &mut InstallContext<'_>,
         given: Option<u64>,
-    ) -> Result<(), InstallError> {
+    ) -> Filled {
         let page_size = region.page_size;
         let len = count * page_size as usize;
-        buf.resize(len, 0);
-        // Decide once where the bytes come from: a discarded page's true contents are zero
-        // whatever the source holds; a source that maps the range is installed from directly;
-        // others fill `buf`.
         let offset = first as u64 * page_size;
-        let (content, mapped) = if region.discarded.get(first) {
-            (Content::Zero, None)
+        // A discarded run's true contents are zero whatever the source holds (claim_run never
+        // mixes discarded and kept pages, and a page never stops being discarded).
+        let mut bytes = if region.discarded.get(first) {
+            Bytes::Zero
         } else if let Some(addr) = given {
-            (Content::Data, Some(addr))
+            Bytes::Address(addr)
         } else if let Some(addr) = region.source.mapped_addr(offset, len as u64) {
-            (Content::Data, Some(addr))
+            Bytes::Address(addr)
         } else {
-            match region.source.fetch(offset, &mut buf[..len]) {
-                Ok(content) => (content, None),
-                Err(e) => {
-                    self.release(region, first, count);
-                    return Err(InstallError::Source(e));
+            match self.fetch(region, first, count, 0, ctx) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    return Filled {
+                        done: 0,
+                        installed: 0,
+                        error: Some(error),
+                    }
                 }
             }
         };
-        let mut done_pages = 0;
-        let mut retries = 0;
-        let result = loop {
-            if done_pages == count {
-                break Ok(());
+        let mut filled = Filled {
+            done: 0,
+            installed: 0,
+            error: None,
+        };
+        let mut again = AgainWait::new();
+        while filled.done < count {
+            let gate = self.event_gate.read().unwrap_or_else(|e| e.into_inner());
+            let page = first + filled.done;
+            // Pages removed since the fetch are zero now (see the module documentation).
+            let discarded = region.discarded.get(page);
+            let mut run = 1;
+            while filled.done + run < count && region.discarded.get(page + run) == discarded {
+                run += 1;
             }
-            let addr = region.addr_of(first + done_pages);
-            let remaining = (count - done_pages) as u64 * page_size;
+            let addr = region.addr_of(page);
+            let run_len = run as u64 * page_size;
+            let skip = filled.done * page_size as usize;
             Counters::add(&self.counters.install_ioctls, 1);
-            let outcome = match content {
-                Content::Zero => self.uffd.zeropage(addr, remaining, false),
-                Content::Data => {
-                    let skip = done_pages * page_size as usize;
-                    match mapped {
-                        // Straight from the source's mapping (a file image's page cache).
-                        Some(src) => self.uffd.copy_from_addr(
-                            addr,
-                            src + skip as u64,
-                            remaining,
-                            uffd::CopyMode::default(),
-                        ),
-                        None => self
-                            .uffd
-                            .copy(addr, &buf[skip..len], uffd::CopyMode::default()),
-                    }
+            // SAFETY: `addr` lies in a region registered with this userfaultfd, whose builder
+            // took responsibility for its pages (`PagerBuilder::region`); this thread holds the
+            // claim on these pages, and UFFDIO_COPY/ZEROPAGE never overwrite a present page.
+            let outcome = unsafe {
+                match (discarded, bytes) {
+                    (true, _) | (false, Bytes::Zero) => self.uffd.zeropage(addr, run_len, false),
+                    (false, Bytes::Address(src)) => self.uffd.copy_from_addr(
+                        addr,
+                        src + skip as u64,
+                        run_len,
+                        uffd::CopyMode::default(),
+                    ),
+                    (false, Bytes::Buffer) => self.uffd.copy(
+                        addr,
+                        &ctx.buf[skip..skip + run_len as usize],
+                        uffd::CopyMode::default(),
+                    ),
                 }
             };
-            let (done, present_after) = match outcome {
-                Ok(Outcome::Done) => (remaining, 0),
-                // The page at `done` is already there: count it present, never overwrite it.
+            let zero = discarded || bytes == Bytes::Zero;
+            match outcome {
+                Ok(Outcome::Done) => self.installed(region, page, run, zero, ctx, &mut filled),
                 Ok(Outcome::Exists { done }) => {
+                    // The page at `done` is there already: count it present, never overwrite
+                    // it, and wake whoever waits on it.
                     Counters::add(&self.counters.eexist, 1);
-                    (done, 1)
+                    let k = (done / page_size) as usize;
+                    self.installed(region, page, k, zero, ctx, &mut filled);
+                    region.present.set(page + k);
+                    filled.done += 1;
+                    let _ = self.uffd.wake(region.addr_of(page + k), region.page_size);
                 }
                 Ok(Outcome::Again { done }) => {
                     Counters::add(&self.counters.eagain, 1);
-                    retries += 1;
-                    if retries > MAX_AGAIN_RETRIES {
-                        break Err(InstallError::TooManyRetries);
+                    let k = (done / page_size) as usize;
+                    self.installed(region, page, k, zero, ctx, &mut filled);
+                    if k == 0 {
+                        // The address space is changing: a remove event waits to be read.
+                        drop(gate);
+                        if let Err(error) = self.wait_out_again(&mut again, ctx) {
+                            filled.error = Some(error);
+                            return filled;
+                        }
                     }
-                    if done == 0 {
-                        // The address space is changing: a remove or unmap event is waiting.
-                        self.drain_non_fault_events();
-                    }
-                    (done, 0)
                 }
-                Err(e) => break Err(InstallError::Uffd(e)),
-            };
-            let installed = (done / page_size) as usize;
-            for page in first + done_pages..first + done_pages + installed + present_after {
-                region.present.set(page);
+                Err(e) if is_efault(&e) && given.is_none() && bytes != Bytes::Buffer => {
+                    // The source's mapping could not be read (its file shrank, say): read the
+                    // rest through `fetch`, whose error names the cause.
+                    drop(gate);
+                    match self.fetch(region, page, count - filled.done, skip, ctx) {
+                        Ok(fetched) => bytes = fetched,
+                        Err(error) => {
+                            filled.error = Some(error);
+                            return filled;
+                        }
+                    }
+                }
+                Err(e) => {
+                    filled.error = Some(InstallError::Uffd(e));
+                    return filled;
+                }
             }
-            let counter = if background {
-                &self.counters.pages_installed_background
-            } else {
-                &self.counters.pages_installed_urgent
-            };
-            Counters::add(counter, installed as u64);
-            match content {
-                Content::Zero => Counters::add(&self.counters.zero_pages, installed as u64),
-                Content::Data => Counters::add(&self.counters.bytes_copied, done),
-            }
-            done_pages += installed + present_after;
-        };
-        self.release(region, first, count);
-        result
+        }
+        filled
     }
 
-    /// The explicit answer to a page that cannot be had: poison it (the toucher gets SIGBUS,
-    /// a kernel access EFAULT), record the error, and apply the failure policy.
-    fn fail_pages(&self, region: &Region, first: usize, count: usize, error: &InstallError) {
+    /// Fetches `count` pages from `first` into the context's buffer at byte `at` (where the
+    /// run's bytes for `first` belong when it continues a run).
+    fn fetch(
+        &self,
+        region: &Region,
+        first: usize,
+        count: usize,
+        at: usize,
+        ctx: &mut InstallContext<'_>,
+    ) -> Result<Bytes, InstallError> {
+        let len = count * region.page_size as usize;
+        if ctx.buf.len() < at + len {
+            ctx.buf.resize(at + len, 0);
+        }
+        let offset = first as u64 * region.page_size;
+        match region.source.fetch(offset, &mut ctx.buf[at..at + len]) {
+            Ok(Content::Data) => Ok(Bytes::Buffer),
+            Ok(Content::Zero) => Ok(Bytes::Zero),
+            Err(e) => Err(InstallError::Source(e)),
+        }
+    }
+
+    /// Marks `run` pages from `page` installed (present), under the event gate.
+    fn installed(
+        &self,
+        region: &Region,
+        page: usize,
+        run: usize,
+        zero: bool,
+        ctx: &InstallContext<'_>,
+        filled: &mut Filled,
+    ) {
+        for p in page..page + run {
+            region.present.set(p);
+        }
+        let counter = if ctx.background {
+            &self.counters.pages_installed_background
+        } else {
+            &self.counters.pages_installed_urgent
+        };
+        Counters::add(counter, run as u64);
+        if zero {
+            Counters::add(&self.counters.zero_pages, run as u64);
+        } else {
+            Counters::add(&self.counters.bytes_copied, run as u64 * region.page_size);
+        }
+        filled.done += run;
+        filled.installed += run;
+    }
+
+    /// After EAGAIN: a fault thread reads the pending events itself (faults are queued for
+    /// later, in order; removes are applied); any other thread backs off until a fault thread
+    /// has. Gives up when the pager stops or the condition outlasts [`AGAIN_GIVE_UP`].
+    fn wait_out_again(
+        &self,
+        again: &mut AgainWait,
+        ctx: &mut InstallContext<'_>,
+    ) -> Result<(), InstallError> {
+        if self.stopping() {
+            return Err(InstallError::Stopped);
+        }
+        if let Role::FaultThread(queue) = &mut ctx.role {
+            match self.read_events(queue) {
+                Ok(n) if n > 0 => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(InstallError::Uffd(e)),
+            }
+        }
+        again.wait().map_err(InstallError::AgainForever)
+    }
+
+    /// The explicit answer to pages that cannot be had: poison them (the toucher gets
+    /// SIGBUS, a kernel access EFAULT), record the error, and apply the failure policy.
+    fn fail_pages(
+        &self,
+        region: &Region,
+        first: usize,
+        count: usize,
+        error: &InstallError,
+        ctx: &mut InstallContext<'_>,
+    ) {
         Counters::add(&self.counters.source_errors, 1);
         let addr = region.addr_of(first);
         let message = format!(
@@ -228,51 +448,114 @@ impl Shared {
         tracing::error!("pager: {message}");
         // Tell the VMM first, so that it stops the VM before the toucher resumes with an error.
         if self.config.failure_policy == FailurePolicy::Stop {
-            let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
-            if fatal.is_none() {
-                *fatal = Some(message.clone());
-                if let Some(callback) = &self.on_fatal {
-                    callback(&message);
-                }
-            }
+            self.report_fatal(&message);
         }
-        match self
-            .uffd
-            .poison(addr, count as u64 * region.page_size, false)
-        {
-            Ok(_) => Counters::add(&self.counters.pages_poisoned, count as u64),
-            Err(e) => tracing::error!("pager: cannot poison {addr:#x}: {e}"),
+        let mut done = 0;
+        let mut again = AgainWait::new();
+        while done < count {
+            let gate = self.event_gate.read().unwrap_or_else(|e| e.into_inner());
+            let page = first + done;
+            let len = (count - done) as u64 * region.page_size;
+            // SAFETY: as for installs: a registered region's claimed pages; poisoning never
+            // touches a present page.
+            let outcome = unsafe { self.uffd.poison(region.addr_of(page), len, false) };
+            let (poisoned, skip) = match outcome {
+                Ok(Outcome::Done) => (count - done, 0),
+                // A present page (installed before the failure): skip it.
+                Ok(Outcome::Exists { done: d }) => ((d / region.page_size) as usize, 1),
+                Ok(Outcome::Again { done: d }) => {
+                    let k = (d / region.page_size) as usize;
+                    if k == 0 {
+                        drop(gate);
+                        if let Err(e) = self.wait_out_again(&mut again, ctx) {
+                            self.poison_failed(region, page, count - done, &e.to_string());
+                            return;
+                        }
+                    }
+                    (k, 0)
+                }
+                Err(e) => {
+                    drop(gate);
+                    self.poison_failed(region, page, count - done, &e.to_string());
+                    return;
+                }
+            };
+            for p in page..page + poisoned + skip {
+                region.present.set(p);
+            }
+            Counters::add(&self.counters.pages_poisoned, poisoned as u64);
+            done += poisoned + skip;
         }
     }
 
-    /// Installs `data` (whole pages) at `first` onward in `region`, skipping pages that are
-    /// present or being installed: those hold what the guest has seen, never to be overwritten.
-    /// Returns how many pages this call installed.
+    /// Poisoning itself failed: nothing can answer these pages' waiters but stopping the VM,
+    /// then waking them (they fault again and the VM is already stopping).
+    fn poison_failed(&self, region: &Region, page: usize, count: usize, reason: &str) {
+        let addr = region.addr_of(page);
+        self.report_fatal(&format!(
+            "cannot poison pages {:#x}..{:#x} that could not be provided: {reason}",
+            addr,
+            addr + count as u64 * region.page_size
+        ));
+        let _ = self.uffd.wake(addr, count as u64 * region.page_size);
+    }
+
+    /// Records the first fatal error and tells the VMM (once).
+    fn report_fatal(&self, message: &str) {
+        let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
+        if fatal.is_none() {
+            *fatal = Some(message.to_string());
+            if let Some(callback) = &self.on_fatal {
+                callback(message);
+            }
+        }
+    }
+
+    /// A fault thread lost its userfaultfd: fatal under every policy. The regions are
+    /// unregistered so that no toucher stays blocked on a fault nobody will serve, and the
+    /// pager's threads stop; the VMM must not report success after this.
+    fn fail_fault_thread(&self, message: String) {
+        tracing::error!("pager: {message}");
+        self.report_fatal(&message);
+        for region in &self.regions {
+            let _ = self.uffd.unregister(region.start, region.len);
+        }
+        let _queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        self.stop.store(true, Ordering::Release);
+        self.background_cv.notify_all();
+    }
+
+    /// Installs `data` (whole pages) at `first` onward in region `index`, skipping pages that
+    /// are present or being installed: those hold what the guest has seen, never to be
+    /// overwritten. Returns how many pages this call installed.
     pub(crate) fn install_given(&self, index: usize, first: usize, data: &[u8]) -> usize {
         let region = &self.regions[index];
         let page_size = region.page_size as usize;
         let end = (first + data.len() / page_size).min(region.pages());
-        let mut buf = Vec::new();
+        let mut ctx = InstallContext::other(true);
         let mut installed = 0;
         let mut page = first;
-        while page < end {
+        while page < end && !self.stopping() {
             let count = self.claim_run(region, page, end - page);
             if count == 0 {
                 page += 1;
                 continue;
             }
             let addr = data[(page - first) * page_size..].as_ptr() as u64;
-            match self.install(region, page, count, &mut buf, true, Some(addr)) {
-                Ok(()) => installed += count,
-                Err(e) => self.fail_pages(region, page, count, &e),
-            }
+            installed += self.install_claimed(index, page, count, &mut ctx, Some(addr));
             page += count;
         }
         installed
     }
 
-    /// Serves one fault.
-    fn serve_fault(&self, address: u64, thread_id: u32, buf: &mut Vec<u8>) {
+    /// Serves one missing fault.
+    fn serve_missing(
+        &self,
+        address: u64,
+        thread_id: u32,
+        queue: &mut EventQueue,
+        buf: &mut Vec<u8>,
+    ) {
         let started = Instant::now();
         let Some(index) = self.find_region(address) else {
             tracing::warn!("pager: fault at {address:#x} outside every region");
@@ -286,12 +569,9 @@ impl Shared {
         let count = self.claim_run(region, page, self.config.readahead_pages.max(1));
         if count == 0 {
             // Present already, or another thread's install is in flight: that install (or the
-            // one that made it present) wakes the faulting thread. Wake anyway in case the
-            // fault raced with an install that completed before the thread went to sleep.
+            // one that made it present) wakes the faulting thread; the kernel does not put a
+            // thread to sleep on a page that became present before it could.
             Counters::add(&self.counters.faults_joined, 1);
-            if region.present.get(page) {
-                let _ = self.uffd.wake(region.addr_of(page), region.page_size);
-            }
             return;
         }
         if self.config.record_faults {
@@ -300,16 +580,41 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((index, page));
         }
-        if let Err(e) = self.install(region, page, count, buf, false, None) {
-            self.fail_pages(region, page, count, &e);
-        }
+        let mut ctx = InstallContext {
+            role: Role::FaultThread(queue),
+            background: false,
+            buf: std::mem::take(buf),
+        };
+        self.install_claimed(index, page, count, &mut ctx, None);
+        *buf = ctx.buf;
         self.counters
             .record_fault(self.origin(thread_id), started.elapsed());
     }
 
-    /// Handles a remove (madvise DONTNEED/REMOVE, balloon): the pages are gone and read as
-    /// zero from now on.
-    fn handle_remove(&self, start: u64, end: u64) {
+    /// A write-protect fault: the pager never write-protects guest memory (live snapshots
+    /// will), so one means a bug or a foreign registration. Refused: the VM stops, and the
+    /// page is unprotected so that the writer does not fault forever.
+    fn refuse_write_protect_fault(&self, address: u64) {
+        let page = address & !(uffd::PAGE_SIZE - 1);
+        self.report_fatal(&format!(
+            "a write-protect fault at {address:#x}: faultline does not write-protect guest memory (yet), so this is a bug"
+        ));
+        let _ = self.uffd.writeprotect(page, uffd::PAGE_SIZE, false, false);
+    }
+
+    /// A minor fault: no region is registered in minor mode (yet). Refused: the VM stops, and
+    /// the thread is woken so that it does not wait forever.
+    fn refuse_minor_fault(&self, address: u64) {
+        let page = address & !(uffd::PAGE_SIZE - 1);
+        self.report_fatal(&format!(
+            "a minor fault at {address:#x}: the pager registers no memory in minor mode (yet), so this is a bug"
+        ));
+        let _ = self.uffd.wake(page, uffd::PAGE_SIZE);
+    }
+
+    /// Handles a remove (madvise DONTNEED/REMOVE, balloon) or an unmap: the pages are gone and
+    /// read as zero from now on. Runs with the event gate held exclusively.
+    fn apply_remove(&self, start: u64, end: u64) {
         for region in &self.regions {
             let lo = start.max(region.start);
             let hi = end.min(region.start + region.len);
@@ -326,48 +631,67 @@ impl Shared {
         }
     }
 
-    fn handle_event(&self, event: Event, buf: &mut Vec<u8>) {
-        match event {
-            Event::PageFault {
-                address, thread_id, ..
-            } => self.serve_fault(address, thread_id, buf),
-            Event::Remove { start, end } => self.handle_remove(start, end),
-            Event::Unmap { start, end } => self.handle_remove(start, end),
-            other => tracing::warn!("pager: ignoring event {other:?}"),
+    /// Reads the pending events (without blocking) with the event gate held exclusively:
+    /// removes are applied at once, everything else joins the queue in order. Returns how
+    /// many events were read.
+    pub(crate) fn read_events(&self, queue: &mut EventQueue) -> Result<usize, UffdError> {
+        let _gate = self.event_gate.write().unwrap_or_else(|e| e.into_inner());
+        queue.scratch.clear();
+        let n = self.uffd.read_events(&mut queue.scratch, EVENT_BATCH)?;
+        if n > 0 {
+            self.counters.note_batch(n as u64);
         }
-    }
-
-    /// Reads pending events and handles everything but faults, which are served later by
-    /// the normal loop (used while retrying an install that got EAGAIN).
-    fn drain_non_fault_events(&self) {
-        let mut events = Vec::new();
-        if self.uffd.read_events(&mut events, EVENT_BATCH).is_err() {
-            return;
-        }
-        let mut deferred = Vec::new();
-        for event in events {
+        for event in queue.scratch.drain(..) {
             match event {
                 Event::Remove { start, end } | Event::Unmap { start, end } => {
-                    self.handle_remove(start, end)
+                    self.apply_remove(start, end)
                 }
-                Event::PageFault {
-                    address, thread_id, ..
-                } => deferred.push((address, thread_id)),
-                other => tracing::warn!("pager: ignoring event {other:?}"),
+                Event::PageFault { .. } => {
+                    self.urgent_pending.fetch_add(1, Ordering::AcqRel);
+                    queue.pending.push_back(event);
+                }
+                other => queue.pending.push_back(other),
             }
         }
-        // Faults read here would otherwise be lost: their threads sleep until woken.
-        let mut buf = Vec::new();
-        for (address, thread_id) in deferred {
-            self.serve_fault(address, thread_id, &mut buf);
+        Ok(n)
+    }
+
+    /// Handles one queued event by kind.
+    fn dispatch(&self, event: Event, queue: &mut EventQueue, buf: &mut Vec<u8>) {
+        match event {
+            Event::PageFault {
+                address,
+                wp,
+                minor,
+                thread_id,
+                ..
+            } => {
+                if wp {
+                    self.refuse_write_protect_fault(address);
+                } else if minor {
+                    self.refuse_minor_fault(address);
+                } else {
+                    self.serve_missing(address, thread_id, queue, buf);
+                }
+                self.urgent_pending.fetch_sub(1, Ordering::AcqRel);
+            }
+            // Applied when read (see `read_events`).
+            Event::Remove { .. } | Event::Unmap { .. } => {}
+            Event::Remap { from, to, len } => self.report_fatal(&format!(
+                "guest memory [{from:#x}, +{len:#x}) was moved to {to:#x} by mremap: the pager serves fixed addresses"
+            )),
+            // Not asked for (no UFFD_FEATURE_EVENT_FORK); the child's descriptor is closed.
+            Event::Fork { uffd } => {
+                tracing::warn!("pager: closing the userfaultfd of a forked child");
+                drop(uffd);
+            }
+            Event::Unknown(kind) => tracing::warn!("pager: ignoring unknown event {kind}"),
         }
     }
 
-    /// A fault thread: poll the userfaultfd and the stop eventfd, read events, serve them.
-    pub fn fault_loop(&self) {
+    /// Waits until the userfaultfd has events (true) or the pager stops (false).
+    fn wait_for_events(&self) -> std::io::Result<bool> {
         use std::os::fd::AsRawFd;
-        let mut events = Vec::with_capacity(EVENT_BATCH);
-        let mut buf = Vec::new();
         let mut fds = [
             libc::pollfd {
                 fd: self.uffd.as_raw_fd(),
@@ -380,78 +704,115 @@ impl Shared {
                 revents: 0,
             },
         ];
-        while !self.stop.load(Ordering::Acquire) {
+        loop {
             // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
             let ret = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if ret < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+            if ret >= 0 {
+                return Ok(fds[1].revents == 0 && !self.stopping());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// A fault thread: wait for events, read them into its queue, dispatch them in order. A
+    /// failure to wait or read is fatal (see [`fail_fault_thread`](Self::fail_fault_thread)).
+    pub fn fault_loop(&self) {
+        let mut queue = EventQueue::default();
+        let mut buf = Vec::new();
+        loop {
+            if queue.pending.is_empty() {
+                match self.wait_for_events() {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        self.fail_fault_thread(format!(
+                            "the pager's fault thread cannot poll its userfaultfd: {e}"
+                        ));
+                        return;
+                    }
                 }
-                tracing::error!("pager: poll failed: {e}");
-                break;
-            }
-            if fds[1].revents != 0 {
-                break;
-            }
-            events.clear();
-            match self.uffd.read_events(&mut events, EVENT_BATCH) {
-                Ok(0) => continue,
-                Ok(n) => {
-                    self.counters.note_batch(n as u64);
-                    self.urgent_pending.fetch_add(n as u64, Ordering::AcqRel);
-                }
-                Err(e) => {
-                    tracing::error!("pager: {e}");
-                    break;
+                if let Err(e) = self.read_events(&mut queue) {
+                    let cause = std::error::Error::source(&e)
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default();
+                    self.fail_fault_thread(format!(
+                        "the pager's fault thread cannot read its userfaultfd: {e}{cause}"
+                    ));
+                    return;
                 }
             }
-            for event in events.drain(..) {
-                self.handle_event(event, &mut buf);
-                self.urgent_pending.fetch_sub(1, Ordering::AcqRel);
+            while let Some(event) = queue.pending.pop_front() {
+                self.dispatch(event, &mut queue, &mut buf);
             }
+            if self.stopping() {
+                return;
+            }
+        }
+    }
+
+    /// Waits, interruptibly, until `deadline`; false if the pager stopped first.
+    fn sleep_until(&self, deadline: Instant) -> bool {
+        let mut queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.stopping() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            queue = self
+                .background_cv
+                .wait_timeout(queue, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The next background job, waiting for one; `None` once the pager stops.
+    fn next_job(&self) -> Option<Job> {
+        let mut queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.stopping() {
+                return None;
+            }
+            if let Some(job) = queue.pop_front() {
+                return Some(job);
+            }
+            queue = self
+                .background_cv
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
     /// The background worker: installs queued jobs in batches, yielding to urgent faults and
     /// keeping to the configured rate.
     pub fn background_loop(&self) {
-        let mut buf = Vec::new();
+        let mut ctx = InstallContext::other(true);
         let batch = self.config.background_batch_pages.max(1);
         let started = Instant::now();
         let mut bytes_done: u64 = 0;
-        loop {
-            let job = {
-                let mut queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
-                loop {
-                    if self.stop.load(Ordering::Acquire) {
-                        return;
-                    }
-                    if let Some(job) = queue.pop_front() {
-                        break job;
-                    }
-                    queue = self
-                        .background_cv
-                        .wait(queue)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-            };
+        while let Some(job) = self.next_job() {
             let region = &self.regions[job.region];
             let mut page = job.first;
             let end = (job.first + job.count).min(region.pages());
             while page < end {
-                if self.stop.load(Ordering::Acquire) {
-                    return;
-                }
                 // Urgent faults first: wait while any is being served.
-                while self.urgent_pending.load(Ordering::Acquire) > 0 {
+                while self.urgent_pending.load(Ordering::Acquire) > 0 && !self.stopping() {
                     std::thread::yield_now();
                 }
                 if let Some(rate) = self.config.background_rate {
                     let due = Duration::from_secs_f64(bytes_done as f64 / rate as f64);
-                    if let Some(wait) = due.checked_sub(started.elapsed()) {
-                        std::thread::sleep(wait);
+                    if !self.sleep_until(started + due) {
+                        return;
                     }
+                }
+                if self.stopping() {
+                    return;
                 }
                 let count = self.claim_run(region, page, batch.min(end - page));
                 if count == 0 {
@@ -461,9 +822,7 @@ impl Shared {
                         .fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
-                if let Err(e) = self.install(region, page, count, &mut buf, true, None) {
-                    self.fail_pages(region, page, count, &e);
-                }
+                self.install_claimed(job.region, page, count, &mut ctx, None);
                 bytes_done += count as u64 * region.page_size;
                 self.counters
                     .background_pending_pages
@@ -472,4 +831,35 @@ impl Shared {
             }
         }
     }
+}
+
+/// Exponential back-off for EAGAIN, with a limit on the total.
+struct AgainWait {
+    next: Duration,
+    since: Option<Instant>,
+}
+
+impl AgainWait {
+    fn new() -> Self {
+        AgainWait {
+            next: AGAIN_FIRST_WAIT,
+            since: None,
+        }
+    }
+
+    /// Sleeps the next step; Err(total waited) once the total passes [`AGAIN_GIVE_UP`].
+    fn wait(&mut self) -> Result<(), Duration> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        let waited = since.elapsed();
+        if waited >= AGAIN_GIVE_UP {
+            return Err(waited);
+        }
+        std::thread::sleep(self.next);
+        self.next = (self.next * 2).min(AGAIN_MAX_WAIT);
+        Ok(())
+    }
+}
+
+fn is_efault(error: &UffdError) -> bool {
+    matches!(error, UffdError::Ioctl { source, .. } if source.raw_os_error() == Some(libc::EFAULT))
 }

@@ -17,8 +17,9 @@ mod source;
 mod stats;
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 pub use source::{
@@ -53,7 +54,8 @@ pub struct PagerConfig {
     pub readahead_pages: usize,
     /// Pages per background install.
     pub background_batch_pages: usize,
-    /// Background bytes per second (None: as fast as urgent faults allow).
+    /// Background bytes per second (None: as fast as urgent faults allow; at least one page
+    /// a second otherwise).
     pub background_rate: Option<u64>,
     pub failure_policy: FailurePolicy,
     /// Keep the order in which faults claimed pages (for working-set recording).
@@ -102,6 +104,10 @@ pub enum PagerError {
     Thread(#[source] std::io::Error),
     #[error("no region {0}")]
     NoRegion(usize),
+    #[error("invalid pager configuration: {0}")]
+    Config(String),
+    #[error("the pager has stopped")]
+    Stopped,
 }
 
 /// The features the pager needs from the kernel.
@@ -135,28 +141,45 @@ impl PagerBuilder {
     /// Registers `[start, start + len)` (mapped, page aligned) to be served from `source`.
     /// Pages already resident (written before this call) are never fetched. Returns the
     /// region's index.
-    pub fn region(
+    ///
+    /// # Safety
+    ///
+    /// The pager installs pages into the range (and poisons those its source cannot provide)
+    /// behind the back of any Rust reference into it, and a touch of a missing page blocks
+    /// until the pager answers. The range must be memory the caller manages as raw pages
+    /// (guest RAM), mapped for as long as the pager runs (it must be shut down before the
+    /// mapping goes), and never memory Rust code owns as an ordinary object.
+    pub unsafe fn region(
         &mut self,
         start: u64,
         len: u64,
         source: Arc<dyn PageSource>,
     ) -> Result<usize, PagerError> {
-        self.add_region(start, len, source, true)
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.add_region(start, len, source, true) }
     }
 
     /// Like [`region`](Self::region), for a range the caller knows has never been touched
     /// (fresh memory, as a restore has): residency is not probed, which on a large range
     /// saves a `mincore` walk of every page.
-    pub fn region_untouched(
+    ///
+    /// # Safety
+    ///
+    /// As for [`region`](Self::region).
+    pub unsafe fn region_untouched(
         &mut self,
         start: u64,
         len: u64,
         source: Arc<dyn PageSource>,
     ) -> Result<usize, PagerError> {
-        self.add_region(start, len, source, false)
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.add_region(start, len, source, false) }
     }
 
-    fn add_region(
+    /// # Safety
+    ///
+    /// As for [`region`](Self::region).
+    unsafe fn add_region(
         &mut self,
         start: u64,
         len: u64,
@@ -175,8 +198,8 @@ impl PagerBuilder {
             return Err(PagerError::Overlap { start, len });
         }
         let region = Region::new(start, len, page_size, source);
-        self.uffd
-            .register(start, len, RegisterMode::MISSING)
+        // SAFETY: the caller vouches for the range (see `region`); the pager serves its faults.
+        unsafe { self.uffd.register(start, len, RegisterMode::MISSING) }
             .map_err(|source| PagerError::Register { start, len, source })?;
         let resident = if probe_residency {
             region
@@ -195,8 +218,14 @@ impl PagerBuilder {
         self.on_fatal = Some(Box::new(callback));
     }
 
-    /// Starts the fault threads and the background worker.
+    /// Starts the fault threads and the background worker. If a thread cannot be started,
+    /// those already started are stopped before the error is returned.
     pub fn start(self) -> Result<Pager, PagerError> {
+        if self.config.background_rate == Some(0) {
+            return Err(PagerError::Config(
+                "a background rate of 0 bytes per second would never finish".into(),
+            ));
+        }
         let stop_evt = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -216,28 +245,28 @@ impl PagerBuilder {
             fatal: Mutex::new(None),
             on_fatal: self.on_fatal,
             fault_log: Mutex::new(Vec::new()),
+            event_gate: RwLock::new(()),
         });
-        let mut threads = Vec::new();
-        for i in 0..self.config.fault_threads.max(1) {
-            let shared = Arc::clone(&shared);
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("pager-fault{i}"))
-                    .spawn(move || shared.fault_loop())
-                    .map_err(PagerError::Thread)?,
-            );
-        }
-        let background = Arc::clone(&shared);
-        threads.push(
-            std::thread::Builder::new()
-                .name("pager-background".into())
-                .spawn(move || background.background_loop())
-                .map_err(PagerError::Thread)?,
-        );
-        Ok(Pager {
+        let mut pager = Pager {
             handle: PagerHandle { shared },
-            threads,
-        })
+            threads: Vec::new(),
+        };
+        for i in 0..self.config.fault_threads.max(1) {
+            let shared = Arc::clone(&pager.handle.shared);
+            // On an error `pager` is dropped, which stops and joins the threads started.
+            let thread = std::thread::Builder::new()
+                .name(format!("pager-fault{i}"))
+                .spawn(move || shared.fault_loop())
+                .map_err(PagerError::Thread)?;
+            pager.threads.push(thread);
+        }
+        let background = Arc::clone(&pager.handle.shared);
+        let thread = std::thread::Builder::new()
+            .name("pager-background".into())
+            .spawn(move || background.background_loop())
+            .map_err(PagerError::Thread)?;
+        pager.threads.push(thread);
+        Ok(pager)
     }
 }
 
@@ -295,6 +324,9 @@ impl PagerHandle {
         if region >= self.shared.regions.len() {
             return Err(PagerError::NoRegion(region));
         }
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Err(PagerError::Stopped);
+        }
         Ok(self.shared.install_given(region, first, data))
     }
 
@@ -318,7 +350,10 @@ impl PagerHandle {
             .snapshot(self.shared.regions.iter().map(Region::stats).collect())
     }
 
-    /// The first fatal error under [`FailurePolicy::Stop`], if any.
+    /// The first fatal error, if any: a page that could not be had under
+    /// [`FailurePolicy::Stop`], or, under any policy, a failure of the pager itself (a fault
+    /// thread that cannot read its userfaultfd, an event it cannot handle). After one, guest
+    /// memory cannot be trusted.
     pub fn fatal_error(&self) -> Option<String> {
         self.shared
             .fatal
@@ -340,6 +375,14 @@ impl PagerHandle {
     /// Number of regions.
     pub fn regions(&self) -> usize {
         self.shared.regions.len()
+    }
+
+    /// The userfaultfd's descriptor number, for fault-injection tests (replacing it with
+    /// another file makes the fault threads' reads fail as a real kernel error would). Not
+    /// for anything else: the pager owns the descriptor.
+    #[doc(hidden)]
+    pub fn userfaultfd_raw_fd(&self) -> RawFd {
+        self.shared.uffd.as_raw_fd()
     }
 }
 

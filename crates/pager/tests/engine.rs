@@ -107,13 +107,15 @@ fn kernel_read(addr: u64) -> Result<u64, i32> {
 fn pattern_pager(pages: usize, config: PagerConfig) -> Option<(Pager, Shm)> {
     let mut builder = builder(config)?;
     let shm = Shm::new(pages);
-    builder
-        .region(
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe {
+        builder.region(
             shm.addr,
             shm.len as u64,
             Arc::new(MemorySource::new(pattern(pages))),
         )
-        .unwrap();
+    }
+    .unwrap();
     Some((builder.start().unwrap(), shm))
 }
 
@@ -203,13 +205,15 @@ fn a_fault_on_a_page_in_flight_joins_it() {
         gate: Arc::clone(&gate),
         fetches: Mutex::new(Vec::new()),
     });
-    builder
-        .region(
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe {
+        builder.region(
             shm.addr,
             shm.len as u64,
             Arc::clone(&source) as Arc<dyn PageSource>,
         )
-        .unwrap();
+    }
+    .unwrap();
     let pager = builder.start().unwrap();
     // The background worker claims page 5 and blocks in the source.
     pager.prefetch(0, 5, 1).unwrap();
@@ -301,9 +305,8 @@ fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Reported)> {
         inner: MemorySource::new(pattern(PAGES)),
         bad: 2,
     };
-    builder
-        .region(shm.addr, shm.len as u64, Arc::new(source))
-        .unwrap();
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
     let reported = Arc::new(Mutex::new(None));
     let sink = Arc::clone(&reported);
     builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
@@ -447,13 +450,15 @@ fn resident_pages_are_never_fetched() {
             Ok(Content::Zero)
         }
     }
-    builder
-        .region(
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe {
+        builder.region(
             shm.addr,
             shm.len as u64,
             Arc::new(Counting(Arc::clone(&fetched))),
         )
-        .unwrap();
+    }
+    .unwrap();
     let pager = builder.start().unwrap();
     assert!(pager.is_present(0, 1));
     assert_eq!(read_u64(shm.page(1)), 0x1111);
@@ -490,9 +495,8 @@ fn zero_source_installs_zero_pages_without_copies() {
         return;
     };
     let shm = Shm::new(4);
-    builder
-        .region(shm.addr, shm.len as u64, Arc::new(ZeroSource))
-        .unwrap();
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(ZeroSource)) }.unwrap();
     let pager = builder.start().unwrap();
     for page in 0..4 {
         assert_eq!(read_u64(shm.page(page)), 0);
@@ -508,14 +512,15 @@ fn bad_regions_are_rejected() {
     };
     let shm = Shm::new(4);
     assert!(matches!(
-        builder.region(shm.addr + 1, 4096, Arc::new(ZeroSource)),
+        /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+        unsafe { builder.region(shm.addr + 1, 4096, Arc::new(ZeroSource)) },
         Err(PagerError::Misaligned { .. })
     ));
-    builder
-        .region(shm.addr, 8192, Arc::new(ZeroSource))
-        .unwrap();
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe { builder.region(shm.addr, 8192, Arc::new(ZeroSource)) }.unwrap();
     assert!(matches!(
-        builder.region(shm.addr + 4096, 8192, Arc::new(ZeroSource)),
+        /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+        unsafe { builder.region(shm.addr + 4096, 8192, Arc::new(ZeroSource)) },
         Err(PagerError::Overlap { .. })
     ));
 }
@@ -539,13 +544,15 @@ fn a_file_image_is_installed_with_its_contents() {
         }
     }
     let shm = Shm::new(PAGES);
-    builder
-        .region(
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe {
+        builder.region(
             shm.addr,
             shm.len as u64,
             Arc::new(FileSource::open(&path).unwrap()),
         )
-        .unwrap();
+    }
+    .unwrap();
     let pager = builder.start().unwrap();
     for page in 0..PAGES {
         let expected = if page % 2 == 0 {
@@ -563,4 +570,165 @@ fn a_file_image_is_installed_with_its_contents() {
         (PAGES / 2 * PAGE) as u64,
         "data pages are copied"
     );
+}
+
+/// Blocks `mapped_addr` (the start of an install from a mapped source) until released, so
+/// that other faults can join the install while it is in flight.
+struct GatedMapping {
+    inner: FileSource,
+    gate: Arc<Barrier>,
+    gated: std::sync::atomic::AtomicBool,
+}
+
+impl PageSource for GatedMapping {
+    fn describe(&self) -> String {
+        "gated mapping".into()
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        self.inner.fetch(offset, buf)
+    }
+    fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
+        if !self.gated.swap(true, Ordering::SeqCst) {
+            self.gate.wait();
+        }
+        self.inner.mapped_addr(offset, len)
+    }
+}
+
+#[test]
+fn an_install_that_fails_part_way_poisons_exactly_the_rest_and_wakes_every_waiter() {
+    const PAGES: usize = 16;
+    let Some(mut builder) = builder(PagerConfig {
+        readahead_pages: 8,
+        fault_threads: 2,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("pager-partial-{}", std::process::id()));
+    std::fs::write(&path, pattern(PAGES)).unwrap();
+    let source = Arc::new(GatedMapping {
+        inner: FileSource::open(&path).unwrap(),
+        gate: Arc::new(Barrier::new(2)),
+        gated: std::sync::atomic::AtomicBool::new(false),
+    });
+    // The image shrinks to 5 pages under the open source: installing pages 2..10 from its
+    // mapping copies pages 2-4, then fails at page 5.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(5 * PAGE as u64)
+        .unwrap();
+    let shm = Shm::new(PAGES);
+    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
+    unsafe {
+        builder.region(
+            shm.addr,
+            shm.len as u64,
+            Arc::clone(&source) as Arc<dyn PageSource>,
+        )
+    }
+    .unwrap();
+    let pager = builder.start().unwrap();
+    // Page 2's fault claims pages 2..10 and stops at the gate; faults on 6, 7 and 9 join it.
+    // Each toucher reports through a channel, so that one left hanging fails the test
+    // instead of hanging it.
+    let touch = |page: usize| {
+        let addr = shm.page(page);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(kernel_read(addr)));
+        rx
+    };
+    let returned = |rx: std::sync::mpsc::Receiver<Result<u64, i32>>| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("every toucher returns")
+    };
+    let first = touch(2);
+    wait_until("the install of page 2 to reach the gate", || {
+        source.gated.load(Ordering::SeqCst)
+    });
+    let joiners: Vec<_> = [6, 7, 9].into_iter().map(touch).collect();
+    let handle = pager.handle();
+    wait_until("three faults to join the install in flight", || {
+        handle.stats().faults_joined == 3
+    });
+    source.gate.wait();
+    assert_eq!(returned(first), Ok(2 * 0x1_0001 + 7));
+    for joiner in joiners {
+        assert_eq!(
+            returned(joiner),
+            Err(libc::EFAULT),
+            "a page past the end is an error"
+        );
+    }
+    for page in [3, 4] {
+        assert_eq!(kernel_read(shm.page(page)), Ok(page as u64 * 0x1_0001 + 7));
+    }
+    let stats = pager.shutdown();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(stats.pages_installed_urgent, 3, "pages 2-4");
+    assert_eq!(stats.pages_poisoned, 5, "exactly pages 5-9");
+}
+
+#[test]
+fn a_fault_thread_that_cannot_read_its_userfaultfd_is_fatal_under_either_policy() {
+    let Some((pager, shm)) = pattern_pager(8, PagerConfig::default()) else {
+        return;
+    };
+    // Put a directory where the userfaultfd was: the fault thread's next read fails with
+    // EISDIR, a real error from the kernel.
+    let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    // SAFETY: replaces the pager's descriptor number with another open file (the test's
+    // fault injection); the pager only ever uses it through system calls.
+    let ret = unsafe { libc::dup2(dir.as_raw_fd(), pager.userfaultfd_raw_fd()) };
+    assert!(ret >= 0, "{}", std::io::Error::last_os_error());
+    // A touch wakes the fault thread (its poll still watches the old userfaultfd), whose read
+    // then fails. The toucher must not stay blocked: the pager releases the memory.
+    let target = shm.page(3);
+    let toucher = std::thread::spawn(move || kernel_read(target));
+    let handle = pager.handle();
+    wait_until("the fatal error", || handle.fatal_error().is_some());
+    let message = handle.fatal_error().unwrap();
+    assert!(
+        message.contains("cannot read its userfaultfd"),
+        "{message}"
+    );
+    toucher.join().unwrap().expect("the toucher returns");
+    drop(pager);
+}
+
+#[test]
+fn a_zero_fill_rate_is_refused_and_a_slow_one_does_not_hold_up_shutdown() {
+    let Some(builder) = builder(PagerConfig {
+        background_rate: Some(0),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    assert!(matches!(builder.start(), Err(PagerError::Config(_))));
+    // One byte a second: after the first batch the worker waits for days.
+    let Some((pager, _shm)) = pattern_pager(
+        256,
+        PagerConfig {
+            background_rate: Some(1),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    pager.fill_all();
+    let handle = pager.handle();
+    wait_until("the first batch", || {
+        handle.stats().pages_installed_background > 0
+    });
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let stats = pager.shutdown();
+        let _ = done_tx.send(stats);
+    });
+    let stats = done_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("shutdown waits for nothing but the batch in flight");
+    assert!(stats.pages_installed_background < 256);
 }

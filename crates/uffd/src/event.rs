@@ -35,7 +35,12 @@ pub enum Event {
 
 impl Event {
     /// Decodes one message. Takes ownership of the file descriptor of a fork event.
-    pub fn from_msg(msg: &uapi::uffd_msg) -> Event {
+    ///
+    /// # Safety
+    ///
+    /// `msg` must have been read from a userfaultfd by this process and be decoded at most
+    /// once: a fork event's descriptor number becomes an [`OwnedFd`] that closes it.
+    pub(crate) unsafe fn from_msg(msg: &uapi::uffd_msg) -> Event {
         let event = msg.event;
         match u32::from(event) {
             uapi::UFFD_EVENT_PAGEFAULT => {
@@ -108,7 +113,8 @@ mod tests {
             address: 0x7000_1000,
             feat: uapi::uffd_msg__bindgen_ty_1__bindgen_ty_1__bindgen_ty_1 { ptid: 42 },
         };
-        match Event::from_msg(&m) {
+        // SAFETY: a page-fault message carries no descriptor.
+        match unsafe { Event::from_msg(&m) } {
             Event::PageFault {
                 address,
                 write,
@@ -133,12 +139,17 @@ mod tests {
             end: 0x3000,
         };
         assert!(matches!(
-            Event::from_msg(&m),
+            // SAFETY: a remove message carries no descriptor.
+            unsafe { Event::from_msg(&m) },
             Event::Remove {
                 start: 0x1000,
                 end: 0x3000
             }
         ));
-        assert!(matches!(Event::from_msg(&msg(0x7f)), Event::Unknown(0x7f)));
+        // SAFETY: an unknown message is not decoded as a fork.
+        assert!(matches!(
+            unsafe { Event::from_msg(&msg(0x7f)) },
+            Event::Unknown(0x7f)
+        ));
     }
 }

@@ -153,8 +153,8 @@ fn copy_serves_a_missing_fault_and_never_overwrites() {
         return;
     };
     let area = Area::anonymous(4);
-    let ioctls = uffd
-        .register(area.start(), area.len as u64, RegisterMode::MISSING)
+    let ioctls = /* SAFETY: the test's own raw mapping. */ unsafe { uffd
+        .register(area.start(), area.len as u64, RegisterMode::MISSING) }
         .unwrap();
     assert!(ioctls.copy() && ioctls.zeropage());
     let target = area.page(2) + 8;
@@ -176,8 +176,8 @@ fn copy_serves_a_missing_fault_and_never_overwrites() {
             assert!(!write && !wp && !minor);
             let (value, tid) = {
                 assert_eq!(
-                    uffd.copy(address, &page_of(0xfeed), CopyMode::default())
-                        .unwrap(),
+                    /* SAFETY: the test's own raw mapping. */
+                    unsafe { uffd.copy(address, &page_of(0xfeed), CopyMode::default()) }.unwrap(),
                     Outcome::Done
                 );
                 toucher.join().unwrap()
@@ -189,8 +189,8 @@ fn copy_serves_a_missing_fault_and_never_overwrites() {
     }
     // A second install of the same page is refused, and the first contents stay.
     assert_eq!(
-        uffd.copy(area.page(2), &page_of(0xbad), CopyMode::default())
-            .unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(2), &page_of(0xbad), CopyMode::default()) }.unwrap(),
         Outcome::Exists { done: 0 }
     );
     assert_eq!(read_u64(area.page(2)), 0xfeed);
@@ -198,12 +198,13 @@ fn copy_serves_a_missing_fault_and_never_overwrites() {
     // kernel reports the partial copy as EAGAIN; retrying the rest gives EEXIST.
     let two: Vec<u8> = page_of(0x11).into_iter().chain(page_of(0x22)).collect();
     assert_eq!(
-        uffd.copy(area.page(1), &two, CopyMode::default()).unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(1), &two, CopyMode::default()) }.unwrap(),
         Outcome::Again { done: PAGE_SIZE }
     );
     assert_eq!(
-        uffd.copy(area.page(2), &two[PAGE..], CopyMode::default())
-            .unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(2), &two[PAGE..], CopyMode::default()) }.unwrap(),
         Outcome::Exists { done: 0 }
     );
     assert_eq!(read_u64(area.page(1)), 0x11);
@@ -216,8 +217,8 @@ fn dontwake_copy_then_wake() {
         return;
     };
     let area = Area::anonymous(1);
-    uffd.register(area.start(), area.len as u64, RegisterMode::MISSING)
-        .unwrap();
+    /* SAFETY: the test's own raw mapping. */
+    unsafe { uffd.register(area.start(), area.len as u64, RegisterMode::MISSING) }.unwrap();
     let target = area.page(0);
     let toucher = thread::spawn(move || read_u64(target));
     let Event::PageFault { address, .. } = next_event(&uffd) else {
@@ -228,7 +229,8 @@ fn dontwake_copy_then_wake() {
         ..Default::default()
     };
     assert_eq!(
-        uffd.copy(address, &page_of(7), mode).unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(address, &page_of(7), mode) }.unwrap(),
         Outcome::Done
     );
     uffd.wake(address, PAGE_SIZE).unwrap();
@@ -242,20 +244,22 @@ fn zeropage_on_anonymous_and_shmem() {
     };
     let file = memfd(2);
     for area in [Area::anonymous(2), Area::shared(2, &file)] {
-        uffd.register(area.start(), area.len as u64, RegisterMode::MISSING)
-            .unwrap();
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.register(area.start(), area.len as u64, RegisterMode::MISSING) }.unwrap();
         let target = area.page(1);
         let toucher = thread::spawn(move || read_u64(target));
         let Event::PageFault { address, .. } = next_event(&uffd) else {
             panic!("expected a fault")
         };
         assert_eq!(
-            uffd.zeropage(address, PAGE_SIZE, false).unwrap(),
+            /* SAFETY: the test's own raw mapping. */
+            unsafe { uffd.zeropage(address, PAGE_SIZE, false) }.unwrap(),
             Outcome::Done
         );
         assert_eq!(toucher.join().unwrap(), 0);
         assert_eq!(
-            uffd.zeropage(address, PAGE_SIZE, false).unwrap(),
+            /* SAFETY: the test's own raw mapping. */
+            unsafe { uffd.zeropage(address, PAGE_SIZE, false) }.unwrap(),
             Outcome::Exists { done: 0 }
         );
     }
@@ -270,8 +274,8 @@ fn continue_maps_a_page_cache_page_on_a_minor_fault() {
     // Put the contents in the page cache through the file, not the mapping.
     std::os::unix::fs::FileExt::write_all_at(&file, &page_of(0xc0ffee), PAGE as u64).unwrap();
     let area = Area::shared(2, &file);
-    let ioctls = uffd
-        .register(area.start(), area.len as u64, RegisterMode::MINOR)
+    let ioctls = /* SAFETY: the test's own raw mapping. */ unsafe { uffd
+        .register(area.start(), area.len as u64, RegisterMode::MINOR) }
         .unwrap();
     assert!(ioctls.continue_());
     let target = area.page(1);
@@ -280,7 +284,8 @@ fn continue_maps_a_page_cache_page_on_a_minor_fault() {
         Event::PageFault { address, minor, .. } => {
             assert!(minor);
             assert_eq!(
-                uffd.continue_(address, PAGE_SIZE, false, false).unwrap(),
+                /* SAFETY: the test's own raw mapping. */
+                unsafe { uffd.continue_(address, PAGE_SIZE, false, false) }.unwrap(),
                 Outcome::Done
             );
         }
@@ -295,11 +300,14 @@ fn write_protect_faults_and_release() {
         return;
     };
     let area = Area::anonymous(1);
-    uffd.register(
-        area.start(),
-        area.len as u64,
-        RegisterMode::MISSING | RegisterMode::WP,
-    )
+    /* SAFETY: the test's own raw mapping. */
+    unsafe {
+        uffd.register(
+            area.start(),
+            area.len as u64,
+            RegisterMode::MISSING | RegisterMode::WP,
+        )
+    }
     .unwrap();
     // Install write-protected, then a write must fault as a WP fault.
     let mode = CopyMode {
@@ -307,7 +315,8 @@ fn write_protect_faults_and_release() {
         ..Default::default()
     };
     assert_eq!(
-        uffd.copy(area.start(), &page_of(1), mode).unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.start(), &page_of(1), mode) }.unwrap(),
         Outcome::Done
     );
     assert_eq!(read_u64(area.start()), 1, "reads are not blocked");
@@ -333,8 +342,8 @@ fn poison_answers_with_an_error() {
         return;
     };
     let area = Area::anonymous(1);
-    let ioctls = uffd
-        .register(area.start(), area.len as u64, RegisterMode::MISSING)
+    let ioctls = /* SAFETY: the test's own raw mapping. */ unsafe { uffd
+        .register(area.start(), area.len as u64, RegisterMode::MISSING) }
         .unwrap();
     assert!(ioctls.poison());
     let (read_end, write_end) = rustix::pipe::pipe().unwrap();
@@ -349,7 +358,8 @@ fn poison_answers_with_an_error() {
         panic!("expected a fault")
     };
     assert_eq!(
-        uffd.poison(address, PAGE_SIZE, false).unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.poison(address, PAGE_SIZE, false) }.unwrap(),
         Outcome::Done
     );
     assert_eq!(writer.join().unwrap(), (-1, Some(libc::EFAULT)));
@@ -364,8 +374,8 @@ fn move_takes_the_source_pages() {
     let dst = Area::anonymous(1);
     let src = Area::anonymous(1);
     write_u64(src.start(), 0x5151);
-    let ioctls = uffd
-        .register(dst.start(), dst.len as u64, RegisterMode::MISSING)
+    let ioctls = /* SAFETY: the test's own raw mapping. */ unsafe { uffd
+        .register(dst.start(), dst.len as u64, RegisterMode::MISSING) }
         .unwrap();
     assert!(ioctls.move_());
     // SAFETY: nothing refers to `src` but raw addresses in this test.
@@ -382,11 +392,11 @@ fn remove_event_then_again_until_read() {
         return;
     };
     let area = Area::anonymous(2);
-    uffd.register(area.start(), area.len as u64, RegisterMode::MISSING)
-        .unwrap();
+    /* SAFETY: the test's own raw mapping. */
+    unsafe { uffd.register(area.start(), area.len as u64, RegisterMode::MISSING) }.unwrap();
     assert_eq!(
-        uffd.copy(area.page(0), &page_of(3), CopyMode::default())
-            .unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(0), &page_of(3), CopyMode::default()) }.unwrap(),
         Outcome::Done
     );
     let (start, len) = (area.start(), area.len);
@@ -398,8 +408,8 @@ fn remove_event_then_again_until_read() {
     assert!(uffd.wait(5_000).unwrap(), "the remove event arrives");
     // While the event is unread the address space is changing: installs get EAGAIN.
     assert_eq!(
-        uffd.copy(area.page(1), &page_of(4), CopyMode::default())
-            .unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(1), &page_of(4), CopyMode::default()) }.unwrap(),
         Outcome::Again { done: 0 }
     );
     match next_event(&uffd) {
@@ -411,8 +421,8 @@ fn remove_event_then_again_until_read() {
     assert_eq!(advisor.join().unwrap(), 0);
     // After the remove, page 0 is missing again and can be installed anew.
     assert_eq!(
-        uffd.copy(area.page(0), &page_of(5), CopyMode::default())
-            .unwrap(),
+        /* SAFETY: the test's own raw mapping. */
+        unsafe { uffd.copy(area.page(0), &page_of(5), CopyMode::default()) }.unwrap(),
         Outcome::Done
     );
     assert_eq!(read_u64(area.page(0)), 5);
@@ -424,8 +434,8 @@ fn unregistered_memory_faults_normally() {
         return;
     };
     let area = Area::anonymous(1);
-    uffd.register(area.start(), area.len as u64, RegisterMode::MISSING)
-        .unwrap();
+    /* SAFETY: the test's own raw mapping. */
+    unsafe { uffd.register(area.start(), area.len as u64, RegisterMode::MISSING) }.unwrap();
     uffd.unregister(area.start(), area.len as u64).unwrap();
     write_u64(area.start(), 9);
     assert_eq!(read_u64(area.start()), 9);
@@ -438,8 +448,8 @@ fn bad_ranges_are_errors_naming_the_operation() {
     let Some(uffd) = open(Features::NONE) else {
         return;
     };
-    let err = uffd
-        .register(0x1234, 100, RegisterMode::MISSING)
+    let err = /* SAFETY: the test's own raw mapping. */ unsafe { uffd
+        .register(0x1234, 100, RegisterMode::MISSING) }
         .unwrap_err();
     assert!(err.to_string().contains("UFFDIO_REGISTER"), "{err}");
 }

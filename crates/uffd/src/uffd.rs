@@ -177,7 +177,8 @@ fn open_raw() -> Result<(OwnedFd, OpenedThrough), UffdError> {
         Err(e) => e,
     };
     // SAFETY: creating a userfaultfd has no memory-safety preconditions; what it can do to
-    // this process's memory is done later through the safe methods of `Uffd`.
+    // this process's memory is done later through the unsafe methods of `Uffd`, whose
+    // callers answer for it.
     match unsafe { rustix::mm::userfaultfd(UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK) }
     {
         Ok(fd) => Ok((fd, OpenedThrough::Syscall)),
@@ -266,7 +267,15 @@ impl Uffd {
 
     /// Registers `[start, start + len)` (page aligned, mapped) in `mode`; returns the ioctls
     /// the kernel allows there.
-    pub fn register(
+    ///
+    /// # Safety
+    ///
+    /// From now on a touch of a missing (or, in WP mode, write-protected) page of the range
+    /// blocks the toucher until this userfaultfd answers, and the install ioctls can change the
+    /// range's contents. The range must be memory the caller manages as raw pages (guest RAM,
+    /// a test mapping), never memory that Rust code owns as an ordinary object (a `Vec`, a
+    /// stack), and someone must serve its faults for as long as it is registered.
+    pub unsafe fn register(
         &self,
         start: u64,
         len: u64,
@@ -319,14 +328,27 @@ impl Uffd {
 
     /// UFFDIO_COPY: atomically fills the missing pages at `dst` with `src` and wakes the
     /// threads waiting on them. Never overwrites a present page (that is [`Outcome::Exists`]).
-    pub fn copy(&self, dst: u64, src: &[u8], mode: CopyMode) -> Result<Outcome, UffdError> {
-        self.copy_from_addr(dst, src.as_ptr() as u64, src.len() as u64, mode)
+    ///
+    /// # Safety
+    ///
+    /// The destination must be a registered range (see [`register`](Self::register)) whose
+    /// missing pages the caller may fill: the kernel writes them behind the back of any Rust
+    /// reference, so none may exist into them.
+    pub unsafe fn copy(&self, dst: u64, src: &[u8], mode: CopyMode) -> Result<Outcome, UffdError> {
+        // SAFETY: the caller's contract for `dst`; `src` is a live slice of `src.len()` bytes.
+        unsafe { self.copy_from_addr(dst, src.as_ptr() as u64, src.len() as u64, mode) }
     }
 
     /// UFFDIO_COPY from a raw source address (`len` bytes at `src`), e.g. a mapping of a file:
     /// the kernel reads the source itself (copy_from_user), so a bad address is an EFAULT
     /// error, not undefined behaviour, and no intermediate buffer is needed.
-    pub fn copy_from_addr(
+    ///
+    /// # Safety
+    ///
+    /// The destination must be a registered range (see [`register`](Self::register)) whose
+    /// missing pages the caller may fill: the kernel writes them behind the back of any Rust
+    /// reference, so none may exist into them.
+    pub unsafe fn copy_from_addr(
         &self,
         dst: u64,
         src: u64,
@@ -349,7 +371,18 @@ impl Uffd {
     }
 
     /// UFFDIO_ZEROPAGE: fills missing pages with zeros without copying anything.
-    pub fn zeropage(&self, start: u64, len: u64, dont_wake: bool) -> Result<Outcome, UffdError> {
+    ///
+    /// # Safety
+    ///
+    /// The destination must be a registered range (see [`register`](Self::register)) whose
+    /// missing pages the caller may fill: the kernel writes them behind the back of any Rust
+    /// reference, so none may exist into them.
+    pub unsafe fn zeropage(
+        &self,
+        start: u64,
+        len: u64,
+        dont_wake: bool,
+    ) -> Result<Outcome, UffdError> {
         let mode = mode_bits(&[(dont_wake, u64::from(uapi::UFFDIO_ZEROPAGE_MODE_DONTWAKE))]);
         let mut arg = uapi::uffdio_zeropage {
             range: uapi::uffdio_range { start, len },
@@ -361,7 +394,13 @@ impl Uffd {
     }
 
     /// UFFDIO_CONTINUE: maps pages that are already in the page cache (minor faults).
-    pub fn continue_(
+    ///
+    /// # Safety
+    ///
+    /// The destination must be a registered range (see [`register`](Self::register)) whose
+    /// missing pages the caller may fill: the kernel writes them behind the back of any Rust
+    /// reference, so none may exist into them.
+    pub unsafe fn continue_(
         &self,
         start: u64,
         len: u64,
@@ -383,7 +422,19 @@ impl Uffd {
 
     /// UFFDIO_POISON: marks missing pages poisoned; touching them raises SIGBUS (a kernel
     /// access gets EFAULT). The explicit answer to a page whose contents cannot be had.
-    pub fn poison(&self, start: u64, len: u64, dont_wake: bool) -> Result<Outcome, UffdError> {
+    ///
+    /// # Safety
+    ///
+    /// The destination must be a registered range (see [`register`](Self::register)) whose
+    /// missing pages the caller may fill: the kernel writes them behind the back of any Rust
+    /// reference, so none may exist into them.
+    /// A poisoned page raises SIGBUS in whoever touches it from user space.
+    pub unsafe fn poison(
+        &self,
+        start: u64,
+        len: u64,
+        dont_wake: bool,
+    ) -> Result<Outcome, UffdError> {
         let mode = mode_bits(&[(dont_wake, sys::UFFDIO_POISON_MODE_DONTWAKE)]);
         let mut arg = uapi::uffdio_poison {
             range: uapi::uffdio_range { start, len },
@@ -474,7 +525,9 @@ impl Uffd {
             // SAFETY: the kernel wrote whole uffd_msg structures; read_unaligned copes with the
             // byte buffer's alignment, and uffd_msg is plain data valid for any bits.
             let msg = unsafe { std::ptr::read_unaligned(chunk.as_ptr() as *const uapi::uffd_msg) };
-            out.push(Event::from_msg(&msg));
+            // SAFETY: the message was just read from this userfaultfd, and is decoded once (a
+            // fork event's descriptor is owned by the returned event alone).
+            out.push(unsafe { Event::from_msg(&msg) });
         }
         Ok(n / MSG_SIZE)
     }

@@ -111,11 +111,16 @@ struct MinimalHandler {
 }
 
 impl MinimalHandler {
-    fn start(ranges: &[(u64, u64)]) -> anyhow::Result<Self> {
+    /// # Safety
+    ///
+    /// `ranges` must be raw memory (guest RAM made for this case) that stays mapped until the
+    /// handler stops, with no Rust references into it.
+    unsafe fn start(ranges: &[(u64, u64)]) -> anyhow::Result<Self> {
         let uffd = Uffd::open(Features::MISSING_SHMEM)
             .context("the minimal handler cannot open a userfaultfd")?;
         for &(start, len) in ranges {
-            uffd.register(start, len, RegisterMode::MISSING)?;
+            // SAFETY: the caller's contract for `ranges`.
+            unsafe { uffd.register(start, len, RegisterMode::MISSING) }?;
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -132,7 +137,10 @@ impl MinimalHandler {
                     uffd.read_events(&mut events, 1)?;
                     for event in events.drain(..) {
                         if let Event::PageFault { address, .. } = event {
-                            uffd.copy(address & !(PAGE_SIZE - 1), &page, CopyMode::default())?;
+                            let page_addr = address & !(PAGE_SIZE - 1);
+                            // SAFETY: a missing page of a range registered above; COPY never
+                            // overwrites a present page.
+                            unsafe { uffd.copy(page_addr, &page, CopyMode::default()) }?;
                         }
                     }
                 }
@@ -214,11 +222,15 @@ fn thread_case(
             readahead_pages: opts.readahead,
             ..Default::default()
         })?;
-        builder.region(
-            region.host_addr() as u64,
-            region.size(),
-            source_for(source, image)?,
-        )?;
+        // SAFETY: guest RAM made for this run, mapped until `ram` drops after the pager's
+        // shutdown below.
+        unsafe {
+            builder.region(
+                region.host_addr() as u64,
+                region.size(),
+                source_for(source, image)?,
+            )
+        }?;
         let pager = builder.start()?;
         touch_with_threads(region.host_addr() as u64, pages, threads, &mut ours);
         let stats = pager.shutdown();
@@ -228,7 +240,9 @@ fn thread_case(
 
         let ram = GuestRam::new(bytes)?;
         let region = &ram.regions()[0];
-        let minimal = MinimalHandler::start(&[(region.host_addr() as u64, region.size())])?;
+        // SAFETY: guest RAM made for this run; the handler stops before `ram` drops.
+        let minimal =
+            unsafe { MinimalHandler::start(&[(region.host_addr() as u64, region.size())]) }?;
         touch_with_threads(region.host_addr() as u64, pages, threads, &mut floor);
         minimal.stop()?;
     }
@@ -323,7 +337,10 @@ fn vcpu_case(
             .iter()
             .map(|r| (r.host_addr() as u64, r.size()))
             .collect();
-        let minimal = MinimalHandler::start(&ranges)?;
+        // SAFETY: the VM's guest RAM, raw memory that nothing in Rust refers to; the handler
+        // only fills missing pages, and the kernel drops the registration if the RAM is
+        // unmapped before the handler stops.
+        let minimal = unsafe { MinimalHandler::start(&ranges) }?;
         run_timed_guest(vm, ticks_per_us, &mut floor)?;
         minimal.stop()?;
     }
