@@ -4,6 +4,8 @@
 # Each pass depends on the memory the one before left, so a run that was snapshotted and
 # restored finishes with the right result only if memory and registers both came back.
 #   arg = number of passes; 0 means "forever".
+# After each pass it announces hold point P (the passes done), so that a VMM can hold it at an
+# exact pass.
 # After the last pass it reports the pass count, then the wrapping sum of the first words of
 # the range, and exits 0.
 .include "common.inc"
@@ -31,6 +33,7 @@ next_page:
     dec r9
     jnz next_page
 pass_done:
+    HOLD r13
     cmp r13, r12
     jne next_pass            # with r12 = 0 this never matches: run forever
     mov r8, rdi

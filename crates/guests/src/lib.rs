@@ -18,6 +18,9 @@ pub mod ports {
     pub const REPORT_HI: u16 = 0x518;
     /// The vCPU's exit code: 0 is success.
     pub const EXIT: u16 = 0x51c;
+    /// A hold point (the value names it): the VMM may keep the vCPU waiting there (tests use
+    /// it to snapshot a guest at an exact point of its run).
+    pub const HOLD: u16 = 0x520;
 }
 
 /// The `touch` guest's default seed.
@@ -201,6 +204,7 @@ mod tests {
         assert_eq!(inc_value("PORT_REPORT_LO"), u64::from(ports::REPORT_LO));
         assert_eq!(inc_value("PORT_REPORT_HI"), u64::from(ports::REPORT_HI));
         assert_eq!(inc_value("PORT_EXIT"), u64::from(ports::EXIT));
+        assert_eq!(inc_value("PORT_HOLD"), u64::from(ports::HOLD));
     }
 
     #[test]

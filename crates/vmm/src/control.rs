@@ -41,8 +41,6 @@ pub enum PauseError {
     NotPaused,
     #[error("the VM stopped while pausing")]
     Stopped,
-    #[error("vCPU {vcpu} has finished; a VM can only be paused while all its vCPUs run")]
-    VcpuFinished { vcpu: u8 },
     #[error("vCPU {vcpu} could not save its state: {message}")]
     SaveFailed { vcpu: u8, message: String },
     #[error("the vCPUs did not pause within {0:?}")]
@@ -51,22 +49,42 @@ pub enum PauseError {
 
 #[derive(Debug, Default)]
 struct Threads {
+    /// How many vCPUs this run has (set when the run begins; 0 before).
+    vcpus: u8,
     /// vCPU index -> its thread, for the threads inside their run loop.
     running: BTreeMap<u8, libc::pthread_t>,
-    /// vCPUs that have left their run loop during this run.
-    finished: Vec<u8>,
+    /// vCPUs that have left their run loop during this run, with the state they ended in (or
+    /// why it could not be saved).
+    finished: BTreeMap<u8, Result<VcpuState, String>>,
     /// The state each parked vCPU saved as it parked (or why it could not).
     parked: BTreeMap<u8, Result<VcpuState, String>>,
+    /// vCPUs waiting at a hold point (see [`RunControl::set_hold_at`]).
+    held: std::collections::BTreeSet<u8>,
     /// A pause is in force (requested, possibly not reached yet).
     paused: bool,
+    /// When the last vCPU to leave its run loop did.
+    last_exit: Option<Instant>,
 }
 
 impl Threads {
-    /// The parked vCPUs' saved states, by index (or the first failure to save one).
+    /// Whether every vCPU of the run has parked or finished.
+    fn all_stopped(&self) -> bool {
+        self.vcpus > 0 && self.parked.len() + self.finished.len() == usize::from(self.vcpus)
+    }
+
+    /// Every vCPU's state, by index: parked ones as they parked, finished ones as they ended
+    /// (or the first failure to save one).
     fn saved_states(&self) -> Result<Vec<VcpuState>, PauseError> {
-        self.parked
+        let mut states: Vec<(u8, &Result<VcpuState, String>)> = self
+            .parked
             .iter()
-            .map(|(&vcpu, state)| {
+            .chain(self.finished.iter())
+            .map(|(&vcpu, state)| (vcpu, state))
+            .collect();
+        states.sort_by_key(|(vcpu, _)| *vcpu);
+        states
+            .into_iter()
+            .map(|(vcpu, state)| {
                 state
                     .clone()
                     .map_err(|message| PauseError::SaveFailed { vcpu, message })
@@ -84,6 +102,8 @@ pub struct RunControl {
     threads: Mutex<Threads>,
     changed: Condvar,
     started: Mutex<Option<Instant>>,
+    /// The micro-guest hold point vCPUs wait at (see [`RunControl::set_hold_at`]).
+    hold_at: Mutex<Option<u32>>,
     kick_signal: libc::c_int,
 }
 
@@ -96,6 +116,7 @@ impl Default for RunControl {
             threads: Mutex::new(Threads::default()),
             changed: Condvar::new(),
             started: Mutex::new(None),
+            hold_at: Mutex::new(None),
             kick_signal: vmm_sys_util::signal::SIGRTMIN(),
         }
     }
@@ -132,16 +153,62 @@ impl RunControl {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Clears a previous stop (and pause) so the VM can run again.
-    pub fn reset(&self) {
+    /// Clears a previous stop (and pause) so that a run of `vcpus` vCPUs can begin.
+    pub fn begin_run(&self, vcpus: u8) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.stop.store(false, Ordering::SeqCst);
         self.pause.store(false, Ordering::SeqCst);
         let mut threads = self.threads();
+        threads.vcpus = vcpus;
         threads.finished.clear();
         threads.parked.clear();
+        threads.held.clear();
         threads.paused = false;
+        threads.last_exit = None;
+    }
+
+    /// Makes micro-guest vCPUs that reach hold point `point` (a write of `point` to the HOLD
+    /// port) wait there until the VM stops: a test can then snapshot the guest at an exact
+    /// point of its run, whatever the speed of the CPU. `None` (the default) holds nowhere.
+    pub fn set_hold_at(&self, point: Option<u32>) {
+        *self.hold_at.lock().unwrap_or_else(|e| e.into_inner()) = point;
+    }
+
+    /// Whether a vCPU that reached hold point `point` must wait there.
+    pub(crate) fn holds_at(&self, point: u32) -> bool {
+        *self.hold_at.lock().unwrap_or_else(|e| e.into_inner()) == Some(point)
+    }
+
+    /// The vCPUs waiting at the hold point.
+    pub fn held(&self) -> Vec<u8> {
+        self.threads().held.iter().copied().collect()
+    }
+
+    /// Called by a vCPU thread that reached the hold point: waits there until the VM stops,
+    /// parking (with the state `save` gives) whenever it is paused meanwhile.
+    pub(crate) fn hold(&self, vcpu: u8, mut save: impl FnMut() -> Result<VcpuState, String>) {
+        self.threads().held.insert(vcpu);
+        while !self.should_stop() {
+            if self.pause_requested() {
+                self.park(vcpu, save());
+                continue;
+            }
+            let threads = self.threads();
+            if !self.should_stop() && !self.pause_requested() {
+                drop(
+                    self.changed
+                        .wait_timeout(threads, PAUSE_KICK_INTERVAL * 25)
+                        .unwrap_or_else(|e| e.into_inner()),
+                );
+            }
+        }
+        self.threads().held.remove(&vcpu);
+    }
+
+    /// When the last vCPU left its run loop in this run.
+    pub fn last_exit(&self) -> Option<Instant> {
+        self.threads().last_exit
     }
 
     /// Records that the guest signalled it runs (the micro-guest STARTED port); the first
@@ -163,12 +230,10 @@ impl RunControl {
         !self.threads().running.is_empty()
     }
 
-    /// Whether the VM is paused (every running vCPU has parked).
+    /// Whether the VM is paused (every vCPU has parked or finished).
     pub fn is_paused(&self) -> bool {
         let threads = self.threads();
-        threads.paused
-            && !threads.running.is_empty()
-            && threads.parked.len() == threads.running.len()
+        threads.paused && threads.all_stopped()
     }
 
     /// Called by a vCPU thread as it enters its run loop.
@@ -179,13 +244,19 @@ impl RunControl {
     }
 
     /// Called by a vCPU thread as it leaves its run loop (before the thread ends, so that no
-    /// kick is ever sent to a thread that no longer exists).
-    pub(crate) fn leave(&self, vcpu: u8) {
+    /// kick is ever sent to a thread that no longer exists), with the state it ended in: a
+    /// pause counts it as parked in that state.
+    pub(crate) fn leave(&self, vcpu: u8, final_state: Result<VcpuState, String>) {
         let mut threads = self.threads();
         threads.running.remove(&vcpu);
         threads.parked.remove(&vcpu);
-        threads.finished.push(vcpu);
+        threads.finished.insert(vcpu, final_state);
         self.changed.notify_all();
+    }
+
+    /// Records that a vCPU's guest work ended now (its last exit), for completion times.
+    pub(crate) fn mark_exit(&self) {
+        self.threads().last_exit = Some(Instant::now());
     }
 
     /// Interrupts KVM_RUN in every running vCPU thread.
@@ -219,29 +290,26 @@ impl RunControl {
     }
 
     /// Pauses the VM: every vCPU leaves KVM_RUN, completes pending I/O, saves its state and
-    /// parks. Returns once all have, with their states by vCPU index.
+    /// parks; a vCPU that has finished counts as parked in the state it ended in, and one
+    /// whose thread has not entered its loop yet parks as it does. Returns once every vCPU of
+    /// the run is accounted for, with their states by vCPU index.
     pub fn pause(&self, timeout: Duration) -> Result<Vec<VcpuState>, PauseError> {
         let deadline = Instant::now() + timeout;
         let mut threads = self.threads();
         if threads.paused {
             return Err(PauseError::AlreadyPaused);
         }
-        if let Some(&vcpu) = threads.finished.first() {
-            return Err(PauseError::VcpuFinished { vcpu });
-        }
-        if threads.running.is_empty() {
+        if threads.vcpus == 0 || threads.finished.len() == usize::from(threads.vcpus) {
             return Err(PauseError::NotRunning);
         }
         threads.paused = true;
         self.pause.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
         let result = loop {
             if self.should_stop() {
                 break Err(PauseError::Stopped);
             }
-            if let Some(&vcpu) = threads.finished.first() {
-                break Err(PauseError::VcpuFinished { vcpu });
-            }
-            if threads.parked.len() == threads.running.len() {
+            if threads.all_stopped() {
                 break Ok(());
             }
             if Instant::now() >= deadline {
@@ -298,7 +366,7 @@ mod tests {
         control.request_stop(StopReason::Requested);
         assert!(control.should_stop());
         assert_eq!(control.reason(), Some(StopReason::Reset));
-        control.reset();
+        control.begin_run(1);
         assert!(!control.should_stop());
         assert_eq!(control.reason(), None);
     }

@@ -9,6 +9,7 @@ pub mod control;
 pub mod cpuid;
 pub mod devices;
 pub mod memory;
+pub mod sigbus;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

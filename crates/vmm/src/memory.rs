@@ -180,11 +180,46 @@ impl GuestRam {
             .map(|r| r.host_addr + (gpa - r.gpa) as usize)
     }
 
-    /// Reads the little-endian u64 at `gpa`.
+    /// Reads the little-endian u64 at `gpa`, with a system call: `None` if it is not RAM, or
+    /// if its page cannot be read (poisoned: its contents could not be provided). A page still
+    /// behind a userfaultfd is faulted in as for any access.
     pub fn read_u64(&self, gpa: u64) -> Option<u64> {
-        use vm_memory::Bytes;
-        self.memory.read_obj::<u64>(GuestAddress(gpa)).ok()
+        let addr = self.host_range(gpa, 8)?;
+        let mut bytes = [0u8; 8];
+        read_host(addr as u64, &mut bytes).ok()?;
+        Some(u64::from_le_bytes(bytes))
     }
+}
+
+/// Reads `buf.len()` bytes at address `addr` of this process with process_vm_readv(2), so
+/// that memory that cannot be read (a poisoned page, a file mapping past its end) is an error
+/// (EFAULT), never a signal. Guest RAM that may hold such pages is read this way.
+pub fn read_host(addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let local = libc::iovec {
+            iov_base: buf[done..].as_mut_ptr().cast(),
+            iov_len: buf.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: buf.len() - done,
+        };
+        // SAFETY: `local` describes the writable rest of `buf`; the kernel checks `remote`
+        // itself and reports what it cannot read as an error.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn create_memfd(gpa: u64, size: u64) -> Result<File, MemoryError> {

@@ -46,6 +46,16 @@ pub enum VcpuError {
         "vCPU {vcpu}: guest RAM at {gpa:#x} could not be accessed (its page could not be provided)"
     )]
     RamUnavailable { vcpu: u8, gpa: u64 },
+    /// The host reported a memory error (a poisoned page) for guest RAM this vCPU touched
+    /// (SIGBUS with BUS_MCEERR_AR during KVM_RUN, on hardware-virtualisation hosts).
+    #[error("vCPU {vcpu}: guest RAM at {gpa:#x} is poisoned (the host reported a memory error there, or its page could not be provided)")]
+    MemoryPoisoned { vcpu: u8, gpa: u64 },
+    /// The host reported a memory error outside guest RAM during KVM_RUN.
+    #[error("vCPU {vcpu}: the host reported a memory error at host address {hva:#x}, outside guest RAM")]
+    HostMemoryError { vcpu: u8, hva: u64 },
+    /// The vCPU's thread panicked (a bug in faultline).
+    #[error("vCPU {vcpu}: its thread panicked: {message}")]
+    Panicked { vcpu: u8, message: String },
     /// An exit faultline does not handle.
     #[error("vCPU {vcpu}: unexpected exit {exit}")]
     UnexpectedExit { vcpu: u8, exit: String },
@@ -260,15 +270,21 @@ impl Vcpu {
 
     /// Runs until the guest exits through the test device, the VM is stopped, or an error.
     /// When the VM is paused, the vCPU saves its state, parks, and goes on when resumed.
+    /// `ram` lists guest RAM as (guest address, size, host address).
     pub fn run(
         &mut self,
         devices: &LegacyDevices,
         control: &RunControl,
-        ram: &[(u64, u64)],
+        ram: &[(u64, u64, u64)],
     ) -> Result<VcpuOutcome, VcpuError> {
         let in_ram = |gpa: u64| {
             ram.iter()
-                .any(|&(start, size)| gpa >= start && gpa - start < size)
+                .any(|&(start, size, _)| gpa >= start && gpa - start < size)
+        };
+        let gpa_of = |hva: u64| {
+            ram.iter()
+                .find(|&&(_, size, host)| hva >= host && hva - host < size)
+                .map(|&(gpa, _, host)| gpa + (hva - host))
         };
         let mut outcome = VcpuOutcome {
             vcpu: self.index,
@@ -288,7 +304,15 @@ impl Vcpu {
                 continue;
             }
             self.has_run = true;
-            let exit = match self.fd.run() {
+            let fd = &mut self.fd;
+            let result = crate::sigbus::in_kvm_run(|| fd.run());
+            if let Some(hva) = crate::sigbus::take_poisoned() {
+                return Err(match gpa_of(hva) {
+                    Some(gpa) => VcpuError::MemoryPoisoned { vcpu: index, gpa },
+                    None => VcpuError::HostMemoryError { vcpu: index, hva },
+                });
+            }
+            let exit = match result {
                 Ok(exit) => exit,
                 // A kick from the VMM (signal) or a transient condition: look at the stop flag.
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
@@ -311,8 +335,14 @@ impl Vcpu {
                     }
                     guests::ports::EXIT => {
                         outcome.stop = VcpuStop::Exited(le_u32(data));
+                        control.mark_exit();
                         return Ok(outcome);
                     }
+                    guests::ports::HOLD if control.holds_at(le_u32(data)) => {
+                        control.hold(index, || self.save_state().map_err(|e| e.to_string()));
+                        return Ok(outcome);
+                    }
+                    guests::ports::HOLD => {}
                     _ => {
                         if !devices.io_out(port, data) {
                             outcome.unhandled_io += 1;

@@ -1,7 +1,7 @@
 //! A KVM virtual machine: guest RAM as memslots, the in-kernel irqchip and PIT, vCPUs on their
 //! own threads, and the legacy devices.
 
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,9 +52,12 @@ pub enum VmError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
-    /// A vCPU thread could not be started or died.
-    #[error("vCPU thread {0} could not be started or panicked")]
-    Thread(u8),
+    /// A vCPU thread could not be started.
+    #[error("cannot start the thread of vCPU {0}")]
+    Thread(u8, #[source] std::io::Error),
+    /// The SIGBUS handler (memory errors on vCPU threads) could not be installed.
+    #[error("cannot install the SIGBUS handler")]
+    Sigbus(#[source] std::io::Error),
     /// The entry list does not match the vCPU count.
     #[error("{entries} vCPU entries for {vcpus} vCPUs")]
     EntryCount { entries: usize, vcpus: usize },
@@ -146,6 +149,8 @@ pub struct RunOutcome {
     pub stop_reason: Option<StopReason>,
     /// When the first micro-guest instruction reported in (the STARTED port).
     pub first_instruction: Option<Instant>,
+    /// When the last micro-guest vCPU exited through the test device.
+    pub last_exit: Option<Instant>,
 }
 
 /// The largest vCPU count we accept.
@@ -169,6 +174,8 @@ pub struct VmHandle {
     control: Arc<RunControl>,
     track_dirty: bool,
     vcpu_count: u8,
+    /// Dirty pages taken by a snapshot that then failed: reported again by the next take.
+    returned_dirty: Arc<Mutex<Option<DirtyPages>>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -254,7 +261,35 @@ impl VmHandle {
             }
             base += region_pages;
         }
+        let returned = self
+            .returned_dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(returned) = returned.filter(|r| r.pages == pages) {
+            for (word, back) in words.iter_mut().zip(&returned.words) {
+                *word |= back;
+            }
+        }
         Ok(DirtyPages { words, pages })
+    }
+
+    /// Puts pages taken by a snapshot that then failed back, so that the next
+    /// [`take_dirty_pages`](Self::take_dirty_pages) reports them again: the dirty log ends as
+    /// if the failed snapshot had not been taken.
+    pub fn return_dirty_pages(&self, pages: DirtyPages) {
+        let mut returned = self
+            .returned_dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match returned.as_mut() {
+            Some(held) if held.pages == pages.pages => {
+                for (word, back) in held.words.iter_mut().zip(&pages.words) {
+                    *word |= back;
+                }
+            }
+            _ => *returned = Some(pages),
+        }
     }
 }
 
@@ -334,8 +369,9 @@ impl Vm {
             vcpus.push(Vcpu::new(index, vcpu_fd, Arc::clone(&msr_list)));
         }
 
-        // The handler is process-wide; installing it again is harmless.
+        // The handlers are process-wide; installing them again is harmless.
         register_signal_handler(kick_signal(), kick_handler).map_err(VmError::Signal)?;
+        crate::sigbus::install().map_err(VmError::Sigbus)?;
         Ok(Vm {
             _kvm: kvm,
             vcpus,
@@ -347,6 +383,7 @@ impl Vm {
                 control,
                 track_dirty: config.track_dirty,
                 vcpu_count: config.vcpus,
+                returned_dirty: Arc::new(Mutex::new(None)),
             },
         })
     }
@@ -433,45 +470,46 @@ impl Vm {
     }
 
     /// Runs every vCPU on its own thread until all have exited or the VM is stopped. If a vCPU
-    /// fails, the others are stopped and the first error is returned.
+    /// fails (or its thread panics), the others are stopped and the first error is returned.
+    /// If a thread cannot be started, those already started are stopped and joined first.
     pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let control = Arc::clone(&self.handle.control);
-        control.reset();
+        control.begin_run(self.handle.vcpu_count);
         let (done_tx, done_rx) = mpsc::channel();
+        let ram: Arc<[(u64, u64, u64)]> = self
+            .handle
+            .ram
+            .regions()
+            .iter()
+            .map(|r| (r.gpa(), r.size(), r.host_addr() as u64))
+            .collect();
         let mut handles = Vec::with_capacity(self.vcpus.len());
-        for mut vcpu in self.vcpus.drain(..) {
+        let mut spawn_error = None;
+        for vcpu in self.vcpus.drain(..) {
             let devices = Arc::clone(&self.handle.devices);
-            let control = Arc::clone(&control);
+            let thread_control = Arc::clone(&control);
             let done = done_tx.clone();
             let hook = self.on_vcpu_thread.clone();
-            let ram: Vec<(u64, u64)> = self
-                .handle
-                .ram
-                .regions()
-                .iter()
-                .map(|r| (r.gpa(), r.size()))
-                .collect();
+            let ram = Arc::clone(&ram);
             let index = vcpu.index();
-            let handle = thread::Builder::new()
+            let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    if let Some(VcpuThreadHook(hook)) = hook {
-                        hook(
-                            index,
-                            rustix::thread::gettid().as_raw_nonzero().get() as u32,
-                        );
-                    }
-                    control.enter(index);
-                    let result = vcpu.run(&devices, &control, &ram);
-                    control.leave(index);
-                    if result.is_err() {
-                        control.request_stop(StopReason::VcpuError { vcpu: index });
-                    }
+                    let mut vcpu = vcpu;
+                    let result =
+                        run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &ram);
                     let _ = done.send(());
                     (vcpu, result)
-                })
-                .map_err(|_| VmError::Thread(index))?;
-            handles.push((index, handle));
+                });
+            match spawned {
+                Ok(handle) => handles.push((index, handle)),
+                Err(e) => {
+                    // The vCPU went with the closure: this VM cannot run again.
+                    control.request_stop(StopReason::VcpuError { vcpu: index });
+                    spawn_error = Some(VmError::Thread(index, e));
+                    break;
+                }
+            }
         }
 
         // Wait for the vCPU threads; once a stop is requested, kick those still in KVM_RUN
@@ -496,7 +534,15 @@ impl Vm {
         let mut outcomes = Vec::new();
         let mut first_error = None;
         for (index, handle) in handles {
-            let (vcpu, result) = handle.join().map_err(|_| VmError::Thread(index))?;
+            // The thread catches panics of the vCPU loop, so a join error would be a panic in
+            // the few lines around it: report it like a vCPU panic.
+            let Ok((vcpu, result)) = handle.join() else {
+                first_error.get_or_insert(VcpuError::Panicked {
+                    vcpu: index,
+                    message: "the thread ended abnormally".into(),
+                });
+                continue;
+            };
             self.vcpus.push(vcpu);
             match result {
                 Ok(outcome) => outcomes.push(outcome),
@@ -505,6 +551,10 @@ impl Vm {
                 }
             }
         }
+        self.vcpus.sort_by_key(Vcpu::index);
+        if let Some(e) = spawn_error {
+            return Err(e);
+        }
         if let Some(e) = first_error {
             return Err(VmError::VcpuRun(e));
         }
@@ -512,6 +562,55 @@ impl Vm {
             vcpus: outcomes,
             stop_reason: control.reason(),
             first_instruction: control.started_at(),
+            last_exit: control.last_exit(),
         })
     }
+}
+
+/// The body of a vCPU thread: the thread hook, the run loop, and leaving the run with the
+/// state the vCPU ended in. A panic anywhere in it stops the VM with an error naming the vCPU
+/// instead of leaving `Vm::run` waiting for a thread that is gone.
+fn run_vcpu_thread(
+    vcpu: &mut Vcpu,
+    hook: Option<VcpuThreadHook>,
+    devices: &LegacyDevices,
+    control: &RunControl,
+    ram: &[(u64, u64, u64)],
+) -> Result<VcpuOutcome, VcpuError> {
+    let index = vcpu.index();
+    let mut entered = false;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(VcpuThreadHook(hook)) = &hook {
+            hook(
+                index,
+                rustix::thread::gettid().as_raw_nonzero().get() as u32,
+            );
+        }
+        control.enter(index);
+        entered = true;
+        vcpu.run(devices, control, ram)
+    }));
+    let result = result.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(VcpuError::Panicked {
+            vcpu: index,
+            message,
+        })
+    });
+    let final_state = match &result {
+        Ok(_) => vcpu.save_state().map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if !entered {
+        control.enter(index);
+    }
+    control.leave(index, final_state);
+    if result.is_err() {
+        control.request_stop(StopReason::VcpuError { vcpu: index });
+    }
+    result
 }

@@ -1,0 +1,75 @@
+//! Memory errors reported to vCPU threads as SIGBUS.
+//!
+//! On a hardware-virtualisation host, when a guest access hits a page the host has poisoned
+//! (a memory error, or a page that userfaultfd answered with UFFDIO_POISON), KVM sends SIGBUS
+//! with `si_code` BUS_MCEERR_AR and the host address to the vCPU thread and leaves KVM_RUN
+//! with EINTR. Without a handler the default action kills the whole VMM. The handler here
+//! records the address for the vCPU loop, which stops the VM with an error naming the guest
+//! address. (On instruction-emulating hosts the same access comes back as an MMIO exit inside
+//! RAM instead; see `vcpu.rs`.)
+//!
+//! A SIGBUS that is not KVM's report during KVM_RUN is a real crash of the VMM's own code:
+//! it is reported on stderr and the process exits with status 1 rather than by the signal.
+
+use std::cell::Cell;
+use std::sync::Once;
+
+thread_local! {
+    /// Set while this thread is inside KVM_RUN.
+    static IN_KVM_RUN: Cell<bool> = const { Cell::new(false) };
+    /// The host address of the last memory error reported to this thread during KVM_RUN
+    /// (0: none).
+    static POISONED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Installs the process-wide SIGBUS handler (once).
+pub fn install() -> std::io::Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid starting point; the handler below only touches
+        // thread-local cells with constant initialisers and async-signal-safe calls.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+                result = Err(std::io::Error::last_os_error());
+            }
+        }
+    });
+    result
+}
+
+/// Runs `f` (a KVM_RUN) with this thread marked as inside KVM_RUN.
+pub(crate) fn in_kvm_run<T>(f: impl FnOnce() -> T) -> T {
+    IN_KVM_RUN.with(|flag| flag.set(true));
+    let result = f();
+    IN_KVM_RUN.with(|flag| flag.set(false));
+    result
+}
+
+/// The host address of a memory error reported to this thread since the last call.
+pub(crate) fn take_poisoned() -> Option<u64> {
+    let address = POISONED.with(|cell| cell.replace(0));
+    (address != 0).then_some(address)
+}
+
+extern "C" fn handler(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; `si_addr` is
+    // meaningful for SIGBUS.
+    let (code, address) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
+    let ours = code == libc::BUS_MCEERR_AR && IN_KVM_RUN.with(Cell::get);
+    if ours {
+        // KVM_RUN returns EINTR once this handler returns; the vCPU loop reads the address.
+        POISONED.with(|cell| cell.set(address.max(1)));
+        return;
+    }
+    let message = b"faultline: fatal: SIGBUS outside guest execution (a memory error, or a file mapping that shrank); exiting\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is a static string.
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(1);
+    }
+}
