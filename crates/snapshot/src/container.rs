@@ -21,7 +21,8 @@ pub const HEADER_LEN: u64 = 24;
 pub const TRAILER_LEN: u64 = 4;
 
 /// Writes `payload` in a container at `path`, atomically: the bytes go to `<path>.tmp` in the
-/// same directory, reach the disk, and only then replace `path`.
+/// same directory, reach the disk, and only then replace `path`; the directory is synced after
+/// the rename.
 pub fn write(
     path: &Path,
     magic: &[u8; 8],
@@ -43,7 +44,24 @@ pub fn write(
         let _ = std::fs::remove_file(&tmp);
         return Err(SnapshotError::Io { path: tmp, source });
     }
-    std::fs::rename(&tmp, path).map_err(SnapshotError::io(path))
+    std::fs::rename(&tmp, path).map_err(SnapshotError::io(path))?;
+    sync_dir(parent_dir(path))
+}
+
+/// Waits until the entries of directory `dir` are on disk: after a rename into it, so that
+/// the renamed file survives a crash under its new name.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(SnapshotError::io(dir))
+}
+
+/// The directory `path` lies in: `.` for a bare file name.
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
 }
 
 /// Reads the container at `path` and returns its payload, after checking, in this order: the
@@ -334,6 +352,20 @@ mod tests {
             Err(SnapshotError::TrailingData { extra, .. }) => assert_eq!(extra, 4),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn directories_sync_and_bare_names_lie_in_the_current_directory() {
+        let dir = TempDir::new("container-sync");
+        sync_dir(dir.path()).unwrap();
+        let missing = dir.path().join("missing");
+        match sync_dir(&missing) {
+            Err(SnapshotError::Io { path, .. }) => assert_eq!(path, missing),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parent_dir(Path::new("state")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("a/b/state")), Path::new("a/b"));
+        assert_eq!(parent_dir(Path::new("/state")), Path::new("/"));
     }
 
     #[test]

@@ -106,6 +106,46 @@ pub enum SnapshotError {
     /// The snapshot directory exists already (snapshots are never overwritten).
     #[error("{0} exists already: a snapshot goes into a new directory")]
     Exists(PathBuf),
+    /// A diff's parent directory holds another snapshot than the one the diff was taken on.
+    #[error(
+        "{parent} is not the snapshot that the diff {child} was taken on (it was replaced or \
+         changed since: its identity is {found}, the diff expects {expected}), so the chain \
+         cannot be restored"
+    )]
+    ParentChanged {
+        /// The diff snapshot's directory.
+        child: PathBuf,
+        /// Its parent's directory, as resolved from the diff.
+        parent: PathBuf,
+        /// The parent's identity recorded in the diff.
+        expected: String,
+        /// The identity of what is there now.
+        found: String,
+    },
+    /// A diff's parent directory cannot be found (or opened).
+    #[error(
+        "{parent}, the parent of the diff {child}, cannot be opened, so the chain cannot be \
+         restored"
+    )]
+    ParentMissing {
+        /// The diff snapshot's directory.
+        child: PathBuf,
+        /// Its parent's directory, as resolved from the diff.
+        parent: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page of guest memory could not be read for the snapshot (it could not be provided:
+    /// its page source failed and the page was poisoned).
+    #[error("cannot read guest memory at image offset {offset:#x} (its page could not be provided)")]
+    GuestMemory {
+        /// The page's offset in the memory image (the RAM regions back to back).
+        offset: u64,
+        /// What the kernel said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl SnapshotError {
@@ -162,5 +202,33 @@ mod tests {
             offset: 0x30000,
         };
         assert!(err.to_string().contains("chunk 3 (at offset 0x30000)"));
+    }
+
+    #[test]
+    fn parent_errors_name_the_parent_and_the_diff() {
+        let err = SnapshotError::ParentChanged {
+            child: PathBuf::from("/snaps/diff"),
+            parent: PathBuf::from("/snaps/base"),
+            expected: "1-2-3-4".into(),
+            found: "5-6-7-8".into(),
+        };
+        let message = err.to_string();
+        for part in [
+            "/snaps/base is not the snapshot that the diff /snaps/diff was taken on",
+            "replaced or changed",
+            "5-6-7-8",
+            "1-2-3-4",
+            "cannot be restored",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+        let err = SnapshotError::ParentMissing {
+            child: PathBuf::from("/snaps/diff"),
+            parent: PathBuf::from("/snaps/diff/../base"),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(err
+            .to_string()
+            .starts_with("/snaps/diff/../base, the parent of the diff"));
     }
 }

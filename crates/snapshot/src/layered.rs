@@ -120,18 +120,16 @@ impl SnapshotMemory {
                 .sum::<u64>();
         let mut progress = Progress::new(total, progress);
         let mut summary = LoadSummary::default();
+        // Chunks are read once into this buffer, checked, and copied from it: what reaches
+        // guest memory is exactly what was checked.
+        let mut chunk = ChunkBuffer::default();
 
-        // The base: its data extents, a chunk at a time, each chunk verified first.
+        // The base: its data extents, a chunk at a time.
         for &(start, end) in base.data_extents() {
             let mut pos = start;
             while pos < end {
-                let chunk = pos / base.chunk_size();
-                let piece_end = ((chunk + 1) * base.chunk_size()).min(end);
-                base.verify_chunk(chunk)?;
-                let bytes = base
-                    .mapped(pos, piece_end - pos)
-                    .expect("data extents lie inside the image");
-                dest.copy(pos, bytes);
+                let piece_end = ((pos / base.chunk_size() + 1) * base.chunk_size()).min(end);
+                dest.copy(pos, chunk.bytes(base, self.layers.len() - 1, pos, piece_end)?);
                 summary.bytes_copied += piece_end - pos;
                 progress.advance(piece_end - pos);
                 pos = piece_end;
@@ -144,11 +142,8 @@ impl SnapshotMemory {
             for page in layer.held_pages() {
                 let offset = page * PAGE_SIZE;
                 let end = offset + PAGE_SIZE;
-                layer.verify_range(offset, PAGE_SIZE)?;
+                let bytes = chunk.bytes(layer, i, offset, end)?;
                 if layer.has_data(offset, end) {
-                    let bytes = layer
-                        .mapped(offset, PAGE_SIZE)
-                        .expect("held pages lie inside the image");
                     dest.copy(offset, bytes);
                     summary.bytes_copied += PAGE_SIZE;
                 } else {
@@ -168,6 +163,35 @@ impl SnapshotMemory {
         }
         progress.finish();
         Ok(summary)
+    }
+}
+
+/// The last chunk read (and checked) by [`SnapshotMemory::load_into`], by layer.
+#[derive(Default)]
+struct ChunkBuffer {
+    /// (layer index, chunk index) of what `buf` holds.
+    holds: Option<(usize, u64)>,
+    buf: Vec<u8>,
+}
+
+impl ChunkBuffer {
+    /// The checked bytes `[start, end)` of `layer` (number `index` in the chain), which lie in
+    /// one chunk.
+    fn bytes(
+        &mut self,
+        layer: &MemoryImage,
+        index: usize,
+        start: u64,
+        end: u64,
+    ) -> Result<&[u8], SnapshotError> {
+        let chunk = start / layer.chunk_size();
+        if self.holds != Some((index, chunk)) {
+            self.holds = None;
+            layer.read_chunk(chunk, &mut self.buf)?;
+            self.holds = Some((index, chunk));
+        }
+        let at = (start - chunk * layer.chunk_size()) as usize;
+        Ok(&self.buf[at..at + (end - start) as usize])
     }
 }
 
@@ -282,10 +306,12 @@ impl PageSource for SnapshotMemory {
                     buf[..at].fill(0);
                     any_data = true;
                 }
-                let bytes = layer
-                    .mapped(pos, piece_end - pos)
-                    .expect("the range was checked against the size");
-                buf[piece].copy_from_slice(bytes);
+                layer
+                    .read_at(pos, &mut buf[piece])
+                    .map_err(|e| SourceError::Unavailable {
+                        offset: page * PAGE_SIZE,
+                        reason: e.to_string(),
+                    })?;
             } else if any_data {
                 buf[piece].fill(0);
             }
@@ -314,7 +340,7 @@ impl PageSource for SnapshotMemory {
         }
         // A damaged chunk: `None` sends the pager to `fetch`, which reports the error.
         layer.verify_range(offset, len).ok()?;
-        layer.mapped(offset, len).map(|bytes| bytes.as_ptr() as u64)
+        layer.mapped_address(offset, len)
     }
 }
 

@@ -12,9 +12,15 @@
 //! - [`WORKING_SET_FILE`] (`working-set`, optional): the pages a restored guest touched first,
 //!   in order, with their contents, to be installed before the guest runs.
 //!
-//! A diff snapshot holds only the pages written since its parent; [`SnapshotMemory`] reads a
-//! chain of layers (newest first, a full image last) as one memory, eagerly
-//! ([`SnapshotMemory::load_into`]) or on demand as a [`pager::PageSource`].
+//! A diff snapshot holds only the pages written since its parent, which its state names by a
+//! path relative to the diff's directory and by the parent's [`state::identity`] (so that a
+//! chain can be moved as a whole, and a parent replaced by another snapshot is refused);
+//! [`state::chain`] follows the parents, and [`SnapshotMemory`] reads a chain of layers
+//! (newest first, a full image last) as one memory, eagerly ([`SnapshotMemory::load_into`])
+//! or on demand as a [`pager::PageSource`].
+//!
+//! Every file is written under a temporary name, synced, renamed into place, and its directory
+//! synced; a snapshot directory is published the same way, from a staging directory beside it.
 
 pub mod container;
 pub mod create;

@@ -1,5 +1,5 @@
-//! A read-only shared mapping of a whole file: snapshot data is read straight from the page
-//! cache, and the pager can install pages from it without an intermediate copy.
+//! A read-only shared mapping of a whole file, handed to the kernel as the source of zero-copy
+//! installs (UFFDIO_COPY from the page cache). faultline never reads it itself.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -53,15 +53,11 @@ impl ReadOnlyMap {
         })
     }
 
-    /// The mapped bytes.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        if self.addr.is_null() {
-            return &[];
-        }
-        // SAFETY: `len` readable bytes are mapped at `addr` for as long as `self` lives, and
-        // the returned slice borrows `self`. (A file truncated under the mapping would fault:
-        // snapshot files are never modified in place; they are replaced by rename.)
-        unsafe { std::slice::from_raw_parts(self.addr, self.len) }
+    /// The first mapped byte (null for an empty file). Deliberately no slice: a file that
+    /// shrinks under the mapping would turn a read of it into SIGBUS, so only the kernel reads
+    /// it (as a copy source, where such a page is an EFAULT error).
+    pub(crate) fn bytes_ptr(&self) -> *const u8 {
+        self.addr
     }
 }
 

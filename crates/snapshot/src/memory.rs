@@ -55,10 +55,12 @@ const BAD: u8 = 2;
 pub struct MemorySpan {
     addr: usize,
     len: u64,
+    /// Read page by page with system calls (see [`MemorySpan::read_checked`]).
+    checked: bool,
 }
 
 impl MemorySpan {
-    /// The `len` bytes at `addr`.
+    /// The `len` bytes at `addr`, read in place.
     ///
     /// # Safety
     ///
@@ -68,6 +70,18 @@ impl MemorySpan {
         MemorySpan {
             addr: addr as usize,
             len,
+            checked: false,
+        }
+    }
+
+    /// The `len` bytes at `addr`, read page by page with system calls: for memory that may
+    /// hold pages whose reads fail (guest RAM behind a pager, where a page that could not be
+    /// provided is poisoned). Such a page is an error, not a signal.
+    pub fn read_checked(addr: u64, len: u64) -> Self {
+        MemorySpan {
+            addr: addr as usize,
+            len,
+            checked: true,
         }
     }
 
@@ -245,6 +259,7 @@ pub fn write_image_with_progress(
         }
     };
     std::fs::rename(&tmp, &image_path).map_err(SnapshotError::io(&image_path))?;
+    container::sync_dir(dir)?;
 
     let payload = encode_sums(size, kind, &written.sums, written.bitmap.as_deref());
     container::write(&dir.join(SUMS_FILE), &SUMS_MAGIC, SUMS_VERSION, &payload)?;
@@ -285,15 +300,31 @@ fn write_data(
     let mut summary = WriteSummary::default();
     let mut page_index = 0u64;
     let mut span_base = 0u64;
+    let mut copy = vec![0u8; page_len];
     for span in spans {
-        let bytes = span.bytes();
+        // A checked span is copied a page at a time, and each data page written at once.
+        let bytes = if span.checked { &[][..] } else { span.bytes() };
         // Start (in the span) of the data pages not written yet: consecutive data pages of a
         // span are contiguous in memory and in the image, so they go in one write.
         let mut run: Option<usize> = None;
-        for (i, page) in bytes.chunks_exact(page_len).enumerate() {
+        for i in 0..(span.len / PAGE_SIZE) as usize {
+            let at = i * page_len;
             let included = include.is_none_or(|include| include(page_index));
             let held = included || kind == LayerKind::Full;
-            // A page left out is not read: a full layer takes it as zero.
+            let page: &[u8] = if !included {
+                // A page left out is not read: a full layer takes it as zero.
+                &ZERO_PAGE
+            } else if span.checked {
+                vmm::memory::read_host(span.addr as u64 + at as u64, &mut copy).map_err(
+                    |source| SnapshotError::GuestMemory {
+                        offset: page_index * PAGE_SIZE,
+                        source,
+                    },
+                )?;
+                &copy
+            } else {
+                &bytes[at..at + page_len]
+            };
             let data = included && !is_zero_page(page);
             if held {
                 summary.pages_included += 1;
@@ -308,8 +339,9 @@ fn write_data(
             }
             sums.push(data.then_some(page));
 
-            let at = i * page_len;
-            if data {
+            if data && span.checked {
+                write_run(&file, tmp, page, span_base + at as u64)?;
+            } else if data {
                 let start = *run.get_or_insert(at);
                 if at + page_len - start >= MAX_WRITE {
                     write_run(
@@ -548,7 +580,12 @@ pub struct MemoryImage {
     data: Vec<(u64, u64)>,
     /// Per chunk: `UNCHECKED`, `GOOD` or `BAD`.
     verified: Vec<AtomicU8>,
-    /// A read-only shared mapping of the whole image.
+    /// The image, read with system calls (`pread`): a file that shrinks or fails under a
+    /// restore gives an error, never a signal.
+    file: File,
+    /// A read-only shared mapping of the whole image, never read by this process: its address
+    /// is handed to the kernel as a copy source (a zero-copy install), where a bad page is an
+    /// EFAULT error.
     map: ReadOnlyMap,
 }
 
@@ -597,6 +634,7 @@ impl MemoryImage {
             sums: sums.sums,
             bitmap: sums.bitmap,
             data,
+            file,
             map,
         })
     }
@@ -687,23 +725,10 @@ impl MemoryImage {
             ));
         };
         match state.load(Ordering::Acquire) {
-            GOOD => return Ok(()),
-            BAD => return Err(self.chunk_error(chunk)),
-            _ => {}
-        }
-        // Two threads may both get here for one chunk: they compute the same answer.
-        let start = chunk * self.chunk_size;
-        let end = (start + self.chunk_size).min(self.size);
-        let good = self.crc_of(start, end) == self.sums[chunk as usize];
-        state.store(if good { GOOD } else { BAD }, Ordering::Release);
-        if good {
-            Ok(())
-        } else {
-            tracing::warn!(
-                "snapshot: chunk {chunk} of {} does not match its checksum",
-                self.path.display()
-            );
-            Err(self.chunk_error(chunk))
+            GOOD => Ok(()),
+            BAD => Err(self.chunk_error(chunk)),
+            // Two threads may both get here for one chunk: they compute the same answer.
+            _ => self.read_chunk(chunk, &mut Vec::new()),
         }
     }
 
@@ -740,42 +765,81 @@ impl MemoryImage {
         self.data.get(i).is_some_and(|&(s, _)| s < end)
     }
 
-    /// The `len` bytes at `offset`, straight from the mapping (not verified: see
-    /// [`verify_range`](Self::verify_range)); `None` if the range goes past the end.
-    pub fn mapped(&self, offset: u64, len: u64) -> Option<&[u8]> {
+    /// The host address of the image's byte `offset` in a read-only mapping, if
+    /// `[offset, offset + len)` lies inside the image: a source address for the kernel to copy
+    /// from (it reports a page it cannot read as EFAULT). This process never reads it.
+    pub fn mapped_address(&self, offset: u64, len: u64) -> Option<u64> {
         let end = offset.checked_add(len)?;
-        if end > self.size {
-            return None;
+        (end <= self.size && !self.map.bytes_ptr().is_null())
+            .then(|| self.map.bytes_ptr() as u64 + offset)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (not verified: see
+    /// [`verify_range`](Self::verify_range)). A file that has become shorter than the image
+    /// it held is [`SnapshotError::Truncated`].
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SnapshotError> {
+        self.file.read_exact_at(buf, offset).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::UnexpectedEof {
+                SnapshotError::Truncated {
+                    path: self.path.clone(),
+                    expected: self.size,
+                    found: self.file.metadata().map_or(0, |m| m.len()),
+                }
+            } else {
+                SnapshotError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Reads chunk `chunk` into `buf` (resized to the chunk: data extents read with `pread`,
+    /// holes as zeros, without reading them) and checks it against its checksum, remembering
+    /// the answer. A caller that copies from `buf` copies exactly the bytes that were checked.
+    /// A read error is returned as it is and not remembered (it says nothing of the contents).
+    pub fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
+        let Some(state) = usize::try_from(chunk)
+            .ok()
+            .and_then(|i| self.verified.get(i))
+        else {
+            return Err(SnapshotError::malformed(
+                &self.path,
+                format!(
+                    "chunk {chunk} is past the end of the image ({} chunks)",
+                    self.chunks()
+                ),
+            ));
+        };
+        let start = chunk * self.chunk_size;
+        let end = (start + self.chunk_size).min(self.size);
+        buf.clear();
+        buf.resize((end - start) as usize, 0);
+        let first = self.data.partition_point(|&(_, e)| e <= start);
+        for &(s, e) in &self.data[first..] {
+            if s >= end {
+                break;
+            }
+            let (s, e) = (s.max(start), e.min(end));
+            self.read_at(s, &mut buf[(s - start) as usize..(e - start) as usize])?;
         }
-        Some(&self.map.bytes()[offset as usize..end as usize])
+        let good = crc32fast::hash(buf) == self.sums[chunk as usize];
+        state.store(if good { GOOD } else { BAD }, Ordering::Release);
+        if good {
+            Ok(())
+        } else {
+            tracing::warn!(
+                "snapshot: chunk {chunk} of {} does not match its checksum",
+                self.path.display()
+            );
+            Err(self.chunk_error(chunk))
+        }
     }
 
     /// Sorted, disjoint `[start, end)` byte ranges of the image that hold data; everything
     /// else is a hole.
     pub fn data_extents(&self) -> &[(u64, u64)] {
         &self.data
-    }
-
-    /// The CRC32 of `[start, end)` as it reads back: holes are hashed as zeros without
-    /// touching the mapping, so verifying a chunk of holes reads nothing from the disk.
-    fn crc_of(&self, start: u64, end: u64) -> u32 {
-        let mut hasher = crc32fast::Hasher::new();
-        let mut pos = start;
-        let first = self.data.partition_point(|&(_, e)| e <= start);
-        for &(s, e) in &self.data[first..] {
-            if s >= end {
-                break;
-            }
-            let (s, e) = (s.max(pos), e.min(end));
-            hash_zeros(&mut hasher, s - pos);
-            hasher.update(
-                self.mapped(s, e - s)
-                    .expect("data extents lie inside the image"),
-            );
-            pos = e;
-        }
-        hash_zeros(&mut hasher, end - pos);
-        hasher.finalize()
     }
 
     fn chunk_error(&self, chunk: u64) -> SnapshotError {
@@ -868,12 +932,12 @@ mod tests {
         let data_bytes: u64 = image.data_extents().iter().map(|(s, e)| e - s).sum();
         assert!(data_bytes < size, "the image is sparse");
 
-        assert_eq!(
-            image.mapped(17 * PAGE_SIZE, PAGE_SIZE).unwrap(),
-            &buf[17 * PAGE..18 * PAGE]
-        );
-        assert!(image.mapped(size - PAGE_SIZE, 2 * PAGE_SIZE).is_none());
-        assert!(image.mapped(u64::MAX, 2).is_none());
+        let mut page = vec![0u8; PAGE];
+        image.read_at(17 * PAGE_SIZE, &mut page).unwrap();
+        assert_eq!(page, &buf[17 * PAGE..18 * PAGE]);
+        assert!(image.mapped_address(size - PAGE_SIZE, PAGE_SIZE).is_some());
+        assert!(image.mapped_address(size - PAGE_SIZE, 2 * PAGE_SIZE).is_none());
+        assert!(image.mapped_address(u64::MAX, 2).is_none());
     }
 
     #[test]
@@ -1035,7 +1099,7 @@ mod tests {
         assert_eq!(summary.pages_included, 0);
         let image = MemoryImage::open(dir.path()).unwrap();
         assert_eq!((image.size(), image.chunks()), (0, 0));
-        assert_eq!(image.mapped(0, 0), Some(&[][..]));
+        assert_eq!(image.mapped_address(0, 0), None, "nothing is mapped");
     }
 
     #[test]

@@ -3,7 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::memory::{MemorySpan, MemorySpanMut, PAGE_SIZE};
+use vmm::state::{DeviceState, VcpuState, VmState};
+use vmm::MachineState;
+
+use crate::memory::{self, LayerKind, MemorySpan, MemorySpanMut, PAGE_SIZE};
+use crate::state::{self, GuestInfo, MemoryKind, ParentRef, RamRange, SnapshotState};
 
 /// A fresh directory under the system's temporary directory, removed on drop.
 pub struct TempDir(PathBuf);
@@ -103,4 +107,80 @@ pub fn fill_page(buf: &mut [u8], page: u64, seed: u8) {
     {
         *byte = ((i as u8) ^ seed.wrapping_mul(31) ^ (page as u8)) | 1;
     }
+}
+
+/// A machine state with `vcpus` vCPUs (listed in order) and every KVM structure zero: enough
+/// for the state file, which does not look inside.
+pub fn machine(vcpus: u8) -> MachineState {
+    MachineState {
+        vcpus: (0..vcpus).map(vcpu).collect(),
+        vm: VmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        devices: DeviceState::default(),
+    }
+}
+
+/// vCPU `index` with every register zero.
+fn vcpu(index: u8) -> VcpuState {
+    VcpuState {
+        index,
+        cpuid: Vec::new(),
+        msrs: Vec::new(),
+        regs: Default::default(),
+        sregs: Default::default(),
+        fpu: Vec::new(),
+        xsave: None,
+        xcrs: None,
+        debugregs: Default::default(),
+        lapic: Default::default(),
+        mp_state: Default::default(),
+        events: Default::default(),
+        tsc_khz: None,
+    }
+}
+
+/// A valid state of the smallest guest faultline builds ([`vmm::memory::MIN_RAM`], one
+/// vCPU, a micro-guest working on 16 pages): a diff layered on `parent` if one is given, a
+/// full snapshot otherwise.
+pub fn snapshot_state(parent: Option<ParentRef>) -> SnapshotState {
+    SnapshotState {
+        faultline_version: "test".into(),
+        created_unix_ms: 1,
+        layout: vmm::memory::ram_ranges(vmm::memory::MIN_RAM)
+            .into_iter()
+            .map(|(gpa, size)| RamRange { gpa, size })
+            .collect(),
+        memory: if parent.is_some() {
+            MemoryKind::Diff
+        } else {
+            MemoryKind::Full
+        },
+        parent,
+        track_dirty: true,
+        guest: Some(GuestInfo {
+            name: "touch".into(),
+            range_start: 0x10_0000,
+            range_pages: 16,
+            arg: 0,
+        }),
+        machine: machine(1),
+    }
+}
+
+/// Writes a snapshot directory `dir` (created) with `state` and an all-zero memory image of
+/// its size (a diff holding every page, for a diff).
+pub fn write_snapshot(dir: &Path, state: &SnapshotState) {
+    std::fs::create_dir_all(dir).unwrap();
+    let buf = vec![0u8; state.ram_size() as usize];
+    let kind = match state.memory {
+        MemoryKind::Full => LayerKind::Full,
+        MemoryKind::Diff => LayerKind::Diff,
+    };
+    memory::write_image(dir, &spans(&buf, &[]), kind, None).unwrap();
+    state::write(dir, state).unwrap();
 }

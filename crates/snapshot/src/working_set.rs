@@ -9,13 +9,13 @@
 //! page_size u32 | reserved u32 | count u64 | page index u64 x count | count x page contents
 //! ```
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
 use pager::{Content, PageSource};
 
 use crate::container::{self, Decoder};
-use crate::mapping::ReadOnlyMap;
 use crate::memory::PAGE_SIZE;
 use crate::{SnapshotError, SnapshotMemory, WORKING_SET_FILE};
 
@@ -81,9 +81,9 @@ pub struct WorkingSet {
     /// Page indices into the snapshot's memory, in the order the guest touched them, each
     /// once.
     pub pages: Vec<u64>,
-    /// The file, mapped: the pages' contents, a page each in the same order, start at
+    /// The whole file: the pages' contents, a page each in the same order, start at
     /// `contents_at`.
-    map: ReadOnlyMap,
+    bytes: Vec<u8>,
     contents_at: usize,
 }
 
@@ -96,16 +96,16 @@ impl fmt::Debug for WorkingSet {
 }
 
 impl WorkingSet {
-    /// Reads and checks `working-set` in `dir`.
-    pub fn read(dir: &Path) -> Result<WorkingSet, SnapshotError> {
+    /// Reads and checks `working-set` in `dir`, for a snapshot whose memory holds
+    /// `memory_pages` pages: every page index must be below it, and appear once.
+    ///
+    /// The file is read into memory with system calls, not mapped: a file truncated or
+    /// damaged after the check then cannot fault the process when a page is used.
+    pub fn read(dir: &Path, memory_pages: u64) -> Result<WorkingSet, SnapshotError> {
         let path = dir.join(WORKING_SET_FILE);
-        let file = std::fs::File::open(&path).map_err(SnapshotError::io(&path))?;
-        let len = file.metadata().map_err(SnapshotError::io(&path))?.len();
-        // Mapped, not read: the contents go from the page cache straight into guest memory.
-        let map = ReadOnlyMap::new(&file, len, &path)?;
-        let payload =
-            container::check(&path, map.bytes(), &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
-        let mut d = Decoder::new(&path, &map.bytes()[payload.clone()]);
+        let bytes = std::fs::read(&path).map_err(SnapshotError::io(&path))?;
+        let payload = container::check(&path, &bytes, &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
+        let mut d = Decoder::new(&path, &bytes[payload.clone()]);
         let page_size = u64::from(d.u32("the page size")?);
         if page_size != PAGE_SIZE {
             return Err(d.malformed(format!(
@@ -114,16 +114,17 @@ impl WorkingSet {
         }
         d.u32("the reserved word")?;
         let count = d.u64("the page count")?;
-        let pages = container::u64s(d.take_array(count, 8, "the page indices")?).collect();
+        let indices = d.take_array(count, 8, "the page indices")?;
         let contents = d
             .take_array(count, PAGE_SIZE as usize, "the page contents")?
             .len();
         d.finish()?;
+        let pages = check_pages(&path, indices, memory_pages)?;
         // The contents are the payload's tail.
         let contents_at = payload.end - contents;
         Ok(WorkingSet {
             pages,
-            map,
+            bytes,
             contents_at,
         })
     }
@@ -140,8 +141,7 @@ impl WorkingSet {
     /// If the entries go past the end of the set.
     pub fn contents(&self, i: usize, count: usize) -> &[u8] {
         let page_len = PAGE_SIZE as usize;
-        &self.map.bytes()
-            [self.contents_at + i * page_len..self.contents_at + (i + count) * page_len]
+        &self.bytes[self.contents_at + i * page_len..self.contents_at + (i + count) * page_len]
     }
 
     /// Number of pages.
@@ -174,6 +174,32 @@ impl WorkingSet {
     }
 }
 
+/// The page indices of `path` (little-endian u64s), each checked to be below `memory_pages`
+/// and not repeated.
+fn check_pages(path: &Path, indices: &[u8], memory_pages: u64) -> Result<Vec<u64>, SnapshotError> {
+    let mut pages = Vec::with_capacity(indices.len() / 8);
+    let mut first_entry: HashMap<u64, usize> = HashMap::with_capacity(indices.len() / 8);
+    for (i, page) in container::u64s(indices).enumerate() {
+        if page >= memory_pages {
+            return Err(SnapshotError::malformed(
+                path,
+                format!(
+                    "working-set page index {page} at entry {i} is past the end of the \
+                     snapshot's memory ({memory_pages} pages)"
+                ),
+            ));
+        }
+        if let Some(first) = first_entry.insert(page, i) {
+            return Err(SnapshotError::malformed(
+                path,
+                format!("working-set page index {page} at entry {i} repeats entry {first}"),
+            ));
+        }
+        pages.push(page);
+    }
+    Ok(pages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,7 +225,7 @@ mod tests {
         let (memory, buf) = snapshot(&dir);
         let touched = [5, 6, 7, 3, 5, 100, 4, 9, 10, 3, 31];
         assert_eq!(write(dir.path(), &touched, &memory).unwrap(), 8);
-        let set = WorkingSet::read(dir.path()).unwrap();
+        let set = WorkingSet::read(dir.path(), 32).unwrap();
         assert_eq!(set.pages, [5, 6, 7, 3, 4, 9, 10, 31]);
         assert_eq!(set.len(), 8);
         assert!(!set.is_empty());
@@ -218,9 +244,75 @@ mod tests {
         assert_eq!(set.contents(0, 3), &buf[5 * PAGE..8 * PAGE]);
 
         write(dir.path(), &[], &memory).unwrap();
-        let set = WorkingSet::read(dir.path()).unwrap();
+        let set = WorkingSet::read(dir.path(), 32).unwrap();
         assert!(set.is_empty());
         assert_eq!(set.runs().count(), 0);
+    }
+
+    /// Writes a working set of `pages` (any indices, repeats kept) whose contents are zero.
+    fn write_raw(dir: &Path, pages: &[u64]) {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        payload.extend_from_slice(&0u32.to_le_bytes());
+        payload.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+        for page in pages {
+            payload.extend_from_slice(&page.to_le_bytes());
+        }
+        payload.resize(payload.len() + pages.len() * PAGE, 0);
+        container::write(
+            &dir.join(WORKING_SET_FILE),
+            &WORKING_SET_MAGIC,
+            WORKING_SET_VERSION,
+            &payload,
+        )
+        .unwrap();
+    }
+
+    fn malformed_reason(result: Result<WorkingSet, SnapshotError>) -> String {
+        match result {
+            Err(SnapshotError::Malformed { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn indices_past_the_memory_are_refused() {
+        let dir = TempDir::new("working-set-past-end");
+        write_raw(dir.path(), &[0, 7, 31]);
+        assert_eq!(WorkingSet::read(dir.path(), 32).unwrap().pages, [0, 7, 31]);
+        assert_eq!(
+            malformed_reason(WorkingSet::read(dir.path(), 31)),
+            "working-set page index 31 at entry 2 is past the end of the snapshot's memory \
+             (31 pages)"
+        );
+        write_raw(dir.path(), &[u64::MAX]);
+        let reason = malformed_reason(WorkingSet::read(dir.path(), 32));
+        assert!(reason.contains("at entry 0 is past the end"), "{reason}");
+    }
+
+    #[test]
+    fn repeated_indices_are_refused() {
+        let dir = TempDir::new("working-set-repeat");
+        write_raw(dir.path(), &[4, 5, 6, 5]);
+        assert_eq!(
+            malformed_reason(WorkingSet::read(dir.path(), 32)),
+            "working-set page index 5 at entry 3 repeats entry 1"
+        );
+    }
+
+    #[test]
+    fn a_truncated_file_is_an_error() {
+        let dir = TempDir::new("working-set-truncated");
+        let (memory, _) = snapshot(&dir);
+        write(dir.path(), &[1, 2, 3], &memory).unwrap();
+        let path = dir.path().join(WORKING_SET_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - PAGE_SIZE).unwrap();
+        assert!(matches!(
+            WorkingSet::read(dir.path(), 32),
+            Err(SnapshotError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -234,7 +326,7 @@ mod tests {
         bytes[at] ^= 1;
         std::fs::write(path, bytes).unwrap();
         assert!(matches!(
-            WorkingSet::read(dir.path()),
+            WorkingSet::read(dir.path(), 32),
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
     }
