@@ -11,10 +11,17 @@ pub mod restore;
 pub mod size;
 
 /// Sum (wrapping) of the first u64 of every page of `range` as the host sees guest memory:
-/// what the `touch`, `checksum` and `dirty` guests report when memory is right.
-pub fn host_checksum(ram: &vmm::GuestRam, range: vmm::boot::micro::WorkRange) -> u64 {
-    (0..range.pages).fold(0u64, |sum, i| {
+/// what the `touch`, `checksum` and `dirty` guests report when memory is right. Guest RAM is
+/// read with system calls, so a page that could not be provided is an error naming it.
+pub fn host_checksum(
+    ram: &vmm::GuestRam,
+    range: vmm::boot::micro::WorkRange,
+) -> anyhow::Result<u64> {
+    (0..range.pages).try_fold(0u64, |sum, i| {
         let gpa = range.start + i * vmm::PAGE_SIZE;
-        sum.wrapping_add(ram.read_u64(gpa).expect("the work range is guest RAM"))
+        let word = ram.read_u64(gpa).ok_or_else(|| {
+            anyhow::anyhow!("guest RAM at {gpa:#x} cannot be read (its page could not be provided)")
+        })?;
+        Ok(sum.wrapping_add(word))
     })
 }

@@ -99,9 +99,9 @@ struct RunArgs {
     /// With --lazy: also install every remaining page in the background.
     #[arg(long, requires = "lazy")]
     background_fill: bool,
-    /// With --background-fill: at most this many bytes per second (e.g. 256M); unlimited by
-    /// default (the fill always yields to faults).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "background_fill")]
+    /// With --background-fill: at most this many bytes per second (e.g. 256M; at least 4K);
+    /// unlimited by default (the fill always yields to faults).
+    #[arg(long, value_name = "SIZE", value_parser = parse_fill_rate, requires = "background_fill")]
     fill_rate: Option<u64>,
     /// With --lazy: what a page-source failure does: "poison" the page (the guest sees an
     /// error) or "stop" the VM.
@@ -120,6 +120,11 @@ struct RunArgs {
     /// Limit the micro-guest's work range to its first N pages.
     #[arg(long, value_name = "N", conflicts_with = "kernel")]
     range_pages: Option<u64>,
+    /// For tests: a micro-guest vCPU that reaches hold point N (for `mix`, the end of pass N)
+    /// waits there until the VM is stopped, so that a snapshot catches the guest at an exact
+    /// point of its run whatever the speed of the CPU.
+    #[arg(long, value_name = "N", conflicts_with = "kernel")]
+    hold_at: Option<u32>,
 }
 
 #[derive(Args)]
@@ -260,6 +265,16 @@ fn parse_u64(text: &str) -> Result<u64, String> {
     parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x-prefixed hex)"))
 }
 
+fn parse_fill_rate(text: &str) -> Result<u64, String> {
+    let rate = parse_size(text)?;
+    if rate < vmm::PAGE_SIZE {
+        return Err(format!(
+            "{text:?} is below one page (4K) a second: the fill would never finish"
+        ));
+    }
+    Ok(rate)
+}
+
 fn parse_policy(text: &str) -> Result<FailurePolicy, String> {
     match text {
         "poison" => Ok(FailurePolicy::Poison),
@@ -317,6 +332,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         cpuid: cpuid_config(args)?,
         console: ConsoleSink::stdout(),
         lazy: args.lazy.clone(),
+        hold_at: args.hold_at,
         pager: PagerConfig {
             readahead_pages: args.readahead,
             failure_policy: args.on_source_error,
@@ -439,7 +455,7 @@ fn check_micro_report(
         let guest_sum = report
             .summed_report(index)
             .context("the guest reported no checksum")?;
-        let host_sum = host_checksum(ram, range);
+        let host_sum = host_checksum(ram, range)?;
         if guest_sum != host_sum {
             bail!(
                 "memory check failed: guest checksum {guest_sum:#x} != host checksum {host_sum:#x}"

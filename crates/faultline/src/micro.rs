@@ -36,6 +36,8 @@ pub struct MicroOptions {
     pub pager: PagerConfig,
     /// Log guest writes for diff snapshots.
     pub track_dirty: bool,
+    /// Hold vCPUs that reach this micro-guest hold point (tests: an exact snapshot point).
+    pub hold_at: Option<u32>,
 }
 
 impl MicroOptions {
@@ -52,11 +54,13 @@ impl MicroOptions {
             lazy: None,
             pager: PagerConfig::default(),
             track_dirty: false,
+            hold_at: None,
         }
     }
 }
 
-/// A micro-guest loaded into a VM, ready to run.
+/// A micro-guest loaded into a VM, ready to run. Dropping it stops the pager (and every
+/// thread holding its userfaultfd) before the VM and its RAM go.
 pub struct MicroVm {
     pub vm: Vm,
     pub guest: &'static MicroGuest,
@@ -65,6 +69,14 @@ pub struct MicroVm {
     /// The pager serving guest RAM, when it is lazy.
     pub pager: Option<Pager>,
     created: Instant,
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        if let Some(pager) = self.pager.take() {
+            pager.shutdown();
+        }
+    }
 }
 
 /// What one vCPU of a micro-guest did.
@@ -174,6 +186,7 @@ impl MicroVm {
             track_dirty: options.track_dirty,
         };
         let vm = Vm::new(&config, ram).context("cannot create the VM")?;
+        vm.control().set_hold_at(options.hold_at);
         let range = options
             .range
             .unwrap_or_else(|| micro::default_work_range(vm.ram()));
@@ -258,12 +271,22 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
-    /// Runs `vm` until its vCPUs are done and reports what the guest did.
+    /// Runs `vm` until its vCPUs are done and reports what the guest did. A fatal error of
+    /// the pager (memory that could not be provided, a pager that failed) fails the run, with
+    /// the pager's message, whatever the vCPUs did: guest memory cannot be trusted after it.
     pub fn run(&self, vm: &mut Vm, pager: Option<&Pager>) -> anyhow::Result<MicroReport> {
-        let outcome = vm
-            .run()
-            .with_context(|| format!("micro-guest {:?} failed", self.guest.name))?;
-        let finished = Instant::now();
+        let outcome = vm.run();
+        let failed = || format!("micro-guest {:?} failed", self.guest.name);
+        if let Some(fatal) = pager.and_then(|p| p.fatal_error()) {
+            let fatal = format!("guest memory could not be provided: {fatal}");
+            return Err(match outcome {
+                Err(e) => anyhow::Error::new(e).context(fatal),
+                Ok(_) => anyhow::anyhow!(fatal),
+            })
+            .with_context(failed);
+        }
+        let outcome = outcome.with_context(failed)?;
+        let finished = outcome.last_exit.unwrap_or_else(Instant::now);
         let vcpus = outcome
             .vcpus
             .iter()

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use pager::{PageSource, Pager, PagerConfig, PagerHandle};
+use pager::{PageSource, Pager, PagerConfig, PagerError, PagerHandle};
 use serde::Serialize;
 use snapshot::state::{self, SnapshotState};
 use snapshot::{MemorySpanMut, SnapshotMemory, WorkingSet, PAGE_SIZE};
@@ -73,7 +73,8 @@ pub struct RestoreTimings {
     pub pages_loaded: u64,
 }
 
-/// A restored VM, ready to run.
+/// A restored VM, ready to run. Dropping it stops the pager and joins the working-set
+/// installer before the VM and its RAM go.
 pub struct RestoredVm {
     pub vm: Vm,
     /// The working-set installer (prefetch mode), running.
@@ -86,6 +87,18 @@ pub struct RestoredVm {
     pub mode: RestoreMode,
     pub started: Instant,
     pub timings: RestoreTimings,
+}
+
+impl Drop for RestoredVm {
+    fn drop(&mut self) {
+        // The pager first: once it stops, the installer's next install returns at once.
+        if let Some(pager) = self.pager.take() {
+            pager.shutdown();
+        }
+        if let Some(prefetch) = self.prefetch.take() {
+            let _ = prefetch.join();
+        }
+    }
 }
 
 fn ms_since(start: Instant) -> f64 {
@@ -113,7 +126,7 @@ fn start_prefetch(
         .name("prefetch".into())
         .spawn(move || {
             let began = Instant::now();
-            let set = match WorkingSet::read(&dir) {
+            let set = match WorkingSet::read(&dir, base) {
                 Ok(set) => set,
                 Err(e) => {
                     tracing::error!("prefetch: the working set is unusable, serving every page lazily: {e}");
@@ -133,6 +146,7 @@ fn start_prefetch(
                 let data = set.contents(index, count);
                 match pager.install_pages(region, (first - bounds[region].0) as usize, data) {
                     Ok(n) => installed += n as u64,
+                    Err(PagerError::Stopped) => break,
                     Err(e) => tracing::warn!("prefetch: {e}"),
                 }
             }

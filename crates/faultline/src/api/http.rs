@@ -426,6 +426,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -581,6 +582,23 @@ mod tests {
             "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 26\r\n\
              Connection: close\r\n\r\n{\"error\":\"no such route\"}\n"
         );
+    }
+
+    #[test]
+    fn refusals_carry_their_reason_phrases() {
+        for (status, phrase) in [
+            (408, "Request Timeout"),
+            (409, "Conflict"),
+            (503, "Service Unavailable"),
+        ] {
+            let mut out = Vec::new();
+            write_response(&mut out, &Response::error(status, "x")).unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.starts_with(&format!("HTTP/1.1 {status} {phrase}\r\n")),
+                "{text}"
+            );
+        }
     }
 
     #[test]

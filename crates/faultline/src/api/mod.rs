@@ -1,5 +1,6 @@
-//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (`--api-sock`), served by one
-//! thread while the VM runs, the way Firecracker and Cloud Hypervisor users expect.
+//! The control API: HTTP/1.1 with JSON bodies on a Unix socket (`--api-sock`), served while the
+//! VM runs, the way Firecracker and Cloud Hypervisor users expect. Each connection carries one
+//! request and has a thread of its own, so a slow or idle client never delays another.
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
@@ -9,8 +10,15 @@
 //! | PUT | /vm/resume | | 204; 409 if not paused |
 //! | PUT | /vm/shutdown | | 204; the VMM stops the VM and exits |
 //! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
+//!
+//! Pause, resume and snapshot change the VM and run one at a time: while one runs, another
+//! is answered 409 ("another operation is in progress"), not queued. `GET /vm`,
+//! `GET /vm/stats` and `PUT /vm/shutdown` never wait for them. Any request is answered 400 if
+//! it is malformed, 408 if it has not arrived in full (head and body) within
+//! [`REQUEST_DEADLINE`] (5 s) of connecting, and 503 when [`MAX_CONNECTIONS`] (256)
+//! connections are open already. Errors carry `{"error": MESSAGE}`.
 
 pub mod http;
 mod server;
 
-pub use server::{ApiError, ApiServer, Controller};
+pub use server::{ApiError, ApiServer, Controller, MAX_CONNECTIONS, REQUEST_DEADLINE};

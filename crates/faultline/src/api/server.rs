@@ -1,10 +1,19 @@
-//! The API thread and what each request does to the VM.
+//! The API threads and what each request does to the VM.
+//!
+//! One thread accepts connections and hands each to a thread of its own, at most
+//! [`MAX_CONNECTIONS`] at once, so a slow or idle client never delays another. A request must
+//! arrive whole within [`REQUEST_DEADLINE`] of its connection. Operations that change the VM
+//! (pause, resume, snapshot) run one at a time; reads and shutdown never wait for them.
 
-use std::io::BufReader;
+use std::collections::HashMap;
+use std::io::{self, BufReader, ErrorKind, Read};
+use std::net::Shutdown;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,10 +25,25 @@ use snapshot::state::GuestInfo;
 use vmm::control::PauseError;
 use vmm::{VmError, VmHandle};
 
-use super::http::{self, Request, Response};
+use super::http::{self, HttpError, Request, Response};
 
-/// How long the API thread waits for a slow client before giving up on it.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; the accept thread answers any beyond with 503.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// A request (head and body) must arrive in full within this long of its connection being
+/// accepted, or it is answered with 408.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long writing a response may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the accept thread spends writing a refusal (to a fresh connection, whose buffer
+/// is empty, so the write does not wait in practice).
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Stack of a connection thread. Stacks are committed as they are touched; a snapshot taken
+/// through the API runs on this stack, so it is not cut to the bone.
+const CONNECTION_STACK_BYTES: usize = 512 << 10;
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +56,11 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{0} exists and is not a socket, so faultline will not replace it: choose another \
+         --api-sock"
+    )]
+    NotASocket(PathBuf),
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
 }
@@ -42,8 +71,13 @@ pub struct Controller {
     pager: Option<PagerHandle>,
     guest: Option<GuestInfo>,
     started: Instant,
-    /// The last snapshot this process wrote: the parent of the next diff snapshot.
+    /// The last snapshot this process wrote: the parent of the next diff snapshot. Only ever
+    /// held for a read or a write of the value, never across a snapshot, so `GET /vm/stats`
+    /// does not wait for one.
     last_snapshot: Mutex<Option<PathBuf>>,
+    /// Held while an operation that changes the VM (pause, resume, snapshot) runs. A second
+    /// one is refused with 409 rather than queued; reads and shutdown never take it.
+    operation: Mutex<()>,
     shutdown: AtomicBool,
 }
 
@@ -84,6 +118,19 @@ fn vm_error(error: VmError) -> Response {
     Response::error(status, chain(&error))
 }
 
+/// The answer to an operation that changes the VM while another one runs.
+fn busy() -> Response {
+    Response::error(
+        409,
+        "another operation is in progress (a snapshot, pause or resume): try again when it ends",
+    )
+}
+
+/// Locks `mutex`, also after a panic elsewhere (what it guards stays consistent).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Controller {
     pub fn new(handle: VmHandle, pager: Option<PagerHandle>, guest: Option<GuestInfo>) -> Self {
         Controller {
@@ -92,6 +139,7 @@ impl Controller {
             guest,
             started: Instant::now(),
             last_snapshot: Mutex::new(None),
+            operation: Mutex::new(()),
             shutdown: AtomicBool::new(false),
         }
     }
@@ -103,7 +151,18 @@ impl Controller {
 
     /// Makes `dir` the parent of the next diff snapshot (a VM restored from it).
     pub fn set_last_snapshot(&self, dir: Option<PathBuf>) {
-        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+        *lock(&self.last_snapshot) = dir;
+    }
+
+    /// Starts an operation that changes the VM, or `None` while another one runs.
+    fn begin_operation(&self) -> Option<MutexGuard<'_, ()>> {
+        match self.operation.try_lock() {
+            Ok(guard) => Some(guard),
+            // The lock guards no data: a panic during an earlier operation leaves nothing to
+            // repair.
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
     }
 
     fn state_name(&self) -> &'static str {
@@ -131,14 +190,16 @@ impl Controller {
     fn stats(&self) -> serde_json::Value {
         let mut info = self.info();
         info["pager"] = json!(self.pager.as_ref().map(PagerHandle::stats));
-        info["last_snapshot"] =
-            json!(*self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()));
+        info["last_snapshot"] = json!(*lock(&self.last_snapshot));
         info
     }
 
+    /// Takes a snapshot; the caller holds the operation lock, so no other snapshot can change
+    /// `last_snapshot` in between.
     fn snapshot(&self, request: &SnapshotRequest) -> Response {
         let parent = {
-            let last = self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+            // Released at the end of this block: the snapshot is taken without it.
+            let last = lock(&self.last_snapshot);
             match (request.kind, last.as_ref()) {
                 (SnapshotKind::Full, _) => None,
                 (SnapshotKind::Diff, Some(parent)) => Some(parent.clone()),
@@ -165,11 +226,8 @@ impl Controller {
                 Response::ok(json!(summary))
             }
             Err(error) => {
-                // A failed snapshot may have consumed dirty-log bits: a later diff against the
-                // older parent would miss pages, so the chain starts again with a full one.
-                if self.handle.tracks_dirty() {
-                    self.set_last_snapshot(None);
-                }
+                // The previous snapshot stays the parent of the next diff: a failed snapshot
+                // puts back the dirty log it took, as if it had not been taken.
                 let status = if error.is_usage() { 400 } else { 500 };
                 Response::error(status, chain(&error))
             }
@@ -182,14 +240,25 @@ impl Controller {
         match (request.method.as_str(), path) {
             ("GET", "/vm") => Response::ok(self.info()),
             ("GET", "/vm/stats") => Response::ok(self.stats()),
-            ("PUT", "/vm/pause") => match self.handle.pause() {
-                Ok(_) => Response::no_content(),
-                Err(e) => vm_error(e),
-            },
-            ("PUT", "/vm/resume") => match self.handle.resume() {
-                Ok(()) => Response::no_content(),
-                Err(e) => vm_error(e),
-            },
+            ("PUT", "/vm/pause") => {
+                let Some(_operation) = self.begin_operation() else {
+                    return busy();
+                };
+                match self.handle.pause() {
+                    Ok(_) => Response::no_content(),
+                    Err(e) => vm_error(e),
+                }
+            }
+            ("PUT", "/vm/resume") => {
+                let Some(_operation) = self.begin_operation() else {
+                    return busy();
+                };
+                match self.handle.resume() {
+                    Ok(()) => Response::no_content(),
+                    Err(e) => vm_error(e),
+                }
+            }
+            // Never waits: it only sets a flag and asks the vCPUs to stop.
             ("PUT", "/vm/shutdown") => {
                 self.shutdown.store(true, Ordering::Release);
                 self.handle
@@ -198,7 +267,10 @@ impl Controller {
                 Response::no_content()
             }
             ("PUT", "/snapshot/create") => match request.json::<SnapshotRequest>() {
-                Ok(body) => self.snapshot(&body),
+                Ok(body) => match self.begin_operation() {
+                    Some(_operation) => self.snapshot(&body),
+                    None => busy(),
+                },
                 Err(e) => Response::error(
                     400,
                     format!(
@@ -217,66 +289,292 @@ impl Controller {
     }
 }
 
-/// The API server: a thread answering requests on a Unix socket until dropped.
-pub struct ApiServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// The connections being served, by id: a clone of each stream, so that teardown can shut
+/// them down. The accept thread adds each before starting its thread; the thread removes it as
+/// it ends. Its size is the number of connections served at once.
+type Open = Arc<Mutex<HashMap<u64, UnixStream>>>;
+
+/// Removes a connection from [`Open`] when its thread ends (also by a panic).
+struct Registered {
+    open: Open,
+    id: u64,
 }
 
-fn serve(stream: UnixStream, controller: &Controller) {
-    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    let response = match http::read_request(&mut reader) {
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.open).remove(&self.id);
+    }
+}
+
+/// Reads from a stream, failing with [`ErrorKind::TimedOut`] once `deadline` has passed: every
+/// read waits at most for the time left.
+struct DeadlineReader {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let timed_out = || io::Error::new(ErrorKind::TimedOut, "the request deadline passed");
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            // A socket read timeout reads as WouldBlock (EAGAIN) on Linux.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Err(timed_out())
+            }
+            other => other,
+        }
+    }
+}
+
+/// Reads one request from `stream`, all of which (head and body) must arrive by `deadline`;
+/// gives the stream back for the answer.
+fn read_by(stream: UnixStream, deadline: Instant) -> (UnixStream, Result<Request, HttpError>) {
+    let mut reader = BufReader::new(DeadlineReader { stream, deadline });
+    let request = http::read_request(&mut reader);
+    (reader.into_inner().stream, request)
+}
+
+/// Whether reading a request failed because its deadline passed.
+fn is_timeout(error: &HttpError) -> bool {
+    matches!(error, HttpError::Io(e) if e.kind() == ErrorKind::TimedOut)
+}
+
+/// The answer to a request that did not arrive in time.
+fn request_timeout() -> Response {
+    Response::error(
+        408,
+        format!(
+            "the request did not arrive in full within {} s of connecting: send the whole \
+             request at once",
+            REQUEST_DEADLINE.as_secs()
+        ),
+    )
+}
+
+/// The answer to a connection beyond [`MAX_CONNECTIONS`].
+fn too_many_connections() -> Response {
+    Response::error(
+        503,
+        format!("too many API connections (at most {MAX_CONNECTIONS} at once); try again"),
+    )
+}
+
+/// Serves one connection (one request) that was accepted at `accepted`.
+fn serve(stream: UnixStream, accepted: Instant, controller: &Controller) {
+    let (stream, request) = read_by(stream, accepted + REQUEST_DEADLINE);
+    let response = match request {
         Ok(request) => {
             tracing::debug!("api: {} {}", request.method, request.path);
             controller.handle(&request)
         }
-        Err(http::HttpError::Closed) => return,
+        Err(HttpError::Closed) => return,
+        Err(e) if is_timeout(&e) => request_timeout(),
         Err(e) => Response::error(400, chain(&e)),
     };
-    if let Err(e) = http::write_response(&mut writer, &response) {
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    if let Err(e) = http::write_response(&mut &stream, &response) {
         tracing::warn!("api: cannot answer: {e}");
     }
 }
 
-impl ApiServer {
-    /// Listens on `path` (a stale socket file left by a dead process is replaced; one that a
-    /// live process serves is not) and answers requests with `controller`.
-    pub fn start(path: &Path, controller: Arc<Controller>) -> Result<ApiServer, ApiError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiError::InUse(path.into()));
-            }
-            let _ = std::fs::remove_file(path);
+/// Answers a connection that will not be served, without reading from it, and closes it.
+fn refuse(stream: UnixStream, response: &Response) {
+    let _ = stream.set_write_timeout(Some(REFUSAL_WRITE_TIMEOUT));
+    let _ = http::write_response(&mut &stream, response);
+}
+
+/// Adds `stream` to the open connections as `id`, unless [`MAX_CONNECTIONS`] are open already;
+/// `Err` carries the refusal to answer.
+fn register(open: &Open, id: u64, stream: &UnixStream) -> Result<(), Response> {
+    let mut open = lock(open);
+    if open.len() >= MAX_CONNECTIONS {
+        return Err(too_many_connections());
+    }
+    let clone = stream.try_clone().map_err(|e| {
+        Response::error(
+            503,
+            format!("cannot serve this API connection ({e}); try again"),
+        )
+    })?;
+    open.insert(id, clone);
+    Ok(())
+}
+
+/// Joins the connection threads that have ended, so that their handles do not pile up.
+fn reap(threads: &mut Vec<JoinHandle<()>>) {
+    let (ended, running): (Vec<_>, Vec<_>) = std::mem::take(threads)
+        .into_iter()
+        .partition(|thread| thread.is_finished());
+    *threads = running;
+    for thread in ended {
+        let _ = thread.join();
+    }
+}
+
+/// The accept thread: hands every connection to a thread of its own until `stop` is set;
+/// returns the connection threads that may still run.
+fn accept_loop(
+    listener: UnixListener,
+    controller: Arc<Controller>,
+    stop: Arc<AtomicBool>,
+    open: Open,
+) -> Vec<JoinHandle<()>> {
+    let mut threads = Vec::new();
+    let mut next_id: u64 = 0;
+    for stream in listener.incoming() {
+        if stop.load(Ordering::Acquire) {
+            break;
         }
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!("api: accept failed: {e}");
+                // Out of file descriptors, say: do not spin on it.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let accepted = Instant::now();
+        reap(&mut threads);
+        let id = next_id;
+        next_id += 1;
+        if let Err(refusal) = register(&open, id, &stream) {
+            tracing::warn!("api: connection refused: {}", refusal.status);
+            refuse(stream, &refusal);
+            continue;
+        }
+        let thread_open = Arc::clone(&open);
+        let thread_controller = Arc::clone(&controller);
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(CONNECTION_STACK_BYTES)
+            .spawn(move || {
+                let _registered = Registered {
+                    open: thread_open,
+                    id,
+                };
+                serve(stream, accepted, &thread_controller);
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                tracing::warn!("api: cannot start a connection thread: {e}");
+                // The stream went with the closure: answer on the registered clone.
+                let clone = lock(&open).remove(&id);
+                if let Some(clone) = clone {
+                    refuse(
+                        clone,
+                        &Response::error(
+                            503,
+                            format!(
+                                "cannot start a thread for this API connection ({e}); try again"
+                            ),
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    threads
+}
+
+/// The (device, inode) of the socket file at `path`, if a socket is there.
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    let metadata = std::fs::symlink_metadata(path).ok()?;
+    metadata
+        .file_type()
+        .is_socket()
+        .then(|| (metadata.dev(), metadata.ino()))
+}
+
+/// Removes the socket file at `path` if it still is the one `identity` names (someone may
+/// have replaced it since).
+fn remove_socket_if_ours(path: &Path, identity: Option<(u64, u64)>) {
+    if identity.is_some() && socket_identity(path) == identity {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Makes way for a new socket at `path`. Nothing there is fine; a socket that a live server
+/// answers on is in use; a socket nobody answers on is stale (its process died) and is removed.
+/// Anything else (a file, a directory, a symbolic link) is never touched.
+fn clear_stale_socket(path: &Path) -> Result<(), ApiError> {
+    let Ok(metadata) = std::fs::symlink_metadata(path) else {
+        // Nothing there (or nothing we may look at: bind says what is wrong).
+        return Ok(());
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(ApiError::NotASocket(path.into()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiError::InUse(path.into())),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+            // If this fails, bind says so.
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+        // Not provably stale (say, a socket we may not connect to): leave it alone.
+        Err(source) => Err(ApiError::Bind {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+/// The API server: threads answering requests on a Unix socket until dropped.
+pub struct ApiServer {
+    path: PathBuf,
+    /// The socket file's (device, inode) once bound: teardown removes the path only if it
+    /// still is this socket.
+    identity: Option<(u64, u64)>,
+    /// The listening socket (a clone of the accept thread's), shut down to wake that thread.
+    listener: UnixListener,
+    stop: Arc<AtomicBool>,
+    open: Open,
+    /// The accept thread; it returns the connection threads it started.
+    thread: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+}
+
+impl ApiServer {
+    /// Listens on `path` (a stale socket left by a dead process is replaced; one that a live
+    /// process serves, and anything that is not a socket, are not) and answers requests with
+    /// `controller`.
+    pub fn start(path: &Path, controller: Arc<Controller>) -> Result<ApiServer, ApiError> {
+        clear_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
             path: path.into(),
             source,
         })?;
+        let identity = socket_identity(path);
+        let fail = |error: ApiError| {
+            remove_socket_if_ours(path, identity);
+            error
+        };
+        let waker = listener.try_clone().map_err(|source| {
+            fail(ApiError::Bind {
+                path: path.into(),
+                source,
+            })
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
+        let open: Open = Arc::default();
         let thread_stop = Arc::clone(&stop);
+        let thread_open = Arc::clone(&open);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    if thread_stop.load(Ordering::Acquire) {
-                        break;
-                    }
-                    match stream {
-                        Ok(stream) => serve(stream, &controller),
-                        Err(e) => tracing::warn!("api: accept failed: {e}"),
-                    }
-                }
-            })
-            .map_err(ApiError::Thread)?;
+            .spawn(move || accept_loop(listener, controller, thread_stop, thread_open))
+            .map_err(|e| fail(ApiError::Thread(e)))?;
         Ok(ApiServer {
             path: path.into(),
+            identity,
+            listener: waker,
             stop,
+            open,
             thread: Some(thread),
         })
     }
@@ -290,11 +588,156 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        // Wake the accept loop with a connection of our own, then remove the socket.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(thread) = self.thread.take() {
+        // Wake the accept thread: shutting the listening socket down fails its accept at once,
+        // and a connection of our own (while the path is still ours) wakes it as well.
+        // SAFETY: shutdown(2) on a socket this struct owns; it changes only the socket's state.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if self.identity.is_some() && socket_identity(&self.path) == self.identity {
+            let _ = UnixStream::connect(&self.path);
+        }
+        let threads = self
+            .thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default();
+        // Nothing is accepted any more: end the connections still open (their reads return at
+        // once), then wait for their threads, so that none outlives the server with the VM.
+        for stream in lock(&self.open).values() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for thread in threads {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        remove_socket_if_ours(&self.path, self.identity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A path in the temp directory for this test, with nothing at it.
+    fn scratch(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("faultline-{}-server-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&path);
+        path
+    }
+
+    #[test]
+    fn a_request_that_stalls_times_out_at_its_deadline() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client.write_all(b"PUT /vm/pau").unwrap();
+        let started = Instant::now();
+        let (_, request) = read_by(server, started + Duration::from_millis(200));
+        let error = request.unwrap_err();
+        assert!(is_timeout(&error), "{error:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the deadline bounds the wait"
+        );
+    }
+
+    #[test]
+    fn a_request_in_pieces_within_its_deadline_is_read() {
+        let (mut client, server) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            for piece in [
+                &b"PUT /vm/pa"[..],
+                b"use HTTP/1.1\r\nContent-Le",
+                b"ngth: 2\r\n\r\n{}",
+            ] {
+                client.write_all(piece).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            client
+        });
+        let (_, request) = read_by(server, Instant::now() + Duration::from_secs(10));
+        let _client = writer.join().unwrap();
+        let request = request.unwrap();
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("PUT", "/vm/pause")
+        );
+        assert_eq!(request.body, b"{}");
+    }
+
+    #[test]
+    fn a_passed_deadline_fails_without_waiting() {
+        let (_client, server) = UnixStream::pair().unwrap();
+        let mut reader = DeadlineReader {
+            stream: server,
+            deadline: Instant::now(),
+        };
+        let error = reader.read(&mut [0; 8]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn what_is_not_a_socket_is_never_removed() {
+        let file = scratch("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        let error = clear_stale_socket(&file).unwrap_err();
+        assert!(matches!(error, ApiError::NotASocket(_)), "{error:?}");
+        assert!(
+            error.to_string().contains(&file.display().to_string()),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+        std::fs::remove_file(&file).unwrap();
+
+        let dir = scratch("dir");
+        std::fs::create_dir(&dir).unwrap();
+        let error = clear_stale_socket(&dir).unwrap_err();
+        assert!(matches!(error, ApiError::NotASocket(_)), "{error:?}");
+        assert!(dir.is_dir());
+        std::fs::remove_dir(&dir).unwrap();
+
+        assert!(clear_stale_socket(&scratch("nothing")).is_ok());
+    }
+
+    #[test]
+    fn a_live_socket_is_in_use_and_a_stale_one_is_replaced() {
+        let path = scratch("sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let error = clear_stale_socket(&path).unwrap_err();
+        assert!(matches!(error, ApiError::InUse(_)), "{error:?}");
+        assert!(path.exists());
+        // Closing the listener leaves its file behind, answering nobody: stale.
+        drop(listener);
+        assert!(socket_identity(&path).is_some());
+        clear_stale_socket(&path).unwrap();
+        assert!(std::fs::symlink_metadata(&path).is_err(), "removed");
+    }
+
+    #[test]
+    fn only_our_own_socket_is_removed() {
+        let path = scratch("ours");
+        let first = UnixListener::bind(&path).unwrap();
+        let ours = socket_identity(&path);
+        assert!(ours.is_some());
+        // Someone replaces it: the path is no longer ours.
+        std::fs::remove_file(&path).unwrap();
+        let second = UnixListener::bind(&path).unwrap();
+        remove_socket_if_ours(&path, ours);
+        assert!(path.exists(), "a socket that replaced ours stays");
+        remove_socket_if_ours(&path, socket_identity(&path));
+        assert!(!path.exists());
+        drop((first, second));
+    }
+
+    #[test]
+    fn refusals_are_clear() {
+        let Some(body) = too_many_connections().body else {
+            panic!("a refusal has a body");
+        };
+        assert_eq!(
+            body["error"],
+            "too many API connections (at most 256 at once); try again"
+        );
+        assert_eq!(request_timeout().status, 408);
+        assert_eq!(busy().status, 409);
     }
 }

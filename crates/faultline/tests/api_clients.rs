@@ -1,0 +1,289 @@
+//! End to end: the control API serves many clients at once. Idle and stalled clients never
+//! delay another, connections beyond the limit are refused clearly, a request that does not
+//! arrive in time is answered 408, and a file in the way of the socket is never removed.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use faultline::api::{http, MAX_CONNECTIONS};
+
+/// The longest any wait in these tests may take.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("faultline-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A faultline child, killed if the test ends (or fails) before it exits. Its output goes
+/// to files, so that it never blocks on a full pipe.
+struct Faultline {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Faultline {
+    fn spawn(args: &[&str], tmp: &TempDir) -> Faultline {
+        let stderr = tmp.join("stderr");
+        let child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(tmp.join("stdout")).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("faultline starts");
+        Faultline { child, stderr }
+    }
+
+    /// A VM that runs until asked to stop, serving the API on `sock`.
+    fn run_forever(sock: &Path, tmp: &TempDir) -> Faultline {
+        let sock = sock.to_str().unwrap();
+        Faultline::spawn(
+            &[
+                "run",
+                "--guest",
+                "mix",
+                "--mem",
+                "8M",
+                "--range-pages",
+                "128",
+                "--arg",
+                "0",
+                "--api-sock",
+                sock,
+                "--json",
+            ],
+            tmp,
+        )
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits (within [`DEADLINE`]) for the child to exit.
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "faultline did not exit within {DEADLINE:?}: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the VM behind `sock` reports `running`.
+    fn wait_running(&mut self, sock: &Path) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("faultline exited early ({status}): {}", self.stderr());
+            }
+            if sock.exists() {
+                let answer = http::call(sock, "GET", "/vm", None, Some(Duration::from_secs(1)));
+                if let Ok((200, Some(info))) = answer {
+                    if info["state"] == "running" {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "the VM never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Faultline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One API call that gives up after `seconds`.
+fn call(sock: &Path, method: &str, path: &str, seconds: u64) -> (u16, serde_json::Value) {
+    let (status, body) = http::call(sock, method, path, None, Some(Duration::from_secs(seconds)))
+        .unwrap_or_else(|e| panic!("{method} {path} within {seconds} s: {e}"));
+    (status, body.unwrap_or(serde_json::Value::Null))
+}
+
+/// `count` connections that send nothing (held open by the caller).
+fn idle_connections(sock: &Path, count: usize) -> Vec<UnixStream> {
+    (0..count)
+        .map(|i| UnixStream::connect(sock).unwrap_or_else(|e| panic!("idle connection {i}: {e}")))
+        .collect()
+}
+
+/// Shuts the VM down through the API and checks that faultline exits cleanly.
+fn shut_down(sock: &Path, mut faultline: Faultline) {
+    let (status, body) = call(sock, "PUT", "/vm/shutdown", 3);
+    assert_eq!(status, 204, "{body}");
+    let exit = faultline.wait();
+    assert!(
+        exit.success(),
+        "faultline after an API shutdown: {exit}: {}",
+        faultline.stderr()
+    );
+    assert!(!sock.exists(), "the API socket is removed on exit");
+}
+
+#[test]
+fn idle_and_stalled_clients_do_not_delay_others() {
+    require_kvm!();
+    let tmp = TempDir::new("idle");
+    let sock = tmp.join("api.sock");
+    let mut faultline = Faultline::run_forever(&sock, &tmp);
+    faultline.wait_running(&sock);
+
+    let idle = idle_connections(&sock, 200);
+    let mut stalled = UnixStream::connect(&sock).unwrap();
+    stalled.write_all(b"PUT /vm/pau").unwrap();
+
+    // One connection served at a time with a 10 s read timeout would keep this waiting for
+    // 10 s per client ahead of it.
+    let (status, info) = call(&sock, "GET", "/vm", 3);
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["state"], "running");
+    // Shutting down with all of them still open: the server ends their connections.
+    shut_down(&sock, faultline);
+    drop((idle, stalled));
+}
+
+#[test]
+fn over_the_limit_is_refused_clearly() {
+    require_kvm!();
+    let tmp = TempDir::new("limit");
+    let sock = tmp.join("api.sock");
+    let mut faultline = Faultline::run_forever(&sock, &tmp);
+    faultline.wait_running(&sock);
+    // The thread that answered the last GET counts until it has ended (just after answering):
+    // let it go, so that the idle connections below fill every place.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut idle = idle_connections(&sock, MAX_CONNECTIONS);
+    let (status, body) = call(&sock, "GET", "/vm", 10);
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("too many API connections"), "{body}");
+
+    // Closing idle connections frees their places as soon as their threads see the end.
+    idle.truncate(MAX_CONNECTIONS - 8);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (status, body) = call(&sock, "GET", "/vm", 10);
+        if status == 200 {
+            assert_eq!(body["state"], "running");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "closed connections never made room"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shut_down(&sock, faultline);
+    drop(idle);
+}
+
+#[test]
+fn a_stalled_request_gets_408() {
+    require_kvm!();
+    let tmp = TempDir::new("stalled");
+    let sock = tmp.join("api.sock");
+    let mut faultline = Faultline::run_forever(&sock, &tmp);
+    faultline.wait_running(&sock);
+
+    let mut stream = UnixStream::connect(&sock).unwrap();
+    stream
+        .write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    // Read up to the end of the connection (the server closes after answering).
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset && !answer.is_empty() => break,
+            Err(e) => panic!(
+                "no answer to a stalled request ({e}); got {:?}",
+                String::from_utf8_lossy(&answer)
+            ),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("within 5 s"),
+        "the error names the deadline: {answer}"
+    );
+
+    // The server carries on.
+    let (status, _) = call(&sock, "GET", "/vm", 3);
+    assert_eq!(status, 200);
+    shut_down(&sock, faultline);
+}
+
+#[test]
+fn a_regular_file_at_the_socket_path_is_left_alone() {
+    require_kvm!();
+    let tmp = TempDir::new("file");
+    let path = tmp.join("precious.txt");
+    let contents = b"not a socket: keep me\n";
+    std::fs::write(&path, contents).unwrap();
+
+    let mut faultline = Faultline::spawn(
+        &[
+            "run",
+            "--guest",
+            "hello",
+            "--api-sock",
+            path.to_str().unwrap(),
+        ],
+        &tmp,
+    );
+    let exit = faultline.wait();
+    let stderr = faultline.stderr();
+    assert!(!exit.success(), "faultline ran with a file as its socket");
+    assert!(
+        stderr.contains(path.to_str().unwrap()),
+        "the error names the path: {stderr}"
+    );
+    assert!(stderr.contains("not a socket"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&path).expect("the file is still there"),
+        contents,
+        "the file is untouched"
+    );
+}
