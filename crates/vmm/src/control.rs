@@ -169,10 +169,18 @@ impl RunControl {
     }
 
     /// Makes micro-guest vCPUs that reach hold point `point` (a write of `point` to the HOLD
-    /// port) wait there until the VM stops: a test can then snapshot the guest at an exact
-    /// point of its run, whatever the speed of the CPU. `None` (the default) holds nowhere.
+    /// port) wait there until the hold point changes or the VM stops: a test can then
+    /// snapshot the guest at an exact point of its run, whatever the speed of the CPU, and
+    /// let it go on to the next. `None` (the default) holds nowhere and releases held vCPUs.
     pub fn set_hold_at(&self, point: Option<u32>) {
         *self.hold_at.lock().unwrap_or_else(|e| e.into_inner()) = point;
+        let _threads = self.threads();
+        self.changed.notify_all();
+    }
+
+    /// The hold point in force.
+    pub fn hold_at(&self) -> Option<u32> {
+        *self.hold_at.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether a vCPU that reached hold point `point` must wait there.
@@ -185,17 +193,23 @@ impl RunControl {
         self.threads().held.iter().copied().collect()
     }
 
-    /// Called by a vCPU thread that reached the hold point: waits there until the VM stops,
-    /// parking (with the state `save` gives) whenever it is paused meanwhile.
-    pub(crate) fn hold(&self, vcpu: u8, mut save: impl FnMut() -> Result<VcpuState, String>) {
+    /// Called by a vCPU thread that reached hold point `point` while it is the one in force:
+    /// waits there until the hold point changes or the VM stops, parking (with the state
+    /// `save` gives) whenever it is paused meanwhile.
+    pub(crate) fn hold(
+        &self,
+        vcpu: u8,
+        point: u32,
+        mut save: impl FnMut() -> Result<VcpuState, String>,
+    ) {
         self.threads().held.insert(vcpu);
-        while !self.should_stop() {
+        while !self.should_stop() && self.holds_at(point) {
             if self.pause_requested() {
                 self.park(vcpu, save());
                 continue;
             }
             let threads = self.threads();
-            if !self.should_stop() && !self.pause_requested() {
+            if !self.should_stop() && !self.pause_requested() && self.holds_at(point) {
                 drop(
                     self.changed
                         .wait_timeout(threads, PAUSE_KICK_INTERVAL * 25)

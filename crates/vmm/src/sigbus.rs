@@ -56,7 +56,11 @@ pub(crate) fn take_poisoned() -> Option<u64> {
     (address != 0).then_some(address)
 }
 
-extern "C" fn handler(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+extern "C" fn handler(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler; `si_addr` is
     // meaningful for SIGBUS.
     let (code, address) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
@@ -71,5 +75,49 @@ extern "C" fn handler(_signal: libc::c_int, info: *mut libc::siginfo_t, _context
     unsafe {
         libc::write(2, message.as_ptr().cast(), message.len());
         libc::_exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends this thread SIGBUS with `code` and `address`, as the kernel would report a memory
+    /// error (a thread may send itself a kernel-style si_code; no other thread may, which is
+    /// why KVM's own report cannot be forged for a vCPU from outside it).
+    fn raise_sigbus(code: libc::c_int, address: u64) {
+        // SAFETY: a zeroed siginfo is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        info.si_signo = libc::SIGBUS;
+        info.si_code = code;
+        // SAFETY: `info` is a live siginfo_t, and on x86-64 a SIGBUS siginfo's si_addr is
+        // the 8 bytes at offset 16.
+        unsafe { *((&mut info as *mut libc::siginfo_t as *mut u8).add(16) as *mut u64) = address };
+        // SAFETY: sends a signal to this very thread with a valid siginfo.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_rt_tgsigqueueinfo,
+                libc::getpid(),
+                libc::gettid(),
+                libc::SIGBUS,
+                &info as *const libc::siginfo_t,
+            )
+        };
+        assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_memory_error_during_kvm_run_is_recorded_for_the_vcpu_loop() {
+        install().unwrap();
+        std::thread::spawn(|| {
+            assert_eq!(take_poisoned(), None);
+            // Delivered before the system call returns: inside "KVM_RUN" as far as the
+            // handler can tell, which is where KVM's report arrives.
+            in_kvm_run(|| raise_sigbus(libc::BUS_MCEERR_AR, 0x7f00_1234_5000));
+            assert_eq!(take_poisoned(), Some(0x7f00_1234_5000));
+            assert_eq!(take_poisoned(), None, "taken once");
+        })
+        .join()
+        .unwrap();
     }
 }

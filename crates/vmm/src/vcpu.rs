@@ -51,7 +51,9 @@ pub enum VcpuError {
     #[error("vCPU {vcpu}: guest RAM at {gpa:#x} is poisoned (the host reported a memory error there, or its page could not be provided)")]
     MemoryPoisoned { vcpu: u8, gpa: u64 },
     /// The host reported a memory error outside guest RAM during KVM_RUN.
-    #[error("vCPU {vcpu}: the host reported a memory error at host address {hva:#x}, outside guest RAM")]
+    #[error(
+        "vCPU {vcpu}: the host reported a memory error at host address {hva:#x}, outside guest RAM"
+    )]
     HostMemoryError { vcpu: u8, hva: u64 },
     /// The vCPU's thread panicked (a bug in faultline).
     #[error("vCPU {vcpu}: its thread panicked: {message}")]
@@ -338,11 +340,14 @@ impl Vcpu {
                         control.mark_exit();
                         return Ok(outcome);
                     }
-                    guests::ports::HOLD if control.holds_at(le_u32(data)) => {
-                        control.hold(index, || self.save_state().map_err(|e| e.to_string()));
-                        return Ok(outcome);
+                    guests::ports::HOLD => {
+                        let point = le_u32(data);
+                        if control.holds_at(point) {
+                            control.hold(index, point, || {
+                                self.save_state().map_err(|e| e.to_string())
+                            });
+                        }
                     }
-                    guests::ports::HOLD => {}
                     _ => {
                         if !devices.io_out(port, data) {
                             outcome.unhandled_io += 1;

@@ -496,8 +496,7 @@ impl Vm {
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
                     let mut vcpu = vcpu;
-                    let result =
-                        run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &ram);
+                    let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &ram);
                     let _ = done.send(());
                     (vcpu, result)
                 });

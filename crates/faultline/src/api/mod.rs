@@ -4,11 +4,12 @@
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
-//! | GET | /vm | | state, vCPUs, RAM, guest |
+//! | GET | /vm | | state, vCPUs, RAM, guest, hold point and held vCPUs |
 //! | GET | /vm/stats | | the above, pager counters, dirty tracking, last snapshot |
 //! | PUT | /vm/pause | | 204; 409 if not running or already paused |
 //! | PUT | /vm/resume | | 204; 409 if not paused |
 //! | PUT | /vm/shutdown | | 204; the VMM stops the VM and exits |
+//! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
 //! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
 //!
 //! Pause, resume and snapshot change the VM and run one at a time: while one runs, another

@@ -81,6 +81,13 @@ pub struct Controller {
     shutdown: AtomicBool,
 }
 
+/// `PUT /vm/hold`: the micro-guest hold point vCPUs wait at (null: none, releasing them).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HoldRequest {
+    at: Option<u32>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SnapshotRequest {
@@ -184,6 +191,10 @@ impl Controller {
             "guest": self.guest,
             "dirty_tracking": self.handle.tracks_dirty(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "hold": {
+                "at": self.handle.control().hold_at(),
+                "held_vcpus": self.handle.control().held(),
+            },
         })
     }
 
@@ -266,6 +277,16 @@ impl Controller {
                     .request_stop(vmm::control::StopReason::Requested);
                 Response::no_content()
             }
+            ("PUT", "/vm/hold") => match request.json::<HoldRequest>() {
+                Ok(body) => {
+                    self.handle.control().set_hold_at(body.at);
+                    Response::no_content()
+                }
+                Err(e) => Response::error(
+                    400,
+                    format!("{}: expected {{\"at\": N or null}}", chain(&e)),
+                ),
+            },
             ("PUT", "/snapshot/create") => match request.json::<SnapshotRequest>() {
                 Ok(body) => match self.begin_operation() {
                     Some(_operation) => self.snapshot(&body),
@@ -279,7 +300,7 @@ impl Controller {
                     ),
                 ),
             },
-            (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown")
+            (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
             | (_, "/snapshot/create") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
