@@ -13,9 +13,10 @@ use faultline::api::http;
 use snapshot::state;
 use snapshot::{MemorySpanMut, SnapshotMemory};
 
-/// Passes the mix guest makes: about a second on an instruction-emulating host, so that a
-/// snapshot taken as soon as the VM runs lands mid-run.
+/// Passes the mix guest makes, and the pass at whose end the snapshotted run is held (the
+/// guest waits there for the host: the snapshot lands mid-run whatever the CPU's speed).
 const PASSES: u64 = 2000;
+const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
 use common::{faultline, text};
@@ -107,6 +108,35 @@ fn wait_running(sock: &Path, child: &mut Child) {
     }
 }
 
+/// Waits until the guest behind `sock` is held at the end of pass `pass`.
+fn wait_held(sock: &Path, pass: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, info) = api(sock, "GET", "/vm", None);
+        assert_eq!(status, 200, "{info}");
+        if info["hold"]["at"] == pass && info["hold"]["held_vcpus"] == serde_json::json!([0]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never reached pass {pass}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Moves the hold point to the end of pass `pass` and waits until the guest is held there.
+fn hold_at(sock: &Path, pass: u64) {
+    let (status, body) = api(
+        sock,
+        "PUT",
+        "/vm/hold",
+        Some(serde_json::json!({ "at": pass })),
+    );
+    assert_eq!(status, 204, "{body}");
+    wait_held(sock, pass);
+}
+
 fn snapshot_via_cli(sock: &Path, dir: &Path, diff: bool) -> serde_json::Value {
     let mut args = vec![
         "snapshot",
@@ -189,19 +219,24 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
         serde_json::json!([PASSES, guests::mix_checksum(start, RANGE_PAGES, PASSES)])
     );
 
-    let mut child = spawn_run(&sock, &["--arg", &PASSES.to_string()]);
+    let mut child = spawn_run(
+        &sock,
+        &[
+            "--arg",
+            &PASSES.to_string(),
+            "--hold-at",
+            &HOLD_AT.to_string(),
+        ],
+    );
     wait_running(&sock, &mut child);
+    wait_held(&sock, HOLD_AT);
     let summary = snapshot_via_cli(&sock, &snap, false);
     assert_eq!(summary["type"], "full");
     shutdown(&sock, child);
 
-    // Mid-run: the vCPU had done some passes and not all of them.
+    // Mid-run: exactly where the guest was held.
     let saved = state::read(&snap).unwrap();
-    let passes_done = saved.machine.vcpus[0].regs.r13;
-    assert!(
-        passes_done > 0 && passes_done < PASSES,
-        "snapshot after {passes_done} of {PASSES} passes"
-    );
+    assert_eq!(saved.machine.vcpus[0].regs.r13, HOLD_AT, "passes done");
     assert_eq!(saved.guest.as_ref().unwrap().name, "mix");
 
     for (mode, extra) in [
@@ -221,11 +256,17 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
             "restore {mode}"
         );
         assert_eq!(restored["vcpus"][0]["exit_code"], 0);
-        if mode != "eager" {
-            assert!(
-                restored["pager"]["faults_vcpu"].as_u64().unwrap() > 0 || mode == "prefetch",
-                "a lazy restore faults pages in"
-            );
+        let pager = &restored["pager"];
+        match mode {
+            "lazy" => assert!(
+                pager["faults_vcpu"].as_u64().unwrap() > 0,
+                "a lazy restore faults pages in: {pager}"
+            ),
+            "prefetch" => assert!(
+                pager["pages_installed_background"].as_u64().unwrap() > 0,
+                "a prefetch restore installs the working set: {pager}"
+            ),
+            _ => assert!(pager.is_null(), "an eager restore has no pager"),
         }
         if mode == "lazy" {
             assert!(
@@ -241,13 +282,14 @@ fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
     require_kvm!();
     let tmp = TempDir::new("diff");
     let sock = tmp.join("api.sock");
-    let mut child = spawn_run(&sock, &["--arg", "0", "--track-dirty"]);
+    let mut child = spawn_run(&sock, &["--arg", "0", "--track-dirty", "--hold-at", "1"]);
     wait_running(&sock, &mut child);
+    wait_held(&sock, 1);
 
     let base = snapshot_via_cli(&sock, &tmp.join("base"), false);
     assert_eq!(base["type"], "full");
-    // Let the guest write for a while, then stop it where it is.
-    std::thread::sleep(Duration::from_millis(200));
+    // Let the guest write two more passes, then stop it there.
+    hold_at(&sock, 3);
     let (status, _) = api(&sock, "PUT", "/vm/pause", None);
     assert_eq!(status, 204);
     let diff = snapshot_via_cli(&sock, &tmp.join("diff"), true);
@@ -278,13 +320,6 @@ fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
     assert_eq!(chain.len(), 2);
     let layered = SnapshotMemory::open(&chain).unwrap();
     let single = SnapshotMemory::open(&[tmp.join("full")]).unwrap();
-    let load = |memory: &SnapshotMemory| {
-        let mut bytes = vec![0u8; memory.size() as usize];
-        // SAFETY: `bytes` is a live, writable buffer of exactly this length.
-        let span = unsafe { MemorySpanMut::new(bytes.as_mut_ptr(), bytes.len() as u64) };
-        memory.load_into(&[span], &mut |_, _| {}).unwrap();
-        bytes
-    };
     assert!(
         load(&layered) == load(&single),
         "chain and full snapshot hold the same memory"
@@ -296,6 +331,104 @@ fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
         serde_json::to_value(&full_state.machine.vcpus).unwrap(),
         "both were taken in the same pause"
     );
+    assert_eq!(diff_state.machine.vcpus[0].regs.r13, 3, "held after pass 3");
+
+    // The chain moved elsewhere as a whole still restores: parents are relative.
+    let moved = tmp.join("moved");
+    std::fs::create_dir_all(&moved).unwrap();
+    for name in ["base", "diff"] {
+        std::fs::rename(tmp.join(name), moved.join(name)).unwrap();
+    }
+    let moved_diff = moved.join("diff");
+    let chain = state::chain(&moved_diff, &state::read(&moved_diff).unwrap()).unwrap();
+    assert!(load(&SnapshotMemory::open(&chain).unwrap()) == load(&single));
+
+    // A parent replaced by another snapshot is refused, naming it.
+    std::fs::rename(moved.join("base"), moved.join("base.old")).unwrap();
+    std::fs::rename(tmp.join("full"), moved.join("base")).unwrap();
+    let out = restore(&moved_diff, "eager", &[]);
+    assert!(
+        !out.status.success(),
+        "a diff over the wrong parent restored"
+    );
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(moved.join("base").to_str().unwrap()) && err.contains("not the snapshot"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failed_snapshot_leaves_the_dirty_log_for_the_next_diff() {
+    require_kvm!();
+    let tmp = TempDir::new("failed");
+    let sock = tmp.join("api.sock");
+    // A 256 KiB file system, mounted in a mount namespace of the VMM's own: a snapshot of 8 MiB
+    // of RAM into it fails part-way, with ENOSPC, after the dirty log was taken.
+    let full_fs = tmp.join("full-fs");
+    std::fs::create_dir_all(&full_fs).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=256k faultline-test {} && exec \"$0\" \"$@\"",
+        full_fs.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(env!("CARGO_BIN_EXE_faultline"))
+        .args(["run", "--guest", "mix", "--mem", "8M", "--range-pages"])
+        .arg(RANGE_PAGES.to_string())
+        .args(["--arg", "0", "--track-dirty", "--hold-at", "1", "--json"])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare starts (util-linux; root is needed for the mount namespace)");
+    wait_running(&sock, &mut child);
+    wait_held(&sock, 1);
+    snapshot_via_cli(&sock, &tmp.join("base"), false);
+    // Pass 2 rewrites every page; then the snapshot into the small file system fails.
+    hold_at(&sock, 2);
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": full_fs.join("snap"), "type": "full"})),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("No space left"),
+        "{body}"
+    );
+    let (status, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!((status, info["state"].as_str()), (200, Some("running")));
+    // The diff taken next holds what pass 2 wrote, which the failed snapshot had read from
+    // the dirty log: the chain equals a full snapshot of the same moment.
+    let (status, _) = api(&sock, "PUT", "/vm/pause", None);
+    assert_eq!(status, 204);
+    let diff = snapshot_via_cli(&sock, &tmp.join("diff"), true);
+    snapshot_via_cli(&sock, &tmp.join("full"), false);
+    shutdown(&sock, child);
+    assert!(
+        diff["memory"]["pages_included"].as_u64().unwrap() >= RANGE_PAGES,
+        "{diff}"
+    );
+    let diff_dir = tmp.join("diff");
+    let chain = state::chain(&diff_dir, &state::read(&diff_dir).unwrap()).unwrap();
+    let layered = SnapshotMemory::open(&chain).unwrap();
+    let single = SnapshotMemory::open(&[tmp.join("full")]).unwrap();
+    assert!(
+        load(&layered) == load(&single),
+        "the chain over the failed snapshot holds the same memory as a full snapshot"
+    );
+}
+
+/// A snapshot's whole memory, loaded into a buffer.
+fn load(memory: &SnapshotMemory) -> Vec<u8> {
+    let mut bytes = vec![0u8; memory.size() as usize];
+    // SAFETY: `bytes` is a live, writable buffer of exactly this length.
+    let span = unsafe { MemorySpanMut::new(bytes.as_mut_ptr(), bytes.len() as u64) };
+    memory.load_into(&[span], &mut |_, _| {}).unwrap();
+    bytes
 }
 
 /// A small finished-guest snapshot written in-process, for the corruption tests.

@@ -180,12 +180,23 @@ fn a_paused_vm_hands_over_its_state_and_resumes() {
     let again = handle.paused_state().unwrap();
     assert_eq!(json(&first), json(&again.vcpus));
     assert!(handle.pause().is_err(), "pausing twice is refused");
+    // Resume, and let the guest run until the end of its third pass from here, where it
+    // waits: the second pause must find it there.
+    let target = u32::try_from(first[0].regs.r13 + 3).unwrap();
+    handle.control().set_hold_at(Some(target));
     handle.resume().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while handle.control().held() != [0] {
+        assert!(std::time::Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let second = handle.pause().unwrap();
-    assert!(
-        second[0].regs.r13 >= first[0].regs.r13,
-        "the guest went on between the pauses"
+    assert_eq!(
+        second[0].regs.r13,
+        first[0].regs.r13 + 3,
+        "the guest ran three passes between the pauses"
     );
+    handle.control().set_hold_at(None);
     handle.resume().unwrap();
     handle
         .control()

@@ -435,7 +435,10 @@ mod tests {
         assert_eq!(state.memory, MemoryKind::Full);
         assert_eq!(state.parent, None);
         assert_eq!(state.ram_size(), vmm::memory::MIN_RAM);
-        assert_eq!(state::chain(&dir, &state).unwrap(), [dir.clone()]);
+        assert_eq!(
+            state::chain(&dir, &state).unwrap(),
+            std::slice::from_ref(&dir)
+        );
     }
 
     #[test]

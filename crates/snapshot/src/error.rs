@@ -138,7 +138,9 @@ pub enum SnapshotError {
     },
     /// A page of guest memory could not be read for the snapshot (it could not be provided:
     /// its page source failed and the page was poisoned).
-    #[error("cannot read guest memory at image offset {offset:#x} (its page could not be provided)")]
+    #[error(
+        "cannot read guest memory at image offset {offset:#x} (its page could not be provided)"
+    )]
     GuestMemory {
         /// The page's offset in the memory image (the RAM regions back to back).
         offset: u64,

@@ -129,7 +129,10 @@ impl SnapshotMemory {
             let mut pos = start;
             while pos < end {
                 let piece_end = ((pos / base.chunk_size() + 1) * base.chunk_size()).min(end);
-                dest.copy(pos, chunk.bytes(base, self.layers.len() - 1, pos, piece_end)?);
+                dest.copy(
+                    pos,
+                    chunk.bytes(base, self.layers.len() - 1, pos, piece_end)?,
+                );
                 summary.bytes_copied += piece_end - pos;
                 progress.advance(piece_end - pos);
                 pos = piece_end;

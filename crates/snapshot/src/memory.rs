@@ -936,7 +936,9 @@ mod tests {
         image.read_at(17 * PAGE_SIZE, &mut page).unwrap();
         assert_eq!(page, &buf[17 * PAGE..18 * PAGE]);
         assert!(image.mapped_address(size - PAGE_SIZE, PAGE_SIZE).is_some());
-        assert!(image.mapped_address(size - PAGE_SIZE, 2 * PAGE_SIZE).is_none());
+        assert!(image
+            .mapped_address(size - PAGE_SIZE, 2 * PAGE_SIZE)
+            .is_none());
         assert!(image.mapped_address(u64::MAX, 2).is_none());
     }
 

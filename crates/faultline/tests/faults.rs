@@ -1,0 +1,150 @@
+//! Faults injected into a running VM, in process: a vCPU thread that panics, a pager whose
+//! userfaultfd fails, and a pause that lands right as a 4-vCPU VM starts. Each must end the
+//! run with an error that names the cause (or pause the whole VM), never hang. (A memory
+//! error reported to a vCPU thread is tested in `vmm::sigbus`.)
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use faultline::lazy::LazySpec;
+use faultline::micro::MicroVm;
+use vmm::boot::micro;
+use vmm::devices::ConsoleSink;
+use vmm::vm::VcpuThreadHook;
+use vmm::{GuestRam, Vm, VmConfig};
+
+/// How long a run may take before the test calls it hung (runs here take well under a second).
+const HANG: Duration = Duration::from_secs(60);
+
+/// A VM running `mix` forever on `vcpus` vCPUs over 8 MiB, with `hook` on each vCPU thread.
+fn forever_vm(vcpus: u8, hook: Option<VcpuThreadHook>) -> Vm {
+    let ram = GuestRam::new(8 << 20).unwrap();
+    let config = VmConfig {
+        vcpus,
+        console: ConsoleSink::default(),
+        on_vcpu_thread: hook,
+        ..VmConfig::default()
+    };
+    let vm = Vm::new(&config, ram).unwrap();
+    let guest = guests::find("mix").unwrap();
+    let range = micro::default_work_range(vm.ram());
+    let entries = micro::load(vm.ram(), guest, range, 0, vcpus).unwrap();
+    vm.set_entries(&entries).unwrap();
+    vm
+}
+
+/// Runs `vm` on a thread and waits for its result, failing the test instead of hanging.
+fn run_bounded(mut vm: Vm) -> Result<vmm::RunOutcome, vmm::VmError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(vm.run());
+    });
+    rx.recv_timeout(HANG).expect("the run ended")
+}
+
+/// The whole cause chain of an error, on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn a_vcpu_thread_that_panics_ends_the_run_with_an_error_naming_it() {
+    require_kvm!();
+    // vCPU 1's thread panics as it starts; vCPU 0 runs forever unless it is stopped.
+    let hook = VcpuThreadHook(Arc::new(|index, _| {
+        if index == 1 {
+            panic!("injected vCPU panic");
+        }
+    }));
+    let error = run_bounded(forever_vm(2, Some(hook))).expect_err("the run fails");
+    let message = chain(&error);
+    assert!(
+        message.contains("vCPU 1") && message.contains("injected vCPU panic"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_pager_whose_userfaultfd_fails_stops_the_vm_with_that_error() {
+    require_kvm!();
+    let mut options = common::options("touch");
+    options.mem = 16 << 20;
+    options.lazy = Some(LazySpec::Zero);
+    let mut vm = MicroVm::new(&options).unwrap();
+    let pager = vm.pager.as_ref().unwrap();
+    // A directory where the userfaultfd was: the fault thread's next read fails (EISDIR).
+    let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    // SAFETY: replaces the pager's descriptor number with another open file (fault
+    // injection); the pager only uses it through system calls.
+    let ret = unsafe { libc::dup2(dir.as_raw_fd(), pager.userfaultfd_raw_fd()) };
+    assert!(ret >= 0, "{}", std::io::Error::last_os_error());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let result = vm.run().map(|_| ());
+        let _ = tx.send(result.map_err(|e| format!("{e:#}")));
+    });
+    let message = rx
+        .recv_timeout(HANG)
+        .expect("the run ended")
+        .expect_err("a run whose memory could not be served fails");
+    assert!(message.contains("cannot read its userfaultfd"), "{message}");
+}
+
+#[test]
+fn a_pause_right_after_start_holds_every_vcpu() {
+    require_kvm!();
+    let vm = forever_vm(4, None);
+    let handle = vm.handle();
+    let (tx, rx) = mpsc::channel();
+    let mut vm = vm;
+    std::thread::spawn(move || {
+        let _ = tx.send(vm.run());
+    });
+    // Pause as soon as the run has begun, before its vCPU threads have all started.
+    let deadline = std::time::Instant::now() + HANG;
+    let states = loop {
+        match handle.pause() {
+            Ok(states) => break states,
+            Err(vmm::VmError::Pause(vmm::control::PauseError::NotRunning)) => {
+                assert!(std::time::Instant::now() < deadline, "the VM never ran");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(states.len(), 4, "every vCPU parked");
+    let indices: Vec<u8> = states.iter().map(|s| s.index).collect();
+    assert_eq!(indices, [0, 1, 2, 3]);
+    let machine = handle.paused_state().unwrap();
+    assert_eq!(machine.vcpus.len(), 4);
+    // A snapshot written from it holds the four vCPUs.
+    let dir = std::env::temp_dir().join(format!("faultline-pause-start-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    snapshot::create::write(
+        &dir,
+        machine,
+        handle.ram(),
+        snapshot::create::Pages::Full,
+        None,
+        false,
+        snapshot::create::MemoryBacking::Resident,
+    )
+    .unwrap();
+    assert_eq!(snapshot::state::read(&dir).unwrap().machine.vcpus.len(), 4);
+    std::fs::remove_dir_all(&dir).unwrap();
+    handle
+        .control()
+        .request_stop(vmm::control::StopReason::Requested);
+    handle.resume().unwrap();
+    rx.recv_timeout(HANG).expect("the run ended").unwrap();
+}

@@ -1,0 +1,203 @@
+//! A snapshot's memory image truncated at random moments, to random lengths, while eager,
+//! lazy and prefetch restores run (a file on a share that goes away, a disk error, an
+//! operator's mistake). Every run must end with exit status 1 and a message naming the image,
+//! or, where the restore had read everything it needed before the cut, finish with the right
+//! result; never a signal, never a hang, never a wrong result.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use faultline::micro::MicroVm;
+use vm_memory::{Bytes, GuestAddress};
+
+use common::{faultline, text};
+
+/// Runs per restore mode (the issue asks for at least 50 in all).
+const RUNS_PER_MODE: usize = 17;
+/// Truncations land this long after the restore starts, at most: restores here take from a
+/// few tens of milliseconds (eager) to about a second (lazy).
+const MAX_DELAY_MS: u64 = 80;
+/// A run that takes longer is hung.
+const HANG: Duration = Duration::from_secs(120);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("faultline-trunc-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// xorshift64*: reproducible pseudo-random numbers without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A snapshot of a `checksum` guest about to run its first instruction over 32 MiB whose
+/// work range is full of data; returns the sum the guest must report.
+fn data_snapshot(dir: &Path) -> u64 {
+    let mut options = common::options("checksum");
+    options.mem = 32 << 20;
+    let mut vm = MicroVm::new(&options).unwrap();
+    let mut sum = 0u64;
+    for i in 0..vm.range.pages {
+        let gpa = vm.range.start + i * 4096;
+        let value = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        vm.vm
+            .ram()
+            .memory()
+            .write_obj(value, GuestAddress(gpa))
+            .unwrap();
+        sum = sum.wrapping_add(value);
+    }
+    vm.write_snapshot(dir).unwrap();
+    sum
+}
+
+fn copy_snapshot(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[derive(Default, Debug)]
+struct Outcomes {
+    refused: usize,
+    finished_right: usize,
+}
+
+#[test]
+fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash() {
+    require_kvm!();
+    let tmp = TempDir::new("restore");
+    let original = tmp.0.join("original");
+    let expected = data_snapshot(&original);
+    // A working set for the prefetch runs, recorded by a lazy restore of the intact image.
+    let out = faultline(&[
+        "restore",
+        "--snapshot",
+        original.to_str().unwrap(),
+        "--memory",
+        "lazy",
+        "--record-ws",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("truncation seed {seed:#x}");
+    let mut rng = Rng(seed);
+    let size = std::fs::metadata(original.join("memory.img"))
+        .unwrap()
+        .len();
+    let mut table = Vec::new();
+    for mode in ["eager", "lazy", "prefetch"] {
+        let mut outcomes = Outcomes::default();
+        for run in 0..RUNS_PER_MODE {
+            let dir = tmp.0.join(format!("{mode}-{run}"));
+            copy_snapshot(&original, &dir);
+            let image = dir.join("memory.img");
+            let delay = Duration::from_millis(rng.below(MAX_DELAY_MS + 1));
+            let length = rng.below(size);
+            let mut child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+                .args(["restore", "--snapshot", dir.to_str().unwrap()])
+                .args(["--memory", mode, "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap()
+                .set_len(length)
+                .unwrap();
+            let started = Instant::now();
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if started.elapsed() > HANG {
+                    let _ = child.kill();
+                    panic!("{mode} run {run} hung (cut to {length} bytes after {delay:?})");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let out = child.wait_with_output().unwrap();
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            let what = format!(
+                "{mode} run {run} (cut to {length} of {size} bytes after {delay:?}): {status}\n{stderr}"
+            );
+            assert_eq!(status.signal(), None, "died by a signal: {what}");
+            assert!(!stderr.contains("SIGBUS"), "a SIGBUS: {what}");
+            match status.code() {
+                Some(1) => {
+                    assert!(
+                        stderr.contains(image.to_str().unwrap()),
+                        "the error names the image: {what}"
+                    );
+                    outcomes.refused += 1;
+                }
+                Some(0) => {
+                    // Everything the restore needed was read before the cut: the result must
+                    // be the right one.
+                    let report: serde_json::Value =
+                        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+                    assert_eq!(
+                        report["vcpus"][0]["reports"][0].as_u64(),
+                        Some(expected),
+                        "a wrong result: {what}"
+                    );
+                    outcomes.finished_right += 1;
+                }
+                other => panic!("exit status {other:?}: {what}"),
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        table.push((mode, outcomes));
+    }
+    eprintln!("| mode | runs | refused cleanly | finished right | wrong | crashed | hung |");
+    for (mode, o) in &table {
+        eprintln!(
+            "| {mode} | {} | {} | {} | 0 | 0 | 0 |",
+            RUNS_PER_MODE, o.refused, o.finished_right
+        );
+    }
+    // The cut must usually come before the restore is done, or this tests nothing.
+    let refused: usize = table.iter().map(|(_, o)| o.refused).sum();
+    assert!(
+        refused >= table.len() * RUNS_PER_MODE / 2,
+        "most runs must meet the cut: {table:?}"
+    );
+}
