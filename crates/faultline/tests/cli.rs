@@ -63,6 +63,21 @@ fn bad_input_is_named() {
             "unknown CPU feature \"warp\"",
         ),
         (&["run"], "required"),
+        (
+            &[
+                "run",
+                "--guest",
+                "touch",
+                "--mem",
+                "8M",
+                "--lazy",
+                "zero",
+                "--background-fill",
+                "--fill-rate",
+                "0",
+            ],
+            "below one page (4K) a second",
+        ),
     ];
     for (args, message) in cases {
         if args.len() > 1 && !args.contains(&"--mem") && !common::kvm_available() {

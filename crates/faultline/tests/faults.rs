@@ -46,15 +46,8 @@ fn run_bounded(mut vm: Vm) -> Result<vmm::RunOutcome, vmm::VmError> {
 }
 
 /// The whole cause chain of an error, on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+fn chain(error: vmm::VmError) -> String {
+    format!("{:#}", anyhow::Error::new(error))
 }
 
 #[test]
@@ -67,7 +60,7 @@ fn a_vcpu_thread_that_panics_ends_the_run_with_an_error_naming_it() {
         }
     }));
     let error = run_bounded(forever_vm(2, Some(hook))).expect_err("the run fails");
-    let message = chain(&error);
+    let message = chain(error);
     assert!(
         message.contains("vCPU 1") && message.contains("injected vCPU panic"),
         "{message}"

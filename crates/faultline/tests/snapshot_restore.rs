@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,28 +19,7 @@ const PASSES: u64 = 2000;
 const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
-use common::{faultline, text};
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("faultline-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{faultline, text, TempDir};
 
 /// A `faultline run` child serving the API on `sock`.
 fn spawn_run(sock: &Path, extra: &[&str]) -> Child {

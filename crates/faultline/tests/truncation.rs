@@ -7,14 +7,14 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use faultline::micro::MicroVm;
 use vm_memory::{Bytes, GuestAddress};
 
-use common::{faultline, text};
+use common::{faultline, text, TempDir};
 
 /// Runs per restore mode (the issue asks for at least 50 in all).
 const RUNS_PER_MODE: usize = 17;
@@ -23,24 +23,6 @@ const RUNS_PER_MODE: usize = 17;
 const MAX_DELAY_MS: u64 = 80;
 /// A run that takes longer is hung.
 const HANG: Duration = Duration::from_secs(120);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("faultline-trunc-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// xorshift64*: reproducible pseudo-random numbers without a dependency.
 struct Rng(u64);
@@ -96,7 +78,7 @@ struct Outcomes {
 fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash() {
     require_kvm!();
     let tmp = TempDir::new("restore");
-    let original = tmp.0.join("original");
+    let original = tmp.join("original");
     let expected = data_snapshot(&original);
     // A working set for the prefetch runs, recorded by a lazy restore of the intact image.
     let out = faultline(&[
@@ -124,7 +106,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
     for mode in ["eager", "lazy", "prefetch"] {
         let mut outcomes = Outcomes::default();
         for run in 0..RUNS_PER_MODE {
-            let dir = tmp.0.join(format!("{mode}-{run}"));
+            let dir = tmp.path().join(format!("{mode}-{run}"));
             copy_snapshot(&original, &dir);
             let image = dir.join("memory.img");
             let delay = Duration::from_millis(rng.below(MAX_DELAY_MS + 1));

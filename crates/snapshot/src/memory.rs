@@ -709,21 +709,26 @@ impl MemoryImage {
         }
     }
 
+    /// The verification state of chunk `chunk`, which must exist.
+    fn chunk_state(&self, chunk: u64) -> Result<&AtomicU8, SnapshotError> {
+        usize::try_from(chunk)
+            .ok()
+            .and_then(|i| self.verified.get(i))
+            .ok_or_else(|| {
+                SnapshotError::malformed(
+                    &self.path,
+                    format!(
+                        "chunk {chunk} is past the end of the image ({} chunks)",
+                        self.chunks()
+                    ),
+                )
+            })
+    }
+
     /// Checks chunk `chunk` against its checksum, once: later calls return the first
     /// answer. A damaged chunk is a [`SnapshotError::ChunkChecksum`] naming `memory.img`.
     pub fn verify_chunk(&self, chunk: u64) -> Result<(), SnapshotError> {
-        let Some(state) = usize::try_from(chunk)
-            .ok()
-            .and_then(|i| self.verified.get(i))
-        else {
-            return Err(SnapshotError::malformed(
-                &self.path,
-                format!(
-                    "chunk {chunk} is past the end of the image ({} chunks)",
-                    self.chunks()
-                ),
-            ));
-        };
+        let state = self.chunk_state(chunk)?;
         match state.load(Ordering::Acquire) {
             GOOD => Ok(()),
             BAD => Err(self.chunk_error(chunk)),
@@ -799,18 +804,7 @@ impl MemoryImage {
     /// the answer. A caller that copies from `buf` copies exactly the bytes that were checked.
     /// A read error is returned as it is and not remembered (it says nothing of the contents).
     pub fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
-        let Some(state) = usize::try_from(chunk)
-            .ok()
-            .and_then(|i| self.verified.get(i))
-        else {
-            return Err(SnapshotError::malformed(
-                &self.path,
-                format!(
-                    "chunk {chunk} is past the end of the image ({} chunks)",
-                    self.chunks()
-                ),
-            ));
-        };
+        let state = self.chunk_state(chunk)?;
         let start = chunk * self.chunk_size;
         let end = (start + self.chunk_size).min(self.size);
         buf.clear();

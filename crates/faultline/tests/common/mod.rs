@@ -1,6 +1,8 @@
 //! Shared by the end-to-end tests: the KVM check and quiet micro-guest runs.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use faultline::micro::{MicroOptions, MicroReport, MicroVm};
 use vmm::devices::ConsoleSink;
 
@@ -60,4 +62,34 @@ pub fn faultline(args: &[&str]) -> std::process::Output {
 /// Process output as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `faultline-e2e-<name>-<pid>` (removing a leftover of an earlier run first).
+    pub fn new(name: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("faultline-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
