@@ -734,3 +734,56 @@ fn a_zero_fill_rate_is_refused_and_a_slow_one_does_not_hold_up_shutdown() {
         .expect("shutdown waits for nothing but the batch in flight");
     assert!(stats.pages_installed_background < 256);
 }
+
+#[test]
+fn an_install_in_flight_when_its_page_is_removed_lands_as_zero() {
+    const PAGES: usize = 8;
+    let Some(mut builder) = builder(PagerConfig {
+        background_batch_pages: 1,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let gate = Arc::new(Barrier::new(2));
+    let source = Arc::new(GatedSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        gated_page: 3,
+        gate: Arc::clone(&gate),
+        fetches: Mutex::new(Vec::new()),
+    });
+    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
+    unsafe {
+        builder.region(
+            shm.addr,
+            shm.len as u64,
+            Arc::clone(&source) as Arc<dyn PageSource>,
+        )
+    }
+    .unwrap();
+    let pager = builder.start().unwrap();
+    // The background worker fetches page 3's old contents and stops at the gate.
+    pager.prefetch(0, 3, 1).unwrap();
+    wait_until("the background fetch of page 3", || {
+        source.fetches.lock().unwrap().contains(&3)
+    });
+    // The page is removed meanwhile (a balloon): madvise returns once the pager has read the
+    // event, and the kernel has dropped whatever was there.
+    // SAFETY: discarding one page of our own mapping; no references into it.
+    let ret = unsafe { libc::madvise(shm.page(3) as *mut libc::c_void, PAGE, libc::MADV_REMOVE) };
+    assert_eq!(ret, 0, "{}", std::io::Error::last_os_error());
+    // Now the install that was in flight goes on: it must not put the old contents back.
+    gate.wait();
+    let handle = pager.handle();
+    wait_until("the install to complete", || {
+        handle.stats().pages_installed_background == 1
+    });
+    assert_eq!(
+        kernel_read(shm.page(3)),
+        Ok(0),
+        "a removed page reads as zero, not as what was fetched before the remove"
+    );
+    assert_eq!(kernel_read(shm.page(4)), Ok(4 * 0x1_0001 + 7));
+    let stats = pager.shutdown();
+    assert_eq!(stats.pages_removed, 1);
+}
