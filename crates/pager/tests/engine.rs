@@ -192,25 +192,21 @@ impl PageSource for GatedSource {
     }
 }
 
-#[test]
-fn a_fault_on_a_page_in_flight_joins_it() {
-    const PAGES: usize = 16;
-    let config = PagerConfig {
+/// A started pager over `pages` pages of [`pattern`] whose background worker installs one
+/// page at a time, and whose source blocks the fetch of `gated_page` until its gate is passed.
+fn gated_pager(pages: usize, gated_page: usize) -> Option<(Pager, Shm, Arc<GatedSource>)> {
+    let mut builder = builder(PagerConfig {
         background_batch_pages: 1,
         ..Default::default()
-    };
-    let Some(mut builder) = builder(config) else {
-        return;
-    };
-    let shm = Shm::new(PAGES);
-    let gate = Arc::new(Barrier::new(2));
+    })?;
+    let shm = Shm::new(pages);
     let source = Arc::new(GatedSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        gated_page: 5,
-        gate: Arc::clone(&gate),
+        inner: MemorySource::new(pattern(pages)),
+        gated_page,
+        gate: Arc::new(Barrier::new(2)),
         fetches: Mutex::new(Vec::new()),
     });
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
     unsafe {
         builder.region(
             shm.addr,
@@ -219,7 +215,15 @@ fn a_fault_on_a_page_in_flight_joins_it() {
         )
     }
     .unwrap();
-    let pager = builder.start().unwrap();
+    Some((builder.start().unwrap(), shm, source))
+}
+
+#[test]
+fn a_fault_on_a_page_in_flight_joins_it() {
+    let Some((pager, shm, source)) = gated_pager(16, 5) else {
+        return;
+    };
+    let gate = Arc::clone(&source.gate);
     // The background worker claims page 5 and blocks in the source.
     pager.prefetch(0, 5, 1).unwrap();
     wait_until("the background fetch of page 5", || {
@@ -737,31 +741,10 @@ fn a_zero_fill_rate_is_refused_and_a_slow_one_does_not_hold_up_shutdown() {
 
 #[test]
 fn an_install_in_flight_when_its_page_is_removed_lands_as_zero() {
-    const PAGES: usize = 8;
-    let Some(mut builder) = builder(PagerConfig {
-        background_batch_pages: 1,
-        ..Default::default()
-    }) else {
+    let Some((pager, shm, source)) = gated_pager(8, 3) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    let gate = Arc::new(Barrier::new(2));
-    let source = Arc::new(GatedSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        gated_page: 3,
-        gate: Arc::clone(&gate),
-        fetches: Mutex::new(Vec::new()),
-    });
-    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::clone(&source) as Arc<dyn PageSource>,
-        )
-    }
-    .unwrap();
-    let pager = builder.start().unwrap();
+    let gate = Arc::clone(&source.gate);
     // The background worker fetches page 3's old contents and stops at the gate.
     pager.prefetch(0, 3, 1).unwrap();
     wait_until("the background fetch of page 3", || {
