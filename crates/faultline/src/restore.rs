@@ -230,7 +230,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         track_dirty: state.track_dirty || options.track_dirty,
         ..VmConfig::default()
     };
-    let vm = Vm::new(&config, ram).context("cannot create the VM")?;
+    let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
     vm.restore_state(&state.machine)
         .context("cannot restore the VM's state")?;
     timings.vm_ms = ms_since(started);

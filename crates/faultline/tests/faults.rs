@@ -141,3 +141,97 @@ fn a_pause_right_after_start_holds_every_vcpu() {
     handle.resume().unwrap();
     rx.recv_timeout(HANG).expect("the run ended").unwrap();
 }
+
+#[test]
+fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
+    require_kvm!();
+    const PASSES: u64 = 30;
+    let vm = {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        let config = VmConfig {
+            vcpus: 2,
+            console: ConsoleSink::default(),
+            ..VmConfig::default()
+        };
+        let vm = Vm::new(&config, ram).unwrap();
+        let guest = guests::find("mix").unwrap();
+        let range = micro::default_work_range(vm.ram());
+        let mut entries = micro::load(vm.ram(), guest, range, PASSES, 2).unwrap();
+        // vCPU 1 makes one pass over no pages and exits at once; vCPU 0 works on.
+        if let vmm::boot::VcpuEntry::LongMode { rsi, rdx, .. } = &mut entries[1] {
+            *rsi = 0;
+            *rdx = 1;
+        }
+        vm.set_entries(&entries).unwrap();
+        vm
+    };
+    let handle = vm.handle();
+    handle.control().set_hold_at(Some(10));
+    let (tx, rx) = mpsc::channel();
+    let mut vm = vm;
+    std::thread::spawn(move || {
+        let _ = tx.send(vm.run());
+    });
+    // Paused with vCPU 0 held at the end of pass 10 and vCPU 1 finished.
+    let deadline = std::time::Instant::now() + HANG;
+    let machine = loop {
+        assert!(std::time::Instant::now() < deadline, "never paused so");
+        if handle.control().held() != [0] {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        let states = handle.pause().unwrap();
+        if states[1].finished.is_some() {
+            break handle.paused_state().unwrap();
+        }
+        handle.resume().unwrap();
+    };
+    assert_eq!(machine.vcpus[0].regs.r13, 10);
+    let dir = std::env::temp_dir().join(format!("faultline-finished-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    snapshot::create::write(
+        &dir,
+        machine,
+        handle.ram(),
+        snapshot::create::Pages::Full,
+        None,
+        false,
+        snapshot::create::MemoryBacking::Resident,
+    )
+    .unwrap();
+    handle
+        .control()
+        .request_stop(vmm::control::StopReason::Requested);
+    handle.resume().unwrap();
+    rx.recv_timeout(HANG).expect("the run ended").unwrap();
+
+    // Restored, vCPU 0 finishes its passes; vCPU 1 is not run again (it would halt with
+    // interrupts off, and the run would never end), and its outcome stands.
+    let restored = faultline::restore::restore(&faultline::restore::RestoreOptions {
+        dir: dir.clone(),
+        mode: faultline::restore::RestoreMode::Eager,
+        console: ConsoleSink::default(),
+        pager: pager::PagerConfig::default(),
+        track_dirty: false,
+    })
+    .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut restored = restored;
+        let _ = tx.send(restored.vm.run().map(|outcome| outcome.vcpus));
+    });
+    let vcpus = rx
+        .recv_timeout(HANG)
+        .expect("the restored run ended")
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(vcpus.len(), 2);
+    assert_eq!(vcpus[0].stop, vmm::vcpu::VcpuStop::Exited(0));
+    assert_eq!(vcpus[0].reports[0], PASSES);
+    assert_eq!(vcpus[1].stop, vmm::vcpu::VcpuStop::Exited(0));
+    assert_eq!(
+        vcpus[1].reports,
+        [1, 0],
+        "vCPU 1's reports from before the snapshot"
+    );
+}

@@ -141,6 +141,7 @@ fn vcpu(index: u8) -> VcpuState {
         mp_state: Default::default(),
         events: Default::default(),
         tsc_khz: None,
+        finished: None,
     }
 }
 

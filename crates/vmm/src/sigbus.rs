@@ -12,7 +12,7 @@
 //! it is reported on stderr and the process exits with status 1 rather than by the signal.
 
 use std::cell::Cell;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 thread_local! {
     /// Set while this thread is inside KVM_RUN.
@@ -22,11 +22,10 @@ thread_local! {
     static POISONED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Installs the process-wide SIGBUS handler (once).
+/// Installs the process-wide SIGBUS handler (once; a failure is reported to every caller).
 pub fn install() -> std::io::Result<()> {
-    static INSTALL: Once = Once::new();
-    let mut result = Ok(());
-    INSTALL.call_once(|| {
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+    let result = INSTALLED.get_or_init(|| {
         // SAFETY: a zeroed sigaction is a valid starting point; the handler below only touches
         // thread-local cells with constant initialisers and async-signal-safe calls.
         unsafe {
@@ -35,11 +34,12 @@ pub fn install() -> std::io::Result<()> {
             action.sa_flags = libc::SA_SIGINFO;
             libc::sigemptyset(&mut action.sa_mask);
             if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
-                result = Err(std::io::Error::last_os_error());
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
             }
         }
+        Ok(())
     });
-    result
+    result.map_err(std::io::Error::from_raw_os_error)
 }
 
 /// Runs `f` (a KVM_RUN) with this thread marked as inside KVM_RUN.

@@ -39,6 +39,11 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// The guest TSC frequency, when KVM reports it.
     pub tsc_khz: Option<u32>,
+    /// Set when the vCPU had finished its run (a micro-guest that exited) when the state was
+    /// saved: how it ended. A restored VM does not run such a vCPU again (it would only halt
+    /// with interrupts off), it reports this outcome for it.
+    #[serde(default)]
+    pub finished: Option<crate::vcpu::VcpuOutcome>,
 }
 
 impl Clone for VcpuState {
@@ -61,6 +66,7 @@ impl Clone for VcpuState {
             mp_state: self.mp_state,
             events: self.events,
             tsc_khz: self.tsc_khz,
+            finished: self.finished.clone(),
         }
     }
 }
@@ -180,6 +186,7 @@ pub(crate) fn save_vcpu(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<Vcpu
             .get_vcpu_events()
             .map_err(kvm_err(index, "KVM_GET_VCPU_EVENTS"))?,
         tsc_khz: fd.get_tsc_khz().ok(),
+        finished: None,
     })
 }
 

@@ -70,7 +70,7 @@ pub enum VcpuError {
 }
 
 /// How one vCPU's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VcpuStop {
     /// A micro-guest wrote its exit code to the test device.
     Exited(u32),
@@ -81,7 +81,7 @@ pub enum VcpuStop {
 }
 
 /// What one vCPU did.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VcpuOutcome {
     pub vcpu: u8,
     pub stop: VcpuStop,
@@ -117,8 +117,15 @@ impl Vcpu {
     pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
         if self.has_run {
             self.fd.set_kvm_immediate_exit(1);
-            let result = self.fd.run().map(|_| ());
+            let fd = &mut self.fd;
+            let result = crate::sigbus::in_kvm_run(|| fd.run().map(|_| ()));
             self.fd.set_kvm_immediate_exit(0);
+            if let Some(hva) = crate::sigbus::take_poisoned() {
+                return Err(VcpuError::HostMemoryError {
+                    vcpu: self.index,
+                    hva,
+                });
+            }
             match result {
                 Ok(()) => {}
                 Err(e) if e.errno() == libc::EINTR => {}

@@ -160,6 +160,9 @@ pub const MAX_VCPUS: u8 = 32;
 pub struct Vm {
     _kvm: Kvm,
     vcpus: Vec<Vcpu>,
+    /// By vCPU index: the restored state of a vCPU that had finished when it was saved. Such
+    /// a vCPU is not run again; its recorded outcome stands.
+    finished: Vec<Option<VcpuState>>,
     on_vcpu_thread: Option<VcpuThreadHook>,
     handle: VmHandle,
 }
@@ -242,10 +245,14 @@ impl VmHandle {
         let mut words = vec![0u64; pages.div_ceil(64) as usize];
         let mut base = 0u64;
         for (slot, region) in self.ram.regions().iter().enumerate() {
-            let bitmap = self
-                .fd
-                .get_dirty_log(slot as u32, region.size() as usize)
-                .map_err(|e| VmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
+            let bitmap = match self.fd.get_dirty_log(slot as u32, region.size() as usize) {
+                Ok(bitmap) => bitmap,
+                Err(e) => {
+                    // The slots read so far were cleared: keep their pages for the next take.
+                    self.return_dirty_pages(DirtyPages { words, pages });
+                    return Err(VmError::Kvm("KVM_GET_DIRTY_LOG", e));
+                }
+            };
             let region_pages = region.size() / crate::PAGE_SIZE;
             for (w, &word) in bitmap.iter().enumerate() {
                 let mut bits = word;
@@ -374,6 +381,7 @@ impl Vm {
         crate::sigbus::install().map_err(VmError::Sigbus)?;
         Ok(Vm {
             _kvm: kvm,
+            finished: vec![None; vcpus.len()],
             vcpus,
             on_vcpu_thread: config.on_vcpu_thread.clone(),
             handle: VmHandle {
@@ -421,8 +429,9 @@ impl Vm {
         })
     }
 
-    /// Puts a saved machine state into this VM, which must not have run.
-    pub fn restore_state(&self, state: &MachineState) -> Result<(), VmError> {
+    /// Puts a saved machine state into this VM, which must not have run. vCPUs that had
+    /// finished when it was saved stay finished: [`run`](Self::run) reports their outcome.
+    pub fn restore_state(&mut self, state: &MachineState) -> Result<(), VmError> {
         if state.vcpus.len() != self.vcpus.len() {
             return Err(VmError::StateMismatch(format!(
                 "{} saved vCPUs, {} in this VM",
@@ -434,6 +443,11 @@ impl Vm {
         for (vcpu, saved) in self.vcpus.iter().zip(&state.vcpus) {
             vcpu.restore_state(saved)?;
         }
+        self.finished = state
+            .vcpus
+            .iter()
+            .map(|saved| saved.finished.is_some().then(|| saved.clone()))
+            .collect();
         self.handle
             .devices
             .restore(&state.devices)
@@ -485,7 +499,24 @@ impl Vm {
             .collect();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
-        for vcpu in self.vcpus.drain(..) {
+        let mut outcomes = Vec::new();
+        let mut idle = Vec::new();
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            // A vCPU restored after it had finished keeps its outcome and does not run.
+            if let Some(state) = self.finished[usize::from(vcpu.index())].as_ref() {
+                let outcome = state
+                    .finished
+                    .clone()
+                    .expect("only finished states are kept");
+                control.leave(vcpu.index(), Ok(state.clone()));
+                outcomes.push(outcome);
+                idle.push(vcpu);
+                continue;
+            }
+            if spawn_error.is_some() {
+                idle.push(vcpu);
+                continue;
+            }
             let devices = Arc::clone(&self.handle.devices);
             let thread_control = Arc::clone(&control);
             let done = done_tx.clone();
@@ -495,9 +526,15 @@ impl Vm {
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    // Says the thread is done however it ends (stopping the VM if it ends by
+                    // a panic outside the vCPU loop), so `run` never waits for a lost thread.
+                    let _departure = Departure {
+                        control: &thread_control,
+                        index,
+                        done,
+                    };
                     let mut vcpu = vcpu;
                     let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &ram);
-                    let _ = done.send(());
                     (vcpu, result)
                 });
             match spawned {
@@ -506,10 +543,10 @@ impl Vm {
                     // The vCPU went with the closure: this VM cannot run again.
                     control.request_stop(StopReason::VcpuError { vcpu: index });
                     spawn_error = Some(VmError::Thread(index, e));
-                    break;
                 }
             }
         }
+        drop(done_tx);
 
         // Wait for the vCPU threads; once a stop is requested, kick those still in KVM_RUN
         // (again every KICK_INTERVAL, in case a kick landed just before they entered it).
@@ -530,7 +567,7 @@ impl Vm {
             }
         }
 
-        let mut outcomes = Vec::new();
+        self.vcpus = idle;
         let mut first_error = None;
         for (index, handle) in handles {
             // The thread catches panics of the vCPU loop, so a join error would be a panic in
@@ -551,6 +588,7 @@ impl Vm {
             }
         }
         self.vcpus.sort_by_key(Vcpu::index);
+        outcomes.sort_by_key(|o| o.vcpu);
         if let Some(e) = spawn_error {
             return Err(e);
         }
@@ -563,6 +601,26 @@ impl Vm {
             first_instruction: control.started_at(),
             last_exit: control.last_exit(),
         })
+    }
+}
+
+/// Dropped as a vCPU thread ends: tells `Vm::run` the thread is done and, if it ends by a
+/// panic that escaped the vCPU loop's own catch, marks the vCPU finished and stops the VM.
+struct Departure<'a> {
+    control: &'a RunControl,
+    index: u8,
+    done: mpsc::Sender<()>,
+}
+
+impl Drop for Departure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.control
+                .leave(self.index, Err("the vCPU thread panicked".into()));
+            self.control
+                .request_stop(StopReason::VcpuError { vcpu: self.index });
+        }
+        let _ = self.done.send(());
     }
 }
 
@@ -601,7 +659,13 @@ fn run_vcpu_thread(
         })
     });
     let final_state = match &result {
-        Ok(_) => vcpu.save_state().map_err(|e| e.to_string()),
+        Ok(outcome) => vcpu
+            .save_state()
+            .map(|mut state| {
+                state.finished = Some(outcome.clone());
+                state
+            })
+            .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
     if !entered {
