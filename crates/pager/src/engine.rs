@@ -182,6 +182,25 @@ impl Shared {
         if region.present.get(first) || !region.inflight.test_and_set(first) {
             return 0;
         }
+        self.extend_claim(region, first, max)
+    }
+
+    /// Claims the page a missing fault is for, and up to `max - 1` more after it like
+    /// [`claim_run`](Self::claim_run), even if the presence map says it is there: the fault
+    /// proves the kernel has no page (a remove can zap an install that landed after its event
+    /// was read but before the zap), and an install that finds the page there after all gets
+    /// EEXIST, which wakes the thread. Returns 0 if the page is in flight (the fault joins).
+    fn claim_fault(&self, region: &Region, page: usize, max: usize) -> usize {
+        if !region.inflight.test_and_set(page) {
+            return 0;
+        }
+        region.present.clear(page);
+        self.extend_claim(region, page, max)
+    }
+
+    /// With `first` claimed: claims the pages after it that are absent, not in flight and
+    /// share its discarded state, up to `max` in all. Returns the run's length.
+    fn extend_claim(&self, region: &Region, first: usize, max: usize) -> usize {
         let discarded = region.discarded.get(first);
         let mut count = 1;
         while count < max && first + count < region.pages() {
@@ -336,7 +355,12 @@ impl Shared {
                         }
                     }
                 }
-                Err(e) if is_efault(&e) && given.is_none() && bytes != Bytes::Buffer => {
+                Err(e)
+                    if is_efault(&e)
+                        && given.is_none()
+                        && !discarded
+                        && matches!(bytes, Bytes::Address(_)) =>
+                {
                     // The source's mapping could not be read (its file shrank, say): read the
                     // rest through `fetch`, whose error names the cause.
                     drop(gate);
@@ -566,11 +590,9 @@ impl Shared {
         };
         let region = &self.regions[index];
         let page = region.page_of(address);
-        let count = self.claim_run(region, page, self.config.readahead_pages.max(1));
+        let count = self.claim_fault(region, page, self.config.readahead_pages.max(1));
         if count == 0 {
-            // Present already, or another thread's install is in flight: that install (or the
-            // one that made it present) wakes the faulting thread; the kernel does not put a
-            // thread to sleep on a page that became present before it could.
+            // Another thread's install is in flight: it wakes the faulting thread.
             Counters::add(&self.counters.faults_joined, 1);
             return;
         }

@@ -207,7 +207,21 @@ impl Controller {
 
     /// Takes a snapshot; the caller holds the operation lock, so no other snapshot can change
     /// `last_snapshot` in between.
+    /// The pager's fatal error, if it had one: guest memory cannot be trusted after it.
+    fn memory_failure(&self) -> Option<String> {
+        self.pager.as_ref().and_then(PagerHandle::fatal_error)
+    }
+
     fn snapshot(&self, request: &SnapshotRequest) -> Response {
+        let refused = |fatal: String| {
+            Response::error(
+                500,
+                format!("guest memory cannot be trusted, so no snapshot is taken: {fatal}"),
+            )
+        };
+        if let Some(fatal) = self.memory_failure() {
+            return refused(fatal);
+        }
         let parent = {
             // Released at the end of this block: the snapshot is taken without it.
             let last = lock(&self.last_snapshot);
@@ -231,6 +245,11 @@ impl Controller {
             },
         };
         match snapshot::create::create(&self.handle, &options) {
+            // The pager failed while the snapshot was written: what it read may be wrong.
+            Ok(summary) if self.memory_failure().is_some() => {
+                let _ = std::fs::remove_dir_all(&summary.dir);
+                refused(self.memory_failure().unwrap_or_default())
+            }
             Ok(summary) => {
                 let dir = summary.dir.clone();
                 self.set_last_snapshot(Some(dir));
