@@ -36,6 +36,20 @@ fn forever_vm(vcpus: u8, hook: Option<VcpuThreadHook>) -> Vm {
     vm
 }
 
+/// Writes a full snapshot of a paused (or not running) VM's `machine` state and RAM.
+fn write_full_snapshot(dir: &std::path::Path, machine: vmm::MachineState, ram: &GuestRam) {
+    snapshot::create::write(
+        dir,
+        machine,
+        ram,
+        snapshot::create::Pages::Full,
+        None,
+        false,
+        snapshot::create::MemoryBacking::Resident,
+    )
+    .unwrap();
+}
+
 /// Runs `vm` on a thread and waits for its result, failing the test instead of hanging.
 fn run_bounded(mut vm: Vm) -> Result<vmm::RunOutcome, vmm::VmError> {
     let (tx, rx) = mpsc::channel();
@@ -121,20 +135,10 @@ fn a_pause_right_after_start_holds_every_vcpu() {
     let machine = handle.paused_state().unwrap();
     assert_eq!(machine.vcpus.len(), 4);
     // A snapshot written from it holds the four vCPUs.
-    let dir = std::env::temp_dir().join(format!("faultline-pause-start-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    snapshot::create::write(
-        &dir,
-        machine,
-        handle.ram(),
-        snapshot::create::Pages::Full,
-        None,
-        false,
-        snapshot::create::MemoryBacking::Resident,
-    )
-    .unwrap();
+    let tmp = common::TempDir::new("pause-start");
+    let dir = tmp.join("snap");
+    write_full_snapshot(&dir, machine, handle.ram());
     assert_eq!(snapshot::state::read(&dir).unwrap().machine.vcpus.len(), 4);
-    std::fs::remove_dir_all(&dir).unwrap();
     handle
         .control()
         .request_stop(vmm::control::StopReason::Requested);
@@ -187,18 +191,9 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
         handle.resume().unwrap();
     };
     assert_eq!(machine.vcpus[0].regs.r13, 10);
-    let dir = std::env::temp_dir().join(format!("faultline-finished-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    snapshot::create::write(
-        &dir,
-        machine,
-        handle.ram(),
-        snapshot::create::Pages::Full,
-        None,
-        false,
-        snapshot::create::MemoryBacking::Resident,
-    )
-    .unwrap();
+    let tmp = common::TempDir::new("finished");
+    let dir = tmp.join("snap");
+    write_full_snapshot(&dir, machine, handle.ram());
     handle
         .control()
         .request_stop(vmm::control::StopReason::Requested);
@@ -224,7 +219,6 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
         .recv_timeout(HANG)
         .expect("the restored run ended")
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(vcpus.len(), 2);
     assert_eq!(vcpus[0].stop, vmm::vcpu::VcpuStop::Exited(0));
     assert_eq!(vcpus[0].reports[0], PASSES);
