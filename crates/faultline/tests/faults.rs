@@ -51,12 +51,17 @@ fn write_full_snapshot(dir: &std::path::Path, machine: vmm::MachineState, ram: &
 }
 
 /// Runs `vm` on a thread and waits for its result, failing the test instead of hanging.
-fn run_bounded(mut vm: Vm) -> Result<vmm::RunOutcome, vmm::VmError> {
+fn run_bounded(vm: Vm) -> Result<vmm::RunOutcome, vmm::VmError> {
+    start_run(vm).recv_timeout(HANG).expect("the run ended")
+}
+
+/// Runs `vm` on a thread; its result arrives on the returned channel.
+fn start_run(mut vm: Vm) -> mpsc::Receiver<Result<vmm::RunOutcome, vmm::VmError>> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(vm.run());
     });
-    rx.recv_timeout(HANG).expect("the run ended")
+    rx
 }
 
 /// The whole cause chain of an error, on one line.
@@ -112,11 +117,7 @@ fn a_pause_right_after_start_holds_every_vcpu() {
     require_kvm!();
     let vm = forever_vm(4, None);
     let handle = vm.handle();
-    let (tx, rx) = mpsc::channel();
-    let mut vm = vm;
-    std::thread::spawn(move || {
-        let _ = tx.send(vm.run());
-    });
+    let rx = start_run(vm);
     // Pause as soon as the run has begun, before its vCPU threads have all started.
     let deadline = std::time::Instant::now() + HANG;
     let states = loop {
@@ -171,11 +172,7 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
     };
     let handle = vm.handle();
     handle.control().set_hold_at(Some(10));
-    let (tx, rx) = mpsc::channel();
-    let mut vm = vm;
-    std::thread::spawn(move || {
-        let _ = tx.send(vm.run());
-    });
+    let rx = start_run(vm);
     // Paused with vCPU 0 held at the end of pass 10 and vCPU 1 finished.
     let deadline = std::time::Instant::now() + HANG;
     let machine = loop {

@@ -149,6 +149,7 @@ enum Bytes {
 }
 
 /// What [`Shared::fill`] did with a claimed run.
+#[derive(Default)]
 struct Filled {
     /// Pages from the first that are now present (installed, or found present).
     done: usize,
@@ -269,32 +270,13 @@ impl Shared {
         given: Option<u64>,
     ) -> Filled {
         let page_size = region.page_size;
-        let len = count * page_size as usize;
-        let offset = first as u64 * page_size;
-        // A discarded run's true contents are zero whatever the source holds (claim_run never
-        // mixes discarded and kept pages, and a page never stops being discarded).
-        let mut bytes = if region.discarded.get(first) {
-            Bytes::Zero
-        } else if let Some(addr) = given {
-            Bytes::Address(addr)
-        } else if let Some(addr) = region.source.mapped_addr(offset, len as u64) {
-            Bytes::Address(addr)
-        } else {
-            match self.fetch(region, first, count, 0, ctx) {
-                Ok(bytes) => bytes,
-                Err(error) => {
-                    return Filled {
-                        done: 0,
-                        installed: 0,
-                        error: Some(error),
-                    }
-                }
+        let mut filled = Filled::default();
+        let mut bytes = match self.run_bytes(region, first, count, ctx, given) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                filled.error = Some(error);
+                return filled;
             }
-        };
-        let mut filled = Filled {
-            done: 0,
-            installed: 0,
-            error: None,
         };
         let mut again = AgainWait::new();
         while filled.done < count {
@@ -379,6 +361,32 @@ impl Shared {
             }
         }
         filled
+    }
+
+    /// Where the bytes of a claimed run come from: zeros for a discarded run (its true
+    /// contents whatever the source holds; claims never mix discarded and kept pages, and a
+    /// page never stops being discarded), the caller's bytes, the source's mapping, or a fetch
+    /// into the context's buffer.
+    fn run_bytes(
+        &self,
+        region: &Region,
+        first: usize,
+        count: usize,
+        ctx: &mut InstallContext<'_>,
+        given: Option<u64>,
+    ) -> Result<Bytes, InstallError> {
+        let len = count as u64 * region.page_size;
+        if region.discarded.get(first) {
+            return Ok(Bytes::Zero);
+        }
+        if let Some(addr) = given {
+            return Ok(Bytes::Address(addr));
+        }
+        let offset = first as u64 * region.page_size;
+        match region.source.mapped_addr(offset, len) {
+            Some(addr) => Ok(Bytes::Address(addr)),
+            None => self.fetch(region, first, count, 0, ctx),
+        }
     }
 
     /// Fetches `count` pages from `first` into the context's buffer at byte `at` (where the

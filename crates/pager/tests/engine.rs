@@ -192,9 +192,12 @@ impl PageSource for GatedSource {
     }
 }
 
-/// A started pager over `pages` pages of [`pattern`] whose background worker installs one
-/// page at a time, and whose source blocks the fetch of `gated_page` until its gate is passed.
-fn gated_pager(pages: usize, gated_page: usize) -> Option<(Pager, Shm, Arc<GatedSource>)> {
+/// A started pager over `pages` pages of [`pattern`] whose background worker has fetched
+/// `gated_page` (prefetched) and is held in its source until the source's gate is passed.
+fn held_background_fetch(
+    pages: usize,
+    gated_page: usize,
+) -> Option<(Pager, Shm, Arc<GatedSource>)> {
     let mut builder = builder(PagerConfig {
         background_batch_pages: 1,
         ..Default::default()
@@ -215,20 +218,21 @@ fn gated_pager(pages: usize, gated_page: usize) -> Option<(Pager, Shm, Arc<Gated
         )
     }
     .unwrap();
-    Some((builder.start().unwrap(), shm, source))
+    let pager = builder.start().unwrap();
+    pager.prefetch(0, gated_page, 1).unwrap();
+    wait_until("the background fetch of the gated page", || {
+        source.fetches.lock().unwrap().contains(&gated_page)
+    });
+    Some((pager, shm, source))
 }
 
 #[test]
 fn a_fault_on_a_page_in_flight_joins_it() {
-    let Some((pager, shm, source)) = gated_pager(16, 5) else {
+    // The background worker claims page 5 and blocks in the source.
+    let Some((pager, shm, source)) = held_background_fetch(16, 5) else {
         return;
     };
     let gate = Arc::clone(&source.gate);
-    // The background worker claims page 5 and blocks in the source.
-    pager.prefetch(0, 5, 1).unwrap();
-    wait_until("the background fetch of page 5", || {
-        source.fetches.lock().unwrap().contains(&5)
-    });
     // Now a thread touches page 5: the fault must join the fetch in flight.
     let target = shm.page(5);
     let toucher = std::thread::spawn(move || read_u64(target));
@@ -741,15 +745,11 @@ fn a_zero_fill_rate_is_refused_and_a_slow_one_does_not_hold_up_shutdown() {
 
 #[test]
 fn an_install_in_flight_when_its_page_is_removed_lands_as_zero() {
-    let Some((pager, shm, source)) = gated_pager(8, 3) else {
+    // The background worker fetches page 3's old contents and stops at the gate.
+    let Some((pager, shm, source)) = held_background_fetch(8, 3) else {
         return;
     };
     let gate = Arc::clone(&source.gate);
-    // The background worker fetches page 3's old contents and stops at the gate.
-    pager.prefetch(0, 3, 1).unwrap();
-    wait_until("the background fetch of page 3", || {
-        source.fetches.lock().unwrap().contains(&3)
-    });
     // The page is removed meanwhile (a balloon): madvise returns once the pager has read the
     // event, and the kernel has dropped whatever was there.
     // SAFETY: discarding one page of our own mapping; no references into it.
