@@ -58,8 +58,8 @@ struct Threads {
     finished: BTreeMap<u8, Result<VcpuState, String>>,
     /// The state each parked vCPU saved as it parked (or why it could not).
     parked: BTreeMap<u8, Result<VcpuState, String>>,
-    /// vCPUs waiting at a hold point (see [`RunControl::set_hold_at`]).
-    held: std::collections::BTreeSet<u8>,
+    /// vCPUs waiting at a hold point, and the point (see [`RunControl::set_hold_at`]).
+    held: BTreeMap<u8, u32>,
     /// A pause is in force (requested, possibly not reached yet).
     paused: bool,
     /// When the last vCPU to leave its run loop did.
@@ -188,9 +188,17 @@ impl RunControl {
         *self.hold_at.lock().unwrap_or_else(|e| e.into_inner()) == Some(point)
     }
 
-    /// The vCPUs waiting at the hold point.
+    /// The vCPUs waiting at the hold point in force. A vCPU still waiting at the point before
+    /// (the hold point just moved, and it has not woken yet) is not among them.
     pub fn held(&self) -> Vec<u8> {
-        self.threads().held.iter().copied().collect()
+        let point = self.hold_at();
+        let threads = self.threads();
+        threads
+            .held
+            .iter()
+            .filter(|&(_, &at)| Some(at) == point)
+            .map(|(&vcpu, _)| vcpu)
+            .collect()
     }
 
     /// Called by a vCPU thread that reached hold point `point` while it is the one in force:
@@ -202,7 +210,7 @@ impl RunControl {
         point: u32,
         mut save: impl FnMut() -> Result<VcpuState, String>,
     ) {
-        self.threads().held.insert(vcpu);
+        self.threads().held.insert(vcpu, point);
         while !self.should_stop() && self.holds_at(point) {
             if self.pause_requested() {
                 self.park(vcpu, save());
@@ -383,5 +391,22 @@ mod tests {
         control.begin_run(1);
         assert!(!control.should_stop());
         assert_eq!(control.reason(), None);
+    }
+
+    #[test]
+    fn held_means_held_at_the_point_in_force() {
+        let control = RunControl::default();
+        control.begin_run(2);
+        control.set_hold_at(Some(1));
+        // vCPU 0 waits at point 1; vCPU 1 at point 2 (it got there before the point moved).
+        control.threads().held.insert(0, 1);
+        control.threads().held.insert(1, 2);
+        assert_eq!(control.held(), [0]);
+        // The point moves on: vCPU 0, not awake yet, still sits in its wait at 1, but it is not
+        // held at 2 (a test waiting for "held at 2" must not see it there).
+        control.set_hold_at(Some(2));
+        assert_eq!(control.held(), [1]);
+        control.set_hold_at(None);
+        assert!(control.held().is_empty());
     }
 }
