@@ -640,10 +640,12 @@ impl Drop for ApiServer {
             .take()
             .and_then(|thread| thread.join().ok())
             .unwrap_or_default();
-        // Nothing is accepted any more: end the connections still open (their reads return at
-        // once), then wait for their threads, so that none outlives the server with the VM.
+        // Nothing is accepted any more: end the reads of the connections still open (an idle
+        // or stalled client's read returns at once), then wait for their threads, so that none
+        // outlives the server with the VM. Their write side stays open: a request answered
+        // just now (the shutdown that ended the VM, above all) still gets its response.
         for stream in lock(&self.open).values() {
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = stream.shutdown(Shutdown::Read);
         }
         for thread in threads {
             let _ = thread.join();
