@@ -124,18 +124,16 @@ impl SnapshotMemory {
         // guest memory is exactly what was checked.
         let mut chunk = ChunkBuffer::default();
 
-        // The base: its data extents, a chunk at a time.
+        // The base: its data extents, a block of chunks at a time.
         for &(start, end) in base.data_extents() {
             let mut pos = start;
             while pos < end {
-                let piece_end = ((pos / base.chunk_size() + 1) * base.chunk_size()).min(end);
-                dest.copy(
-                    pos,
-                    chunk.bytes(base, self.layers.len() - 1, pos, piece_end)?,
-                );
-                summary.bytes_copied += piece_end - pos;
-                progress.advance(piece_end - pos);
-                pos = piece_end;
+                let bytes = chunk.bytes(base, self.layers.len() - 1, pos, end)?;
+                let len = bytes.len() as u64;
+                dest.copy(pos, bytes);
+                summary.bytes_copied += len;
+                progress.advance(len);
+                pos += len;
             }
         }
 
@@ -146,6 +144,7 @@ impl SnapshotMemory {
                 let offset = page * PAGE_SIZE;
                 let end = offset + PAGE_SIZE;
                 let bytes = chunk.bytes(layer, i, offset, end)?;
+                debug_assert_eq!(bytes.len() as u64, PAGE_SIZE, "a page lies in one block");
                 if layer.has_data(offset, end) {
                     dest.copy(offset, bytes);
                     summary.bytes_copied += PAGE_SIZE;
@@ -169,17 +168,22 @@ impl SnapshotMemory {
     }
 }
 
-/// The last chunk read (and checked) by [`SnapshotMemory::load_into`], by layer.
+/// Bytes read (and checked) at once by [`SnapshotMemory::load_into`] where a layer has that
+/// much data in a row: few system calls per GiB, and a buffer that stays in the cache.
+const LOAD_BLOCK: u64 = 1 << 20;
+
+/// The last block of whole chunks read (and checked) by [`SnapshotMemory::load_into`].
 #[derive(Default)]
 struct ChunkBuffer {
-    /// (layer index, chunk index) of what `buf` holds.
-    holds: Option<(usize, u64)>,
+    /// (layer index, start, end) of what `buf` holds.
+    holds: Option<(usize, u64, u64)>,
     buf: Vec<u8>,
 }
 
 impl ChunkBuffer {
-    /// The checked bytes `[start, end)` of `layer` (number `index` in the chain), which lie in
-    /// one chunk.
+    /// The checked bytes of `layer` (number `index` in the chain) from `start` on, up to
+    /// `end` or the end of the block that holds `start`, whichever comes first (never
+    /// empty when `start < end`). A new block reaches towards `end`, whole chunks of it.
     fn bytes(
         &mut self,
         layer: &MemoryImage,
@@ -187,14 +191,24 @@ impl ChunkBuffer {
         start: u64,
         end: u64,
     ) -> Result<&[u8], SnapshotError> {
-        let chunk = start / layer.chunk_size();
-        if self.holds != Some((index, chunk)) {
+        let held = matches!(self.holds, Some((i, s, e)) if i == index && s <= start && start < e);
+        if !held {
             self.holds = None;
-            layer.read_chunk(chunk, &mut self.buf)?;
-            self.holds = Some((index, chunk));
+            let chunk = layer.chunk_size();
+            let block_start = start / chunk * chunk;
+            let block_end = (end.div_ceil(chunk) * chunk)
+                .min(block_start + LOAD_BLOCK.max(chunk))
+                .min(layer.size());
+            self.buf.clear();
+            self.buf.resize((block_end - block_start) as usize, 0);
+            // A block without data reads as the zeros the buffer already holds.
+            layer.read_verified(block_start, &mut self.buf)?;
+            self.holds = Some((index, block_start, block_end));
         }
-        let at = (start - chunk * layer.chunk_size()) as usize;
-        Ok(&self.buf[at..at + (end - start) as usize])
+        let (_, block_start, block_end) = self.holds.expect("a block is held");
+        let from = (start - block_start) as usize;
+        let to = (end.min(block_end) - block_start) as usize;
+        Ok(&self.buf[from..to])
     }
 }
 
@@ -293,30 +307,40 @@ impl PageSource for SnapshotMemory {
         let mut any_data = false;
         let mut pos = offset;
         while pos < end {
-            let page = pos / PAGE_SIZE;
-            let piece_end = ((page + 1) * PAGE_SIZE).min(end);
-            let layer = self.layer_of(page);
-            layer
-                .verify_range(pos, piece_end - pos)
-                .map_err(|e| SourceError::Unavailable {
-                    offset: page * PAGE_SIZE,
-                    reason: e.to_string(),
-                })?;
+            // The longest piece from `pos` that one layer serves.
+            let layer = self.layer_of(pos / PAGE_SIZE);
+            let mut piece_end = ((pos / PAGE_SIZE + 1) * PAGE_SIZE).min(end);
+            while piece_end < end && std::ptr::eq(self.layer_of(piece_end / PAGE_SIZE), layer) {
+                piece_end = (piece_end + PAGE_SIZE).min(end);
+            }
             let at = (pos - offset) as usize;
-            let piece = at..at + (piece_end - pos) as usize;
-            if layer.has_data(pos, piece_end) {
-                if !any_data {
-                    buf[..at].fill(0);
-                    any_data = true;
-                }
+            let piece = &mut buf[at..at + (piece_end - pos) as usize];
+            let unavailable = |e: SnapshotError| SourceError::Unavailable {
+                offset: pos,
+                reason: e.to_string(),
+            };
+            let whole_chunks = pos.is_multiple_of(layer.chunk_size())
+                && (piece_end.is_multiple_of(layer.chunk_size()) || piece_end == layer.size());
+            let data = if whole_chunks {
+                // The bytes installed are the bytes checked: one read.
+                layer.read_verified(pos, piece).map_err(unavailable)?
+            } else {
+                // Larger chunks than the piece (images written with 64 KiB chunks): check
+                // the chunks, then read the piece.
                 layer
-                    .read_at(pos, &mut buf[piece])
-                    .map_err(|e| SourceError::Unavailable {
-                        offset: page * PAGE_SIZE,
-                        reason: e.to_string(),
-                    })?;
-            } else if any_data {
-                buf[piece].fill(0);
+                    .verify_range(pos, piece_end - pos)
+                    .map_err(unavailable)?;
+                let data = layer.has_data(pos, piece_end);
+                if data {
+                    layer.read_at(pos, piece).map_err(unavailable)?;
+                }
+                data
+            };
+            if data && !any_data {
+                buf[..at].fill(0);
+                any_data = true;
+            } else if !data && any_data {
+                buf[at..at + (piece_end - pos) as usize].fill(0);
             }
             pos = piece_end;
         }
@@ -325,25 +349,6 @@ impl PageSource for SnapshotMemory {
         } else {
             Content::Zero
         })
-    }
-
-    fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
-        let end = offset.checked_add(len)?;
-        if len == 0 || end > self.size() {
-            return None;
-        }
-        // Only a range that one layer serves whole, and that has data in it (holes are
-        // installed as zero pages): otherwise `fetch` assembles it.
-        let first = offset / PAGE_SIZE;
-        let layer = self.layer_of(first);
-        let one_layer = (first + 1..=(end - 1) / PAGE_SIZE)
-            .all(|page| std::ptr::eq(self.layer_of(page), layer));
-        if !one_layer || !layer.has_data(offset, end) {
-            return None;
-        }
-        // A damaged chunk: `None` sends the pager to `fetch`, which reports the error.
-        layer.verify_range(offset, len).ok()?;
-        layer.mapped_address(offset, len)
     }
 }
 
@@ -481,32 +486,31 @@ mod tests {
             layered.fetch(60 * PAGE_SIZE, &mut long),
             Err(SourceError::OutOfRange { .. })
         ));
+    }
 
-        // Mapped: ranges served whole by one layer and holding data.
-        let addr = layered.mapped_addr(3 * PAGE_SIZE, PAGE_SIZE).unwrap();
-        // SAFETY: the address is in diff2's mapping, which covers the page and lives as long
-        // as `layered`.
-        let mapped = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
-        assert_eq!(mapped, &newest[3 * PAGE..4 * PAGE]);
-        assert!(
-            layered.mapped_addr(0, 2 * PAGE_SIZE).is_some(),
-            "base pages 0-1"
-        );
+    #[test]
+    fn every_fetch_checks_the_bytes_it_returns() {
+        let chain = chain();
+        let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
+        let mut buf = vec![0u8; PAGE];
         assert_eq!(
-            layered.mapped_addr(2 * PAGE_SIZE, 2 * PAGE_SIZE),
-            None,
-            "base and diff2"
+            layered.fetch(30 * PAGE_SIZE, &mut buf).unwrap(),
+            Content::Data
         );
-        assert_eq!(
-            layered.mapped_addr(50 * PAGE_SIZE, PAGE_SIZE),
-            None,
-            "a hole"
-        );
-        assert_eq!(
-            layered.mapped_addr(63 * PAGE_SIZE, 2 * PAGE_SIZE),
-            None,
-            "the end"
-        );
+        // The image changes under the restore after its chunk was checked once: the next
+        // fetch reads the new bytes, and refuses them.
+        let image = chain.dir.path().join("base").join(MEMORY_FILE);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        file.write_all_at(&[buf[9] ^ 1], 30 * PAGE_SIZE + 9)
+            .unwrap();
+        drop(file);
+        assert!(matches!(
+            layered.fetch(30 * PAGE_SIZE, &mut buf),
+            Err(SourceError::Unavailable { offset, .. }) if offset == 30 * PAGE_SIZE
+        ));
     }
 
     #[test]
@@ -556,7 +560,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(layered.mapped_addr(20 * PAGE_SIZE, PAGE_SIZE), None);
         // Pages from other chunks, or served by other layers, are unaffected.
         layered.fetch(30 * PAGE_SIZE, &mut buf).unwrap();
         layered.fetch(3 * PAGE_SIZE, &mut buf).unwrap();

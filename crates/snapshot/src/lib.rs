@@ -26,7 +26,6 @@ pub mod container;
 pub mod create;
 mod error;
 pub mod layered;
-mod mapping;
 pub mod memory;
 pub mod state;
 pub mod working_set;

@@ -24,13 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::container::{self, Decoder};
-use crate::mapping::ReadOnlyMap;
 use crate::{SnapshotError, MEMORY_FILE, SUMS_FILE};
 
 /// The page size of images: the unit of holes, diffs and working sets.
 pub const PAGE_SIZE: u64 = 4096;
-/// Bytes covered by one checksum in images this build writes.
-pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024;
+/// Bytes covered by one checksum in images this build writes: one page, so that a page read
+/// on demand is checked with the bytes of that read alone (4 bytes of checksum per page,
+/// 1 MiB per GiB of guest). Images with larger chunks (64 KiB before) still read.
+pub const DEFAULT_CHUNK_SIZE: u64 = PAGE_SIZE;
 /// The magic of `memory.sums`.
 pub const SUMS_MAGIC: [u8; 8] = *b"FLTMSUMS";
 /// The format version of `memory.sums` this build writes and reads.
@@ -583,10 +584,6 @@ pub struct MemoryImage {
     /// The image, read with system calls (`pread`): a file that shrinks or fails under a
     /// restore gives an error, never a signal.
     file: File,
-    /// A read-only shared mapping of the whole image, never read by this process: its address
-    /// is handed to the kernel as a copy source (a zero-copy install), where a bad page is an
-    /// EFAULT error.
-    map: ReadOnlyMap,
 }
 
 impl fmt::Debug for MemoryImage {
@@ -621,7 +618,6 @@ impl MemoryImage {
             });
         }
         let data = pager::data_extents(&file, sums.size).map_err(SnapshotError::io(&path))?;
-        let map = ReadOnlyMap::new(&file, sums.size, &path)?;
         Ok(MemoryImage {
             dir: dir.to_path_buf(),
             path,
@@ -635,7 +631,6 @@ impl MemoryImage {
             bitmap: sums.bitmap,
             data,
             file,
-            map,
         })
     }
 
@@ -770,15 +765,6 @@ impl MemoryImage {
         self.data.get(i).is_some_and(|&(s, _)| s < end)
     }
 
-    /// The host address of the image's byte `offset` in a read-only mapping, if
-    /// `[offset, offset + len)` lies inside the image: a source address for the kernel to copy
-    /// from (it reports a page it cannot read as EFAULT). This process never reads it.
-    pub fn mapped_address(&self, offset: u64, len: u64) -> Option<u64> {
-        let end = offset.checked_add(len)?;
-        (end <= self.size && !self.map.bytes_ptr().is_null())
-            .then(|| self.map.bytes_ptr() as u64 + offset)
-    }
-
     /// Reads `buf.len()` bytes at `offset` (not verified: see
     /// [`verify_range`](Self::verify_range)). A file that has become shorter than the image
     /// it held is [`SnapshotError::Truncated`].
@@ -797,6 +783,40 @@ impl MemoryImage {
                 }
             }
         })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` and checks them against their chunks' checksums
+    /// (remembering the answers), so that a caller copies exactly the bytes that were
+    /// checked. The range must be whole chunks; ranges without data are read as zeros without
+    /// a read. Returns whether the range holds data (`false`: `buf` was left alone, every
+    /// byte is zero).
+    pub fn read_verified(&self, offset: u64, buf: &mut [u8]) -> Result<bool, SnapshotError> {
+        let len = buf.len() as u64;
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.size && offset.is_multiple_of(self.chunk_size))
+            .filter(|&end| end.is_multiple_of(self.chunk_size) || end == self.size)
+            .ok_or_else(|| {
+                SnapshotError::malformed(
+                    &self.path,
+                    format!("[{offset:#x}, +{len:#x}) is not whole chunks of the image"),
+                )
+            })?;
+        if !self.has_data(offset, end) {
+            self.verify_range(offset, len)?;
+            return Ok(false);
+        }
+        self.read_at(offset, buf)?;
+        for (i, bytes) in buf.chunks(self.chunk_size as usize).enumerate() {
+            let chunk = offset / self.chunk_size + i as u64;
+            let good = crc32fast::hash(bytes) == self.sums[chunk as usize];
+            self.chunk_state(chunk)?
+                .store(if good { GOOD } else { BAD }, Ordering::Release);
+            if !good {
+                return Err(self.chunk_error(chunk));
+            }
+        }
+        Ok(true)
     }
 
     /// Reads chunk `chunk` into `buf` (resized to the chunk: data extents read with `pread`,
@@ -913,7 +933,7 @@ mod tests {
         assert_eq!(image.size(), size);
         assert_eq!(image.kind(), LayerKind::Full);
         assert_eq!(image.chunk_size(), DEFAULT_CHUNK_SIZE);
-        assert_eq!(image.chunks(), 20);
+        assert_eq!(image.chunks(), size / DEFAULT_CHUNK_SIZE);
         assert!(image.contains(0) && image.contains(319) && !image.contains(320));
         assert_eq!(image.held_page_count(), pages);
         image.verify_all(&mut |_, _| {}).unwrap();
@@ -929,11 +949,6 @@ mod tests {
         let mut page = vec![0u8; PAGE];
         image.read_at(17 * PAGE_SIZE, &mut page).unwrap();
         assert_eq!(page, &buf[17 * PAGE..18 * PAGE]);
-        assert!(image.mapped_address(size - PAGE_SIZE, PAGE_SIZE).is_some());
-        assert!(image
-            .mapped_address(size - PAGE_SIZE, 2 * PAGE_SIZE)
-            .is_none());
-        assert!(image.mapped_address(u64::MAX, 2).is_none());
     }
 
     #[test]
@@ -1036,9 +1051,26 @@ mod tests {
         }
         image.verify_chunk(2).unwrap();
         image.verify_range(0, PAGE_SIZE).unwrap();
-        assert!(image.verify_range(60_000, 10_000).is_err());
+        assert!(image.verify_range(DEFAULT_CHUNK_SIZE - 1000, 2000).is_err());
         assert!(image.verify_all(&mut |_, _| {}).is_err());
-        assert!(image.verify_chunk(3).is_err(), "past the end");
+        assert!(image.verify_chunk(image.chunks()).is_err(), "past the end");
+
+        // Reads checked with their own bytes: the damaged chunk is refused, its neighbours
+        // read; only whole chunks can be checked.
+        let chunk = DEFAULT_CHUNK_SIZE as usize;
+        let mut two = vec![0u8; 2 * chunk];
+        assert!(matches!(
+            image.read_verified(0, &mut two),
+            Err(SnapshotError::ChunkChecksum { chunk: 1, .. })
+        ));
+        assert!(image
+            .read_verified(2 * DEFAULT_CHUNK_SIZE, &mut two)
+            .unwrap());
+        assert!(two[..] == buf[2 * chunk..4 * chunk]);
+        assert!(matches!(
+            image.read_verified(100, &mut two),
+            Err(SnapshotError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -1095,7 +1127,6 @@ mod tests {
         assert_eq!(summary.pages_included, 0);
         let image = MemoryImage::open(dir.path()).unwrap();
         assert_eq!((image.size(), image.chunks()), (0, 0));
-        assert_eq!(image.mapped_address(0, 0), None, "nothing is mapped");
     }
 
     #[test]
