@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use uffd::{Event, Outcome, Uffd, UffdError};
 
+use crate::predict::Predictor;
 use crate::region::Region;
 use crate::source::{Content, SourceError};
 use crate::stats::{Counters, FaultOrigin};
@@ -37,15 +38,31 @@ const AGAIN_MAX_WAIT: Duration = Duration::from_millis(5);
 /// clears when a fault thread reads the pending remove event: only a dead reader keeps it).
 const AGAIN_GIVE_UP: Duration = Duration::from_secs(30);
 
+/// A source whose page reads take this long on average (a network store, a cold disk) may be
+/// read in spans: one read brings many predicted pages, if the wait, not the bytes, is the
+/// cost (see [`Shared::span_reads`]).
+const SLOW_READ: Duration = Duration::from_micros(50);
+/// The longest span read for predicted pages, in pages (2 MiB of 4 KiB pages).
+const MAX_SPAN_PAGES: usize = 512;
+
 /// Called with the message of a fatal error.
 pub(crate) type FatalCallback = Box<dyn Fn(&str) + Send + Sync>;
 
-/// A page-range job for the background worker.
+/// A job for the background worker: `count` pages of `region` from `first`, `stride` apart
+/// (1: a contiguous range).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Job {
     pub region: usize,
     pub first: usize,
     pub count: usize,
+    pub stride: usize,
+}
+
+/// The background worker's queues: pages predicted ahead of a toucher come before fill.
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    pub ahead: VecDeque<Job>,
+    pub fill: VecDeque<Job>,
 }
 
 /// State shared by the pager's threads.
@@ -58,8 +75,15 @@ pub(crate) struct Shared {
     pub stop_evt: std::os::fd::OwnedFd,
     /// Faults read but not yet answered: the background worker yields while this is non-zero.
     pub urgent_pending: AtomicU64,
-    pub background: Mutex<VecDeque<Job>>,
+    pub background: Mutex<Jobs>,
     pub background_cv: Condvar,
+    /// Follows each toucher's faults and says what to install ahead (`None`: prediction off).
+    pub predictor: Option<Mutex<Predictor>>,
+    /// The time a one-page source read takes, in nanoseconds (a moving average).
+    pub page_read_ns: AtomicU64,
+    /// The time a span read takes per page it brings that was wanted, in nanoseconds (a
+    /// moving average; 0 until one is made).
+    pub span_read_ns: AtomicU64,
     pub vcpu_threads: Mutex<Vec<u32>>,
     pub fatal: Mutex<Option<String>>,
     pub on_fatal: Option<FatalCallback>,
@@ -124,6 +148,9 @@ enum Role<'q> {
 pub(crate) struct InstallContext<'q> {
     role: Role<'q>,
     background: bool,
+    /// Installs ahead of a toucher that nobody asked for yet: a page that cannot be had is
+    /// left to its toucher's own fault (see [`Shared::install_claimed`]).
+    speculative: bool,
     buf: Vec<u8>,
 }
 
@@ -133,7 +160,16 @@ impl InstallContext<'static> {
         InstallContext {
             role: Role::Other,
             background,
+            speculative: false,
             buf: Vec::new(),
+        }
+    }
+
+    /// For the background worker's installs of predicted pages.
+    fn ahead() -> Self {
+        InstallContext {
+            speculative: true,
+            ..Self::other(true)
         }
     }
 }
@@ -240,6 +276,20 @@ impl Shared {
         let mut installed = filled.installed;
         match filled.error {
             None => {}
+            // A predicted page that cannot be had is not this install's to fail: the claim is
+            // released and any toucher that joined it woken, to fault again; that fault's
+            // install fails the page under the pager's policy, once, if it is ever touched.
+            Some(error) if ctx.speculative => {
+                let from = first + filled.done;
+                tracing::debug!(
+                    "pager: pages {from}..{} of region {index} were not installed ahead: {error}",
+                    first + count
+                );
+                self.release(region, first, count);
+                let len = (first + count - from) as u64 * region.page_size;
+                let _ = self.uffd.wake(region.addr_of(from), len);
+                return installed;
+            }
             // A multi-page fetch that failed: one bad page must not take its neighbours down,
             // so each page is tried on its own and only those that fail are poisoned.
             Some(InstallError::Source(_)) if filled.done == 0 && count > 1 && given.is_none() => {
@@ -404,11 +454,53 @@ impl Shared {
             ctx.buf.resize(at + len, 0);
         }
         let offset = first as u64 * region.page_size;
-        match region.source.fetch(offset, &mut ctx.buf[at..at + len]) {
+        let average = (count == 1).then_some(&self.page_read_ns);
+        match self.timed_fetch(region, offset, &mut ctx.buf[at..at + len], average, 1) {
             Ok(Content::Data) => Ok(Bytes::Buffer),
             Ok(Content::Zero) => Ok(Bytes::Zero),
             Err(e) => Err(InstallError::Source(e)),
         }
+    }
+
+    /// Reads from the region's source; with `average`, folds the time it took per `wanted`
+    /// page into that moving average (over about the last eight reads; racing updates lose a
+    /// sample, which is harmless).
+    fn timed_fetch(
+        &self,
+        region: &Region,
+        offset: u64,
+        buf: &mut [u8],
+        average: Option<&AtomicU64>,
+        wanted: usize,
+    ) -> Result<Content, SourceError> {
+        let began = Instant::now();
+        let result = region.source.fetch(offset, buf);
+        if let Some(average) = average {
+            let took = began.elapsed().as_nanos() as u64 / wanted.max(1) as u64;
+            let before = average.load(Ordering::Relaxed);
+            let after = if before == 0 {
+                took
+            } else {
+                before - before / 8 + took / 8
+            };
+            average.store(after, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Whether page reads are slow (see [`SLOW_READ`]).
+    fn slow_reads(&self) -> bool {
+        self.page_read_ns.load(Ordering::Relaxed) >= SLOW_READ.as_nanos() as u64
+    }
+
+    /// Whether predicted pages are read in spans: page reads are slow, and a span read costs
+    /// (per page it brings that was wanted) well under a page read, as it does when the
+    /// source's latency, not its bandwidth, is the cost. Tried once page reads turn slow; a
+    /// source whose spans do not pay (a disk that reads them at its bandwidth) is read page
+    /// by page.
+    fn span_reads(&self) -> bool {
+        let span = self.span_read_ns.load(Ordering::Relaxed);
+        self.slow_reads() && (span == 0 || span < self.page_read_ns.load(Ordering::Relaxed) / 2)
     }
 
     /// Marks `run` pages from `page` installed (present), under the event gate.
@@ -602,6 +694,7 @@ impl Shared {
         if count == 0 {
             // Another thread's install is in flight: it wakes the faulting thread.
             Counters::add(&self.counters.faults_joined, 1);
+            self.predict(thread_id, index, page);
             return;
         }
         if self.config.record_faults {
@@ -613,12 +706,54 @@ impl Shared {
         let mut ctx = InstallContext {
             role: Role::FaultThread(queue),
             background: false,
+            speculative: false,
             buf: std::mem::take(buf),
         };
         self.install_claimed(index, page, count, &mut ctx, None);
         *buf = ctx.buf;
         self.counters
             .record_fault(self.origin(thread_id), started.elapsed());
+        self.predict(thread_id, index, page);
+    }
+
+    /// Tells the predictor of a fault (after it was served: the toucher runs on meanwhile)
+    /// and queues the pages it predicts, ahead of any fill.
+    fn predict(&self, thread_id: u32, index: usize, page: usize) {
+        let Some(predictor) = &self.predictor else {
+            return;
+        };
+        let pages = self.regions[index].pages();
+        let ahead = predictor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .on_fault(thread_id, index, page, pages);
+        if let Some(ahead) = ahead {
+            Counters::add(&self.counters.pages_predicted, ahead.count as u64);
+            self.queue(
+                Job {
+                    region: index,
+                    first: ahead.first,
+                    count: ahead.count,
+                    stride: ahead.stride,
+                },
+                true,
+            );
+        }
+    }
+
+    /// Queues a background job: ahead of the fill (predicted pages) or after it.
+    pub(crate) fn queue(&self, job: Job, ahead: bool) {
+        self.counters
+            .background_pending_pages
+            .fetch_add(job.count as u64, Ordering::Relaxed);
+        let mut jobs = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        if ahead {
+            jobs.ahead.push_back(job);
+        } else {
+            jobs.fill.push_back(job);
+        }
+        drop(jobs);
+        self.background_cv.notify_one();
     }
 
     /// A write-protect fault: the pager never write-protects guest memory (live snapshots
@@ -802,15 +937,19 @@ impl Shared {
         }
     }
 
-    /// The next background job, waiting for one; `None` once the pager stops.
-    fn next_job(&self) -> Option<Job> {
+    /// The next background job (predicted pages first), waiting for one, and whether it is
+    /// fill; `None` once the pager stops.
+    fn next_job(&self) -> Option<(Job, bool)> {
         let mut queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if self.stopping() {
                 return None;
             }
-            if let Some(job) = queue.pop_front() {
-                return Some(job);
+            if let Some(job) = queue.ahead.pop_front() {
+                return Some((job, false));
+            }
+            if let Some(job) = queue.fill.pop_front() {
+                return Some((job, true));
             }
             queue = self
                 .background_cv
@@ -819,23 +958,41 @@ impl Shared {
         }
     }
 
-    /// The background worker: installs queued jobs in batches, yielding to urgent faults and
-    /// keeping to the configured rate.
+    /// The background worker: installs queued jobs in batches, yielding to urgent faults;
+    /// fill keeps to the configured rate.
     pub fn background_loop(&self) {
-        let mut ctx = InstallContext::other(true);
-        let batch = self.config.background_batch_pages.max(1);
+        let mut fill_ctx = InstallContext::other(true);
+        let mut ahead_ctx = InstallContext::ahead();
         let started = Instant::now();
         let mut bytes_done: u64 = 0;
-        while let Some(job) = self.next_job() {
+        let mut span = Vec::new();
+        while let Some((job, fill)) = self.next_job() {
             let region = &self.regions[job.region];
+            let stride = job.stride.max(1);
+            if stride > 1 && self.span_reads() {
+                self.install_spans(job, &mut span);
+                continue;
+            }
+            // Strided pages are claimed one by one; a contiguous range in batches (long ones
+            // from a slow source).
+            let batch = match (stride, self.span_reads()) {
+                (1, false) => self.config.background_batch_pages.max(1),
+                (1, true) => MAX_SPAN_PAGES.max(self.config.background_batch_pages),
+                _ => 1,
+            };
             let mut page = job.first;
-            let end = (job.first + job.count).min(region.pages());
+            let end = job
+                .first
+                .saturating_add(job.count.saturating_sub(1).saturating_mul(stride))
+                .saturating_add(1)
+                .min(region.pages());
             while page < end {
-                // Urgent faults first: wait while any is being served.
-                while self.urgent_pending.load(Ordering::Acquire) > 0 && !self.stopping() {
+                // Urgent faults before fill: wait while any is being served. Predicted pages
+                // do not wait: they are what the faulting toucher needs next.
+                while fill && self.urgent_pending.load(Ordering::Acquire) > 0 && !self.stopping() {
                     std::thread::yield_now();
                 }
-                if let Some(rate) = self.config.background_rate {
+                if let Some(rate) = self.config.background_rate.filter(|_| fill) {
                     let due = Duration::from_secs_f64(bytes_done as f64 / rate as f64);
                     if !self.sleep_until(started + due) {
                         return;
@@ -846,19 +1003,69 @@ impl Shared {
                 }
                 let count = self.claim_run(region, page, batch.min(end - page));
                 if count == 0 {
-                    page += 1;
+                    page += stride;
                     self.counters
                         .background_pending_pages
                         .fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
-                self.install_claimed(job.region, page, count, &mut ctx, None);
-                bytes_done += count as u64 * region.page_size;
+                let ctx = if fill { &mut fill_ctx } else { &mut ahead_ctx };
+                self.install_claimed(job.region, page, count, ctx, None);
+                if fill {
+                    bytes_done += count as u64 * region.page_size;
+                }
                 self.counters
                     .background_pending_pages
                     .fetch_sub(count as u64, Ordering::Relaxed);
-                page += count;
+                page += if stride == 1 { count } else { stride };
             }
+        }
+    }
+}
+
+impl Shared {
+    /// Installs the pages of a strided job from a slow source, reading each span of up to
+    /// [`MAX_SPAN_PAGES`] that holds some of them in one read and installing only the job's
+    /// pages from it (through [`install_given`](Self::install_given): pages the guest has by
+    /// then are left alone). A span that cannot be read is left to the faults, whose path
+    /// reports the error.
+    fn install_spans(&self, job: Job, span: &mut Vec<u8>) {
+        let region = &self.regions[job.region];
+        let page_size = region.page_size as usize;
+        let per_read = (MAX_SPAN_PAGES / job.stride).max(1);
+        let mut done = 0;
+        while done < job.count && !self.stopping() {
+            let n = per_read.min(job.count - done);
+            let first = job.first + done * job.stride;
+            let pages = (first..)
+                .step_by(job.stride)
+                .take(n)
+                .filter(|&p| p < region.pages());
+            let wanted: Vec<usize> = pages
+                .filter(|&p| !region.present.get(p) && !region.inflight.get(p))
+                .collect();
+            if let (Some(&lo), Some(&hi)) = (wanted.first(), wanted.last()) {
+                let len = (hi - lo + 1) * page_size;
+                span.resize(len, 0);
+                let offset = (lo * page_size) as u64;
+                let average = Some(&self.span_read_ns);
+                match self.timed_fetch(region, offset, span, average, wanted.len()) {
+                    Ok(content) => {
+                        if content == Content::Zero {
+                            span.fill(0);
+                        }
+                        for page in wanted {
+                            let at = (page - lo) * page_size;
+                            self.install_given(job.region, page, &span[at..at + page_size]);
+                        }
+                    }
+                    Err(e) => tracing::debug!("pager: a predicted span could not be read: {e}"),
+                }
+            }
+            self.counters
+                .background_pending_pages
+                .fetch_sub(n as u64, Ordering::Relaxed);
+            done += n;
         }
     }
 }

@@ -12,24 +12,24 @@
 
 mod bitmap;
 mod engine;
+mod predict;
 mod region;
 mod source;
 mod stats;
 
-use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 pub use source::{
-    data_extents, Content, FileSource, MemorySource, OffsetSource, PageSource, SourceError,
-    ZeroSource,
+    data_extents, Content, FileSource, MemorySource, OffsetSource, PageSource, SlowSource,
+    SourceError, ZeroSource,
 };
 pub use stats::{FaultOrigin, Latency, RegionStats, Stats};
 use uffd::{Features, RegisterMode, Uffd, UffdError};
 
-use engine::{Job, Shared};
+use engine::{Job, Jobs, Shared};
 use region::Region;
 use stats::Counters;
 
@@ -58,8 +58,12 @@ pub struct PagerConfig {
     /// a second otherwise).
     pub background_rate: Option<u64>,
     pub failure_policy: FailurePolicy,
-    /// Keep the order in which faults claimed pages (for working-set recording).
+    /// Keep the order in which faults claimed pages (for working-set recording). Recording
+    /// turns `predict` off: a page installed ahead would never fault, and so never be recorded.
     pub record_faults: bool,
+    /// Follow each toucher's faults and install the pages further along its line (a
+    /// sequential or strided walk) before it reaches them.
+    pub predict: bool,
 }
 
 impl Default for PagerConfig {
@@ -71,6 +75,7 @@ impl Default for PagerConfig {
             background_rate: None,
             failure_policy: FailurePolicy::Poison,
             record_faults: false,
+            predict: true,
         }
     }
 }
@@ -239,8 +244,12 @@ impl PagerBuilder {
             stop: AtomicBool::new(false),
             stop_evt,
             urgent_pending: AtomicU64::new(0),
-            background: Mutex::new(VecDeque::new()),
+            background: Mutex::new(Jobs::default()),
             background_cv: Condvar::new(),
+            predictor: (self.config.predict && !self.config.record_faults)
+                .then(|| Mutex::new(predict::Predictor::default())),
+            page_read_ns: AtomicU64::new(0),
+            span_read_ns: AtomicU64::new(0),
             vcpu_threads: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             on_fatal: self.on_fatal,
@@ -295,20 +304,15 @@ impl PagerHandle {
             .ok_or(PagerError::NoRegion(region))?
             .pages();
         let count = count.min(pages.saturating_sub(first));
-        self.shared
-            .counters
-            .background_pending_pages
-            .fetch_add(count as u64, Ordering::Relaxed);
-        self.shared
-            .background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(Job {
+        self.shared.queue(
+            Job {
                 region,
                 first,
                 count,
-            });
-        self.shared.background_cv.notify_one();
+                stride: 1,
+            },
+            false,
+        );
         Ok(())
     }
 

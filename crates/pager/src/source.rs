@@ -215,6 +215,25 @@ impl PageSource for OffsetSource {
     }
 }
 
+/// Another source behind a fixed delay per read: a stand-in for a remote snapshot store (a
+/// network round trip per request), for benchmarks and tests. Every `fetch` sleeps `delay`
+/// and then reads, whatever its length, so a source read covering many pages costs what one
+/// page does. Nothing is mapped: every read goes through `fetch` and pays.
+pub struct SlowSource {
+    pub inner: std::sync::Arc<dyn PageSource>,
+    pub delay: std::time::Duration,
+}
+
+impl PageSource for SlowSource {
+    fn describe(&self) -> String {
+        format!("{} (+{:?} per read)", self.inner.describe(), self.delay)
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        std::thread::sleep(self.delay);
+        self.inner.fetch(offset, buf)
+    }
+}
+
 /// Page contents held in memory (tests, and small images).
 #[derive(Debug, Clone)]
 pub struct MemorySource {
@@ -261,6 +280,35 @@ mod tests {
         file.write_all(&[0xbb; 4096]).unwrap();
         file.set_len(258 * 4096).unwrap();
         path
+    }
+
+    #[test]
+    fn a_slow_source_delays_every_read_and_maps_nothing() {
+        let path = sparse_file("slow");
+        let file: std::sync::Arc<dyn PageSource> =
+            std::sync::Arc::new(FileSource::open(&path).unwrap());
+        assert!(file.mapped_addr(0, 4096).is_some());
+        let delay = std::time::Duration::from_millis(20);
+        let slow = SlowSource { inner: file, delay };
+        assert_eq!(
+            slow.mapped_addr(0, 4096),
+            None,
+            "a mapped install would skip the delay"
+        );
+        let mut buf = vec![0x11u8; 2 * 4096];
+        for (offset, content) in [(0, Content::Data), (8 * 4096, Content::Zero)] {
+            let began = std::time::Instant::now();
+            assert_eq!(slow.fetch(offset, &mut buf).unwrap(), content);
+            assert!(
+                began.elapsed() >= delay,
+                "each read waits at least the delay"
+            );
+            assert!(
+                buf[..4096].iter().all(|b| *b == 0xaa),
+                "the data page, read once"
+            );
+        }
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Counters {
     pub pages_poisoned: AtomicU64,
     pub max_event_batch: AtomicU64,
     pub background_pending_pages: AtomicU64,
+    /// Pages queued ahead of touchers by the predictor.
+    pub pages_predicted: AtomicU64,
     latency_us: Mutex<Histogram<u64>>,
 }
 
@@ -56,6 +58,7 @@ impl Default for Counters {
             pages_poisoned: AtomicU64::new(0),
             max_event_batch: AtomicU64::new(0),
             background_pending_pages: AtomicU64::new(0),
+            pages_predicted: AtomicU64::new(0),
             latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
             ),
@@ -113,6 +116,7 @@ impl Counters {
             pages_poisoned: get(&self.pages_poisoned),
             max_event_batch: get(&self.max_event_batch),
             background_pending_pages: get(&self.background_pending_pages),
+            pages_predicted: get(&self.pages_predicted),
             install_latency_us: Latency {
                 samples: hist.len(),
                 p50: q(0.5),
@@ -167,6 +171,8 @@ pub struct Stats {
     pub pages_poisoned: u64,
     pub max_event_batch: u64,
     pub background_pending_pages: u64,
+    /// Pages queued ahead of touchers by the predictor.
+    pub pages_predicted: u64,
     pub install_latency_us: Latency,
     /// Memory the presence map (present, in-flight and discarded bits) takes per GiB of RAM.
     pub presence_map_bytes_per_gib: u64,

@@ -53,6 +53,15 @@ impl Drop for Shm {
     }
 }
 
+/// The pager's defaults without prediction: these tests count installs and faults exactly,
+/// which pages installed ahead of a toucher would change (prediction has its own test).
+fn unpredicted() -> PagerConfig {
+    PagerConfig {
+        predict: false,
+        ..PagerConfig::default()
+    }
+}
+
 fn read_u64(addr: u64) -> u64 {
     // SAFETY: test addresses are inside live `Shm` mappings.
     unsafe { std::ptr::read_volatile(addr as *const u64) }
@@ -127,7 +136,7 @@ fn pattern_pager(pages: usize, config: PagerConfig) -> Option<(Pager, Shm)> {
 #[test]
 fn concurrent_random_faults_get_every_page_right_once() {
     const PAGES: usize = 2048;
-    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {
         return;
     };
     let base = shm.addr;
@@ -259,7 +268,7 @@ fn a_fault_on_a_page_in_flight_joins_it() {
 #[test]
 fn removed_pages_are_served_again_as_zero() {
     const PAGES: usize = 8;
-    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {
         return;
     };
     assert_eq!(read_u64(shm.page(3)), 3 * 0x1_0001 + 7);
@@ -393,6 +402,7 @@ fn readahead_installs_a_run_in_one_ioctl() {
 #[test]
 fn recorded_faults_keep_their_order() {
     const PAGES: usize = 32;
+    // Prediction is on by default; recording turns it off.
     let config = PagerConfig {
         record_faults: true,
         ..Default::default()
@@ -400,22 +410,28 @@ fn recorded_faults_keep_their_order() {
     let Some((pager, shm)) = pattern_pager(PAGES, config) else {
         return;
     };
-    // Touch in a scrambled order, one page twice.
-    let order = [9usize, 3, 27, 3, 0, 14];
+    // Touch in a scrambled order, one page twice, then walk a line that prediction would
+    // follow: every first touch must still fault, to be recorded.
+    let order = [9usize, 3, 27, 3, 0, 14, 16, 18, 20, 22, 24, 26, 28];
     for &page in &order {
         assert_eq!(read_u64(shm.page(page)), page as u64 * 0x1_0001 + 7);
     }
+    let expected: Vec<(usize, usize)> = [9, 3, 27, 0, 14, 16, 18, 20, 22, 24, 26, 28]
+        .into_iter()
+        .map(|page| (0, page))
+        .collect();
     assert_eq!(
         pager.fault_log(),
-        vec![(0, 9), (0, 3), (0, 27), (0, 0), (0, 14)],
+        expected,
         "each page once, in first-touch order"
     );
+    assert_eq!(pager.shutdown().pages_predicted, 0);
 }
 
 #[test]
 fn given_pages_are_installed_and_present_ones_are_left_alone() {
     const PAGES: usize = 16;
-    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {
         return;
     };
     // Page 5 is faulted in (from the source) and then changed by its user.
@@ -447,7 +463,7 @@ fn given_pages_are_installed_and_present_ones_are_left_alone() {
 #[test]
 fn resident_pages_are_never_fetched() {
     const PAGES: usize = 8;
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some(mut builder) = builder(unpredicted()) else {
         return;
     };
     let shm = Shm::new(PAGES);
@@ -486,7 +502,7 @@ fn resident_pages_are_never_fetched() {
 #[test]
 fn background_fill_installs_everything_without_faults() {
     const PAGES: usize = 512;
-    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {
         return;
     };
     pager.fill_all();
@@ -504,7 +520,7 @@ fn background_fill_installs_everything_without_faults() {
 
 #[test]
 fn zero_source_installs_zero_pages_without_copies() {
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some(mut builder) = builder(unpredicted()) else {
         return;
     };
     let shm = Shm::new(4);
@@ -520,7 +536,7 @@ fn zero_source_installs_zero_pages_without_copies() {
 
 #[test]
 fn bad_regions_are_rejected() {
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some(mut builder) = builder(unpredicted()) else {
         return;
     };
     let shm = Shm::new(4);
@@ -541,7 +557,7 @@ fn bad_regions_are_rejected() {
 #[test]
 fn a_file_image_is_installed_with_its_contents() {
     const PAGES: usize = 64;
-    let Some(mut builder) = builder(PagerConfig::default()) else {
+    let Some(mut builder) = builder(unpredicted()) else {
         return;
     };
     // Data on even pages (the pattern), holes on odd pages.
@@ -686,7 +702,7 @@ fn an_install_that_fails_part_way_poisons_exactly_the_rest_and_wakes_every_waite
 
 #[test]
 fn a_fault_thread_that_cannot_read_its_userfaultfd_is_fatal_under_either_policy() {
-    let Some((pager, shm)) = pattern_pager(8, PagerConfig::default()) else {
+    let Some((pager, shm)) = pattern_pager(8, unpredicted()) else {
         return;
     };
     // Put a directory where the userfaultfd was: the fault thread's next read fails with
@@ -769,4 +785,125 @@ fn an_install_in_flight_when_its_page_is_removed_lands_as_zero() {
     assert_eq!(kernel_read(shm.page(4)), Ok(4 * 0x1_0001 + 7));
     let stats = pager.shutdown();
     assert_eq!(stats.pages_removed, 1);
+}
+
+#[test]
+fn a_strided_walk_is_installed_ahead_of_the_toucher() {
+    const PAGES: usize = 6000;
+    const STRIDE: usize = 3;
+    let Some((pager, shm)) = pattern_pager(PAGES, PagerConfig::default()) else {
+        return;
+    };
+    let touch = |page: usize| {
+        assert_eq!(
+            read_u64(shm.page(page) + 8),
+            page as u64 * 0x1_0001 + 7,
+            "page {page}"
+        );
+    };
+    // Waits (boundedly) until the pages are installed: the toucher waits for the pager, so
+    // that the test does not depend on which of them is faster.
+    let wait_present = |pages: &[usize]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !pages.iter().all(|&p| pager.is_present(0, p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pages {pages:?} never came"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    let line = |from: usize, count: usize| -> Vec<usize> {
+        (0..count).map(|i| (from + i) * STRIDE).collect()
+    };
+    // Three faults in a line start a stream: the next 16 pages on the line are installed.
+    for page in line(0, 3) {
+        touch(page);
+    }
+    let first_window = line(3, 16);
+    wait_present(&first_window);
+    for &page in &first_window {
+        touch(page);
+    }
+    assert_eq!(
+        pager.stats().faults_other,
+        3,
+        "the window was there before the toucher"
+    );
+    // One past the window: a fault on the line, and a window twice as deep.
+    touch(19 * STRIDE);
+    let second_window = line(20, 32);
+    wait_present(&second_window);
+    for &page in &second_window {
+        touch(page);
+    }
+    let stats = pager.shutdown();
+    assert_eq!(stats.faults_other, 4);
+    assert_eq!(stats.pages_predicted, 16 + 32);
+    // Only pages on the line were installed, each once.
+    assert_eq!(
+        stats.pages_installed_urgent + stats.pages_installed_background,
+        52
+    );
+    assert_eq!(stats.regions[0].pages_present, 52);
+}
+
+#[test]
+fn a_predicted_page_that_fails_is_left_to_its_own_fault() {
+    const PAGES: usize = 64;
+    const BAD: usize = 10;
+    let Some(mut builder) = builder(PagerConfig {
+        failure_policy: FailurePolicy::Stop,
+        ..PagerConfig::default()
+    }) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let source = FailingSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        bad: BAD,
+    };
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
+    let reported: Reported = Arc::new(Mutex::new(None));
+    let sink = Arc::clone(&reported);
+    builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
+    let pager = builder.start().unwrap();
+
+    // A walk of stride 2: pages 6..=36 are predicted, the bad page 10 among them.
+    for page in [0, 2, 4] {
+        assert_eq!(read_u64(shm.page(page) + 8), page as u64 * 0x1_0001 + 7);
+    }
+    // The good pages arrive (so the window was queued); then the queue drains (so the bad
+    // page was tried).
+    let good: Vec<usize> = (6..=36).step_by(2).filter(|&p| p != BAD).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !good.iter().all(|&p| pager.is_present(0, p))
+        || pager.stats().background_pending_pages > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the predicted pages never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(!pager.is_present(0, BAD), "the bad page is left alone");
+    assert!(
+        reported.lock().unwrap().is_none(),
+        "nobody touched it: no error yet"
+    );
+    assert_eq!(pager.stats().pages_poisoned, 0);
+
+    // Touched, it fails the way the policy says.
+    assert_eq!(kernel_read(shm.page(BAD)), Err(libc::EFAULT));
+    let message = reported
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("on_fatal was called");
+    assert!(
+        message.contains("test source refuses this page"),
+        "{message}"
+    );
+    assert_eq!(pager.shutdown().pages_poisoned, 1);
 }
