@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use pager::{
-    FileSource, OffsetSource, PageSource, Pager, PagerBuilder, PagerConfig, PagerHandle, ZeroSource,
+    FileSource, OffsetSource, PageSource, Pager, PagerBuilder, PagerConfig, PagerHandle,
+    SlowSource, ZeroSource,
 };
 use vmm::control::{RunControl, StopReason};
 use vmm::vm::VcpuThreadHook;
@@ -73,12 +75,14 @@ pub enum RamState {
 }
 
 /// Registers every RAM region with a new pager over `spec` and starts it. Pages already
-/// written stay resident; the rest is served on first touch. Under `FailurePolicy::Stop` a
-/// source failure stops the VM through `control`.
+/// written stay resident; the rest is served on first touch. A non-zero `source_latency` is
+/// added to every read of the source (a stand-in for a remote store). Under
+/// `FailurePolicy::Stop` a source failure stops the VM through `control`.
 pub fn start_pager(
     ram: &GuestRam,
     ram_state: RamState,
     spec: &LazySpec,
+    source_latency: Duration,
     config: PagerConfig,
     link: &PagerLink,
     control: Arc<RunControl>,
@@ -89,6 +93,14 @@ pub fn start_pager(
             Arc::new(FileSource::open(path).context("cannot open the memory image")?)
         }
         LazySpec::Source(source) => Arc::clone(source),
+    };
+    let image: Arc<dyn PageSource> = if source_latency.is_zero() {
+        image
+    } else {
+        Arc::new(SlowSource {
+            inner: image,
+            delay: source_latency,
+        })
     };
     let mut builder = PagerBuilder::new(config).context("cannot start the pager")?;
     let mut image_offset = 0;

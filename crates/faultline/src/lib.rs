@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod duration;
 pub mod lazy;
 pub mod linux;
 pub mod micro;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use faultline::api::http;
 use faultline::api::{ApiServer, Controller};
+use faultline::duration::parse_duration;
 use faultline::lazy::LazySpec;
 use faultline::micro::{MicroOptions, MicroReport, MicroVm};
 use faultline::restore::{RestoreMode, RestoreOptions};
@@ -107,6 +108,14 @@ struct RunArgs {
     /// error) or "stop" the VM.
     #[arg(long, value_name = "POLICY", default_value = "poison", value_parser = parse_policy, requires = "lazy")]
     on_source_error: FailurePolicy,
+    /// With --lazy: add this delay (e.g. 100us, 1ms) to every read of the page source, as a
+    /// stand-in for a snapshot store on the network (benchmarks, tests).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "lazy")]
+    source_latency: Option<Duration>,
+    /// With --lazy: do not install pages ahead of a vCPU whose faults walk memory with a
+    /// constant stride (prediction is on by default).
+    #[arg(long, requires = "lazy")]
+    no_predict: bool,
     /// Print the micro-guest's report as JSON instead of text.
     #[arg(long, conflicts_with = "kernel")]
     json: bool,
@@ -135,7 +144,7 @@ struct RestoreArgs {
     /// How memory comes back: "eager" (read it all, then resume), "lazy" (resume at once,
     /// fetch pages on first touch) or "prefetch" (install the recorded working set first, the
     /// rest lazily).
-    #[arg(long, value_name = "MODE", default_value = "lazy")]
+    #[arg(long, value_name = "MODE", default_value_t = RestoreMode::default())]
     memory: RestoreMode,
     /// With --memory lazy: record the order in which the guest faults pages in and write it,
     /// with the pages, as the snapshot's working set (for --memory prefetch).
@@ -153,6 +162,14 @@ struct RestoreArgs {
     /// With a lazy mode: what a page that cannot be read does: "poison" it or "stop" the VM.
     #[arg(long, value_name = "POLICY", default_value = "stop", value_parser = parse_policy)]
     on_source_error: FailurePolicy,
+    /// With a lazy mode: add this delay (e.g. 100us, 1ms) to every read of the snapshot's
+    /// memory, as a stand-in for a snapshot store on the network (benchmarks, tests).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    source_latency: Option<Duration>,
+    /// With a lazy mode: do not install pages ahead of a vCPU whose faults walk memory with a
+    /// constant stride (prediction is on by default).
+    #[arg(long)]
+    no_predict: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -235,6 +252,11 @@ enum BenchCommand {
         /// Runs per mode and size; medians are reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Slow sources to run the workload over, comma separated: a delay added to every
+        /// read of the snapshot's memory (faultline) or of its memory file (the peer, through a
+        /// FUSE file system); "none" for none.
+        #[arg(long, value_name = "LIST", default_value = "100us,1ms", value_parser = parse_latencies)]
+        source_latency: Latencies,
         /// Directory for the benchmark's snapshots (removed afterwards) [default: a new one
         /// under the system's temporary directory].
         #[arg(long, value_name = "DIR")]
@@ -263,6 +285,24 @@ fn parse_u64(text: &str) -> Result<u64, String> {
         None => text.parse(),
     };
     parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x-prefixed hex)"))
+}
+
+/// A list of delays (`--source-latency` of `bench restore`).
+#[derive(Clone, Debug)]
+struct Latencies(Vec<Duration>);
+
+fn parse_latencies(text: &str) -> Result<Latencies, String> {
+    if text == "none" {
+        return Ok(Latencies(Vec::new()));
+    }
+    let delays = text
+        .split(',')
+        .map(parse_duration)
+        .collect::<Result<Vec<_>, _>>()?;
+    if delays.iter().any(Duration::is_zero) {
+        return Err("a source latency must be above zero (use \"none\" for no slow source)".into());
+    }
+    Ok(Latencies(delays))
 }
 
 fn parse_fill_rate(text: &str) -> Result<u64, String> {
@@ -332,11 +372,13 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         cpuid: cpuid_config(args)?,
         console: ConsoleSink::stdout(),
         lazy: args.lazy.clone(),
+        source_latency: args.source_latency.unwrap_or_default(),
         hold_at: args.hold_at,
         pager: PagerConfig {
             readahead_pages: args.readahead,
             failure_policy: args.on_source_error,
             background_rate: args.fill_rate,
+            predict: !args.no_predict,
             ..PagerConfig::default()
         },
         ..MicroOptions::new(guest)
@@ -483,9 +525,11 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             readahead_pages: args.readahead,
             failure_policy: args.on_source_error,
             record_faults: args.record_ws,
+            predict: !args.no_predict,
             ..PagerConfig::default()
         },
         track_dirty: args.track_dirty,
+        source_latency: args.source_latency.unwrap_or_default(),
     };
     let mut restored = faultline::restore::restore(&options)?;
     if !args.json {
@@ -679,6 +723,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     working_set,
                     runs,
                     dir,
+                    source_latency,
                     json: _,
                 },
         } => {
@@ -694,6 +739,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 working_set,
                 runs,
                 dir,
+                latencies: source_latency.0,
             };
             let result = bench::restore::run(&options, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);

@@ -34,6 +34,8 @@ pub struct MicroOptions {
     pub lazy: Option<LazySpec>,
     /// The pager's knobs (with `lazy`).
     pub pager: PagerConfig,
+    /// Added to every read of the lazy source (with `lazy`; zero: none).
+    pub source_latency: std::time::Duration,
     /// Log guest writes for diff snapshots.
     pub track_dirty: bool,
     /// Hold vCPUs that reach this micro-guest hold point (tests: an exact snapshot point).
@@ -53,6 +55,7 @@ impl MicroOptions {
             console: ConsoleSink::stdout(),
             lazy: None,
             pager: PagerConfig::default(),
+            source_latency: std::time::Duration::ZERO,
             track_dirty: false,
             hold_at: None,
         }
@@ -200,6 +203,7 @@ impl MicroVm {
                 vm.ram(),
                 RamState::Loaded,
                 spec,
+                options.source_latency,
                 options.pager.clone(),
                 &link,
                 vm.control(),

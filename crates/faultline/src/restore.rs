@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pager::{PageSource, Pager, PagerConfig, PagerError, PagerHandle};
@@ -30,6 +30,35 @@ pub enum RestoreMode {
     Lazy,
     /// Install the recorded working set, resume, and serve the rest lazily.
     Prefetch,
+}
+
+impl RestoreMode {
+    /// Every mode, in the order benchmarks list them.
+    pub const ALL: [RestoreMode; 3] =
+        [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::Prefetch];
+
+    /// The mode's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestoreMode::Eager => "eager",
+            RestoreMode::Lazy => "lazy",
+            RestoreMode::Prefetch => "prefetch",
+        }
+    }
+}
+
+/// The mode a restore uses when none is given: the fastest for a user who has recorded
+/// nothing (see `faultline bench restore`).
+impl Default for RestoreMode {
+    fn default() -> Self {
+        RestoreMode::Lazy
+    }
+}
+
+impl std::fmt::Display for RestoreMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for RestoreMode {
@@ -56,6 +85,9 @@ pub struct RestoreOptions {
     pub pager: PagerConfig,
     /// Keep logging dirty pages even if the snapshot's VM did not.
     pub track_dirty: bool,
+    /// Added to every read of the snapshot's memory by the pager (lazy and prefetch modes): a
+    /// stand-in for a snapshot store on the network. Zero: none.
+    pub source_latency: Duration,
 }
 
 /// Where a restore's time went, in milliseconds from its start.
@@ -159,10 +191,29 @@ fn start_prefetch(
         })
 }
 
+/// Builds the VM a snapshot state describes over `ram` (which holds, or will be served, the
+/// snapshot's memory): `config` with the state's vCPU count, then the saved vCPU, VM and
+/// device state. The one path from saved state to a VM, for restores and their peers.
+pub fn vm_from_state(state: &SnapshotState, ram: GuestRam, config: VmConfig) -> anyhow::Result<Vm> {
+    let config = VmConfig {
+        vcpus: state.machine.vcpus.len() as u8,
+        ..config
+    };
+    let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
+    vm.restore_state(&state.machine)
+        .context("cannot restore the VM's state")?;
+    Ok(vm)
+}
+
 /// Restores the snapshot in `options.dir` into a new VM. Nothing runs yet; the caller runs it.
 pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     let started = Instant::now();
     let mut timings = RestoreTimings::default();
+    if options.mode == RestoreMode::Eager && !options.source_latency.is_zero() {
+        bail!(
+            "a source latency applies to the pager's reads: use it with --memory lazy or prefetch"
+        );
+    }
     let state = state::read(&options.dir)
         .with_context(|| format!("cannot restore {}", options.dir.display()))?;
     let chain = state::chain(&options.dir, &state)
@@ -224,15 +275,12 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     let link = PagerLink::default();
     let lazy = options.mode != RestoreMode::Eager;
     let config = VmConfig {
-        vcpus: state.machine.vcpus.len() as u8,
         console: options.console.clone(),
         on_vcpu_thread: lazy.then(|| link.vcpu_hook()),
         track_dirty: state.track_dirty || options.track_dirty,
         ..VmConfig::default()
     };
-    let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
-    vm.restore_state(&state.machine)
-        .context("cannot restore the VM's state")?;
+    let vm = vm_from_state(&state, ram, config)?;
     timings.vm_ms = ms_since(started);
     let pager = if lazy {
         let source: Arc<dyn PageSource> = memory.clone();
@@ -241,6 +289,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
             vm.ram(),
             RamState::Fresh,
             &LazySpec::Source(source),
+            options.source_latency,
             options.pager.clone(),
             &link,
             vm.control(),

@@ -4,10 +4,7 @@
 /// "MB" and the like are accepted too).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(digits_end);
+    let (number, suffix) = split_number(text);
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a size: expected a number such as 64M or 1G"))?;
@@ -26,6 +23,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number
         .checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `text` cut where its leading digits end: the number and what follows it (a unit).
+pub(crate) fn split_number(text: &str) -> (&str, &str) {
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    text.split_at(digits_end)
 }
 
 /// Formats a byte count the way [`parse_size`] reads it.

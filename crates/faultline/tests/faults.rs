@@ -205,6 +205,7 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
         console: ConsoleSink::default(),
         pager: pager::PagerConfig::default(),
         track_dirty: false,
+        source_latency: std::time::Duration::ZERO,
     })
     .unwrap();
     let (tx, rx) = mpsc::channel();

@@ -222,6 +222,9 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
         ("eager", &[][..]),
         ("lazy", &["--record-ws"][..]),
         ("prefetch", &[][..]),
+        ("lazy", &["--source-latency", "200us"][..]),
+        ("lazy", &["--no-predict"][..]),
+        ("prefetch", &["--source-latency", "200us"][..]),
     ] {
         let out = restore(&snap, mode, extra);
         assert!(
@@ -253,7 +256,18 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
                 "--record-ws wrote the set"
             );
         }
+        if extra.contains(&"--no-predict") {
+            assert_eq!(pager["pages_predicted"], 0, "{pager}");
+        }
     }
+    // A delay per read models a pager's reads: an eager restore has none.
+    let out = restore(&snap, "eager", &["--source-latency", "1ms"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("use it with --memory lazy or prefetch"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

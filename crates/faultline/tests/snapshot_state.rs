@@ -123,6 +123,7 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
         console: ConsoleSink::default(),
         pager: Default::default(),
         track_dirty: false,
+        source_latency: std::time::Duration::ZERO,
     })
     .unwrap();
     let after = restored.vm.save_state().unwrap();

@@ -3,7 +3,9 @@
 
 pub mod boot;
 pub mod faults;
+pub mod fc_file;
 pub mod restore;
+pub mod slowfs;
 
 use std::time::Duration;
 

@@ -19,6 +19,8 @@ use serde::Serialize;
 use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 
+use super::fc_file;
+use super::slowfs::SlowFs;
 use super::{median_ms, ratio};
 use crate::micro::{GuestRun, MicroOptions, MicroReport, MicroVm};
 use crate::restore::{restore, RestoreMode, RestoreOptions, RestoreTimings};
@@ -36,6 +38,8 @@ pub struct RestoreBenchOptions {
     pub runs: usize,
     /// Where the snapshots go (a fresh directory, removed afterwards).
     pub dir: PathBuf,
+    /// Slow sources to measure the workload over: a delay per read of the snapshot's memory.
+    pub latencies: Vec<Duration>,
 }
 
 /// One row of the restore table.
@@ -56,11 +60,18 @@ pub struct RestoreRow {
 /// One row of the workload table.
 #[derive(Debug, Serialize)]
 pub struct WorkloadRow {
-    /// eager, lazy, prefetch, or resident (the baseline).
+    /// eager, lazy, prefetch; fc-file (the peer: Firecracker's MAP_PRIVATE file restore);
+    /// resident (the baseline).
     pub mode: &'static str,
+    /// The snapshot files' page cache before each run: "warm" (just written or read) or
+    /// "cold" (dropped); none for the resident baseline.
+    pub cache: Option<&'static str>,
+    /// Delay added to every read of the snapshot's memory (0: a local file).
+    pub source_latency_us: u64,
     /// Restore start (resident: VM creation) to the guest's exit, median.
     pub ms: f64,
-    /// Page faults the pager served for the guest (median run).
+    /// Page faults: served by the pager for the guest (faultline modes), or taken by the
+    /// process (the peer, whose faults are the kernel's); median run.
     pub faults: u64,
     pub to_running_ms: f64,
 }
@@ -70,12 +81,21 @@ pub struct WorkloadRow {
 pub struct RestoreRatios {
     /// Lazy restore-to-running, largest RAM over smallest (target: at most 1.5).
     pub lazy_largest_over_smallest: f64,
-    /// Workload time, lazy over prefetch (target: at least 3).
-    pub workload_lazy_over_prefetch: f64,
-    /// Workload time, prefetch over resident (target: at most 1.3).
-    pub workload_prefetch_over_resident: f64,
-    /// Workload time, eager over resident.
-    pub workload_eager_over_resident: f64,
+    /// Warm local image: faultline's default mode (no working set) over the peer (target: at
+    /// most 1.0).
+    pub warm_default_over_fc_file: f64,
+    /// Warm local image: prefetch (a recorded working set) over resident (target: at most 1.1).
+    pub warm_prefetch_over_resident: f64,
+    /// Cold cache: the default mode over the peer.
+    pub cold_default_over_fc_file: f64,
+    /// The slowest source measured: the default mode over the peer through the same delay
+    /// (target at 1 ms: at most 0.5).
+    pub slow_default_over_fc_file: f64,
+    /// The slowest source measured: prefetch over the peer.
+    pub slow_prefetch_over_fc_file: f64,
+    /// Warm: lazy over prefetch, and eager over resident.
+    pub warm_lazy_over_prefetch: f64,
+    pub warm_eager_over_resident: f64,
 }
 
 /// The whole benchmark's output.
@@ -83,6 +103,9 @@ pub struct RestoreRatios {
 pub struct RestoreBench {
     pub bench: &'static str,
     pub baseline: &'static str,
+    pub peer: &'static str,
+    /// The restore mode faultline uses when none is given.
+    pub default_mode: RestoreMode,
     pub runs: usize,
     pub working_set_mib: u64,
     pub working_set_pages: u64,
@@ -158,9 +181,58 @@ fn check(report: &MicroReport, expected: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A run's figures from its report: the guest must have started and finished.
+fn sample(report: &MicroReport, timings: RestoreTimings, faults: u64) -> anyhow::Result<Sample> {
+    Ok(Sample {
+        to_running: report
+            .to_first_instruction
+            .context("the guest never started")?,
+        done: report.to_completion.context("no completion time")?,
+        timings,
+        faults,
+    })
+}
+
+/// Where a workload run's snapshot is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The local files, their page cache left as it is.
+    Warm,
+    /// The local files, their page cache dropped before the run.
+    Cold,
+    /// Behind this delay per read.
+    Slow(Duration),
+}
+
+impl Source {
+    fn cache(self) -> &'static str {
+        match self {
+            Source::Warm | Source::Slow(_) => "warm",
+            Source::Cold => "cold",
+        }
+    }
+
+    fn latency(self) -> Duration {
+        match self {
+            Source::Slow(delay) => delay,
+            Source::Warm | Source::Cold => Duration::ZERO,
+        }
+    }
+
+    /// Sets the page cache up. A slow source keeps the local files' cache warm: its delay
+    /// stands for the remote store's whole cost.
+    fn prepare(self, dir: &Path) -> anyhow::Result<()> {
+        match self {
+            Source::Warm | Source::Slow(_) => Ok(()),
+            Source::Cold => fc_file::drop_cache(dir),
+        }
+    }
+}
+
 fn restore_once(
     dir: &Path,
     mode: RestoreMode,
+    source: Source,
     record: bool,
     expected: u64,
 ) -> anyhow::Result<Sample> {
@@ -173,7 +245,9 @@ fn restore_once(
             ..PagerConfig::default()
         },
         track_dirty: false,
+        source_latency: source.latency(),
     };
+    source.prepare(dir)?;
     let mut restored = restore(&options)?;
     let run = restored
         .guest_run()
@@ -186,14 +260,55 @@ fn restore_once(
     if let Some(prefetch) = restored.prefetch.take() {
         let _ = prefetch.join();
     }
-    Ok(Sample {
-        to_running: report
-            .to_first_instruction
-            .context("the guest never started")?,
-        done: report.to_completion.context("no completion time")?,
-        timings: restored.timings.clone(),
-        faults: report.pager.as_ref().map_or(0, |p| p.faults_vcpu),
-    })
+    let faults = report.pager.as_ref().map_or(0, |p| p.faults_vcpu);
+    sample(&report, restored.timings.clone(), faults)
+}
+
+/// The peer: the snapshot restored with its memory file mapped privately as guest RAM. Over a
+/// slow source, the file is served by a FUSE file system that delays every read.
+fn fc_file_once(dir: &Path, source: Source, expected: u64) -> anyhow::Result<Sample> {
+    source.prepare(dir)?;
+    let image = dir.join(snapshot::MEMORY_FILE);
+    let slow = match source {
+        Source::Slow(delay) => {
+            let mountpoint = dir.join("slowfs");
+            std::fs::create_dir_all(&mountpoint)
+                .with_context(|| format!("cannot create {}", mountpoint.display()))?;
+            let backing = std::fs::File::open(&image)
+                .with_context(|| format!("cannot open {}", image.display()))?;
+            Some(SlowFs::mount(
+                &mountpoint,
+                snapshot::MEMORY_FILE,
+                backing,
+                delay,
+                SLOWFS_THREADS,
+            )?)
+        }
+        Source::Warm | Source::Cold => None,
+    };
+    let image = slow.as_ref().map_or(image, SlowFs::file_path);
+    let faults_before = fc_file::process_faults();
+    let since = Instant::now();
+    let mut vm = fc_file::restore_mapped(dir, &image)?;
+    let info = snapshot::state::read(dir)?
+        .guest
+        .context("the snapshot holds no guest")?;
+    let run = GuestRun {
+        guest: guests::find(&info.name).context("the snapshot's guest is unknown")?,
+        range: WorkRange {
+            start: info.range_start,
+            pages: info.range_pages,
+        },
+        arg: info.arg,
+        since,
+    };
+    let report = run.run(&mut vm, None)?;
+    let faults = fc_file::process_faults() - faults_before;
+    check(&report, expected)?;
+    // The VM (its mapping of the file) goes before the file system serving it.
+    drop(vm);
+    drop(slow);
+    sample(&report, RestoreTimings::default(), faults)
 }
 
 fn resident_once(mem: u64, ws_pages: u64, expected: u64) -> anyhow::Result<Sample> {
@@ -209,14 +324,7 @@ fn resident_once(mem: u64, ws_pages: u64, expected: u64) -> anyhow::Result<Sampl
     };
     let report = run.run(&mut vm.vm, None)?;
     check(&report, expected)?;
-    Ok(Sample {
-        to_running: report
-            .to_first_instruction
-            .context("the guest never started")?,
-        done: report.to_completion.context("no completion time")?,
-        timings: RestoreTimings::default(),
-        faults: 0,
-    })
+    sample(&report, RestoreTimings::default(), 0)
 }
 
 fn median_of(samples: &[Sample], phase: impl Fn(&RestoreTimings) -> f64) -> f64 {
@@ -233,6 +341,85 @@ fn median_faults(samples: &[Sample]) -> u64 {
     faults.get(faults.len() / 2).copied().unwrap_or(0)
 }
 
+/// A workload mode: a faultline restore mode, the peer, or the baseline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    Faultline(RestoreMode),
+    FcFile,
+    Resident,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Faultline(mode) => mode.name(),
+            Contender::FcFile => "fc-file",
+            Contender::Resident => "resident",
+        }
+    }
+}
+
+/// The workload rows of one snapshot.
+struct Workload<'a> {
+    dir: &'a Path,
+    mem: u64,
+    ws_pages: u64,
+    expected: u64,
+    runs: usize,
+    rows: Vec<WorkloadRow>,
+}
+
+impl Workload<'_> {
+    fn measure(
+        &mut self,
+        contender: Contender,
+        source: Source,
+        progress: &mut impl FnMut(&str),
+    ) -> anyhow::Result<Vec<Sample>> {
+        let mut samples = Vec::new();
+        for i in 0..self.runs {
+            progress(&format!(
+                "restore: workload, {}, {source:?}, run {}/{}",
+                contender.name(),
+                i + 1,
+                self.runs
+            ));
+            samples.push(match contender {
+                Contender::Faultline(mode) => {
+                    restore_once(self.dir, mode, source, false, self.expected)?
+                }
+                Contender::FcFile => fc_file_once(self.dir, source, self.expected)?,
+                Contender::Resident => resident_once(self.mem, self.ws_pages, self.expected)?,
+            });
+        }
+        self.rows.push(WorkloadRow {
+            mode: contender.name(),
+            cache: (contender != Contender::Resident).then(|| source.cache()),
+            source_latency_us: source.latency().as_micros() as u64,
+            ms: median_ms(&samples.iter().map(|s| s.done).collect::<Vec<_>>()),
+            faults: median_faults(&samples),
+            to_running_ms: median_ms(&samples.iter().map(|s| s.to_running).collect::<Vec<_>>()),
+        });
+        Ok(samples)
+    }
+
+    /// The median time of a measured row.
+    fn ms(&self, contender: Contender, source: Source) -> f64 {
+        self.rows
+            .iter()
+            .find(|row| {
+                row.mode == contender.name()
+                    && row.source_latency_us == source.latency().as_micros() as u64
+                    && (contender == Contender::Resident || row.cache == Some(source.cache()))
+            })
+            .map_or(f64::NAN, |row| row.ms)
+    }
+}
+
+/// Threads serving the peer's slow file system: a few reads in flight, as a remote store
+/// would allow.
+const SLOWFS_THREADS: usize = 4;
+
 /// Runs the benchmark.
 pub fn run(
     options: &RestoreBenchOptions,
@@ -244,10 +431,10 @@ pub fn run(
     let ws_pages = options.working_set / vmm::PAGE_SIZE;
     std::fs::create_dir_all(&options.dir)
         .with_context(|| format!("cannot create {}", options.dir.display()))?;
+    let default = RestoreMode::default();
     let mut restore_rows = Vec::new();
-    let mut workload = Vec::new();
-    let mut by_mode = std::collections::HashMap::new();
     let mut lazy_to_running = Vec::new();
+    let mut workload = None;
     for &mem in &options.mems {
         let dir = options.dir.join(format!("scatter-{}m", mem >> 20));
         progress(&format!("restore: snapshot of {} MiB", mem >> 20));
@@ -256,8 +443,8 @@ pub fn run(
             "restore: {} MiB, recording the working set",
             mem >> 20
         ));
-        restore_once(&dir, RestoreMode::Lazy, true, expected)?;
-        for mode in [RestoreMode::Eager, RestoreMode::Lazy, RestoreMode::Prefetch] {
+        restore_once(&dir, RestoreMode::Lazy, Source::Warm, true, expected)?;
+        for mode in RestoreMode::ALL {
             let mut samples = Vec::new();
             for i in 0..options.runs {
                 progress(&format!(
@@ -266,7 +453,7 @@ pub fn run(
                     i + 1,
                     options.runs
                 ));
-                samples.push(restore_once(&dir, mode, false, expected)?);
+                samples.push(restore_once(&dir, mode, Source::Warm, false, expected)?);
             }
             let to_running = median_ms(&samples.iter().map(|s| s.to_running).collect::<Vec<_>>());
             if mode == RestoreMode::Lazy {
@@ -281,63 +468,90 @@ pub fn run(
                 vm_ms: median_of(&samples, |t| t.vm_ms),
                 ready_ms: median_of(&samples, |t| t.ready_ms),
             });
-            if mem == options.workload_mem {
-                let name = match mode {
-                    RestoreMode::Eager => "eager",
-                    RestoreMode::Lazy => "lazy",
-                    RestoreMode::Prefetch => "prefetch",
-                };
-                let ms = median_ms(&samples.iter().map(|s| s.done).collect::<Vec<_>>());
-                by_mode.insert(name, ms);
-                workload.push(WorkloadRow {
-                    mode: name,
-                    ms,
-                    faults: median_faults(&samples),
-                    to_running_ms: to_running,
-                });
-            }
         }
         if mem == options.workload_mem {
-            let mut samples = Vec::new();
-            for i in 0..options.runs {
-                progress(&format!(
-                    "restore: {} MiB, resident baseline, run {}/{}",
-                    mem >> 20,
-                    i + 1,
-                    options.runs
-                ));
-                samples.push(resident_once(mem, ws_pages, expected)?);
+            let mut table = Workload {
+                dir: &dir,
+                mem,
+                ws_pages,
+                expected,
+                runs: options.runs,
+                rows: Vec::new(),
+            };
+            for source in [Source::Warm, Source::Cold] {
+                for mode in RestoreMode::ALL {
+                    table.measure(Contender::Faultline(mode), source, &mut progress)?;
+                }
+                table.measure(Contender::FcFile, source, &mut progress)?;
             }
-            let ms = median_ms(&samples.iter().map(|s| s.done).collect::<Vec<_>>());
-            by_mode.insert("resident", ms);
-            workload.push(WorkloadRow {
-                mode: "resident",
-                ms,
-                faults: 0,
-                to_running_ms: median_ms(&samples.iter().map(|s| s.to_running).collect::<Vec<_>>()),
-            });
+            table.measure(Contender::Resident, Source::Warm, &mut progress)?;
+            for &delay in &options.latencies {
+                let source = Source::Slow(delay);
+                // Eager restores read the image whole, not page by page: not measured here.
+                for mode in [RestoreMode::Lazy, RestoreMode::Prefetch] {
+                    table.measure(Contender::Faultline(mode), source, &mut progress)?;
+                }
+                table.measure(Contender::FcFile, source, &mut progress)?;
+            }
+            let ms = |contender, source| table.ms(contender, source);
+            let slowest = options
+                .latencies
+                .iter()
+                .max()
+                .map_or(Source::Warm, |&delay| Source::Slow(delay));
+            let fl = Contender::Faultline;
+            let ratios = RestoreRatios {
+                lazy_largest_over_smallest: f64::NAN,
+                warm_default_over_fc_file: ratio(
+                    ms(fl(default), Source::Warm),
+                    ms(Contender::FcFile, Source::Warm),
+                ),
+                warm_prefetch_over_resident: ratio(
+                    ms(fl(RestoreMode::Prefetch), Source::Warm),
+                    ms(Contender::Resident, Source::Warm),
+                ),
+                cold_default_over_fc_file: ratio(
+                    ms(fl(default), Source::Cold),
+                    ms(Contender::FcFile, Source::Cold),
+                ),
+                slow_default_over_fc_file: ratio(
+                    ms(fl(default), slowest),
+                    ms(Contender::FcFile, slowest),
+                ),
+                slow_prefetch_over_fc_file: ratio(
+                    ms(fl(RestoreMode::Prefetch), slowest),
+                    ms(Contender::FcFile, slowest),
+                ),
+                warm_lazy_over_prefetch: ratio(
+                    ms(fl(RestoreMode::Lazy), Source::Warm),
+                    ms(fl(RestoreMode::Prefetch), Source::Warm),
+                ),
+                warm_eager_over_resident: ratio(
+                    ms(fl(RestoreMode::Eager), Source::Warm),
+                    ms(Contender::Resident, Source::Warm),
+                ),
+            };
+            workload = Some((table.rows, ratios));
         }
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     let _ = std::fs::remove_dir(&options.dir);
-    let get = |mode: &str| by_mode.get(mode).copied().unwrap_or(f64::NAN);
+    let (workload, mut ratios) = workload.context("the workload RAM size was not measured")?;
+    ratios.lazy_largest_over_smallest = ratio(
+        lazy_to_running.last().copied().unwrap_or(f64::NAN),
+        lazy_to_running.first().copied().unwrap_or(f64::NAN),
+    );
     Ok(RestoreBench {
         bench: "restore",
         baseline: "resident: the same guest over RAM already in place (VM creation included)",
+        peer: "fc-file: Firecracker's default restore, guest RAM mapped MAP_PRIVATE from the memory file (over a slow source: the file served by a FUSE file system that delays every read)",
+        default_mode: default,
         runs: options.runs,
         working_set_mib: options.working_set >> 20,
         working_set_pages: ws_pages,
         restore: restore_rows,
         workload,
-        ratios: RestoreRatios {
-            lazy_largest_over_smallest: ratio(
-                lazy_to_running.last().copied().unwrap_or(f64::NAN),
-                lazy_to_running.first().copied().unwrap_or(f64::NAN),
-            ),
-            workload_lazy_over_prefetch: ratio(get("lazy"), get("prefetch")),
-            workload_prefetch_over_resident: ratio(get("prefetch"), get("resident")),
-            workload_eager_over_resident: ratio(get("eager"), get("resident")),
-        },
+        ratios,
     })
 }
