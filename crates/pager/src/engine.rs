@@ -494,13 +494,12 @@ impl Shared {
     }
 
     /// Whether predicted pages are read in spans: page reads are slow, and a span read costs
-    /// (per page it brings that was wanted) well under a page read, as it does when the
-    /// source's latency, not its bandwidth, is the cost. Tried once page reads turn slow; a
-    /// source whose spans do not pay (a disk that reads them at its bandwidth) is read page
-    /// by page.
+    /// less per page it brings that was wanted than a page read, as it does when the source's
+    /// latency, not its bandwidth, is the cost. Tried once page reads turn slow; a source
+    /// whose spans do not pay (a disk that reads them at its bandwidth) is read page by page.
     fn span_reads(&self) -> bool {
         let span = self.span_read_ns.load(Ordering::Relaxed);
-        self.slow_reads() && (span == 0 || span < self.page_read_ns.load(Ordering::Relaxed) / 2)
+        self.slow_reads() && (span == 0 || span < self.page_read_ns.load(Ordering::Relaxed))
     }
 
     /// Marks `run` pages from `page` installed (present), under the event gate.

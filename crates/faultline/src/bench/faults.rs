@@ -218,8 +218,11 @@ fn thread_case(
     for _ in 0..opts.runs {
         let ram = GuestRam::new(bytes)?;
         let region = &ram.regions()[0];
+        // Fault service against fault service: no pages installed ahead of the toucher (the
+        // minimal handler has no such thing, and the touchers here walk in a line).
         let mut builder = PagerBuilder::new(PagerConfig {
             readahead_pages: opts.readahead,
+            predict: false,
             ..Default::default()
         })?;
         // SAFETY: guest RAM made for this run, mapped until `ram` drops after the pager's
@@ -321,6 +324,7 @@ fn vcpu_case(
             lazy: Some(lazy),
             pager: PagerConfig {
                 readahead_pages: opts.readahead,
+                predict: false,
                 ..Default::default()
             },
             ..base.clone()
