@@ -137,16 +137,11 @@ fn ms_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-/// Reads the working set in `dir` and installs it through the pager, run by run in recorded
-/// order, on its own thread while the guest runs: pages the guest reaches first are installed
-/// by its faults, the rest arrive before it asks. A working set that cannot be read is
-/// reported and skipped: every page is still served lazily from the snapshot. Returns the
-/// thread, which yields the pages it installed.
-fn start_prefetch(
-    pager: PagerHandle,
-    ram: &GuestRam,
-    dir: PathBuf,
-) -> std::io::Result<JoinHandle<u64>> {
+/// Pages of the working set read (and checked) at once while streaming it: 1 MiB.
+const PREFETCH_BATCH: usize = 256;
+
+/// Where each RAM region starts among the image's pages: `(first page, pages)`.
+fn region_bounds(ram: &GuestRam) -> Vec<(u64, u64)> {
     let mut bounds = Vec::new();
     let mut base = 0u64;
     for region in ram.regions() {
@@ -154,37 +149,99 @@ fn start_prefetch(
         bounds.push((base, pages));
         base += pages;
     }
+    bounds
+}
+
+/// Installs the working-set entries `pages` (image page indices) whose contents are
+/// `contents`, back to back, run by run through the pager. Returns the pages installed, or
+/// `None` once the pager has stopped.
+fn install_entries(
+    pager: &PagerHandle,
+    bounds: &[(u64, u64)],
+    pages: &[u64],
+    contents: &[u8],
+) -> Option<u64> {
+    let mut installed = 0;
+    for (first, index, count) in snapshot::working_set::runs(pages) {
+        let Some(region) = bounds
+            .iter()
+            .position(|&(b, n)| first >= b && first + count as u64 <= b + n)
+        else {
+            tracing::warn!("prefetch: pages {first}+{count} are not in one RAM region");
+            continue;
+        };
+        let data = &contents[index * PAGE_SIZE as usize..(index + count) * PAGE_SIZE as usize];
+        match pager.install_pages(region, (first - bounds[region].0) as usize, data) {
+            Ok(n) => installed += n as u64,
+            Err(PagerError::Stopped) => return None,
+            Err(e) => tracing::warn!("prefetch: {e}"),
+        }
+    }
+    Some(installed)
+}
+
+/// Reads the working set in `dir` and installs it through the pager, in recorded order, on
+/// its own thread while the guest runs: pages the guest reaches first are installed by its
+/// faults, the rest arrive before it asks. The set is streamed (1 MiB at a time, each page
+/// checked against the snapshot's checksum of it) so that installs start at once; a snapshot
+/// whose checksums cover more than a page has its set read and checked whole first. A set
+/// that cannot be read is reported and the rest skipped: every page is still served lazily
+/// from the snapshot. Returns the thread, which yields the pages it installed.
+fn start_prefetch(
+    pager: PagerHandle,
+    ram: &GuestRam,
+    memory: Arc<SnapshotMemory>,
+    dir: PathBuf,
+) -> std::io::Result<JoinHandle<u64>> {
+    let bounds = region_bounds(ram);
     std::thread::Builder::new()
         .name("prefetch".into())
         .spawn(move || {
             let began = Instant::now();
-            let set = match WorkingSet::read(&dir, base) {
-                Ok(set) => set,
-                Err(e) => {
-                    tracing::error!("prefetch: the working set is unusable, serving every page lazily: {e}");
-                    return 0;
-                }
+            let unusable = |e: snapshot::SnapshotError| {
+                tracing::error!(
+                    "prefetch: the working set is unusable, serving the rest lazily: {e}"
+                );
             };
-            let read_ms = ms_since(began);
             let mut installed = 0u64;
-            for (first, index, count) in set.runs() {
-                let Some(region) = bounds
-                    .iter()
-                    .position(|&(b, pages)| first >= b && first + count as u64 <= b + pages)
-                else {
-                    tracing::warn!("prefetch: pages {first}+{count} are not in one RAM region");
-                    continue;
+            let total;
+            if memory.pages_checkable() {
+                let set = match snapshot::WorkingSetStream::open(&dir, &memory) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        unusable(e);
+                        return 0;
+                    }
                 };
-                let data = set.contents(index, count);
-                match pager.install_pages(region, (first - bounds[region].0) as usize, data) {
-                    Ok(n) => installed += n as u64,
-                    Err(PagerError::Stopped) => break,
-                    Err(e) => tracing::warn!("prefetch: {e}"),
+                total = set.pages().len();
+                let mut buf = Vec::new();
+                for i in (0..total).step_by(PREFETCH_BATCH) {
+                    let count = PREFETCH_BATCH.min(total - i);
+                    if let Err(e) = set.read(i, count, &mut buf, &memory) {
+                        unusable(e);
+                        break;
+                    }
+                    let pages = &set.pages()[i..i + count];
+                    match install_entries(&pager, &bounds, pages, &buf) {
+                        Some(n) => installed += n,
+                        None => break,
+                    }
                 }
+            } else {
+                let pages = bounds.last().map_or(0, |&(b, n)| b + n);
+                let set = match WorkingSet::read(&dir, pages) {
+                    Ok(set) => set,
+                    Err(e) => {
+                        unusable(e);
+                        return 0;
+                    }
+                };
+                total = set.len();
+                installed = install_entries(&pager, &bounds, &set.pages, set.contents(0, total))
+                    .unwrap_or(0);
             }
             tracing::info!(
-                "prefetch: {installed} of {} pages installed in {:.2} ms ({read_ms:.2} ms reading and checking the set)",
-                set.len(),
+                "prefetch: {installed} of {total} pages installed in {:.2} ms",
                 ms_since(began)
             );
             installed
@@ -299,7 +356,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     };
     let prefetch = match (&pager, working_set) {
         (Some(pager), Some(dir)) => Some(
-            start_prefetch(pager.handle(), vm.ram(), dir)
+            start_prefetch(pager.handle(), vm.ram(), Arc::clone(&memory), dir)
                 .context("cannot start the prefetch thread")?,
         ),
         _ => None,

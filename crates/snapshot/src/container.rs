@@ -82,14 +82,58 @@ pub fn check(
     magic: &[u8; 8],
     version: u32,
 ) -> Result<std::ops::Range<usize>, SnapshotError> {
-    let found = bytes.len() as u64;
-    if found < HEADER_LEN {
+    let expected = check_header(path, bytes, bytes.len() as u64, magic, version)?;
+    let crc_at = (expected - TRAILER_LEN) as usize;
+    let stored = u32::from_le_bytes(array(&bytes[crc_at..]));
+    let computed = crc32fast::hash(&bytes[..crc_at]);
+    if stored != computed {
+        return Err(SnapshotError::ChecksumMismatch {
+            path: path.into(),
+            stored,
+            computed,
+        });
+    }
+    Ok(HEADER_LEN as usize..crc_at)
+}
+
+/// Opens the container at `path` to read its payload piece by piece (with `pread`, from
+/// byte [`HEADER_LEN`]): checks the header and that the file is exactly as long as it says,
+/// and returns the file and the payload's length. The checksum is *not* checked (that takes
+/// the whole file): a reader that streams must check what it reads by other means.
+pub fn open_payload(
+    path: &Path,
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<(File, u64), SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path).map_err(SnapshotError::io(path))?;
+    let found = file.metadata().map_err(SnapshotError::io(path))?.len();
+    let mut header = [0u8; HEADER_LEN as usize];
+    let have = (found.min(HEADER_LEN)) as usize;
+    file.read_exact_at(&mut header[..have], 0)
+        .map_err(SnapshotError::io(path))?;
+    let expected = check_header(path, &header[..have], found, magic, version)?;
+    Ok((file, expected - HEADER_LEN - TRAILER_LEN))
+}
+
+/// Checks a container's header (`header`, its first bytes) against a file of `found` bytes:
+/// all there, the magic, the version, and a payload length that fills the file exactly.
+/// Returns the file's expected length.
+fn check_header(
+    path: &Path,
+    header: &[u8],
+    found: u64,
+    magic: &[u8; 8],
+    version: u32,
+) -> Result<u64, SnapshotError> {
+    if (header.len() as u64) < HEADER_LEN {
         return Err(SnapshotError::Truncated {
             path: path.into(),
             expected: HEADER_LEN,
             found,
         });
     }
+    let bytes = header;
     let found_magic = array::<8>(&bytes[..8]);
     if found_magic != *magic {
         return Err(SnapshotError::BadMagic {
@@ -124,17 +168,7 @@ pub fn check(
             extra: found - expected,
         });
     }
-    let crc_at = (expected - TRAILER_LEN) as usize;
-    let stored = u32::from_le_bytes(array(&bytes[crc_at..]));
-    let computed = crc32fast::hash(&bytes[..crc_at]);
-    if stored != computed {
-        return Err(SnapshotError::ChecksumMismatch {
-            path: path.into(),
-            stored,
-            computed,
-        });
-    }
-    Ok(HEADER_LEN as usize..crc_at)
+    Ok(expected)
 }
 
 /// Creates (or truncates) `path`, writes `parts` one after the other, and waits until the

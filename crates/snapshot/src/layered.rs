@@ -84,6 +84,16 @@ impl SnapshotMemory {
         self.layer_of(page).verify_range(offset, PAGE_SIZE)
     }
 
+    /// Whether every layer can check a page on its own (single-page chunks).
+    pub fn pages_checkable(&self) -> bool {
+        self.layers.iter().all(MemoryImage::pages_checkable)
+    }
+
+    /// Checks `bytes` against the checksum of page `page` in the layer it comes from.
+    pub fn check_page(&self, page: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+        self.layer_of(page).check_page(page, bytes)
+    }
+
     /// The full image at the bottom of the chain.
     fn base(&self) -> &MemoryImage {
         self.layers.last().expect("a chain has a base")

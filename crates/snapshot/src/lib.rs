@@ -38,7 +38,7 @@ pub use layered::{LoadSummary, SnapshotMemory};
 pub use memory::{
     LayerKind, MemoryImage, MemorySpan, MemorySpanMut, WriteSummary, DEFAULT_CHUNK_SIZE, PAGE_SIZE,
 };
-pub use working_set::WorkingSet;
+pub use working_set::{WorkingSet, WorkingSetStream};
 
 /// The VM state file in a snapshot directory.
 pub const STATE_FILE: &str = "state";

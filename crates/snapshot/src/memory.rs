@@ -819,6 +819,33 @@ impl MemoryImage {
         Ok(true)
     }
 
+    /// Whether a page can be checked on its own: the image's chunks are single pages.
+    pub fn pages_checkable(&self) -> bool {
+        self.chunk_size == PAGE_SIZE
+    }
+
+    /// Checks `bytes`, read from elsewhere (a working set), against the checksum of page
+    /// `page`: they must be the page's contents in this image. Needs single-page chunks
+    /// ([`pages_checkable`](Self::pages_checkable)).
+    pub fn check_page(&self, page: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+        if !self.pages_checkable() || bytes.len() as u64 != PAGE_SIZE {
+            return Err(SnapshotError::malformed(
+                &self.path,
+                format!(
+                    "page {page} cannot be checked alone ({} bytes against {}-byte chunks)",
+                    bytes.len(),
+                    self.chunk_size
+                ),
+            ));
+        }
+        let sum = self.chunk_state(page).map(|_| self.sums[page as usize])?;
+        if crc32fast::hash(bytes) == sum {
+            Ok(())
+        } else {
+            Err(self.chunk_error(page))
+        }
+    }
+
     /// Reads chunk `chunk` into `buf` (resized to the chunk: data extents read with `pread`,
     /// holes as zeros, without reading them) and checks it against its checksum, remembering
     /// the answer. A caller that copies from `buf` copies exactly the bytes that were checked.

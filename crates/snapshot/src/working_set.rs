@@ -158,19 +158,135 @@ impl WorkingSet {
     /// `(first page, index of its entry, number of pages)`. Each run can be installed with
     /// one call, from [`contents`](Self::contents).
     pub fn runs(&self) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
-        let mut i = 0;
-        std::iter::from_fn(move || {
-            let first = *self.pages.get(i)?;
-            let start = i;
-            i += 1;
-            while let Some(&page) = self.pages.get(i) {
-                if first.checked_add((i - start) as u64) != Some(page) {
-                    break;
-                }
-                i += 1;
+        runs(&self.pages)
+    }
+}
+
+/// Runs of consecutive entries of `pages` whose pages are consecutive too:
+/// `(first page, index of its entry, number of pages)`.
+pub fn runs(pages: &[u64]) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(i)?;
+        let start = i;
+        i += 1;
+        while let Some(&page) = pages.get(i) {
+            if first.checked_add((i - start) as u64) != Some(page) {
+                break;
             }
-            Some((first, start, i - start))
+            i += 1;
+        }
+        Some((first, start, i - start))
+    })
+}
+
+/// A working set read piece by piece, so that its pages can be installed while the rest is
+/// still being read: the header and page indices when opened, the contents on demand, each
+/// page checked against the snapshot's own checksum of that page (which needs single-page
+/// chunks: [`SnapshotMemory::pages_checkable`]). The file's own checksum, which takes the
+/// whole file, is not used: the per-page check is the stronger one (it proves each page is
+/// the snapshot's page at that index).
+pub struct WorkingSetStream {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    pages: Vec<u64>,
+    /// Where the contents start in the file.
+    contents_at: u64,
+}
+
+impl fmt::Debug for WorkingSetStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkingSetStream")
+            .field("path", &self.path)
+            .field("pages", &self.pages.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkingSetStream {
+    /// Opens `working-set` in `dir` for `memory`: reads and checks the header and the page
+    /// indices (each below the memory's page count, each once, and a file as long as they
+    /// say).
+    pub fn open(dir: &Path, memory: &SnapshotMemory) -> Result<WorkingSetStream, SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join(WORKING_SET_FILE);
+        if !memory.pages_checkable() {
+            return Err(SnapshotError::malformed(
+                &path,
+                "the snapshot's checksums cover more than a page: read the set whole",
+            ));
+        }
+        let (file, payload_len) =
+            container::open_payload(&path, &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
+        let read = |at: u64, buf: &mut [u8]| {
+            file.read_exact_at(buf, container::HEADER_LEN + at)
+                .map_err(SnapshotError::io(&path))
+        };
+        let mut head = [0u8; 16];
+        if payload_len < head.len() as u64 {
+            return Err(SnapshotError::malformed(
+                &path,
+                "the payload ends before its header",
+            ));
+        }
+        read(0, &mut head)?;
+        let mut d = Decoder::new(&path, &head);
+        let page_size = u64::from(d.u32("the page size")?);
+        if page_size != PAGE_SIZE {
+            return Err(d.malformed(format!(
+                "the page size is {page_size}; only {PAGE_SIZE} is supported"
+            )));
+        }
+        d.u32("the reserved word")?;
+        let count = d.u64("the page count")?;
+        let expected = count
+            .checked_mul(8 + PAGE_SIZE)
+            .and_then(|n| n.checked_add(16))
+            .filter(|&n| n == payload_len)
+            .ok_or_else(|| {
+                SnapshotError::malformed(
+                    &path,
+                    format!("{count} pages do not fill a payload of {payload_len} bytes"),
+                )
+            })?;
+        let mut indices = vec![0u8; (count * 8) as usize];
+        read(16, &mut indices)?;
+        let pages = check_pages(&path, &indices, memory.size() / PAGE_SIZE)?;
+        Ok(WorkingSetStream {
+            contents_at: container::HEADER_LEN + expected - count * PAGE_SIZE,
+            path,
+            file,
+            pages,
         })
+    }
+
+    /// Page indices into the snapshot's memory, in the order the guest touched them.
+    pub fn pages(&self) -> &[u64] {
+        &self.pages
+    }
+
+    /// Reads the contents of entries `i..i + count` into `buf` (resized to them) with one
+    /// read, and checks each page against `memory`'s checksum of it.
+    pub fn read(
+        &self,
+        i: usize,
+        count: usize,
+        buf: &mut Vec<u8>,
+        memory: &SnapshotMemory,
+    ) -> Result<(), SnapshotError> {
+        use std::os::unix::fs::FileExt;
+        let page_len = PAGE_SIZE as usize;
+        let pages = self.pages.get(i..i + count).ok_or_else(|| {
+            SnapshotError::malformed(&self.path, format!("no entries {i}..{}", i + count))
+        })?;
+        buf.resize(count * page_len, 0);
+        self.file
+            .read_exact_at(buf, self.contents_at + (i * page_len) as u64)
+            .map_err(SnapshotError::io(&self.path))?;
+        for (&page, bytes) in pages.iter().zip(buf.chunks(page_len)) {
+            memory.check_page(page, bytes)?;
+        }
+        Ok(())
     }
 }
 
@@ -242,6 +358,17 @@ mod tests {
             [(5, 0, 3), (3, 3, 2), (9, 5, 2), (31, 7, 1)]
         );
         assert_eq!(set.contents(0, 3), &buf[5 * PAGE..8 * PAGE]);
+
+        // Streamed: the same pages and contents, in pieces, each page checked.
+        let stream = WorkingSetStream::open(dir.path(), &memory).unwrap();
+        assert_eq!(stream.pages(), &set.pages[..]);
+        let mut piece = Vec::new();
+        stream.read(2, 5, &mut piece, &memory).unwrap();
+        assert_eq!(piece, set.contents(2, 5));
+        assert!(
+            stream.read(6, 3, &mut piece, &memory).is_err(),
+            "past the end"
+        );
 
         write(dir.path(), &[], &memory).unwrap();
         let set = WorkingSet::read(dir.path(), 32).unwrap();
@@ -328,6 +455,45 @@ mod tests {
         assert!(matches!(
             WorkingSet::read(dir.path(), 32),
             Err(SnapshotError::ChecksumMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn a_streamed_set_checks_each_page_against_the_snapshot() {
+        let dir = TempDir::new("working-set-stream");
+        let (memory, _) = snapshot(&dir);
+        write(dir.path(), &[1, 2, 3], &memory).unwrap();
+        let path = dir.path().join(WORKING_SET_FILE);
+        // Entry 1 (page 2) gets another page's contents: the file's own checksum is fixed up,
+        // so only the check against the snapshot can tell.
+        let payload = container::read(&path, &WORKING_SET_MAGIC, WORKING_SET_VERSION).unwrap();
+        let mut changed = payload.clone();
+        let contents_at = 16 + 3 * 8;
+        changed[contents_at + PAGE..contents_at + 2 * PAGE]
+            .copy_from_slice(&payload[contents_at..contents_at + PAGE]);
+        container::write(&path, &WORKING_SET_MAGIC, WORKING_SET_VERSION, &changed).unwrap();
+        let stream = WorkingSetStream::open(dir.path(), &memory).unwrap();
+        let mut buf = Vec::new();
+        stream.read(0, 1, &mut buf, &memory).unwrap();
+        assert!(matches!(
+            stream.read(0, 3, &mut buf, &memory),
+            Err(SnapshotError::ChunkChecksum { chunk: 2, .. })
+        ));
+        stream.read(2, 1, &mut buf, &memory).unwrap();
+
+        // Indices are checked when the stream opens; a file of the wrong length is refused.
+        write_raw(dir.path(), &[4, 5, 6, 5]);
+        assert!(matches!(
+            WorkingSetStream::open(dir.path(), &memory),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        write_raw(dir.path(), &[4, 5]);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(len - 1).unwrap();
+        assert!(matches!(
+            WorkingSetStream::open(dir.path(), &memory),
+            Err(SnapshotError::Truncated { .. })
         ));
     }
 }
