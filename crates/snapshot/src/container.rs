@@ -273,11 +273,6 @@ impl<'a> Decoder<'a> {
     }
 }
 
-/// Splits `bytes` (a multiple of 4 long) into little-endian u32s.
-pub(crate) fn u32s(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    bytes.chunks_exact(4).map(|b| u32::from_le_bytes(array(b)))
-}
-
 /// Splits `bytes` (a multiple of 8 long) into little-endian u64s.
 pub(crate) fn u64s(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
     bytes.chunks_exact(8).map(|b| u64::from_le_bytes(array(b)))

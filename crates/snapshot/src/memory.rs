@@ -502,12 +502,35 @@ struct Sums {
     size: u64,
     chunk_size: u64,
     kind: LayerKind,
-    sums: Vec<u32>,
+    sums: SumTable,
     bitmap: Vec<u64>,
 }
 
-fn decode_sums(path: &Path, payload: &[u8]) -> Result<Sums, SnapshotError> {
-    let mut d = Decoder::new(path, payload);
+/// The chunk checksums, left where they were read (a GiB of guest has a MiB of them: copying
+/// them into a table of their own would double the memory a restore touches before the
+/// guest runs).
+struct SumTable {
+    payload: Vec<u8>,
+    /// Where the first checksum is in `payload`.
+    start: usize,
+    count: usize,
+}
+
+impl SumTable {
+    /// The checksum of chunk `chunk`, which must exist.
+    fn get(&self, chunk: u64) -> u32 {
+        assert!(chunk < self.count as u64, "chunk {chunk} of {}", self.count);
+        let at = self.start + chunk as usize * 4;
+        u32::from_le_bytes(self.payload[at..at + 4].try_into().expect("four bytes"))
+    }
+
+    fn len(&self) -> usize {
+        self.count
+    }
+}
+
+fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
+    let mut d = Decoder::new(path, &payload);
     let page_size = u64::from(d.u32("the page size")?);
     if page_size != PAGE_SIZE {
         return Err(d.malformed(format!(
@@ -539,7 +562,8 @@ fn decode_sums(path: &Path, payload: &[u8]) -> Result<Sums, SnapshotError> {
             "{count} chunk checksums for {size} bytes in {chunk_size}-byte chunks, not {expected}"
         )));
     }
-    let sums = container::u32s(d.take_array(count, 4, "the chunk checksums")?).collect();
+    let table = d.take_array(count, 4, "the chunk checksums")?;
+    let start = table.as_ptr() as usize - payload.as_ptr() as usize;
     let bitmap = match kind {
         LayerKind::Full => Vec::new(),
         LayerKind::Diff => {
@@ -559,7 +583,11 @@ fn decode_sums(path: &Path, payload: &[u8]) -> Result<Sums, SnapshotError> {
         size,
         chunk_size,
         kind,
-        sums,
+        sums: SumTable {
+            payload,
+            start,
+            count: count as usize,
+        },
         bitmap,
     })
 }
@@ -574,7 +602,7 @@ pub struct MemoryImage {
     size: u64,
     kind: LayerKind,
     chunk_size: u64,
-    sums: Vec<u32>,
+    sums: SumTable,
     /// The held pages of a diff layer (empty for a full one).
     bitmap: Vec<u64>,
     /// Sorted, disjoint `[start, end)` ranges that hold data (the rest are holes).
@@ -605,7 +633,7 @@ impl MemoryImage {
     pub fn open(dir: &Path) -> Result<MemoryImage, SnapshotError> {
         let sums_path = dir.join(SUMS_FILE);
         let payload = container::read(&sums_path, &SUMS_MAGIC, SUMS_VERSION)?;
-        let sums = decode_sums(&sums_path, &payload)?;
+        let sums = decode_sums(&sums_path, payload)?;
 
         let path = dir.join(MEMORY_FILE);
         let file = File::open(&path).map_err(SnapshotError::io(&path))?;
@@ -809,7 +837,7 @@ impl MemoryImage {
         self.read_at(offset, buf)?;
         for (i, bytes) in buf.chunks(self.chunk_size as usize).enumerate() {
             let chunk = offset / self.chunk_size + i as u64;
-            let good = crc32fast::hash(bytes) == self.sums[chunk as usize];
+            let good = crc32fast::hash(bytes) == self.sums.get(chunk);
             self.chunk_state(chunk)?
                 .store(if good { GOOD } else { BAD }, Ordering::Release);
             if !good {
@@ -838,7 +866,7 @@ impl MemoryImage {
                 ),
             ));
         }
-        let sum = self.chunk_state(page).map(|_| self.sums[page as usize])?;
+        let sum = self.chunk_state(page).map(|_| self.sums.get(page))?;
         if crc32fast::hash(bytes) == sum {
             Ok(())
         } else {
@@ -864,7 +892,7 @@ impl MemoryImage {
             let (s, e) = (s.max(start), e.min(end));
             self.read_at(s, &mut buf[(s - start) as usize..(e - start) as usize])?;
         }
-        let good = crc32fast::hash(buf) == self.sums[chunk as usize];
+        let good = crc32fast::hash(buf) == self.sums.get(chunk);
         state.store(if good { GOOD } else { BAD }, Ordering::Release);
         if good {
             Ok(())
