@@ -85,8 +85,8 @@ pub struct RestoreOptions {
     pub pager: PagerConfig,
     /// Keep logging dirty pages even if the snapshot's VM did not.
     pub track_dirty: bool,
-    /// Added to every read of the snapshot's memory by the pager (lazy and prefetch modes): a
-    /// stand-in for a snapshot store on the network. Zero: none.
+    /// Added to every read of the snapshot's memory by the pager and of its working set (lazy
+    /// and prefetch modes): a stand-in for a snapshot store on the network. Zero: none.
     pub source_latency: Duration,
 }
 
@@ -186,12 +186,14 @@ fn install_entries(
 /// checked against the snapshot's checksum of it) so that installs start at once; a snapshot
 /// whose checksums cover more than a page has its set read and checked whole first. A set
 /// that cannot be read is reported and the rest skipped: every page is still served lazily
-/// from the snapshot. Returns the thread, which yields the pages it installed.
+/// from the snapshot. Each read of the set waits `latency` first, as a read of the snapshot's
+/// memory does (`--source-latency`). Returns the thread, which yields the pages it installed.
 fn start_prefetch(
     pager: PagerHandle,
     ram: &GuestRam,
     memory: Arc<SnapshotMemory>,
     dir: PathBuf,
+    latency: Duration,
 ) -> std::io::Result<JoinHandle<u64>> {
     let bounds = region_bounds(ram);
     std::thread::Builder::new()
@@ -217,6 +219,7 @@ fn start_prefetch(
                 let mut buf = Vec::new();
                 for i in (0..total).step_by(PREFETCH_BATCH) {
                     let count = PREFETCH_BATCH.min(total - i);
+                    std::thread::sleep(latency);
                     if let Err(e) = set.read(i, count, &mut buf, &memory) {
                         unusable(e);
                         break;
@@ -229,6 +232,7 @@ fn start_prefetch(
                 }
             } else {
                 let pages = bounds.last().map_or(0, |&(b, n)| b + n);
+                std::thread::sleep(latency);
                 let set = match WorkingSet::read(&dir, pages) {
                     Ok(set) => set,
                     Err(e) => {
@@ -356,8 +360,14 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     };
     let prefetch = match (&pager, working_set) {
         (Some(pager), Some(dir)) => Some(
-            start_prefetch(pager.handle(), vm.ram(), Arc::clone(&memory), dir)
-                .context("cannot start the prefetch thread")?,
+            start_prefetch(
+                pager.handle(),
+                vm.ram(),
+                Arc::clone(&memory),
+                dir,
+                options.source_latency,
+            )
+            .context("cannot start the prefetch thread")?,
         ),
         _ => None,
     };

@@ -29,13 +29,16 @@ fn touch_over_lazy_zero_memory() {
     assert_eq!(host_checksum(vm.vm.ram(), vm.range).unwrap(), expected);
     let stats = report.pager.unwrap();
     // Every page of the work range was missing and installed, for a vCPU's fault or ahead of
-    // it (each vCPU walks its half of the range in order).
+    // it (each vCPU walks its half of the range in order, which prediction follows).
     assert!(stats.faults_vcpu > 0, "{stats:?}");
+    assert!(stats.pages_predicted > 0, "{stats:?}");
     assert_eq!(stats.faults_other, 0);
     assert!(
         stats.pages_installed_urgent + stats.pages_installed_background >= vm.range.pages,
         "{stats:?}"
     );
+    let present: u64 = stats.regions.iter().map(|r| r.pages_present).sum();
+    assert!(present >= vm.range.pages, "{stats:?}");
     assert_eq!(stats.bytes_copied, 0, "zero pages are never copied");
 }
 
@@ -64,7 +67,7 @@ fn sparse_image(name: &str, mem: u64) -> (std::path::PathBuf, u64) {
 fn checksum_over_a_lazy_file_image_equals_the_image() {
     require_kvm!();
     // Read-ahead (counted exactly, so without prediction); then prediction over a slow
-    // source, which reads the guest's sequential walk in long spans.
+    // source, which installs the guest's sequential walk ahead of it in long batches.
     for (readahead, predict, latency_us) in [(1, false, 0), (8, false, 0), (1, true, 200)] {
         let mem = 16 << 20;
         let (path, expected) = sparse_image(&format!("ra{readahead}-{latency_us}"), mem);

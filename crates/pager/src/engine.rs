@@ -7,8 +7,11 @@
 //! and caller-held pages (a working set) use the same claim-fetch-install path.
 //!
 //! Liveness: every claimed page ends installed or poisoned, and the ioctl that does it wakes
-//! the threads waiting on it; a claim is released only after that. A fault thread that can no
-//! longer read its userfaultfd is a fatal error under every policy.
+//! the threads waiting on it; a claim is released only after that. The one exception is a
+//! page installed ahead of a toucher (speculatively) that cannot be had: its claim is
+//! released and its waiters woken, so that they fault again and their own install settles
+//! it. A fault thread that can no longer read its userfaultfd is a fatal error under every
+//! policy.
 //!
 //! Remove versus install: the kernel lets `madvise` zap pages as soon as the remove event is
 //! *read*, so an install whose copy lands after the zap would leave stale contents. Installs
@@ -262,7 +265,9 @@ impl Shared {
     /// The single install path for `count` claimed pages of region `index` from `first`:
     /// fetch (unless `given` holds the bytes), install, and poison whatever could not be
     /// installed, exactly those pages. Every page ends present or poisoned, with its waiters
-    /// woken; the claim is released last. Returns the pages this call installed.
+    /// woken; the claim is released last. A speculative context (pages predicted ahead) does
+    /// not poison: it releases what it could not install and wakes its waiters to fault
+    /// again. Returns the pages this call installed.
     pub(crate) fn install_claimed(
         &self,
         index: usize,
@@ -740,8 +745,12 @@ impl Shared {
         }
     }
 
-    /// Queues a background job: ahead of the fill (predicted pages) or after it.
+    /// Queues a background job: ahead of the fill (predicted pages) or after it. An empty job
+    /// is dropped.
     pub(crate) fn queue(&self, job: Job, ahead: bool) {
+        if job.count == 0 {
+            return;
+        }
         self.counters
             .background_pending_pages
             .fetch_add(job.count as u64, Ordering::Relaxed);
@@ -969,7 +978,7 @@ impl Shared {
             let region = &self.regions[job.region];
             let stride = job.stride.max(1);
             if stride > 1 && self.span_reads() {
-                self.install_spans(job, &mut span);
+                self.install_spans(job, &mut span, &mut ahead_ctx);
                 continue;
             }
             // Strided pages are claimed one by one; a contiguous range in batches (long ones
@@ -1000,7 +1009,13 @@ impl Shared {
                 if self.stopping() {
                     return;
                 }
-                let count = self.claim_run(region, page, batch.min(end - page));
+                // A page the guest gave back (a discarded page) is not filled again ahead of
+                // time: its next touch installs it.
+                let count = if !fill && region.discarded.get(page) {
+                    0
+                } else {
+                    self.claim_run(region, page, batch.min(end - page))
+                };
                 if count == 0 {
                     page += stride;
                     self.counters
@@ -1023,12 +1038,13 @@ impl Shared {
 }
 
 impl Shared {
-    /// Installs the pages of a strided job from a slow source, reading each span of up to
-    /// [`MAX_SPAN_PAGES`] that holds some of them in one read and installing only the job's
-    /// pages from it (through [`install_given`](Self::install_given): pages the guest has by
-    /// then are left alone). A span that cannot be read is left to the faults, whose path
-    /// reports the error.
-    fn install_spans(&self, job: Job, span: &mut Vec<u8>) {
+    /// Installs the pages of a strided job from a slow source: the job's pages in each span of
+    /// up to [`MAX_SPAN_PAGES`] are claimed (those absent, not in flight and not discarded;
+    /// a toucher that faults on one meanwhile joins the claim instead of reading it again),
+    /// the span is read in one read, and the claimed pages are installed from it, all
+    /// speculatively (`ctx`): a span that cannot be read releases its claims and wakes their
+    /// waiters, whose own faults then read and report.
+    fn install_spans(&self, job: Job, span: &mut Vec<u8>, ctx: &mut InstallContext<'_>) {
         let region = &self.regions[job.region];
         let page_size = region.page_size as usize;
         let per_read = (MAX_SPAN_PAGES / job.stride).max(1);
@@ -1036,29 +1052,33 @@ impl Shared {
         while done < job.count && !self.stopping() {
             let n = per_read.min(job.count - done);
             let first = job.first + done * job.stride;
-            let pages = (first..)
+            let claimed: Vec<usize> = (first..)
                 .step_by(job.stride)
                 .take(n)
-                .filter(|&p| p < region.pages());
-            let wanted: Vec<usize> = pages
-                .filter(|&p| !region.present.get(p) && !region.inflight.get(p))
+                .filter(|&p| p < region.pages() && !region.discarded.get(p))
+                .filter(|&p| self.claim_run(region, p, 1) == 1)
                 .collect();
-            if let (Some(&lo), Some(&hi)) = (wanted.first(), wanted.last()) {
-                let len = (hi - lo + 1) * page_size;
-                span.resize(len, 0);
+            if let (Some(&lo), Some(&hi)) = (claimed.first(), claimed.last()) {
+                span.resize((hi - lo + 1) * page_size, 0);
                 let offset = (lo * page_size) as u64;
                 let average = Some(&self.span_read_ns);
-                match self.timed_fetch(region, offset, span, average, wanted.len()) {
+                match self.timed_fetch(region, offset, span, average, claimed.len()) {
                     Ok(content) => {
                         if content == Content::Zero {
                             span.fill(0);
                         }
-                        for page in wanted {
-                            let at = (page - lo) * page_size;
-                            self.install_given(job.region, page, &span[at..at + page_size]);
+                        for page in claimed {
+                            let at = span[(page - lo) * page_size..].as_ptr() as u64;
+                            self.install_claimed(job.region, page, 1, ctx, Some(at));
                         }
                     }
-                    Err(e) => tracing::debug!("pager: a predicted span could not be read: {e}"),
+                    Err(e) => {
+                        tracing::debug!("pager: a predicted span could not be read: {e}");
+                        for page in claimed {
+                            self.release(region, page, 1);
+                            let _ = self.uffd.wake(region.addr_of(page), region.page_size);
+                        }
+                    }
                 }
             }
             self.counters

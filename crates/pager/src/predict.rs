@@ -85,6 +85,10 @@ impl Predictor {
             }
         };
         stream.used = clock;
+        // The same page again (a toucher woken to fault again): nothing new about its line.
+        if page == stream.last {
+            return None;
+        }
         // On the line: a whole number of strides on from the last fault, and no further than
         // one past what was queued (the pages between were installed ahead, so they did not
         // fault).
@@ -180,6 +184,22 @@ mod tests {
             at = next.first + (next.count - 1) * 43;
         }
         assert_eq!(window, MAX_WINDOW);
+    }
+
+    #[test]
+    fn a_repeated_fault_keeps_the_line() {
+        let mut p = Predictor::default();
+        for page in [0, 5, 10] {
+            p.on_fault(1, 0, page, PAGES);
+        }
+        // The toucher faults on page 10 again (woken after a predicted page failed, say).
+        assert_eq!(p.on_fault(1, 0, 10, PAGES), None);
+        // The line goes on: one past the window (15..=90) queues the next, twice as deep.
+        let next = p.on_fault(1, 0, 95, PAGES).unwrap();
+        assert_eq!(
+            (next.first, next.count, next.stride),
+            (100, 2 * FIRST_WINDOW, 5)
+        );
     }
 
     #[test]

@@ -299,14 +299,13 @@ mod tests {
         for (offset, content) in [(0, Content::Data), (8 * 4096, Content::Zero)] {
             let began = std::time::Instant::now();
             assert_eq!(slow.fetch(offset, &mut buf).unwrap(), content);
+            // A lower bound that the sleep guarantees (not a speed): the delay was applied.
             assert!(
                 began.elapsed() >= delay,
                 "each read waits at least the delay"
             );
-            assert!(
-                buf[..4096].iter().all(|b| *b == 0xaa),
-                "the data page, read once"
-            );
+            // The data page filled the buffer; the zero answer left it alone.
+            assert!(buf[..4096].iter().all(|b| *b == 0xaa));
         }
         std::fs::remove_file(path).unwrap();
     }

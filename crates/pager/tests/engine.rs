@@ -907,3 +907,72 @@ fn a_predicted_page_that_fails_is_left_to_its_own_fault() {
     );
     assert_eq!(pager.shutdown().pages_poisoned, 1);
 }
+
+/// Counts the reads that reach another source.
+struct CountedReads {
+    inner: MemorySource,
+    reads: Arc<AtomicUsize>,
+}
+
+impl PageSource for CountedReads {
+    fn describe(&self) -> String {
+        "counted".into()
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.fetch(offset, buf)
+    }
+}
+
+#[test]
+fn predicted_pages_from_a_slow_source_come_in_one_span_read() {
+    const PAGES: usize = 600;
+    const STRIDE: usize = 3;
+    let Some(mut builder) = builder(PagerConfig::default()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let reads = Arc::new(AtomicUsize::new(0));
+    // A read takes at least 1 ms: slow, whatever the machine.
+    let source = SlowSource {
+        inner: Arc::new(CountedReads {
+            inner: MemorySource::new(pattern(PAGES)),
+            reads: Arc::clone(&reads),
+        }),
+        delay: std::time::Duration::from_millis(1),
+    };
+    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
+    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
+    let pager = builder.start().unwrap();
+    let touch = |page: usize| {
+        assert_eq!(
+            read_u64(shm.page(page) + 16),
+            page as u64 * 0x1_0001 + 7,
+            "page {page}"
+        );
+    };
+    // Three faults, three reads: a line, from a slow source.
+    for page in [0, STRIDE, 2 * STRIDE] {
+        touch(page);
+    }
+    assert_eq!(reads.load(Ordering::SeqCst), 3);
+    // The window (16 pages on the line) comes in one read of the span that holds it.
+    let window: Vec<usize> = (3..19).map(|i| i * STRIDE).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !window.iter().all(|&p| pager.is_present(0, p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the window never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(reads.load(Ordering::SeqCst), 4, "one read for the window");
+    for &page in &window {
+        touch(page);
+    }
+    let stats = pager.shutdown();
+    assert_eq!(stats.faults_other, 3);
+    assert_eq!(stats.pages_poisoned, 0);
+    // Only the window's pages were installed from the span, not the pages between them.
+    assert_eq!(stats.regions[0].pages_present, 3 + 16);
+}

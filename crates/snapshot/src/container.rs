@@ -133,15 +133,14 @@ fn check_header(
             found,
         });
     }
-    let bytes = header;
-    let found_magic = array::<8>(&bytes[..8]);
+    let found_magic = array::<8>(&header[..8]);
     if found_magic != *magic {
         return Err(SnapshotError::BadMagic {
             path: path.into(),
             found: found_magic,
         });
     }
-    let found_version = u32::from_le_bytes(array(&bytes[8..12]));
+    let found_version = u32::from_le_bytes(array(&header[8..12]));
     if found_version != version {
         return Err(SnapshotError::UnsupportedVersion {
             path: path.into(),
@@ -151,7 +150,7 @@ fn check_header(
     }
     // The reserved word (bytes 12..16) is not checked: a later version may use it for
     // something an older reader can ignore.
-    let payload_len = u64::from_le_bytes(array(&bytes[16..24]));
+    let payload_len = u64::from_le_bytes(array(&header[16..24]));
     let expected = HEADER_LEN
         .saturating_add(payload_len)
         .saturating_add(TRAILER_LEN);
@@ -214,6 +213,11 @@ impl<'a> Decoder<'a> {
     }
 
     /// The next `len` bytes, which hold `what`.
+    /// How many bytes of the payload have been taken.
+    pub(crate) fn position(&self) -> usize {
+        self.pos
+    }
+
     pub(crate) fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], SnapshotError> {
         let bytes: &'a [u8] = self.bytes;
         let rest = &bytes[self.pos..];

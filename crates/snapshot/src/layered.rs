@@ -206,8 +206,10 @@ impl ChunkBuffer {
             self.holds = None;
             let chunk = layer.chunk_size();
             let block_start = start / chunk * chunk;
+            // Whole chunks, however the chunk size divides the block.
+            let block = (LOAD_BLOCK / chunk).max(1) * chunk;
             let block_end = (end.div_ceil(chunk) * chunk)
-                .min(block_start + LOAD_BLOCK.max(chunk))
+                .min(block_start + block)
                 .min(layer.size());
             self.buf.clear();
             self.buf.resize((block_end - block_start) as usize, 0);
@@ -365,7 +367,7 @@ impl PageSource for SnapshotMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::write_image;
+    use crate::memory::{write_image_chunked, OLD_CHUNK_SIZE};
     use crate::testutil::{fill_page, spans, spans_mut, TempDir};
     use crate::MEMORY_FILE;
     use std::os::unix::fs::FileExt;
@@ -374,6 +376,10 @@ mod tests {
     const PAGES: u64 = 64;
 
     fn write(dir: &std::path::Path, buf: &[u8], dirty: Option<&[u64]>) {
+        write_chunked(dir, buf, dirty, crate::DEFAULT_CHUNK_SIZE);
+    }
+
+    fn write_chunked(dir: &std::path::Path, buf: &[u8], dirty: Option<&[u64]>, chunk: u64) {
         let held = dirty.map(|dirty| move |page: u64| dirty.contains(&page));
         let held = held.as_ref().map(|f| f as &dyn Fn(u64) -> bool);
         let kind = if dirty.is_some() {
@@ -383,7 +389,7 @@ mod tests {
         };
         // Two spans, cut in the middle.
         let half = buf.len() as u64 / PAGE_SIZE / 2;
-        write_image(dir, &spans(buf, &[half]), kind, held).unwrap();
+        write_image_chunked(dir, &spans(buf, &[half]), kind, held, chunk, &mut |_, _| {}).unwrap();
     }
 
     /// Three generations of a 64-page memory: a full base, then two diff layers.
@@ -393,6 +399,13 @@ mod tests {
     }
 
     fn chain() -> Chain {
+        chain_chunked(crate::DEFAULT_CHUNK_SIZE)
+    }
+
+    /// [`chain`] written with `chunk` bytes to a checksum.
+    fn chain_chunked(chunk: u64) -> Chain {
+        let write =
+            |dir: &std::path::Path, buf: &[u8], dirty| write_chunked(dir, buf, dirty, chunk);
         let dir = TempDir::new("layered");
         let mut memory = vec![0u8; PAGES as usize * PAGE];
         for page in [0, 1, 2, 3, 10, 11, 30, 63] {
@@ -496,6 +509,36 @@ mod tests {
             layered.fetch(60 * PAGE_SIZE, &mut long),
             Err(SourceError::OutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn images_with_larger_chunks_read_the_same() {
+        // What earlier versions wrote: 64 KiB to a checksum.
+        let chain = chain_chunked(OLD_CHUNK_SIZE);
+        let newest = chain.generations.last().unwrap();
+        let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
+        assert!(!layered.pages_checkable());
+        assert_eq!(layered.layers()[0].chunk_size(), OLD_CHUNK_SIZE);
+        let mut restored = vec![0u8; newest.len()];
+        let dest = spans_mut(&mut restored, &[5 * PAGE + 100, 30 * PAGE]);
+        layered.load_into(&dest, &mut |_, _| {}).unwrap();
+        assert!(restored == *newest, "load_into restores the newest state");
+        let mut page = vec![0x55u8; PAGE];
+        for p in 0..PAGES {
+            let content = layered.fetch(p * PAGE_SIZE, &mut page).unwrap();
+            let expected = &newest[p as usize * PAGE..(p as usize + 1) * PAGE];
+            match content {
+                Content::Data => assert_eq!(page, expected, "page {p}"),
+                Content::Zero => assert!(expected.iter().all(|&b| b == 0), "page {p}"),
+            }
+        }
+        let mut long = vec![0u8; 16 * PAGE];
+        assert_eq!(layered.fetch(0, &mut long).unwrap(), Content::Data);
+        assert!(long == newest[..16 * PAGE]);
+        assert!(
+            layered.check_page(3, &newest[3 * PAGE..4 * PAGE]).is_err(),
+            "not alone"
+        );
     }
 
     #[test]

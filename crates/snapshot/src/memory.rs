@@ -32,6 +32,9 @@ pub const PAGE_SIZE: u64 = 4096;
 /// on demand is checked with the bytes of that read alone (4 bytes of checksum per page,
 /// 1 MiB per GiB of guest). Images with larger chunks (64 KiB before) still read.
 pub const DEFAULT_CHUNK_SIZE: u64 = PAGE_SIZE;
+/// The chunk size of images written by earlier versions (tests of those images).
+#[cfg(test)]
+pub(crate) const OLD_CHUNK_SIZE: u64 = 64 * 1024;
 /// The magic of `memory.sums`.
 pub const SUMS_MAGIC: [u8; 8] = *b"FLTMSUMS";
 /// The format version of `memory.sums` this build writes and reads.
@@ -235,6 +238,19 @@ pub fn write_image_with_progress(
     include: Option<&dyn Fn(u64) -> bool>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<WriteSummary, SnapshotError> {
+    write_image_chunked(dir, spans, kind, include, DEFAULT_CHUNK_SIZE, progress)
+}
+
+/// [`write_image_with_progress`] with `chunk_size` bytes to a checksum (a whole number of
+/// pages): what earlier versions wrote with 64 KiB, for the tests of images they left.
+pub(crate) fn write_image_chunked(
+    dir: &Path,
+    spans: &[MemorySpan],
+    kind: LayerKind,
+    include: Option<&dyn Fn(u64) -> bool>,
+    chunk_size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<WriteSummary, SnapshotError> {
     let image_path = dir.join(MEMORY_FILE);
     let mut size = 0u64;
     for (i, span) in spans.iter().enumerate() {
@@ -252,7 +268,7 @@ pub fn write_image_with_progress(
 
     let tmp = container::tmp_path(&image_path);
     let mut progress = Progress::new(size, progress);
-    let written = match write_data(&tmp, spans, size, kind, include, &mut progress) {
+    let written = match write_data(&tmp, spans, size, kind, include, chunk_size, &mut progress) {
         Ok(written) => written,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
@@ -262,7 +278,13 @@ pub fn write_image_with_progress(
     std::fs::rename(&tmp, &image_path).map_err(SnapshotError::io(&image_path))?;
     container::sync_dir(dir)?;
 
-    let payload = encode_sums(size, kind, &written.sums, written.bitmap.as_deref());
+    let payload = encode_sums(
+        size,
+        kind,
+        chunk_size,
+        &written.sums,
+        written.bitmap.as_deref(),
+    );
     container::write(&dir.join(SUMS_FILE), &SUMS_MAGIC, SUMS_VERSION, &payload)?;
     tracing::debug!(
         "snapshot: wrote {} ({kind:?}): {:?}",
@@ -289,6 +311,7 @@ fn write_data(
     size: u64,
     kind: LayerKind,
     include: Option<&dyn Fn(u64) -> bool>,
+    chunk_size: u64,
     progress: &mut Progress<'_>,
 ) -> Result<Written, SnapshotError> {
     let file = File::create(tmp).map_err(SnapshotError::io(tmp))?;
@@ -297,7 +320,7 @@ fn write_data(
     let page_len = PAGE_SIZE as usize;
     let mut bitmap =
         (kind == LayerKind::Diff).then(|| vec![0u64; (size / PAGE_SIZE).div_ceil(64) as usize]);
-    let mut sums = ChunkSums::new(DEFAULT_CHUNK_SIZE, size);
+    let mut sums = ChunkSums::new(chunk_size, size);
     let mut summary = WriteSummary::default();
     let mut page_index = 0u64;
     let mut span_base = 0u64;
@@ -473,11 +496,17 @@ impl ChunkSums {
 }
 
 /// The `memory.sums` payload.
-fn encode_sums(size: u64, kind: LayerKind, sums: &[u32], bitmap: Option<&[u64]>) -> Vec<u8> {
+fn encode_sums(
+    size: u64,
+    kind: LayerKind,
+    chunk_size: u64,
+    sums: &[u32],
+    bitmap: Option<&[u64]>,
+) -> Vec<u8> {
     let bitmap = bitmap.unwrap_or_default();
     let mut out: Vec<u8> = Vec::with_capacity(40 + 4 * sums.len() + 8 * bitmap.len());
     out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
-    out.extend_from_slice(&(DEFAULT_CHUNK_SIZE as u32).to_le_bytes());
+    out.extend_from_slice(&(chunk_size as u32).to_le_bytes());
     out.extend_from_slice(&size.to_le_bytes());
     out.push(match kind {
         LayerKind::Full => 0,
@@ -562,8 +591,8 @@ fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
             "{count} chunk checksums for {size} bytes in {chunk_size}-byte chunks, not {expected}"
         )));
     }
-    let table = d.take_array(count, 4, "the chunk checksums")?;
-    let start = table.as_ptr() as usize - payload.as_ptr() as usize;
+    let start = d.position();
+    d.take_array(count, 4, "the chunk checksums")?;
     let bitmap = match kind {
         LayerKind::Full => Vec::new(),
         LayerKind::Diff => {

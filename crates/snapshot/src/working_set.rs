@@ -276,9 +276,12 @@ impl WorkingSetStream {
     ) -> Result<(), SnapshotError> {
         use std::os::unix::fs::FileExt;
         let page_len = PAGE_SIZE as usize;
-        let pages = self.pages.get(i..i + count).ok_or_else(|| {
-            SnapshotError::malformed(&self.path, format!("no entries {i}..{}", i + count))
-        })?;
+        let pages = i
+            .checked_add(count)
+            .and_then(|end| self.pages.get(i..end))
+            .ok_or_else(|| {
+                SnapshotError::malformed(&self.path, format!("no {count} entries from {i}"))
+            })?;
         buf.resize(count * page_len, 0);
         self.file
             .read_exact_at(buf, self.contents_at + (i * page_len) as u64)
@@ -480,6 +483,27 @@ mod tests {
             Err(SnapshotError::ChunkChecksum { chunk: 2, .. })
         ));
         stream.read(2, 1, &mut buf, &memory).unwrap();
+
+        // A snapshot whose checksums cover 64 KiB cannot check a page alone: no stream (its
+        // set is read whole).
+        let old = TempDir::new("working-set-stream-64k");
+        let buf = vec![7u8; 32 * PAGE];
+        crate::memory::write_image_chunked(
+            old.path(),
+            &spans(&buf, &[]),
+            LayerKind::Full,
+            None,
+            crate::memory::OLD_CHUNK_SIZE,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let old_memory = SnapshotMemory::open(&[old.path().to_path_buf()]).unwrap();
+        write(old.path(), &[1, 2], &old_memory).unwrap();
+        assert!(matches!(
+            WorkingSetStream::open(old.path(), &old_memory),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        assert_eq!(WorkingSet::read(old.path(), 32).unwrap().pages, [1, 2]);
 
         // Indices are checked when the stream opens; a file of the wrong length is refused.
         write_raw(dir.path(), &[4, 5, 6, 5]);

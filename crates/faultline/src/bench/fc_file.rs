@@ -50,7 +50,10 @@ pub fn drop_cache(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// A VM built from the full snapshot in `dir`, its RAM mapped privately from `image` (the
-/// snapshot's `memory.img`, or the same bytes served from elsewhere).
+/// snapshot's `memory.img`, or the same bytes served from elsewhere), for the benchmark to run
+/// and drop. Its RAM regions' memfds no longer back its memory, so it must never be
+/// snapshotted (nothing serves an API for it); and `image` must stay whole, and its server
+/// up, until it is dropped (a private file mapping whose file shrinks or fails is a SIGBUS).
 pub fn restore_mapped(dir: &Path, image: &Path) -> anyhow::Result<Vm> {
     let state = state::read(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     if state.parent.is_some() {
@@ -74,7 +77,9 @@ pub fn restore_mapped(dir: &Path, image: &Path) -> anyhow::Result<Vm> {
         // SAFETY: MAP_FIXED replaces exactly the region's own mapping, which `ram` owns and
         // nothing uses yet (no VM exists); the replacement has the same size and protection,
         // and `ram` unmaps the range when it goes, as it would its own mapping. The file is
-        // mapped privately: guest writes never reach it.
+        // mapped privately: guest writes never reach it. Host code reads guest RAM with system
+        // calls (`GuestRam::read_u64`), so a file that failed would be an error there; the
+        // bench keeps the file and its server alive until the VM is dropped (see above).
         let addr = unsafe {
             libc::mmap(
                 region.host_addr() as *mut libc::c_void,

@@ -32,10 +32,11 @@ const MAX_MINOR: u32 = 31;
 const FUSE_ASYNC_READ: u32 = 1 << 0;
 /// The largest WRITE the kernel may send (none come: the mount is read-only).
 const MAX_WRITE: u32 = 128 * 1024;
-/// The largest READ answered: the kernel asks for at most 256 pages at once.
+/// The largest READ answered (the kernel asks for at most `max_pages` pages at once, 32 by
+/// default, and never more than 256).
 const MAX_READ: u32 = 1 << 20;
 /// Each request is read into a buffer this large: the kernel requires room for a WRITE of
-/// `MAX_WRITE` bytes and its headers.
+/// `MAX_WRITE` bytes and its headers (this is more than enough).
 const REQUEST_BUF_LEN: usize = (1 << 20) + 4096;
 /// `struct fuse_in_header`: len u32, opcode u32, unique u64, nodeid u64, uid u32, gid u32,
 /// pid u32, total_extlen u16, padding u16.
