@@ -316,6 +316,20 @@ impl PageSource for FailingSource {
 /// What `on_fatal` reported, if anything.
 type Reported = Arc<Mutex<Option<String>>>;
 
+/// The message `on_fatal` reported, which must name the test source's refusal.
+fn refusal_reported(reported: &Reported) -> String {
+    let message = reported
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("on_fatal was called");
+    assert!(
+        message.contains("test source refuses this page"),
+        "{message}"
+    );
+    message
+}
+
 fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Reported)> {
     const PAGES: usize = 8;
     let mut builder = builder(PagerConfig {
@@ -360,15 +374,7 @@ fn a_failing_source_under_stop_reports_fatally() {
         return;
     };
     assert_eq!(kernel_read(shm.page(2)), Err(libc::EFAULT));
-    let message = reported
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("on_fatal was called");
-    assert!(
-        message.contains("test source refuses this page"),
-        "{message}"
-    );
+    let message = refusal_reported(&reported);
     assert_eq!(pager.fatal_error(), Some(message));
 }
 
@@ -896,15 +902,7 @@ fn a_predicted_page_that_fails_is_left_to_its_own_fault() {
 
     // Touched, it fails the way the policy says.
     assert_eq!(kernel_read(shm.page(BAD)), Err(libc::EFAULT));
-    let message = reported
-        .lock()
-        .unwrap()
-        .clone()
-        .expect("on_fatal was called");
-    assert!(
-        message.contains("test source refuses this page"),
-        "{message}"
-    );
+    refusal_reported(&reported);
     assert_eq!(pager.shutdown().pages_poisoned, 1);
 }
 

@@ -106,14 +106,7 @@ impl WorkingSet {
         let bytes = std::fs::read(&path).map_err(SnapshotError::io(&path))?;
         let payload = container::check(&path, &bytes, &WORKING_SET_MAGIC, WORKING_SET_VERSION)?;
         let mut d = Decoder::new(&path, &bytes[payload.clone()]);
-        let page_size = u64::from(d.u32("the page size")?);
-        if page_size != PAGE_SIZE {
-            return Err(d.malformed(format!(
-                "the page size is {page_size}; only {PAGE_SIZE} is supported"
-            )));
-        }
-        d.u32("the reserved word")?;
-        let count = d.u64("the page count")?;
+        let count = decode_head(&mut d)?;
         let indices = d.take_array(count, 8, "the page indices")?;
         let contents = d
             .take_array(count, PAGE_SIZE as usize, "the page contents")?
@@ -231,14 +224,7 @@ impl WorkingSetStream {
         }
         read(0, &mut head)?;
         let mut d = Decoder::new(&path, &head);
-        let page_size = u64::from(d.u32("the page size")?);
-        if page_size != PAGE_SIZE {
-            return Err(d.malformed(format!(
-                "the page size is {page_size}; only {PAGE_SIZE} is supported"
-            )));
-        }
-        d.u32("the reserved word")?;
-        let count = d.u64("the page count")?;
+        let count = decode_head(&mut d)?;
         let expected = count
             .checked_mul(8 + PAGE_SIZE)
             .and_then(|n| n.checked_add(16))
@@ -291,6 +277,19 @@ impl WorkingSetStream {
         }
         Ok(())
     }
+}
+
+/// The payload's head: the page size (which must be [`PAGE_SIZE`]), the reserved word, and
+/// the page count, which it returns.
+fn decode_head(d: &mut Decoder<'_>) -> Result<u64, SnapshotError> {
+    let page_size = u64::from(d.u32("the page size")?);
+    if page_size != PAGE_SIZE {
+        return Err(d.malformed(format!(
+            "the page size is {page_size}; only {PAGE_SIZE} is supported"
+        )));
+    }
+    d.u32("the reserved word")?;
+    d.u64("the page count")
 }
 
 /// The page indices of `path` (little-endian u64s), each checked to be below `memory_pages`
