@@ -733,6 +733,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             let dir = dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("faultline-bench-restore-{}", std::process::id()))
             });
+            bench::interrupt::install().context("cannot take over Ctrl-C for the benchmark")?;
             let options = bench::restore::RestoreBenchOptions {
                 mems: mem,
                 workload_mem,

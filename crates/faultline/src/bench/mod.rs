@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod faults;
 pub mod fc_file;
+pub mod interrupt;
 pub mod restore;
 pub mod slowfs;
 

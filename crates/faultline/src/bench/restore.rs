@@ -19,8 +19,8 @@ use serde::Serialize;
 use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 
-use super::fc_file;
 use super::slowfs::SlowFs;
+use super::{fc_file, interrupt};
 use super::{median_ms, ratio};
 use crate::micro::{GuestRun, MicroOptions, MicroReport, MicroVm};
 use crate::restore::{restore, RestoreMode, RestoreOptions, RestoreTimings};
@@ -379,6 +379,7 @@ impl Workload<'_> {
     ) -> anyhow::Result<Vec<Sample>> {
         let mut samples = Vec::new();
         for i in 0..self.runs {
+            interrupt::check()?;
             progress(&format!(
                 "restore: workload, {}, {source:?}, run {}/{}",
                 contender.name(),
@@ -417,6 +418,30 @@ impl Workload<'_> {
     }
 }
 
+/// The benchmark's snapshot directories are named this, then the RAM size.
+const SNAPSHOT_PREFIX: &str = "scatter-";
+
+/// Removes the benchmark's snapshot directories from its directory, and the directory itself
+/// if that leaves it empty (it may be the user's own).
+struct Cleanup<'a>(&'a Path);
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(self.0) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(SNAPSHOT_PREFIX)
+                {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(self.0);
+    }
+}
+
 /// Threads serving the peer's slow file system: a few reads in flight, as a remote store
 /// would allow.
 const SLOWFS_THREADS: usize = 4;
@@ -432,12 +457,14 @@ pub fn run(
     let ws_pages = options.working_set / vmm::PAGE_SIZE;
     std::fs::create_dir_all(&options.dir)
         .with_context(|| format!("cannot create {}", options.dir.display()))?;
+    // Whatever ends the benchmark (an error, an interruption), its snapshots go.
+    let _cleanup = Cleanup(&options.dir);
     let default = RestoreMode::default();
     let mut restore_rows = Vec::new();
     let mut lazy_to_running = Vec::new();
     let mut workload = None;
     for &mem in &options.mems {
-        let dir = options.dir.join(format!("scatter-{}m", mem >> 20));
+        let dir = options.dir.join(format!("{SNAPSHOT_PREFIX}{}m", mem >> 20));
         progress(&format!("restore: snapshot of {} MiB", mem >> 20));
         let expected = make_snapshot(&dir, mem, ws_pages)?;
         progress(&format!(
@@ -448,6 +475,7 @@ pub fn run(
         for mode in RestoreMode::ALL {
             let mut samples = Vec::new();
             for i in 0..options.runs {
+                interrupt::check()?;
                 progress(&format!(
                     "restore: {} MiB, {mode:?}, run {}/{}",
                     mem >> 20,
@@ -535,8 +563,8 @@ pub fn run(
         }
         std::fs::remove_dir_all(&dir)
             .with_context(|| format!("cannot remove {}", dir.display()))?;
+        interrupt::check()?;
     }
-    let _ = std::fs::remove_dir(&options.dir);
     let (workload, mut ratios) = workload.context("the workload RAM size was not measured")?;
     ratios.lazy_largest_over_smallest = ratio(
         lazy_to_running.last().copied().unwrap_or(f64::NAN),

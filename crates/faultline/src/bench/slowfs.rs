@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -72,6 +72,18 @@ mod opcode {
     pub const INTERRUPT: u32 = 36;
     pub const DESTROY: u32 = 38;
     pub const BATCH_FORGET: u32 = 42;
+}
+
+/// The mountpoints of the file systems mounted and not dropped yet, for [`detach_all`].
+static MOUNTED: Mutex<Vec<CString>> = Mutex::new(Vec::new());
+
+/// Detaches every file system still mounted (each goes once nothing uses it any more): for a
+/// process about to end without dropping them, which would leave them mounted with no server.
+pub fn detach_all() {
+    for target in MOUNTED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // SAFETY: `target` is a NUL-terminated string that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 /// A mounted read-only FUSE file system with one regular file.
@@ -150,6 +162,10 @@ impl SlowFs {
                 )
             });
         }
+        MOUNTED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(target.clone());
         // From here on, dropping `fs` unmounts, whatever fails.
         let mut fs = SlowFs {
             mountpoint: mountpoint.to_path_buf(),
@@ -192,6 +208,10 @@ impl SlowFs {
 
 impl Drop for SlowFs {
     fn drop(&mut self) {
+        MOUNTED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|target| *target != self.target);
         // SAFETY: `target` is a NUL-terminated string that outlives the call.
         if unsafe { libc::umount2(self.target.as_ptr(), libc::MNT_DETACH) } != 0 {
             tracing::warn!(
