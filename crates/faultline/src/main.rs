@@ -129,6 +129,10 @@ struct RunArgs {
     /// Limit the micro-guest's work range to its first N pages.
     #[arg(long, value_name = "N", conflicts_with = "kernel")]
     range_pages: Option<u64>,
+    /// Start the VM paused, before its first instruction, so that anything can be set up
+    /// through the API first; `faultline vm resume` starts it.
+    #[arg(long, requires = "api_sock", conflicts_with = "kernel")]
+    paused: bool,
     /// For tests: a micro-guest vCPU that reaches hold point N (for `mix`, the end of pass N)
     /// waits there until the VM is stopped, so that a snapshot catches the guest at an exact
     /// point of its run whatever the speed of the CPU.
@@ -170,6 +174,10 @@ struct RestoreArgs {
     /// constant stride (prediction is on by default).
     #[arg(long)]
     no_predict: bool,
+    /// Start the restored VM paused, before its first instruction, so that anything can be
+    /// set up through the API first; `faultline vm resume` starts it.
+    #[arg(long, requires = "api_sock")]
+    paused: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -414,6 +422,9 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.paused {
+        start_paused(vm.vm.control(), args.api_sock.as_deref(), args.json);
+    }
     let report = vm.run()?;
     print_micro_report(&report, args.json)?;
     if shut_down_by_api(api.as_ref()) {
@@ -434,6 +445,21 @@ fn start_api(
         println!("faultline: API on {}", path.display());
     }
     Ok((server, controller))
+}
+
+/// Makes the run about to start begin paused, and says how to resume it.
+fn start_paused(
+    control: std::sync::Arc<vmm::control::RunControl>,
+    api_sock: Option<&std::path::Path>,
+    json: bool,
+) {
+    control.set_start_paused(true);
+    if !json {
+        let sock = api_sock.map_or_else(String::new, |p| p.display().to_string());
+        println!(
+            "faultline: the VM is paused before its first instruction: `faultline vm resume --api-sock {sock}` starts it"
+        );
+    }
 }
 
 /// Whether the run ended because an API client asked for a shutdown (then an unfinished
@@ -555,6 +581,9 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.paused {
+        start_paused(restored.vm.control(), args.api_sock.as_deref(), args.json);
+    }
     let result = match restored.guest_run() {
         Some(run) => {
             let report = run.run(&mut restored.vm, restored.pager.as_ref())?;

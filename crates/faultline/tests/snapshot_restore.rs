@@ -63,6 +63,11 @@ fn api(
 
 /// Waits until the VM behind `sock` reports `running`.
 fn wait_running(sock: &Path, child: &mut Child) {
+    wait_state(sock, child, "running");
+}
+
+/// Waits until the VM behind `sock` reports `state`.
+fn wait_state(sock: &Path, child: &mut Child, state: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -77,12 +82,12 @@ fn wait_running(sock: &Path, child: &mut Child) {
         }
         if sock.exists() {
             if let Ok((200, Some(info))) = http::call(sock, "GET", "/vm", None, None) {
-                if info["state"] == "running" {
+                if info["state"] == state {
                     return;
                 }
             }
         }
-        assert!(Instant::now() < deadline, "the VM never ran");
+        assert!(Instant::now() < deadline, "the VM never reached {state}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -268,6 +273,61 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[test]
+fn a_vm_started_paused_runs_nothing_until_resumed() {
+    require_kvm!();
+    let tmp = TempDir::new("paused");
+    let sock = tmp.join("api.sock");
+    let snap = tmp.join("snap");
+    let mut child = spawn_run(&sock, &["--arg", &PASSES.to_string(), "--paused"]);
+    wait_state(&sock, &mut child, "paused");
+    // A snapshot now holds the guest before its first instruction: no pass done.
+    snapshot_via_cli(&sock, &snap, false);
+    let saved = state::read(&snap).unwrap();
+    assert_eq!(saved.machine.vcpus[0].regs.r13, 0, "passes done");
+    let (status, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(
+        (status, info["state"].as_str()),
+        (200, Some("paused")),
+        "{info}"
+    );
+    let (status, body) = api(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(status, 204, "{body}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let expected = serde_json::json!([
+        PASSES,
+        guests::mix_checksum(
+            report(&out)["range_start"].as_u64().unwrap(),
+            RANGE_PAGES,
+            PASSES
+        )
+    ]);
+    assert_eq!(report(&out)["vcpus"][0]["reports"], expected);
+    // The snapshot, restored (paused again, then resumed), runs the whole guest.
+    let restored_sock = tmp.join("restored.sock");
+    let mut restored = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args([
+            "restore",
+            "--snapshot",
+            snap.to_str().unwrap(),
+            "--json",
+            "--paused",
+        ])
+        .arg("--api-sock")
+        .arg(&restored_sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_state(&restored_sock, &mut restored, "paused");
+    let (status, body) = api(&restored_sock, "PUT", "/vm/resume", None);
+    assert_eq!(status, 204, "{body}");
+    let out = restored.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(report(&out)["vcpus"][0]["reports"], expected);
 }
 
 #[test]

@@ -98,6 +98,8 @@ impl Threads {
 pub struct RunControl {
     stop: AtomicBool,
     pause: AtomicBool,
+    /// The next run starts paused (see [`RunControl::set_start_paused`]).
+    start_paused: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     threads: Mutex<Threads>,
     changed: Condvar,
@@ -112,6 +114,7 @@ impl Default for RunControl {
         RunControl {
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
+            start_paused: AtomicBool::new(false),
             reason: Mutex::new(None),
             threads: Mutex::new(Threads::default()),
             changed: Condvar::new(),
@@ -158,14 +161,23 @@ impl RunControl {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.stop.store(false, Ordering::SeqCst);
-        self.pause.store(false, Ordering::SeqCst);
+        let paused = self.start_paused.swap(false, Ordering::SeqCst);
+        self.pause.store(paused, Ordering::SeqCst);
         let mut threads = self.threads();
         threads.vcpus = vcpus;
         threads.finished.clear();
         threads.parked.clear();
         threads.held.clear();
-        threads.paused = false;
+        threads.paused = paused;
         threads.last_exit = None;
+    }
+
+    /// Makes the next run start paused: each vCPU parks, with its state saved, before its
+    /// first instruction, and the VM is paused (as [`pause`](Self::pause) leaves it) until
+    /// [`resume`](Self::resume). Whatever must be in place before the guest runs can be set up
+    /// meanwhile.
+    pub fn set_start_paused(&self, paused: bool) {
+        self.start_paused.store(paused, Ordering::SeqCst);
     }
 
     /// Makes micro-guest vCPUs that reach hold point `point` (a write of `point` to the HOLD
@@ -354,13 +366,31 @@ impl RunControl {
         states
     }
 
-    /// The states the parked vCPUs saved, while the VM is paused.
-    pub fn paused_states(&self) -> Result<Vec<VcpuState>, PauseError> {
-        let threads = self.threads();
-        if !threads.paused {
-            return Err(PauseError::NotPaused);
+    /// The states the parked vCPUs saved, while the VM is paused. A VM that started paused
+    /// may have vCPUs on their way to park: they are waited for (up to the pause timeout).
+    pub fn paused_states(&self, timeout: Duration) -> Result<Vec<VcpuState>, PauseError> {
+        let deadline = Instant::now() + timeout;
+        let mut threads = self.threads();
+        loop {
+            if !threads.paused {
+                return Err(PauseError::NotPaused);
+            }
+            if threads.all_stopped() {
+                return threads.saved_states();
+            }
+            if self.should_stop() {
+                return Err(PauseError::Stopped);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PauseError::Timeout(timeout));
+            }
+            threads = self
+                .changed
+                .wait_timeout(threads, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        threads.saved_states()
     }
 
     /// Lets parked vCPUs run again.

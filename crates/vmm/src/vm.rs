@@ -222,7 +222,7 @@ impl VmHandle {
 
     /// The whole machine state of a paused VM.
     pub fn paused_state(&self) -> Result<MachineState, VmError> {
-        let vcpus = self.control.paused_states()?;
+        let vcpus = self.control.paused_states(PAUSE_TIMEOUT)?;
         Ok(MachineState {
             vcpus,
             vm: self.vm_state()?,
