@@ -626,8 +626,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("faultline-slowfs-{}", std::process::id()));
         let mountpoint = dir.join("mnt");
         std::fs::create_dir_all(&mountpoint).unwrap();
-        // 16 pages and a bit: the file ends inside a page, so the last READ is short.
-        let bytes: Vec<u8> = (0..16 * PAGE + 100)
+        // 64 pages and a bit: more than one read-ahead window (32 pages), so READs come at
+        // several offsets, and the file ends inside a page, so the last READ is short.
+        let bytes: Vec<u8> = (0..64 * PAGE + 100)
             .map(|i| (i % 251 + i / PAGE) as u8)
             .collect();
         let backing_path = dir.join("backing");
