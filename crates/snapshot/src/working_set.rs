@@ -252,7 +252,8 @@ impl WorkingSetStream {
     }
 
     /// Reads the contents of entries `i..i + count` into `buf` (resized to them) with one
-    /// read, and checks each page against `memory`'s checksum of it.
+    /// read, and checks each page against `memory`'s checksum of it: a page that does not
+    /// match is a [`SnapshotError::Malformed`] naming the working-set file and the entry.
     pub fn read(
         &self,
         i: usize,
@@ -272,8 +273,19 @@ impl WorkingSetStream {
         self.file
             .read_exact_at(buf, self.contents_at + (i * page_len) as u64)
             .map_err(SnapshotError::io(&self.path))?;
-        for (&page, bytes) in pages.iter().zip(buf.chunks(page_len)) {
-            memory.check_page(page, bytes)?;
+        for (k, (&page, bytes)) in pages.iter().zip(buf.chunks(page_len)).enumerate() {
+            memory.check_page(page, bytes).map_err(|e| match e {
+                // The snapshot's checksum is the reference: the set's copy is what is wrong.
+                SnapshotError::ChunkChecksum { .. } => SnapshotError::malformed(
+                    &self.path,
+                    format!(
+                        "entry {} holds other bytes than page {page} of the snapshot (its \
+                         checksum does not match)",
+                        i + k
+                    ),
+                ),
+                other => other,
+            })?;
         }
         Ok(())
     }
@@ -477,10 +489,19 @@ mod tests {
         let stream = WorkingSetStream::open(dir.path(), &memory).unwrap();
         let mut buf = Vec::new();
         stream.read(0, 1, &mut buf, &memory).unwrap();
-        assert!(matches!(
-            stream.read(0, 3, &mut buf, &memory),
-            Err(SnapshotError::ChunkChecksum { chunk: 2, .. })
-        ));
+        match stream.read(0, 3, &mut buf, &memory) {
+            Err(SnapshotError::Malformed {
+                path: named,
+                reason,
+            }) => {
+                assert_eq!(named, path, "the working set is named, not the image");
+                assert!(
+                    reason.starts_with("entry 1 holds other bytes than page 2"),
+                    "{reason}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         stream.read(2, 1, &mut buf, &memory).unwrap();
 
         // A snapshot whose checksums cover 64 KiB cannot check a page alone: no stream (its
