@@ -52,7 +52,7 @@ const MAX_SPAN_PAGES: usize = 512;
 pub(crate) type FatalCallback = Box<dyn Fn(&str) + Send + Sync>;
 
 /// A job for the background worker: `count` pages of `region` from `first`, `stride` apart
-/// (1: a contiguous range).
+/// (1: a contiguous range; never 0).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Job {
     pub region: usize,
@@ -148,9 +148,9 @@ enum Role<'q> {
 }
 
 /// What an install needs besides the pages: who installs, for which queue, and a buffer.
+/// Installs by a fault thread count as urgent, all others as background.
 pub(crate) struct InstallContext<'q> {
     role: Role<'q>,
-    background: bool,
     /// Installs ahead of a toucher that nobody asked for yet: a page that cannot be had is
     /// left to its toucher's own fault (see [`Shared::install_claimed`]).
     speculative: bool,
@@ -159,10 +159,9 @@ pub(crate) struct InstallContext<'q> {
 
 impl InstallContext<'static> {
     /// For a thread that is not a fault thread (background worker, working-set installer).
-    pub(crate) fn other(background: bool) -> Self {
+    pub(crate) fn other() -> Self {
         InstallContext {
             role: Role::Other,
-            background,
             speculative: false,
             buf: Vec::new(),
         }
@@ -172,7 +171,7 @@ impl InstallContext<'static> {
     fn ahead() -> Self {
         InstallContext {
             speculative: true,
-            ..Self::other(true)
+            ..Self::other()
         }
     }
 }
@@ -262,6 +261,24 @@ impl Shared {
         }
     }
 
+    /// Gives up a speculative claim on `count` pages from `first`, of which those from `from`
+    /// were not installed: the claim is released, then the threads waiting on those pages are
+    /// woken, to fault again and have their own install settle them.
+    fn abandon(&self, region: &Region, first: usize, count: usize, from: usize) {
+        self.release(region, first, count);
+        let len = (first + count - from) as u64 * region.page_size;
+        let _ = self.uffd.wake(region.addr_of(from), len);
+    }
+
+    /// Claims `page` for an install ahead of its toucher, unless the guest discarded it (its
+    /// next touch installs it) or it is present or in flight: up to `max` pages from it.
+    fn claim_ahead(&self, region: &Region, page: usize, max: usize) -> usize {
+        if region.discarded.get(page) {
+            return 0;
+        }
+        self.claim_run(region, page, max)
+    }
+
     /// The single install path for `count` claimed pages of region `index` from `first`:
     /// fetch (unless `given` holds the bytes), install, and poison whatever could not be
     /// installed, exactly those pages. Every page ends present or poisoned, with its waiters
@@ -290,14 +307,12 @@ impl Shared {
                     "pager: pages {from}..{} of region {index} were not installed ahead: {error}",
                     first + count
                 );
-                self.release(region, first, count);
-                let len = (first + count - from) as u64 * region.page_size;
-                let _ = self.uffd.wake(region.addr_of(from), len);
+                self.abandon(region, first, count, from);
                 return installed;
             }
             // A multi-page fetch that failed: one bad page must not take its neighbours down,
             // so each page is tried on its own and only those that fail are poisoned.
-            Some(InstallError::Source(_)) if filled.done == 0 && count > 1 && given.is_none() => {
+            Some(InstallError::Source(_)) if filled.done == 0 && count > 1 => {
                 for page in first..first + count {
                     let single = self.fill(region, page, 1, ctx, None);
                     installed += single.installed;
@@ -478,18 +493,19 @@ impl Shared {
         average: Option<&AtomicU64>,
         wanted: usize,
     ) -> Result<Content, SourceError> {
+        let Some(average) = average else {
+            return region.source.fetch(offset, buf);
+        };
         let began = Instant::now();
         let result = region.source.fetch(offset, buf);
-        if let Some(average) = average {
-            let took = began.elapsed().as_nanos() as u64 / wanted.max(1) as u64;
-            let before = average.load(Ordering::Relaxed);
-            let after = if before == 0 {
-                took
-            } else {
-                before - before / 8 + took / 8
-            };
-            average.store(after, Ordering::Relaxed);
-        }
+        let took = began.elapsed().as_nanos() as u64 / wanted as u64;
+        let before = average.load(Ordering::Relaxed);
+        let after = if before == 0 {
+            took
+        } else {
+            before - before / 8 + took / 8
+        };
+        average.store(after, Ordering::Relaxed);
         result
     }
 
@@ -520,10 +536,9 @@ impl Shared {
         for p in page..page + run {
             region.present.set(p);
         }
-        let counter = if ctx.background {
-            &self.counters.pages_installed_background
-        } else {
-            &self.counters.pages_installed_urgent
+        let counter = match ctx.role {
+            Role::FaultThread(_) => &self.counters.pages_installed_urgent,
+            Role::Other => &self.counters.pages_installed_background,
         };
         Counters::add(counter, run as u64);
         if zero {
@@ -660,7 +675,7 @@ impl Shared {
         let region = &self.regions[index];
         let page_size = region.page_size as usize;
         let end = (first + data.len() / page_size).min(region.pages());
-        let mut ctx = InstallContext::other(true);
+        let mut ctx = InstallContext::other();
         let mut installed = 0;
         let mut page = first;
         while page < end && !self.stopping() {
@@ -709,7 +724,6 @@ impl Shared {
         }
         let mut ctx = InstallContext {
             role: Role::FaultThread(queue),
-            background: false,
             speculative: false,
             buf: std::mem::take(buf),
         };
@@ -969,21 +983,22 @@ impl Shared {
     /// The background worker: installs queued jobs in batches, yielding to urgent faults;
     /// fill keeps to the configured rate.
     pub fn background_loop(&self) {
-        let mut fill_ctx = InstallContext::other(true);
+        let mut fill_ctx = InstallContext::other();
         let mut ahead_ctx = InstallContext::ahead();
         let started = Instant::now();
         let mut bytes_done: u64 = 0;
         let mut span = Vec::new();
         while let Some((job, fill)) = self.next_job() {
             let region = &self.regions[job.region];
-            let stride = job.stride.max(1);
-            if stride > 1 && self.span_reads() {
+            let stride = job.stride;
+            let spans = self.span_reads();
+            if stride > 1 && spans {
                 self.install_spans(job, &mut span, &mut ahead_ctx);
                 continue;
             }
             // Strided pages are claimed one by one; a contiguous range in batches (long ones
             // from a slow source).
-            let batch = match (stride, self.span_reads()) {
+            let batch = match (stride, spans) {
                 (1, false) => self.config.background_batch_pages.max(1),
                 (1, true) => MAX_SPAN_PAGES.max(self.config.background_batch_pages),
                 _ => 1,
@@ -1009,12 +1024,10 @@ impl Shared {
                 if self.stopping() {
                     return;
                 }
-                // A page the guest gave back (a discarded page) is not filled again ahead of
-                // time: its next touch installs it.
-                let count = if !fill && region.discarded.get(page) {
-                    0
-                } else {
+                let count = if fill {
                     self.claim_run(region, page, batch.min(end - page))
+                } else {
+                    self.claim_ahead(region, page, batch.min(end - page))
                 };
                 if count == 0 {
                     page += stride;
@@ -1055,8 +1068,7 @@ impl Shared {
             let claimed: Vec<usize> = (first..)
                 .step_by(job.stride)
                 .take(n)
-                .filter(|&p| p < region.pages() && !region.discarded.get(p))
-                .filter(|&p| self.claim_run(region, p, 1) == 1)
+                .filter(|&p| p < region.pages() && self.claim_ahead(region, p, 1) == 1)
                 .collect();
             if let (Some(&lo), Some(&hi)) = (claimed.first(), claimed.last()) {
                 span.resize((hi - lo + 1) * page_size, 0);
@@ -1075,8 +1087,7 @@ impl Shared {
                     Err(e) => {
                         tracing::debug!("pager: a predicted span could not be read: {e}");
                         for page in claimed {
-                            self.release(region, page, 1);
-                            let _ = self.uffd.wake(region.addr_of(page), region.page_size);
+                            self.abandon(region, page, 1, page);
                         }
                     }
                 }
