@@ -117,19 +117,22 @@ fn kernel_read(addr: u64) -> Result<u64, i32> {
     Ok(u64::from_le_bytes(buf))
 }
 
+/// Registers all of `shm` with `builder`, served from `source`.
+fn serve(builder: &mut PagerBuilder, shm: &Shm, source: Arc<dyn PageSource>) {
+    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into, mapped
+    // until `shm` drops, after the pager.
+    unsafe { builder.region(shm.addr, shm.len as u64, source) }.unwrap();
+}
+
 /// A started pager serving `pages` pages of a fresh shared mapping from [`pattern`].
 fn pattern_pager(pages: usize, config: PagerConfig) -> Option<(Pager, Shm)> {
     let mut builder = builder(config)?;
     let shm = Shm::new(pages);
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(MemorySource::new(pattern(pages))),
-        )
-    }
-    .unwrap();
+    serve(
+        &mut builder,
+        &shm,
+        Arc::new(MemorySource::new(pattern(pages))),
+    );
     Some((builder.start().unwrap(), shm))
 }
 
@@ -218,15 +221,11 @@ fn held_background_fetch(
         gate: Arc::new(Barrier::new(2)),
         fetches: Mutex::new(Vec::new()),
     });
-    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::clone(&source) as Arc<dyn PageSource>,
-        )
-    }
-    .unwrap();
+    serve(
+        &mut builder,
+        &shm,
+        Arc::clone(&source) as Arc<dyn PageSource>,
+    );
     let pager = builder.start().unwrap();
     pager.prefetch(0, gated_page, 1).unwrap();
     wait_until("the background fetch of the gated page", || {
@@ -330,19 +329,23 @@ fn refusal_reported(reported: &Reported) -> String {
     message
 }
 
-fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Reported)> {
-    const PAGES: usize = 8;
+/// A started pager under `policy` serving `pages` pages of [`pattern`], of which page `bad`
+/// cannot be had, and what it reports as fatal.
+fn failing_pager(
+    policy: FailurePolicy,
+    pages: usize,
+    bad: usize,
+) -> Option<(Pager, Shm, Reported)> {
     let mut builder = builder(PagerConfig {
         failure_policy: policy,
         ..Default::default()
     })?;
-    let shm = Shm::new(PAGES);
+    let shm = Shm::new(pages);
     let source = FailingSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        bad: 2,
+        inner: MemorySource::new(pattern(pages)),
+        bad,
     };
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
+    serve(&mut builder, &shm, Arc::new(source));
     let reported = Arc::new(Mutex::new(None));
     let sink = Arc::clone(&reported);
     builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
@@ -351,7 +354,7 @@ fn failing_pager(policy: FailurePolicy) -> Option<(Pager, Shm, Reported)> {
 
 #[test]
 fn a_failing_source_poisons_the_page_and_serves_the_rest() {
-    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Poison) else {
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Poison, 8, 2) else {
         return;
     };
     assert_eq!(
@@ -370,7 +373,7 @@ fn a_failing_source_poisons_the_page_and_serves_the_rest() {
 
 #[test]
 fn a_failing_source_under_stop_reports_fatally() {
-    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop) else {
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop, 8, 2) else {
         return;
     };
     assert_eq!(kernel_read(shm.page(2)), Err(libc::EFAULT));
@@ -485,15 +488,7 @@ fn resident_pages_are_never_fetched() {
             Ok(Content::Zero)
         }
     }
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(Counting(Arc::clone(&fetched))),
-        )
-    }
-    .unwrap();
+    serve(&mut builder, &shm, Arc::new(Counting(Arc::clone(&fetched))));
     let pager = builder.start().unwrap();
     assert!(pager.is_present(0, 1));
     assert_eq!(read_u64(shm.page(1)), 0x1111);
@@ -530,8 +525,7 @@ fn zero_source_installs_zero_pages_without_copies() {
         return;
     };
     let shm = Shm::new(4);
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(ZeroSource)) }.unwrap();
+    serve(&mut builder, &shm, Arc::new(ZeroSource));
     let pager = builder.start().unwrap();
     for page in 0..4 {
         assert_eq!(read_u64(shm.page(page)), 0);
@@ -579,15 +573,11 @@ fn a_file_image_is_installed_with_its_contents() {
         }
     }
     let shm = Shm::new(PAGES);
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::new(FileSource::open(&path).unwrap()),
-        )
-    }
-    .unwrap();
+    serve(
+        &mut builder,
+        &shm,
+        Arc::new(FileSource::open(&path).unwrap()),
+    );
     let pager = builder.start().unwrap();
     for page in 0..PAGES {
         let expected = if page % 2 == 0 {
@@ -656,15 +646,11 @@ fn an_install_that_fails_part_way_poisons_exactly_the_rest_and_wakes_every_waite
         .set_len(5 * PAGE as u64)
         .unwrap();
     let shm = Shm::new(PAGES);
-    // SAFETY: the test's own shared mapping: raw memory no Rust reference points into.
-    unsafe {
-        builder.region(
-            shm.addr,
-            shm.len as u64,
-            Arc::clone(&source) as Arc<dyn PageSource>,
-        )
-    }
-    .unwrap();
+    serve(
+        &mut builder,
+        &shm,
+        Arc::clone(&source) as Arc<dyn PageSource>,
+    );
     let pager = builder.start().unwrap();
     // Page 2's fault claims pages 2..10 and stops at the gate; faults on 6, 7 and 9 join it.
     // Each toucher reports through a channel, so that one left hanging fails the test
@@ -810,14 +796,9 @@ fn a_strided_walk_is_installed_ahead_of_the_toucher() {
     // Waits (boundedly) until the pages are installed: the toucher waits for the pager, so
     // that the test does not depend on which of them is faster.
     let wait_present = |pages: &[usize]| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !pages.iter().all(|&p| pager.is_present(0, p)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pages {pages:?} never came"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        wait_until("the pages installed ahead", || {
+            pages.iter().all(|&p| pager.is_present(0, p))
+        });
     };
     let line = |from: usize, count: usize| -> Vec<usize> {
         (0..count).map(|i| (from + i) * STRIDE).collect()
@@ -858,23 +839,9 @@ fn a_strided_walk_is_installed_ahead_of_the_toucher() {
 fn a_predicted_page_that_fails_is_left_to_its_own_fault() {
     const PAGES: usize = 64;
     const BAD: usize = 10;
-    let Some(mut builder) = builder(PagerConfig {
-        failure_policy: FailurePolicy::Stop,
-        ..PagerConfig::default()
-    }) else {
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop, PAGES, BAD) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    let source = FailingSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        bad: BAD,
-    };
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
-    let reported: Reported = Arc::new(Mutex::new(None));
-    let sink = Arc::clone(&reported);
-    builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
-    let pager = builder.start().unwrap();
 
     // A walk of stride 2: pages 6..=36 are predicted, the bad page 10 among them.
     for page in [0, 2, 4] {
@@ -883,16 +850,9 @@ fn a_predicted_page_that_fails_is_left_to_its_own_fault() {
     // The good pages arrive (so the window was queued); then the queue drains (so the bad
     // page was tried).
     let good: Vec<usize> = (6..=36).step_by(2).filter(|&p| p != BAD).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !good.iter().all(|&p| pager.is_present(0, p))
-        || pager.stats().background_pending_pages > 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the predicted pages never came"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_until("the predicted pages", || {
+        good.iter().all(|&p| pager.is_present(0, p)) && pager.stats().background_pending_pages == 0
+    });
     assert!(!pager.is_present(0, BAD), "the bad page is left alone");
     assert!(
         reported.lock().unwrap().is_none(),
@@ -939,8 +899,7 @@ fn predicted_pages_from_a_slow_source_come_in_one_span_read() {
         }),
         delay: std::time::Duration::from_millis(1),
     };
-    /* SAFETY: the test's own shared mapping: raw memory no Rust reference points into. */
-    unsafe { builder.region(shm.addr, shm.len as u64, Arc::new(source)) }.unwrap();
+    serve(&mut builder, &shm, Arc::new(source));
     let pager = builder.start().unwrap();
     let touch = |page: usize| {
         assert_eq!(
@@ -956,14 +915,9 @@ fn predicted_pages_from_a_slow_source_come_in_one_span_read() {
     assert_eq!(reads.load(Ordering::SeqCst), 3);
     // The window (16 pages on the line) comes in one read of the span that holds it.
     let window: Vec<usize> = (3..19).map(|i| i * STRIDE).collect();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !window.iter().all(|&p| pager.is_present(0, p)) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the window never came"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_until("the window", || {
+        window.iter().all(|&p| pager.is_present(0, p))
+    });
     assert_eq!(reads.load(Ordering::SeqCst), 4, "one read for the window");
     for &page in &window {
         touch(page);
