@@ -14,7 +14,7 @@ use vmm::{GuestRam, Vm, VmConfig};
 
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use pager::{Pager, PagerConfig};
-use snapshot::create::{MemoryBacking, Pages};
+use snapshot::create::MemoryBacking;
 use snapshot::state::GuestInfo;
 use snapshot::WriteSummary;
 
@@ -244,7 +244,6 @@ impl MicroVm {
             dir,
             machine,
             self.vm.ram(),
-            Pages::Full,
             Some(guest),
             self.vm.handle().tracks_dirty(),
             backing,

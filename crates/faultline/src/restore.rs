@@ -241,8 +241,8 @@ fn start_prefetch(
                     }
                 };
                 total = set.len();
-                installed = install_entries(&pager, &bounds, &set.pages, set.contents(0, total))
-                    .unwrap_or(0);
+                installed =
+                    install_entries(&pager, &bounds, &set.pages, set.contents()).unwrap_or(0);
             }
             tracing::info!(
                 "prefetch: {installed} of {total} pages installed in {:.2} ms",

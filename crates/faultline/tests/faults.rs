@@ -42,7 +42,6 @@ fn write_full_snapshot(dir: &std::path::Path, machine: vmm::MachineState, ram: &
         dir,
         machine,
         ram,
-        snapshot::create::Pages::Full,
         None,
         false,
         snapshot::create::MemoryBacking::Resident,

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 
 use faultline::restore::{restore, RestoreMode, RestoreOptions};
-use snapshot::create::{MemoryBacking, Pages};
+use snapshot::create::MemoryBacking;
 use snapshot::state;
 use vmm::devices::ConsoleSink;
 use vmm::state::{VcpuState, MSR_KVM_ASYNC_PF_EN, MSR_KVM_ASYNC_PF_INT};
@@ -109,7 +109,6 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
         &dir,
         before.clone(),
         vm.vm.ram(),
-        Pages::Full,
         Some(vm.guest_info()),
         false,
         MemoryBacking::Resident,

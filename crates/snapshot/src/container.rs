@@ -212,12 +212,12 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// The next `len` bytes, which hold `what`.
     /// How many bytes of the payload have been taken.
     pub(crate) fn position(&self) -> usize {
         self.pos
     }
 
+    /// The next `len` bytes, which hold `what`.
     pub(crate) fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], SnapshotError> {
         let bytes: &'a [u8] = self.bytes;
         let rest = &bytes[self.pos..];
@@ -244,6 +244,19 @@ impl<'a> Decoder<'a> {
             .and_then(|count| count.checked_mul(size))
             .ok_or_else(|| self.malformed(format!("{what}: a count of {count} is impossible")))?;
         self.take(len, what)
+    }
+
+    /// The page size field, which must be the only page size faultline knows.
+    pub(crate) fn page_size(&mut self) -> Result<(), SnapshotError> {
+        let page_size = u64::from(self.u32("the page size")?);
+        if page_size == crate::PAGE_SIZE {
+            Ok(())
+        } else {
+            Err(self.malformed(format!(
+                "the page size is {page_size}; only {} is supported",
+                crate::PAGE_SIZE
+            )))
+        }
     }
 
     /// The next byte.

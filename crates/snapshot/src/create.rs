@@ -53,18 +53,7 @@ pub struct CreateSummary {
     pub paused_ms: f64,
 }
 
-/// Which pages a snapshot's memory image holds.
-pub enum Pages<'a> {
-    /// All of RAM.
-    Full,
-    /// The pages written since `parent`.
-    Diff {
-        parent: &'a Path,
-        dirty: &'a DirtyPages,
-    },
-}
-
-/// [`Pages`] with a diff's parent resolved: what is written.
+/// What a snapshot's memory image holds: all of RAM, or the pages written since a parent.
 enum Layer<'a> {
     Full,
     Diff {
@@ -285,31 +274,23 @@ fn resident_pages(ram: &GuestRam) -> Result<Vec<bool>, SnapshotError> {
     Ok(data)
 }
 
-/// Writes a snapshot of a VM that is not running (paused, or never started) from its machine
-/// state and RAM into the new directory `dir`: checks `dir` and makes its staging directory,
-/// then fills and publishes it. Nothing is left behind if it fails.
+/// Writes a full snapshot of a VM that is not running (paused, or never started) from its
+/// machine state and RAM into the new directory `dir`: checks `dir` and makes its staging
+/// directory, then fills and publishes it. Nothing is left behind if it fails.
 pub fn write(
     dir: &Path,
     machine: MachineState,
     ram: &GuestRam,
-    pages: Pages<'_>,
     guest: Option<GuestInfo>,
     track_dirty: bool,
     backing: MemoryBacking,
 ) -> Result<WriteSummary, SnapshotError> {
     let mut staging = Staging::create(dir)?;
-    let layer = match pages {
-        Pages::Full => Layer::Full,
-        Pages::Diff { parent, dirty } => Layer::Diff {
-            parent: parent_ref(dir, parent)?,
-            dirty,
-        },
-    };
     let summary = fill(
         staging.path(),
         machine,
         ram,
-        layer,
+        Layer::Full,
         guest,
         track_dirty,
         backing,
@@ -392,15 +373,7 @@ mod tests {
 
     /// Writes a full snapshot of a fresh 2 MiB VM with one vCPU into `dir`.
     fn write_full(dir: &Path) -> Result<WriteSummary, SnapshotError> {
-        write(
-            dir,
-            machine(1),
-            &ram(),
-            Pages::Full,
-            None,
-            true,
-            MemoryBacking::Resident,
-        )
+        write(dir, machine(1), &ram(), None, true, MemoryBacking::Resident)
     }
 
     /// The names in `dir`, sorted.

@@ -78,10 +78,58 @@ impl SnapshotMemory {
             .unwrap_or_else(|| self.base())
     }
 
-    /// Verifies the chunk that holds page `page` in the layer the page comes from.
-    pub fn verify_page(&self, page: u64) -> Result<(), SnapshotError> {
-        let offset = page.saturating_mul(PAGE_SIZE);
-        self.layer_of(page).verify_range(offset, PAGE_SIZE)
+    /// Reads `buf.len()` bytes at `offset` (inside the memory), each run of pages from the
+    /// newest layer that holds it and checked against its checksums before it is returned.
+    /// `Zero` when the range is all zero (`buf` is then left alone). An error comes with the
+    /// offset of the piece that failed.
+    pub(crate) fn read_checked(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Content, (u64, SnapshotError)> {
+        let end = offset + buf.len() as u64;
+        // Until a page with data turns up, `buf` is left alone (a `Zero` answer must not
+        // touch it); after that, holes are filled with zeros.
+        let mut any_data = false;
+        let mut pos = offset;
+        while pos < end {
+            // The longest piece from `pos` that one layer serves.
+            let layer = self.layer_of(pos / PAGE_SIZE);
+            let mut piece_end = ((pos / PAGE_SIZE + 1) * PAGE_SIZE).min(end);
+            while piece_end < end && std::ptr::eq(self.layer_of(piece_end / PAGE_SIZE), layer) {
+                piece_end = (piece_end + PAGE_SIZE).min(end);
+            }
+            let at = (pos - offset) as usize;
+            let piece = &mut buf[at..at + (piece_end - pos) as usize];
+            let failed = |e: SnapshotError| (pos, e);
+            let whole_chunks = pos.is_multiple_of(layer.chunk_size())
+                && (piece_end.is_multiple_of(layer.chunk_size()) || piece_end == layer.size());
+            let data = if whole_chunks {
+                // The bytes installed are the bytes checked: one read.
+                layer.read_verified(pos, piece).map_err(failed)?
+            } else {
+                // Larger chunks than the piece (images written with 64 KiB chunks): check
+                // the chunks, then read the piece.
+                layer.verify_range(pos, piece_end - pos).map_err(failed)?;
+                let data = layer.has_data(pos, piece_end);
+                if data {
+                    layer.read_at(pos, piece).map_err(failed)?;
+                }
+                data
+            };
+            if data && !any_data {
+                buf[..at].fill(0);
+                any_data = true;
+            } else if !data && any_data {
+                buf[at..at + (piece_end - pos) as usize].fill(0);
+            }
+            pos = piece_end;
+        }
+        Ok(if any_data {
+            Content::Data
+        } else {
+            Content::Zero
+        })
     }
 
     /// Whether every layer can check a page on its own (single-page chunks).
@@ -306,7 +354,7 @@ impl PageSource for SnapshotMemory {
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         let size = self.size();
-        let end = offset
+        offset
             .checked_add(buf.len() as u64)
             .filter(|&end| end <= size)
             .ok_or(SourceError::OutOfRange {
@@ -314,53 +362,11 @@ impl PageSource for SnapshotMemory {
                 len: buf.len(),
                 size,
             })?;
-        // Until a page with data turns up, `buf` is left alone (a `Zero` answer must not
-        // touch it); after that, holes are filled with zeros.
-        let mut any_data = false;
-        let mut pos = offset;
-        while pos < end {
-            // The longest piece from `pos` that one layer serves.
-            let layer = self.layer_of(pos / PAGE_SIZE);
-            let mut piece_end = ((pos / PAGE_SIZE + 1) * PAGE_SIZE).min(end);
-            while piece_end < end && std::ptr::eq(self.layer_of(piece_end / PAGE_SIZE), layer) {
-                piece_end = (piece_end + PAGE_SIZE).min(end);
-            }
-            let at = (pos - offset) as usize;
-            let piece = &mut buf[at..at + (piece_end - pos) as usize];
-            let unavailable = |e: SnapshotError| SourceError::Unavailable {
-                offset: pos,
+        self.read_checked(offset, buf)
+            .map_err(|(offset, e)| SourceError::Unavailable {
+                offset,
                 reason: e.to_string(),
-            };
-            let whole_chunks = pos.is_multiple_of(layer.chunk_size())
-                && (piece_end.is_multiple_of(layer.chunk_size()) || piece_end == layer.size());
-            let data = if whole_chunks {
-                // The bytes installed are the bytes checked: one read.
-                layer.read_verified(pos, piece).map_err(unavailable)?
-            } else {
-                // Larger chunks than the piece (images written with 64 KiB chunks): check
-                // the chunks, then read the piece.
-                layer
-                    .verify_range(pos, piece_end - pos)
-                    .map_err(unavailable)?;
-                let data = layer.has_data(pos, piece_end);
-                if data {
-                    layer.read_at(pos, piece).map_err(unavailable)?;
-                }
-                data
-            };
-            if data && !any_data {
-                buf[..at].fill(0);
-                any_data = true;
-            } else if !data && any_data {
-                buf[at..at + (piece_end - pos) as usize].fill(0);
-            }
-            pos = piece_end;
-        }
-        Ok(if any_data {
-            Content::Data
-        } else {
-            Content::Zero
-        })
+            })
     }
 }
 

@@ -560,12 +560,7 @@ impl SumTable {
 
 fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
     let mut d = Decoder::new(path, &payload);
-    let page_size = u64::from(d.u32("the page size")?);
-    if page_size != PAGE_SIZE {
-        return Err(d.malformed(format!(
-            "the page size is {page_size}; only {PAGE_SIZE} is supported"
-        )));
-    }
+    d.page_size()?;
     let chunk_size = u64::from(d.u32("the chunk size")?);
     if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) {
         return Err(d.malformed(format!(
@@ -621,7 +616,7 @@ fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
     })
 }
 
-/// One layer of a snapshot's memory: `memory.img` mapped read-only, with its checksums.
+/// One layer of a snapshot's memory: `memory.img`, read with `pread`, with its checksums.
 /// Chunks are verified on first use and the result is kept, so each is read for
 /// verification at most once.
 pub struct MemoryImage {
@@ -657,7 +652,7 @@ impl fmt::Debug for MemoryImage {
 
 impl MemoryImage {
     /// Opens the layer in `dir`: reads and checks `memory.sums`, checks that `memory.img` has
-    /// the size it records, maps the image, and finds its data extents. The image's chunks
+    /// the size it records, and finds its data extents. The image's chunks
     /// are verified later, as they are used.
     pub fn open(dir: &Path) -> Result<MemoryImage, SnapshotError> {
         let sums_path = dir.join(SUMS_FILE);
@@ -785,7 +780,7 @@ impl MemoryImage {
             GOOD => Ok(()),
             BAD => Err(self.chunk_error(chunk)),
             // Two threads may both get here for one chunk: they compute the same answer.
-            _ => self.read_chunk(chunk, &mut Vec::new()),
+            _ => self.check_chunk(chunk),
         }
     }
 
@@ -865,15 +860,26 @@ impl MemoryImage {
         }
         self.read_at(offset, buf)?;
         for (i, bytes) in buf.chunks(self.chunk_size as usize).enumerate() {
-            let chunk = offset / self.chunk_size + i as u64;
-            let good = crc32fast::hash(bytes) == self.sums.get(chunk);
-            self.chunk_state(chunk)?
-                .store(if good { GOOD } else { BAD }, Ordering::Release);
-            if !good {
-                return Err(self.chunk_error(chunk));
-            }
+            self.settle(offset / self.chunk_size + i as u64, bytes)?;
         }
         Ok(true)
+    }
+
+    /// Checks the bytes read of chunk `chunk` against its checksum and remembers the answer;
+    /// a damaged chunk is a [`SnapshotError::ChunkChecksum`] naming `memory.img`.
+    fn settle(&self, chunk: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let state = self.chunk_state(chunk)?;
+        let good = crc32fast::hash(bytes) == self.sums.get(chunk);
+        state.store(if good { GOOD } else { BAD }, Ordering::Release);
+        if good {
+            Ok(())
+        } else {
+            tracing::warn!(
+                "snapshot: chunk {chunk} of {} does not match its checksum",
+                self.path.display()
+            );
+            Err(self.chunk_error(chunk))
+        }
     }
 
     /// Whether a page can be checked on its own: the image's chunks are single pages.
@@ -903,16 +909,14 @@ impl MemoryImage {
         }
     }
 
-    /// Reads chunk `chunk` into `buf` (resized to the chunk: data extents read with `pread`,
-    /// holes as zeros, without reading them) and checks it against its checksum, remembering
-    /// the answer. A caller that copies from `buf` copies exactly the bytes that were checked.
-    /// A read error is returned as it is and not remembered (it says nothing of the contents).
-    pub fn read_chunk(&self, chunk: u64, buf: &mut Vec<u8>) -> Result<(), SnapshotError> {
-        let state = self.chunk_state(chunk)?;
+    /// Reads chunk `chunk` (data extents with `pread`, holes as zeros without reading them)
+    /// and checks it, remembering the answer. A read error is returned as it is and not
+    /// remembered (it says nothing of the contents).
+    fn check_chunk(&self, chunk: u64) -> Result<(), SnapshotError> {
+        self.chunk_state(chunk)?;
         let start = chunk * self.chunk_size;
         let end = (start + self.chunk_size).min(self.size);
-        buf.clear();
-        buf.resize((end - start) as usize, 0);
+        let mut buf = vec![0u8; (end - start) as usize];
         let first = self.data.partition_point(|&(_, e)| e <= start);
         for &(s, e) in &self.data[first..] {
             if s >= end {
@@ -921,17 +925,7 @@ impl MemoryImage {
             let (s, e) = (s.max(start), e.min(end));
             self.read_at(s, &mut buf[(s - start) as usize..(e - start) as usize])?;
         }
-        let good = crc32fast::hash(buf) == self.sums.get(chunk);
-        state.store(if good { GOOD } else { BAD }, Ordering::Release);
-        if good {
-            Ok(())
-        } else {
-            tracing::warn!(
-                "snapshot: chunk {chunk} of {} does not match its checksum",
-                self.path.display()
-            );
-            Err(self.chunk_error(chunk))
-        }
+        self.settle(chunk, &buf)
     }
 
     /// Sorted, disjoint `[start, end)` byte ranges of the image that hold data; everything

@@ -13,8 +13,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
-use pager::{Content, PageSource};
-
 use crate::container::{self, Decoder};
 use crate::memory::PAGE_SIZE;
 use crate::{SnapshotError, SnapshotMemory, WORKING_SET_FILE};
@@ -53,19 +51,11 @@ pub fn write(dir: &Path, pages: &[u64], memory: &SnapshotMemory) -> Result<u64, 
     let contents_at = payload.len();
     payload.resize(contents_at + count * page_len, 0);
     for (i, &page) in order.iter().enumerate() {
-        // Verified here for a typed error (`fetch` can only describe it in words).
-        memory.verify_page(page)?;
         let buf = &mut payload[contents_at + i * page_len..][..page_len];
-        match memory.fetch(page * PAGE_SIZE, buf) {
-            Ok(Content::Data) => {}
-            // `buf` was not touched, and already holds zeros.
-            Ok(Content::Zero) => {}
-            Err(e) => {
-                return Err(SnapshotError::Layers(format!(
-                    "cannot read page {page} of the snapshot: {e}"
-                )))
-            }
-        }
+        // Data, or zero: then `buf` was not touched, and already holds zeros.
+        memory
+            .read_checked(page * PAGE_SIZE, buf)
+            .map_err(|(_, e)| e)?;
     }
     container::write(
         &dir.join(WORKING_SET_FILE),
@@ -122,19 +112,10 @@ impl WorkingSet {
         })
     }
 
-    pub fn page(&self, i: usize) -> &[u8] {
-        self.contents(i, 1)
-    }
-
-    /// The contents of `count` consecutive entries of the set from the `i`th, back to back
-    /// (a run from [`runs`](Self::runs) is installed from this in one call).
-    ///
-    /// # Panics
-    ///
-    /// If the entries go past the end of the set.
-    pub fn contents(&self, i: usize, count: usize) -> &[u8] {
-        let page_len = PAGE_SIZE as usize;
-        &self.bytes[self.contents_at + i * page_len..self.contents_at + (i + count) * page_len]
+    /// The contents of every entry, a page each, back to back in the set's order (a run from
+    /// [`runs`] is installed from its slice in one call).
+    pub fn contents(&self) -> &[u8] {
+        &self.bytes[self.contents_at..self.contents_at + self.pages.len() * PAGE_SIZE as usize]
     }
 
     /// Number of pages.
@@ -145,13 +126,6 @@ impl WorkingSet {
     /// Whether the set has no pages.
     pub fn is_empty(&self) -> bool {
         self.pages.is_empty()
-    }
-
-    /// Runs of consecutive entries whose pages are consecutive too, in the set's order:
-    /// `(first page, index of its entry, number of pages)`. Each run can be installed with
-    /// one call, from [`contents`](Self::contents).
-    pub fn runs(&self) -> impl Iterator<Item = (u64, usize, usize)> + '_ {
-        runs(&self.pages)
     }
 }
 
@@ -294,12 +268,7 @@ impl WorkingSetStream {
 /// The payload's head: the page size (which must be [`PAGE_SIZE`]), the reserved word, and
 /// the page count, which it returns.
 fn decode_head(d: &mut Decoder<'_>) -> Result<u64, SnapshotError> {
-    let page_size = u64::from(d.u32("the page size")?);
-    if page_size != PAGE_SIZE {
-        return Err(d.malformed(format!(
-            "the page size is {page_size}; only {PAGE_SIZE} is supported"
-        )));
-    }
+    d.page_size()?;
     d.u32("the reserved word")?;
     d.u64("the page count")
 }
@@ -362,23 +331,23 @@ mod tests {
         for (i, &page) in set.pages.iter().enumerate() {
             let page = page as usize;
             assert_eq!(
-                set.page(i),
+                &set.contents()[i * PAGE..(i + 1) * PAGE],
                 &buf[page * PAGE..(page + 1) * PAGE],
                 "entry {i}"
             );
         }
         assert_eq!(
-            set.runs().collect::<Vec<_>>(),
+            runs(&set.pages).collect::<Vec<_>>(),
             [(5, 0, 3), (3, 3, 2), (9, 5, 2), (31, 7, 1)]
         );
-        assert_eq!(set.contents(0, 3), &buf[5 * PAGE..8 * PAGE]);
+        assert_eq!(&set.contents()[..3 * PAGE], &buf[5 * PAGE..8 * PAGE]);
 
         // Streamed: the same pages and contents, in pieces, each page checked.
         let stream = WorkingSetStream::open(dir.path(), &memory).unwrap();
         assert_eq!(stream.pages(), &set.pages[..]);
         let mut piece = Vec::new();
         stream.read(2, 5, &mut piece, &memory).unwrap();
-        assert_eq!(piece, set.contents(2, 5));
+        assert_eq!(piece, &set.contents()[2 * PAGE..7 * PAGE]);
         assert!(
             stream.read(6, 3, &mut piece, &memory).is_err(),
             "past the end"
@@ -387,7 +356,7 @@ mod tests {
         write(dir.path(), &[], &memory).unwrap();
         let set = WorkingSet::read(dir.path(), 32).unwrap();
         assert!(set.is_empty());
-        assert_eq!(set.runs().count(), 0);
+        assert_eq!(runs(&set.pages).count(), 0);
     }
 
     /// Writes a working set of `pages` (any indices, repeats kept) whose contents are zero.
