@@ -418,13 +418,14 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
                 vm.pager.as_ref().map(|p| p.handle()),
                 Some(vm.guest_info()),
             );
-            Some(start_api(path, controller, args.json)?)
+            let api = start_api(path, controller, args.json)?;
+            if args.paused {
+                start_paused(&vm.vm.control(), path, args.json);
+            }
+            Some(api)
         }
         None => None,
     };
-    if args.paused {
-        start_paused(vm.vm.control(), args.api_sock.as_deref(), args.json);
-    }
     let report = vm.run()?;
     print_micro_report(&report, args.json)?;
     if shut_down_by_api(api.as_ref()) {
@@ -447,17 +448,14 @@ fn start_api(
     Ok((server, controller))
 }
 
-/// Makes the run about to start begin paused, and says how to resume it.
-fn start_paused(
-    control: std::sync::Arc<vmm::control::RunControl>,
-    api_sock: Option<&std::path::Path>,
-    json: bool,
-) {
+/// Makes the run about to start begin paused (`--paused`, which needs the API on
+/// `api_sock`), and says how to resume it.
+fn start_paused(control: &vmm::control::RunControl, api_sock: &std::path::Path, json: bool) {
     control.set_start_paused(true);
     if !json {
-        let sock = api_sock.map_or_else(String::new, |p| p.display().to_string());
         println!(
-            "faultline: the VM is paused before its first instruction: `faultline vm resume --api-sock {sock}` starts it"
+            "faultline: the VM is paused before its first instruction: `faultline vm resume --api-sock {}` starts it",
+            api_sock.display()
         );
     }
 }
@@ -577,13 +575,14 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
                 restored.pager.as_ref().map(|p| p.handle()),
                 restored.state.guest.clone(),
             );
-            Some(start_api(path, controller, args.json)?)
+            let api = start_api(path, controller, args.json)?;
+            if args.paused {
+                start_paused(&restored.vm.control(), path, args.json);
+            }
+            Some(api)
         }
         None => None,
     };
-    if args.paused {
-        start_paused(restored.vm.control(), args.api_sock.as_deref(), args.json);
-    }
     let result = match restored.guest_run() {
         Some(run) => {
             let report = run.run(&mut restored.vm, restored.pager.as_ref())?;

@@ -251,14 +251,19 @@ impl MicroVm {
         .with_context(|| format!("cannot write a snapshot into {}", dir.display()))
     }
 
-    /// Runs the guest to the end.
-    pub fn run(&mut self) -> anyhow::Result<MicroReport> {
-        let run = GuestRun {
+    /// The guest's run, its report timed from `since`.
+    pub fn guest_run(&self, since: Instant) -> GuestRun {
+        GuestRun {
             guest: self.guest,
             range: self.range,
             arg: self.arg,
-            since: self.created,
-        };
+            since,
+        }
+    }
+
+    /// Runs the guest to the end.
+    pub fn run(&mut self) -> anyhow::Result<MicroReport> {
+        let run = self.guest_run(self.created);
         run.run(&mut self.vm, self.pager.as_ref())
     }
 }
@@ -271,6 +276,21 @@ pub struct GuestRun {
     pub arg: u64,
     /// Times in the report count from here (VM creation; restore start).
     pub since: Instant,
+}
+
+impl GuestRun {
+    /// The run a snapshot's guest record describes, if it names a guest faultline knows.
+    pub fn from_info(info: &snapshot::state::GuestInfo, since: Instant) -> Option<GuestRun> {
+        Some(GuestRun {
+            guest: guests::find(&info.name)?,
+            range: WorkRange {
+                start: info.range_start,
+                pages: info.range_pages,
+            },
+            arg: info.arg,
+            since,
+        })
+    }
 }
 
 impl GuestRun {

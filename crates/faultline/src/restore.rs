@@ -13,7 +13,6 @@ use pager::{PageSource, Pager, PagerConfig, PagerError, PagerHandle};
 use serde::Serialize;
 use snapshot::state::{self, SnapshotState};
 use snapshot::{MemorySpanMut, SnapshotMemory, WorkingSet, PAGE_SIZE};
-use vmm::boot::micro::WorkRange;
 use vmm::devices::ConsoleSink;
 use vmm::{GuestRam, Vm, VmConfig};
 
@@ -88,6 +87,21 @@ pub struct RestoreOptions {
     /// Added to every read of the snapshot's memory by the pager and of its working set (lazy
     /// and prefetch modes): a stand-in for a snapshot store on the network. Zero: none.
     pub source_latency: Duration,
+}
+
+impl RestoreOptions {
+    /// Restores `dir` in `mode`: the pager's defaults, no console, no added latency, dirty
+    /// logging as the snapshot's VM had it.
+    pub fn new(dir: impl Into<PathBuf>, mode: RestoreMode) -> Self {
+        RestoreOptions {
+            dir: dir.into(),
+            mode,
+            console: ConsoleSink::default(),
+            pager: PagerConfig::default(),
+            track_dirty: false,
+            source_latency: Duration::ZERO,
+        }
+    }
 }
 
 /// Where a restore's time went, in milliseconds from its start.
@@ -231,9 +245,8 @@ fn start_prefetch(
                     }
                 }
             } else {
-                let pages = bounds.last().map_or(0, |&(b, n)| b + n);
                 std::thread::sleep(latency);
-                let set = match WorkingSet::read(&dir, pages) {
+                let set = match WorkingSet::read(&dir, memory.size() / PAGE_SIZE) {
                     Ok(set) => set,
                     Err(e) => {
                         unusable(e);
@@ -250,6 +263,20 @@ fn start_prefetch(
             );
             installed
         })
+}
+
+/// Fresh guest RAM for the snapshot state `state`, laid out as the state says (a layout this
+/// faultline would not build is refused).
+pub fn ram_for_state(state: &SnapshotState) -> anyhow::Result<GuestRam> {
+    let ram = GuestRam::new(state.ram_size()).context("cannot create guest RAM")?;
+    let layout: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa(), r.size())).collect();
+    let saved: Vec<(u64, u64)> = state.layout.iter().map(|r| (r.gpa, r.size)).collect();
+    if layout != saved {
+        bail!(
+            "the snapshot's RAM layout {saved:x?} is not what this faultline builds ({layout:x?})"
+        );
+    }
+    Ok(ram)
 }
 
 /// Builds the VM a snapshot state describes over `ram` (which holds, or will be served, the
@@ -307,14 +334,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     };
     timings.state_ms = ms_since(started);
 
-    let ram = GuestRam::new(state.ram_size()).context("cannot create guest RAM")?;
-    let layout: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa(), r.size())).collect();
-    let saved: Vec<(u64, u64)> = state.layout.iter().map(|r| (r.gpa, r.size)).collect();
-    if layout != saved {
-        bail!(
-            "the snapshot's RAM layout {saved:x?} is not what this faultline builds ({layout:x?})"
-        );
-    }
+    let ram = ram_for_state(&state)?;
     match options.mode {
         RestoreMode::Eager => {
             let spans: Vec<MemorySpanMut> = ram
@@ -388,16 +408,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
 impl RestoredVm {
     /// The micro-guest run this snapshot continues, if it holds one faultline knows.
     pub fn guest_run(&self) -> Option<GuestRun> {
-        let info = self.state.guest.as_ref()?;
-        Some(GuestRun {
-            guest: guests::find(&info.name)?,
-            range: WorkRange {
-                start: info.range_start,
-                pages: info.range_pages,
-            },
-            arg: info.arg,
-            since: self.started,
-        })
+        GuestRun::from_info(self.state.guest.as_ref()?, self.started)
     }
 
     /// With a pager that recorded its faults: writes them, in order, as the snapshot's working
@@ -408,16 +419,11 @@ impl RestoredVm {
             .pager
             .as_ref()
             .context("recording a working set needs a lazy restore")?;
-        let mut bases = Vec::new();
-        let mut base = 0u64;
-        for region in self.vm.ram().regions() {
-            bases.push(base);
-            base += region.size() / PAGE_SIZE;
-        }
+        let bounds = region_bounds(self.vm.ram());
         let pages: Vec<u64> = pager
             .fault_log()
             .into_iter()
-            .map(|(region, page)| bases[region] + page as u64)
+            .map(|(region, page)| bounds[region].0 + page as u64)
             .collect();
         snapshot::working_set::write(dir, &pages, &self.memory)
             .with_context(|| format!("cannot write the working set into {}", dir.display()))

@@ -198,14 +198,10 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
 
     // Restored, vCPU 0 finishes its passes; vCPU 1 is not run again (it would halt with
     // interrupts off, and the run would never end), and its outcome stands.
-    let restored = faultline::restore::restore(&faultline::restore::RestoreOptions {
-        dir: dir.clone(),
-        mode: faultline::restore::RestoreMode::Eager,
-        console: ConsoleSink::default(),
-        pager: pager::PagerConfig::default(),
-        track_dirty: false,
-        source_latency: std::time::Duration::ZERO,
-    })
+    let restored = faultline::restore::restore(&faultline::restore::RestoreOptions::new(
+        &dir,
+        faultline::restore::RestoreMode::Eager,
+    ))
     .unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -116,15 +116,7 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
     .unwrap();
     let read = state::read(&dir).unwrap();
     assert_machine_eq(&before, &read.machine);
-    let mut restored = restore(&RestoreOptions {
-        dir: dir.clone(),
-        mode: RestoreMode::Eager,
-        console: ConsoleSink::default(),
-        pager: Default::default(),
-        track_dirty: false,
-        source_latency: std::time::Duration::ZERO,
-    })
-    .unwrap();
+    let mut restored = restore(&RestoreOptions::new(&dir, RestoreMode::Eager)).unwrap();
     let after = restored.vm.save_state().unwrap();
     (before, after, dir)
 }

@@ -9,11 +9,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use snapshot::state;
+use snapshot::state::SnapshotState;
 use vmm::devices::ConsoleSink;
-use vmm::{GuestRam, Vm, VmConfig};
+use vmm::{Vm, VmConfig};
 
-use crate::restore::vm_from_state;
+use crate::restore::{ram_for_state, vm_from_state};
 
 /// Page faults this process has taken so far (minor and major): the peer's faults are the
 /// kernel's, not a pager's, so this is where they show.
@@ -49,21 +49,18 @@ pub fn drop_cache(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A VM built from the full snapshot in `dir`, its RAM mapped privately from `image` (the
-/// snapshot's `memory.img`, or the same bytes served from elsewhere), for the benchmark to run
+/// A VM built from `state`, the state of a full snapshot, its RAM mapped privately from
+/// `image` (the snapshot's `memory.img`, or the same bytes served from elsewhere), for the
+/// benchmark to run
 /// and drop. Its RAM regions' memfds no longer back its memory, so it must never be
 /// snapshotted (nothing serves an API for it); and `image` must stay whole, and its server
 /// up, until it is dropped (a private file mapping whose file shrinks or fails is a SIGBUS).
-pub fn restore_mapped(dir: &Path, image: &Path) -> anyhow::Result<Vm> {
-    let state = state::read(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+pub fn restore_mapped(state: &SnapshotState, image: &Path) -> anyhow::Result<Vm> {
     if state.parent.is_some() {
-        bail!(
-            "the mapped peer restores full snapshots only: {} is a diff",
-            dir.display()
-        );
+        bail!("the mapped peer restores full snapshots only, not diffs");
     }
     let file = File::open(image).with_context(|| format!("cannot open {}", image.display()))?;
-    let ram = GuestRam::new(state.ram_size()).context("cannot create guest RAM")?;
+    let ram = ram_for_state(state)?;
     let found = file.metadata()?.len();
     if found != ram.size() {
         bail!(
@@ -104,5 +101,5 @@ pub fn restore_mapped(dir: &Path, image: &Path) -> anyhow::Result<Vm> {
         console: ConsoleSink::default(),
         ..VmConfig::default()
     };
-    vm_from_state(&state, ram, config)
+    vm_from_state(state, ram, config)
 }

@@ -238,15 +238,12 @@ fn restore_once(
     expected: u64,
 ) -> anyhow::Result<Sample> {
     let options = RestoreOptions {
-        dir: dir.into(),
-        mode,
-        console: ConsoleSink::default(),
         pager: PagerConfig {
             record_faults: record,
             ..PagerConfig::default()
         },
-        track_dirty: false,
         source_latency: source.latency(),
+        ..RestoreOptions::new(dir, mode)
     };
     source.prepare(dir)?;
     let mut restored = restore(&options)?;
@@ -257,9 +254,6 @@ fn restore_once(
     check(&report, expected)?;
     if record {
         restored.write_working_set(dir)?;
-    }
-    if let Some(prefetch) = restored.prefetch.take() {
-        let _ = prefetch.join();
     }
     let faults = report.pager.as_ref().map_or(0, |p| p.faults_vcpu);
     sample(&report, restored.timings.clone(), faults)
@@ -290,19 +284,14 @@ fn fc_file_once(dir: &Path, source: Source, expected: u64) -> anyhow::Result<Sam
     let image = slow.as_ref().map_or(image, SlowFs::file_path);
     let faults_before = fc_file::process_faults();
     let since = Instant::now();
-    let mut vm = fc_file::restore_mapped(dir, &image)?;
-    let info = snapshot::state::read(dir)?
+    let state = snapshot::state::read(dir)?;
+    let mut vm = fc_file::restore_mapped(&state, &image)
+        .with_context(|| format!("cannot restore {} mapped", dir.display()))?;
+    let run = state
         .guest
-        .context("the snapshot holds no guest")?;
-    let run = GuestRun {
-        guest: guests::find(&info.name).context("the snapshot's guest is unknown")?,
-        range: WorkRange {
-            start: info.range_start,
-            pages: info.range_pages,
-        },
-        arg: info.arg,
-        since,
-    };
+        .as_ref()
+        .and_then(|info| GuestRun::from_info(info, since))
+        .context("the snapshot holds no guest faultline knows")?;
     let report = run.run(&mut vm, None)?;
     let faults = fc_file::process_faults() - faults_before;
     check(&report, expected)?;
@@ -316,13 +305,7 @@ fn resident_once(mem: u64, ws_pages: u64, expected: u64) -> anyhow::Result<Sampl
     // RAM is created and filled before the clock starts: "memory already in place".
     let mut vm = MicroVm::new(&scatter_options(mem, ws_pages))?;
     fill(&vm);
-    let since = Instant::now();
-    let run = GuestRun {
-        guest: vm.guest,
-        range: vm.range,
-        arg: vm.arg,
-        since,
-    };
+    let run = vm.guest_run(Instant::now());
     let report = run.run(&mut vm.vm, None)?;
     check(&report, expected)?;
     sample(&report, RestoreTimings::default(), 0)
