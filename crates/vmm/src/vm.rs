@@ -138,6 +138,17 @@ impl DirtyPages {
     pub fn pages(&self) -> u64 {
         self.pages
     }
+    /// Adds the pages of `other`, which must cover the same RAM (false, and nothing added,
+    /// if it does not).
+    fn merge(&mut self, other: &DirtyPages) -> bool {
+        if other.pages != self.pages {
+            return false;
+        }
+        for (word, more) in self.words.iter_mut().zip(&other.words) {
+            *word |= more;
+        }
+        true
+    }
 }
 
 /// How a run ended.
@@ -273,12 +284,11 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(returned) = returned.filter(|r| r.pages == pages) {
-            for (word, back) in words.iter_mut().zip(&returned.words) {
-                *word |= back;
-            }
+        let mut dirty = DirtyPages { words, pages };
+        if let Some(returned) = returned {
+            dirty.merge(&returned);
         }
-        Ok(DirtyPages { words, pages })
+        Ok(dirty)
     }
 
     /// Puts pages taken by a snapshot that then failed back, so that the next
@@ -289,13 +299,9 @@ impl VmHandle {
             .returned_dirty
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        match returned.as_mut() {
-            Some(held) if held.pages == pages.pages => {
-                for (word, back) in held.words.iter_mut().zip(&pages.words) {
-                    *word |= back;
-                }
-            }
-            _ => *returned = Some(pages),
+        let merged = returned.as_mut().is_some_and(|held| held.merge(&pages));
+        if !merged {
+            *returned = Some(pages);
         }
     }
 }
@@ -635,7 +641,6 @@ fn run_vcpu_thread(
     ram: &[(u64, u64, u64)],
 ) -> Result<VcpuOutcome, VcpuError> {
     let index = vcpu.index();
-    let mut entered = false;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if let Some(VcpuThreadHook(hook)) = &hook {
             hook(
@@ -644,7 +649,6 @@ fn run_vcpu_thread(
             );
         }
         control.enter(index);
-        entered = true;
         vcpu.run(devices, control, ram)
     }));
     let result = result.unwrap_or_else(|panic| {
@@ -668,9 +672,8 @@ fn run_vcpu_thread(
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    if !entered {
-        control.enter(index);
-    }
+    // Whether or not it entered its loop (the hook may have panicked first), the vCPU
+    // leaves the run with its final state.
     control.leave(index, final_state);
     if result.is_err() {
         control.request_stop(StopReason::VcpuError { vcpu: index });
