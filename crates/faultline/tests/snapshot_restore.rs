@@ -81,7 +81,9 @@ fn wait_state(sock: &Path, child: &mut Child, state: &str) {
             panic!("faultline exited early ({status}): {err}");
         }
         if sock.exists() {
-            if let Ok((200, Some(info))) = http::call(sock, "GET", "/vm", None, None) {
+            // A bounded call: an API that stops answering fails the test, never hangs it.
+            let bounded = Some(Duration::from_secs(10));
+            if let Ok((200, Some(info))) = http::call(sock, "GET", "/vm", None, bounded) {
                 if info["state"] == state {
                     return;
                 }
@@ -168,11 +170,7 @@ fn restore(dir: &Path, mode: &str, extra: &[&str]) -> Output {
 
 /// The JSON report printed by `run --json` / `restore --json` (after any progress lines).
 fn report(out: &Output) -> serde_json::Value {
-    let stdout = text(&out.stdout);
-    let start = stdout
-        .find('{')
-        .unwrap_or_else(|| panic!("no JSON in {stdout}"));
-    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+    common::json_report(&text(&out.stdout))
 }
 
 #[test]

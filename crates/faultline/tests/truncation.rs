@@ -154,8 +154,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
                 Some(0) => {
                     // Everything the restore needed was read before the cut: the result must
                     // be the right one.
-                    let report: serde_json::Value =
-                        serde_json::from_str(&stdout[stdout.find('{').unwrap()..]).unwrap();
+                    let report = common::json_report(&stdout);
                     assert_eq!(
                         report["vcpus"][0]["reports"][0].as_u64(),
                         Some(expected),

@@ -205,13 +205,13 @@ impl Controller {
         info
     }
 
-    /// Takes a snapshot; the caller holds the operation lock, so no other snapshot can change
-    /// `last_snapshot` in between.
     /// The pager's fatal error, if it had one: guest memory cannot be trusted after it.
     fn memory_failure(&self) -> Option<String> {
         self.pager.as_ref().and_then(PagerHandle::fatal_error)
     }
 
+    /// Takes a snapshot; the caller holds the operation lock, so no other snapshot can change
+    /// `last_snapshot` in between.
     fn snapshot(&self, request: &SnapshotRequest) -> Response {
         let refused = |fatal: String| {
             Response::error(
@@ -245,16 +245,17 @@ impl Controller {
             },
         };
         match snapshot::create::create(&self.handle, &options) {
-            // The pager failed while the snapshot was written: what it read may be wrong.
-            Ok(summary) if self.memory_failure().is_some() => {
-                let _ = std::fs::remove_dir_all(&summary.dir);
-                refused(self.memory_failure().unwrap_or_default())
-            }
-            Ok(summary) => {
-                let dir = summary.dir.clone();
-                self.set_last_snapshot(Some(dir));
-                Response::ok(json!(summary))
-            }
+            Ok(summary) => match self.memory_failure() {
+                // The pager failed while the snapshot was written: what it read may be wrong.
+                Some(fatal) => {
+                    let _ = std::fs::remove_dir_all(&summary.dir);
+                    refused(fatal)
+                }
+                None => {
+                    self.set_last_snapshot(Some(summary.dir.clone()));
+                    Response::ok(json!(summary))
+                }
+            },
             Err(error) => {
                 // The previous snapshot stays the parent of the next diff: a failed snapshot
                 // puts back the dirty log it took, as if it had not been taken.

@@ -93,3 +93,12 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The JSON report that `run --json` / `restore --json` print on `stdout` (after any progress
+/// lines).
+pub fn json_report(stdout: &str) -> serde_json::Value {
+    let start = stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no JSON in {stdout}"));
+    serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
