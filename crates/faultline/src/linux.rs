@@ -52,6 +52,7 @@ pub fn run(options: &LinuxOptions) -> anyhow::Result<LinuxReport> {
         console: options.console.clone(),
         on_vcpu_thread: None,
         track_dirty: false,
+        dirty_ring: None,
     };
     let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
     let boot = LinuxBootConfig {

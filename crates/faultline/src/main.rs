@@ -126,6 +126,10 @@ struct RunArgs {
     /// Log guest writes (KVM dirty log), so that snapshots after the first can be diffs.
     #[arg(long, conflicts_with = "kernel")]
     track_dirty: bool,
+    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two,
+    /// e.g. 4096) instead of the dirty bitmap; implies --track-dirty.
+    #[arg(long, value_name = "ENTRIES", conflicts_with = "kernel")]
+    dirty_ring: Option<u32>,
     /// Limit the micro-guest's work range to its first N pages.
     #[arg(long, value_name = "N", conflicts_with = "kernel")]
     range_pages: Option<u64>,
@@ -160,6 +164,10 @@ struct RestoreArgs {
     /// Log guest writes, so that a snapshot of the restored VM can be a diff on this one.
     #[arg(long)]
     track_dirty: bool,
+    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two,
+    /// e.g. 4096) instead of the dirty bitmap; implies --track-dirty.
+    #[arg(long, value_name = "ENTRIES")]
+    dirty_ring: Option<u32>,
     /// With a lazy mode: pages installed per fault, the faulting one first (1 = off).
     #[arg(long, value_name = "PAGES", default_value_t = 1)]
     readahead: usize,
@@ -375,6 +383,7 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         mem,
         range,
         track_dirty: args.track_dirty,
+        dirty_ring: args.dirty_ring,
         vcpus: args.cpus,
         arg: args.arg,
         cpuid: cpuid_config(args)?,
@@ -553,6 +562,7 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             ..PagerConfig::default()
         },
         track_dirty: args.track_dirty,
+        dirty_ring: args.dirty_ring,
         source_latency: args.source_latency.unwrap_or_default(),
     };
     let mut restored = faultline::restore::restore(&options)?;

@@ -38,6 +38,8 @@ pub struct MicroOptions {
     pub source_latency: std::time::Duration,
     /// Log guest writes for diff snapshots.
     pub track_dirty: bool,
+    /// Log them through a dirty ring of this many entries per vCPU (implies `track_dirty`).
+    pub dirty_ring: Option<u32>,
     /// Hold vCPUs that reach this micro-guest hold point (tests: an exact snapshot point).
     pub hold_at: Option<u32>,
 }
@@ -57,6 +59,7 @@ impl MicroOptions {
             pager: PagerConfig::default(),
             source_latency: std::time::Duration::ZERO,
             track_dirty: false,
+            dirty_ring: None,
             hold_at: None,
         }
     }
@@ -187,6 +190,7 @@ impl MicroVm {
             console: options.console.clone(),
             on_vcpu_thread: options.lazy.as_ref().map(|_| link.vcpu_hook()),
             track_dirty: options.track_dirty,
+            dirty_ring: options.dirty_ring,
         };
         let vm = Vm::new(&config, ram).context("cannot create the VM")?;
         vm.control().set_hold_at(options.hold_at);

@@ -84,6 +84,8 @@ pub struct RestoreOptions {
     pub pager: PagerConfig,
     /// Keep logging dirty pages even if the snapshot's VM did not.
     pub track_dirty: bool,
+    /// Log them through a dirty ring of this many entries per vCPU (implies `track_dirty`).
+    pub dirty_ring: Option<u32>,
     /// Added to every read of the snapshot's memory by the pager and of its working set (lazy
     /// and prefetch modes): a stand-in for a snapshot store on the network. Zero: none.
     pub source_latency: Duration,
@@ -99,6 +101,7 @@ impl RestoreOptions {
             console: ConsoleSink::default(),
             pager: PagerConfig::default(),
             track_dirty: false,
+            dirty_ring: None,
             source_latency: Duration::ZERO,
         }
     }
@@ -359,6 +362,7 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         console: options.console.clone(),
         on_vcpu_thread: lazy.then(|| link.vcpu_hook()),
         track_dirty: state.track_dirty || options.track_dirty,
+        dirty_ring: options.dirty_ring,
         ..VmConfig::default()
     };
     let vm = vm_from_state(&state, ram, config)?;

@@ -180,6 +180,19 @@ impl GuestRam {
             .map(|r| r.host_addr + (gpa - r.gpa) as usize)
     }
 
+    /// Index of the page holding `gpa` in the memory-image layout (regions back to back), if
+    /// it is RAM.
+    pub fn page_index(&self, gpa: u64) -> Option<u64> {
+        let mut first = 0;
+        for region in &self.regions {
+            if region.contains(gpa, 1) {
+                return Some(first + (gpa - region.gpa) / PAGE_SIZE);
+            }
+            first += region.size / PAGE_SIZE;
+        }
+        None
+    }
+
     /// Reads the little-endian u64 at `gpa`, with a system call: `None` if it is not RAM, or
     /// if its page cannot be read (poisoned: its contents could not be provided). A page still
     /// behind a userfaultfd is faulted in as for any access.
@@ -208,6 +221,36 @@ pub fn read_host(addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
         // SAFETY: `local` describes the writable rest of `buf`; the kernel checks `remote`
         // itself and reports what it cannot read as an error.
         let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` at address `addr` of this process with process_vm_writev(2): memory that
+/// cannot be written (a poisoned page) is an error (EFAULT), never a signal.
+pub fn write_host(addr: u64, data: &[u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let local = libc::iovec {
+            iov_base: data[done..].as_ptr() as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        let remote = libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: data.len() - done,
+        };
+        // SAFETY: `local` describes the rest of `data`, which the kernel only reads; it checks
+        // `remote` itself and reports what it cannot write as an error.
+        let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
         match n {
             n if n > 0 => done += n as usize,
             0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE,
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, Msrs, KVM_EXIT_DIRTY_RING_FULL,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -12,6 +12,7 @@ use crate::boot::long_mode::{long_mode_sregs, protected_mode_sregs};
 use crate::boot::VcpuEntry;
 use crate::control::{RunControl, StopReason};
 use crate::devices::LegacyDevices;
+use crate::memmap::{GuestAccess, MemoryMap};
 use crate::state::{self, VcpuState};
 
 /// MSR_IA32_MISC_ENABLE and its "fast string operations" bit, which Linux expects set.
@@ -61,6 +62,13 @@ pub enum VcpuError {
     /// An exit faultline does not handle.
     #[error("vCPU {vcpu}: unexpected exit {exit}")]
     UnexpectedExit { vcpu: u8, exit: String },
+    /// This vCPU's dirty ring was full and could not be harvested.
+    #[error("vCPU {vcpu}: its dirty ring is full and could not be harvested")]
+    DirtyRing {
+        vcpu: u8,
+        #[source]
+        source: crate::dirty::DirtyError,
+    },
     /// Saved state that cannot be put back as it is.
     #[error("vCPU {vcpu}: invalid saved state: {what}")]
     BadState { vcpu: u8, what: &'static str },
@@ -279,21 +287,20 @@ impl Vcpu {
 
     /// Runs until the guest exits through the test device, the VM is stopped, or an error.
     /// When the VM is paused, the vCPU saves its state, parks, and goes on when resumed.
-    /// `ram` lists guest RAM as (guest address, size, host address).
+    /// Accesses to guest RAM that exit (tracked frames) are completed through `memory`.
     pub fn run(
         &mut self,
         devices: &LegacyDevices,
         control: &RunControl,
-        ram: &[(u64, u64, u64)],
+        memory: &MemoryMap,
     ) -> Result<VcpuOutcome, VcpuError> {
-        let in_ram = |gpa: u64| {
-            ram.iter()
-                .any(|&(start, size, _)| gpa >= start && gpa - start < size)
-        };
+        let ram = memory.ram();
+        let in_ram = |gpa: u64| ram.host_range(gpa, 1).is_some();
         let gpa_of = |hva: u64| {
-            ram.iter()
-                .find(|&&(_, size, host)| hva >= host && hva - host < size)
-                .map(|&(gpa, _, host)| gpa + (hva - host))
+            ram.regions()
+                .iter()
+                .find(|r| hva >= r.host_addr() as u64 && hva - (r.host_addr() as u64) < r.size())
+                .map(|r| r.gpa() + (hva - r.host_addr() as u64))
         };
         let mut outcome = VcpuOutcome {
             vcpu: self.index,
@@ -367,9 +374,23 @@ impl Vcpu {
                         outcome.unhandled_io += 1;
                     }
                 }
-                // An "MMIO" access inside RAM means KVM could not reach the page.
-                VcpuExit::MmioRead(gpa, _) | VcpuExit::MmioWrite(gpa, _) if in_ram(gpa) => {
-                    return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
+                // An "MMIO" access inside RAM is to a tracked frame (or one whose memslot is
+                // being replaced): faultline completes it. If it cannot, KVM could not reach
+                // the page either (it could not be provided).
+                VcpuExit::MmioRead(gpa, data) if in_ram(gpa) => {
+                    if !memory.complete_access(index, gpa, GuestAccess::Read(data)) {
+                        return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
+                    }
+                }
+                VcpuExit::MmioWrite(gpa, data) if in_ram(gpa) => {
+                    if !memory.complete_access(index, gpa, GuestAccess::Write(data)) {
+                        return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
+                    }
+                }
+                VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                    memory
+                        .ring_full()
+                        .map_err(|source| VcpuError::DirtyRing { vcpu: index, source })?;
                 }
                 // No MMIO devices yet: reads see all-ones, writes are dropped.
                 VcpuExit::MmioRead(_, data) => data.fill(0xff),

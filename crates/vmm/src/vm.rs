@@ -1,14 +1,11 @@
 //! A KVM virtual machine: guest RAM as memslots, the in-kernel irqchip and PIT, vCPUs on their
 //! own threads, and the legacy devices.
 
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -17,7 +14,10 @@ use crate::boot::VcpuEntry;
 use crate::control::{PauseError, RunControl, StopReason};
 use crate::cpuid::{self, CpuidConfig};
 use crate::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use crate::dirty::{DirtyError, DirtyMode, DirtyPages};
+use crate::memmap::MemoryMap;
 use crate::memory::GuestRam;
+use crate::tracking::TrackError;
 use crate::state::{self, DeviceState, VcpuState, VmState};
 use crate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
 
@@ -73,6 +73,12 @@ pub enum VmError {
     /// The VM is running, so its vCPUs cannot be read from this thread.
     #[error("the VM is running: pause it first")]
     Running,
+    /// Guest RAM could not be mapped into KVM (memslots, tracking, dirty logging).
+    #[error("cannot map guest RAM into KVM")]
+    Memory(#[from] TrackError),
+    /// Reading or setting up the dirty log failed.
+    #[error("dirty page logging failed")]
+    Dirty(#[from] DirtyError),
 }
 
 /// Called on each vCPU thread as it starts, with the vCPU index and the thread's id (so that,
@@ -95,6 +101,20 @@ pub struct VmConfig {
     pub on_vcpu_thread: Option<VcpuThreadHook>,
     /// Log guest writes per page (KVM_MEM_LOG_DIRTY_PAGES), for diff snapshots.
     pub track_dirty: bool,
+    /// Log them through a per-vCPU dirty ring of this many entries instead of the bitmap
+    /// (implies `track_dirty`).
+    pub dirty_ring: Option<u32>,
+}
+
+impl VmConfig {
+    /// How guest writes are to be logged.
+    pub fn dirty_mode(&self) -> DirtyMode {
+        match (self.dirty_ring, self.track_dirty) {
+            (Some(entries), _) => DirtyMode::Ring(entries),
+            (None, true) => DirtyMode::Bitmap,
+            (None, false) => DirtyMode::Off,
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -105,6 +125,7 @@ impl Default for VmConfig {
             console: ConsoleSink::stdout(),
             on_vcpu_thread: None,
             track_dirty: false,
+            dirty_ring: None,
         }
     }
 }
@@ -115,40 +136,6 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
     pub devices: DeviceState,
-}
-
-/// Guest pages written since the last look, one bit per page of RAM with the regions back to
-/// back (the layout of a memory image).
-#[derive(Debug, Clone)]
-pub struct DirtyPages {
-    words: Vec<u64>,
-    pages: u64,
-}
-
-impl DirtyPages {
-    /// Whether page `page` was written.
-    pub fn contains(&self, page: u64) -> bool {
-        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
-    }
-    /// How many pages were written.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-    /// Pages of RAM covered.
-    pub fn pages(&self) -> u64 {
-        self.pages
-    }
-    /// Adds the pages of `other`, which must cover the same RAM (false, and nothing added,
-    /// if it does not).
-    fn merge(&mut self, other: &DirtyPages) -> bool {
-        if other.pages != self.pages {
-            return false;
-        }
-        for (word, more) in self.words.iter_mut().zip(&other.words) {
-            *word |= more;
-        }
-        true
-    }
 }
 
 /// How a run ended.
@@ -183,13 +170,10 @@ pub struct Vm {
 #[derive(Clone)]
 pub struct VmHandle {
     fd: Arc<VmFd>,
-    ram: GuestRam,
+    memory: Arc<MemoryMap>,
     devices: Arc<LegacyDevices>,
     control: Arc<RunControl>,
-    track_dirty: bool,
     vcpu_count: u8,
-    /// Dirty pages taken by a snapshot that then failed: reported again by the next take.
-    returned_dirty: Arc<Mutex<Option<DirtyPages>>>,
 }
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -206,7 +190,11 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 impl VmHandle {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
-        &self.ram
+        self.memory.ram()
+    }
+    /// Guest RAM as KVM maps it: page tracking and the dirty log.
+    pub fn memory(&self) -> &Arc<MemoryMap> {
+        &self.memory
     }
     /// The run control (stop, pause).
     pub fn control(&self) -> &Arc<RunControl> {
@@ -218,7 +206,7 @@ impl VmHandle {
     }
     /// Whether guest writes are logged.
     pub fn tracks_dirty(&self) -> bool {
-        self.track_dirty
+        self.memory.dirty_mode() != DirtyMode::Off
     }
 
     /// Pauses the running VM; returns the vCPUs' saved states.
@@ -247,62 +235,18 @@ impl VmHandle {
     }
 
     /// The pages guest writes dirtied since the previous call (or since tracking began), and
-    /// starts a new interval.
+    /// starts a new interval. Read a page's content after this call, never before.
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
-        if !self.track_dirty {
-            return Err(VmError::DirtyTrackingOff);
-        }
-        let pages = self.ram.size() / crate::PAGE_SIZE;
-        let mut words = vec![0u64; pages.div_ceil(64) as usize];
-        let mut base = 0u64;
-        for (slot, region) in self.ram.regions().iter().enumerate() {
-            let bitmap = match self.fd.get_dirty_log(slot as u32, region.size() as usize) {
-                Ok(bitmap) => bitmap,
-                Err(e) => {
-                    // The slots read so far were cleared: keep their pages for the next take.
-                    self.return_dirty_pages(DirtyPages { words, pages });
-                    return Err(VmError::Kvm("KVM_GET_DIRTY_LOG", e));
-                }
-            };
-            let region_pages = region.size() / crate::PAGE_SIZE;
-            for (w, &word) in bitmap.iter().enumerate() {
-                let mut bits = word;
-                while bits != 0 {
-                    let bit = u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    let page = w as u64 * 64 + bit;
-                    if page < region_pages {
-                        let global = base + page;
-                        words[(global / 64) as usize] |= 1 << (global % 64);
-                    }
-                }
-            }
-            base += region_pages;
-        }
-        let returned = self
-            .returned_dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let mut dirty = DirtyPages { words, pages };
-        if let Some(returned) = returned {
-            dirty.merge(&returned);
-        }
-        Ok(dirty)
+        self.memory
+            .take_dirty_pages()?
+            .ok_or(VmError::DirtyTrackingOff)
     }
 
     /// Puts pages taken by a snapshot that then failed back, so that the next
     /// [`take_dirty_pages`](Self::take_dirty_pages) reports them again: the dirty log ends as
     /// if the failed snapshot had not been taken.
     pub fn return_dirty_pages(&self, pages: DirtyPages) {
-        let mut returned = self
-            .returned_dirty
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let merged = returned.as_mut().is_some_and(|held| held.merge(&pages));
-        if !merged {
-            *returned = Some(pages);
-        }
+        self.memory.return_dirty_pages(&pages);
     }
 }
 
@@ -318,24 +262,15 @@ impl Vm {
             .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
         fd.set_tss_address(KVM_TSS_ADDR)
             .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
-        let slot_flags = if config.track_dirty {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        };
-        for (slot, region) in ram.regions().iter().enumerate() {
-            let memslot = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: slot_flags,
-                guest_phys_addr: region.gpa(),
-                memory_size: region.size(),
-                userspace_addr: region.host_addr() as u64,
-            };
-            // SAFETY: the region is a live mapping of `memory_size` bytes owned by `ram`, which
-            // the VM keeps for as long as the memslot exists.
-            unsafe { fd.set_user_memory_region(memslot) }
-                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
+        let fd = Arc::new(fd);
+        let control = Arc::new(RunControl::default());
+        let memory = Arc::new(MemoryMap::new(
+            &kvm,
+            Arc::clone(&fd),
+            ram,
+            Arc::clone(&control),
+            config.dirty_mode(),
+        )?);
 
         // The irqchip comes after the memslots: on the hosts we measured, adding a memslot to a VM
         // that already has an in-kernel irqchip costs 5-7 ms instead of 0.1-0.3 ms.
@@ -348,7 +283,6 @@ impl Vm {
         fd.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
 
-        let control = Arc::new(RunControl::default());
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         fd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
@@ -379,6 +313,7 @@ impl Vm {
                     what: "KVM_SET_CPUID2",
                     source,
                 })?;
+            memory.map_ring(&vcpu_fd)?;
             vcpus.push(Vcpu::new(index, vcpu_fd, Arc::clone(&msr_list)));
         }
 
@@ -391,20 +326,18 @@ impl Vm {
             vcpus,
             on_vcpu_thread: config.on_vcpu_thread.clone(),
             handle: VmHandle {
-                fd: Arc::new(fd),
-                ram,
+                fd,
+                memory,
                 devices,
                 control,
-                track_dirty: config.track_dirty,
                 vcpu_count: config.vcpus,
-                returned_dirty: Arc::new(Mutex::new(None)),
             },
         })
     }
 
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
-        &self.handle.ram
+        self.handle.ram()
     }
 
     /// The KVM VM, for VM-wide state queries.
@@ -496,13 +429,6 @@ impl Vm {
         let control = Arc::clone(&self.handle.control);
         control.begin_run(self.handle.vcpu_count);
         let (done_tx, done_rx) = mpsc::channel();
-        let ram: Arc<[(u64, u64, u64)]> = self
-            .handle
-            .ram
-            .regions()
-            .iter()
-            .map(|r| (r.gpa(), r.size(), r.host_addr() as u64))
-            .collect();
         let mut handles = Vec::with_capacity(self.vcpus.len());
         let mut spawn_error = None;
         let mut outcomes = Vec::new();
@@ -527,7 +453,7 @@ impl Vm {
             let thread_control = Arc::clone(&control);
             let done = done_tx.clone();
             let hook = self.on_vcpu_thread.clone();
-            let ram = Arc::clone(&ram);
+            let memory = Arc::clone(&self.handle.memory);
             let index = vcpu.index();
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -540,7 +466,7 @@ impl Vm {
                         done,
                     };
                     let mut vcpu = vcpu;
-                    let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &ram);
+                    let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &memory);
                     (vcpu, result)
                 });
             match spawned {
@@ -610,6 +536,13 @@ impl Vm {
     }
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // The VM's memory goes with it: tracking ends, and its notifiers are told.
+        self.handle.memory.release();
+    }
+}
+
 /// Dropped as a vCPU thread ends: tells `Vm::run` the thread is done and, if it ends by a
 /// panic that escaped the vCPU loop's own catch, marks the vCPU finished and stops the VM.
 struct Departure<'a> {
@@ -638,7 +571,7 @@ fn run_vcpu_thread(
     hook: Option<VcpuThreadHook>,
     devices: &LegacyDevices,
     control: &RunControl,
-    ram: &[(u64, u64, u64)],
+    memory: &MemoryMap,
 ) -> Result<VcpuOutcome, VcpuError> {
     let index = vcpu.index();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -649,7 +582,7 @@ fn run_vcpu_thread(
             );
         }
         control.enter(index);
-        vcpu.run(devices, control, ram)
+        vcpu.run(devices, control, memory)
     }));
     let result = result.unwrap_or_else(|panic| {
         let message = panic

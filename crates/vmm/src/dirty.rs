@@ -1,0 +1,488 @@
+//! Which guest pages were written: one interface over KVM's two dirty-page mechanisms.
+//!
+//! - **Bitmap**: `KVM_GET_DIRTY_LOG` per memslot, with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, so
+//!   that reading the log does not re-protect anything: `KVM_CLEAR_DIRTY_LOG` then clears (and
+//!   write-protects again) exactly the pages that were read, range by range.
+//! - **Ring**: `KVM_CAP_DIRTY_LOG_RING`: each vCPU pushes the pages it dirties into a ring
+//!   shared with user space. Harvesting reads the entries in order, marks each one for reset,
+//!   and `KVM_RESET_DIRTY_RINGS` re-protects their pages; a vCPU whose ring fills exits
+//!   (`KVM_EXIT_DIRTY_RING_FULL`) and harvests before it runs on.
+//!
+//! Either way, pages come out as a [`DirtyPages`] over RAM as a memory image lays it out
+//! (regions back to back). Pages known dirty outside KVM's log are kept as *pending* and
+//! added to the next take: pages faultline wrote for the guest (tracked writes, which KVM never
+//! sees), pages harvested early (a full ring, a memslot about to be deleted), and pages a
+//! failed snapshot gave back. A page's content must be read after the take that reported it:
+//! a write after that take is reported by the next one.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_dirty_gfn, kvm_enable_cap, KVMIO, KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_DIRTY_LOG_PAGE_OFFSET,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+
+use crate::memslots::Memslots;
+use crate::PAGE_SIZE;
+
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+
+/// A ring entry KVM has filled.
+const GFN_DIRTY: u32 = 1;
+/// A ring entry user space has harvested (KVM resets it on `KVM_RESET_DIRTY_RINGS`).
+const GFN_RESET: u32 = 2;
+/// Bytes of one ring entry (`struct kvm_dirty_gfn`).
+const RING_ENTRY_BYTES: u32 = std::mem::size_of::<kvm_dirty_gfn>() as u32;
+/// The smallest ring KVM accepts is one page of entries.
+pub const MIN_RING_ENTRIES: u32 = PAGE_SIZE as u32 / RING_ENTRY_BYTES;
+
+/// How guest writes are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirtyMode {
+    /// Not logged: diff snapshots and pre-copy are not possible.
+    #[default]
+    Off,
+    /// The per-memslot bitmap, cleared range by range.
+    Bitmap,
+    /// A per-vCPU ring of this many entries (a power of two).
+    Ring(u32),
+}
+
+/// Errors of dirty-page logging.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    /// The ring size is not one KVM can use.
+    #[error("--dirty-ring {entries}: a dirty ring holds a power of two of entries, from {min} to {max} on this host")]
+    RingSize { entries: u32, min: u32, max: u32 },
+    /// The host's KVM has no dirty ring.
+    #[error("this host's KVM does not offer the dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
+    RingUnsupported,
+    /// A KVM call failed.
+    #[error("{0} failed")]
+    Kvm(&'static str, #[source] std::io::Error),
+}
+
+/// Guest pages written since the last look, one bit per page of RAM with the regions back to
+/// back (the layout of a memory image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyPages {
+    words: Vec<u64>,
+    pages: u64,
+}
+
+impl DirtyPages {
+    /// No page of `pages` dirty.
+    pub fn new(pages: u64) -> Self {
+        DirtyPages {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+        }
+    }
+    /// Every page of `pages` dirty.
+    pub fn all(pages: u64) -> Self {
+        let mut all = DirtyPages::new(pages);
+        all.mark_range(0, pages);
+        all
+    }
+    /// Whether page `page` was written.
+    pub fn contains(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+    /// How many pages were written.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+    /// Pages of RAM covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+    /// The dirty pages, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &word)| {
+            let mut bits = word;
+            std::iter::from_fn(move || {
+                (bits != 0).then(|| {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    w as u64 * 64 + bit
+                })
+            })
+        })
+    }
+    /// Marks page `page` dirty (pages beyond RAM are ignored).
+    pub fn mark(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+    /// Marks `count` pages from `first` dirty.
+    pub fn mark_range(&mut self, first: u64, count: u64) {
+        for page in first..first.saturating_add(count).min(self.pages) {
+            self.mark(page);
+        }
+    }
+    /// Adds the pages of `other`, which must cover the same RAM (false, and nothing added,
+    /// if it does not).
+    pub fn merge(&mut self, other: &DirtyPages) -> bool {
+        if other.pages != self.pages {
+            return false;
+        }
+        for (word, more) in self.words.iter_mut().zip(&other.words) {
+            *word |= more;
+        }
+        true
+    }
+}
+
+/// One vCPU's dirty ring, mapped from its vCPU file.
+struct Ring {
+    entries: *mut kvm_dirty_gfn,
+    count: u32,
+    /// Index (not wrapped) of the next entry to harvest.
+    next: u32,
+}
+
+// SAFETY: the ring is a shared mapping that stays valid until `Drop`; every access goes
+// through the `Mutex` in `DirtyLog` (entries' flags are read and written atomically, since
+// KVM writes them concurrently).
+unsafe impl Send for Ring {}
+
+impl Ring {
+    fn bytes(&self) -> usize {
+        (self.count * RING_ENTRY_BYTES) as usize
+    }
+
+    /// Moves every entry KVM has published into `out`; returns how many.
+    fn harvest(&mut self, memslots: &Memslots, out: &mut DirtyPages) -> u32 {
+        let mut harvested = 0;
+        loop {
+            // SAFETY: the index is within the ring (masked by the power-of-two count), and the
+            // mapping lives as long as `self`.
+            let entry = unsafe { self.entries.add((self.next & (self.count - 1)) as usize) };
+            // SAFETY: `flags` is the first u32 of the entry, aligned; KVM and this thread both
+            // write it, so it is accessed atomically (the ring's acquire/release protocol).
+            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                return harvested;
+            }
+            // SAFETY: KVM wrote the entry before it set GFN_DIRTY (acquire above).
+            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            if let Some(page) = memslots.page_of_slot_offset(slot, offset) {
+                out.mark(page);
+            }
+            flags.store(GFN_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            harvested += 1;
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `DirtyLog::map_ring` with this address and length,
+        // and nothing refers to it once the ring is dropped.
+        unsafe { libc::munmap(self.entries.cast(), self.bytes()) };
+    }
+}
+
+/// The state of dirty logging for a VM. Reads of KVM's log go through `Memslots` (which
+/// knows how slots map to pages); the caller holds the memslots lock.
+pub(crate) struct DirtyLog {
+    /// Entries per vCPU ring, when the ring is the mechanism (else the bitmap).
+    ring: Option<u32>,
+    state: Mutex<LogState>,
+}
+
+struct LogState {
+    /// Whether the memslots log writes now (the mode can be switched off and on).
+    enabled: bool,
+    pending: DirtyPages,
+    rings: Vec<Ring>,
+}
+
+impl DirtyLog {
+    /// Prepares logging in `mode` on a VM that has no vCPU yet (the ring must be enabled before
+    /// any vCPU exists); `pages` is the number of pages of RAM. With `Off`, the bitmap is made
+    /// ready so that logging can be switched on later.
+    pub fn new(kvm: &Kvm, vm: &VmFd, mode: DirtyMode, pages: u64) -> Result<Self, DirtyError> {
+        let ring = match mode {
+            DirtyMode::Off | DirtyMode::Bitmap => {
+                let cap = kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+                    ..Default::default()
+                };
+                vm.enable_cap(&cap).map_err(|e| {
+                    DirtyError::Kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", e.into())
+                })?;
+                None
+            }
+            DirtyMode::Ring(entries) => {
+                let (cap, max_bytes) = ring_capability(kvm)?;
+                let max = max_bytes / RING_ENTRY_BYTES;
+                if !entries.is_power_of_two() || entries < MIN_RING_ENTRIES || entries > max {
+                    return Err(DirtyError::RingSize {
+                        entries,
+                        min: MIN_RING_ENTRIES,
+                        max,
+                    });
+                }
+                let cap = kvm_enable_cap {
+                    cap,
+                    args: [u64::from(entries * RING_ENTRY_BYTES), 0, 0, 0],
+                    ..Default::default()
+                };
+                vm.enable_cap(&cap)
+                    .map_err(|e| DirtyError::Kvm("KVM_ENABLE_CAP(DIRTY_LOG_RING)", e.into()))?;
+                Some(entries)
+            }
+        };
+        Ok(DirtyLog {
+            ring,
+            state: Mutex::new(LogState {
+                enabled: mode != DirtyMode::Off,
+                pending: DirtyPages::new(pages),
+                rings: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How writes are logged now.
+    pub fn mode(&self) -> DirtyMode {
+        match (self.enabled(), self.ring) {
+            (false, _) => DirtyMode::Off,
+            (true, None) => DirtyMode::Bitmap,
+            (true, Some(entries)) => DirtyMode::Ring(entries),
+        }
+    }
+
+    /// Whether memslots log writes now.
+    pub fn enabled(&self) -> bool {
+        self.lock().enabled
+    }
+
+    /// Maps the dirty ring of a new vCPU (ring mode only).
+    pub fn map_ring(&self, vcpu: &VcpuFd) -> Result<(), DirtyError> {
+        let Some(count) = self.ring else {
+            return Ok(());
+        };
+        let bytes = (count * RING_ENTRY_BYTES) as usize;
+        // SAFETY: a fresh shared mapping of the vCPU file at KVM's documented ring offset, of
+        // the size the ring was enabled with; the kernel checks both.
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu.as_raw_fd(),
+                i64::from(KVM_DIRTY_LOG_PAGE_OFFSET) * PAGE_SIZE as i64,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(DirtyError::Kvm(
+                "mmap of the vCPU dirty ring",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        self.lock().rings.push(Ring {
+            entries: address.cast(),
+            count,
+            next: 0,
+        });
+        Ok(())
+    }
+
+    /// Switches logging off or on (the memslot flags are the caller's). Pages written while it
+    /// was off are unknown, so switching it on marks every page dirty.
+    pub fn set_enabled(&self, on: bool) {
+        let mut state = self.lock();
+        if on && !state.enabled {
+            state.pending = DirtyPages::all(state.pending.pages());
+        }
+        if !on {
+            state.pending = DirtyPages::new(state.pending.pages());
+        }
+        state.enabled = on;
+    }
+
+    /// Records that faultline wrote page `page` for the guest (KVM's log never sees it).
+    pub fn mark_written(&self, page: u64) {
+        let mut state = self.lock();
+        if state.enabled {
+            state.pending.mark(page);
+        }
+    }
+
+    /// Gives back pages a failed snapshot took, so that the next take reports them again.
+    pub fn give_back(&self, pages: &DirtyPages) {
+        let mut state = self.lock();
+        if state.enabled {
+            state.pending.merge(pages);
+        }
+    }
+
+    /// Moves what KVM logged for `slots` (about to be deleted) into the pending pages: in ring
+    /// mode every ring is harvested, in bitmap mode those slots' bitmaps are read.
+    pub fn save_before_delete(
+        &self,
+        vm: &VmFd,
+        memslots: &Memslots,
+        slots: &[u32],
+    ) -> Result<(), DirtyError> {
+        let mut state = self.lock();
+        if !state.enabled {
+            return Ok(());
+        }
+        let LogState { pending, rings, .. } = &mut *state;
+        if self.ring.is_some() {
+            return harvest_rings(vm, memslots, rings, pending);
+        }
+        for &slot in slots {
+            read_slot_bitmap(vm, memslots, slot, pending, false)?;
+        }
+        Ok(())
+    }
+
+    /// Harvests a full ring (or all rings) into the pending pages, so a vCPU can run on.
+    pub fn harvest_rings(&self, vm: &VmFd, memslots: &Memslots) -> Result<(), DirtyError> {
+        let mut state = self.lock();
+        let LogState { pending, rings, .. } = &mut *state;
+        harvest_rings(vm, memslots, rings, pending)
+    }
+
+    /// The pages written since the previous take, and starts a new interval. `None` when
+    /// logging is off. On an error, what was read so far stays pending.
+    pub fn take(&self, vm: &VmFd, memslots: &Memslots) -> Result<Option<DirtyPages>, DirtyError> {
+        let mut state = self.lock();
+        if !state.enabled {
+            return Ok(None);
+        }
+        let LogState { pending, rings, .. } = &mut *state;
+        if self.ring.is_some() {
+            harvest_rings(vm, memslots, rings, pending)?;
+        } else {
+            for slot in memslots.logged_slots() {
+                read_slot_bitmap(vm, memslots, slot, pending, true)?;
+            }
+        }
+        let pages = pending.pages();
+        Ok(Some(std::mem::replace(pending, DirtyPages::new(pages))))
+    }
+}
+
+/// The ring capability this host offers (acquire/release preferred) and its largest size.
+fn ring_capability(kvm: &Kvm) -> Result<(u32, u32), DirtyError> {
+    for cap in [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING] {
+        let max = kvm.check_extension_raw(u64::from(cap));
+        if max > 0 {
+            return Ok((cap, max as u32));
+        }
+    }
+    Err(DirtyError::RingUnsupported)
+}
+
+fn harvest_rings(
+    vm: &VmFd,
+    memslots: &Memslots,
+    rings: &mut [Ring],
+    out: &mut DirtyPages,
+) -> Result<(), DirtyError> {
+    let mut harvested = 0;
+    for ring in rings.iter_mut() {
+        harvested += ring.harvest(memslots, out);
+    }
+    if harvested > 0 {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's rings.
+        let reset = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+        if reset < 0 {
+            return Err(DirtyError::Kvm(
+                "KVM_RESET_DIRTY_RINGS",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads slot `slot`'s dirty bitmap into `out`; with `clear`, clears (re-protects) exactly the
+/// pages it reported.
+fn read_slot_bitmap(
+    vm: &VmFd,
+    memslots: &Memslots,
+    slot: u32,
+    out: &mut DirtyPages,
+    clear: bool,
+) -> Result<(), DirtyError> {
+    let Some(info) = memslots.slot(slot) else {
+        return Ok(());
+    };
+    let mut bitmap = vm
+        .get_dirty_log(slot, info.size as usize)
+        .map_err(|e| DirtyError::Kvm("KVM_GET_DIRTY_LOG", e.into()))?;
+    let first = memslots.page_index(info.gpa);
+    let slot_pages = info.size / PAGE_SIZE;
+    let mut any = false;
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        any |= bits != 0;
+        while bits != 0 {
+            let bit = u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            let page = w as u64 * 64 + bit;
+            if page < slot_pages {
+                out.mark(first + page);
+            }
+        }
+    }
+    if clear && any {
+        let mut request = kvm_clear_dirty_log {
+            slot,
+            num_pages: slot_pages as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        request.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+        // SAFETY: the bitmap holds a bit for each of the slot's `num_pages` pages and outlives
+        // the call; KVM only reads it.
+        let cleared = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &request) };
+        if cleared < 0 {
+            return Err(DirtyError::Kvm(
+                "KVM_CLEAR_DIRTY_LOG",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_mark_merge_and_iterate() {
+        let mut a = DirtyPages::new(130);
+        a.mark(0);
+        a.mark(64);
+        a.mark(129);
+        a.mark(130); // beyond RAM: ignored
+        assert_eq!(a.iter().collect::<Vec<_>>(), [0, 64, 129]);
+        let mut b = DirtyPages::new(130);
+        b.mark_range(63, 2);
+        assert!(a.merge(&b));
+        assert_eq!(a.iter().collect::<Vec<_>>(), [0, 63, 64, 129]);
+        assert!(!a.merge(&DirtyPages::new(10)));
+        assert_eq!(DirtyPages::all(70).count(), 70);
+    }
+}

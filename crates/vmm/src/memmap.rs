@@ -1,0 +1,275 @@
+//! How guest RAM is mapped into KVM, and what follows from it: the memslots, page tracking
+//! (tracked frames become read-only memslots or holes), the accesses that exit to user space
+//! because of it, and the dirty log. Every memslot change the VMM makes goes through here, so
+//! tracking and dirty logging survive each other.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::Duration;
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::control::{PauseError, RunControl};
+use crate::dirty::{DirtyError, DirtyLog, DirtyMode, DirtyPages};
+use crate::memory::{read_host, write_host, GuestRam};
+use crate::memslots::{MemslotError, Memslots};
+use crate::tracking::{
+    check_range, AccessBytes, NotifierId, Notifiers, TrackError, TrackEvent, TrackMode,
+    TrackNotifier, TrackTable, TrackedRange,
+};
+use crate::PAGE_SIZE;
+
+/// How long a memslot change waits for running vCPUs to pause (with dirty logging on).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A guest access that exited to user space.
+pub(crate) enum GuestAccess<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// Guest RAM as KVM sees it.
+pub struct MemoryMap {
+    fd: Arc<VmFd>,
+    ram: GuestRam,
+    control: Arc<RunControl>,
+    /// Held for the whole of a tracking change (pause included), so changes never interleave.
+    changing: Mutex<()>,
+    /// The memslots; held briefly (a vCPU whose dirty ring is full takes it too).
+    slots: Mutex<Memslots>,
+    table: RwLock<TrackTable>,
+    notifiers: Notifiers,
+    dirty: DirtyLog,
+}
+
+impl MemoryMap {
+    /// Creates the memslots for `ram` (before the irqchip: see `Vm::new`) and prepares dirty
+    /// logging in `mode` (before any vCPU exists).
+    pub(crate) fn new(
+        kvm: &Kvm,
+        fd: Arc<VmFd>,
+        ram: GuestRam,
+        control: Arc<RunControl>,
+        mode: DirtyMode,
+    ) -> Result<Self, TrackError> {
+        let dirty = DirtyLog::new(kvm, &fd, mode, ram.size() / PAGE_SIZE)?;
+        let mut slots = Memslots::new(&ram, kvm.get_nr_memslots(), mode != DirtyMode::Off);
+        let layout = slots.layout([]);
+        slots.apply(&fd, &layout)?;
+        Ok(MemoryMap {
+            fd,
+            ram,
+            control,
+            changing: Mutex::new(()),
+            slots: Mutex::new(slots),
+            table: RwLock::new(TrackTable::default()),
+            notifiers: Notifiers::default(),
+            dirty,
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Memslots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn table(&self) -> RwLockReadGuard<'_, TrackTable> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Starts tracking `[gpa, gpa + len)` in `mode` for one more user.
+    pub fn track(&self, gpa: u64, len: u64, mode: TrackMode) -> Result<(), TrackError> {
+        check_range(&self.ram, gpa, len)?;
+        self.change(|table| {
+            table.add(gpa, len, mode);
+            Ok(())
+        })
+    }
+
+    /// One user stops tracking `[gpa, gpa + len)` in `mode`.
+    pub fn untrack(&self, gpa: u64, len: u64, mode: TrackMode) -> Result<(), TrackError> {
+        check_range(&self.ram, gpa, len)?;
+        self.change(|table| table.remove(gpa, len, mode))
+    }
+
+    /// The tracked frames, as runs.
+    pub fn tracked(&self) -> Vec<TrackedRange> {
+        self.table().ranges()
+    }
+
+    /// Registers a notifier for every tracking event from now on.
+    pub fn register(&self, notifier: Arc<dyn TrackNotifier>) -> NotifierId {
+        self.notifiers.register(notifier)
+    }
+
+    /// Unregisters a notifier; false if it was not registered.
+    pub fn unregister(&self, id: NotifierId) -> bool {
+        self.notifiers.unregister(id)
+    }
+
+    /// Applies `edit` to a copy of the tracking table and makes the memslots match it; the
+    /// table and the memslots change together or not at all.
+    fn change(
+        &self,
+        edit: impl FnOnce(&mut TrackTable) -> Result<(), TrackError>,
+    ) -> Result<(), TrackError> {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.table().clone();
+        let mut after = before.clone();
+        edit(&mut after)?;
+        let (layout, log_dirty) = {
+            let slots = self.slots();
+            (slots.layout(after.backings()), slots.log_dirty())
+        };
+        let needed = Memslots::slots_needed(&layout);
+        let max = self.slots().max();
+        if needed > max {
+            return Err(MemslotError::TooMany { needed, max }.into());
+        }
+        // With dirty logging on, a write between reading a doomed slot's log and deleting the
+        // slot would be lost: the vCPUs wait out such a change. (They are paused before the
+        // memslots are locked: a vCPU with a full dirty ring needs that lock to park.)
+        let _paused = log_dirty
+            .then(|| PausedFor::change(&self.control))
+            .transpose()?;
+        let mut slots = self.slots();
+        let doomed = slots.doomed(&layout);
+        self.dirty.save_before_delete(&self.fd, &slots, &doomed)?;
+        // The table first: an access in the instant a slot is being replaced exits to user
+        // space, which then reports it by the new table (and always completes it).
+        *self.table.write().unwrap_or_else(|e| e.into_inner()) = after;
+        if let Err(e) = slots.apply(&self.fd, &layout) {
+            *self.table.write().unwrap_or_else(|e| e.into_inner()) = before;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Completes a guest access that exited to user space at `gpa` inside RAM: a tracked
+    /// frame (reported to the notifiers) or a frame whose memslot is being replaced. Returns
+    /// false if the memory cannot be read or written (a page that could not be provided).
+    pub(crate) fn complete_access(&self, vcpu: u8, gpa: u64, access: GuestAccess<'_>) -> bool {
+        let len = match &access {
+            GuestAccess::Read(buf) => buf.len(),
+            GuestAccess::Write(data) => data.len(),
+        } as u64;
+        let Some(host) = self.ram.host_range(gpa, len) else {
+            return false;
+        };
+        let event = match access {
+            GuestAccess::Read(buf) => {
+                if read_host(host as u64, buf).is_err() {
+                    return false;
+                }
+                (self.table().mode_of(gpa) == Some(TrackMode::Access)).then_some(
+                    TrackEvent::Read {
+                        vcpu,
+                        gpa,
+                        len: len as u8,
+                    },
+                )
+            }
+            GuestAccess::Write(data) => {
+                if write_host(host as u64, data).is_err() {
+                    return false;
+                }
+                for page in [gpa, gpa + len - 1] {
+                    if let Some(index) = self.ram.page_index(page) {
+                        self.dirty.mark_written(index);
+                    }
+                }
+                self.table().mode_of(gpa).map(|_| TrackEvent::Write {
+                    vcpu,
+                    gpa,
+                    data: AccessBytes::new(data),
+                })
+            }
+        };
+        if let Some(event) = event {
+            self.notifiers.notify(&event);
+        }
+        true
+    }
+
+    /// Ends all tracking because the VM's memory is going away: each run of tracked frames is
+    /// reported as removed.
+    pub(crate) fn release(&self) {
+        let table = std::mem::take(&mut *self.table.write().unwrap_or_else(|e| e.into_inner()));
+        for (gpa, len) in table.extents() {
+            self.notifiers
+                .notify(&TrackEvent::RegionRemoved { gpa, len });
+        }
+    }
+
+    /// How guest writes are logged now.
+    pub fn dirty_mode(&self) -> DirtyMode {
+        self.dirty.mode()
+    }
+
+    /// Maps a new vCPU's dirty ring (ring mode).
+    pub(crate) fn map_ring(&self, vcpu: &VcpuFd) -> Result<(), DirtyError> {
+        self.dirty.map_ring(vcpu)
+    }
+
+    /// Harvests the dirty rings so that a vCPU whose ring is full can run on.
+    pub(crate) fn ring_full(&self) -> Result<(), DirtyError> {
+        let slots = self.slots();
+        self.dirty.harvest_rings(&self.fd, &slots)
+    }
+
+    /// The pages written since the previous take; `None` when dirty logging is off.
+    pub fn take_dirty_pages(&self) -> Result<Option<DirtyPages>, DirtyError> {
+        let slots = self.slots();
+        self.dirty.take(&self.fd, &slots)
+    }
+
+    /// Gives back pages a failed snapshot took, so that the next take reports them again.
+    pub fn return_dirty_pages(&self, pages: &DirtyPages) {
+        self.dirty.give_back(pages);
+    }
+
+    /// Switches dirty logging on or off for every memslot (tracked frames stay tracked).
+    /// Switching it on marks every page dirty: writes while it was off are unknown.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), MemslotError> {
+        let mut slots = self.slots();
+        if slots.log_dirty() == on {
+            return Ok(());
+        }
+        slots.set_log_dirty(&self.fd, on)?;
+        self.dirty.set_enabled(on);
+        Ok(())
+    }
+}
+
+/// The VM paused for a memslot change, resumed when dropped (if this change paused it).
+struct PausedFor<'a> {
+    control: Option<&'a RunControl>,
+}
+
+impl<'a> PausedFor<'a> {
+    fn change(control: &'a RunControl) -> Result<Self, PauseError> {
+        match control.pause(PAUSE_TIMEOUT) {
+            Ok(_) => Ok(PausedFor {
+                control: Some(control),
+            }),
+            // Not running or paused already: no vCPU can write during the change.
+            Err(PauseError::NotRunning | PauseError::AlreadyPaused) => {
+                Ok(PausedFor { control: None })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for PausedFor<'_> {
+    fn drop(&mut self) {
+        if let Some(control) = self.control {
+            if let Err(e) = control.resume() {
+                tracing::error!("cannot resume the VM after a memslot change: {e}");
+            }
+        }
+    }
+}
