@@ -331,9 +331,24 @@ fn a_vm_started_paused_runs_nothing_until_resumed() {
 #[test]
 fn a_diff_chain_restores_the_same_memory_as_a_full_snapshot() {
     require_kvm!();
-    let tmp = TempDir::new("diff");
+    diff_chain_matches_a_full_snapshot("diff", "--track-dirty", None);
+}
+
+#[test]
+fn a_diff_chain_logged_by_the_dirty_ring_restores_the_same_memory() {
+    require_kvm!();
+    diff_chain_matches_a_full_snapshot("diff-ring", "--dirty-ring", Some("4096"));
+}
+
+/// A full snapshot at pass 1, a diff on it at pass 3 and a full one at pass 3 (dirty pages
+/// logged as `log` says) hold the same memory, and the chain restores.
+fn diff_chain_matches_a_full_snapshot(name: &str, log: &str, log_value: Option<&str>) {
+    let tmp = TempDir::new(name);
     let sock = tmp.join("api.sock");
-    let mut child = spawn_run(&sock, &["--arg", "0", "--track-dirty", "--hold-at", "1"]);
+    let mut args = vec!["--arg", "0", log];
+    args.extend(log_value);
+    args.extend(["--hold-at", "1"]);
+    let mut child = spawn_run(&sock, &args);
     wait_running(&sock, &mut child);
     wait_held(&sock, 1);
 

@@ -112,6 +112,13 @@ pub const ALL: &[MicroGuest] = &[
         "reads one word from each of arg pages spread over the work range; reports their sum"
     ),
     guest!(
+        "stores",
+        true,
+        1,
+        None,
+        "writes known values with 1/2/4/8-byte and string stores into every arg-th page, two passes (hold points 1, 2); reports a sum"
+    ),
+    guest!(
         "cpuid",
         false,
         0,
@@ -172,6 +179,59 @@ pub fn scatter_pages(start: u64, pages: u64, arg: u64) -> (u64, u64, u64) {
     (start, stride, count)
 }
 
+/// The multiplier of the `stores` guest (must match `asm/stores.S`).
+pub const STORES_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One store of the `stores` guest: `bytes` written at `gpa`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    pub gpa: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Whether the `stores` guest's pass `pass` (1 or 2) writes page `index` of its range.
+pub fn stores_writes_page(index: u64, stride: u64, pass: u64) -> bool {
+    let stride = stride.max(1);
+    index % stride == (pass - 1) % stride
+}
+
+/// The stores of one pass of the `stores` guest over `pages` pages from `start`, in the
+/// order the guest makes them (the string store is one store per byte).
+pub fn stores_pass(start: u64, pages: u64, stride: u64, pass: u64) -> Vec<Store> {
+    let mut out = Vec::new();
+    for index in (0..pages).filter(|&i| stores_writes_page(i, stride, pass)) {
+        let a = start + index * 4096;
+        let v = a
+            .wrapping_mul(STORES_MULTIPLIER)
+            .wrapping_add(pass)
+            .to_le_bytes();
+        for (offset, width) in [(0, 1), (8, 2), (16, 4), (24, 8)] {
+            out.push(Store {
+                gpa: a + offset,
+                bytes: v[..width].to_vec(),
+            });
+        }
+        for byte in 0..3 {
+            out.push(Store {
+                gpa: a + 48 + byte,
+                bytes: vec![v[1]],
+            });
+        }
+    }
+    out
+}
+
+/// What the `stores` guest reports for its range: the sum of the qwords at A + 24.
+pub fn stores_checksum(start: u64, pages: u64, stride: u64) -> u64 {
+    (0..pages).fold(0u64, |sum, index| {
+        let last = (1..=2)
+            .rev()
+            .find(|&p| stores_writes_page(index, stride, p));
+        let a = start + index * 4096;
+        sum.wrapping_add(last.map_or(0, |p| a.wrapping_mul(STORES_MULTIPLIER).wrapping_add(p)))
+    })
+}
+
 /// The checksum the `dirty` guest reports after `passes` passes over the range.
 pub fn dirty_checksum(start: u64, pages: u64, passes: u64) -> u64 {
     (0..pages).fold(0u64, |sum, i| sum.wrapping_add(start + i * 4096 + passes))
@@ -211,6 +271,38 @@ mod tests {
     fn mix_multiplier_matches_the_assembly() {
         let source = include_str!("../asm/mix.S");
         assert!(source.contains(&format!(".set MIX_MULTIPLIER, {MIX_MULTIPLIER:#x}")));
+    }
+
+    #[test]
+    fn stores_multiplier_matches_the_assembly() {
+        let source = include_str!("../asm/stores.S");
+        assert!(source.contains(&format!(".set STORES_MULTIPLIER, {STORES_MULTIPLIER:#x}")));
+    }
+
+    #[test]
+    fn stores_passes_split_the_pages_by_stride() {
+        assert_eq!(stores_pass(0x1000, 3, 1, 1).len(), 3 * 7);
+        let pass1: Vec<u64> = stores_pass(0, 4, 2, 1)
+            .iter()
+            .map(|s| s.gpa / 4096)
+            .collect();
+        let pass2: Vec<u64> = stores_pass(0, 4, 2, 2)
+            .iter()
+            .map(|s| s.gpa / 4096)
+            .collect();
+        assert!(pass1.iter().all(|p| p % 2 == 0) && pass2.iter().all(|p| p % 2 == 1));
+        let first = &stores_pass(0x2000, 1, 1, 2)[..5];
+        let v = 0x2000u64.wrapping_mul(STORES_MULTIPLIER) + 2;
+        assert_eq!(first[0].bytes, [v as u8]);
+        assert_eq!(first[3].bytes, v.to_le_bytes());
+        assert_eq!(
+            first[4],
+            Store {
+                gpa: 0x2000 + 48,
+                bytes: vec![(v >> 8) as u8]
+            }
+        );
+        assert_eq!(stores_checksum(0x2000, 1, 1), v);
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum DirtyError {
     /// The host's KVM has no dirty ring.
     #[error("this host's KVM does not offer the dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
     RingUnsupported,
+    /// KVM keeps saying a ring is full, but it holds nothing to harvest: it overflowed.
+    #[error("vCPU {vcpu}'s dirty ring overflowed: KVM reports it full but it holds no entry to harvest (the vCPU dirtied more pages than the ring holds before it exited, as an instruction-emulating host lets it); use a larger --dirty-ring, or the bitmap (--track-dirty)")]
+    RingOverflow { vcpu: u8 },
     /// A KVM call failed.
     #[error("{0} failed")]
     Kvm(&'static str, #[source] std::io::Error),
@@ -158,28 +161,39 @@ impl Ring {
         (self.count * RING_ENTRY_BYTES) as usize
     }
 
-    /// Moves every entry KVM has published into `out`; returns how many.
-    fn harvest(&mut self, memslots: &Memslots, out: &mut DirtyPages) -> u32 {
+    /// The flags word of entry `index` (not wrapped).
+    fn flags(&self, index: u32) -> &AtomicU32 {
+        // SAFETY: the index is masked into the ring (a power-of-two count) and the mapping
+        // lives as long as `self`; `flags` is the entry's first u32, aligned. KVM writes it
+        // concurrently, so it is only ever accessed atomically.
+        unsafe {
+            let entry = self.entries.add((index & (self.count - 1)) as usize);
+            AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags))
+        }
+    }
+
+    /// Moves the entries KVM has published since the last harvest into `out`, in order, and
+    /// marks them for reset; returns how many, and whether the ring was full (so KVM may have
+    /// written over entries before they were harvested).
+    fn harvest(&mut self, memslots: &Memslots, out: &mut DirtyPages) -> (u32, bool) {
         let mut harvested = 0;
-        loop {
-            // SAFETY: the index is within the ring (masked by the power-of-two count), and the
-            // mapping lives as long as `self`.
-            let entry = unsafe { self.entries.add((self.next & (self.count - 1)) as usize) };
-            // SAFETY: `flags` is the first u32 of the entry, aligned; KVM and this thread both
-            // write it, so it is accessed atomically (the ring's acquire/release protocol).
-            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
-            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
-                return harvested;
-            }
-            // SAFETY: KVM wrote the entry before it set GFN_DIRTY (acquire above).
-            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+        while harvested < self.count
+            && self.flags(self.next).load(Ordering::Acquire) & GFN_DIRTY != 0
+        {
+            // SAFETY: KVM wrote the entry before it set GFN_DIRTY (acquire above); the index is
+            // masked into the ring.
+            let (slot, offset) = unsafe {
+                let entry = self.entries.add((self.next & (self.count - 1)) as usize);
+                ((*entry).slot, (*entry).offset)
+            };
             if let Some(page) = memslots.page_of_slot_offset(slot, offset) {
                 out.mark(page);
             }
-            flags.store(GFN_RESET, Ordering::Release);
+            self.flags(self.next).store(GFN_RESET, Ordering::Release);
             self.next = self.next.wrapping_add(1);
             harvested += 1;
         }
+        (harvested, harvested == self.count)
     }
 }
 
@@ -202,6 +216,9 @@ pub(crate) struct DirtyLog {
 struct LogState {
     /// Whether the memslots log writes now (the mode can be switched off and on).
     enabled: bool,
+    /// A dirty ring overflowed: KVM's ring can no longer be trusted, so every take reports
+    /// every page.
+    overflowed: bool,
     pending: DirtyPages,
     rings: Vec<Ring>,
 }
@@ -247,6 +264,7 @@ impl DirtyLog {
             ring,
             state: Mutex::new(LogState {
                 enabled: mode != DirtyMode::Off,
+                overflowed: false,
                 pending: DirtyPages::new(pages),
                 rings: Vec::new(),
             }),
@@ -344,21 +362,20 @@ impl DirtyLog {
         if !state.enabled {
             return Ok(());
         }
-        let LogState { pending, rings, .. } = &mut *state;
         if self.ring.is_some() {
-            return harvest_rings(vm, memslots, rings, pending);
+            harvest_rings(vm, memslots, &mut state)?;
+            return Ok(());
         }
         for &slot in slots {
-            read_slot_bitmap(vm, memslots, slot, pending, false)?;
+            read_slot_bitmap(vm, memslots, slot, &mut state.pending, false)?;
         }
         Ok(())
     }
 
-    /// Harvests a full ring (or all rings) into the pending pages, so a vCPU can run on.
-    pub fn harvest_rings(&self, vm: &VmFd, memslots: &Memslots) -> Result<(), DirtyError> {
-        let mut state = self.lock();
-        let LogState { pending, rings, .. } = &mut *state;
-        harvest_rings(vm, memslots, rings, pending)
+    /// Harvests a full ring (or all rings) into the pending pages, so a vCPU can run on;
+    /// returns how many entries there were.
+    pub fn harvest_rings(&self, vm: &VmFd, memslots: &Memslots) -> Result<u32, DirtyError> {
+        harvest_rings(vm, memslots, &mut self.lock())
     }
 
     /// The pages written since the previous take, and starts a new interval. `None` when
@@ -368,16 +385,18 @@ impl DirtyLog {
         if !state.enabled {
             return Ok(None);
         }
-        let LogState { pending, rings, .. } = &mut *state;
         if self.ring.is_some() {
-            harvest_rings(vm, memslots, rings, pending)?;
+            harvest_rings(vm, memslots, &mut state)?;
         } else {
             for slot in memslots.logged_slots() {
-                read_slot_bitmap(vm, memslots, slot, pending, true)?;
+                read_slot_bitmap(vm, memslots, slot, &mut state.pending, true)?;
             }
         }
-        let pages = pending.pages();
-        Ok(Some(std::mem::replace(pending, DirtyPages::new(pages))))
+        let pages = state.pending.pages();
+        Ok(Some(std::mem::replace(
+            &mut state.pending,
+            DirtyPages::new(pages),
+        )))
     }
 }
 
@@ -392,15 +411,28 @@ fn ring_capability(kvm: &Kvm) -> Result<(u32, u32), DirtyError> {
     Err(DirtyError::RingUnsupported)
 }
 
-fn harvest_rings(
-    vm: &VmFd,
-    memslots: &Memslots,
-    rings: &mut [Ring],
-    out: &mut DirtyPages,
-) -> Result<(), DirtyError> {
+/// Harvests every ring into the pending pages and resets what was harvested; returns how many
+/// entries there were.
+///
+/// KVM asks a vCPU to exit when its ring is nearly full, but a vCPU that dirties pages faster
+/// than it exits (an instruction-emulating host lets it) makes KVM write over entries that were
+/// not harvested, and its ring indices then stay wrong. The pages of such entries are unknown:
+/// from then on every page is reported dirty, never fewer pages than were written. An overflow
+/// shows as a ring found full, or as KVM resetting fewer entries than were harvested (it stops
+/// at an entry it wrote over).
+fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result<u32, DirtyError> {
     let mut harvested = 0;
-    for ring in rings.iter_mut() {
-        harvested += ring.harvest(memslots, out);
+    for ring in state.rings.iter_mut() {
+        let (count, overflowed) = ring.harvest(memslots, &mut state.pending);
+        if overflowed && !state.overflowed {
+            tracing::warn!(
+                "a dirty ring of {} entries overflowed: every page is reported dirty from now \
+                 on (use a larger --dirty-ring, or the bitmap)",
+                ring.count
+            );
+            state.overflowed = true;
+        }
+        harvested += count;
     }
     if harvested > 0 {
         // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's rings.
@@ -411,8 +443,19 @@ fn harvest_rings(
                 std::io::Error::last_os_error(),
             ));
         }
+        if (reset as u32) < harvested && !state.overflowed {
+            tracing::warn!(
+                "KVM reset {reset} dirty-ring entries of {harvested} harvested: a ring \
+                 overflowed; every page is reported dirty from now on"
+            );
+            state.overflowed = true;
+        }
     }
-    Ok(())
+    if state.overflowed {
+        let pages = state.pending.pages();
+        state.pending.mark_range(0, pages);
+    }
+    Ok(harvested)
 }
 
 /// Reads slot `slot`'s dirty bitmap into `out`; with `clear`, clears (re-protects) exactly the
@@ -455,7 +498,8 @@ fn read_slot_bitmap(
         request.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
         // SAFETY: the bitmap holds a bit for each of the slot's `num_pages` pages and outlives
         // the call; KVM only reads it.
-        let cleared = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &request) };
+        let cleared =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &request) };
         if cleared < 0 {
             return Err(DirtyError::Kvm(
                 "KVM_CLEAR_DIRTY_LOG",

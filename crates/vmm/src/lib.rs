@@ -18,9 +18,9 @@ pub mod tracking;
 pub mod vcpu;
 pub mod vm;
 
-pub use memory::{GuestRam, RamRegion, PAGE_SIZE};
 pub use dirty::{DirtyMode, DirtyPages};
 pub use memmap::MemoryMap;
+pub use memory::{GuestRam, RamRegion, PAGE_SIZE};
 pub use memslots::MemslotError;
 pub use tracking::{TrackEvent, TrackMode, TrackNotifier, TrackedRange};
 pub use vm::{MachineState, RunOutcome, Vm, VmConfig, VmError, VmHandle};

@@ -112,6 +112,17 @@ impl Memslots {
         self.max
     }
 
+    /// Lowers the most memslots used (tests: the host allows thousands).
+    #[cfg(test)]
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
+    /// How many slots KVM holds.
+    pub fn count(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Whether slots log dirty pages.
     pub fn log_dirty(&self) -> bool {
         self.log_dirty

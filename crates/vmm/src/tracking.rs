@@ -86,7 +86,11 @@ impl std::fmt::Debug for AccessBytes {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackEvent {
     /// vCPU `vcpu` wrote `data` at `gpa`, a tracked frame (the write took effect).
-    Write { vcpu: u8, gpa: u64, data: AccessBytes },
+    Write {
+        vcpu: u8,
+        gpa: u64,
+        data: AccessBytes,
+    },
     /// vCPU `vcpu` read `len` bytes at `gpa`, a frame tracked in access mode.
     Read { vcpu: u8, gpa: u64, len: u8 },
     /// The memory at `[gpa, gpa + len)`, which held tracked frames, went away (the VM ended):
@@ -109,13 +113,15 @@ pub struct NotifierId(u64);
 pub enum TrackError {
     #[error("a tracked range cannot be empty (len 0)")]
     ZeroLength,
-    #[error("gpa {gpa:#x} and len {len:#x} must both be multiples of 4 KiB (tracking is per page)")]
+    #[error(
+        "gpa {gpa:#x} and len {len:#x} must both be multiples of 4 KiB (tracking is per page)"
+    )]
     Unaligned { gpa: u64, len: u64 },
     #[error("[{gpa:#x}, {gpa:#x} + {len:#x}) is not guest RAM")]
     OutsideRam { gpa: u64, len: u64 },
     #[error("the frame at {gpa:#x} is not tracked in {mode} mode: nothing was removed")]
     NotTracked { gpa: u64, mode: TrackMode },
-    #[error("cannot change the memslots")]
+    #[error(transparent)]
     Memslots(#[from] MemslotError),
     #[error("cannot save the dirty log before changing memslots")]
     Dirty(#[from] crate::dirty::DirtyError),

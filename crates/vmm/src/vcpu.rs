@@ -23,6 +23,8 @@ const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
+/// Ring-full exits in a row with nothing to harvest before the ring is taken as overflowed.
+const MAX_EMPTY_RING_EXITS: u32 = 3;
 
 /// Errors of one vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +311,7 @@ impl Vcpu {
             unhandled_io: 0,
         };
         let mut report_low: u32 = 0;
+        let mut empty_ring_exits = 0;
         let index = self.index;
         loop {
             if control.should_stop() {
@@ -388,9 +391,26 @@ impl Vcpu {
                     }
                 }
                 VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
-                    memory
-                        .ring_full()
-                        .map_err(|source| VcpuError::DirtyRing { vcpu: index, source })?;
+                    let harvested =
+                        memory
+                            .harvest_rings()
+                            .map_err(|source| VcpuError::DirtyRing {
+                                vcpu: index,
+                                source,
+                            })?;
+                    // Another thread may have harvested just before (then the next entry goes
+                    // on); a ring that stays "full" with nothing in it has overflowed.
+                    empty_ring_exits = if harvested == 0 {
+                        empty_ring_exits + 1
+                    } else {
+                        0
+                    };
+                    if empty_ring_exits > MAX_EMPTY_RING_EXITS {
+                        return Err(VcpuError::DirtyRing {
+                            vcpu: index,
+                            source: crate::dirty::DirtyError::RingOverflow { vcpu: index },
+                        });
+                    }
                 }
                 // No MMIO devices yet: reads see all-ones, writes are dropped.
                 VcpuExit::MmioRead(_, data) => data.fill(0xff),

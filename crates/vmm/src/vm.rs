@@ -17,14 +17,16 @@ use crate::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::dirty::{DirtyError, DirtyMode, DirtyPages};
 use crate::memmap::MemoryMap;
 use crate::memory::GuestRam;
-use crate::tracking::TrackError;
 use crate::state::{self, DeviceState, VcpuState, VmState};
+use crate::tracking::TrackError;
 use crate::vcpu::{Vcpu, VcpuError, VcpuOutcome};
 
 /// Where KVM puts the TSS and identity-map pages it needs (just below the 4 GiB BIOS area).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// How often a stopping VM re-kicks vCPUs that have not left KVM_RUN yet.
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
+/// How often the dirty rings are harvested while the vCPUs run.
+const RING_HARVEST_INTERVAL: Duration = Duration::from_millis(1);
 /// How often a running VM checks for a stop requested from outside the vCPU threads.
 const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -466,7 +468,8 @@ impl Vm {
                         done,
                     };
                     let mut vcpu = vcpu;
-                    let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &memory);
+                    let result =
+                        run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &memory);
                     (vcpu, result)
                 });
             match spawned {
@@ -482,13 +485,23 @@ impl Vm {
 
         // Wait for the vCPU threads; once a stop is requested, kick those still in KVM_RUN
         // (again every KICK_INTERVAL, in case a kick landed just before they entered it).
+        // With a dirty ring, this thread also harvests the rings while the vCPUs run, so that
+        // they rarely fill (a vCPU that fills its ring faster than it exits overflows it).
         let mut running = handles.len();
         while running > 0 {
+            let harvest = self.handle.memory.background_harvest();
             let wait = if control.should_stop() {
                 KICK_INTERVAL
+            } else if harvest {
+                RING_HARVEST_INTERVAL
             } else {
                 STOP_POLL_INTERVAL
             };
+            if harvest {
+                if let Err(e) = self.handle.memory.harvest_rings() {
+                    tracing::warn!("cannot harvest the dirty rings: {e}");
+                }
+            }
             match done_rx.recv_timeout(wait) {
                 Ok(()) => running -= 1,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
