@@ -46,6 +46,12 @@ enum Command {
         #[command(subcommand)]
         action: VmCommand,
     },
+    /// Guest page tracking of a running faultline, through its API socket: writes (and, in
+    /// access mode, reads) of chosen guest pages are reported with their bytes.
+    Track {
+        #[command(subcommand)]
+        action: TrackCommand,
+    },
     /// List the built-in micro-guests.
     Guests,
     /// Benchmarks that print JSON figures for faultline beside a baseline from the same run.
@@ -221,6 +227,41 @@ enum VmCommand {
     Shutdown(ApiSock),
 }
 
+#[derive(Subcommand)]
+enum TrackCommand {
+    /// Track a range of guest pages for one more user (the guest's accesses to them exit to
+    /// faultline, which completes and reports them).
+    Add(TrackRange),
+    /// One user stops tracking a range (it stays tracked while others track it).
+    Remove(TrackRange),
+    /// Print the tracked ranges, with how many users track each (JSON).
+    List(ApiSock),
+    /// Print tracking events as JSON lines as the guest makes them, until the VM ends,
+    /// Ctrl-C, or --count events.
+    Watch {
+        #[command(flatten)]
+        api: ApiSock,
+        /// Stop after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+struct TrackRange {
+    #[command(flatten)]
+    api: ApiSock,
+    /// Guest-physical address of the first page (page aligned; decimal or 0x hex).
+    #[arg(long, value_name = "ADDR", value_parser = parse_u64)]
+    gpa: u64,
+    /// Length (a multiple of 4 KiB: 4096, 0x1000, 64K, ...).
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_len)]
+    len: u64,
+    /// "write": the guest's writes are reported with their bytes; "access": its reads too.
+    #[arg(long, value_name = "MODE", default_value = "write", value_parser = ["write", "access"])]
+    mode: String,
+}
+
 #[derive(Args)]
 struct ApiSock {
     /// The API socket of the running faultline.
@@ -301,6 +342,15 @@ fn parse_u64(text: &str) -> Result<u64, String> {
         None => text.parse(),
     };
     parsed.map_err(|_| format!("{text:?} is not a number (decimal or 0x-prefixed hex)"))
+}
+
+/// A length: 0x-prefixed hex, or a size such as 4096 or 64K.
+fn parse_len(text: &str) -> Result<u64, String> {
+    if text.starts_with("0x") {
+        parse_u64(text)
+    } else {
+        parse_size(text)
+    }
 }
 
 /// A list of delays (`--source-latency` of `bench restore`).
@@ -435,7 +485,11 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let report = vm.run()?;
+    let report = vm.run();
+    // The guest's memory goes with this process: tracking ends, and event streams hear of it
+    // before the API stops.
+    vm.vm.handle().memory().end_tracking();
+    let report = report?;
     print_micro_report(&report, args.json)?;
     if shut_down_by_api(api.as_ref()) {
         return Ok(());
@@ -595,7 +649,9 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
     };
     let result = match restored.guest_run() {
         Some(run) => {
-            let report = run.run(&mut restored.vm, restored.pager.as_ref())?;
+            let report = run.run(&mut restored.vm, restored.pager.as_ref());
+            restored.vm.handle().memory().end_tracking();
+            let report = report?;
             print_micro_report(&report, args.json)?;
             if shut_down_by_api(api.as_ref()) {
                 Ok(())
@@ -646,6 +702,68 @@ fn api_call(
         bail!("the VMM refused {method} {path} (HTTP {status}): {message}");
     }
     Ok(answer)
+}
+
+/// `faultline track ...`.
+fn track_command(action: TrackCommand) -> anyhow::Result<()> {
+    let (range, method) = match action {
+        TrackCommand::Add(range) => (range, "PUT"),
+        TrackCommand::Remove(range) => (range, "DELETE"),
+        TrackCommand::List(api) => {
+            let answer = api_call(&api.api_sock, "GET", "/track", None)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer.unwrap_or_default())?
+            );
+            return Ok(());
+        }
+        TrackCommand::Watch { api, count } => return watch_tracking(&api.api_sock, count),
+    };
+    let body = serde_json::json!({ "gpa": range.gpa, "len": range.len, "mode": range.mode });
+    api_call(&range.api.api_sock, method, "/track", Some(&body))?;
+    eprintln!(
+        "faultline: {} [{:#x}, {:#x}) in {} mode",
+        if method == "PUT" {
+            "tracking"
+        } else {
+            "one user less for"
+        },
+        range.gpa,
+        range.gpa + range.len,
+        range.mode
+    );
+    Ok(())
+}
+
+/// Prints the tracking events of the VM behind `socket`, one JSON line each.
+fn watch_tracking(socket: &std::path::Path, count: Option<u64>) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let reader = match http::get_stream(socket, "/track/events")? {
+        http::Stream::Lines(reader) => reader,
+        http::Stream::Refused(status, body) => {
+            let message = body
+                .as_ref()
+                .and_then(|b| b.get("error"))
+                .and_then(|e| e.as_str())
+                .unwrap_or("no reason given")
+                .to_string();
+            bail!("the VMM refused GET /track/events (HTTP {status}): {message}");
+        }
+    };
+    eprintln!("faultline: watching tracking events (one JSON line each)");
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut seen = 0;
+    for line in reader.lines() {
+        if count.is_some_and(|n| seen >= n) {
+            break;
+        }
+        let line = line.context("the event stream broke")?;
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        seen += 1;
+    }
+    Ok(())
 }
 
 fn run_kernel(args: &RunArgs, kernel: PathBuf) -> anyhow::Result<()> {
@@ -723,6 +841,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Track { action } => track_command(action),
         Command::Run(args) => match (&args.guest, &args.kernel) {
             (Some(name), _) => run_micro(&args, name),
             (None, Some(kernel)) => run_kernel(&args, kernel.clone()),

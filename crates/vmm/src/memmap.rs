@@ -201,9 +201,9 @@ impl MemoryMap {
         true
     }
 
-    /// Ends all tracking because the VM's memory is going away: each run of tracked frames is
-    /// reported as removed.
-    pub(crate) fn release(&self) {
+    /// Ends all tracking because the VM's memory is going away (its run is over, or the VM is
+    /// dropped): each run of tracked frames is reported as removed.
+    pub fn end_tracking(&self) {
         let table = std::mem::take(&mut *self.table.write().unwrap_or_else(|e| e.into_inner()));
         for (gpa, len) in table.extents() {
             self.notifiers

@@ -552,7 +552,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         // The VM's memory goes with it: tracking ends, and its notifiers are told.
-        self.handle.memory.release();
+        self.handle.memory.end_tracking();
     }
 }
 

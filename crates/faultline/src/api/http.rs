@@ -213,30 +213,7 @@ pub fn call(
         None => request.extend_from_slice(b"\r\n"),
     }
 
-    let mut stream = UnixStream::connect(socket).map_err(|source| HttpError::Connect {
-        path: socket.to_path_buf(),
-        source,
-    })?;
-    if timeout.is_some() {
-        stream.set_read_timeout(timeout)?;
-        stream.set_write_timeout(timeout)?;
-    }
-    // The server may answer (say, with 400) and close before reading the whole request: keep
-    // going so its response is read rather than lost behind a broken pipe.
-    stream.write_all(&request).or_else(|err| match err.kind() {
-        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => Ok(()),
-        _ => Err(err),
-    })?;
-
-    let mut reader = BufReader::new(stream);
-    let (status, headers) = loop {
-        let (start, headers) = read_head(&mut reader, false)?;
-        let status = parse_status_line(&start)?;
-        // Interim responses (such as 100 Continue) precede the real one.
-        if status >= 200 {
-            break (status, headers);
-        }
-    };
+    let (status, headers, mut reader) = send(socket, &request, timeout)?;
     let body = match body_length(&headers)? {
         Some(length) => read_body(&mut reader, length)?,
         None if status == 204 || status == 304 => Vec::new(),
@@ -261,6 +238,75 @@ pub fn call(
     }
     let value = serde_json::from_slice(&body).map_err(HttpError::Json)?;
     Ok((status, Some(value)))
+}
+
+/// Connects to `socket`, sends `request` and reads the head of the answer (interim responses
+/// skipped): its status, its headers, and the connection positioned at its body.
+fn send(
+    socket: &Path,
+    request: &[u8],
+    timeout: Option<Duration>,
+) -> Result<(u16, Headers, BufReader<UnixStream>), HttpError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| HttpError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    if timeout.is_some() {
+        stream.set_read_timeout(timeout)?;
+        stream.set_write_timeout(timeout)?;
+    }
+    // The server may answer (say, with 400) and close before reading the whole request: keep
+    // going so its response is read rather than lost behind a broken pipe.
+    stream.write_all(request).or_else(|err| match err.kind() {
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset => Ok(()),
+        _ => Err(err),
+    })?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let (start, headers) = read_head(&mut reader, false)?;
+        let status = parse_status_line(&start)?;
+        // Interim responses (such as 100 Continue) precede the real one.
+        if status >= 200 {
+            return Ok((status, headers, reader));
+        }
+    }
+}
+
+/// An answer whose body is a stream of JSON lines.
+pub enum Stream {
+    /// 200: the lines follow on this connection until the server ends them.
+    Lines(BufReader<UnixStream>),
+    /// Any other status, with its JSON body (an error).
+    Refused(u16, Option<serde_json::Value>),
+}
+
+/// Sends `GET path` to `socket` for a streamed answer (`GET /track/events`).
+pub fn get_stream(socket: &Path, path: &str) -> Result<Stream, HttpError> {
+    if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(HttpError::BadRequestLine(snippet(path.as_bytes())));
+    }
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/x-ndjson\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let (status, headers, mut reader) = send(socket, request.as_bytes(), None)?;
+    if status == 200 {
+        return Ok(Stream::Lines(reader));
+    }
+    let body = match body_length(&headers)? {
+        Some(length) => read_body(&mut reader, length)?,
+        None => Vec::new(),
+    };
+    let value = serde_json::from_slice(&body).ok();
+    Ok(Stream::Refused(status, value))
+}
+
+/// Writes the head of a 200 answer whose body is JSON lines until the connection closes.
+pub fn write_stream_head<W: Write>(writer: &mut W) -> io::Result<()> {
+    writer.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n",
+    )?;
+    writer.flush()
 }
 
 /// Header fields in arrival order, names lower-cased.

@@ -11,6 +11,15 @@
 //! | PUT | /vm/shutdown | | 204; the VMM stops the VM and exits |
 //! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
 //! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
+//! | PUT | /track | `{"gpa": N, "len": N, "mode": "write"\|"access"}` | 204; one more user tracks those frames |
+//! | DELETE | /track | the same | 204; one user fewer; 409 if a frame is not tracked so |
+//! | GET | /track | | the tracked ranges (with user counts) and how the dirty log is kept |
+//! | GET | /track/events | | 200, then one JSON line per event until the client or VM goes |
+//!
+//! Tracking requests are refused whole (400) for ranges that are empty, not page aligned, not
+//! guest RAM, or would need more memslots than KVM allows. The event stream is fed from a
+//! bounded queue of 65536 events: a slow reader never stalls the guest; what it had no room
+//! for is reported as `{"event": "lost", "count": N}`.
 //!
 //! Pause, resume and snapshot change the VM and run one at a time: while one runs, another
 //! is answered 409 ("another operation is in progress"), not queued. `GET /vm`,
@@ -21,5 +30,6 @@
 
 pub mod http;
 mod server;
+pub mod track;
 
 pub use server::{ApiError, ApiServer, Controller, MAX_CONNECTIONS, REQUEST_DEADLINE};

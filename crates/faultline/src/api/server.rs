@@ -23,9 +23,11 @@ use serde_json::json;
 use snapshot::create::{CreateOptions, MemoryBacking};
 use snapshot::state::GuestInfo;
 use vmm::control::PauseError;
+use vmm::tracking::TrackError;
 use vmm::{VmError, VmHandle};
 
 use super::http::{self, HttpError, Request, Response};
+use super::track::{self, EventQueue, TrackRequest};
 
 /// Most connections served at once; the accept thread answers any beyond with 503.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -79,6 +81,8 @@ pub struct Controller {
     /// one is refused with 409 rather than queued; reads and shutdown never take it.
     operation: Mutex<()>,
     shutdown: AtomicBool,
+    /// The server is stopping: streams end (after writing what they hold).
+    closing: AtomicBool,
 }
 
 /// `PUT /vm/hold`: the micro-guest hold point vCPUs wait at (null: none, releasing them).
@@ -116,6 +120,15 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// How the dirty log is kept, as the API names it.
+fn dirty_log_name(mode: vmm::DirtyMode) -> serde_json::Value {
+    match mode {
+        vmm::DirtyMode::Off => json!("off"),
+        vmm::DirtyMode::Bitmap => json!("bitmap"),
+        vmm::DirtyMode::Ring(entries) => json!({ "ring": entries }),
+    }
+}
+
 fn vm_error(error: VmError) -> Response {
     let status = match error {
         VmError::Pause(PauseError::Timeout(_)) => 500,
@@ -148,12 +161,73 @@ impl Controller {
             last_snapshot: Mutex::new(None),
             operation: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 
     /// Whether a client asked the VM to shut down (the guest then ends unfinished, as asked).
     pub fn shutdown_requested(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Ends every tracking-event stream once it has written what it holds (the server is
+    /// stopping).
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// `PUT /track` (`add`) or `DELETE /track`.
+    fn track(&self, request: &Request, add: bool) -> Response {
+        let body = match request.json::<TrackRequest>() {
+            Ok(body) => body,
+            Err(e) => {
+                return Response::error(
+                    400,
+                    format!(
+                        "{}: expected {{\"gpa\": N, \"len\": N, \"mode\": \"write\"|\"access\"}}",
+                        chain(&e)
+                    ),
+                )
+            }
+        };
+        let Some(_operation) = self.begin_operation() else {
+            return busy();
+        };
+        let memory = self.handle.memory();
+        let result = if add {
+            memory.track(body.gpa, body.len, body.mode)
+        } else {
+            memory.untrack(body.gpa, body.len, body.mode)
+        };
+        match result {
+            Ok(()) => Response::no_content(),
+            Err(e) => {
+                let status = match e {
+                    TrackError::ZeroLength
+                    | TrackError::Unaligned { .. }
+                    | TrackError::OutsideRam { .. }
+                    | TrackError::Memslots(vmm::MemslotError::TooMany { .. }) => 400,
+                    TrackError::NotTracked { .. } | TrackError::Pause(_) => 409,
+                    _ => 500,
+                };
+                Response::error(status, chain(&e))
+            }
+        }
+    }
+
+    /// `GET /track/events`: streams tracking events to `stream` until the client goes or
+    /// the server stops.
+    fn stream_track_events(&self, stream: &UnixStream) {
+        let queue = Arc::new(EventQueue::default());
+        let memory = self.handle.memory();
+        let id = memory.register(queue.clone());
+        let result = http::write_stream_head(&mut &*stream).and_then(|()| {
+            track::stream_events(stream, &queue, || self.closing.load(Ordering::Acquire))
+        });
+        memory.unregister(id);
+        if let Err(e) = result {
+            tracing::debug!("api: tracking event stream ended: {e}");
+        }
     }
 
     /// Makes `dir` the parent of the next diff snapshot (a VM restored from it).
@@ -320,8 +394,14 @@ impl Controller {
                     ),
                 ),
             },
+            ("PUT", "/track") => self.track(request, true),
+            ("DELETE", "/track") => self.track(request, false),
+            ("GET", "/track") => Response::ok(json!({
+                "ranges": self.handle.memory().tracked(),
+                "dirty_log": dirty_log_name(self.handle.memory().dirty_mode()),
+            })),
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
-            | (_, "/snapshot/create") => Response::error(
+            | (_, "/snapshot/create" | "/track" | "/track/events") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
             ),
@@ -409,6 +489,10 @@ fn too_many_connections() -> Response {
 fn serve(stream: UnixStream, accepted: Instant, controller: &Controller) {
     let (stream, request) = read_by(stream, accepted + REQUEST_DEADLINE);
     let response = match request {
+        Ok(request) if request.method == "GET" && request.path == "/track/events" => {
+            controller.stream_track_events(&stream);
+            return;
+        }
         Ok(request) => {
             tracing::debug!("api: {} {}", request.method, request.path);
             controller.handle(&request)
@@ -579,6 +663,7 @@ pub struct ApiServer {
     open: Open,
     /// The accept thread; it returns the connection threads it started.
     thread: Option<JoinHandle<Vec<JoinHandle<()>>>>,
+    controller: Arc<Controller>,
 }
 
 impl ApiServer {
@@ -606,9 +691,10 @@ impl ApiServer {
         let open: Open = Arc::default();
         let thread_stop = Arc::clone(&stop);
         let thread_open = Arc::clone(&open);
+        let thread_controller = Arc::clone(&controller);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(listener, controller, thread_stop, thread_open))
+            .spawn(move || accept_loop(listener, thread_controller, thread_stop, thread_open))
             .map_err(|e| fail(ApiError::Thread(e)))?;
         Ok(ApiServer {
             path: path.into(),
@@ -617,6 +703,7 @@ impl ApiServer {
             stop,
             open,
             thread: Some(thread),
+            controller,
         })
     }
 
@@ -648,6 +735,7 @@ impl Drop for ApiServer {
         for stream in lock(&self.open).values() {
             let _ = stream.shutdown(Shutdown::Read);
         }
+        self.controller.close();
         for thread in threads {
             let _ = thread.join();
         }
