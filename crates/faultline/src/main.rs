@@ -753,15 +753,11 @@ fn watch_tracking(socket: &std::path::Path, count: Option<u64>) -> anyhow::Resul
     eprintln!("faultline: watching tracking events (one JSON line each)");
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut seen = 0;
-    for line in reader.lines() {
-        if count.is_some_and(|n| seen >= n) {
-            break;
-        }
+    let limit = count.unwrap_or(u64::MAX);
+    for line in reader.lines().take(usize::try_from(limit).unwrap_or(usize::MAX)) {
         let line = line.context("the event stream broke")?;
         writeln!(out, "{line}")?;
         out.flush()?;
-        seen += 1;
     }
     Ok(())
 }
