@@ -322,6 +322,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Page tracking and the dirty log: a tracked write against an untracked one, adding and
+    /// removing tracking, and taking 1k/16k/256k dirty pages from the dirty ring against the
+    /// bitmap (about a minute).
+    Track {
+        /// Runs per case; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print JSON (the default is also JSON; the flag is accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// VM creation to first guest instruction and to completion, against bare KVM.
     Boot {
         /// Runs per size; the median is reported.
@@ -896,6 +907,16 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 latencies: source_latency.0,
             };
             let result = bench::restore::run(&options, |step| eprintln!("faultline bench {step}"))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench: BenchCommand::Track { runs, json: _ },
+        } => {
+            if runs == 0 {
+                bail!("--runs must be at least 1");
+            }
+            let result = bench::track::run(runs, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

@@ -7,6 +7,7 @@ pub mod fc_file;
 pub mod interrupt;
 pub mod restore;
 pub mod slowfs;
+pub mod track;
 
 use std::time::Duration;
 
