@@ -174,6 +174,9 @@ struct RestoreArgs {
     /// e.g. 4096) instead of the dirty bitmap; implies --track-dirty.
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
+    /// Track the pages the snapshot's VM tracked (`faultline track`), as many times each.
+    #[arg(long)]
+    keep_tracking: bool,
     /// With a lazy mode: pages installed per fault, the faulting one first (1 = off).
     #[arg(long, value_name = "PAGES", default_value_t = 1)]
     readahead: usize,
@@ -628,6 +631,7 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
         },
         track_dirty: args.track_dirty,
         dirty_ring: args.dirty_ring,
+        keep_tracking: args.keep_tracking,
         source_latency: args.source_latency.unwrap_or_default(),
     };
     let mut restored = faultline::restore::restore(&options)?;
@@ -765,7 +769,10 @@ fn watch_tracking(socket: &std::path::Path, count: Option<u64>) -> anyhow::Resul
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let limit = count.unwrap_or(u64::MAX);
-    for line in reader.lines().take(usize::try_from(limit).unwrap_or(usize::MAX)) {
+    for line in reader
+        .lines()
+        .take(usize::try_from(limit).unwrap_or(usize::MAX))
+    {
         let line = line.context("the event stream broke")?;
         writeln!(out, "{line}")?;
         out.flush()?;

@@ -249,7 +249,7 @@ impl MicroVm {
             machine,
             self.vm.ram(),
             Some(guest),
-            self.vm.handle().tracks_dirty(),
+            snapshot::create::Watch::of(self.vm.handle().memory()),
             backing,
         )
         .with_context(|| format!("cannot write a snapshot into {}", dir.display()))

@@ -86,6 +86,8 @@ pub struct RestoreOptions {
     pub track_dirty: bool,
     /// Log them through a dirty ring of this many entries per vCPU (implies `track_dirty`).
     pub dirty_ring: Option<u32>,
+    /// Track the pages the snapshot's VM tracked, with as many users each.
+    pub keep_tracking: bool,
     /// Added to every read of the snapshot's memory by the pager and of its working set (lazy
     /// and prefetch modes): a stand-in for a snapshot store on the network. Zero: none.
     pub source_latency: Duration,
@@ -102,6 +104,7 @@ impl RestoreOptions {
             pager: PagerConfig::default(),
             track_dirty: false,
             dirty_ring: None,
+            keep_tracking: false,
             source_latency: Duration::ZERO,
         }
     }
@@ -366,6 +369,21 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         ..VmConfig::default()
     };
     let vm = vm_from_state(&state, ram, config)?;
+    if options.keep_tracking {
+        let memory = vm.handle().memory().clone();
+        for range in &state.tracking {
+            for _ in 0..range.count {
+                memory
+                    .track(range.gpa, range.len, range.mode)
+                    .with_context(|| {
+                        format!(
+                            "cannot track [{:#x}, +{:#x}) in {} mode again, as the snapshot says",
+                            range.gpa, range.len, range.mode
+                        )
+                    })?;
+            }
+        }
+    }
     timings.vm_ms = ms_since(started);
     let pager = if lazy {
         let source: Arc<dyn PageSource> = memory.clone();

@@ -43,7 +43,7 @@ fn write_full_snapshot(dir: &std::path::Path, machine: vmm::MachineState, ram: &
         machine,
         ram,
         None,
-        false,
+        snapshot::create::Watch::default(),
         snapshot::create::MemoryBacking::Resident,
     )
     .unwrap();

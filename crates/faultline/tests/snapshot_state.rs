@@ -110,7 +110,7 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
         before.clone(),
         vm.vm.ram(),
         Some(vm.guest_info()),
-        false,
+        snapshot::create::Watch::default(),
         MemoryBacking::Resident,
     )
     .unwrap();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use faultline::micro::{MicroOptions, MicroVm};
 use guests::{stores_checksum, stores_pass, Store};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::boot::layout::BOOT_AREA_END;
 use vmm::boot::micro::{split_range, WorkRange};
 use vmm::tracking::TrackError;
 use vmm::{TrackEvent, TrackMode, TrackNotifier, PAGE_SIZE};
@@ -378,4 +379,60 @@ fn tracking_survives_dirty_logging_switches_and_tracked_writes_are_dirty() {
     );
     handle.control().set_hold_at(None);
     runner.join().unwrap().check().unwrap();
+}
+
+#[test]
+fn code_in_an_access_tracked_frame_stops_the_guest_with_an_error_naming_it() {
+    require_kvm!();
+    let options = stores_options(1, 8, 1);
+    let mut vm = MicroVm::new(&options).unwrap();
+    let memory = vm.vm.handle().memory().clone();
+    memory
+        .track(guests::CODE_BASE, PAGE_SIZE, TrackMode::Access)
+        .unwrap();
+    let error = format!("{:#}", vm.run().unwrap_err());
+    assert!(
+        error.contains(&format!(
+            "executed code from {:#x}, a frame tracked in access mode",
+            guests::CODE_BASE
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_snapshot_carries_the_tracking_table_to_a_restore_that_asks_for_it() {
+    require_kvm!();
+    let tmp = common::TempDir::new("track-restore");
+    let options = stores_options(1, 8, 1);
+    let mut vm = MicroVm::new(&options).unwrap();
+    let memory = vm.vm.handle().memory().clone();
+    let frame = vm.range.start + 3 * PAGE_SIZE;
+    memory.track(frame, PAGE_SIZE, TrackMode::Write).unwrap();
+    memory.track(frame, PAGE_SIZE, TrackMode::Write).unwrap();
+    let table = memory.tracked();
+    let dir = tmp.join("snap");
+    vm.write_snapshot(&dir).unwrap();
+    drop(vm);
+
+    let mut restore = faultline::restore::RestoreOptions::new(&dir, Default::default());
+    let plain = faultline::restore::restore(&restore).unwrap();
+    assert!(plain.vm.handle().memory().tracked().is_empty(), "not asked");
+    drop(plain);
+    restore.keep_tracking = true;
+    let mut restored = faultline::restore::restore(&restore).unwrap();
+    let memory = restored.vm.handle().memory().clone();
+    assert_eq!(memory.tracked(), table, "with its two users");
+    let recorder = Arc::new(Recorder::default());
+    memory.register(recorder.clone());
+    let run = restored.guest_run().unwrap();
+    run.run(&mut restored.vm, restored.pager.as_ref())
+        .unwrap()
+        .check()
+        .unwrap();
+    let expected: Vec<Store> = (1..=2)
+        .flat_map(|pass| stores_pass(BOOT_AREA_END, 8, 1, pass))
+        .filter(|s| page_of(s.gpa) == frame)
+        .collect();
+    assert_eq!(writes_of(&recorder.events(), 0), expected);
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use vmm::{DirtyPages, GuestRam, MachineState, VmHandle};
+use vmm::{DirtyMode, DirtyPages, GuestRam, MachineState, MemoryMap, TrackedRange, VmHandle};
 
 use crate::container;
 use crate::memory::{self, LayerKind, MemorySpan, WriteSummary};
@@ -136,7 +136,7 @@ fn take(
                 handle.ram(),
                 layer,
                 options.guest.clone(),
-                handle.tracks_dirty(),
+                Watch::of(handle.memory()),
                 options.backing,
             )
         })
@@ -282,7 +282,7 @@ pub fn write(
     machine: MachineState,
     ram: &GuestRam,
     guest: Option<GuestInfo>,
-    track_dirty: bool,
+    watch: Watch,
     backing: MemoryBacking,
 ) -> Result<WriteSummary, SnapshotError> {
     let mut staging = Staging::create(dir)?;
@@ -292,11 +292,30 @@ pub fn write(
         ram,
         Layer::Full,
         guest,
-        track_dirty,
+        watch,
         backing,
     )?;
     staging.publish()?;
     Ok(summary)
+}
+
+/// What the VM watched of its memory, recorded in its snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct Watch {
+    /// Whether it logged dirty pages.
+    pub track_dirty: bool,
+    /// The pages it tracked.
+    pub tracking: Vec<TrackedRange>,
+}
+
+impl Watch {
+    /// What `memory` watches now.
+    pub fn of(memory: &MemoryMap) -> Self {
+        Watch {
+            track_dirty: memory.dirty_mode() != DirtyMode::Off,
+            tracking: memory.tracked(),
+        }
+    }
 }
 
 /// Writes the memory image and the state file of a snapshot into `staging`.
@@ -306,7 +325,7 @@ fn fill(
     ram: &GuestRam,
     layer: Layer<'_>,
     guest: Option<GuestInfo>,
-    track_dirty: bool,
+    watch: Watch,
     backing: MemoryBacking,
 ) -> Result<WriteSummary, SnapshotError> {
     let spans: Vec<MemorySpan> = ram
@@ -354,7 +373,8 @@ fn fill(
             .collect(),
         memory: kind,
         parent,
-        track_dirty,
+        track_dirty: watch.track_dirty,
+        tracking: watch.tracking,
         guest,
         machine,
     };
@@ -373,7 +393,18 @@ mod tests {
 
     /// Writes a full snapshot of a fresh 2 MiB VM with one vCPU into `dir`.
     fn write_full(dir: &Path) -> Result<WriteSummary, SnapshotError> {
-        write(dir, machine(1), &ram(), None, true, MemoryBacking::Resident)
+        let watch = Watch {
+            track_dirty: true,
+            tracking: Vec::new(),
+        };
+        write(
+            dir,
+            machine(1),
+            &ram(),
+            None,
+            watch,
+            MemoryBacking::Resident,
+        )
     }
 
     /// The names in `dir`, sorted.

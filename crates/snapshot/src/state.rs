@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use vmm::memory::{ram_ranges, MIN_RAM};
 use vmm::state::VcpuState;
 use vmm::vm::MAX_VCPUS;
-use vmm::{MachineState, PAGE_SIZE};
+use vmm::{MachineState, TrackedRange, PAGE_SIZE};
 
 use crate::{container, SnapshotError, STATE_FILE, SUMS_FILE};
 
@@ -75,6 +75,9 @@ pub struct SnapshotState {
     pub parent: Option<ParentRef>,
     /// Whether the VM logged dirty pages (a restore keeps doing so).
     pub track_dirty: bool,
+    /// The pages the VM tracked, with their users (a restore tracks them again if asked).
+    #[serde(default)]
+    pub tracking: Vec<TrackedRange>,
     pub guest: Option<GuestInfo>,
     pub machine: MachineState,
 }

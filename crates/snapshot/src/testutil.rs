@@ -163,6 +163,7 @@ pub fn snapshot_state(parent: Option<ParentRef>) -> SnapshotState {
         },
         parent,
         track_dirty: true,
+        tracking: Vec::new(),
         guest: Some(GuestInfo {
             name: "touch".into(),
             range_start: 0x10_0000,

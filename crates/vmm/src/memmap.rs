@@ -99,6 +99,11 @@ impl MemoryMap {
         self.change(|table| table.remove(gpa, len, mode))
     }
 
+    /// The mode the frame holding `gpa` is tracked in, if any.
+    pub fn tracked_mode(&self, gpa: u64) -> Option<TrackMode> {
+        self.table().mode_of(gpa)
+    }
+
     /// The tracked frames, as runs.
     pub fn tracked(&self) -> Vec<TrackedRange> {
         self.table().ranges()

@@ -40,6 +40,9 @@ pub enum VcpuError {
     /// KVM could not execute a guest instruction (on emulating hosts: an unsupported one).
     #[error("vCPU {vcpu}: KVM internal error (suberror {suberror}) at rip {rip:#x}; on an instruction-emulating host this is usually an instruction the emulator cannot run (SSE, cmpxchg16b, xrstor): try --cpuid-mask emulator")]
     InternalError { vcpu: u8, suberror: u32, rip: u64 },
+    /// The guest ran code from a frame tracked in access mode, which has no memslot.
+    #[error("vCPU {vcpu}: the guest executed code from {gpa:#x}, a frame tracked in access mode: KVM cannot run code from outside its memslots (track code pages in write mode)")]
+    ExecutesAccessTracked { vcpu: u8, gpa: u64 },
     /// VM entry failed.
     #[error("vCPU {vcpu}: VM entry failed (hardware reason {reason:#x})")]
     FailEntry { vcpu: u8, reason: u64 },
@@ -435,6 +438,14 @@ impl Vcpu {
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    // KVM cannot fetch instructions from outside memslots, and an access-tracked
+                    // frame has none.
+                    let code = self.fd.translate_gva(rip).ok().filter(|t| t.valid != 0);
+                    if let Some(gpa) = code.map(|t| t.physical_address) {
+                        if memory.tracked_mode(gpa) == Some(crate::tracking::TrackMode::Access) {
+                            return Err(VcpuError::ExecutesAccessTracked { vcpu: index, gpa });
+                        }
+                    }
                     return Err(VcpuError::InternalError {
                         vcpu: index,
                         suberror,

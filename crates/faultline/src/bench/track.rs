@@ -187,24 +187,29 @@ fn take_after_touch(pages: u64, ring: bool) -> anyhow::Result<(Duration, u64, u8
     let started = Instant::now();
     let dirty = handle.take_dirty_pages()?;
     let took = started.elapsed();
-    let first = handle.ram().page_index(BOOT_AREA_END).context("work range in RAM")?;
-    let missing = (first..first + pages).filter(|&p| !dirty.contains(p)).count();
+    let first = handle
+        .ram()
+        .page_index(BOOT_AREA_END)
+        .context("work range in RAM")?;
+    let missing = (first..first + pages)
+        .filter(|&p| !dirty.contains(p))
+        .count();
     if missing > 0 {
         bail!("{missing} written pages were not reported dirty");
     }
     Ok((took, dirty.count(), vcpus))
 }
 
-fn harvest_cases(
-    runs: usize,
-    progress: &mut impl FnMut(&str),
-) -> anyhow::Result<Vec<HarvestCase>> {
+fn harvest_cases(runs: usize, progress: &mut impl FnMut(&str)) -> anyhow::Result<Vec<HarvestCase>> {
     let mut cases = Vec::new();
     for pages in HARVEST_PAGES {
         let (mut bitmap, mut ring) = (Vec::new(), Vec::new());
         let (mut bitmap_reported, mut ring_reported, mut vcpus) = (0, 0, 1);
         for run in 0..runs {
-            progress(&format!("track: harvest {pages} pages, run {}/{runs}", run + 1));
+            progress(&format!(
+                "track: harvest {pages} pages, run {}/{runs}",
+                run + 1
+            ));
             let (took, reported, _) = take_after_touch(pages, false)?;
             bitmap.push(took);
             bitmap_reported = reported;
