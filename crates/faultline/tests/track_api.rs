@@ -267,7 +267,9 @@ fn a_reader_that_does_not_read_never_stalls_the_guest_and_hears_what_it_lost() {
         );
     }
     assert!(report.contains("\"exit_code\": 0"), "{report}");
-    // Now the stream is read, while the server stops.
+    // The server stops while the reader still reads nothing (it waits up to 5 s for a
+    // stalled reader); then the stream is read.
+    std::thread::sleep(Duration::from_secs(1));
     let mut rest = String::new();
     BufReader::new(stalled).read_to_string(&mut rest).unwrap();
     finish(run);

@@ -304,16 +304,55 @@ impl Drop for PausedFor<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn more_ranges_than_memslots_allow_are_refused_whole() {
+    /// A map over 8 MiB of RAM in a VM without vCPUs, or `None` without KVM.
+    fn map(mode: DirtyMode) -> Option<MemoryMap> {
         let Ok(kvm) = Kvm::new() else {
             eprintln!("SKIPPED: no /dev/kvm");
-            return;
+            return None;
         };
         let fd = Arc::new(kvm.create_vm().unwrap());
         let ram = GuestRam::new(8 << 20).unwrap();
         let control = Arc::new(RunControl::default());
-        let map = MemoryMap::new(&kvm, fd, ram, control, DirtyMode::Off).unwrap();
+        Some(MemoryMap::new(&kvm, fd, ram, control, mode).unwrap())
+    }
+
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl TrackNotifier for Count {
+        fn notify(&self, _: &TrackEvent) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn an_access_that_exits_while_its_memslot_is_replaced_completes_unreported() {
+        let Some(map) = map(DirtyMode::Bitmap) else {
+            return;
+        };
+        let count = Arc::new(Count::default());
+        map.register(count.clone());
+        map.track(0x2000, PAGE_SIZE, TrackMode::Write).unwrap();
+        map.take_dirty_pages().unwrap();
+        // An untracked frame: the access is completed, not reported, and its page is dirty.
+        assert!(map.complete_access(0, 0x5008, GuestAccess::Write(&[1, 2, 3, 4])));
+        let mut back = [0u8; 4];
+        assert!(map.complete_access(0, 0x5008, GuestAccess::Read(&mut back)));
+        assert_eq!(back, [1, 2, 3, 4]);
+        assert_eq!(map.ram().read_u64(0x5008), Some(0x0403_0201));
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+        assert!(map.take_dirty_pages().unwrap().unwrap().contains(5));
+        // A tracked one is reported; memory that is not RAM is not completed.
+        assert!(map.complete_access(0, 0x2010, GuestAccess::Write(&[9])));
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert!(!map.complete_access(0, 8 << 20, GuestAccess::Write(&[9])));
+    }
+
+    #[test]
+    fn more_ranges_than_memslots_allow_are_refused_whole() {
+        let Some(map) = map(DirtyMode::Off) else {
+            return;
+        };
         map.slots().set_max(4);
         // Plain, read-only, plain: 3 slots.
         map.track(0x1000, PAGE_SIZE, TrackMode::Write).unwrap();
