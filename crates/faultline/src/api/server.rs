@@ -120,6 +120,19 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The status of a refused tracking request: the caller's mistake (400), a state that does not
+/// allow it (409), or faultline's or KVM's failure (500).
+fn track_error_status(error: &TrackError) -> u16 {
+    match error {
+        TrackError::ZeroLength
+        | TrackError::Unaligned { .. }
+        | TrackError::OutsideRam { .. }
+        | TrackError::Memslots(vmm::MemslotError::TooMany { .. }) => 400,
+        TrackError::NotTracked { .. } | TrackError::Pause(_) => 409,
+        TrackError::Memslots(_) | TrackError::Dirty(_) => 500,
+    }
+}
+
 /// How the dirty log is kept, as the API names it.
 fn dirty_log_name(mode: vmm::DirtyMode) -> serde_json::Value {
     match mode {
@@ -201,17 +214,7 @@ impl Controller {
         };
         match result {
             Ok(()) => Response::no_content(),
-            Err(e) => {
-                let status = match e {
-                    TrackError::ZeroLength
-                    | TrackError::Unaligned { .. }
-                    | TrackError::OutsideRam { .. }
-                    | TrackError::Memslots(vmm::MemslotError::TooMany { .. }) => 400,
-                    TrackError::NotTracked { .. } | TrackError::Pause(_) => 409,
-                    _ => 500,
-                };
-                Response::error(status, chain(&e))
-            }
+            Err(e) => Response::error(track_error_status(&e), chain(&e)),
         }
     }
 
@@ -755,6 +758,16 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_dir(&path);
         path
+    }
+
+    #[test]
+    fn too_many_tracked_ranges_is_the_callers_mistake() {
+        let too_many = TrackError::Memslots(vmm::MemslotError::TooMany {
+            needed: 40000,
+            max: 32764,
+        });
+        assert_eq!(track_error_status(&too_many), 400);
+        assert_eq!(track_error_status(&TrackError::ZeroLength), 400);
     }
 
     #[test]
