@@ -372,16 +372,14 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     if options.keep_tracking {
         let memory = vm.handle().memory().clone();
         for range in &state.tracking {
-            for _ in 0..range.count {
-                memory
-                    .track(range.gpa, range.len, range.mode)
-                    .with_context(|| {
-                        format!(
-                            "cannot track [{:#x}, +{:#x}) in {} mode again, as the snapshot says",
-                            range.gpa, range.len, range.mode
-                        )
-                    })?;
-            }
+            memory
+                .track_users(range.gpa, range.len, range.mode, range.count)
+                .with_context(|| {
+                    format!(
+                        "cannot track [{:#x}, +{:#x}) in {} mode again, as the snapshot says",
+                        range.gpa, range.len, range.mode
+                    )
+                })?;
         }
     }
     timings.vm_ms = ms_since(started);

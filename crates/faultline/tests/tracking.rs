@@ -436,3 +436,128 @@ fn a_snapshot_carries_the_tracking_table_to_a_restore_that_asks_for_it() {
         .collect();
     assert_eq!(writes_of(&recorder.events(), 0), expected);
 }
+
+/// Asks for a pause from another thread at the first event, and returns only once the pause
+/// is requested: the vCPU then parks between the two pieces of a split access.
+struct PauseAtFirstEvent {
+    handle: vmm::VmHandle,
+    events: Mutex<Vec<TrackEvent>>,
+    pauser: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl TrackNotifier for PauseAtFirstEvent {
+    fn notify(&self, event: &TrackEvent) {
+        let mut events = self.events.lock().unwrap();
+        events.push(*event);
+        if events.len() == 1 {
+            let handle = self.handle.clone();
+            *self.pauser.lock().unwrap() = Some(std::thread::spawn(move || {
+                handle.pause().unwrap();
+            }));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.handle.control().pause_requested() {
+                assert!(Instant::now() < deadline, "the pause was never requested");
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_pause_between_the_two_pieces_of_a_split_access_loses_neither() {
+    require_kvm!();
+    const VALUE: u64 = 0x1122_3344_5566_7788;
+    let mut options = common::options("straddle");
+    options.mem = 8 << 20;
+    options.arg = Some(VALUE);
+    options.range = Some(WorkRange {
+        start: BOOT_AREA_END,
+        pages: 2,
+    });
+    let mut vm = MicroVm::new(&options).unwrap();
+    let handle = vm.vm.handle();
+    let notifier = Arc::new(PauseAtFirstEvent {
+        handle: handle.clone(),
+        events: Mutex::default(),
+        pauser: Mutex::default(),
+    });
+    handle.memory().register(notifier.clone());
+    handle
+        .memory()
+        .track(BOOT_AREA_END, 2 * PAGE_SIZE, TrackMode::Write)
+        .unwrap();
+    let runner = std::thread::spawn(move || {
+        let report = vm.run().unwrap();
+        (vm, report)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while notifier.pauser.lock().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the guest never wrote");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let pauser = notifier.pauser.lock().unwrap().take().unwrap();
+    pauser.join().unwrap();
+    handle.resume().unwrap();
+    let (vm, report) = runner.join().unwrap();
+    report.check().unwrap();
+    assert_eq!(
+        report.vcpus[0].reports,
+        [VALUE],
+        "the guest reads back what it wrote"
+    );
+    let at = BOOT_AREA_END + PAGE_SIZE - 4;
+    assert_eq!(vm.vm.ram().read_u64(at), Some(VALUE));
+    let bytes = VALUE.to_le_bytes();
+    let writes = writes_of(&notifier.events.lock().unwrap(), 0);
+    assert_eq!(
+        writes,
+        [
+            Store {
+                gpa: at,
+                bytes: bytes[..4].to_vec()
+            },
+            Store {
+                gpa: at + 4,
+                bytes: bytes[4..].to_vec()
+            },
+        ]
+    );
+}
+
+#[test]
+fn tracking_changes_while_the_guest_runs_never_leave_it_without_memory() {
+    require_kvm!();
+    // `dirty` rewrites its pages forever; every change replaces the memslot its code and page
+    // tables live in, as the vCPU runs.
+    let mut options = stores_options(1, 16, 0);
+    options.guest = guests::find("dirty").unwrap();
+    let (mut vm, recorder) = recorded(&options);
+    let handle = vm.vm.handle();
+    let start = vm.range.start;
+    let runner = std::thread::spawn(move || vm.run());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handle.control().started_at().is_none() {
+        assert!(Instant::now() < deadline, "the guest never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for round in 0..20 {
+        let gpa = start + (round % 16) * PAGE_SIZE;
+        handle
+            .memory()
+            .track(gpa, PAGE_SIZE, TrackMode::Write)
+            .unwrap();
+        handle
+            .memory()
+            .untrack(gpa, PAGE_SIZE, TrackMode::Write)
+            .unwrap();
+    }
+    handle
+        .control()
+        .request_stop(vmm::control::StopReason::Requested);
+    let result = runner.join().unwrap();
+    assert!(result.is_ok(), "{:#}", result.unwrap_err());
+    assert!(recorder
+        .events()
+        .iter()
+        .all(|e| matches!(e, TrackEvent::Write { .. })));
+}

@@ -119,6 +119,13 @@ pub const ALL: &[MicroGuest] = &[
         "writes known values with 1/2/4/8-byte and string stores into every arg-th page, two passes (hold points 1, 2); reports a sum"
     ),
     guest!(
+        "straddle",
+        true,
+        0x1122_3344_5566_7788,
+        None,
+        "writes arg as one 8-byte store across the first two pages of the work range; reports it read back"
+    ),
+    guest!(
         "cpuid",
         false,
         0,

@@ -60,6 +60,9 @@ pub enum DirtyError {
     /// The ring size is not one KVM can use.
     #[error("--dirty-ring {entries}: a dirty ring holds a power of two of entries, from {min} to {max} on this host")]
     RingSize { entries: u32, min: u32, max: u32 },
+    /// KVM refused a ring of this size.
+    #[error("--dirty-ring {entries}: this host's KVM refused a ring that small (it reserves entries of its own, more with Intel PML); try 1024 or more")]
+    RingRefused { entries: u32 },
     /// The host's KVM has no dirty ring.
     #[error("this host's KVM does not offer the dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
     RingUnsupported,
@@ -181,13 +184,20 @@ impl Ring {
             && self.flags(self.next).load(Ordering::Acquire) & GFN_DIRTY != 0
         {
             // SAFETY: KVM wrote the entry before it set GFN_DIRTY (acquire above); the index is
-            // masked into the ring.
+            // masked into the ring. The fields are read volatile: a ring that overflows has
+            // KVM writing over entries while they are read.
             let (slot, offset) = unsafe {
                 let entry = self.entries.add((self.next & (self.count - 1)) as usize);
-                ((*entry).slot, (*entry).offset)
+                (
+                    std::ptr::read_volatile(std::ptr::addr_of!((*entry).slot)),
+                    std::ptr::read_volatile(std::ptr::addr_of!((*entry).offset)),
+                )
             };
-            if let Some(page) = memslots.page_of_slot_offset(slot, offset) {
-                out.mark(page);
+            // The slot field is (address space << 16) | slot id; faultline uses space 0 only.
+            if slot >> 16 == 0 {
+                if let Some(page) = memslots.page_of_slot_offset(slot, offset) {
+                    out.mark(page);
+                }
             }
             self.flags(self.next).store(GFN_RESET, Ordering::Release);
             self.next = self.next.wrapping_add(1);
@@ -210,6 +220,8 @@ impl Drop for Ring {
 pub(crate) struct DirtyLog {
     /// Entries per vCPU ring, when the ring is the mechanism (else the bitmap).
     ring: Option<u32>,
+    /// Whether the bitmap is read with manual protection (then cleared range by range).
+    manual: bool,
     state: Mutex<LogState>,
 }
 
@@ -228,6 +240,7 @@ impl DirtyLog {
     /// any vCPU exists); `pages` is the number of pages of RAM. With `Off`, the bitmap is made
     /// ready so that logging can be switched on later.
     pub fn new(kvm: &Kvm, vm: &VmFd, mode: DirtyMode, pages: u64) -> Result<Self, DirtyError> {
+        let mut manual = false;
         let ring = match mode {
             DirtyMode::Off | DirtyMode::Bitmap => {
                 let cap = kvm_enable_cap {
@@ -235,9 +248,8 @@ impl DirtyLog {
                     args: [u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
                     ..Default::default()
                 };
-                vm.enable_cap(&cap).map_err(|e| {
-                    DirtyError::Kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", e.into())
-                })?;
+                // Without it (older kernels), reading the bitmap also clears it.
+                manual = vm.enable_cap(&cap).is_ok();
                 None
             }
             DirtyMode::Ring(entries) => {
@@ -255,13 +267,18 @@ impl DirtyLog {
                     args: [u64::from(entries * RING_ENTRY_BYTES), 0, 0, 0],
                     ..Default::default()
                 };
-                vm.enable_cap(&cap)
-                    .map_err(|e| DirtyError::Kvm("KVM_ENABLE_CAP(DIRTY_LOG_RING)", e.into()))?;
+                vm.enable_cap(&cap).map_err(|e| match e.errno() {
+                    // KVM reserves entries (more with Intel's PML) and refuses a ring that
+                    // does not hold them.
+                    libc::EINVAL => DirtyError::RingRefused { entries },
+                    _ => DirtyError::Kvm("KVM_ENABLE_CAP(DIRTY_LOG_RING)", e.into()),
+                })?;
                 Some(entries)
             }
         };
         Ok(DirtyLog {
             ring,
+            manual,
             state: Mutex::new(LogState {
                 enabled: mode != DirtyMode::Off,
                 overflowed: false,
@@ -389,7 +406,7 @@ impl DirtyLog {
             harvest_rings(vm, memslots, &mut state)?;
         } else {
             for slot in memslots.logged_slots() {
-                read_slot_bitmap(vm, memslots, slot, &mut state.pending, true)?;
+                read_slot_bitmap(vm, memslots, slot, &mut state.pending, self.manual)?;
             }
         }
         let pages = state.pending.pages();
@@ -435,17 +452,10 @@ fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result
         harvested += count;
     }
     if harvested > 0 {
-        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's rings.
-        let reset = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
-        if reset < 0 {
-            return Err(DirtyError::Kvm(
-                "KVM_RESET_DIRTY_RINGS",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        if (reset as u32) < harvested && !state.overflowed {
+        let reset = reset_rings(vm)?;
+        if reset.is_some_and(|reset| reset < harvested) && !state.overflowed {
             tracing::warn!(
-                "KVM reset {reset} dirty-ring entries of {harvested} harvested: a ring \
+                "KVM reset fewer dirty-ring entries than the {harvested} harvested: a ring \
                  overflowed; every page is reported dirty from now on"
             );
             state.overflowed = true;
@@ -458,8 +468,27 @@ fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result
     Ok(harvested)
 }
 
-/// Reads slot `slot`'s dirty bitmap into `out`; with `clear`, clears (re-protects) exactly the
-/// pages it reported.
+/// `KVM_RESET_DIRTY_RINGS`, again while a signal interrupts it (a vCPU kick can land on a
+/// harvesting vCPU thread). Returns how many entries the last call reset, or `None` if a call
+/// was interrupted (what it reset before the signal is not told).
+fn reset_rings(vm: &VmFd) -> Result<Option<u32>, DirtyError> {
+    let mut interrupted = false;
+    loop {
+        // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only touches the VM's rings.
+        let reset = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
+        if reset >= 0 {
+            return Ok((!interrupted).then_some(reset as u32));
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINTR) {
+            return Err(DirtyError::Kvm("KVM_RESET_DIRTY_RINGS", error));
+        }
+        interrupted = true;
+    }
+}
+
+/// Reads slot `slot`'s dirty bitmap into `out`; with `clear` (manual protection), clears
+/// (re-protects) exactly the pages it reported. Without manual protection the read clears.
 fn read_slot_bitmap(
     vm: &VmFd,
     memslots: &Memslots,

@@ -86,9 +86,21 @@ impl MemoryMap {
 
     /// Starts tracking `[gpa, gpa + len)` in `mode` for one more user.
     pub fn track(&self, gpa: u64, len: u64, mode: TrackMode) -> Result<(), TrackError> {
+        self.track_users(gpa, len, mode, 1)
+    }
+
+    /// Starts tracking `[gpa, gpa + len)` in `mode` for `users` more users (a restore puts a
+    /// snapshot's table back this way).
+    pub fn track_users(
+        &self,
+        gpa: u64,
+        len: u64,
+        mode: TrackMode,
+        users: u32,
+    ) -> Result<(), TrackError> {
         check_range(&self.ram, gpa, len)?;
         self.change(|table| {
-            table.add(gpa, len, mode);
+            table.add(gpa, len, mode, users);
             Ok(())
         })
     }
@@ -134,23 +146,27 @@ impl MemoryMap {
         let before = self.table().clone();
         let mut after = before.clone();
         edit(&mut after)?;
-        let (layout, log_dirty) = {
+        let (layout, doomed) = {
             let slots = self.slots();
-            (slots.layout(after.backings()), slots.log_dirty())
+            let layout = slots.layout(after.backings());
+            let doomed = slots.doomed(&layout);
+            (layout, doomed)
         };
         let needed = Memslots::slots_needed(&layout);
         let max = self.slots().max();
         if needed > max {
             return Err(MemslotError::TooMany { needed, max }.into());
         }
-        // With dirty logging on, a write between reading a doomed slot's log and deleting the
-        // slot would be lost: the vCPUs wait out such a change. (They are paused before the
-        // memslots are locked: a vCPU with a full dirty ring needs that lock to park.)
-        let _paused = log_dirty
+        // Running vCPUs wait out a change that deletes slots: between a slot's deletion and
+        // its replacement, an instruction fetch or a page-table walk there would find no
+        // memslot (only data accesses exit to user space), and with dirty logging on, a write
+        // between reading the doomed slot's log and deleting the slot would be lost. (They are
+        // paused before the memslots are locked: a vCPU with a full dirty ring needs that lock
+        // to park.)
+        let _paused = (!doomed.is_empty())
             .then(|| PausedFor::change(&self.control))
             .transpose()?;
         let mut slots = self.slots();
-        let doomed = slots.doomed(&layout);
         self.dirty.save_before_delete(&self.fd, &slots, &doomed)?;
         // The table first: an access in the instant a slot is being replaced exits to user
         // space, which then reports it by the new table (and always completes it).
@@ -260,6 +276,7 @@ impl MemoryMap {
     /// Switches dirty logging on or off for every memslot (tracked frames stay tracked).
     /// Switching it on marks every page dirty: writes while it was off are unknown.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), MemslotError> {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let mut slots = self.slots();
         if slots.log_dirty() == on {
             return Ok(());
@@ -270,7 +287,9 @@ impl MemoryMap {
     }
 }
 
-/// The VM paused for a memslot change, resumed when dropped (if this change paused it).
+/// The VM paused for a memslot change, resumed when dropped (if this change paused it). A VM
+/// already paused stays paused: whoever paused it must not resume it during a tracking change
+/// (the API runs tracking changes, pauses and resumes one at a time).
 struct PausedFor<'a> {
     control: Option<&'a RunControl>,
 }

@@ -154,11 +154,14 @@ impl TrackTable {
         (gpa..gpa + len).step_by(PAGE_SIZE as usize)
     }
 
-    /// One more user tracks the frames of `[gpa, gpa + len)` in `mode`.
-    pub fn add(&mut self, gpa: u64, len: u64, mode: TrackMode) {
+    /// `users` more users track the frames of `[gpa, gpa + len)` in `mode`.
+    pub fn add(&mut self, gpa: u64, len: u64, mode: TrackMode, users: u32) {
+        if users == 0 {
+            return;
+        }
         for frame in Self::frames(gpa, len) {
             let counts = self.frames.entry(frame).or_default();
-            counts[mode.index()] = counts[mode.index()].saturating_add(1);
+            counts[mode.index()] = counts[mode.index()].saturating_add(users);
         }
     }
 
@@ -294,8 +297,8 @@ mod tests {
     #[test]
     fn counts_per_frame_and_mode() {
         let mut t = TrackTable::default();
-        t.add(0x1000, 2 * P, TrackMode::Write);
-        t.add(0x1000, P, TrackMode::Write);
+        t.add(0x1000, 2 * P, TrackMode::Write, 1);
+        t.add(0x1000, P, TrackMode::Write, 1);
         assert_eq!(
             t.ranges(),
             [
@@ -323,7 +326,7 @@ mod tests {
     #[test]
     fn removing_what_is_not_tracked_changes_nothing() {
         let mut t = TrackTable::default();
-        t.add(0x1000, P, TrackMode::Write);
+        t.add(0x1000, P, TrackMode::Write, 1);
         let before = t.clone();
         assert!(matches!(
             t.remove(0x1000, 2 * P, TrackMode::Write),
@@ -336,8 +339,8 @@ mod tests {
     #[test]
     fn access_beats_write_and_extents_merge() {
         let mut t = TrackTable::default();
-        t.add(0x1000, 2 * P, TrackMode::Write);
-        t.add(0x2000, P, TrackMode::Access);
+        t.add(0x1000, 2 * P, TrackMode::Write, 1);
+        t.add(0x2000, P, TrackMode::Access, 1);
         assert_eq!(
             t.backings().collect::<Vec<_>>(),
             [(0x1000, Backing::ReadOnly), (0x2000, Backing::Hole)]

@@ -25,6 +25,9 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 const APIC_MODE_NMI: u32 = 0x4;
 /// Ring-full exits in a row with nothing to harvest before the ring is taken as overflowed.
 const MAX_EMPTY_RING_EXITS: u32 = 3;
+/// Pieces of one split access `save_state` completes before it gives up (KVM splits an access
+/// at most into a few).
+const MAX_PENDING_PIECES: usize = 16;
 
 /// Errors of one vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -112,42 +115,55 @@ pub struct Vcpu {
     msr_list: Arc<[u32]>,
     /// Whether KVM_RUN was ever entered (only then can I/O be pending).
     has_run: bool,
+    /// Guest RAM as KVM maps it: accesses that exit inside RAM are completed through it.
+    memory: Arc<MemoryMap>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(index: u8, fd: VcpuFd, msr_list: Arc<[u32]>) -> Self {
+    pub(crate) fn new(index: u8, fd: VcpuFd, msr_list: Arc<[u32]>, memory: Arc<MemoryMap>) -> Self {
         Vcpu {
             index,
             fd,
             msr_list,
             has_run: false,
+            memory,
         }
     }
 
     /// Saves this vCPU's state. An I/O or MMIO exit is only complete once KVM_RUN is entered
     /// again, so a vCPU that has run first re-enters it with `immediate_exit` set: KVM finishes
-    /// the pending operation and returns at once without running the guest.
+    /// the pending operation and returns at once without running the guest. An access KVM
+    /// split in pieces (one crossing into a second tracked page) exits again for the next
+    /// piece, which is completed the same way until nothing is pending.
     pub fn save_state(&mut self) -> Result<VcpuState, VcpuError> {
         if self.has_run {
-            self.fd.set_kvm_immediate_exit(1);
-            let fd = &mut self.fd;
-            let result = crate::sigbus::in_kvm_run(|| fd.run().map(|_| ()));
-            self.fd.set_kvm_immediate_exit(0);
-            if let Some(hva) = crate::sigbus::take_poisoned() {
-                return Err(VcpuError::HostMemoryError {
-                    vcpu: self.index,
-                    hva,
+            let memory = Arc::clone(&self.memory);
+            let index = self.index;
+            for _ in 0..MAX_PENDING_PIECES {
+                self.fd.set_kvm_immediate_exit(1);
+                let fd = &mut self.fd;
+                let result = crate::sigbus::in_kvm_run(|| {
+                    fd.run().map(|exit| complete_pending(&memory, index, exit))
                 });
-            }
-            match result {
-                Ok(()) => {}
-                Err(e) if e.errno() == libc::EINTR => {}
-                Err(source) => {
-                    return Err(VcpuError::Kvm {
-                        vcpu: self.index,
-                        what: "KVM_RUN (completing pending I/O)",
-                        source,
-                    })
+                self.fd.set_kvm_immediate_exit(0);
+                if let Some(hva) = crate::sigbus::take_poisoned() {
+                    return Err(VcpuError::HostMemoryError { vcpu: index, hva });
+                }
+                match result {
+                    // Another piece was pending and is now done: see whether more are.
+                    Ok(Some((_, true))) => continue,
+                    Ok(Some((gpa, false))) => {
+                        return Err(VcpuError::RamUnavailable { vcpu: index, gpa })
+                    }
+                    Ok(None) => break,
+                    Err(e) if e.errno() == libc::EINTR => break,
+                    Err(source) => {
+                        return Err(VcpuError::Kvm {
+                            vcpu: index,
+                            what: "KVM_RUN (completing pending I/O)",
+                            source,
+                        })
+                    }
                 }
             }
         }
@@ -292,13 +308,13 @@ impl Vcpu {
 
     /// Runs until the guest exits through the test device, the VM is stopped, or an error.
     /// When the VM is paused, the vCPU saves its state, parks, and goes on when resumed.
-    /// Accesses to guest RAM that exit (tracked frames) are completed through `memory`.
+    /// Accesses to guest RAM that exit (tracked frames) are completed through the memory map.
     pub fn run(
         &mut self,
         devices: &LegacyDevices,
         control: &RunControl,
-        memory: &MemoryMap,
     ) -> Result<VcpuOutcome, VcpuError> {
+        let memory = Arc::clone(&self.memory);
         let ram = memory.ram();
         let in_ram = |gpa: u64| ram.host_range(gpa, 1).is_some();
         let gpa_of = |hva: u64| {
@@ -346,6 +362,10 @@ impl Vcpu {
                     })
                 }
             };
+            // Only ring-full exits in a row, with nothing harvested, mean an overflow.
+            if !matches!(exit, VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) {
+                empty_ring_exits = 0;
+            }
             match exit {
                 VcpuExit::IoOut(port, data) => match port {
                     guests::ports::STARTED => control.mark_started(),
@@ -408,7 +428,7 @@ impl Vcpu {
                     } else {
                         0
                     };
-                    if empty_ring_exits > MAX_EMPTY_RING_EXITS {
+                    if empty_ring_exits >= MAX_EMPTY_RING_EXITS {
                         return Err(VcpuError::DirtyRing {
                             vcpu: index,
                             source: crate::dirty::DirtyError::RingOverflow { vcpu: index },
@@ -466,6 +486,29 @@ impl Vcpu {
                 }
             }
         }
+    }
+}
+
+/// Completes, in `save_state`, an MMIO exit KVM made for the next piece of a split access:
+/// `(gpa, whether it could be completed)`, or `None` for any other exit.
+fn complete_pending(memory: &MemoryMap, vcpu: u8, exit: VcpuExit<'_>) -> Option<(u64, bool)> {
+    let in_ram = |gpa: u64| memory.ram().host_range(gpa, 1).is_some();
+    match exit {
+        VcpuExit::MmioRead(gpa, data) if in_ram(gpa) => Some((
+            gpa,
+            memory.complete_access(vcpu, gpa, GuestAccess::Read(data)),
+        )),
+        VcpuExit::MmioWrite(gpa, data) if in_ram(gpa) => Some((
+            gpa,
+            memory.complete_access(vcpu, gpa, GuestAccess::Write(data)),
+        )),
+        // No MMIO devices: reads see all-ones, writes are dropped (as in the run loop).
+        VcpuExit::MmioRead(gpa, data) => {
+            data.fill(0xff);
+            Some((gpa, true))
+        }
+        VcpuExit::MmioWrite(gpa, _) => Some((gpa, true)),
+        _ => None,
     }
 }
 

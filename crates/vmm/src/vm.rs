@@ -316,7 +316,12 @@ impl Vm {
                     source,
                 })?;
             memory.map_ring(&vcpu_fd)?;
-            vcpus.push(Vcpu::new(index, vcpu_fd, Arc::clone(&msr_list)));
+            vcpus.push(Vcpu::new(
+                index,
+                vcpu_fd,
+                Arc::clone(&msr_list),
+                Arc::clone(&memory),
+            ));
         }
 
         // The handlers are process-wide; installing them again is harmless.
@@ -455,7 +460,6 @@ impl Vm {
             let thread_control = Arc::clone(&control);
             let done = done_tx.clone();
             let hook = self.on_vcpu_thread.clone();
-            let memory = Arc::clone(&self.handle.memory);
             let index = vcpu.index();
             let spawned = thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -468,8 +472,7 @@ impl Vm {
                         done,
                     };
                     let mut vcpu = vcpu;
-                    let result =
-                        run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control, &memory);
+                    let result = run_vcpu_thread(&mut vcpu, hook, &devices, &thread_control);
                     (vcpu, result)
                 });
             match spawned {
@@ -584,7 +587,6 @@ fn run_vcpu_thread(
     hook: Option<VcpuThreadHook>,
     devices: &LegacyDevices,
     control: &RunControl,
-    memory: &MemoryMap,
 ) -> Result<VcpuOutcome, VcpuError> {
     let index = vcpu.index();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -595,7 +597,7 @@ fn run_vcpu_thread(
             );
         }
         control.enter(index);
-        vcpu.run(devices, control, memory)
+        vcpu.run(devices, control)
     }));
     let result = result.unwrap_or_else(|panic| {
         let message = panic

@@ -492,7 +492,9 @@ fn too_many_connections() -> Response {
 fn serve(stream: UnixStream, accepted: Instant, controller: &Controller) {
     let (stream, request) = read_by(stream, accepted + REQUEST_DEADLINE);
     let response = match request {
-        Ok(request) if request.method == "GET" && request.path == "/track/events" => {
+        Ok(request)
+            if request.method == "GET" && request.path.trim_end_matches('/') == "/track/events" =>
+        {
             controller.stream_track_events(&stream);
             return;
         }
