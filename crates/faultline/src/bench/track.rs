@@ -46,12 +46,15 @@ pub struct WriteCase {
     pub ratio: f64,
 }
 
-/// Adding and removing tracking for a range of frames.
+/// Adding and removing tracking for a range of frames, on a VM that is not running and on one
+/// whose vCPU runs (it is paused for the change).
 #[derive(Debug, Serialize)]
 pub struct ChangeCase {
     pub frames: u64,
     pub add_us: f64,
     pub remove_us: f64,
+    pub running_add_us: f64,
+    pub running_remove_us: f64,
     pub memslots_tracked: usize,
 }
 
@@ -144,30 +147,72 @@ fn write_case(runs: usize, progress: &mut impl FnMut(&str)) -> anyhow::Result<Wr
     })
 }
 
+/// Median (µs) of adding then removing tracking of `frames` frames, `runs` times.
+fn time_changes(
+    memory: &vmm::MemoryMap,
+    frames: u64,
+    runs: usize,
+) -> anyhow::Result<(f64, f64, usize)> {
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    let mut memslots = 0;
+    for _ in 0..runs {
+        let len = frames * PAGE_SIZE;
+        let started = Instant::now();
+        memory.track(BOOT_AREA_END, len, TrackMode::Write)?;
+        add.push(started.elapsed());
+        memslots = memory.memslot_count();
+        let started = Instant::now();
+        memory.untrack(BOOT_AREA_END, len, TrackMode::Write)?;
+        remove.push(started.elapsed());
+    }
+    let us = |samples: &[Duration]| (median_ms(samples) * 1e3).round();
+    Ok((us(&add), us(&remove), memslots))
+}
+
 fn change_cases(runs: usize, progress: &mut impl FnMut(&str)) -> anyhow::Result<Vec<ChangeCase>> {
     progress("track: adding and removing tracking");
-    let vm = MicroVm::new(&options("hello", 4096, 0, 1))?;
-    let memory = vm.vm.handle().memory().clone();
-    let mut cases = Vec::new();
-    for frames in CHANGE_FRAMES {
-        let (mut add, mut remove) = (Vec::new(), Vec::new());
-        let mut memslots_tracked = 0;
-        for _ in 0..runs.max(5) {
-            let len = frames * PAGE_SIZE;
-            let started = Instant::now();
-            memory.track(BOOT_AREA_END, len, TrackMode::Write)?;
-            add.push(started.elapsed());
-            memslots_tracked = memory.memslot_count();
-            let started = Instant::now();
-            memory.untrack(BOOT_AREA_END, len, TrackMode::Write)?;
-            remove.push(started.elapsed());
+    let runs = runs.max(5);
+    let idle = MicroVm::new(&options("hello", 4096, 0, 1))?;
+    // `dirty` rewriting its range forever: every change pauses it.
+    let mut busy = MicroVm::new(&options("dirty", 4096, 0, 1))?;
+    let handle = busy.vm.handle();
+    let runner = std::thread::spawn(move || busy.run().map(|_| ()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handle.control().started_at().is_none() && !runner.is_finished() {
+        if Instant::now() > deadline {
+            bail!("the running guest never started");
         }
-        cases.push(ChangeCase {
-            frames,
-            add_us: (median_ms(&add) * 1e3).round(),
-            remove_us: (median_ms(&remove) * 1e3).round(),
-            memslots_tracked,
-        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut cases = Vec::new();
+    let mut measured = || -> anyhow::Result<()> {
+        for frames in CHANGE_FRAMES {
+            let (add_us, remove_us, memslots_tracked) =
+                time_changes(idle.vm.handle().memory(), frames, runs)?;
+            let (running_add_us, running_remove_us, _) =
+                time_changes(handle.memory(), frames, runs)?;
+            cases.push(ChangeCase {
+                frames,
+                add_us,
+                remove_us,
+                running_add_us,
+                running_remove_us,
+                memslots_tracked,
+            });
+        }
+        Ok(())
+    };
+    let result = measured();
+    handle
+        .control()
+        .request_stop(vmm::control::StopReason::Requested);
+    let run = runner
+        .join()
+        .map_err(|_| anyhow::anyhow!("the running guest's thread panicked"))?;
+    result?;
+    // The guest was stopped, as asked; anything else is a failure.
+    if let Err(e) = run {
+        return Err(e.context("the running guest failed"));
     }
     Ok(cases)
 }
