@@ -708,15 +708,23 @@ fn api_call(
     });
     let (status, answer) = http::call(socket, method, path, body, Some(timeout))?;
     if !(200..300).contains(&status) {
-        let message = answer
-            .as_ref()
-            .and_then(|a| a.get("error"))
-            .and_then(|e| e.as_str())
-            .unwrap_or("no reason given")
-            .to_string();
-        bail!("the VMM refused {method} {path} (HTTP {status}): {message}");
+        return Err(refusal(method, path, status, answer.as_ref()));
     }
     Ok(answer)
+}
+
+/// The error for an API request the VMM refused, with the reason it gave.
+fn refusal(
+    method: &str,
+    path: &str,
+    status: u16,
+    answer: Option<&serde_json::Value>,
+) -> anyhow::Error {
+    let message = answer
+        .and_then(|a| a.get("error"))
+        .and_then(|e| e.as_str())
+        .unwrap_or("no reason given");
+    anyhow::anyhow!("the VMM refused {method} {path} (HTTP {status}): {message}")
 }
 
 /// `faultline track ...`.
@@ -756,13 +764,7 @@ fn watch_tracking(socket: &std::path::Path, count: Option<u64>) -> anyhow::Resul
     let reader = match http::get_stream(socket, "/track/events")? {
         http::Stream::Lines(reader) => reader,
         http::Stream::Refused(status, body) => {
-            let message = body
-                .as_ref()
-                .and_then(|b| b.get("error"))
-                .and_then(|e| e.as_str())
-                .unwrap_or("no reason given")
-                .to_string();
-            bail!("the VMM refused GET /track/events (HTTP {status}): {message}");
+            return Err(refusal("GET", "/track/events", status, body.as_ref()))
         }
     };
     eprintln!("faultline: watching tracking events (one JSON line each)");

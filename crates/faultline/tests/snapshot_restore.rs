@@ -19,7 +19,7 @@ const PASSES: u64 = 2000;
 const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
-use common::{faultline, text, TempDir};
+use common::{api, faultline, text, TempDir};
 
 /// A `faultline run` child serving the API on `sock`.
 fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
@@ -42,23 +42,6 @@ fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("faultline starts")
-}
-
-fn api(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let (status, answer) = http::call(
-        sock,
-        method,
-        path,
-        body.as_ref(),
-        Some(Duration::from_secs(60)),
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (status, answer.unwrap_or(serde_json::Value::Null))
 }
 
 /// Waits until the VM behind `sock` reports `running`.

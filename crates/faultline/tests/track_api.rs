@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{faultline, text, TempDir};
+use common::{api, faultline, text, TempDir};
 use faultline::api::http;
 use serde_json::json;
 use vmm::boot::layout::BOOT_AREA_END;
@@ -48,23 +48,6 @@ fn spawn_paused(sock: &Path, guest: &str, pages: u64, arg: u64) -> Child {
         std::thread::sleep(Duration::from_millis(10));
     }
     child
-}
-
-fn api(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> (u16, serde_json::Value) {
-    let (status, answer) = http::call(
-        sock,
-        method,
-        path,
-        body.as_ref(),
-        Some(Duration::from_secs(30)),
-    )
-    .unwrap();
-    (status, answer.unwrap_or(serde_json::Value::Null))
 }
 
 /// `faultline track watch` on `sock`, returned once it is registered.

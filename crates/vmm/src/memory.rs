@@ -208,50 +208,48 @@ impl GuestRam {
 /// that memory that cannot be read (a poisoned page, a file mapping past its end) is an error
 /// (EFAULT), never a signal. Guest RAM that may hold such pages is read this way.
 pub fn read_host(addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let local = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
-            iov_len: buf.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: (addr + done as u64) as *mut libc::c_void,
-            iov_len: buf.len() - done,
-        };
+    let (base, len) = (buf.as_mut_ptr(), buf.len());
+    transfer(len, |done| {
+        let (local, remote) = iovecs(base.wrapping_add(done), addr, done, len);
         // SAFETY: `local` describes the writable rest of `buf`; the kernel checks `remote`
         // itself and reports what it cannot read as an error.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        match n {
-            n if n > 0 => done += n as usize,
-            0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(())
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) }
+    })
 }
 
 /// Writes `data` at address `addr` of this process with process_vm_writev(2): memory that
 /// cannot be written (a poisoned page) is an error (EFAULT), never a signal.
 pub fn write_host(addr: u64, data: &[u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        let local = libc::iovec {
-            iov_base: data[done..].as_ptr() as *mut libc::c_void,
-            iov_len: data.len() - done,
-        };
-        let remote = libc::iovec {
-            iov_base: (addr + done as u64) as *mut libc::c_void,
-            iov_len: data.len() - done,
-        };
+    let (base, len) = (data.as_ptr().cast_mut(), data.len());
+    transfer(len, |done| {
+        let (local, remote) = iovecs(base.wrapping_add(done), addr, done, len);
         // SAFETY: `local` describes the rest of `data`, which the kernel only reads; it checks
         // `remote` itself and reports what it cannot write as an error.
-        let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
-        match n {
+        unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) }
+    })
+}
+
+/// The local and remote iovecs for the bytes from `done` to `len` of a transfer between
+/// `local` (already advanced by `done`) and this process's address `addr`.
+fn iovecs(local: *mut u8, addr: u64, done: usize, len: usize) -> (libc::iovec, libc::iovec) {
+    (
+        libc::iovec {
+            iov_base: local.cast(),
+            iov_len: len - done,
+        },
+        libc::iovec {
+            iov_base: (addr + done as u64) as *mut libc::c_void,
+            iov_len: len - done,
+        },
+    )
+}
+
+/// Runs `call(done)` (one process_vm_readv/writev for the bytes from `done` on) until `len`
+/// bytes have moved; nothing moved is EFAULT, an interrupted call is retried.
+fn transfer(len: usize, mut call: impl FnMut(usize) -> isize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match call(done) {
             n if n > 0 => done += n as usize,
             0 => return Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
             _ => {

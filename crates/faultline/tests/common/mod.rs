@@ -59,6 +59,25 @@ pub fn faultline(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// One API request to `sock`, bounded (a server that stops answering fails the test, never
+/// hangs it): its status and JSON answer (null when empty).
+pub fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let (status, answer) = faultline::api::http::call(
+        sock,
+        method,
+        path,
+        body.as_ref(),
+        Some(std::time::Duration::from_secs(60)),
+    )
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (status, answer.unwrap_or(serde_json::Value::Null))
+}
+
 /// Process output as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
