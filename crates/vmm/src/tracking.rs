@@ -123,7 +123,7 @@ pub enum TrackError {
     NotTracked { gpa: u64, mode: TrackMode },
     #[error(transparent)]
     Memslots(#[from] MemslotError),
-    #[error("cannot save the dirty log before changing memslots")]
+    #[error(transparent)]
     Dirty(#[from] crate::dirty::DirtyError),
     #[error("cannot pause the VM to change its memslots")]
     Pause(#[from] crate::control::PauseError),
