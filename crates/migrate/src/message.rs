@@ -1,0 +1,480 @@
+//! The messages and their payloads.
+
+use crate::wire::ProtocolError;
+
+/// Bytes of a guest page as the protocol counts them.
+pub const PAGE_SIZE: u64 = 4096;
+/// Most RAM regions a layout may have (faultline builds at most two).
+const MAX_REGIONS: usize = 64;
+
+/// Guest RAM as `(gpa, size)` regions, lowest first: the pages a migration may move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    regions: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    /// A layout of `regions` (page aligned, ascending, not overlapping).
+    pub fn new(regions: Vec<(u64, u64)>) -> Self {
+        Layout { regions }
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[(u64, u64)] {
+        &self.regions
+    }
+
+    /// Pages of RAM in all.
+    pub fn pages(&self) -> u64 {
+        self.regions.iter().map(|&(_, size)| size / PAGE_SIZE).sum()
+    }
+
+    /// Whether `count` pages from `gpa` lie within one region.
+    pub fn contains(&self, gpa: u64, count: u64) -> bool {
+        let Some(len) = count.checked_mul(PAGE_SIZE) else {
+            return false;
+        };
+        gpa.is_multiple_of(PAGE_SIZE)
+            && self.regions.iter().any(|&(start, size)| {
+                gpa >= start && gpa.checked_add(len).is_some_and(|end| end <= start + size)
+            })
+    }
+
+    /// Why the layout cannot be a VM's, if it cannot.
+    fn problem(&self) -> Option<String> {
+        if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
+            return Some(format!("{} RAM regions", self.regions.len()));
+        }
+        let mut end = 0u64;
+        for (i, &(gpa, size)) in self.regions.iter().enumerate() {
+            let aligned = gpa.is_multiple_of(PAGE_SIZE) && size.is_multiple_of(PAGE_SIZE);
+            if !aligned || size == 0 || (i > 0 && gpa < end) || gpa.checked_add(size).is_none() {
+                return Some(format!("RAM region {i} ({gpa:#x}, {size:#x} bytes)"));
+            }
+            end = gpa + size;
+        }
+        None
+    }
+}
+
+/// What both ends must agree on before any page moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmIdentity {
+    pub vcpus: u8,
+    pub layout: Layout,
+    /// A digest of the vCPUs' CPUID, so a VM never lands on a host that would show it other CPU
+    /// features.
+    pub cpuid_digest: u32,
+}
+
+impl VmIdentity {
+    /// Checks that `peer` describes the same VM as `self`.
+    pub fn check_matches(&self, peer: &VmIdentity) -> Result<(), ProtocolError> {
+        if self.vcpus != peer.vcpus {
+            return Err(ProtocolError::Mismatch(format!(
+                "{} vCPUs here, {} there",
+                self.vcpus, peer.vcpus
+            )));
+        }
+        if self.layout != peer.layout {
+            return Err(ProtocolError::Mismatch(format!(
+                "RAM {:x?} here, {:x?} there",
+                self.layout.regions, peer.layout.regions
+            )));
+        }
+        if self.cpuid_digest != peer.cpuid_digest {
+            return Err(ProtocolError::Mismatch(format!(
+                "CPUID digest {:#x} here, {:#x} there",
+                self.cpuid_digest, peer.cpuid_digest
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Who is migrating: sent by each side first.
+    Hello(VmIdentity),
+    /// Contiguous pages from `gpa`, with their contents (a whole number of pages).
+    Pages { gpa: u64, data: Vec<u8> },
+    /// `count` zero pages from `gpa`.
+    ZeroPages { gpa: u64, count: u64 },
+    /// A pre-copy round begins, sending `pages` pages.
+    Round { round: u32, pages: u64 },
+    /// The VM's state (vCPUs, VM, devices), in the snapshot state format.
+    State(Vec<u8>),
+    /// The source has paused the VM: what follows finishes the migration.
+    SwitchOver,
+    /// Post-copy: the destination needs `count` pages from `gpa` now.
+    PageRequest { gpa: u64, count: u32 },
+    /// Recovery: the pages the destination holds, one bit each, regions back to back.
+    Received { pages: u64, bitmap: Vec<u64> },
+    /// Everything was sent (source) or received (destination).
+    Done,
+    /// The sender gives up, and says why.
+    Abort(String),
+}
+
+const KINDS: [&str; 10] = [
+    "hello",
+    "pages",
+    "zero-pages",
+    "round",
+    "state",
+    "switch-over",
+    "page-request",
+    "received",
+    "done",
+    "abort",
+];
+
+impl Message {
+    /// The kind byte on the wire.
+    pub(crate) fn kind(&self) -> u8 {
+        1 + match self {
+            Message::Hello(_) => 0,
+            Message::Pages { .. } => 1,
+            Message::ZeroPages { .. } => 2,
+            Message::Round { .. } => 3,
+            Message::State(_) => 4,
+            Message::SwitchOver => 5,
+            Message::PageRequest { .. } => 6,
+            Message::Received { .. } => 7,
+            Message::Done => 8,
+            Message::Abort(_) => 9,
+        }
+    }
+
+    /// The name of kind byte `kind`, if it is one.
+    pub(crate) fn kind_name(kind: u8) -> Option<&'static str> {
+        KINDS.get(usize::from(kind).checked_sub(1)?).copied()
+    }
+
+    /// This message's name, as errors say it.
+    pub fn name(&self) -> &'static str {
+        KINDS[usize::from(self.kind() - 1)]
+    }
+
+    /// Checks the memory a message names against the VM's `layout`: pages inside it, a
+    /// received bitmap of its size.
+    pub fn check(&self, layout: &Layout) -> Result<(), ProtocolError> {
+        let outside = |gpa, count| ProtocolError::OutsideLayout {
+            kind: self.name(),
+            gpa,
+            count,
+        };
+        match *self {
+            Message::Pages { gpa, ref data } => {
+                let count = data.len() as u64 / PAGE_SIZE;
+                if !layout.contains(gpa, count) {
+                    return Err(outside(gpa, count));
+                }
+            }
+            Message::ZeroPages { gpa, count } if !layout.contains(gpa, count) => {
+                return Err(outside(gpa, count))
+            }
+            Message::PageRequest { gpa, count } if !layout.contains(gpa, u64::from(count)) => {
+                return Err(outside(gpa, u64::from(count)))
+            }
+            Message::Received { pages, .. } if pages != layout.pages() => {
+                return Err(ProtocolError::Malformed {
+                    kind: self.name(),
+                    why: format!("{pages} pages, the VM has {}", layout.pages()),
+                })
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Message::Hello(identity) => {
+                out.push(identity.vcpus);
+                put_u32(&mut out, identity.cpuid_digest);
+                put_u32(&mut out, identity.layout.regions.len() as u32);
+                for &(gpa, size) in &identity.layout.regions {
+                    put_u64(&mut out, gpa);
+                    put_u64(&mut out, size);
+                }
+            }
+            Message::Pages { gpa, data } => {
+                put_u64(&mut out, *gpa);
+                out.extend_from_slice(data);
+            }
+            Message::ZeroPages { gpa, count } => {
+                put_u64(&mut out, *gpa);
+                put_u64(&mut out, *count);
+            }
+            Message::Round { round, pages } => {
+                put_u32(&mut out, *round);
+                put_u64(&mut out, *pages);
+            }
+            Message::State(state) => out.extend_from_slice(state),
+            Message::SwitchOver | Message::Done => {}
+            Message::PageRequest { gpa, count } => {
+                put_u64(&mut out, *gpa);
+                put_u32(&mut out, *count);
+            }
+            Message::Received { pages, bitmap } => {
+                put_u64(&mut out, *pages);
+                for word in bitmap {
+                    put_u64(&mut out, *word);
+                }
+            }
+            Message::Abort(reason) => out.extend_from_slice(reason.as_bytes()),
+        }
+        out
+    }
+
+    /// Parses the payload of a message of kind byte `kind` (a known one).
+    pub(crate) fn decode(kind: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
+        let name = Message::kind_name(kind).ok_or(ProtocolError::UnknownKind(kind))?;
+        let malformed = |why: String| ProtocolError::Malformed { kind: name, why };
+        let mut p = Parser {
+            bytes: payload,
+            kind: name,
+        };
+        let message = match kind {
+            1 => {
+                let vcpus = p.u8()?;
+                let cpuid_digest = p.u32()?;
+                let regions = p.u32()? as usize;
+                if regions > MAX_REGIONS {
+                    return Err(malformed(format!("{regions} RAM regions")));
+                }
+                let layout = Layout::new(
+                    (0..regions)
+                        .map(|_| Ok((p.u64()?, p.u64()?)))
+                        .collect::<Result<_, ProtocolError>>()?,
+                );
+                if let Some(problem) = layout.problem() {
+                    return Err(malformed(problem));
+                }
+                if vcpus == 0 {
+                    return Err(malformed("0 vCPUs".into()));
+                }
+                Message::Hello(VmIdentity {
+                    vcpus,
+                    layout,
+                    cpuid_digest,
+                })
+            }
+            2 => {
+                let gpa = p.u64()?;
+                let data = p.rest();
+                if data.is_empty() || !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
+                    return Err(malformed(format!(
+                        "{} bytes of page data, not a whole number of pages",
+                        data.len()
+                    )));
+                }
+                Message::Pages {
+                    gpa,
+                    data: data.to_vec(),
+                }
+            }
+            3 => Message::ZeroPages {
+                gpa: p.u64()?,
+                count: p.u64()?,
+            },
+            4 => Message::Round {
+                round: p.u32()?,
+                pages: p.u64()?,
+            },
+            5 => Message::State(p.rest().to_vec()),
+            6 => Message::SwitchOver,
+            7 => Message::PageRequest {
+                gpa: p.u64()?,
+                count: p.u32()?,
+            },
+            8 => {
+                let pages = p.u64()?;
+                let words = pages.div_ceil(64);
+                if p.bytes.len() as u64 != words * 8 {
+                    return Err(malformed(format!(
+                        "a bitmap of {} bytes for {pages} pages",
+                        p.bytes.len()
+                    )));
+                }
+                Message::Received {
+                    pages,
+                    bitmap: (0..words).map(|_| p.u64()).collect::<Result<_, _>>()?,
+                }
+            }
+            9 => Message::Done,
+            10 => Message::Abort(
+                String::from_utf8(p.rest().to_vec())
+                    .map_err(|_| malformed("the reason is not UTF-8".into()))?,
+            ),
+            _ => unreachable!("kind_name knows kinds 1 to 10"),
+        };
+        if !p.bytes.is_empty() {
+            return Err(malformed(format!("{} bytes left over", p.bytes.len())));
+        }
+        if let Message::PageRequest { count: 0, .. } | Message::ZeroPages { count: 0, .. } = message
+        {
+            return Err(malformed("a count of 0 pages".into()));
+        }
+        Ok(message)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+/// Reads a payload front to back.
+struct Parser<'a> {
+    bytes: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Parser<'a> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        if self.bytes.len() < N {
+            return Err(ProtocolError::Malformed {
+                kind: self.kind,
+                why: format!("ends {} bytes early", N - self.bytes.len()),
+            });
+        }
+        let (head, rest) = self.bytes.split_at(N);
+        self.bytes = rest;
+        Ok(head.try_into().expect("N bytes"))
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(vec![(0, 0xc000_0000), (1 << 32, 1 << 30)])
+    }
+
+    #[test]
+    fn pages_outside_the_layout_are_refused() {
+        let l = layout();
+        let ok = Message::ZeroPages { gpa: 0, count: 16 };
+        assert!(ok.check(&l).is_ok());
+        for (gpa, count) in [
+            (0xc000_0000, 1),           // the MMIO gap
+            (0xbfff_f000, 2),           // runs into it
+            (0x1000 + 1, 1),            // unaligned
+            ((1 << 32) + (1 << 30), 1), // past the end
+            (0, u64::MAX),              // overflows
+        ] {
+            let message = Message::ZeroPages { gpa, count };
+            let error = message.check(&l).unwrap_err();
+            assert!(
+                error.to_string().contains("outside the VM"),
+                "{gpa:#x} x {count}: {error}"
+            );
+        }
+        let request = Message::PageRequest {
+            gpa: 0xc000_0000,
+            count: 1,
+        };
+        assert!(request.check(&l).is_err());
+        let received = Message::Received {
+            pages: 10,
+            bitmap: vec![0],
+        };
+        assert!(received
+            .check(&l)
+            .unwrap_err()
+            .to_string()
+            .contains("10 pages"));
+    }
+
+    #[test]
+    fn payloads_that_do_not_parse_are_refused() {
+        let cases: [(u8, Vec<u8>, &str); 7] = [
+            (
+                2,
+                0x1000u64.to_le_bytes().to_vec(),
+                "not a whole number of pages",
+            ),
+            (3, vec![0; 15], "ends 1 bytes early"),
+            (3, vec![0; 17], "1 bytes left over"),
+            (
+                3,
+                [0x1000u64.to_le_bytes(), 0u64.to_le_bytes()].concat(),
+                "count of 0",
+            ),
+            (
+                8,
+                [130u64.to_le_bytes(), 0u64.to_le_bytes()].concat(),
+                "a bitmap of 8 bytes",
+            ),
+            (10, vec![0xff, 0xfe], "not UTF-8"),
+            (
+                1,
+                [
+                    vec![0u8],
+                    0u32.to_le_bytes().to_vec(),
+                    0u32.to_le_bytes().to_vec(),
+                ]
+                .concat(),
+                "0 RAM regions",
+            ),
+        ];
+        for (kind, payload, says) in cases {
+            let error = Message::decode(kind, &payload).unwrap_err().to_string();
+            assert!(
+                error.contains(says),
+                "kind {kind}: {error:?} should say {says:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_vm_that_differs_is_named() {
+        let here = VmIdentity {
+            vcpus: 2,
+            layout: layout(),
+            cpuid_digest: 1,
+        };
+        assert!(here.check_matches(&here.clone()).is_ok());
+        let mut other = here.clone();
+        other.vcpus = 4;
+        assert!(here
+            .check_matches(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("2 vCPUs here, 4 there"));
+        let mut other = here.clone();
+        other.cpuid_digest = 2;
+        assert!(here
+            .check_matches(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("CPUID"));
+        let mut other = here.clone();
+        other.layout = Layout::new(vec![(0, 1 << 30)]);
+        assert!(here
+            .check_matches(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("RAM"));
+    }
+}

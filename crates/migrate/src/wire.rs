@@ -1,0 +1,287 @@
+//! Frames: the header, reading and writing whole messages, and what can go wrong on the wire.
+
+use std::io::{self, Read, Write};
+
+use crate::message::Message;
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"FLMG";
+/// The protocol version this build speaks (and the only one it accepts).
+pub const VERSION: u16 = 1;
+/// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// Bytes of a frame header.
+pub const HEADER_BYTES: usize = 16;
+
+/// What can go wrong reading or writing messages.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the peer closed the connection")]
+    PeerClosed,
+    #[error("the connection failed")]
+    Io(#[from] io::Error),
+    #[error("not a faultline migration stream: magic {found:02x?}, expected {MAGIC:02x?}")]
+    BadMagic { found: [u8; 4] },
+    #[error("the peer speaks migration protocol version {found}; this faultline speaks {VERSION}")]
+    Version { found: u16 },
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("a {kind} message of {length} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    TooLarge { kind: &'static str, length: u32 },
+    #[error("the stream ended inside a message: {got} of {wanted} bytes of its {part}")]
+    Truncated {
+        part: &'static str,
+        got: usize,
+        wanted: usize,
+    },
+    #[error("a {kind} message failed its checksum: it was damaged on the way")]
+    Checksum { kind: &'static str },
+    #[error("a {kind} message is malformed: {why}")]
+    Malformed { kind: &'static str, why: String },
+    #[error("a {kind} message names memory outside the VM: {count} pages at {gpa:#x}")]
+    OutsideLayout {
+        kind: &'static str,
+        gpa: u64,
+        count: u64,
+    },
+    #[error("the peer's VM does not match this one: {0}")]
+    Mismatch(String),
+}
+
+/// Writes `message` as one frame.
+pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<()> {
+    let payload = message.encode();
+    let length = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l <= MAX_PAYLOAD)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a {} message of {} bytes is over the payload limit",
+                    message.name(),
+                    payload.len()
+                ),
+            )
+        })?;
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..4].copy_from_slice(&MAGIC);
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6] = message.kind();
+    header[8..12].copy_from_slice(&length.to_le_bytes());
+    let crc = checksum(&header[..12], &payload);
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    writer.write_all(&header)?;
+    writer.write_all(&payload)?;
+    Ok(())
+}
+
+/// Reads one message. A clean end of the stream before a frame is [`ProtocolError::PeerClosed`];
+/// anywhere else it is [`ProtocolError::Truncated`].
+pub fn read_message<R: Read>(reader: &mut R) -> Result<Message, ProtocolError> {
+    let mut header = [0u8; HEADER_BYTES];
+    match fill(reader, &mut header)? {
+        0 => return Err(ProtocolError::PeerClosed),
+        got if got < HEADER_BYTES => {
+            return Err(ProtocolError::Truncated {
+                part: "header",
+                got,
+                wanted: HEADER_BYTES,
+            })
+        }
+        _ => {}
+    }
+    let found: [u8; 4] = header[0..4].try_into().expect("4 bytes");
+    if found != MAGIC {
+        return Err(ProtocolError::BadMagic { found });
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != VERSION {
+        return Err(ProtocolError::Version { found: version });
+    }
+    let kind = header[6];
+    let name = Message::kind_name(kind).ok_or(ProtocolError::UnknownKind(kind))?;
+    if header[7] != 0 {
+        return Err(ProtocolError::Malformed {
+            kind: name,
+            why: format!("reserved header byte is {:#x}, not 0", header[7]),
+        });
+    }
+    let length = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if length > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge { kind: name, length });
+    }
+    let mut payload = vec![0u8; length as usize];
+    let got = fill(reader, &mut payload)?;
+    if got < payload.len() {
+        return Err(ProtocolError::Truncated {
+            part: "payload",
+            got,
+            wanted: payload.len(),
+        });
+    }
+    let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    if crc != checksum(&header[..12], &payload) {
+        return Err(ProtocolError::Checksum { kind: name });
+    }
+    Message::decode(kind, &payload)
+}
+
+fn checksum(head: &[u8], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(head);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
+fn fill<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Layout, VmIdentity, PAGE_SIZE};
+
+    fn every_message() -> Vec<Message> {
+        let mut data = vec![0u8; 2 * PAGE_SIZE as usize];
+        data[5] = 0xab;
+        data[PAGE_SIZE as usize + 7] = 0xcd;
+        vec![
+            Message::Hello(VmIdentity {
+                vcpus: 2,
+                layout: Layout::new(vec![(0, 0xc000_0000), (1 << 32, 1 << 30)]),
+                cpuid_digest: 0x1234_5678,
+            }),
+            Message::Pages {
+                gpa: 0x20_0000,
+                data,
+            },
+            Message::ZeroPages {
+                gpa: 0x30_0000,
+                count: 1 << 18,
+            },
+            Message::Round {
+                round: 3,
+                pages: 4242,
+            },
+            Message::State(b"{\"machine\": {}}".to_vec()),
+            Message::SwitchOver,
+            Message::PageRequest {
+                gpa: 0x40_0000,
+                count: 16,
+            },
+            Message::Received {
+                pages: 130,
+                bitmap: vec![u64::MAX, 0, 0b11],
+            },
+            Message::Done,
+            Message::Abort("the source VM stopped".into()),
+        ]
+    }
+
+    fn frame(message: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_message(&mut out, message).unwrap();
+        out
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let mut stream = Vec::new();
+        for message in every_message() {
+            write_message(&mut stream, &message).unwrap();
+        }
+        let mut reader = &stream[..];
+        for message in every_message() {
+            assert_eq!(read_message(&mut reader).unwrap(), message);
+        }
+        assert!(matches!(
+            read_message(&mut reader),
+            Err(ProtocolError::PeerClosed)
+        ));
+    }
+
+    #[test]
+    fn a_frame_cut_anywhere_is_truncated_never_a_message() {
+        for message in every_message() {
+            let bytes = frame(&message);
+            for cut in 1..bytes.len() {
+                let error = read_message(&mut &bytes[..cut]).unwrap_err();
+                assert!(
+                    matches!(error, ProtocolError::Truncated { .. }),
+                    "{} cut at {cut}: {error}",
+                    message.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn any_flipped_bit_is_refused() {
+        for message in every_message() {
+            let bytes = frame(&message);
+            // Every bit of small frames; a spread of bits of the page run.
+            let step = (bytes.len() / 512).max(1);
+            for byte in (0..bytes.len()).step_by(step) {
+                for bit in 0..8 {
+                    let mut damaged = bytes.clone();
+                    damaged[byte] ^= 1 << bit;
+                    let result = read_message(&mut &damaged[..]);
+                    assert!(
+                        result.is_err(),
+                        "{} with bit {bit} of byte {byte} flipped was accepted",
+                        message.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn header_errors_name_the_problem() {
+        let good = frame(&Message::Done);
+        let mut bad = good.clone();
+        bad[0..4].copy_from_slice(b"HTTP");
+        assert!(read_message(&mut &bad[..])
+            .unwrap_err()
+            .to_string()
+            .contains("not a faultline migration stream"));
+        let mut bad = good.clone();
+        bad[4..6].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            read_message(&mut &bad[..]).unwrap_err().to_string(),
+            "the peer speaks migration protocol version 2; this faultline speaks 1"
+        );
+        let mut bad = good.clone();
+        bad[6] = 200;
+        assert!(matches!(
+            read_message(&mut &bad[..]),
+            Err(ProtocolError::UnknownKind(200))
+        ));
+        let mut bad = good;
+        bad[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(
+            read_message(&mut &bad[..]),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn an_oversized_message_is_not_written() {
+        let huge = Message::State(vec![0; MAX_PAYLOAD as usize + 1]);
+        let mut out = Vec::new();
+        assert!(write_message(&mut out, &huge).is_err());
+        assert!(out.is_empty(), "nothing half-written");
+    }
+}
