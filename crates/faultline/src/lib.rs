@@ -8,6 +8,7 @@ pub mod duration;
 pub mod lazy;
 pub mod linux;
 pub mod micro;
+pub mod migration;
 pub mod restore;
 pub mod size;
 

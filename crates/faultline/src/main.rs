@@ -52,6 +52,11 @@ enum Command {
         #[command(subcommand)]
         action: TrackCommand,
     },
+    /// Live migration between two faultline processes over TCP (pre-copy).
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateCommand,
+    },
     /// List the built-in micro-guests.
     Guests,
     /// Benchmarks that print JSON figures for faultline beside a baseline from the same run.
@@ -228,6 +233,43 @@ enum VmCommand {
     Info(ApiSock),
     /// Stop the VM; its faultline process exits.
     Shutdown(ApiSock),
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// Move the VM served on --api-sock to a `faultline migrate receive` at --to: pages are
+    /// copied while it runs, then it pauses for the last ones and its state, and runs on there.
+    /// If anything fails, it runs on here.
+    Send {
+        #[command(flatten)]
+        api: ApiSock,
+        /// The destination, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// The longest pause allowed: copy rounds go on until what is left fits in it.
+        #[arg(long, value_name = "MS", default_value_t = 300)]
+        downtime_ms: u64,
+        /// Copy rounds after the first pass at most, then switch over whatever is left.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        max_rounds: u32,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait on --listen for one migration, then run the VM that arrives to the end, like
+    /// `restore` (micro-guest reports and memory checks included).
+    Receive {
+        /// Where to listen, HOST:PORT (port 0: any free port, printed). The channel is not
+        /// authenticated or encrypted: listen on loopback or a private network only.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// Serve the control API on this Unix socket once the VM runs.
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -540,7 +582,14 @@ fn start_paused(control: &vmm::control::RunControl, api_sock: &std::path::Path, 
 /// Whether the run ended because an API client asked for a shutdown (then an unfinished
 /// guest is what was asked for, not a failure).
 fn shut_down_by_api(api: Option<&(ApiServer, std::sync::Arc<Controller>)>) -> bool {
-    let asked = api.is_some_and(|(_, controller)| controller.shutdown_requested());
+    let Some((_, controller)) = api else {
+        return false;
+    };
+    if controller.migrated() {
+        eprintln!("faultline: the VM migrated to another faultline, and runs on there");
+        return true;
+    }
+    let asked = controller.shutdown_requested();
     if asked {
         eprintln!("faultline: the VM was shut down through the API");
     }
@@ -727,6 +776,107 @@ fn refusal(
     anyhow::anyhow!("the VMM refused {method} {path} (HTTP {status}): {message}")
 }
 
+/// `faultline migrate ...`.
+fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
+    match action {
+        MigrateCommand::Send {
+            api,
+            to,
+            downtime_ms,
+            max_rounds,
+            json,
+        } => {
+            let body = serde_json::json!({
+                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
+            });
+            eprintln!("faultline: migrating the VM to {to} (pre-copy, unauthenticated TCP) ...");
+            let report =
+                api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "faultline: migrated in {:.1} ms (downtime {:.1} ms): {} pages, {} zero \
+                     pages, {} dirty rounds, {:.0} Mbit/s",
+                    report["total_ms"].as_f64().unwrap_or(f64::NAN),
+                    report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                    report["normal_pages"],
+                    report["zero_pages"],
+                    report["dirty_rounds"],
+                    report["throughput_mbit_per_s"].as_f64().unwrap_or(f64::NAN),
+                );
+            }
+            Ok(())
+        }
+        MigrateCommand::Receive {
+            listen,
+            api_sock,
+            json,
+        } => receive_migration(&listen, api_sock.as_deref(), json),
+    }
+}
+
+/// `faultline migrate receive`: one VM in, run to the end.
+fn receive_migration(
+    listen: &str,
+    api_sock: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!(
+        "faultline: waiting for a migration on {} (plain TCP: not authenticated, not encrypted)",
+        listener.local_addr()?
+    );
+    let config = vmm::VmConfig {
+        console: ConsoleSink::stdout(),
+        ..vmm::VmConfig::default()
+    };
+    let mut arrived = faultline::migration::receive::receive(&listener, config)?;
+    drop(listener);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&arrived.report)?);
+    } else {
+        println!(
+            "faultline: a VM arrived from {}: {} pages, {} zero pages, {} dirty rounds; built {:.1} ms after the switch-over",
+            arrived.report.peer,
+            arrived.report.normal_pages,
+            arrived.report.zero_pages,
+            arrived.report.dirty_rounds,
+            arrived.report.switch_over_ms
+        );
+    }
+    let guest = arrived.state.guest.clone();
+    let api = match api_sock {
+        Some(path) => Some(start_api(
+            path,
+            Controller::new(arrived.vm.handle(), None, guest.clone()),
+            json,
+        )?),
+        None => None,
+    };
+    let run = guest
+        .as_ref()
+        .and_then(|info| faultline::micro::GuestRun::from_info(info, std::time::Instant::now()));
+    match run {
+        Some(run) => {
+            let report = run.run(&mut arrived.vm, None);
+            arrived.vm.handle().memory().end_tracking();
+            let report = report?;
+            print_micro_report(&report, json)?;
+            if shut_down_by_api(api.as_ref()) {
+                return Ok(());
+            }
+            check_micro_report(&report, run.guest, arrived.vm.ram(), run.range, json)
+        }
+        None => {
+            let outcome = arrived.vm.run().context("the arrived VM failed")?;
+            println!("faultline: the VM stopped: {:?}", outcome.stop_reason);
+            Ok(())
+        }
+    }
+}
+
 /// `faultline track ...`.
 fn track_command(action: TrackCommand) -> anyhow::Result<()> {
     let (range, method) = match action {
@@ -858,6 +1008,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Track { action } => track_command(action),
+        Command::Migrate { action } => migrate_command(action),
         Command::Run(args) => match (&args.guest, &args.kernel) {
             (Some(name), _) => run_micro(&args, name),
             (None, Some(kernel)) => run_kernel(&args, kernel.clone()),

@@ -318,6 +318,35 @@ impl Watch {
     }
 }
 
+/// The state of a VM with `ram`, as a snapshot (or a migration) records it.
+pub fn state_of(
+    machine: MachineState,
+    ram: &GuestRam,
+    guest: Option<GuestInfo>,
+    watch: Watch,
+    memory: MemoryKind,
+    parent: Option<ParentRef>,
+) -> SnapshotState {
+    SnapshotState {
+        faultline_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: state::now_unix_ms(),
+        layout: ram
+            .regions()
+            .iter()
+            .map(|r| RamRange {
+                gpa: r.gpa(),
+                size: r.size(),
+            })
+            .collect(),
+        memory,
+        parent,
+        track_dirty: watch.track_dirty,
+        tracking: watch.tracking,
+        guest,
+        machine,
+    }
+}
+
 /// Writes the memory image and the state file of a snapshot into `staging`.
 fn fill(
     staging: &Path,
@@ -360,24 +389,7 @@ fn fill(
             (MemoryKind::Diff, Some(parent), summary)
         }
     };
-    let state = SnapshotState {
-        faultline_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: state::now_unix_ms(),
-        layout: ram
-            .regions()
-            .iter()
-            .map(|r| RamRange {
-                gpa: r.gpa(),
-                size: r.size(),
-            })
-            .collect(),
-        memory: kind,
-        parent,
-        track_dirty: watch.track_dirty,
-        tracking: watch.tracking,
-        guest,
-        machine,
-    };
+    let state = state_of(machine, ram, guest, watch, kind, parent);
     state::write(staging, &state)?;
     Ok(summary)
 }

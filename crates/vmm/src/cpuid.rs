@@ -157,6 +157,41 @@ fn reg_mut(entry: &mut kvm_cpuid_entry2, reg: Reg) -> &mut u32 {
     }
 }
 
+/// A digest of the CPUID KVM supports on this host: two hosts with different digests would show
+/// a guest different CPU features, so a VM must not move between them.
+pub fn host_digest(kvm: &kvm_ioctls::Kvm) -> Result<u32, kvm_ioctls::Error> {
+    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?;
+    // The current CPU's APIC id shows through (leaf 1 EBX[31:24], leaves 0xB and 0x1F EDX):
+    // it is not a feature, and it differs from CPU to CPU of one host.
+    let mut entries: Vec<_> = supported
+        .as_slice()
+        .iter()
+        .map(|e| {
+            let ebx = if e.function == 1 {
+                e.ebx & 0x00ff_ffff
+            } else {
+                e.ebx
+            };
+            let edx = if matches!(e.function, 0xb | 0x1f) {
+                0
+            } else {
+                e.edx
+            };
+            (e.function, e.index, e.eax, ebx, e.ecx, edx)
+        })
+        .collect();
+    entries.sort_unstable();
+    let mut digest: u32 = 0x811c_9dc5;
+    for (function, index, eax, ebx, ecx, edx) in entries {
+        for word in [function, index, eax, ebx, ecx, edx] {
+            for byte in word.to_le_bytes() {
+                digest = (digest ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+            }
+        }
+    }
+    Ok(digest)
+}
+
 /// Adjusts KVM's supported CPUID for vCPU `vcpu_id` of `vcpu_count`.
 pub fn customize(cpuid: &mut CpuId, config: &CpuidConfig, vcpu_id: u8, vcpu_count: u8) {
     for entry in cpuid.as_mut_slice() {
@@ -199,6 +234,44 @@ pub fn entry(cpuid: &CpuId, leaf: u32, index: u32) -> Option<kvm_cpuid_entry2> {
         .iter()
         .copied()
         .find(|e| e.function == leaf && e.index == index)
+}
+
+#[cfg(test)]
+mod digest_tests {
+    use super::host_digest;
+
+    /// Runs `f` on host CPU `cpu`.
+    fn on_cpu<T>(cpu: usize, f: impl FnOnce() -> T) -> T {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` is below CPU_SETSIZE on any machine this runs on.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: pins the calling thread (pid 0) to the set just built.
+        let pinned =
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+        assert_eq!(pinned, 0, "cannot pin to CPU {cpu}");
+        f()
+    }
+
+    #[test]
+    fn the_host_digest_is_the_same_on_every_cpu() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("SKIPPED: no /dev/kvm");
+            return;
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let digests: Vec<u32> = (0..cpus.min(4))
+            .map(|cpu| {
+                let kvm = &kvm;
+                std::thread::scope(|s| {
+                    s.spawn(move || on_cpu(cpu, || host_digest(kvm).unwrap()))
+                        .join()
+                        .unwrap()
+                })
+            })
+            .collect();
+        assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:x?}");
+    }
 }
 
 #[cfg(test)]

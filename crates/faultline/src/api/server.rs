@@ -83,6 +83,29 @@ pub struct Controller {
     shutdown: AtomicBool,
     /// The server is stopping: streams end (after writing what they hold).
     closing: AtomicBool,
+    /// The VM has moved to another host: this process's run ends without it.
+    migrated: AtomicBool,
+    /// The last migration's report (or why it failed), for `GET /migration`.
+    migration: Mutex<serde_json::Value>,
+}
+
+/// `PUT /migration/send`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateRequest {
+    to: String,
+    #[serde(default = "default_downtime_ms")]
+    downtime_ms: u64,
+    #[serde(default = "default_max_rounds")]
+    max_rounds: u32,
+}
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+fn default_max_rounds() -> u32 {
+    30
 }
 
 /// `PUT /vm/hold`: the micro-guest hold point vCPUs wait at (null: none, releasing them).
@@ -175,12 +198,60 @@ impl Controller {
             operation: Mutex::new(()),
             shutdown: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
+            migration: Mutex::new(json!({ "status": "none" })),
         }
     }
 
     /// Whether a client asked the VM to shut down (the guest then ends unfinished, as asked).
     pub fn shutdown_requested(&self) -> bool {
         self.shutdown.load(Ordering::Acquire)
+    }
+
+    /// Whether the VM was migrated away (its run here then ends unfinished, as it should).
+    pub fn migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
+    /// `PUT /migration/send`: migrates the VM, answering when it is done (or has failed, the
+    /// VM running on here).
+    fn migrate(&self, request: &MigrateRequest) -> Response {
+        use std::net::ToSocketAddrs;
+        if let Err(e) = request.to.to_socket_addrs() {
+            return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
+        }
+        if let Some(fatal) = self.memory_failure() {
+            return Response::error(
+                500,
+                format!("guest memory cannot be trusted, so the VM is not migrated: {fatal}"),
+            );
+        }
+        *lock(&self.migration) = json!({ "status": "active", "to": request.to });
+        let options = crate::migration::send::SendOptions {
+            to: request.to.clone(),
+            downtime: Duration::from_millis(request.downtime_ms),
+            max_rounds: request.max_rounds,
+        };
+        match crate::migration::send::send(&self.handle, self.guest.clone(), &options) {
+            Ok(report) => {
+                // Noted before the VM stops, so that the run ending here is known as a move.
+                self.migrated.store(true, Ordering::Release);
+                self.handle
+                    .control()
+                    .request_stop(vmm::control::StopReason::Requested);
+                let report = json!(report);
+                *lock(&self.migration) = report.clone();
+                Response::ok(report)
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                *lock(&self.migration) = json!({ "status": "failed", "error": message });
+                Response::error(
+                    502,
+                    format!("the migration failed; the VM runs on here: {message}"),
+                )
+            }
+        }
     }
 
     /// Ends every tracking-event stream once it has written what it holds (the server is
@@ -397,6 +468,20 @@ impl Controller {
                     ),
                 ),
             },
+            ("PUT", "/migration/send") => match request.json::<MigrateRequest>() {
+                Ok(body) => match self.begin_operation() {
+                    Some(_operation) => self.migrate(&body),
+                    None => busy(),
+                },
+                Err(e) => Response::error(
+                    400,
+                    format!(
+                        "{}: expected {{\"to\": \"HOST:PORT\", \"downtime_ms\": N, \"max_rounds\": N}}",
+                        chain(&e)
+                    ),
+                ),
+            },
+            ("GET", "/migration") => Response::ok(lock(&self.migration).clone()),
             ("PUT", "/track") => self.track(request, true),
             ("DELETE", "/track") => self.track(request, false),
             ("GET", "/track") => Response::ok(json!({
@@ -404,7 +489,8 @@ impl Controller {
                 "dirty_log": dirty_log_name(self.handle.memory().dirty_mode()),
             })),
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
-            | (_, "/snapshot/create" | "/track" | "/track/events") => Response::error(
+            | (_, "/snapshot/create" | "/track" | "/track/events")
+            | (_, "/migration" | "/migration/send") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
             ),

@@ -1,0 +1,177 @@
+//! The destination side: take the pages into fresh guest RAM, then build the VM from the state
+//! through the restore path, and say so.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use migrate::{read_message, write_message, Message};
+use serde::Serialize;
+use snapshot::state::SnapshotState;
+use vm_memory::{Bytes, GuestAddress};
+use vmm::{GuestRam, Vm, VmConfig, PAGE_SIZE};
+
+use super::identity;
+use crate::restore::{ram_for_state, vm_from_state};
+
+/// What the destination received.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReceiveReport {
+    pub peer: String,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    pub dirty_rounds: u32,
+    /// From the source's switch-over message to the VM built here.
+    pub switch_over_ms: f64,
+    pub total_ms: f64,
+}
+
+/// A VM that arrived, built and not yet run, with its state and what was received.
+pub struct Arrived {
+    pub vm: Vm,
+    pub state: SnapshotState,
+    pub report: ReceiveReport,
+}
+
+/// Takes one migration from a connection `listener` accepts, and builds its VM with `config`
+/// (its vCPU count comes from the state). Refuses (and tells the source why) a VM this host
+/// cannot take; any error leaves nothing behind.
+pub fn receive(listener: &TcpListener, config: VmConfig) -> anyhow::Result<Arrived> {
+    let (stream, peer) = listener
+        .accept()
+        .context("cannot accept the migration connection")?;
+    let started = Instant::now();
+    stream.set_nodelay(true)?;
+    let mut writer = BufWriter::new(stream.try_clone()?);
+    let mut reader = BufReader::with_capacity(2 << 20, stream);
+    let result = take(&mut reader, &mut writer, config, started, peer.to_string());
+    if let Err(e) = &result {
+        // Tell the source why, if it still listens: it then keeps its VM running.
+        let _ = write_message(&mut writer, &Message::Abort(format!("{e:#}")));
+        let _ = writer.flush();
+    }
+    result
+}
+
+fn take(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut BufWriter<TcpStream>,
+    config: VmConfig,
+    started: Instant,
+    peer: String,
+) -> anyhow::Result<Arrived> {
+    let theirs = match read_message(reader).context("no hello from the source")? {
+        Message::Hello(identity) => identity,
+        other => bail!("the source began with {}, not a hello", other.name()),
+    };
+    let size = theirs.layout.pages() * PAGE_SIZE;
+    let ram = GuestRam::new(size).context("cannot create guest RAM for the arriving VM")?;
+    let ours = identity(&ram, theirs.vcpus)?;
+    ours.check_matches(&theirs)
+        .context("this host cannot take the VM")?;
+    write_message(writer, &Message::Hello(ours.clone()))?;
+    writer.flush()?;
+
+    let layout = ours.layout;
+    let mut report = ReceiveReport {
+        peer,
+        ..ReceiveReport::default()
+    };
+    let mut switched_at = None;
+    let mut state: Option<SnapshotState> = None;
+    loop {
+        let message = read_message(reader).context("the migration stream failed")?;
+        message.check(&layout)?;
+        match message {
+            Message::Pages { gpa, data } => {
+                report.normal_pages += data.len() as u64 / PAGE_SIZE;
+                report.bytes += data.len() as u64;
+                ram.memory()
+                    .write_slice(&data, GuestAddress(gpa))
+                    .context("cannot write arriving pages into guest RAM")?;
+            }
+            Message::ZeroPages { gpa, count } => {
+                report.zero_pages += count;
+                zero(&ram, gpa, count)?;
+            }
+            Message::Round { round, .. } => report.dirty_rounds = round,
+            Message::SwitchOver => switched_at = Some(Instant::now()),
+            Message::State(bytes) => {
+                let decoded: SnapshotState = serde_json::from_slice(&bytes)
+                    .context("the VM state from the source does not decode")?;
+                snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
+                state = Some(decoded);
+            }
+            Message::Done => break,
+            Message::Abort(reason) => bail!("the source gave up the migration: {reason}"),
+            other => bail!("unexpected {} message from the source", other.name()),
+        }
+    }
+    let state = state.context("the source finished without sending the VM's state")?;
+    if switched_at.is_none() {
+        bail!("the source finished without a switch-over");
+    }
+    // The state's layout must be the one the pages came in (ram_for_state checks it against
+    // what this faultline builds).
+    let check = ram_for_state(&state)?;
+    if check.size() != ram.size() {
+        bail!("the state's RAM differs from the RAM the pages came in");
+    }
+    drop(check);
+    let vm = vm_from_state(&state, ram, config)?;
+    write_message(writer, &Message::Done)?;
+    writer.flush()?;
+    report.switch_over_ms = switched_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+    report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(Arrived { vm, state, report })
+}
+
+/// Makes `count` pages from `gpa` zero (a page sent in an earlier round may hold data): the
+/// memfd's blocks are punched out, so they take no memory either.
+fn zero(ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
+    let len = count * PAGE_SIZE;
+    let region = ram
+        .regions()
+        .iter()
+        .find(|r| r.contains(gpa, len))
+        .context("zero pages outside RAM")?;
+    let offset = gpa - region.gpa();
+    // SAFETY: fallocate on the region's own memfd, within its size; it changes only the file's
+    // contents (which read as zeros afterwards).
+    let done = unsafe {
+        libc::fallocate(
+            region.memfd().as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot zero {count} pages at {gpa:#x}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_replace_what_an_earlier_round_sent() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.memory()
+            .write_slice(&[0xab; 3 * 4096], GuestAddress(0x10000))
+            .unwrap();
+        zero(&ram, 0x11000, 1).unwrap();
+        assert_eq!(ram.read_u64(0x10000), Some(0xabab_abab_abab_abab));
+        assert_eq!(ram.read_u64(0x11000), Some(0));
+        assert_eq!(ram.read_u64(0x11ff8), Some(0));
+        assert_eq!(ram.read_u64(0x12000), Some(0xabab_abab_abab_abab));
+        assert!(zero(&ram, 4 << 20, 1).is_err(), "outside RAM");
+    }
+}

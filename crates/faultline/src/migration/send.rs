@@ -1,0 +1,315 @@
+//! The source side: pre-copy rounds, switch-over, and putting everything back if it fails.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use migrate::{read_message, write_message, Message};
+use serde::Serialize;
+use snapshot::create::{state_of, Watch};
+use snapshot::state::{GuestInfo, MemoryKind};
+use vmm::control::PauseError;
+use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
+
+use super::{gpa_of_page, identity};
+
+/// Pages read and sent as one message at most.
+const RUN_PAGES: u64 = 256;
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    /// The destination, `HOST:PORT`.
+    pub to: String,
+    /// The longest pause allowed: rounds go on until what is left would go within it.
+    pub downtime: Duration,
+    /// Rounds after the first full pass at most; then it switches over whatever is left.
+    pub max_rounds: u32,
+}
+
+/// What a migration did, as QEMU's "info migrate" says it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendReport {
+    pub status: &'static str,
+    pub mode: &'static str,
+    pub total_ms: f64,
+    pub setup_ms: f64,
+    pub downtime_ms: f64,
+    pub bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    /// Pre-copy rounds after the first pass.
+    pub dirty_rounds: u32,
+    /// Pages the guest dirtied per second over the rounds.
+    pub dirty_rate_pages_per_s: f64,
+    pub pages_per_s: f64,
+    pub throughput_mbit_per_s: f64,
+    /// Whether the rounds shrank what was left under the downtime limit (or the round limit
+    /// ended them).
+    pub converged: bool,
+}
+
+/// Counters of what went on the wire.
+#[derive(Default)]
+struct Sent {
+    bytes: u64,
+    normal: u64,
+    zero: u64,
+}
+
+/// Migrates the VM behind `handle` to `options.to`. On success the VM now lives at the
+/// destination and stays paused here: the caller stops it (after noting why, so that its run
+/// is not taken for a failure). On failure it runs on as before, and the error says why.
+pub fn send(
+    handle: &VmHandle,
+    guest: Option<GuestInfo>,
+    options: &SendOptions,
+) -> anyhow::Result<SendReport> {
+    let started = Instant::now();
+    let memory = handle.memory();
+    let logging_before = memory.dirty_mode() != DirtyMode::Off;
+    let mut taken = DirtyPages::new(handle.ram().size() / PAGE_SIZE);
+    let mut paused_here = false;
+    let result = run(
+        handle,
+        guest,
+        options,
+        started,
+        &mut taken,
+        &mut paused_here,
+    );
+    if result.is_err() {
+        // Put the VM back as it was: running if it ran, its dirty log as if nothing was taken.
+        if logging_before {
+            handle.return_dirty_pages(taken);
+        } else if let Err(e) = memory.set_dirty_logging(false) {
+            tracing::warn!("cannot switch dirty logging off again: {e}");
+        }
+        if paused_here {
+            if let Err(e) = handle.resume() {
+                tracing::error!("cannot resume the VM after a failed migration: {e}");
+            }
+        }
+    }
+    result
+}
+
+fn run(
+    handle: &VmHandle,
+    guest: Option<GuestInfo>,
+    options: &SendOptions,
+    started: Instant,
+    taken: &mut DirtyPages,
+    paused_here: &mut bool,
+) -> anyhow::Result<SendReport> {
+    let ram = handle.ram();
+    let stream = TcpStream::connect(&options.to)
+        .with_context(|| format!("cannot connect to the destination {}", options.to))?;
+    stream.set_nodelay(true)?;
+    let mut writer = BufWriter::with_capacity(2 << 20, stream.try_clone()?);
+    let mut reader = BufReader::new(stream);
+
+    let ours = identity(ram, handle.vcpu_count())?;
+    write_message(&mut writer, &Message::Hello(ours.clone()))?;
+    writer.flush()?;
+    match read_message(&mut reader).context("the destination did not answer the hello")? {
+        Message::Hello(theirs) => ours
+            .check_matches(&theirs)
+            .context("the destination cannot take this VM")?,
+        Message::Abort(reason) => bail!("the destination refused the migration: {reason}"),
+        other => bail!("the destination answered the hello with {}", other.name()),
+    }
+    let setup = started.elapsed();
+
+    // Switching the log on marks every page dirty: the first take is the full pass.
+    handle.memory().set_dirty_logging(true)?;
+    let mut sent = Sent::default();
+    let mut rounds = 0u32;
+    let mut dirtied = 0u64;
+    let rounds_began = Instant::now();
+    let mut pending = take(handle, taken)?;
+    let converged = loop {
+        let round_began = Instant::now();
+        let bytes_before = sent.bytes;
+        send_pages(&mut writer, handle, &pending, &mut sent)?;
+        writer.flush()?;
+        let bandwidth =
+            (sent.bytes - bytes_before) as f64 / round_began.elapsed().as_secs_f64().max(1e-6);
+        pending = take(handle, taken)?;
+        dirtied += pending.count();
+        let left = pending.count() as f64 * PAGE_SIZE as f64 / bandwidth;
+        if left <= options.downtime.as_secs_f64() {
+            break true;
+        }
+        if rounds >= options.max_rounds {
+            break false;
+        }
+        rounds += 1;
+        write_message(
+            &mut writer,
+            &Message::Round {
+                round: rounds,
+                pages: pending.count(),
+            },
+        )?;
+    };
+    let rounds_time = rounds_began.elapsed().as_secs_f64();
+
+    // Switch-over: pause, the last pages, the state; the destination answers once it has
+    // built the VM.
+    let paused_at = Instant::now();
+    match handle.pause() {
+        Ok(_) => *paused_here = true,
+        Err(VmError::Pause(PauseError::AlreadyPaused)) => {}
+        Err(e) => return Err(e).context("cannot pause the VM for the switch-over"),
+    }
+    let last = take(handle, taken)?;
+    pending.merge(&last);
+    write_message(&mut writer, &Message::SwitchOver)?;
+    send_pages(&mut writer, handle, &pending, &mut sent)?;
+    let machine = handle
+        .paused_state()
+        .context("cannot read the paused VM's state")?;
+    let state = state_of(
+        machine,
+        ram,
+        guest,
+        Watch::of(handle.memory()),
+        MemoryKind::Full,
+        None,
+    );
+    write_message(&mut writer, &Message::State(serde_json::to_vec(&state)?))?;
+    write_message(&mut writer, &Message::Done)?;
+    writer.flush()?;
+    match read_message(&mut reader).context("the destination did not confirm the migration")? {
+        Message::Done => {}
+        Message::Abort(reason) => bail!("the destination could not take the VM: {reason}"),
+        other => bail!(
+            "the destination answered the switch-over with {}",
+            other.name()
+        ),
+    }
+    let downtime = paused_at.elapsed();
+    let total = started.elapsed().as_secs_f64();
+    let pages = sent.normal + sent.zero;
+    Ok(SendReport {
+        status: "completed",
+        mode: "pre",
+        total_ms: total * 1e3,
+        setup_ms: setup.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        bytes: sent.bytes,
+        normal_pages: sent.normal,
+        zero_pages: sent.zero,
+        dirty_rounds: rounds,
+        dirty_rate_pages_per_s: dirtied as f64 / rounds_time.max(1e-6),
+        pages_per_s: pages as f64 / total,
+        throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
+        converged,
+    })
+}
+
+/// The dirty pages since the last take (also kept in `taken`, to give back on failure).
+fn take(handle: &VmHandle, taken: &mut DirtyPages) -> anyhow::Result<DirtyPages> {
+    let pages = handle.take_dirty_pages()?;
+    taken.merge(&pages);
+    Ok(pages)
+}
+
+/// Sends the pages of `pages`: runs of contiguous pages with data as page messages, zero pages
+/// as ranges.
+fn send_pages<W: Write>(
+    writer: &mut W,
+    handle: &VmHandle,
+    pages: &DirtyPages,
+    sent: &mut Sent,
+) -> anyhow::Result<()> {
+    let ram = handle.ram();
+    let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let mut run: Option<(u64, u64)> = None; // (first gpa, pages)
+    for index in pages.iter() {
+        let gpa = gpa_of_page(ram, index).context("a dirty page past RAM")?;
+        run = match run {
+            Some((first, count)) if first + count * PAGE_SIZE == gpa && count < RUN_PAGES => {
+                Some((first, count + 1))
+            }
+            Some((first, count)) => {
+                read_and_send(writer, ram, &mut buffer, first, count, sent)?;
+                Some((gpa, 1))
+            }
+            None => Some((gpa, 1)),
+        };
+    }
+    if let Some((first, count)) = run {
+        read_and_send(writer, ram, &mut buffer, first, count, sent)?;
+    }
+    Ok(())
+}
+
+/// Reads `count` pages of guest RAM from `gpa` (with a system call: a page that cannot be had
+/// is an error, not a signal) and sends them.
+fn read_and_send<W: Write>(
+    writer: &mut W,
+    ram: &vmm::GuestRam,
+    buffer: &mut [u8],
+    gpa: u64,
+    count: u64,
+    sent: &mut Sent,
+) -> anyhow::Result<()> {
+    let data = &mut buffer[..(count * PAGE_SIZE) as usize];
+    let host = ram
+        .host_range(gpa, count * PAGE_SIZE)
+        .context("a dirty page is not RAM")?;
+    vmm::memory::read_host(host as u64, data)
+        .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+    send_run(writer, sent, gpa, data)
+}
+
+/// Sends the pages of `data` (read from `gpa` on): zero pages as ranges, the others as runs.
+fn send_run<W: Write>(
+    writer: &mut W,
+    sent: &mut Sent,
+    gpa: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let page = PAGE_SIZE as usize;
+    let mut i = 0;
+    let pages = data.len() / page;
+    while i < pages {
+        let zero = is_zero(&data[i * page..(i + 1) * page]);
+        let mut j = i + 1;
+        while j < pages && is_zero(&data[j * page..(j + 1) * page]) == zero {
+            j += 1;
+        }
+        let at = gpa + (i * page) as u64;
+        let message = if zero {
+            sent.zero += (j - i) as u64;
+            Message::ZeroPages {
+                gpa: at,
+                count: (j - i) as u64,
+            }
+        } else {
+            sent.normal += (j - i) as u64;
+            Message::Pages {
+                gpa: at,
+                data: data[i * page..j * page].to_vec(),
+            }
+        };
+        write_message(writer, &message)?;
+        sent.bytes += 16 + message_payload_bytes(&message);
+        i = j;
+    }
+    Ok(())
+}
+
+fn message_payload_bytes(message: &Message) -> u64 {
+    match message {
+        Message::Pages { data, .. } => 8 + data.len() as u64,
+        _ => 16,
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
+}

@@ -1,0 +1,286 @@
+//! Live migration end to end: two faultline processes on loopback, real KVM, real TCP. The
+//! `mix` guest (each pass depends on the memory the one before left) is moved mid-run and must
+//! finish on the destination with exactly the uninterrupted result; a migration that fails
+//! must leave the source VM running, unharmed.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{api, faultline, json_report, text, TempDir};
+use vmm::boot::layout::BOOT_AREA_END;
+
+const PAGES: u64 = 128;
+const PASSES: u64 = 3000;
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("faultline starts")
+}
+
+/// The `mix` guest a test migrates: `pages` pages, `passes` passes, held at `hold` at the
+/// latest (so that it is still there to migrate however fast the CPU is).
+#[derive(Clone, Copy)]
+struct Mix {
+    cpus: u8,
+    pages: u64,
+    passes: u64,
+    hold: u64,
+}
+
+/// The small guest: every pass rewrites all its pages (in 1 ms or so).
+const SMALL: Mix = Mix {
+    cpus: 1,
+    pages: PAGES,
+    passes: PASSES,
+    hold: 2500,
+};
+
+/// A `mix` run serving the API on `sock`; waits until it runs.
+fn spawn_source(sock: &Path, cpus: u8) -> Child {
+    spawn_mix(sock, Mix { cpus, ..SMALL })
+}
+
+fn spawn_mix(sock: &Path, mix: Mix) -> Child {
+    let mem = format!("{}M", 4 + mix.pages * 4096 / (1 << 20));
+    let mut child = spawn(&[
+        "run",
+        "--guest",
+        "mix",
+        "--mem",
+        &mem,
+        "--cpus",
+        &mix.cpus.to_string(),
+        "--range-pages",
+        &mix.pages.to_string(),
+        "--arg",
+        &mix.passes.to_string(),
+        "--hold-at",
+        &mix.hold.to_string(),
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--json",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, Some(info))) =
+            faultline::api::http::call(sock, "GET", "/vm", None, Some(Duration::from_secs(5)))
+        {
+            if info["state"] == "running" {
+                return child;
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the source exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "the source never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `migrate receive` on a free loopback port, and that port.
+fn spawn_destination() -> (Child, String) {
+    let mut child = spawn(&["migrate", "receive", "--listen", "127.0.0.1:0", "--json"]);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    // Keep draining its stderr so that it never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+    });
+    (child, addr)
+}
+
+fn migrated_mid_run_finishes_with_the_uninterrupted_result(mix: Mix) {
+    let tmp = TempDir::new(&format!("migrate-pre-{}-{}", mix.cpus, mix.pages));
+    let sock = tmp.join("src.sock");
+    let (destination, addr) = spawn_destination();
+    let source = spawn_mix(&sock, mix);
+    let out = faultline(&[
+        "migrate",
+        "send",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--to",
+        &addr,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = json_report(&text(&out.stdout));
+    assert_eq!(report["status"], "completed", "{report}");
+    assert!(report["normal_pages"].as_u64().unwrap() > 0);
+
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    assert!(text(&source.stderr).contains("migrated to another faultline"));
+
+    // The destination ran the guest to its end and checked its memory (it exits 1 if the
+    // guest's checksum and guest memory disagree).
+    let arrived = destination.wait_with_output().unwrap();
+    assert!(arrived.status.success(), "{}", text(&arrived.stdout));
+    let stdout = text(&arrived.stdout);
+    let run_report = &stdout[stdout.find("{\n  \"guest\"").expect("a run report")..];
+    let run: serde_json::Value = serde_json::from_str(run_report).unwrap();
+    let vcpus = run["vcpus"].as_array().unwrap();
+    assert_eq!(vcpus.len(), usize::from(mix.cpus));
+    let mut sum = 0u64;
+    for vcpu in vcpus {
+        assert_eq!(vcpu["exit_code"], 0);
+        assert_eq!(vcpu["reports"][0], mix.passes, "every pass done");
+        sum = sum.wrapping_add(vcpu["reports"][1].as_u64().unwrap());
+    }
+    assert_eq!(
+        sum,
+        guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes)
+    );
+}
+
+#[test]
+fn pre_copy_moves_a_running_guest_that_finishes_right_one_vcpu() {
+    require_kvm!();
+    migrated_mid_run_finishes_with_the_uninterrupted_result(SMALL);
+}
+
+#[test]
+fn pre_copy_moves_a_running_guest_that_finishes_right_two_vcpus() {
+    require_kvm!();
+    migrated_mid_run_finishes_with_the_uninterrupted_result(Mix { cpus: 2, ..SMALL });
+}
+
+#[test]
+fn pre_copy_of_a_guest_whose_passes_outlast_the_rounds() {
+    require_kvm!();
+    // 64 MiB rewritten pass after pass, a pass taking longer than a copy round: the pages a
+    // round leaves behind change while it runs, up to the very pause.
+    migrated_mid_run_finishes_with_the_uninterrupted_result(Mix {
+        cpus: 1,
+        pages: 16384,
+        passes: 40,
+        hold: 35,
+    });
+}
+
+#[test]
+fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    // Speaks the protocol, takes everything, then refuses at the very end.
+    let fake = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
+            panic!("no hello");
+        };
+        write_message(&mut writer, &Message::Hello(identity)).unwrap();
+        let mut switched = false;
+        loop {
+            match read_message(&mut reader).unwrap() {
+                Message::SwitchOver => switched = true,
+                Message::Done => break,
+                _ => {}
+            }
+        }
+        assert!(switched);
+        write_message(&mut writer, &Message::Abort("the disk is full".into())).unwrap();
+    });
+    a_failed_migration_leaves_the_source_running(
+        "migrate-gives-up",
+        &addr,
+        "the destination could not take the VM: the disk is full",
+    );
+    fake.join().unwrap();
+}
+
+/// A migration to `to` fails with a message saying `says`, and the source VM runs on and
+/// finishes with the right result.
+fn a_failed_migration_leaves_the_source_running(name: &str, to: &str, says: &str) {
+    let tmp = TempDir::new(name);
+    let sock = tmp.join("src.sock");
+    let source = spawn_source(&sock, 1);
+    let out = faultline(&[
+        "migrate",
+        "send",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--to",
+        to,
+    ]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(says) && err.contains("the VM runs on here"),
+        "{err}"
+    );
+    let (status, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!((status, info["state"].as_str()), (200, Some("running")));
+    let (_, migration) = api(&sock, "GET", "/migration", None);
+    assert_eq!(migration["status"], "failed");
+    // Let it finish: release the hold point.
+    let (status, _) = api(
+        &sock,
+        "PUT",
+        "/vm/hold",
+        Some(serde_json::json!({"at": null})),
+    );
+    assert_eq!(status, 204);
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    let report = json_report(&text(&source.stdout));
+    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
+    assert_eq!(
+        report["vcpus"][0]["reports"][1],
+        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+    );
+}
+
+#[test]
+fn a_peer_that_is_not_faultline_is_refused_and_the_vm_runs_on() {
+    require_kvm!();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let impostor = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot a VMM at all");
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+    });
+    a_failed_migration_leaves_the_source_running(
+        "migrate-impostor",
+        &addr,
+        "not a faultline migration stream",
+    );
+    impostor.join().unwrap();
+}
+
+#[test]
+fn a_destination_that_is_not_there_is_an_error_and_the_vm_runs_on() {
+    require_kvm!();
+    // A port that was just free: nothing listens there.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    a_failed_migration_leaves_the_source_running(
+        "migrate-nobody",
+        &addr,
+        "cannot connect to the destination",
+    );
+}
