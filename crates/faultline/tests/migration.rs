@@ -8,23 +8,14 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{api, faultline, json_report, text, TempDir};
+use common::{api, faultline, json_report, spawn, text, TempDir};
 use vmm::boot::layout::BOOT_AREA_END;
 
 const PAGES: u64 = 128;
 const PASSES: u64 = 3000;
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("faultline starts")
-}
 
 /// The `mix` guest a test migrates: `pages` pages, `passes` passes, held at `hold` at the
 /// latest (so that it is still there to migrate however fast the CPU is).
@@ -84,6 +75,17 @@ fn spawn_mix(sock: &Path, mix: Mix) -> Child {
         assert!(Instant::now() < deadline, "the source never ran");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// A peer on a free loopback port that serves one connection with `serve`: its address, and
+/// its thread.
+fn fake_peer(
+    serve: impl FnOnce(std::net::TcpStream) + Send + 'static,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || serve(listener.accept().unwrap().0));
+    (addr, thread)
 }
 
 /// A `migrate receive` on a free loopback port, and that port.
@@ -178,11 +180,8 @@ fn pre_copy_of_a_guest_whose_passes_outlast_the_rounds() {
 fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running() {
     require_kvm!();
     use migrate::{read_message, write_message, Message};
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     // Speaks the protocol, takes everything, then refuses at the very end.
-    let fake = std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
+    let (addr, fake) = fake_peer(|stream| {
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut writer = stream;
         let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
@@ -253,10 +252,7 @@ fn a_failed_migration_leaves_the_source_running(name: &str, to: &str, says: &str
 #[test]
 fn a_peer_that_is_not_faultline_is_refused_and_the_vm_runs_on() {
     require_kvm!();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let impostor = std::thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
+    let (addr, impostor) = fake_peer(|mut stream| {
         let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\nnot a VMM at all");
         let mut sink = Vec::new();
         let _ = stream.read_to_end(&mut sink);

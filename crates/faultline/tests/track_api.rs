@@ -6,24 +6,15 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{api, faultline, text, TempDir};
+use common::{api, faultline, spawn, text, TempDir};
 use faultline::api::http;
 use serde_json::json;
 use vmm::boot::layout::BOOT_AREA_END;
 
 const PAGE: u64 = 4096;
-
-fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("faultline starts")
-}
 
 /// A paused `run` of `guest` serving the API on `sock`.
 fn spawn_paused(sock: &Path, guest: &str, pages: u64, arg: u64) -> Child {

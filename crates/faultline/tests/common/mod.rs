@@ -78,6 +78,16 @@ pub fn api(
     (status, answer.unwrap_or(serde_json::Value::Null))
 }
 
+/// Starts the faultline binary with `args`, its stdout and stderr piped.
+pub fn spawn(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("faultline starts")
+}
+
 /// Process output as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
