@@ -107,20 +107,18 @@ fn spawn_destination() -> (Child, String) {
     (child, addr)
 }
 
+/// `faultline migrate send --json` of the VM behind `sock` to `to`.
+fn migrate_send(sock: &Path, to: &str) -> std::process::Output {
+    let sock = sock.to_str().unwrap();
+    faultline(&["migrate", "send", "--api-sock", sock, "--to", to, "--json"])
+}
+
 fn migrated_mid_run_finishes_with_the_uninterrupted_result(mix: Mix) {
     let tmp = TempDir::new(&format!("migrate-pre-{}-{}", mix.cpus, mix.pages));
     let sock = tmp.join("src.sock");
     let (destination, addr) = spawn_destination();
     let source = spawn_mix(&sock, mix);
-    let out = faultline(&[
-        "migrate",
-        "send",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--to",
-        &addr,
-        "--json",
-    ]);
+    let out = migrate_send(&sock, &addr);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
@@ -213,14 +211,7 @@ fn a_failed_migration_leaves_the_source_running(name: &str, to: &str, says: &str
     let tmp = TempDir::new(name);
     let sock = tmp.join("src.sock");
     let source = spawn_source(&sock, 1);
-    let out = faultline(&[
-        "migrate",
-        "send",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--to",
-        to,
-    ]);
+    let out = migrate_send(&sock, to);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
