@@ -246,6 +246,10 @@ enum MigrateCommand {
         /// The destination, HOST:PORT.
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
+        /// "pre": copy pages while the VM runs, then pause briefly for the rest; "post": move
+        /// the VM at once and fetch its pages as it touches them, the rest streamed behind.
+        #[arg(long, value_name = "MODE", default_value = "pre", value_parser = ["pre", "post"])]
+        mode: String,
         /// The longest pause allowed: copy rounds go on until what is left fits in it.
         #[arg(long, value_name = "MS", default_value_t = 300)]
         downtime_ms: u64,
@@ -782,14 +786,15 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
         MigrateCommand::Send {
             api,
             to,
+            mode,
             downtime_ms,
             max_rounds,
             json,
         } => {
             let body = serde_json::json!({
-                "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
+                "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
             });
-            eprintln!("faultline: migrating the VM to {to} (pre-copy, unauthenticated TCP) ...");
+            eprintln!("faultline: migrating the VM to {to} ({mode}-copy, unauthenticated TCP) ...");
             let report =
                 api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
             if json {
@@ -858,9 +863,9 @@ fn receive_migration(
     let run = guest
         .as_ref()
         .and_then(|info| faultline::micro::GuestRun::from_info(info, std::time::Instant::now()));
-    match run {
+    let result = match run {
         Some(run) => {
-            let report = run.run(&mut arrived.vm, None);
+            let report = run.run(&mut arrived.vm, arrived.pager.as_ref());
             arrived.vm.handle().memory().end_tracking();
             let report = report?;
             print_micro_report(&report, json)?;
@@ -874,7 +879,30 @@ fn receive_migration(
             println!("faultline: the VM stopped: {:?}", outcome.stop_reason);
             Ok(())
         }
+    };
+    // Post-copy: the rest of memory must have arrived before the source may go.
+    let latencies = arrived.finish().context("the migration did not complete")?;
+    if !latencies.is_empty() {
+        let mut sorted = latencies;
+        sorted.sort_unstable();
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+        let figures = serde_json::json!({
+            "postcopy_requests": sorted.len(),
+            "urgent_page_p50_us": at(0.5),
+            "urgent_page_p99_us": at(0.99),
+        });
+        if json {
+            println!("{}", serde_json::to_string_pretty(&figures)?);
+        } else {
+            println!(
+                "faultline: {} pages asked of the source, answered in {} µs (p50), {} µs (p99)",
+                sorted.len(),
+                at(0.5),
+                at(0.99)
+            );
+        }
     }
+    result
 }
 
 /// `faultline track ...`.

@@ -107,18 +107,46 @@ fn spawn_destination() -> (Child, String) {
     (child, addr)
 }
 
+/// The guest's run report among the JSON documents a `migrate receive --json` printed.
+fn run_report(stdout: &str) -> serde_json::Value {
+    let start = stdout.find("{\n  \"guest\"").expect("a run report");
+    serde_json::Deserializer::from_str(&stdout[start..])
+        .into_iter::<serde_json::Value>()
+        .next()
+        .expect("a JSON document")
+        .unwrap()
+}
+
 /// `faultline migrate send --json` of the VM behind `sock` to `to`.
 fn migrate_send(sock: &Path, to: &str) -> std::process::Output {
+    migrate_send_mode(sock, to, "pre")
+}
+
+fn migrate_send_mode(sock: &Path, to: &str, mode: &str) -> std::process::Output {
     let sock = sock.to_str().unwrap();
-    faultline(&["migrate", "send", "--api-sock", sock, "--to", to, "--json"])
+    faultline(&[
+        "migrate",
+        "send",
+        "--api-sock",
+        sock,
+        "--to",
+        to,
+        "--mode",
+        mode,
+        "--json",
+    ])
 }
 
 fn migrated_mid_run_finishes_with_the_uninterrupted_result(mix: Mix) {
-    let tmp = TempDir::new(&format!("migrate-pre-{}-{}", mix.cpus, mix.pages));
+    migrated_finishes_right(mix, "pre");
+}
+
+fn migrated_finishes_right(mix: Mix, mode: &str) {
+    let tmp = TempDir::new(&format!("migrate-{mode}-{}-{}", mix.cpus, mix.pages));
     let sock = tmp.join("src.sock");
     let (destination, addr) = spawn_destination();
     let source = spawn_mix(&sock, mix);
-    let out = migrate_send(&sock, &addr);
+    let out = migrate_send_mode(&sock, &addr, mode);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
@@ -132,9 +160,7 @@ fn migrated_mid_run_finishes_with_the_uninterrupted_result(mix: Mix) {
     // guest's checksum and guest memory disagree).
     let arrived = destination.wait_with_output().unwrap();
     assert!(arrived.status.success(), "{}", text(&arrived.stdout));
-    let stdout = text(&arrived.stdout);
-    let run_report = &stdout[stdout.find("{\n  \"guest\"").expect("a run report")..];
-    let run: serde_json::Value = serde_json::from_str(run_report).unwrap();
+    let run = run_report(&text(&arrived.stdout));
     let vcpus = run["vcpus"].as_array().unwrap();
     assert_eq!(vcpus.len(), usize::from(mix.cpus));
     let mut sum = 0u64;
@@ -159,6 +185,147 @@ fn pre_copy_moves_a_running_guest_that_finishes_right_one_vcpu() {
 fn pre_copy_moves_a_running_guest_that_finishes_right_two_vcpus() {
     require_kvm!();
     migrated_mid_run_finishes_with_the_uninterrupted_result(Mix { cpus: 2, ..SMALL });
+}
+
+#[test]
+fn post_copy_moves_a_running_guest_that_finishes_right_one_vcpu() {
+    require_kvm!();
+    migrated_finishes_right(SMALL, "post");
+}
+
+#[test]
+fn post_copy_moves_a_running_guest_that_finishes_right_two_vcpus() {
+    require_kvm!();
+    migrated_finishes_right(Mix { cpus: 2, ..SMALL }, "post");
+}
+
+#[test]
+fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
+    require_kvm!();
+    // 64 MiB swept pass after pass, far slower than the stream: most pages are installed from
+    // the stream before the guest comes back to them.
+    migrated_finishes_right(
+        Mix {
+            cpus: 1,
+            pages: 16384,
+            passes: 40,
+            hold: 35,
+        },
+        "post",
+    );
+}
+
+#[test]
+fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let tmp = TempDir::new("migrate-post-cut");
+    let sock = tmp.join("src.sock");
+    let source = spawn_source(&sock, 1);
+    // Takes the state, then goes away before the page-request connection.
+    let (addr, fake) = fake_peer(|stream| {
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
+            panic!("no hello");
+        };
+        write_message(&mut writer, &Message::Hello(identity)).unwrap();
+        assert_eq!(
+            read_message(&mut reader).unwrap(),
+            Message::SwitchOver { post_copy: true }
+        );
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::State(_)
+        ));
+    });
+    let out = migrate_send_mode(&sock, &addr, "post");
+    fake.join().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("page-request connection") && err.contains("the VM stays paused here"),
+        "{err}"
+    );
+    // It may run at the destination now: it must not run here too.
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "paused", "{info}");
+    api(&sock, "PUT", "/vm/shutdown", None);
+    source.wait_with_output().unwrap();
+}
+
+#[test]
+fn a_lazily_restored_vm_moves_in_post_copy_and_finishes_right() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-lazy");
+    let sock = tmp.join("src.sock");
+    // A snapshot of the guest held at pass 100, taken through the API.
+    let source = spawn_mix(&sock, Mix { hold: 100, ..SMALL });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, info) = api(&sock, "GET", "/vm", None);
+        if info["hold"]["held_vcpus"] == serde_json::json!([0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never held: {info}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let snap = tmp.join("snap");
+    let out = faultline(&[
+        "snapshot",
+        "create",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--dir",
+        snap.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    api(&sock, "PUT", "/vm/shutdown", None);
+    source.wait_with_output().unwrap();
+
+    // Restored lazily (its RAM behind the pager, still in the snapshot) and paused, then
+    // moved: every page the source sends comes from the snapshot through its pager.
+    let restored_sock = tmp.join("restored.sock");
+    let restored = spawn(&[
+        "restore",
+        "--snapshot",
+        snap.to_str().unwrap(),
+        "--memory",
+        "lazy",
+        "--api-sock",
+        restored_sock.to_str().unwrap(),
+        "--paused",
+        "--json",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while faultline::api::http::call(
+        &restored_sock,
+        "GET",
+        "/vm",
+        None,
+        Some(Duration::from_secs(5)),
+    )
+    .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restored VM's API never came up"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (destination, addr) = spawn_destination();
+    let out = migrate_send_mode(&restored_sock, &addr, "post");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let restored = restored.wait_with_output().unwrap();
+    assert!(restored.status.success(), "{}", text(&restored.stderr));
+    let arrived = destination.wait_with_output().unwrap();
+    assert!(arrived.status.success(), "{}", text(&arrived.stdout));
+    let run = run_report(&text(&arrived.stdout));
+    assert_eq!(run["vcpus"][0]["reports"][0], PASSES);
+    assert_eq!(
+        run["vcpus"][0]["reports"][1],
+        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+    );
 }
 
 #[test]
@@ -189,7 +356,7 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
         let mut switched = false;
         loop {
             match read_message(&mut reader).unwrap() {
-                Message::SwitchOver => switched = true,
+                Message::SwitchOver { .. } => switched = true,
                 Message::Done => break,
                 _ => {}
             }

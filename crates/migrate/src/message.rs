@@ -105,8 +105,9 @@ pub enum Message {
     Round { round: u32, pages: u64 },
     /// The VM's state (vCPUs, VM, devices), in the snapshot state format.
     State(Vec<u8>),
-    /// The source has paused the VM: what follows finishes the migration.
-    SwitchOver,
+    /// The source has paused the VM: what follows finishes the migration. In post-copy, the
+    /// state comes next and the destination runs the VM at once, fetching what it lacks.
+    SwitchOver { post_copy: bool },
     /// Post-copy: the destination needs `count` pages from `gpa` now.
     PageRequest { gpa: u64, count: u32 },
     /// Recovery: the pages the destination holds, one bit each, regions back to back.
@@ -139,7 +140,7 @@ impl Message {
             Message::ZeroPages { .. } => 2,
             Message::Round { .. } => 3,
             Message::State(_) => 4,
-            Message::SwitchOver => 5,
+            Message::SwitchOver { .. } => 5,
             Message::PageRequest { .. } => 6,
             Message::Received { .. } => 7,
             Message::Done => 8,
@@ -214,7 +215,8 @@ impl Message {
                 put_u64(&mut out, *pages);
             }
             Message::State(state) => out.extend_from_slice(state),
-            Message::SwitchOver | Message::Done => {}
+            Message::SwitchOver { post_copy } => out.push(u8::from(*post_copy)),
+            Message::Done => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
@@ -286,7 +288,13 @@ impl Message {
                 pages: p.u64()?,
             },
             5 => Message::State(p.rest().to_vec()),
-            6 => Message::SwitchOver,
+            6 => Message::SwitchOver {
+                post_copy: match p.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(malformed(format!("post-copy flag {other}"))),
+                },
+            },
             7 => Message::PageRequest {
                 gpa: p.u64()?,
                 count: p.u32()?,

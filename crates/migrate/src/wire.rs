@@ -176,7 +176,8 @@ mod tests {
                 pages: 4242,
             },
             Message::State(b"{\"machine\": {}}".to_vec()),
-            Message::SwitchOver,
+            Message::SwitchOver { post_copy: false },
+            Message::SwitchOver { post_copy: true },
             Message::PageRequest {
                 gpa: 0x40_0000,
                 count: 16,

@@ -94,6 +94,8 @@ pub struct Controller {
 #[serde(deny_unknown_fields)]
 struct MigrateRequest {
     to: String,
+    #[serde(default)]
+    mode: crate::migration::send::Mode,
     #[serde(default = "default_downtime_ms")]
     downtime_ms: u64,
     #[serde(default = "default_max_rounds")]
@@ -229,6 +231,7 @@ impl Controller {
         *lock(&self.migration) = json!({ "status": "active", "to": request.to });
         let options = crate::migration::send::SendOptions {
             to: request.to.clone(),
+            mode: request.mode,
             downtime: Duration::from_millis(request.downtime_ms),
             max_rounds: request.max_rounds,
         };
@@ -246,10 +249,12 @@ impl Controller {
             Err(e) => {
                 let message = format!("{e:#}");
                 *lock(&self.migration) = json!({ "status": "failed", "error": message });
-                Response::error(
-                    502,
-                    format!("the migration failed; the VM runs on here: {message}"),
-                )
+                let here = if self.handle.control().is_paused() {
+                    "the VM stays paused here"
+                } else {
+                    "the VM runs on here"
+                };
+                Response::error(502, format!("the migration failed; {here}: {message}"))
             }
         }
     }
@@ -476,7 +481,7 @@ impl Controller {
                 Err(e) => Response::error(
                     400,
                     format!(
-                        "{}: expected {{\"to\": \"HOST:PORT\", \"downtime_ms\": N, \"max_rounds\": N}}",
+                        "{}: expected {{\"to\": \"HOST:PORT\", \"mode\": \"pre\"|\"post\", \"downtime_ms\": N, \"max_rounds\": N}}",
                         chain(&e)
                     ),
                 ),

@@ -8,6 +8,7 @@
 //! that leaves the source VM running as it was (and its dirty log as if nothing was taken).
 //! The destination builds the VM through the same path as a restore.
 
+mod post_copy;
 pub mod receive;
 pub mod send;
 
@@ -30,7 +31,7 @@ pub fn layout_of(ram: &GuestRam) -> Layout {
 }
 
 /// Guest-physical address of page `index` of RAM laid out back to back.
-fn gpa_of_page(ram: &GuestRam, index: u64) -> Option<u64> {
+pub(crate) fn gpa_of_page(ram: &GuestRam, index: u64) -> Option<u64> {
     let mut first = 0;
     for region in ram.regions() {
         let pages = region.size() / vmm::PAGE_SIZE;

@@ -14,7 +14,13 @@ use snapshot::state::SnapshotState;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{GuestRam, Vm, VmConfig, PAGE_SIZE};
 
+use std::sync::Arc;
+
+use pager::{FailurePolicy, Pager, PagerConfig};
+
 use super::identity;
+use super::post_copy::{accept_requests, take_stream, NetworkSource};
+use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{ram_for_state, vm_from_state};
 
 /// What the destination received.
@@ -35,6 +41,46 @@ pub struct Arrived {
     pub vm: Vm,
     pub state: SnapshotState,
     pub report: ReceiveReport,
+    /// Post-copy: the pager serving guest RAM from the source while the VM runs.
+    pub pager: Option<Pager>,
+    post_copy: Option<PostCopy>,
+}
+
+/// The background side of a post-copy arrival.
+struct PostCopy {
+    source: Arc<NetworkSource>,
+    stream: std::thread::JoinHandle<anyhow::Result<(u64, u64)>>,
+}
+
+impl Arrived {
+    /// Post-copy: waits until every page has arrived and the source was told (the run may
+    /// end before), then stops the pager. Returns the page requests' answer times (µs).
+    pub fn finish(&mut self) -> anyhow::Result<Vec<u64>> {
+        let mut latencies = Vec::new();
+        if let Some(post) = self.post_copy.take() {
+            let taken = post
+                .stream
+                .join()
+                .map_err(|_| anyhow::anyhow!("the page stream thread panicked"))?;
+            latencies = post.source.latencies_us();
+            let (normal, zero) = taken?;
+            self.report.normal_pages += normal;
+            self.report.zero_pages += zero;
+        }
+        if let Some(pager) = self.pager.take() {
+            pager.shutdown();
+        }
+        Ok(latencies)
+    }
+}
+
+impl Drop for Arrived {
+    fn drop(&mut self) {
+        // The pager's threads go before the VM and its RAM.
+        if let Some(pager) = self.pager.take() {
+            pager.shutdown();
+        }
+    }
 }
 
 /// Takes one migration from a connection `listener` accepts, and builds its VM with `config`
@@ -48,7 +94,14 @@ pub fn receive(listener: &TcpListener, config: VmConfig) -> anyhow::Result<Arriv
     stream.set_nodelay(true)?;
     let mut writer = BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::with_capacity(2 << 20, stream);
-    let result = take(&mut reader, &mut writer, config, started, peer.to_string());
+    let result = take(
+        listener,
+        &mut reader,
+        &mut writer,
+        config,
+        started,
+        peer.to_string(),
+    );
     if let Err(e) = &result {
         // Tell the source why, if it still listens: it then keeps its VM running.
         let _ = write_message(&mut writer, &Message::Abort(format!("{e:#}")));
@@ -58,6 +111,7 @@ pub fn receive(listener: &TcpListener, config: VmConfig) -> anyhow::Result<Arriv
 }
 
 fn take(
+    listener: &TcpListener,
     reader: &mut BufReader<TcpStream>,
     writer: &mut BufWriter<TcpStream>,
     config: VmConfig,
@@ -76,7 +130,7 @@ fn take(
     write_message(writer, &Message::Hello(ours.clone()))?;
     writer.flush()?;
 
-    let layout = ours.layout;
+    let layout = ours.layout.clone();
     let mut report = ReceiveReport {
         peer,
         ..ReceiveReport::default()
@@ -99,7 +153,10 @@ fn take(
                 zero(&ram, gpa, count)?;
             }
             Message::Round { round, .. } => report.dirty_rounds = round,
-            Message::SwitchOver => switched_at = Some(Instant::now()),
+            Message::SwitchOver { post_copy: true } => {
+                return post_copy(listener, reader, writer, ram, &ours, config, report);
+            }
+            Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
             Message::State(bytes) => {
                 let decoded: SnapshotState = serde_json::from_slice(&bytes)
                     .context("the VM state from the source does not decode")?;
@@ -127,7 +184,75 @@ fn take(
     writer.flush()?;
     report.switch_over_ms = switched_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok(Arrived { vm, state, report })
+    Ok(Arrived {
+        vm,
+        state,
+        report,
+        pager: None,
+        post_copy: None,
+    })
+}
+
+/// Post-copy, after the switch-over: the state, the page-request connection, a VM whose RAM
+/// the pager serves from the source, and the page stream taken in the background.
+fn post_copy(
+    listener: &TcpListener,
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut BufWriter<TcpStream>,
+    ram: GuestRam,
+    ours: &migrate::VmIdentity,
+    config: VmConfig,
+    mut report: ReceiveReport,
+) -> anyhow::Result<Arrived> {
+    let switched_at = Instant::now();
+    let state = match read_message(reader).context("no state after the switch-over")? {
+        Message::State(bytes) => {
+            let decoded: SnapshotState = serde_json::from_slice(&bytes)
+                .context("the VM state from the source does not decode")?;
+            snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
+            decoded
+        }
+        other => bail!("the source sent {} where the state belongs", other.name()),
+    };
+    let source = accept_requests(listener, ours)?;
+    let link = PagerLink::default();
+    let config = VmConfig {
+        on_vcpu_thread: Some(link.vcpu_hook()),
+        ..config
+    };
+    let vm = vm_from_state(&state, ram, config)?;
+    let pager = start_pager(
+        vm.ram(),
+        RamState::Fresh,
+        &LazySpec::Source(source.clone()),
+        std::time::Duration::ZERO,
+        PagerConfig {
+            failure_policy: FailurePolicy::Stop,
+            // Faults ask the source for their own pages only: the stream brings the rest.
+            predict: false,
+            ..PagerConfig::default()
+        },
+        &link,
+        vm.control(),
+    )?;
+    let stream = {
+        let reader = BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?);
+        let writer = BufWriter::new(writer.get_ref().try_clone()?);
+        let ram = vm.ram().clone();
+        let handle = pager.handle();
+        let source = Arc::clone(&source);
+        std::thread::Builder::new()
+            .name("postcopy-stream".into())
+            .spawn(move || take_stream(reader, writer, &ram, handle, source))?
+    };
+    report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
+    Ok(Arrived {
+        vm,
+        state,
+        report,
+        pager: Some(pager),
+        post_copy: Some(PostCopy { source, stream }),
+    })
 }
 
 /// Makes `count` pages from `gpa` zero (a page sent in an earlier round may hold data): the

@@ -15,13 +15,24 @@ use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 use super::{gpa_of_page, identity};
 
 /// Pages read and sent as one message at most.
-const RUN_PAGES: u64 = 256;
+pub(super) const RUN_PAGES: u64 = 256;
+
+/// Pre-copy (pages copied while the guest runs, then a short pause) or post-copy (the VM
+/// moves at once, its pages follow, those it touches first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Pre,
+    Post,
+}
 
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
     /// The destination, `HOST:PORT`.
     pub to: String,
+    pub mode: Mode,
     /// The longest pause allowed: rounds go on until what is left would go within it.
     pub downtime: Duration,
     /// Rounds after the first full pass at most; then it switches over whatever is left.
@@ -48,14 +59,16 @@ pub struct SendReport {
     /// Whether the rounds shrank what was left under the downtime limit (or the round limit
     /// ended them).
     pub converged: bool,
+    /// Post-copy: pages the destination asked for on the page-request connection.
+    pub postcopy_requests: u64,
 }
 
 /// Counters of what went on the wire.
 #[derive(Default)]
-struct Sent {
-    bytes: u64,
-    normal: u64,
-    zero: u64,
+pub(super) struct Sent {
+    pub bytes: u64,
+    pub normal: u64,
+    pub zero: u64,
 }
 
 /// Migrates the VM behind `handle` to `options.to`. On success the VM now lives at the
@@ -104,23 +117,20 @@ fn run(
     paused_here: &mut bool,
 ) -> anyhow::Result<SendReport> {
     let ram = handle.ram();
-    let stream = TcpStream::connect(&options.to)
-        .with_context(|| format!("cannot connect to the destination {}", options.to))?;
-    stream.set_nodelay(true)?;
-    let mut writer = BufWriter::with_capacity(2 << 20, stream.try_clone()?);
-    let mut reader = BufReader::new(stream);
-
-    let ours = identity(ram, handle.vcpu_count())?;
-    write_message(&mut writer, &Message::Hello(ours.clone()))?;
-    writer.flush()?;
-    match read_message(&mut reader).context("the destination did not answer the hello")? {
-        Message::Hello(theirs) => ours
-            .check_matches(&theirs)
-            .context("the destination cannot take this VM")?,
-        Message::Abort(reason) => bail!("the destination refused the migration: {reason}"),
-        other => bail!("the destination answered the hello with {}", other.name()),
-    }
+    let (mut writer, mut reader) = connect(handle, &options.to)?;
     let setup = started.elapsed();
+    if options.mode == Mode::Post {
+        return super::post_copy::send(
+            handle,
+            guest,
+            options,
+            started,
+            setup,
+            writer,
+            reader,
+            paused_here,
+        );
+    }
 
     // Switching the log on marks every page dirty: the first take is the full pass.
     handle.memory().set_dirty_logging(true)?;
@@ -166,7 +176,7 @@ fn run(
     }
     let last = take(handle, taken)?;
     pending.merge(&last);
-    write_message(&mut writer, &Message::SwitchOver)?;
+    write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
     send_pages(&mut writer, handle, &pending, &mut sent)?;
     let machine = handle
         .paused_state()
@@ -207,7 +217,31 @@ fn run(
         pages_per_s: pages as f64 / total,
         throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
         converged,
+        postcopy_requests: 0,
     })
+}
+
+/// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
+pub(super) fn connect(
+    handle: &VmHandle,
+    to: &str,
+) -> anyhow::Result<(BufWriter<TcpStream>, BufReader<TcpStream>)> {
+    let stream = TcpStream::connect(to)
+        .with_context(|| format!("cannot connect to the destination {to}"))?;
+    stream.set_nodelay(true)?;
+    let mut writer = BufWriter::with_capacity(2 << 20, stream.try_clone()?);
+    let mut reader = BufReader::new(stream);
+    let ours = identity(handle.ram(), handle.vcpu_count())?;
+    write_message(&mut writer, &Message::Hello(ours.clone()))?;
+    writer.flush()?;
+    match read_message(&mut reader).context("the destination did not answer the hello")? {
+        Message::Hello(theirs) => ours
+            .check_matches(&theirs)
+            .context("the destination cannot take this VM")?,
+        Message::Abort(reason) => bail!("the destination refused the migration: {reason}"),
+        other => bail!("the destination answered the hello with {}", other.name()),
+    }
+    Ok((writer, reader))
 }
 
 /// The dirty pages since the last take (also kept in `taken`, to give back on failure).
@@ -219,7 +253,7 @@ fn take(handle: &VmHandle, taken: &mut DirtyPages) -> anyhow::Result<DirtyPages>
 
 /// Sends the pages of `pages`: runs of contiguous pages with data as page messages, zero pages
 /// as ranges.
-fn send_pages<W: Write>(
+pub(super) fn send_pages<W: Write>(
     writer: &mut W,
     handle: &VmHandle,
     pages: &DirtyPages,
@@ -249,7 +283,7 @@ fn send_pages<W: Write>(
 
 /// Reads `count` pages of guest RAM from `gpa` (with a system call: a page that cannot be had
 /// is an error, not a signal) and sends them.
-fn read_and_send<W: Write>(
+pub(super) fn read_and_send<W: Write>(
     writer: &mut W,
     ram: &vmm::GuestRam,
     buffer: &mut [u8],

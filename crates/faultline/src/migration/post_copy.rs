@@ -1,0 +1,456 @@
+//! Post-copy: the VM moves at once and its memory follows.
+//!
+//! The source pauses the VM and sends its state; the destination runs it with all of guest RAM
+//! behind the pager, whose page source asks the source for what the guest touches first. Two
+//! connections: the first carries the stream of every page, the second only page requests and
+//! their answers, so an urgent page never waits behind the stream; the stream moves on from
+//! the last page asked for. Pages from the stream go in through the pager's one install path,
+//! which never overwrites a page the guest already has.
+//!
+//! Once the state is sent the VM may be running at the destination, so the source never
+//! resumes it after that: a failure leaves it paused (recovery after a cut is not built yet).
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use migrate::{read_message, write_message, Layout, Message, ProtocolError};
+use pager::{Content, PageSource, SourceError};
+use snapshot::create::{state_of, Watch};
+use snapshot::state::{GuestInfo, MemoryKind};
+use vmm::control::PauseError;
+use vmm::{GuestRam, VmError, VmHandle, PAGE_SIZE};
+
+use super::send::{read_and_send, SendOptions, SendReport, Sent, RUN_PAGES};
+use super::{gpa_of_page, layout_of};
+
+/// How long a fault waits for the source to answer before its page counts as unavailable.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The source side, after the hello on the first connection.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn send(
+    handle: &VmHandle,
+    guest: Option<GuestInfo>,
+    options: &SendOptions,
+    started: Instant,
+    setup: Duration,
+    mut writer: BufWriter<TcpStream>,
+    mut reader: BufReader<TcpStream>,
+    paused_here: &mut bool,
+) -> anyhow::Result<SendReport> {
+    let ram = handle.ram();
+    let paused_at = Instant::now();
+    match handle.pause() {
+        Ok(_) => *paused_here = true,
+        Err(VmError::Pause(PauseError::AlreadyPaused)) => {}
+        Err(e) => return Err(e).context("cannot pause the VM to move it"),
+    }
+    let machine = handle
+        .paused_state()
+        .context("cannot read the paused VM's state")?;
+    let state = state_of(
+        machine,
+        ram,
+        guest,
+        Watch::of(handle.memory()),
+        MemoryKind::Full,
+        None,
+    );
+    write_message(&mut writer, &Message::SwitchOver { post_copy: true })?;
+    write_message(&mut writer, &Message::State(serde_json::to_vec(&state)?))?;
+    writer.flush()?;
+    // The destination may run the VM from now on: it must never run here again.
+    *paused_here = false;
+    let (urgent_writer, urgent_reader) = super::send::connect(handle, &options.to)
+        .context("cannot open the page-request connection")?;
+    let downtime = paused_at.elapsed();
+
+    let total = ram.size() / PAGE_SIZE;
+    let shared = Arc::new(Streaming {
+        sent: Mutex::new(vec![false; total as usize]),
+        hint: AtomicU64::new(NO_HINT),
+        requests: AtomicU64::new(0),
+    });
+    let urgent_stream = urgent_reader.get_ref().try_clone()?;
+    let server = {
+        let handle = handle.clone();
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || serve_requests(&handle, urgent_reader, urgent_writer, &shared))?
+    };
+    let streamed = stream_pages(handle, &mut writer, &shared);
+    let finished = streamed.and_then(|sent| {
+        write_message(&mut writer, &Message::Done)?;
+        writer.flush()?;
+        match read_message(&mut reader).context("the destination did not confirm the migration")? {
+            Message::Done => Ok(sent),
+            Message::Abort(reason) => bail!("the destination gave up: {reason}"),
+            other => bail!("the destination answered with {}", other.name()),
+        }
+    });
+    let _ = urgent_stream.shutdown(Shutdown::Both);
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
+    let sent = finished.context("post-copy failed; the VM stays paused here")?;
+    if let Err(e) = served {
+        tracing::warn!("post-copy page requests ended with an error: {e:#}");
+    }
+    let total_s = started.elapsed().as_secs_f64();
+    let pages = sent.normal + sent.zero;
+    Ok(SendReport {
+        status: "completed",
+        mode: "post",
+        total_ms: total_s * 1e3,
+        setup_ms: setup.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        bytes: sent.bytes,
+        normal_pages: sent.normal,
+        zero_pages: sent.zero,
+        dirty_rounds: 0,
+        dirty_rate_pages_per_s: 0.0,
+        pages_per_s: pages as f64 / total_s,
+        throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total_s / 1e6,
+        converged: true,
+        postcopy_requests: shared.requests.load(Ordering::Relaxed),
+    })
+}
+
+const NO_HINT: u64 = u64::MAX;
+
+/// What the stream and the request server share on the source.
+struct Streaming {
+    /// By page index (regions back to back): sent already, by either.
+    sent: Mutex<Vec<bool>>,
+    /// The page index last asked for, where the stream goes on from.
+    hint: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// Sends every page not sent yet, in runs, moving to the last page asked for when there is one.
+fn stream_pages<W: Write>(
+    handle: &VmHandle,
+    writer: &mut W,
+    shared: &Streaming,
+) -> anyhow::Result<Sent> {
+    let ram = handle.ram();
+    let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let mut sent = Sent::default();
+    let mut next = 0u64;
+    loop {
+        let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
+        if hint != NO_HINT {
+            next = hint;
+        }
+        let run = {
+            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
+            let total = done.len() as u64;
+            let Some(first) = (0..total)
+                .map(|i| (next + i) % total)
+                .find(|&page| !done[page as usize])
+            else {
+                break;
+            };
+            let gpa = gpa_of_page(ram, first).context("a page past RAM")?;
+            let mut count = 1;
+            while count < RUN_PAGES
+                && first + count < total
+                && !done[(first + count) as usize]
+                && gpa_of_page(ram, first + count) == Some(gpa + count * PAGE_SIZE)
+            {
+                count += 1;
+            }
+            for page in first..first + count {
+                done[page as usize] = true;
+            }
+            next = first + count;
+            (gpa, count)
+        };
+        read_and_send(writer, ram, &mut buffer, run.0, run.1, &mut sent)?;
+    }
+    Ok(sent)
+}
+
+/// Answers page requests on the second connection until it closes.
+fn serve_requests(
+    handle: &VmHandle,
+    mut reader: BufReader<TcpStream>,
+    mut writer: BufWriter<TcpStream>,
+    shared: &Streaming,
+) -> anyhow::Result<()> {
+    let ram = handle.ram();
+    let layout = layout_of(ram);
+    loop {
+        let message = match read_message(&mut reader) {
+            Ok(message) => message,
+            Err(ProtocolError::PeerClosed) => return Ok(()),
+            Err(ProtocolError::Io(e)) if e.kind() != std::io::ErrorKind::InvalidData => {
+                // Shut down by the stream side once it is done.
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        message.check(&layout)?;
+        let Message::PageRequest { gpa, count } = message else {
+            bail!(
+                "unexpected {} on the page-request connection",
+                message.name()
+            );
+        };
+        let len = u64::from(count) * PAGE_SIZE;
+        let mut data = vec![0u8; len as usize];
+        let host = ram
+            .host_range(gpa, len)
+            .context("requested pages not in RAM")?;
+        vmm::memory::read_host(host as u64, &mut data)
+            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        write_message(&mut writer, &Message::Pages { gpa, data })?;
+        writer.flush()?;
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(first) = ram.page_index(gpa) {
+            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
+            for page in first..first + u64::from(count) {
+                if let Some(slot) = done.get_mut(page as usize) {
+                    *slot = true;
+                }
+            }
+            shared
+                .hint
+                .store(first + u64::from(count), Ordering::Release);
+        }
+    }
+}
+
+/// The destination's page source: every page it fetches is asked of the source on the
+/// page-request connection, and waited for.
+pub(super) struct NetworkSource {
+    layout: Layout,
+    writer: Mutex<BufWriter<TcpStream>>,
+    answers: Mutex<Answers>,
+    arrived: Condvar,
+    /// Fetches waiting for an answer.
+    outstanding: AtomicUsize,
+    /// Page requests made, and how long their answers took, in µs.
+    latencies: Mutex<Vec<u64>>,
+}
+
+#[derive(Default)]
+struct Answers {
+    pages: HashMap<u64, Vec<u8>>,
+    /// Why no more answers will come.
+    failed: Option<String>,
+}
+
+impl NetworkSource {
+    /// How many fetches wait for an answer now.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    /// The answer times so far, in µs.
+    pub fn latencies_us(&self) -> Vec<u64> {
+        self.latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn fail(&self, why: String) {
+        let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+        answers.failed.get_or_insert(why);
+        self.arrived.notify_all();
+    }
+}
+
+impl PageSource for NetworkSource {
+    fn describe(&self) -> String {
+        "the migration source".into()
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let unavailable = |reason: String| SourceError::Unavailable { offset, reason };
+        let regions = self.layout.regions();
+        let (gpa, count) = image_to_gpa(regions, offset, buf.len() as u64)
+            .ok_or_else(|| unavailable("not guest RAM".into()))?;
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let asked = Instant::now();
+        let result = (|| {
+            {
+                let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+                write_message(&mut *writer, &Message::PageRequest { gpa, count })
+                    .and_then(|()| writer.flush())
+                    .map_err(|e| unavailable(format!("cannot ask the migration source: {e}")))?;
+            }
+            let mut answers = self.answers.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(data) = answers.pages.remove(&gpa) {
+                    if data.len() != buf.len() {
+                        return Err(unavailable(format!(
+                            "the source answered with {} bytes for {} asked",
+                            data.len(),
+                            buf.len()
+                        )));
+                    }
+                    buf.copy_from_slice(&data);
+                    return Ok(Content::Data);
+                }
+                if let Some(why) = &answers.failed {
+                    return Err(unavailable(format!("the migration source is gone: {why}")));
+                }
+                let (next, timeout) = self
+                    .arrived
+                    .wait_timeout(answers, ANSWER_TIMEOUT)
+                    .unwrap_or_else(|e| e.into_inner());
+                answers = next;
+                if timeout.timed_out() && !answers.pages.contains_key(&gpa) {
+                    return Err(unavailable(format!(
+                        "no answer from the migration source within {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    )));
+                }
+            }
+        })();
+        self.latencies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(asked.elapsed().as_micros() as u64);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+}
+
+/// The guest range of `len` bytes at `offset` of RAM laid out back to back.
+fn image_to_gpa(regions: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u32)> {
+    let mut base = 0;
+    for &(gpa, size) in regions {
+        if offset >= base && offset + len <= base + size {
+            return Some((gpa + offset - base, u32::try_from(len / PAGE_SIZE).ok()?));
+        }
+        base += size;
+    }
+    None
+}
+
+/// Accepts the page-request connection (and its hello) from `listener`; the source to build
+/// the pager on.
+pub(super) fn accept_requests(
+    listener: &TcpListener,
+    ours: &migrate::VmIdentity,
+) -> anyhow::Result<Arc<NetworkSource>> {
+    let (stream, _) = listener
+        .accept()
+        .context("cannot accept the page-request connection")?;
+    stream.set_nodelay(true)?;
+    let mut writer = BufWriter::new(stream.try_clone()?);
+    let mut reader = BufReader::new(stream);
+    match read_message(&mut reader).context("no hello on the page-request connection")? {
+        Message::Hello(theirs) => ours.check_matches(&theirs)?,
+        other => bail!("the page-request connection began with {}", other.name()),
+    }
+    write_message(&mut writer, &Message::Hello(ours.clone()))?;
+    writer.flush()?;
+    let source = Arc::new(NetworkSource {
+        layout: ours.layout.clone(),
+        writer: Mutex::new(writer),
+        answers: Mutex::new(Answers::default()),
+        arrived: Condvar::new(),
+        outstanding: AtomicUsize::new(0),
+        latencies: Mutex::new(Vec::new()),
+    });
+    let answers = Arc::clone(&source);
+    std::thread::Builder::new()
+        .name("postcopy-answers".into())
+        .spawn(move || {
+            let layout = answers.layout.clone();
+            loop {
+                let message = read_message(&mut reader).map_err(anyhow::Error::from);
+                match message.and_then(|m| m.check(&layout).map(|()| m).map_err(Into::into)) {
+                    Ok(Message::Pages { gpa, data }) => {
+                        let mut pending = answers.answers.lock().unwrap_or_else(|e| e.into_inner());
+                        pending.pages.insert(gpa, data);
+                        answers.arrived.notify_all();
+                    }
+                    Ok(other) => {
+                        answers.fail(format!("unexpected {} among page answers", other.name()));
+                        return;
+                    }
+                    Err(e) => {
+                        answers.fail(format!("{e:#}"));
+                        return;
+                    }
+                }
+            }
+        })?;
+    Ok(source)
+}
+
+/// Takes the page stream from the first connection into `pager` until the source's done, then
+/// (once no fetch waits for an answer) confirms it. Returns (pages, zero pages) taken.
+pub(super) fn take_stream(
+    mut reader: BufReader<TcpStream>,
+    mut writer: BufWriter<TcpStream>,
+    ram: &GuestRam,
+    pager: pager::PagerHandle,
+    source: Arc<NetworkSource>,
+) -> anyhow::Result<(u64, u64)> {
+    let layout = layout_of(ram);
+    let zeros = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let (mut normal, mut zero) = (0u64, 0u64);
+    loop {
+        let message = read_message(&mut reader).context("the page stream failed")?;
+        message.check(&layout)?;
+        match message {
+            Message::Pages { gpa, data } => {
+                normal += data.len() as u64 / PAGE_SIZE;
+                install(ram, &pager, gpa, &data)?;
+            }
+            Message::ZeroPages { gpa, count } => {
+                zero += count;
+                let mut at = gpa;
+                let mut left = count;
+                while left > 0 {
+                    let n = left.min(RUN_PAGES);
+                    install(ram, &pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
+                    at += n * PAGE_SIZE;
+                    left -= n;
+                }
+            }
+            Message::Done => break,
+            Message::Abort(reason) => bail!("the source gave up: {reason}"),
+            other => bail!("unexpected {} in the page stream", other.name()),
+        }
+    }
+    // Every page is in, or on its way to a fault that asked for it.
+    while source.outstanding() > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    write_message(&mut writer, &Message::Done)?;
+    writer.flush()?;
+    Ok((normal, zero))
+}
+
+/// Installs `data` at `gpa` through the pager (pages already there are left alone).
+fn install(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    gpa: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let (index, region) = ram
+        .regions()
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.contains(gpa, data.len() as u64))
+        .context("streamed pages outside RAM")?;
+    let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
+    pager
+        .install_pages(index, first, data)
+        .context("cannot install streamed pages")?;
+    Ok(())
+}
