@@ -248,7 +248,9 @@ enum MigrateCommand {
         to: String,
         /// "pre": copy pages while the VM runs, then pause briefly for the rest; "post": move
         /// the VM at once and fetch its pages as it touches them, the rest streamed behind.
-        #[arg(long, value_name = "MODE", default_value = "pre", value_parser = ["pre", "post"])]
+        /// "hybrid": pre-copy rounds while they shrink what is left, then post-copy (also at
+        /// the round limit, or when told with `faultline migrate switchover`).
+        #[arg(long, value_name = "MODE", default_value = "pre", value_parser = ["pre", "post", "hybrid"])]
         mode: String,
         /// The longest pause allowed: copy rounds go on until what is left fits in it.
         #[arg(long, value_name = "MS", default_value_t = 300)]
@@ -260,6 +262,9 @@ enum MigrateCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make the hybrid migration of the VM served on --api-sock go post-copy after the round
+    /// in progress.
+    Switchover(ApiSock),
     /// Wait on --listen for one migration, then run the VM that arrives to the end, like
     /// `restore` (micro-guest reports and memory checks included).
     Receive {
@@ -794,7 +799,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             let body = serde_json::json!({
                 "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
             });
-            eprintln!("faultline: migrating the VM to {to} ({mode}-copy, unauthenticated TCP) ...");
+            eprintln!("faultline: migrating the VM to {to} ({mode}, unauthenticated TCP) ...");
             let report =
                 api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
             if json {
@@ -811,6 +816,11 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                     report["throughput_mbit_per_s"].as_f64().unwrap_or(f64::NAN),
                 );
             }
+            Ok(())
+        }
+        MigrateCommand::Switchover(api) => {
+            api_call(&api.api_sock, "PUT", "/migration/switchover", None)?;
+            eprintln!("faultline: the migration goes post-copy after the round in progress");
             Ok(())
         }
         MigrateCommand::Receive {

@@ -35,6 +35,15 @@ const SMALL: Mix = Mix {
     hold: 2500,
 };
 
+/// The big guest: 64 MiB swept pass after pass, a pass (about 80 ms here) longer than a copy
+/// round, so that it writes pages all the time the rounds run.
+const BIG: Mix = Mix {
+    cpus: 1,
+    pages: 16384,
+    passes: 40,
+    hold: 35,
+};
+
 /// A `mix` run serving the API on `sock`; waits until it runs.
 fn spawn_source(sock: &Path, cpus: u8) -> Child {
     spawn_mix(sock, Mix { cpus, ..SMALL })
@@ -123,30 +132,33 @@ fn migrate_send(sock: &Path, to: &str) -> std::process::Output {
 }
 
 fn migrate_send_mode(sock: &Path, to: &str, mode: &str) -> std::process::Output {
+    migrate_send_with(sock, to, &["--mode", mode])
+}
+
+fn migrate_send_with(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
     let sock = sock.to_str().unwrap();
-    faultline(&[
-        "migrate",
-        "send",
-        "--api-sock",
-        sock,
-        "--to",
-        to,
-        "--mode",
-        mode,
-        "--json",
-    ])
+    let mut args = vec!["migrate", "send", "--api-sock", sock, "--to", to, "--json"];
+    args.extend(extra);
+    faultline(&args)
 }
 
 fn migrated_mid_run_finishes_with_the_uninterrupted_result(mix: Mix) {
     migrated_finishes_right(mix, "pre");
 }
 
-fn migrated_finishes_right(mix: Mix, mode: &str) {
-    let tmp = TempDir::new(&format!("migrate-{mode}-{}-{}", mix.cpus, mix.pages));
+fn migrated_finishes_right(mix: Mix, mode: &str) -> serde_json::Value {
+    migrated_with(mix, &["--mode", mode])
+}
+
+/// Moves the guest with `migrate send` and `extra`; checks that it finishes right at the
+/// destination; returns the migration's report.
+fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
+    let name = extra.concat().replace('-', "");
+    let tmp = TempDir::new(&format!("migrate-{name}-{}-{}", mix.cpus, mix.pages));
     let sock = tmp.join("src.sock");
     let (destination, addr) = spawn_destination();
     let source = spawn_mix(&sock, mix);
-    let out = migrate_send_mode(&sock, &addr, mode);
+    let out = migrate_send_with(&sock, &addr, extra);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
@@ -173,6 +185,7 @@ fn migrated_finishes_right(mix: Mix, mode: &str) {
         sum,
         guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes)
     );
+    report
 }
 
 #[test]
@@ -185,6 +198,29 @@ fn pre_copy_moves_a_running_guest_that_finishes_right_one_vcpu() {
 fn pre_copy_moves_a_running_guest_that_finishes_right_two_vcpus() {
     require_kvm!();
     migrated_mid_run_finishes_with_the_uninterrupted_result(Mix { cpus: 2, ..SMALL });
+}
+
+#[test]
+fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
+    require_kvm!();
+    // With no downtime allowed, what is left never fits (the guest writes pages all the time
+    // a round takes): the round limit ends the rounds and the rest goes in the pause.
+    let report = migrated_with(
+        BIG,
+        &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "3"],
+    );
+    assert_eq!(report["ended_by"], "round limit", "{report}");
+    assert_eq!(report["dirty_rounds"], 3, "{report}");
+}
+
+#[test]
+fn a_hybrid_migration_whose_rounds_stop_shrinking_goes_post_copy() {
+    require_kvm!();
+    // The guest keeps rewriting its pages: a round soon stops being smaller than the one
+    // before, so post-copy takes over (and brings the pages the rounds sent that changed).
+    let report = migrated_with(BIG, &["--mode", "hybrid", "--downtime-ms", "0"]);
+    assert_eq!(report["ended_by"], "not shrinking", "{report}");
+    assert_eq!(report["mode"], "hybrid", "{report}");
 }
 
 #[test]
@@ -204,15 +240,7 @@ fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
     require_kvm!();
     // 64 MiB swept pass after pass, far slower than the stream: most pages are installed from
     // the stream before the guest comes back to them.
-    migrated_finishes_right(
-        Mix {
-            cpus: 1,
-            pages: 16384,
-            passes: 40,
-            hold: 35,
-        },
-        "post",
-    );
+    migrated_finishes_right(BIG, "post");
 }
 
 #[test]
@@ -333,12 +361,7 @@ fn pre_copy_of_a_guest_whose_passes_outlast_the_rounds() {
     require_kvm!();
     // 64 MiB rewritten pass after pass, a pass taking longer than a copy round: the pages a
     // round leaves behind change while it runs, up to the very pause.
-    migrated_mid_run_finishes_with_the_uninterrupted_result(Mix {
-        cpus: 1,
-        pages: 16384,
-        passes: 40,
-        hold: 35,
-    });
+    migrated_mid_run_finishes_with_the_uninterrupted_result(BIG);
 }
 
 #[test]

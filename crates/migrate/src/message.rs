@@ -112,13 +112,16 @@ pub enum Message {
     PageRequest { gpa: u64, count: u32 },
     /// Recovery: the pages the destination holds, one bit each, regions back to back.
     Received { pages: u64, bitmap: Vec<u64> },
+    /// Post-copy after pre-copy rounds: the pages (one bit each) sent before that changed
+    /// since, and will come again; the others the destination has.
+    Stale { pages: u64, bitmap: Vec<u64> },
     /// Everything was sent (source) or received (destination).
     Done,
     /// The sender gives up, and says why.
     Abort(String),
 }
 
-const KINDS: [&str; 10] = [
+const KINDS: [&str; 11] = [
     "hello",
     "pages",
     "zero-pages",
@@ -129,6 +132,7 @@ const KINDS: [&str; 10] = [
     "received",
     "done",
     "abort",
+    "stale",
 ];
 
 impl Message {
@@ -145,6 +149,7 @@ impl Message {
             Message::Received { .. } => 7,
             Message::Done => 8,
             Message::Abort(_) => 9,
+            Message::Stale { .. } => 10,
         }
     }
 
@@ -179,7 +184,9 @@ impl Message {
             Message::PageRequest { gpa, count } if !layout.contains(gpa, u64::from(count)) => {
                 return Err(outside(gpa, u64::from(count)))
             }
-            Message::Received { pages, .. } if pages != layout.pages() => {
+            Message::Received { pages, .. } | Message::Stale { pages, .. }
+                if pages != layout.pages() =>
+            {
                 return Err(ProtocolError::Malformed {
                     kind: self.name(),
                     why: format!("{pages} pages, the VM has {}", layout.pages()),
@@ -221,7 +228,7 @@ impl Message {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
             }
-            Message::Received { pages, bitmap } => {
+            Message::Received { pages, bitmap } | Message::Stale { pages, bitmap } => {
                 put_u64(&mut out, *pages);
                 for word in bitmap {
                     put_u64(&mut out, *word);
@@ -299,7 +306,7 @@ impl Message {
                 gpa: p.u64()?,
                 count: p.u32()?,
             },
-            8 => {
+            8 | 11 => {
                 let pages = p.u64()?;
                 let words = pages.div_ceil(64);
                 if p.bytes.len() as u64 != words * 8 {
@@ -308,9 +315,11 @@ impl Message {
                         p.bytes.len()
                     )));
                 }
-                Message::Received {
-                    pages,
-                    bitmap: (0..words).map(|_| p.u64()).collect::<Result<_, _>>()?,
+                let bitmap = (0..words).map(|_| p.u64()).collect::<Result<_, _>>()?;
+                if kind == 8 {
+                    Message::Received { pages, bitmap }
+                } else {
+                    Message::Stale { pages, bitmap }
                 }
             }
             9 => Message::Done,
@@ -318,7 +327,7 @@ impl Message {
                 String::from_utf8(p.rest().to_vec())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
             ),
-            _ => unreachable!("kind_name knows kinds 1 to 10"),
+            _ => unreachable!("kind_name knows kinds 1 to 11"),
         };
         if !p.bytes.is_empty() {
             return Err(malformed(format!("{} bytes left over", p.bytes.len())));

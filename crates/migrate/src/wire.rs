@@ -188,6 +188,10 @@ mod tests {
             },
             Message::Done,
             Message::Abort("the source VM stopped".into()),
+            Message::Stale {
+                pages: 70,
+                bitmap: vec![1, 1 << 5],
+            },
         ]
     }
 

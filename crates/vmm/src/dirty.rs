@@ -108,6 +108,10 @@ impl DirtyPages {
     pub fn pages(&self) -> u64 {
         self.pages
     }
+    /// The bitmap: bit `p % 64` of word `p / 64` is page `p`.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
     /// The dirty pages, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         self.words.iter().enumerate().flat_map(|(w, &word)| {

@@ -15,8 +15,9 @@
 //! | DELETE | /track | the same | 204; one user fewer; 409 if a frame is not tracked so |
 //! | GET | /track | | the tracked ranges (with user counts) and how the dirty log is kept |
 //! | GET | /track/events | | 200, then one JSON line per event until the client or VM goes |
-//! | PUT | /migration/send | `{"to": "HOST:PORT", "downtime_ms": N, "max_rounds": N}` | the migration's report once done; 502 if it failed (the VM runs on here) |
+//! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N}` | the migration's report once done; 502 if it failed (the VM runs on here) |
 //! | GET | /migration | | the last migration's report, or its status |
+//! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 if none runs |
 //!
 //! Tracking requests are refused whole (400) for ranges that are empty, not page aligned, not
 //! guest RAM, or would need more memslots than KVM allows. The event stream is fed from a

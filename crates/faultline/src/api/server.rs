@@ -87,6 +87,8 @@ pub struct Controller {
     migrated: AtomicBool,
     /// The last migration's report (or why it failed), for `GET /migration`.
     migration: Mutex<serde_json::Value>,
+    /// Set by `PUT /migration/switchover`: a hybrid migration goes post-copy.
+    switch_now: Arc<AtomicBool>,
 }
 
 /// `PUT /migration/send`.
@@ -202,6 +204,7 @@ impl Controller {
             closing: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
             migration: Mutex::new(json!({ "status": "none" })),
+            switch_now: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -229,7 +232,9 @@ impl Controller {
             );
         }
         *lock(&self.migration) = json!({ "status": "active", "to": request.to });
+        self.switch_now.store(false, Ordering::Release);
         let options = crate::migration::send::SendOptions {
+            switch_now: Arc::clone(&self.switch_now),
             to: request.to.clone(),
             mode: request.mode,
             downtime: Duration::from_millis(request.downtime_ms),
@@ -487,6 +492,15 @@ impl Controller {
                 ),
             },
             ("GET", "/migration") => Response::ok(lock(&self.migration).clone()),
+            // Never waits: it only tells the migration in progress.
+            ("PUT", "/migration/switchover") => {
+                if lock(&self.migration)["status"] == "active" {
+                    self.switch_now.store(true, Ordering::Release);
+                    Response::no_content()
+                } else {
+                    Response::error(409, "no migration is in progress")
+                }
+            }
             ("PUT", "/track") => self.track(request, true),
             ("DELETE", "/track") => self.track(request, false),
             ("GET", "/track") => Response::ok(json!({
@@ -495,7 +509,7 @@ impl Controller {
             })),
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
             | (_, "/snapshot/create" | "/track" | "/track/events")
-            | (_, "/migration" | "/migration/send") => Response::error(
+            | (_, "/migration" | "/migration/send" | "/migration/switchover") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
             ),

@@ -23,7 +23,7 @@ use pager::{Content, PageSource, SourceError};
 use snapshot::create::{state_of, Watch};
 use snapshot::state::{GuestInfo, MemoryKind};
 use vmm::control::PauseError;
-use vmm::{GuestRam, VmError, VmHandle, PAGE_SIZE};
+use vmm::{DirtyPages, GuestRam, VmError, VmHandle, PAGE_SIZE};
 
 use super::send::{read_and_send, SendOptions, SendReport, Sent, RUN_PAGES};
 use super::{gpa_of_page, layout_of};
@@ -31,18 +31,45 @@ use super::{gpa_of_page, layout_of};
 /// How long a fault waits for the source to answer before its page counts as unavailable.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The source side, after the hello on the first connection.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn send(
-    handle: &VmHandle,
-    guest: Option<GuestInfo>,
-    options: &SendOptions,
-    started: Instant,
-    setup: Duration,
-    mut writer: BufWriter<TcpStream>,
-    mut reader: BufReader<TcpStream>,
-    paused_here: &mut bool,
-) -> anyhow::Result<SendReport> {
+/// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
+/// pre-copy rounds).
+pub(super) struct Switch<'a> {
+    pub handle: &'a VmHandle,
+    pub guest: Option<GuestInfo>,
+    pub options: &'a SendOptions,
+    pub started: Instant,
+    pub setup: Duration,
+    pub writer: BufWriter<TcpStream>,
+    pub reader: BufReader<TcpStream>,
+    pub paused_here: &'a mut bool,
+    /// Pages the rounds sent that changed since (hybrid); `None`: nothing was sent yet.
+    pub stale: Option<DirtyPages>,
+    /// Every page taken from the dirty log, to give back if this fails before the state left.
+    pub taken: &'a mut DirtyPages,
+    pub ended_by: &'static str,
+    /// What the rounds sent.
+    pub before: Sent,
+    pub rounds: u32,
+}
+
+/// The source side: pause, the state, then the pages that are still to come, streamed and on
+/// request.
+pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
+    let Switch {
+        handle,
+        guest,
+        options,
+        started,
+        setup,
+        mut writer,
+        mut reader,
+        paused_here,
+        stale,
+        taken,
+        ended_by,
+        before,
+        rounds,
+    } = switch;
     let ram = handle.ram();
     let paused_at = Instant::now();
     match handle.pause() {
@@ -50,6 +77,14 @@ pub(super) fn send(
         Err(VmError::Pause(PauseError::AlreadyPaused)) => {}
         Err(e) => return Err(e).context("cannot pause the VM to move it"),
     }
+    let total = ram.size() / PAGE_SIZE;
+    let to_come = match stale {
+        Some(mut stale) => {
+            stale.merge(&super::send::take(handle, taken)?);
+            stale
+        }
+        None => DirtyPages::all(total),
+    };
     let machine = handle
         .paused_state()
         .context("cannot read the paused VM's state")?;
@@ -63,6 +98,13 @@ pub(super) fn send(
     );
     write_message(&mut writer, &Message::SwitchOver { post_copy: true })?;
     write_message(&mut writer, &Message::State(serde_json::to_vec(&state)?))?;
+    write_message(
+        &mut writer,
+        &Message::Stale {
+            pages: total,
+            bitmap: to_come.words().to_vec(),
+        },
+    )?;
     writer.flush()?;
     // The destination may run the VM from now on: it must never run here again.
     *paused_here = false;
@@ -70,9 +112,8 @@ pub(super) fn send(
         .context("cannot open the page-request connection")?;
     let downtime = paused_at.elapsed();
 
-    let total = ram.size() / PAGE_SIZE;
     let shared = Arc::new(Streaming {
-        sent: Mutex::new(vec![false; total as usize]),
+        sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
         hint: AtomicU64::new(NO_HINT),
         requests: AtomicU64::new(0),
     });
@@ -98,27 +139,37 @@ pub(super) fn send(
     let served = server
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
-    let sent = finished.context("post-copy failed; the VM stays paused here")?;
+    let streamed = finished.context("post-copy failed; the VM stays paused here")?;
     if let Err(e) = served {
         tracing::warn!("post-copy page requests ended with an error: {e:#}");
     }
+    let sent = Sent {
+        bytes: before.bytes + streamed.bytes,
+        normal: before.normal + streamed.normal,
+        zero: before.zero + streamed.zero,
+    };
     let total_s = started.elapsed().as_secs_f64();
     let pages = sent.normal + sent.zero;
     Ok(SendReport {
         status: "completed",
-        mode: "post",
+        mode: if rounds > 0 || before.bytes > 0 {
+            "hybrid"
+        } else {
+            "post"
+        },
         total_ms: total_s * 1e3,
         setup_ms: setup.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
         bytes: sent.bytes,
         normal_pages: sent.normal,
         zero_pages: sent.zero,
-        dirty_rounds: 0,
+        dirty_rounds: rounds,
         dirty_rate_pages_per_s: 0.0,
         pages_per_s: pages as f64 / total_s,
         throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total_s / 1e6,
-        converged: true,
+        converged: false,
         postcopy_requests: shared.requests.load(Ordering::Relaxed),
+        ended_by,
     })
 }
 

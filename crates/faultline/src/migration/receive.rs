@@ -137,24 +137,31 @@ fn take(
     };
     let mut switched_at = None;
     let mut state: Option<SnapshotState> = None;
+    // Pages received as zero (their memfd blocks punched out) and not rewritten since.
+    let mut zeroed = vec![false; layout.pages() as usize];
     loop {
         let message = read_message(reader).context("the migration stream failed")?;
         message.check(&layout)?;
         match message {
             Message::Pages { gpa, data } => {
-                report.normal_pages += data.len() as u64 / PAGE_SIZE;
+                let count = data.len() as u64 / PAGE_SIZE;
+                report.normal_pages += count;
                 report.bytes += data.len() as u64;
                 ram.memory()
                     .write_slice(&data, GuestAddress(gpa))
                     .context("cannot write arriving pages into guest RAM")?;
+                mark(&ram, &mut zeroed, gpa, count, false);
             }
             Message::ZeroPages { gpa, count } => {
                 report.zero_pages += count;
                 zero(&ram, gpa, count)?;
+                mark(&ram, &mut zeroed, gpa, count, true);
             }
             Message::Round { round, .. } => report.dirty_rounds = round,
             Message::SwitchOver { post_copy: true } => {
-                return post_copy(listener, reader, writer, ram, &ours, config, report);
+                return post_copy(
+                    listener, reader, writer, ram, &ours, config, report, &zeroed,
+                );
             }
             Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
             Message::State(bytes) => {
@@ -193,8 +200,21 @@ fn take(
     })
 }
 
-/// Post-copy, after the switch-over: the state, the page-request connection, a VM whose RAM
-/// the pager serves from the source, and the page stream taken in the background.
+/// Marks `count` pages from `gpa` as received zero (or not).
+fn mark(ram: &GuestRam, zeroed: &mut [bool], gpa: u64, count: u64, zero: bool) {
+    if let Some(first) = ram.page_index(gpa) {
+        for page in first..first + count {
+            if let Some(slot) = zeroed.get_mut(page as usize) {
+                *slot = zero;
+            }
+        }
+    }
+}
+
+/// Post-copy, after the switch-over: the state, which pages are still to come, the
+/// page-request connection, a VM whose RAM the pager serves from the source (pages the
+/// pre-copy rounds brought stay), and the page stream taken in the background.
+#[allow(clippy::too_many_arguments)]
 fn post_copy(
     listener: &TcpListener,
     reader: &mut BufReader<TcpStream>,
@@ -203,6 +223,7 @@ fn post_copy(
     ours: &migrate::VmIdentity,
     config: VmConfig,
     mut report: ReceiveReport,
+    zeroed: &[bool],
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
     let state = match read_message(reader).context("no state after the switch-over")? {
@@ -214,6 +235,25 @@ fn post_copy(
         }
         other => bail!("the source sent {} where the state belongs", other.name()),
     };
+    let to_come = match read_message(reader).context("no list of the pages to come")? {
+        message @ Message::Stale { .. } => {
+            message.check(&ours.layout)?;
+            let Message::Stale { pages, bitmap } = message else {
+                unreachable!("matched above")
+            };
+            (0..pages)
+                .map(|p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                .collect::<Vec<bool>>()
+        }
+        other => bail!(
+            "the source sent {} where the stale pages belong",
+            other.name()
+        ),
+    };
+    // Pages to come must be missing, so that a touch asks for them.
+    for (gpa, count) in runs(&ram, &to_come) {
+        zero(&ram, gpa, count)?;
+    }
     let source = accept_requests(listener, ours)?;
     let link = PagerLink::default();
     let config = VmConfig {
@@ -223,7 +263,8 @@ fn post_copy(
     let vm = vm_from_state(&state, ram, config)?;
     let pager = start_pager(
         vm.ram(),
-        RamState::Fresh,
+        // Pages the rounds wrote stay resident; the rest (punched out) is missing.
+        RamState::Loaded,
         &LazySpec::Source(source.clone()),
         std::time::Duration::ZERO,
         PagerConfig {
@@ -235,6 +276,35 @@ fn post_copy(
         &link,
         vm.control(),
     )?;
+    // Zero pages the rounds sent and that stay zero are holes too: put them in as zero now,
+    // so that nothing is left to ask the source for once it is gone.
+    let known_zero: Vec<bool> = zeroed
+        .iter()
+        .zip(&to_come)
+        .map(|(&zero, &coming)| zero && !coming)
+        .collect();
+    let zeros = vec![0u8; (256 * PAGE_SIZE) as usize];
+    for (gpa, count) in runs(vm.ram(), &known_zero) {
+        let mut at = gpa;
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(256);
+            let (index, region) = vm
+                .ram()
+                .regions()
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.contains(at, n * PAGE_SIZE))
+                .context("zero pages outside RAM")?;
+            pager.handle().install_pages(
+                index,
+                ((at - region.gpa()) / PAGE_SIZE) as usize,
+                &zeros[..(n * PAGE_SIZE) as usize],
+            )?;
+            at += n * PAGE_SIZE;
+            left -= n;
+        }
+    }
     let stream = {
         let reader = BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?);
         let writer = BufWriter::new(writer.get_ref().try_clone()?);
@@ -253,6 +323,27 @@ fn post_copy(
         pager: Some(pager),
         post_copy: Some(PostCopy { source, stream }),
     })
+}
+
+/// The runs `(gpa, pages)` of pages set in `pages` (by index, regions back to back), each
+/// within one region.
+fn runs(ram: &GuestRam, pages: &[bool]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut first = 0u64;
+    for region in ram.regions() {
+        let count = region.size() / PAGE_SIZE;
+        for page in 0..count {
+            if pages.get((first + page) as usize) == Some(&true) {
+                let gpa = region.gpa() + page * PAGE_SIZE;
+                match out.last_mut() {
+                    Some((start, n)) if *start + *n * PAGE_SIZE == gpa && page > 0 => *n += 1,
+                    _ => out.push((gpa, 1)),
+                }
+            }
+        }
+        first += count;
+    }
+    out
 }
 
 /// Makes `count` pages from `gpa` zero (a page sent in an earlier round may hold data): the

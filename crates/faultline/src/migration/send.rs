@@ -2,6 +2,8 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -25,6 +27,9 @@ pub enum Mode {
     #[default]
     Pre,
     Post,
+    /// Pre-copy rounds while they shrink what is left, then post-copy for the rest (on its
+    /// own, at the round limit, or when told).
+    Hybrid,
 }
 
 /// How to migrate.
@@ -37,6 +42,8 @@ pub struct SendOptions {
     pub downtime: Duration,
     /// Rounds after the first full pass at most; then it switches over whatever is left.
     pub max_rounds: u32,
+    /// Set to make a hybrid migration switch to post-copy at the next round's end.
+    pub switch_now: Arc<AtomicBool>,
 }
 
 /// What a migration did, as QEMU's "info migrate" says it.
@@ -61,6 +68,10 @@ pub struct SendReport {
     pub converged: bool,
     /// Post-copy: pages the destination asked for on the page-request connection.
     pub postcopy_requests: u64,
+    /// What ended the copy rounds: "converged" (what was left fitted the downtime limit),
+    /// "round limit" (pre-copy: the last pages went in a longer pause), "not shrinking" or
+    /// "told" (hybrid: post-copy took over), or "post-copy" (no rounds).
+    pub ended_by: &'static str,
 }
 
 /// Counters of what went on the wire.
@@ -120,7 +131,7 @@ fn run(
     let (mut writer, mut reader) = connect(handle, &options.to)?;
     let setup = started.elapsed();
     if options.mode == Mode::Post {
-        return super::post_copy::send(
+        return super::post_copy::send(super::post_copy::Switch {
             handle,
             guest,
             options,
@@ -129,7 +140,12 @@ fn run(
             writer,
             reader,
             paused_here,
-        );
+            stale: None,
+            taken,
+            ended_by: "post-copy",
+            before: Sent::default(),
+            rounds: 0,
+        });
     }
 
     // Switching the log on marks every page dirty: the first take is the full pass.
@@ -139,21 +155,30 @@ fn run(
     let mut dirtied = 0u64;
     let rounds_began = Instant::now();
     let mut pending = take(handle, taken)?;
-    let converged = loop {
+    let hybrid = options.mode == Mode::Hybrid;
+    let mut previous = u64::MAX;
+    let ended_by = loop {
         let round_began = Instant::now();
         let bytes_before = sent.bytes;
         send_pages(&mut writer, handle, &pending, &mut sent)?;
         writer.flush()?;
         let bandwidth =
             (sent.bytes - bytes_before) as f64 / round_began.elapsed().as_secs_f64().max(1e-6);
+        previous = previous.min(pending.count());
         pending = take(handle, taken)?;
         dirtied += pending.count();
         let left = pending.count() as f64 * PAGE_SIZE as f64 / bandwidth;
         if left <= options.downtime.as_secs_f64() {
-            break true;
+            break "converged";
+        }
+        if hybrid && options.switch_now.load(Ordering::Acquire) {
+            break "told";
+        }
+        if hybrid && pending.count() >= previous {
+            break "not shrinking";
         }
         if rounds >= options.max_rounds {
-            break false;
+            break "round limit";
         }
         rounds += 1;
         write_message(
@@ -164,6 +189,23 @@ fn run(
             },
         )?;
     };
+    if hybrid && ended_by != "converged" {
+        return super::post_copy::send(super::post_copy::Switch {
+            handle,
+            guest,
+            options,
+            started,
+            setup,
+            writer,
+            reader,
+            paused_here,
+            stale: Some(pending),
+            taken,
+            ended_by,
+            before: sent,
+            rounds,
+        });
+    }
     let rounds_time = rounds_began.elapsed().as_secs_f64();
 
     // Switch-over: pause, the last pages, the state; the destination answers once it has
@@ -216,8 +258,9 @@ fn run(
         dirty_rate_pages_per_s: dirtied as f64 / rounds_time.max(1e-6),
         pages_per_s: pages as f64 / total,
         throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
-        converged,
+        converged: ended_by == "converged",
         postcopy_requests: 0,
+        ended_by,
     })
 }
 
@@ -245,7 +288,7 @@ pub(super) fn connect(
 }
 
 /// The dirty pages since the last take (also kept in `taken`, to give back on failure).
-fn take(handle: &VmHandle, taken: &mut DirtyPages) -> anyhow::Result<DirtyPages> {
+pub(super) fn take(handle: &VmHandle, taken: &mut DirtyPages) -> anyhow::Result<DirtyPages> {
     let pages = handle.take_dirty_pages()?;
     taken.merge(&pages);
     Ok(pages)
