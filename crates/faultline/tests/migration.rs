@@ -97,6 +97,19 @@ fn fake_peer(
     (addr, thread)
 }
 
+/// Answers the hello on `stream` with the source's own identity, as a destination that takes
+/// anything would: the two halves of the connection.
+fn greeted(stream: std::net::TcpStream) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
+    use migrate::{read_message, write_message, Message};
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
+        panic!("no hello");
+    };
+    write_message(&mut writer, &Message::Hello(identity)).unwrap();
+    (reader, writer)
+}
+
 /// A `migrate receive` on a free loopback port, and that port.
 fn spawn_destination() -> (Child, String) {
     let mut child = spawn(&["migrate", "receive", "--listen", "127.0.0.1:0", "--json"]);
@@ -168,8 +181,14 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
     assert!(source.status.success(), "{}", text(&source.stderr));
     assert!(text(&source.stderr).contains("migrated to another faultline"));
 
-    // The destination ran the guest to its end and checked its memory (it exits 1 if the
-    // guest's checksum and guest memory disagree).
+    check_arrived(destination, mix);
+    report
+}
+
+/// Waits for the destination: it ran the guest to its end and checked its memory (it exits 1
+/// if the guest's checksum and guest memory disagree), and the guest's results are those of an
+/// uninterrupted run.
+fn check_arrived(destination: Child, mix: Mix) {
     let arrived = destination.wait_with_output().unwrap();
     assert!(arrived.status.success(), "{}", text(&arrived.stdout));
     let run = run_report(&text(&arrived.stdout));
@@ -185,7 +204,6 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
         sum,
         guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes)
     );
-    report
 }
 
 #[test]
@@ -246,18 +264,13 @@ fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
 #[test]
 fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     require_kvm!();
-    use migrate::{read_message, write_message, Message};
+    use migrate::{read_message, Message};
     let tmp = TempDir::new("migrate-post-cut");
     let sock = tmp.join("src.sock");
     let source = spawn_source(&sock, 1);
     // Takes the state, then goes away before the page-request connection.
     let (addr, fake) = fake_peer(|stream| {
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut writer = stream;
-        let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
-            panic!("no hello");
-        };
-        write_message(&mut writer, &Message::Hello(identity)).unwrap();
+        let (mut reader, _writer) = greeted(stream);
         assert_eq!(
             read_message(&mut reader).unwrap(),
             Message::SwitchOver { post_copy: true }
@@ -346,14 +359,7 @@ fn a_lazily_restored_vm_moves_in_post_copy_and_finishes_right() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let restored = restored.wait_with_output().unwrap();
     assert!(restored.status.success(), "{}", text(&restored.stderr));
-    let arrived = destination.wait_with_output().unwrap();
-    assert!(arrived.status.success(), "{}", text(&arrived.stdout));
-    let run = run_report(&text(&arrived.stdout));
-    assert_eq!(run["vcpus"][0]["reports"][0], PASSES);
-    assert_eq!(
-        run["vcpus"][0]["reports"][1],
-        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
-    );
+    check_arrived(destination, SMALL);
 }
 
 #[test]
@@ -370,12 +376,7 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
     use migrate::{read_message, write_message, Message};
     // Speaks the protocol, takes everything, then refuses at the very end.
     let (addr, fake) = fake_peer(|stream| {
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut writer = stream;
-        let Message::Hello(identity) = read_message(&mut reader).unwrap() else {
-            panic!("no hello");
-        };
-        write_message(&mut writer, &Message::Hello(identity)).unwrap();
+        let (mut reader, mut writer) = greeted(stream);
         let mut switched = false;
         loop {
             match read_message(&mut reader).unwrap() {

@@ -20,10 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use migrate::{read_message, write_message, Layout, Message, ProtocolError};
 use pager::{Content, PageSource, SourceError};
-use snapshot::create::{state_of, Watch};
-use snapshot::state::{GuestInfo, MemoryKind};
-use vmm::control::PauseError;
-use vmm::{DirtyPages, GuestRam, VmError, VmHandle, PAGE_SIZE};
+use snapshot::state::GuestInfo;
+use vmm::{DirtyPages, GuestRam, VmHandle, PAGE_SIZE};
 
 use super::send::{read_and_send, SendOptions, SendReport, Sent, RUN_PAGES};
 use super::{gpa_of_page, layout_of};
@@ -72,11 +70,7 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
     } = switch;
     let ram = handle.ram();
     let paused_at = Instant::now();
-    match handle.pause() {
-        Ok(_) => *paused_here = true,
-        Err(VmError::Pause(PauseError::AlreadyPaused)) => {}
-        Err(e) => return Err(e).context("cannot pause the VM to move it"),
-    }
+    super::send::pause_for_switch(handle, paused_here)?;
     let total = ram.size() / PAGE_SIZE;
     let to_come = match stale {
         Some(mut stale) => {
@@ -85,19 +79,9 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         }
         None => DirtyPages::all(total),
     };
-    let machine = handle
-        .paused_state()
-        .context("cannot read the paused VM's state")?;
-    let state = state_of(
-        machine,
-        ram,
-        guest,
-        Watch::of(handle.memory()),
-        MemoryKind::Full,
-        None,
-    );
+    let state = super::send::state_message(handle, guest)?;
     write_message(&mut writer, &Message::SwitchOver { post_copy: true })?;
-    write_message(&mut writer, &Message::State(serde_json::to_vec(&state)?))?;
+    write_message(&mut writer, &state)?;
     write_message(
         &mut writer,
         &Message::Stale {
@@ -148,29 +132,18 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         normal: before.normal + streamed.normal,
         zero: before.zero + streamed.zero,
     };
-    let total_s = started.elapsed().as_secs_f64();
-    let pages = sent.normal + sent.zero;
-    Ok(SendReport {
-        status: "completed",
-        mode: if rounds > 0 || before.bytes > 0 {
-            "hybrid"
-        } else {
-            "post"
-        },
-        total_ms: total_s * 1e3,
-        setup_ms: setup.as_secs_f64() * 1e3,
-        downtime_ms: downtime.as_secs_f64() * 1e3,
-        bytes: sent.bytes,
-        normal_pages: sent.normal,
-        zero_pages: sent.zero,
-        dirty_rounds: rounds,
-        dirty_rate_pages_per_s: 0.0,
-        pages_per_s: pages as f64 / total_s,
-        throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total_s / 1e6,
-        converged: false,
-        postcopy_requests: shared.requests.load(Ordering::Relaxed),
+    let mode = if before.bytes > 0 { "hybrid" } else { "post" };
+    Ok(SendReport::new(
+        mode,
         ended_by,
-    })
+        started,
+        setup,
+        downtime,
+        &sent,
+        rounds,
+        0.0,
+        shared.requests.load(Ordering::Relaxed),
+    ))
 }
 
 const NO_HINT: u64 = u64::MAX;

@@ -74,6 +74,41 @@ pub struct SendReport {
     pub ended_by: &'static str,
 }
 
+impl SendReport {
+    /// The report of a completed migration.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        mode: &'static str,
+        ended_by: &'static str,
+        started: Instant,
+        setup: Duration,
+        downtime: Duration,
+        sent: &Sent,
+        rounds: u32,
+        dirty_rate_pages_per_s: f64,
+        postcopy_requests: u64,
+    ) -> Self {
+        let total = started.elapsed().as_secs_f64();
+        SendReport {
+            status: "completed",
+            mode,
+            total_ms: total * 1e3,
+            setup_ms: setup.as_secs_f64() * 1e3,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            bytes: sent.bytes,
+            normal_pages: sent.normal,
+            zero_pages: sent.zero,
+            dirty_rounds: rounds,
+            dirty_rate_pages_per_s,
+            pages_per_s: (sent.normal + sent.zero) as f64 / total,
+            throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
+            converged: ended_by == "converged",
+            postcopy_requests,
+            ended_by,
+        }
+    }
+}
+
 /// Counters of what went on the wire.
 #[derive(Default)]
 pub(super) struct Sent {
@@ -127,10 +162,20 @@ fn run(
     taken: &mut DirtyPages,
     paused_here: &mut bool,
 ) -> anyhow::Result<SendReport> {
-    let ram = handle.ram();
     let (mut writer, mut reader) = connect(handle, &options.to)?;
     let setup = started.elapsed();
-    if options.mode == Mode::Post {
+    let copied = match options.mode {
+        Mode::Post => None,
+        Mode::Pre | Mode::Hybrid => Some(copy_rounds(&mut writer, handle, options, taken)?),
+    };
+    let goes_post = copied
+        .as_ref()
+        .is_none_or(|c| options.mode == Mode::Hybrid && c.ended_by != "converged");
+    if goes_post {
+        let (stale, ended_by, before, rounds) = match copied {
+            None => (None, "post-copy", Sent::default(), 0),
+            Some(c) => (Some(c.pending), c.ended_by, c.sent, c.rounds),
+        };
         return super::post_copy::send(super::post_copy::Switch {
             handle,
             guest,
@@ -140,27 +185,88 @@ fn run(
             writer,
             reader,
             paused_here,
-            stale: None,
+            stale,
             taken,
-            ended_by: "post-copy",
-            before: Sent::default(),
-            rounds: 0,
+            ended_by,
+            before,
+            rounds,
         });
     }
+    let Rounds {
+        mut pending,
+        mut sent,
+        rounds,
+        dirtied,
+        took,
+        ended_by,
+    } = copied.expect("pre-copy rounds ran");
 
+    // Switch-over: pause, the last pages, the state; the destination answers once it has
+    // built the VM.
+    let paused_at = Instant::now();
+    pause_for_switch(handle, paused_here)?;
+    pending.merge(&take(handle, taken)?);
+    write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
+    send_pages(&mut writer, handle, &pending, &mut sent)?;
+    write_message(&mut writer, &state_message(handle, guest)?)?;
+    write_message(&mut writer, &Message::Done)?;
+    writer.flush()?;
+    match read_message(&mut reader).context("the destination did not confirm the migration")? {
+        Message::Done => {}
+        Message::Abort(reason) => bail!("the destination could not take the VM: {reason}"),
+        other => bail!(
+            "the destination answered the switch-over with {}",
+            other.name()
+        ),
+    }
+    let downtime = paused_at.elapsed();
+    Ok(SendReport::new(
+        "pre",
+        ended_by,
+        started,
+        setup,
+        downtime,
+        &sent,
+        rounds,
+        dirtied as f64 / took.as_secs_f64().max(1e-6),
+        0,
+    ))
+}
+
+/// What the pre-copy rounds did.
+struct Rounds {
+    /// Pages written since the last round took them: still to send.
+    pending: DirtyPages,
+    sent: Sent,
+    /// Rounds after the first pass.
+    rounds: u32,
+    /// Pages the guest dirtied over the rounds.
+    dirtied: u64,
+    took: Duration,
+    ended_by: &'static str,
+}
+
+/// Sends every page, then rounds of those written since, until what is left fits the downtime
+/// limit at the bandwidth measured, or the rounds end otherwise (`ended_by` says how).
+fn copy_rounds<W: Write>(
+    writer: &mut W,
+    handle: &VmHandle,
+    options: &SendOptions,
+    taken: &mut DirtyPages,
+) -> anyhow::Result<Rounds> {
     // Switching the log on marks every page dirty: the first take is the full pass.
     handle.memory().set_dirty_logging(true)?;
+    let hybrid = options.mode == Mode::Hybrid;
+    let began = Instant::now();
     let mut sent = Sent::default();
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
-    let rounds_began = Instant::now();
-    let mut pending = take(handle, taken)?;
-    let hybrid = options.mode == Mode::Hybrid;
     let mut previous = u64::MAX;
+    let mut pending = take(handle, taken)?;
     let ended_by = loop {
         let round_began = Instant::now();
         let bytes_before = sent.bytes;
-        send_pages(&mut writer, handle, &pending, &mut sent)?;
+        send_pages(writer, handle, &pending, &mut sent)?;
         writer.flush()?;
         let bandwidth =
             (sent.bytes - bytes_before) as f64 / round_began.elapsed().as_secs_f64().max(1e-6);
@@ -182,86 +288,51 @@ fn run(
         }
         rounds += 1;
         write_message(
-            &mut writer,
+            writer,
             &Message::Round {
                 round: rounds,
                 pages: pending.count(),
             },
         )?;
     };
-    if hybrid && ended_by != "converged" {
-        return super::post_copy::send(super::post_copy::Switch {
-            handle,
-            guest,
-            options,
-            started,
-            setup,
-            writer,
-            reader,
-            paused_here,
-            stale: Some(pending),
-            taken,
-            ended_by,
-            before: sent,
-            rounds,
-        });
-    }
-    let rounds_time = rounds_began.elapsed().as_secs_f64();
+    Ok(Rounds {
+        pending,
+        sent,
+        rounds,
+        dirtied,
+        took: began.elapsed(),
+        ended_by,
+    })
+}
 
-    // Switch-over: pause, the last pages, the state; the destination answers once it has
-    // built the VM.
-    let paused_at = Instant::now();
+/// Pauses the VM for the switch-over (one paused already stays so, and is not resumed if the
+/// migration fails).
+pub(super) fn pause_for_switch(handle: &VmHandle, paused_here: &mut bool) -> anyhow::Result<()> {
     match handle.pause() {
         Ok(_) => *paused_here = true,
         Err(VmError::Pause(PauseError::AlreadyPaused)) => {}
         Err(e) => return Err(e).context("cannot pause the VM for the switch-over"),
     }
-    let last = take(handle, taken)?;
-    pending.merge(&last);
-    write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
-    send_pages(&mut writer, handle, &pending, &mut sent)?;
+    Ok(())
+}
+
+/// The paused VM's state, as the message that carries it.
+pub(super) fn state_message(
+    handle: &VmHandle,
+    guest: Option<GuestInfo>,
+) -> anyhow::Result<Message> {
     let machine = handle
         .paused_state()
         .context("cannot read the paused VM's state")?;
     let state = state_of(
         machine,
-        ram,
+        handle.ram(),
         guest,
         Watch::of(handle.memory()),
         MemoryKind::Full,
         None,
     );
-    write_message(&mut writer, &Message::State(serde_json::to_vec(&state)?))?;
-    write_message(&mut writer, &Message::Done)?;
-    writer.flush()?;
-    match read_message(&mut reader).context("the destination did not confirm the migration")? {
-        Message::Done => {}
-        Message::Abort(reason) => bail!("the destination could not take the VM: {reason}"),
-        other => bail!(
-            "the destination answered the switch-over with {}",
-            other.name()
-        ),
-    }
-    let downtime = paused_at.elapsed();
-    let total = started.elapsed().as_secs_f64();
-    let pages = sent.normal + sent.zero;
-    Ok(SendReport {
-        status: "completed",
-        mode: "pre",
-        total_ms: total * 1e3,
-        setup_ms: setup.as_secs_f64() * 1e3,
-        downtime_ms: downtime.as_secs_f64() * 1e3,
-        bytes: sent.bytes,
-        normal_pages: sent.normal,
-        zero_pages: sent.zero,
-        dirty_rounds: rounds,
-        dirty_rate_pages_per_s: dirtied as f64 / rounds_time.max(1e-6),
-        pages_per_s: pages as f64 / total,
-        throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
-        converged: ended_by == "converged",
-        postcopy_requests: 0,
-        ended_by,
-    })
+    Ok(Message::State(serde_json::to_vec(&state)?))
 }
 
 /// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
