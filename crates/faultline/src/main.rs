@@ -258,6 +258,10 @@ enum MigrateCommand {
         /// Copy rounds after the first pass at most, then switch over whatever is left.
         #[arg(long, value_name = "N", default_value_t = 30)]
         max_rounds: u32,
+        /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates
+        /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -275,6 +279,10 @@ enum MigrateCommand {
         /// Serve the control API on this Unix socket once the VM runs.
         #[arg(long, value_name = "PATH")]
         api_sock: Option<PathBuf>,
+        /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates
+        /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
@@ -794,12 +802,23 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             mode,
             downtime_ms,
             max_rounds,
+            tls_dir,
             json,
         } => {
+            let tls_dir = tls_dir
+                .map(|dir| std::path::absolute(&dir))
+                .transpose()
+                .context("cannot resolve --tls-dir")?;
             let body = serde_json::json!({
                 "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
+                "tls_dir": tls_dir,
             });
-            eprintln!("faultline: migrating the VM to {to} ({mode}, unauthenticated TCP) ...");
+            let channel = if tls_dir.is_some() {
+                "TLS, mutually authenticated"
+            } else {
+                "plain TCP: not authenticated, not encrypted"
+            };
+            eprintln!("faultline: migrating the VM to {to} ({mode}, {channel}) ...");
             let report =
                 api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
             if json {
@@ -826,8 +845,9 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
         MigrateCommand::Receive {
             listen,
             api_sock,
+            tls_dir,
             json,
-        } => receive_migration(&listen, api_sock.as_deref(), json),
+        } => receive_migration(&listen, api_sock.as_deref(), tls_dir.as_deref(), json),
     }
 }
 
@@ -835,19 +855,28 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
 fn receive_migration(
     listen: &str,
     api_sock: Option<&std::path::Path>,
+    tls_dir: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let tls = tls_dir
+        .map(faultline::migration::channel::Tls::server)
+        .transpose()?;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!(
-        "faultline: waiting for a migration on {} (plain TCP: not authenticated, not encrypted)",
-        listener.local_addr()?
+        "faultline: waiting for a migration on {} ({})",
+        listener.local_addr()?,
+        if tls.is_some() {
+            "TLS, mutually authenticated"
+        } else {
+            "plain TCP: not authenticated, not encrypted"
+        }
     );
     let config = vmm::VmConfig {
         console: ConsoleSink::stdout(),
         ..vmm::VmConfig::default()
     };
-    let mut arrived = faultline::migration::receive::receive(&listener, config)?;
+    let mut arrived = faultline::migration::receive::receive(&listener, tls.as_ref(), config)?;
     drop(listener);
     if json {
         println!("{}", serde_json::to_string_pretty(&arrived.report)?);

@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{api, faultline, json_report, spawn, text, TempDir};
@@ -112,21 +112,46 @@ fn greeted(stream: std::net::TcpStream) -> (BufReader<std::net::TcpStream>, std:
 
 /// A `migrate receive` on a free loopback port, and that port.
 fn spawn_destination() -> (Child, String) {
-    let mut child = spawn(&["migrate", "receive", "--listen", "127.0.0.1:0", "--json"]);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    // Keep draining its stderr so that it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-    });
-    (child, addr)
+    let destination = Destination::spawn(&["--json"]);
+    (destination.child, destination.addr)
+}
+
+/// A `migrate receive` child on a free loopback port.
+struct Destination {
+    child: Child,
+    /// Where it waits.
+    addr: String,
+    /// The line it says so in.
+    line: String,
+    /// The rest of its stderr, drained so that it never blocks on a full pipe.
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Destination {
+    fn spawn(extra: &[&str]) -> Destination {
+        let mut args = vec!["migrate", "receive", "--listen", "127.0.0.1:0"];
+        args.extend(extra);
+        let mut child = spawn(&args);
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        let stderr = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            rest
+        });
+        Destination {
+            child,
+            addr,
+            line,
+            stderr,
+        }
+    }
 }
 
 /// The guest's run report among the JSON documents a `migrate receive --json` printed.
@@ -137,11 +162,6 @@ fn run_report(stdout: &str) -> serde_json::Value {
         .next()
         .expect("a JSON document")
         .unwrap()
-}
-
-/// `faultline migrate send --json` of the VM behind `sock` to `to`.
-fn migrate_send(sock: &Path, to: &str) -> std::process::Output {
-    migrate_send_mode(sock, to, "pre")
 }
 
 fn migrate_send_mode(sock: &Path, to: &str, mode: &str) -> std::process::Output {
@@ -399,10 +419,19 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
 /// A migration to `to` fails with a message saying `says`, and the source VM runs on and
 /// finishes with the right result.
 fn a_failed_migration_leaves_the_source_running(name: &str, to: &str, says: &str) {
+    a_failed_migration_leaves_the_source_running_with(name, to, &[], says);
+}
+
+fn a_failed_migration_leaves_the_source_running_with(
+    name: &str,
+    to: &str,
+    extra: &[&str],
+    says: &str,
+) {
     let tmp = TempDir::new(name);
     let sock = tmp.join("src.sock");
     let source = spawn_source(&sock, 1);
-    let out = migrate_send(&sock, to);
+    let out = migrate_send_with(&sock, to, extra);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
@@ -461,4 +490,151 @@ fn a_destination_that_is_not_there_is_an_error_and_the_vm_runs_on() {
         &addr,
         "cannot connect to the destination",
     );
+}
+
+/// A CA and, under it, certificates for `sides` (each in a directory of its own with
+/// `ca.pem`, `cert.pem`, `key.pem`, for 127.0.0.1), made with the openssl command.
+fn make_pki(dir: &Path, ca: &str, sides: &[&str]) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            text(&out.stderr)
+        );
+    };
+    let ca_key = format!("{ca}.key");
+    let ca_pem = format!("{ca}.pem");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN={ca}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    let ext = dir.join("leaf.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
+         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    for side in sides {
+        std::fs::create_dir_all(dir.join(side)).unwrap();
+        let key = format!("{side}/key.pem");
+        let csr = format!("{side}.csr");
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={side}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &format!("{side}/cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ]);
+        std::fs::copy(dir.join(&ca_pem), dir.join(side).join("ca.pem")).unwrap();
+    }
+}
+
+#[test]
+fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-tls");
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    make_pki(tmp.path(), "other-ca", &["stranger"]);
+    let tls = |side: &str| tmp.join(side).to_str().unwrap().to_string();
+
+    // Both from the CA: the guest moves and finishes right.
+    let sock = tmp.join("src.sock");
+    let destination = Destination::spawn(&["--tls-dir", &tls("destination"), "--json"]);
+    assert!(
+        destination.line.contains("TLS, mutually authenticated"),
+        "{}",
+        destination.line
+    );
+    let source = spawn_mix(&sock, SMALL);
+    let out = migrate_send_with(&sock, &destination.addr, &["--tls-dir", &tls("source")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(source.wait_with_output().unwrap().status.success());
+    check_arrived(destination.child, SMALL);
+
+    // Post-copy too: two TLS connections, page requests and answers both ways at once.
+    let sock = tmp.join("src-post.sock");
+    let destination = Destination::spawn(&["--tls-dir", &tls("destination"), "--json"]);
+    let source = spawn_mix(&sock, SMALL);
+    let out = migrate_send_with(
+        &sock,
+        &destination.addr,
+        &["--tls-dir", &tls("source"), "--mode", "post"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(source.wait_with_output().unwrap().status.success());
+    check_arrived(destination.child, SMALL);
+
+    // A source whose certificate comes from another CA: the destination refuses it, and the
+    // source VM runs on.
+    let destination = Destination::spawn(&["--tls-dir", &tls("destination")]);
+    let stranger = tls("stranger");
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-tls-bad-source",
+        &destination.addr,
+        &["--tls-dir", &stranger],
+        "TLS handshake failed",
+    );
+    let refused = destination.child.wait_with_output().unwrap();
+    let said = destination.stderr.join().unwrap();
+    assert!(!refused.status.success());
+    assert!(said.contains("TLS handshake failed"), "{said}");
+
+    // A destination whose certificate comes from another CA: the source refuses it.
+    let mut destination = Destination::spawn(&["--tls-dir", &stranger]);
+    let source_tls = tls("source");
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-tls-bad-destination",
+        &destination.addr,
+        &["--tls-dir", &source_tls],
+        "TLS handshake failed",
+    );
+    let _ = destination.child.kill();
+    let _ = destination.child.wait();
 }

@@ -96,6 +96,9 @@ pub struct Controller {
 #[serde(deny_unknown_fields)]
 struct MigrateRequest {
     to: String,
+    /// A directory with `ca.pem`, `cert.pem` and `key.pem`: TLS with mutual authentication.
+    #[serde(default)]
+    tls_dir: Option<PathBuf>,
     #[serde(default)]
     mode: crate::migration::send::Mode,
     #[serde(default = "default_downtime_ms")]
@@ -231,10 +234,18 @@ impl Controller {
                 format!("guest memory cannot be trusted, so the VM is not migrated: {fatal}"),
             );
         }
+        let tls = match &request.tls_dir {
+            Some(dir) => match crate::migration::channel::Tls::client(dir) {
+                Ok(tls) => Some(tls),
+                Err(e) => return Response::error(400, format!("{e:#}")),
+            },
+            None => None,
+        };
         *lock(&self.migration) = json!({ "status": "active", "to": request.to });
         self.switch_now.store(false, Ordering::Release);
         let options = crate::migration::send::SendOptions {
             switch_now: Arc::clone(&self.switch_now),
+            tls,
             to: request.to.clone(),
             mode: request.mode,
             downtime: Duration::from_millis(request.downtime_ms),

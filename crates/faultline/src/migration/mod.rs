@@ -8,6 +8,7 @@
 //! that leaves the source VM running as it was (and its dirty log as if nothing was taken).
 //! The destination builds the VM through the same path as a restore.
 
+pub mod channel;
 mod post_copy;
 pub mod receive;
 pub mod send;

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use pager::{Content, PageSource, SourceError};
 use snapshot::state::GuestInfo;
 use vmm::{DirtyPages, GuestRam, VmHandle, PAGE_SIZE};
 
+use super::channel::{Channel, Tls};
 use super::send::{read_and_send, SendOptions, SendReport, Sent, RUN_PAGES};
 use super::{gpa_of_page, layout_of};
 
@@ -37,8 +38,8 @@ pub(super) struct Switch<'a> {
     pub options: &'a SendOptions,
     pub started: Instant,
     pub setup: Duration,
-    pub writer: BufWriter<TcpStream>,
-    pub reader: BufReader<TcpStream>,
+    pub writer: BufWriter<Channel>,
+    pub reader: BufReader<Channel>,
     pub paused_here: &'a mut bool,
     /// Pages the rounds sent that changed since (hybrid); `None`: nothing was sent yet.
     pub stale: Option<DirtyPages>,
@@ -92,8 +93,9 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
     writer.flush()?;
     // The destination may run the VM from now on: it must never run here again.
     *paused_here = false;
-    let (urgent_writer, urgent_reader) = super::send::connect(handle, &options.to)
-        .context("cannot open the page-request connection")?;
+    let (urgent_writer, urgent_reader) =
+        super::send::connect(handle, &options.to, options.tls.as_ref())
+            .context("cannot open the page-request connection")?;
     let downtime = paused_at.elapsed();
 
     let shared = Arc::new(Streaming {
@@ -119,7 +121,7 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
             other => bail!("the destination answered with {}", other.name()),
         }
     });
-    let _ = urgent_stream.shutdown(Shutdown::Both);
+    urgent_stream.shutdown();
     let served = server
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
@@ -204,8 +206,8 @@ fn stream_pages<W: Write>(
 /// Answers page requests on the second connection until it closes.
 fn serve_requests(
     handle: &VmHandle,
-    mut reader: BufReader<TcpStream>,
-    mut writer: BufWriter<TcpStream>,
+    mut reader: BufReader<Channel>,
+    mut writer: BufWriter<Channel>,
     shared: &Streaming,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
@@ -255,7 +257,7 @@ fn serve_requests(
 /// page-request connection, and waited for.
 pub(super) struct NetworkSource {
     layout: Layout,
-    writer: Mutex<BufWriter<TcpStream>>,
+    writer: Mutex<BufWriter<Channel>>,
     answers: Mutex<Answers>,
     arrived: Condvar,
     /// Fetches waiting for an answer.
@@ -365,12 +367,14 @@ fn image_to_gpa(regions: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u
 /// the pager on.
 pub(super) fn accept_requests(
     listener: &TcpListener,
+    tls: Option<&Tls>,
     ours: &migrate::VmIdentity,
 ) -> anyhow::Result<Arc<NetworkSource>> {
     let (stream, _) = listener
         .accept()
         .context("cannot accept the page-request connection")?;
-    stream.set_nodelay(true)?;
+    let stream =
+        super::channel::open(stream, tls, "").context("cannot open the page-request channel")?;
     let mut writer = BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::new(stream);
     match read_message(&mut reader).context("no hello on the page-request connection")? {
@@ -417,8 +421,8 @@ pub(super) fn accept_requests(
 /// Takes the page stream from the first connection into `pager` until the source's done, then
 /// (once no fetch waits for an answer) confirms it. Returns (pages, zero pages) taken.
 pub(super) fn take_stream(
-    mut reader: BufReader<TcpStream>,
-    mut writer: BufWriter<TcpStream>,
+    mut reader: BufReader<Channel>,
+    mut writer: BufWriter<Channel>,
     ram: &GuestRam,
     pager: pager::PagerHandle,
     source: Arc<NetworkSource>,

@@ -2,7 +2,7 @@
 //! through the restore path, and say so.
 
 use std::io::{BufReader, BufWriter, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use pager::{FailurePolicy, Pager, PagerConfig};
 
+use super::channel::{open, Channel, Tls};
 use super::identity;
 use super::post_copy::{accept_requests, take_stream, NetworkSource};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
@@ -86,16 +87,22 @@ impl Drop for Arrived {
 /// Takes one migration from a connection `listener` accepts, and builds its VM with `config`
 /// (its vCPU count comes from the state). Refuses (and tells the source why) a VM this host
 /// cannot take; any error leaves nothing behind.
-pub fn receive(listener: &TcpListener, config: VmConfig) -> anyhow::Result<Arrived> {
+pub fn receive(
+    listener: &TcpListener,
+    tls: Option<&Tls>,
+    config: VmConfig,
+) -> anyhow::Result<Arrived> {
     let (stream, peer) = listener
         .accept()
         .context("cannot accept the migration connection")?;
     let started = Instant::now();
-    stream.set_nodelay(true)?;
+    let stream =
+        open(stream, tls, "").with_context(|| format!("cannot open a channel with {peer}"))?;
     let mut writer = BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::with_capacity(2 << 20, stream);
     let result = take(
         listener,
+        tls,
         &mut reader,
         &mut writer,
         config,
@@ -112,8 +119,9 @@ pub fn receive(listener: &TcpListener, config: VmConfig) -> anyhow::Result<Arriv
 
 fn take(
     listener: &TcpListener,
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
+    tls: Option<&Tls>,
+    reader: &mut BufReader<Channel>,
+    writer: &mut BufWriter<Channel>,
     config: VmConfig,
     started: Instant,
     peer: String,
@@ -160,7 +168,7 @@ fn take(
             Message::Round { round, .. } => report.dirty_rounds = round,
             Message::SwitchOver { post_copy: true } => {
                 return post_copy(
-                    listener, reader, writer, ram, &ours, config, report, &zeroed,
+                    listener, tls, reader, writer, ram, &ours, config, report, &zeroed,
                 );
             }
             Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
@@ -217,8 +225,9 @@ fn mark(ram: &GuestRam, zeroed: &mut [bool], gpa: u64, count: u64, zero: bool) {
 #[allow(clippy::too_many_arguments)]
 fn post_copy(
     listener: &TcpListener,
-    reader: &mut BufReader<TcpStream>,
-    writer: &mut BufWriter<TcpStream>,
+    tls: Option<&Tls>,
+    reader: &mut BufReader<Channel>,
+    writer: &mut BufWriter<Channel>,
     ram: GuestRam,
     ours: &migrate::VmIdentity,
     config: VmConfig,
@@ -254,7 +263,7 @@ fn post_copy(
     for (gpa, count) in runs(&ram, &to_come) {
         zero(&ram, gpa, count)?;
     }
-    let source = accept_requests(listener, ours)?;
+    let source = accept_requests(listener, tls, ours)?;
     let link = PagerLink::default();
     let config = VmConfig {
         on_vcpu_thread: Some(link.vcpu_hook()),

@@ -14,6 +14,7 @@ use snapshot::state::{GuestInfo, MemoryKind};
 use vmm::control::PauseError;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
+use super::channel::Channel;
 use super::{gpa_of_page, identity};
 
 /// Pages read and sent as one message at most.
@@ -44,6 +45,8 @@ pub struct SendOptions {
     pub max_rounds: u32,
     /// Set to make a hybrid migration switch to post-copy at the next round's end.
     pub switch_now: Arc<AtomicBool>,
+    /// TLS with this side's certificate (`None`: plain TCP).
+    pub tls: Option<super::channel::Tls>,
 }
 
 /// What a migration did, as QEMU's "info migrate" says it.
@@ -162,7 +165,7 @@ fn run(
     taken: &mut DirtyPages,
     paused_here: &mut bool,
 ) -> anyhow::Result<SendReport> {
-    let (mut writer, mut reader) = connect(handle, &options.to)?;
+    let (mut writer, mut reader) = connect(handle, &options.to, options.tls.as_ref())?;
     let setup = started.elapsed();
     let copied = match options.mode {
         Mode::Post => None,
@@ -339,12 +342,19 @@ pub(super) fn state_message(
 pub(super) fn connect(
     handle: &VmHandle,
     to: &str,
-) -> anyhow::Result<(BufWriter<TcpStream>, BufReader<TcpStream>)> {
-    let stream = TcpStream::connect(to)
+    tls: Option<&super::channel::Tls>,
+) -> anyhow::Result<(BufWriter<Channel>, BufReader<Channel>)> {
+    let tcp = TcpStream::connect(to)
         .with_context(|| format!("cannot connect to the destination {to}"))?;
-    stream.set_nodelay(true)?;
-    let mut writer = BufWriter::with_capacity(2 << 20, stream.try_clone()?);
-    let mut reader = BufReader::new(stream);
+    let host = to
+        .rsplit_once(':')
+        .map_or(to, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let channel = super::channel::open(tcp, tls, host)
+        .with_context(|| format!("cannot open a channel to {to}"))?;
+    let mut writer = BufWriter::with_capacity(2 << 20, channel.try_clone()?);
+    let mut reader = BufReader::new(channel);
     let ours = identity(handle.ram(), handle.vcpu_count())?;
     write_message(&mut writer, &Message::Hello(ours.clone()))?;
     writer.flush()?;

@@ -1,0 +1,299 @@
+//! A migration connection: plain TCP, or TLS with mutual authentication (rustls).
+//!
+//! The migration code splits a connection into a reading and a writing half (post-copy reads
+//! answers on one thread while faults write requests on others). A TLS session cannot be split,
+//! so it runs on a thread of its own that pumps bytes between the TCP socket and one end of a
+//! local socket pair; the migration code gets the other end, which it can clone like a socket.
+//! The handshake happens before that, on the caller's thread, so that a peer whose certificate
+//! is not trusted is refused with an error saying so.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+
+/// The files a `--tls-dir` holds.
+pub const CA_FILE: &str = "ca.pem";
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+
+/// One end of a migration connection.
+pub enum Channel {
+    Tcp(TcpStream),
+    /// The plaintext end of a TLS session pumped by its own thread.
+    Tls(UnixStream),
+}
+
+impl Channel {
+    /// Another handle on the same connection (one to read, one to write).
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(match self {
+            Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
+            Channel::Tls(s) => Channel::Tls(s.try_clone()?),
+        })
+    }
+
+    /// Ends the connection both ways (a reader blocked on it returns).
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Channel::Tcp(s) => s.shutdown(Shutdown::Both),
+            Channel::Tls(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Channel {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.read(buf),
+            Channel::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Channel {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(s) => s.write(buf),
+            Channel::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.flush(),
+            Channel::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// TLS settings for one side, from a directory with `ca.pem` (the CA both sides' certificates
+/// come from), `cert.pem` and `key.pem` (this side's).
+#[derive(Clone)]
+pub enum Tls {
+    Client(Arc<ClientConfig>),
+    Server(Arc<ServerConfig>),
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tls::Client(_) => "Tls::Client",
+            Tls::Server(_) => "Tls::Server",
+        })
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load(
+    dir: &Path,
+) -> anyhow::Result<(
+    RootCertStore,
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+)> {
+    let ca_path = dir.join(CA_FILE);
+    let mut roots = RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(&ca_path)
+        .with_context(|| format!("cannot read the CA certificate {}", ca_path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM certificates", ca_path.display()))?;
+    if cas.is_empty() {
+        bail!("{} holds no certificate", ca_path.display());
+    }
+    for ca in cas {
+        roots
+            .add(ca)
+            .with_context(|| format!("{} is not a usable CA certificate", ca_path.display()))?;
+    }
+    let cert_path = dir.join(CERT_FILE);
+    let certs = CertificateDer::pem_file_iter(&cert_path)
+        .with_context(|| format!("cannot read the certificate {}", cert_path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM certificates", cert_path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", cert_path.display());
+    }
+    let key_path = dir.join(KEY_FILE);
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .with_context(|| format!("cannot read the private key {}", key_path.display()))?;
+    Ok((roots, certs, key))
+}
+
+impl Tls {
+    /// The source's side: it proves itself with its certificate and checks the destination's.
+    pub fn client(dir: &Path) -> anyhow::Result<Tls> {
+        let (roots, certs, key) = load(dir)?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .context("the certificate and key do not go together")?;
+        Ok(Tls::Client(Arc::new(config)))
+    }
+
+    /// The destination's side: it takes only sources whose certificate comes from the CA.
+    pub fn server(dir: &Path) -> anyhow::Result<Tls> {
+        let (roots, certs, key) = load(dir)?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .context("cannot check client certificates against the CA")?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .context("the certificate and key do not go together")?;
+        Ok(Tls::Server(Arc::new(config)))
+    }
+}
+
+/// Wraps a connected TCP stream: plain without `tls`, else a TLS session whose handshake is
+/// done here (`host` names the destination for a client, as its certificate must).
+pub fn open(tcp: TcpStream, tls: Option<&Tls>, host: &str) -> anyhow::Result<Channel> {
+    tcp.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        return Ok(Channel::Tcp(tcp));
+    };
+    match tls {
+        Tls::Client(config) => {
+            let name = ServerName::try_from(host.to_string())
+                .with_context(|| format!("{host:?} cannot name a TLS server"))?;
+            let conn = ClientConnection::new(Arc::clone(config), name)?;
+            pump(tcp, rustls::Connection::Client(conn))
+        }
+        Tls::Server(config) => {
+            let conn = ServerConnection::new(Arc::clone(config))?;
+            pump(tcp, rustls::Connection::Server(conn))
+        }
+    }
+}
+
+/// Completes the handshake, then starts the thread that carries the session.
+fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Channel> {
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .context("the TLS handshake failed (is the peer's certificate from the same CA?)")?;
+    }
+    let (ours, theirs) = UnixStream::pair()?;
+    std::thread::Builder::new()
+        .name("migration-tls".into())
+        .spawn(move || {
+            if let Err(e) = carry(tcp, conn, theirs) {
+                tracing::debug!("migration TLS session ended: {e}");
+            }
+        })?;
+    Ok(Channel::Tls(ours))
+}
+
+/// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
+/// directions have ended.
+fn carry(
+    mut tcp: TcpStream,
+    mut conn: rustls::Connection,
+    mut local: UnixStream,
+) -> io::Result<()> {
+    tcp.set_nonblocking(true)?;
+    local.set_nonblocking(true)?;
+    let mut to_local: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut tcp_done, mut local_done) = (false, false);
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: tcp.as_raw_fd(),
+                events: if tcp_done { 0 } else { libc::POLLIN }
+                    | if conn.wants_write() { libc::POLLOUT } else { 0 },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: local.as_raw_fd(),
+                events: if local_done || conn.wants_write() {
+                    0
+                } else {
+                    libc::POLLIN
+                } | if to_local.is_empty() {
+                    0
+                } else {
+                    libc::POLLOUT
+                },
+                revents: 0,
+            },
+        ];
+        if tcp_done && to_local.is_empty() {
+            let _ = local.shutdown(Shutdown::Write);
+        }
+        if tcp_done && local_done && !conn.wants_write() {
+            return Ok(());
+        }
+        // SAFETY: two valid pollfds; waits at most a second.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let hung_up = libc::POLLHUP | libc::POLLERR;
+        if fds[0].revents & (libc::POLLIN | hung_up) != 0 && !tcp_done {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => tcp_done = true,
+                Ok(_) => {
+                    conn.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    loop {
+                        match conn.reader().read(&mut buf) {
+                            Ok(0) => {
+                                tcp_done = true;
+                                break;
+                            }
+                            Ok(n) => to_local.extend_from_slice(&buf[..n]),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if conn.wants_write() {
+            match conn.write_tls(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !to_local.is_empty() {
+            match local.write(&to_local) {
+                Ok(n) => {
+                    to_local.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fds[1].revents & (libc::POLLIN | hung_up) != 0 && !local_done && !conn.wants_write() {
+            match local.read(&mut buf) {
+                Ok(0) => {
+                    local_done = true;
+                    conn.send_close_notify();
+                }
+                Ok(n) => {
+                    conn.writer().write_all(&buf[..n])?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
