@@ -766,12 +766,15 @@ fn api_call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    // A snapshot of a large guest takes a while; everything else answers at once.
-    let timeout = Duration::from_secs(if path.starts_with("/snapshot") {
-        1800
-    } else {
-        30
-    });
+    // A snapshot or a migration of a large guest takes a while; everything else answers at
+    // once.
+    let timeout = Duration::from_secs(
+        if path.starts_with("/snapshot") || path == "/migration/send" {
+            1800
+        } else {
+            30
+        },
+    );
     let (status, answer) = http::call(socket, method, path, body, Some(timeout))?;
     if !(200..300).contains(&status) {
         return Err(refusal(method, path, status, answer.as_ref()));
@@ -902,25 +905,26 @@ fn receive_migration(
     let run = guest
         .as_ref()
         .and_then(|info| faultline::micro::GuestRun::from_info(info, std::time::Instant::now()));
-    let result = match run {
-        Some(run) => {
-            let report = run.run(&mut arrived.vm, arrived.pager.as_ref());
-            arrived.vm.handle().memory().end_tracking();
-            let report = report?;
-            print_micro_report(&report, json)?;
-            if shut_down_by_api(api.as_ref()) {
-                return Ok(());
-            }
-            check_micro_report(&report, run.guest, arrived.vm.ram(), run.range, json)
-        }
-        None => {
-            let outcome = arrived.vm.run().context("the arrived VM failed")?;
-            println!("faultline: the VM stopped: {:?}", outcome.stop_reason);
-            Ok(())
-        }
+    let ran = match &run {
+        Some(run) => run.run(&mut arrived.vm, arrived.pager.as_ref()).map(Some),
+        None => arrived
+            .vm
+            .run()
+            .context("the arrived VM failed")
+            .map(|outcome| {
+                println!("faultline: the VM stopped: {:?}", outcome.stop_reason);
+                None
+            }),
     };
-    // Post-copy: the rest of memory must have arrived before the source may go.
-    let latencies = arrived.finish().context("the migration did not complete")?;
+    arrived.vm.handle().memory().end_tracking();
+    // Post-copy: the rest of memory must be in before the source may go, however the run
+    // ended.
+    let finished = arrived.finish().context("the migration did not complete");
+    let report = ran?;
+    let latencies = finished?;
+    if let Some(report) = &report {
+        print_micro_report(report, json)?;
+    }
     if !latencies.is_empty() {
         let mut sorted = latencies;
         sorted.sort_unstable();
@@ -941,7 +945,12 @@ fn receive_migration(
             );
         }
     }
-    result
+    match (run, report) {
+        (Some(run), Some(report)) if !shut_down_by_api(api.as_ref()) => {
+            check_micro_report(&report, run.guest, arrived.vm.ram(), run.range, json)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `faultline track ...`.

@@ -14,5 +14,5 @@
 mod message;
 mod wire;
 
-pub use message::{Layout, Message, VmIdentity, PAGE_SIZE};
+pub use message::{Layout, Message, VmIdentity, MAX_REQUEST_PAGES, PAGE_SIZE};
 pub use wire::{read_message, write_message, ProtocolError, MAGIC, MAX_PAYLOAD, VERSION};

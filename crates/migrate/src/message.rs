@@ -6,6 +6,8 @@ use crate::wire::ProtocolError;
 pub const PAGE_SIZE: u64 = 4096;
 /// Most RAM regions a layout may have (faultline builds at most two).
 const MAX_REGIONS: usize = 64;
+/// Most pages one page request may ask for (its answer must fit in one message).
+pub const MAX_REQUEST_PAGES: u32 = 1024;
 
 /// Guest RAM as `(gpa, size)` regions, lowest first: the pages a migration may move.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +182,12 @@ impl Message {
             }
             Message::ZeroPages { gpa, count } if !layout.contains(gpa, count) => {
                 return Err(outside(gpa, count))
+            }
+            Message::PageRequest { count, .. } if count > MAX_REQUEST_PAGES => {
+                return Err(ProtocolError::Malformed {
+                    kind: self.name(),
+                    why: format!("{count} pages asked at once, more than {MAX_REQUEST_PAGES}"),
+                })
             }
             Message::PageRequest { gpa, count } if !layout.contains(gpa, u64::from(count)) => {
                 return Err(outside(gpa, u64::from(count)))
@@ -412,6 +420,15 @@ mod tests {
             count: 1,
         };
         assert!(request.check(&l).is_err());
+        let greedy = Message::PageRequest {
+            gpa: 0,
+            count: MAX_REQUEST_PAGES + 1,
+        };
+        assert!(greedy
+            .check(&l)
+            .unwrap_err()
+            .to_string()
+            .contains("more than"));
         let received = Message::Received {
             pages: 10,
             bitmap: vec![0],

@@ -41,6 +41,14 @@ impl Channel {
         })
     }
 
+    /// Bounds every read (`None`: reads wait as long as it takes).
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.set_read_timeout(timeout),
+            Channel::Tls(s) => s.set_read_timeout(timeout),
+        }
+    }
+
     /// Ends the connection both ways (a reader blocked on it returns).
     pub fn shutdown(&self) {
         let _ = match self {

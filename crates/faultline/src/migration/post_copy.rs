@@ -29,6 +29,38 @@ use super::{gpa_of_page, layout_of};
 
 /// How long a fault waits for the source to answer before its page counts as unavailable.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination waits for the page-request connection, and, at the end, for every
+/// page to be in.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts one connection on `listener`, waiting at most `timeout`.
+fn accept_within(
+    listener: &TcpListener,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let deadline = Instant::now() + timeout;
+    listener.set_nonblocking(true)?;
+    let accepted = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no connection within {} s", timeout.as_secs()),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    // An accepted socket does not inherit the listener's non-blocking mode on Linux; make sure.
+    let stream = accepted?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
 
 /// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
 /// pre-copy rounds).
@@ -70,6 +102,13 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         rounds,
     } = switch;
     let ram = handle.ram();
+    // Post-copy begins: the destination takes the page-request connection before anything
+    // else, and the VM still runs here until that works.
+    write_message(&mut writer, &Message::SwitchOver { post_copy: true })?;
+    writer.flush()?;
+    let (urgent_writer, urgent_reader) =
+        super::send::connect(handle, &options.to, options.tls.as_ref())
+            .context("cannot open the page-request connection")?;
     let paused_at = Instant::now();
     super::send::pause_for_switch(handle, paused_here)?;
     let total = ram.size() / PAGE_SIZE;
@@ -81,7 +120,6 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         None => DirtyPages::all(total),
     };
     let state = super::send::state_message(handle, guest)?;
-    write_message(&mut writer, &Message::SwitchOver { post_copy: true })?;
     write_message(&mut writer, &state)?;
     write_message(
         &mut writer,
@@ -93,9 +131,6 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
     writer.flush()?;
     // The destination may run the VM from now on: it must never run here again.
     *paused_here = false;
-    let (urgent_writer, urgent_reader) =
-        super::send::connect(handle, &options.to, options.tls.as_ref())
-            .context("cannot open the page-request connection")?;
     let downtime = paused_at.elapsed();
 
     let shared = Arc::new(Streaming {
@@ -109,7 +144,17 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("postcopy-urgent".into())
-            .spawn(move || serve_requests(&handle, urgent_reader, urgent_writer, &shared))?
+            .spawn(move || {
+                let channel = urgent_reader.get_ref().try_clone();
+                let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
+                if served.is_err() {
+                    // Faults at the destination must not wait for answers that will not come.
+                    if let Ok(channel) = channel {
+                        channel.shutdown();
+                    }
+                }
+                served
+            })?
     };
     let streamed = stream_pages(handle, &mut writer, &shared);
     let finished = streamed.and_then(|sent| {
@@ -126,9 +171,7 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
     let streamed = finished.context("post-copy failed; the VM stays paused here")?;
-    if let Err(e) = served {
-        tracing::warn!("post-copy page requests ended with an error: {e:#}");
-    }
+    served.context("post-copy page requests failed; the VM stays paused here")?;
     let sent = Sent {
         bytes: before.bytes + streamed.bytes,
         normal: before.normal + streamed.normal,
@@ -268,6 +311,8 @@ pub(super) struct NetworkSource {
 
 #[derive(Default)]
 struct Answers {
+    /// Requests sent and not answered yet, by address: (pages asked).
+    asked: HashMap<u64, u32>,
     pages: HashMap<u64, Vec<u8>>,
     /// Why no more answers will come.
     failed: Option<String>,
@@ -306,7 +351,13 @@ impl PageSource for NetworkSource {
             .ok_or_else(|| unavailable("not guest RAM".into()))?;
         self.outstanding.fetch_add(1, Ordering::AcqRel);
         let asked = Instant::now();
+        let deadline = asked + ANSWER_TIMEOUT;
         let result = (|| {
+            self.answers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .asked
+                .insert(gpa, count);
             {
                 let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
                 write_message(&mut *writer, &Message::PageRequest { gpa, count })
@@ -329,17 +380,19 @@ impl PageSource for NetworkSource {
                 if let Some(why) = &answers.failed {
                     return Err(unavailable(format!("the migration source is gone: {why}")));
                 }
-                let (next, timeout) = self
-                    .arrived
-                    .wait_timeout(answers, ANSWER_TIMEOUT)
-                    .unwrap_or_else(|e| e.into_inner());
-                answers = next;
-                if timeout.timed_out() && !answers.pages.contains_key(&gpa) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    answers.asked.remove(&gpa);
                     return Err(unavailable(format!(
                         "no answer from the migration source within {} s",
                         ANSWER_TIMEOUT.as_secs()
                     )));
                 }
+                answers = self
+                    .arrived
+                    .wait_timeout(answers, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
         })();
         self.latencies
@@ -370,8 +423,7 @@ pub(super) fn accept_requests(
     tls: Option<&Tls>,
     ours: &migrate::VmIdentity,
 ) -> anyhow::Result<Arc<NetworkSource>> {
-    let (stream, _) = listener
-        .accept()
+    let stream = accept_within(listener, ACCEPT_TIMEOUT)
         .context("cannot accept the page-request connection")?;
     let stream =
         super::channel::open(stream, tls, "").context("cannot open the page-request channel")?;
@@ -401,8 +453,16 @@ pub(super) fn accept_requests(
                 match message.and_then(|m| m.check(&layout).map(|()| m).map_err(Into::into)) {
                     Ok(Message::Pages { gpa, data }) => {
                         let mut pending = answers.answers.lock().unwrap_or_else(|e| e.into_inner());
-                        pending.pages.insert(gpa, data);
-                        answers.arrived.notify_all();
+                        // Only answers to requests made, of the size asked, are kept.
+                        if pending.asked.get(&gpa).map(|&n| u64::from(n) * PAGE_SIZE)
+                            == Some(data.len() as u64)
+                        {
+                            pending.asked.remove(&gpa);
+                            pending.pages.insert(gpa, data);
+                            answers.arrived.notify_all();
+                        } else {
+                            tracing::warn!("post-copy: an answer nobody asked for, at {gpa:#x}");
+                        }
                     }
                     Ok(other) => {
                         answers.fail(format!("unexpected {} among page answers", other.name()));
@@ -418,8 +478,9 @@ pub(super) fn accept_requests(
     Ok(source)
 }
 
-/// Takes the page stream from the first connection into `pager` until the source's done, then
-/// (once no fetch waits for an answer) confirms it. Returns (pages, zero pages) taken.
+/// Takes the page stream from the first connection into `pager` until the source's done,
+/// waits until every page of RAM is in, then confirms it. Any failure is told to the source.
+/// Returns (pages, zero pages) taken.
 pub(super) fn take_stream(
     mut reader: BufReader<Channel>,
     mut writer: BufWriter<Channel>,
@@ -427,16 +488,32 @@ pub(super) fn take_stream(
     pager: pager::PagerHandle,
     source: Arc<NetworkSource>,
 ) -> anyhow::Result<(u64, u64)> {
+    let taken = take_all(&mut reader, ram, &pager, &source);
+    let message = match &taken {
+        Ok(_) => Message::Done,
+        Err(e) => Message::Abort(format!("{e:#}")),
+    };
+    write_message(&mut writer, &message)?;
+    writer.flush()?;
+    taken
+}
+
+fn take_all(
+    reader: &mut BufReader<Channel>,
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    source: &NetworkSource,
+) -> anyhow::Result<(u64, u64)> {
     let layout = layout_of(ram);
     let zeros = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
     let (mut normal, mut zero) = (0u64, 0u64);
     loop {
-        let message = read_message(&mut reader).context("the page stream failed")?;
+        let message = read_message(reader).context("the page stream failed")?;
         message.check(&layout)?;
         match message {
             Message::Pages { gpa, data } => {
                 normal += data.len() as u64 / PAGE_SIZE;
-                install(ram, &pager, gpa, &data)?;
+                install(ram, pager, gpa, &data)?;
             }
             Message::ZeroPages { gpa, count } => {
                 zero += count;
@@ -444,7 +521,7 @@ pub(super) fn take_stream(
                 let mut left = count;
                 while left > 0 {
                     let n = left.min(RUN_PAGES);
-                    install(ram, &pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
+                    install(ram, pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
                     at += n * PAGE_SIZE;
                     left -= n;
                 }
@@ -454,13 +531,32 @@ pub(super) fn take_stream(
             other => bail!("unexpected {} in the page stream", other.name()),
         }
     }
-    // Every page is in, or on its way to a fault that asked for it.
-    while source.outstanding() > 0 {
-        std::thread::sleep(Duration::from_millis(1));
+    // Every page is in, or on its way to a fault that asked for it: wait for those, so that
+    // the source may go.
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    loop {
+        if let Some(fatal) = pager.fatal_error() {
+            bail!("guest memory could not be provided: {fatal}");
+        }
+        let missing = ram
+            .regions()
+            .iter()
+            .enumerate()
+            .find_map(|(index, region)| {
+                (0..(region.size() / PAGE_SIZE) as usize)
+                    .find(|&page| !pager.is_present(index, page))
+                    .map(|page| region.gpa() + page as u64 * PAGE_SIZE)
+            });
+        match missing {
+            None if source.outstanding() == 0 => return Ok((normal, zero)),
+            _ if Instant::now() >= deadline => bail!(
+                "guest RAM at {:#x} was still missing {} s after the stream ended",
+                missing.unwrap_or(0),
+                ACCEPT_TIMEOUT.as_secs()
+            ),
+            _ => std::thread::sleep(Duration::from_millis(1)),
+        }
     }
-    write_message(&mut writer, &Message::Done)?;
-    writer.flush()?;
-    Ok((normal, zero))
 }
 
 /// Installs `data` at `gpa` through the pager (pages already there are left alone).

@@ -235,6 +235,8 @@ fn post_copy(
     zeroed: &[bool],
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
+    // The page-request connection first: the source pauses the VM only once it is open.
+    let source = accept_requests(listener, tls, ours)?;
     let state = match read_message(reader).context("no state after the switch-over")? {
         Message::State(bytes) => {
             let decoded: SnapshotState = serde_json::from_slice(&bytes)
@@ -263,7 +265,6 @@ fn post_copy(
     for (gpa, count) in runs(&ram, &to_come) {
         zero(&ram, gpa, count)?;
     }
-    let source = accept_requests(listener, tls, ours)?;
     let link = PagerLink::default();
     let config = VmConfig {
         on_vcpu_thread: Some(link.vcpu_hook()),

@@ -17,6 +17,9 @@ use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 use super::channel::Channel;
 use super::{gpa_of_page, identity};
 
+/// How long the destination may take to answer a hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Pages read and sent as one message at most.
 pub(super) const RUN_PAGES: u64 = 256;
 
@@ -257,7 +260,6 @@ fn copy_rounds<W: Write>(
     options: &SendOptions,
     taken: &mut DirtyPages,
 ) -> anyhow::Result<Rounds> {
-    // Switching the log on marks every page dirty: the first take is the full pass.
     handle.memory().set_dirty_logging(true)?;
     let hybrid = options.mode == Mode::Hybrid;
     let began = Instant::now();
@@ -265,14 +267,17 @@ fn copy_rounds<W: Write>(
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
     let mut previous = u64::MAX;
-    let mut pending = take(handle, taken)?;
+    // The first pass is every page, whatever the log held (it may have been on before, for
+    // diff snapshots); the take starts the log's next interval.
+    let mut pending = DirtyPages::all(handle.ram().size() / PAGE_SIZE);
+    pending.merge(&take(handle, taken)?);
     let ended_by = loop {
         let round_began = Instant::now();
         let bytes_before = sent.bytes;
         send_pages(writer, handle, &pending, &mut sent)?;
         writer.flush()?;
-        let bandwidth =
-            (sent.bytes - bytes_before) as f64 / round_began.elapsed().as_secs_f64().max(1e-6);
+        let bandwidth = (sent.bytes - bytes_before).max(1) as f64
+            / round_began.elapsed().as_secs_f64().max(1e-6);
         previous = previous.min(pending.count());
         pending = take(handle, taken)?;
         dirtied += pending.count();
@@ -358,7 +363,11 @@ pub(super) fn connect(
     let ours = identity(handle.ram(), handle.vcpu_count())?;
     write_message(&mut writer, &Message::Hello(ours.clone()))?;
     writer.flush()?;
-    match read_message(&mut reader).context("the destination did not answer the hello")? {
+    // A destination that does not answer must not hold the VM (or the API) forever.
+    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let answer = read_message(&mut reader);
+    reader.get_ref().set_read_timeout(None)?;
+    match answer.context("the destination did not answer the hello")? {
         Message::Hello(theirs) => ours
             .check_matches(&theirs)
             .context("the destination cannot take this VM")?,
