@@ -334,7 +334,8 @@ fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     let tmp = TempDir::new("migrate-post-cut");
     let sock = tmp.join("src.sock");
     let source = spawn_source(&sock, 1);
-    // Takes the page-request connection and the state, then goes away.
+    // Takes the page-request connection and the state, then goes away without a word: it may
+    // be running the VM, so the source must not.
     let (addr, fake) = fake_peer_with_listener(|stream, listener| {
         let (mut reader, _writer) = greeted(stream);
         assert_eq!(
@@ -352,7 +353,7 @@ fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
-        err.contains("post-copy failed") && err.contains("the VM stays paused here"),
+        err.contains("did not say whether it runs the VM") && err.contains("stays paused here"),
         "{err}"
     );
     // It may run at the destination now: it must not run here too.
@@ -684,4 +685,36 @@ fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
     );
     let _ = destination.child.kill();
     let _ = destination.child.wait();
+}
+
+#[test]
+fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // Takes everything up to the state and the stale list, then says it cannot build the VM:
+    // nothing runs it there, so the source must run it on.
+    let (addr, fake) = fake_peer_with_listener(|stream, listener| {
+        let (mut reader, mut writer) = greeted(stream);
+        assert_eq!(
+            read_message(&mut reader).unwrap(),
+            Message::SwitchOver { post_copy: true }
+        );
+        let _requests = greeted(listener.accept().unwrap().0);
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::State(_)
+        ));
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::Stale { .. }
+        ));
+        write_message(&mut writer, &Message::Abort("no memory for the VM".into())).unwrap();
+    });
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-post-unbuilt",
+        &addr,
+        &["--mode", "post"],
+        "the destination could not take the VM: no memory for the VM",
+    );
+    fake.join().unwrap();
 }

@@ -117,13 +117,16 @@ pub enum Message {
     /// Post-copy after pre-copy rounds: the pages (one bit each) sent before that changed
     /// since, and will come again; the others the destination has.
     Stale { pages: u64, bitmap: Vec<u64> },
+    /// Post-copy: the destination has built the VM and runs it; the source must never run it
+    /// again.
+    Built,
     /// Everything was sent (source) or received (destination).
     Done,
     /// The sender gives up, and says why.
     Abort(String),
 }
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 12] = [
     "hello",
     "pages",
     "zero-pages",
@@ -135,6 +138,7 @@ const KINDS: [&str; 11] = [
     "done",
     "abort",
     "stale",
+    "built",
 ];
 
 impl Message {
@@ -152,6 +156,7 @@ impl Message {
             Message::Done => 8,
             Message::Abort(_) => 9,
             Message::Stale { .. } => 10,
+            Message::Built => 11,
         }
     }
 
@@ -231,7 +236,7 @@ impl Message {
             }
             Message::State(state) => out.extend_from_slice(state),
             Message::SwitchOver { post_copy } => out.push(u8::from(*post_copy)),
-            Message::Done => {}
+            Message::Done | Message::Built => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
@@ -331,11 +336,12 @@ impl Message {
                 }
             }
             9 => Message::Done,
+            12 => Message::Built,
             10 => Message::Abort(
                 String::from_utf8(p.rest().to_vec())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
             ),
-            _ => unreachable!("kind_name knows kinds 1 to 11"),
+            _ => unreachable!("kind_name knows kinds 1 to 12"),
         };
         if !p.bytes.is_empty() {
             return Err(malformed(format!("{} bytes left over", p.bytes.len())));

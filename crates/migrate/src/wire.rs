@@ -192,6 +192,7 @@ mod tests {
                 pages: 70,
                 bitmap: vec![1, 1 << 5],
             },
+            Message::Built,
         ]
     }
 

@@ -129,8 +129,26 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         },
     )?;
     writer.flush()?;
-    // The destination may run the VM from now on: it must never run here again.
-    *paused_here = false;
+    // Once the destination has built the VM it runs it there, and it must never run here
+    // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
+    // leaves the VM paused here.
+    match read_message(&mut reader) {
+        Ok(Message::Built) => *paused_here = false,
+        Ok(Message::Abort(reason)) => bail!("the destination could not take the VM: {reason}"),
+        Ok(other) => {
+            *paused_here = false;
+            bail!(
+                "the destination answered the state with {}; the VM stays paused here",
+                other.name()
+            )
+        }
+        Err(e) => {
+            *paused_here = false;
+            return Err(e).context(
+                "the destination did not say whether it runs the VM; it stays paused here",
+            );
+        }
+    }
     let downtime = paused_at.elapsed();
 
     let shared = Arc::new(Streaming {

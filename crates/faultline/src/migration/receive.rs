@@ -315,6 +315,9 @@ fn post_copy(
             left -= n;
         }
     }
+    // The VM is built: from now on it runs here, never at the source.
+    write_message(writer, &Message::Built)?;
+    writer.flush()?;
     let stream = {
         let reader = BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?);
         let writer = BufWriter::new(writer.get_ref().try_clone()?);
