@@ -127,6 +127,30 @@ fn greeted(stream: std::net::TcpStream) -> (BufReader<std::net::TcpStream>, std:
     (reader, writer)
 }
 
+/// Plays a post-copy destination up to the state: the hello, the switch-over, the page-request
+/// connection, the state. The main connection's halves, and the page-request connection.
+fn post_copy_state(
+    stream: std::net::TcpStream,
+    listener: &TcpListener,
+) -> (
+    BufReader<std::net::TcpStream>,
+    std::net::TcpStream,
+    (BufReader<std::net::TcpStream>, std::net::TcpStream),
+) {
+    use migrate::{read_message, Message};
+    let (mut reader, writer) = greeted(stream);
+    assert_eq!(
+        read_message(&mut reader).unwrap(),
+        Message::SwitchOver { post_copy: true }
+    );
+    let requests = greeted(listener.accept().unwrap().0);
+    assert!(matches!(
+        read_message(&mut reader).unwrap(),
+        Message::State(_)
+    ));
+    (reader, writer, requests)
+}
+
 /// A `migrate receive` on a free loopback port, and that port.
 fn spawn_destination() -> (Child, String) {
     let destination = Destination::spawn(&["--json"]);
@@ -330,23 +354,13 @@ fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
 #[test]
 fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     require_kvm!();
-    use migrate::{read_message, Message};
     let tmp = TempDir::new("migrate-post-cut");
     let sock = tmp.join("src.sock");
     let source = spawn_source(&sock, 1);
     // Takes the page-request connection and the state, then goes away without a word: it may
     // be running the VM, so the source must not.
     let (addr, fake) = fake_peer_with_listener(|stream, listener| {
-        let (mut reader, _writer) = greeted(stream);
-        assert_eq!(
-            read_message(&mut reader).unwrap(),
-            Message::SwitchOver { post_copy: true }
-        );
-        let _requests = greeted(listener.accept().unwrap().0);
-        assert!(matches!(
-            read_message(&mut reader).unwrap(),
-            Message::State(_)
-        ));
+        let _connections = post_copy_state(stream, listener);
     });
     let out = migrate_send_mode(&sock, &addr, "post");
     fake.join().unwrap();
@@ -557,27 +571,39 @@ fn make_pki(dir: &Path, ca: &str, sides: &[&str]) {
     };
     let ca_key = format!("{ca}.key");
     let ca_pem = format!("{ca}.pem");
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_pem,
-        "-days",
-        "2",
-        "-subj",
-        &format!("/CN={ca}"),
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    // A new P-256 key into `key`, unencrypted.
+    let new_key = |key: &str| -> Vec<String> {
+        [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let ca_subject = format!("/CN={ca}");
+    let mut args = vec!["req".to_string(), "-x509".into()];
+    args.extend(new_key(&ca_key));
+    args.extend(
+        [
+            "-out",
+            &ca_pem,
+            "-days",
+            "2",
+            "-subj",
+            &ca_subject,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
+        .map(String::from),
+    );
+    openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let ext = dir.join("leaf.ext");
     std::fs::write(
         &ext,
@@ -589,20 +615,11 @@ fn make_pki(dir: &Path, ca: &str, sides: &[&str]) {
         std::fs::create_dir_all(dir.join(side)).unwrap();
         let key = format!("{side}/key.pem");
         let csr = format!("{side}.csr");
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={side}"),
-        ]);
+        let subject = format!("/CN={side}");
+        let mut args = vec!["req".to_string()];
+        args.extend(new_key(&key));
+        args.extend(["-out", &csr, "-subj", &subject].map(String::from));
+        openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
         openssl(&[
             "x509",
             "-req",
@@ -694,16 +711,7 @@ fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() 
     // Takes everything up to the state and the stale list, then says it cannot build the VM:
     // nothing runs it there, so the source must run it on.
     let (addr, fake) = fake_peer_with_listener(|stream, listener| {
-        let (mut reader, mut writer) = greeted(stream);
-        assert_eq!(
-            read_message(&mut reader).unwrap(),
-            Message::SwitchOver { post_copy: true }
-        );
-        let _requests = greeted(listener.accept().unwrap().0);
-        assert!(matches!(
-            read_message(&mut reader).unwrap(),
-            Message::State(_)
-        ));
+        let (mut reader, mut writer, _requests) = post_copy_state(stream, listener);
         assert!(matches!(
             read_message(&mut reader).unwrap(),
             Message::Stale { .. }
