@@ -137,16 +137,11 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
         Ok(Message::Abort(reason)) => bail!("the destination could not take the VM: {reason}"),
         Ok(other) => {
             *paused_here = false;
-            bail!(
-                "the destination answered the state with {}; the VM stays paused here",
-                other.name()
-            )
+            bail!("the destination answered the state with {}", other.name())
         }
         Err(e) => {
             *paused_here = false;
-            return Err(e).context(
-                "the destination did not say whether it runs the VM; it stays paused here",
-            );
+            return Err(e).context("the destination did not say whether it runs the VM");
         }
     }
     let downtime = paused_at.elapsed();
@@ -188,8 +183,8 @@ pub(super) fn send(switch: Switch<'_>) -> anyhow::Result<SendReport> {
     let served = server
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
-    let streamed = finished.context("post-copy failed; the VM stays paused here")?;
-    served.context("post-copy page requests failed; the VM stays paused here")?;
+    let streamed = finished.context("post-copy failed")?;
+    served.context("post-copy page requests failed")?;
     let sent = Sent {
         bytes: before.bytes + streamed.bytes,
         normal: before.normal + streamed.normal,

@@ -24,6 +24,9 @@ use super::post_copy::{accept_requests, take_stream, NetworkSource};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{ram_for_state, vm_from_state};
 
+/// How long a connected source may take to say hello.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the destination received.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReceiveReport {
@@ -126,7 +129,16 @@ fn take(
     started: Instant,
     peer: String,
 ) -> anyhow::Result<Arrived> {
-    let theirs = match read_message(reader).context("no hello from the source")? {
+    // A peer that connects and says nothing must not hold the destination forever.
+    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let hello = read_message(reader);
+    reader.get_ref().set_read_timeout(None)?;
+    let theirs = match hello.with_context(|| {
+        format!(
+            "no hello from the source within {} s",
+            HELLO_TIMEOUT.as_secs()
+        )
+    })? {
         Message::Hello(identity) => identity,
         other => bail!("the source began with {}, not a hello", other.name()),
     };

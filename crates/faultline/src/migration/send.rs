@@ -367,7 +367,12 @@ pub(super) fn connect(
     reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
     let answer = read_message(&mut reader);
     reader.get_ref().set_read_timeout(None)?;
-    match answer.context("the destination did not answer the hello")? {
+    match answer.with_context(|| {
+        format!(
+            "the destination did not answer the hello within {} s",
+            HELLO_TIMEOUT.as_secs()
+        )
+    })? {
         Message::Hello(theirs) => ours
             .check_matches(&theirs)
             .context("the destination cannot take this VM")?,
