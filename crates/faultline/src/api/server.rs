@@ -163,6 +163,16 @@ fn track_error_status(error: &TrackError) -> u16 {
     }
 }
 
+/// The JSON body of `request`, or a 400 saying what is wrong with it and the `shape` expected.
+fn json_body<T: serde::de::DeserializeOwned>(
+    request: &Request,
+    shape: &str,
+) -> Result<T, Response> {
+    request
+        .json::<T>()
+        .map_err(|e| Response::error(400, format!("{}: expected {shape}", chain(&e))))
+}
+
 /// How the dirty log is kept, as the API names it.
 fn dirty_log_name(mode: vmm::DirtyMode) -> serde_json::Value {
     match mode {
@@ -283,21 +293,17 @@ impl Controller {
 
     /// `PUT /track` (`add`) or `DELETE /track`.
     fn track(&self, request: &Request, add: bool) -> Response {
-        let body = match request.json::<TrackRequest>() {
+        let body = match json_body::<TrackRequest>(
+            request,
+            r#"{"gpa": N, "len": N, "mode": "write"|"access"}"#,
+        ) {
             Ok(body) => body,
-            Err(e) => {
-                return Response::error(
-                    400,
-                    format!(
-                        "{}: expected {{\"gpa\": N, \"len\": N, \"mode\": \"write\"|\"access\"}}",
-                        chain(&e)
-                    ),
-                )
-            }
+            Err(refusal) => return refusal,
         };
-        let Some(_operation) = self.begin_operation() else {
-            return busy();
-        };
+        self.exclusively(|| self.track_change(&body, add))
+    }
+
+    fn track_change(&self, body: &TrackRequest, add: bool) -> Response {
         let memory = self.handle.memory();
         let result = if add {
             memory.track(body.gpa, body.len, body.mode)
@@ -328,6 +334,14 @@ impl Controller {
     /// Makes `dir` the parent of the next diff snapshot (a VM restored from it).
     pub fn set_last_snapshot(&self, dir: Option<PathBuf>) {
         *lock(&self.last_snapshot) = dir;
+    }
+
+    /// Runs `operation`, which changes the VM, unless another one runs (409).
+    fn exclusively(&self, operation: impl FnOnce() -> Response) -> Response {
+        match self.begin_operation() {
+            Some(_running) => operation(),
+            None => busy(),
+        }
     }
 
     /// Starts an operation that changes the VM, or `None` while another one runs.
@@ -440,24 +454,14 @@ impl Controller {
         match (request.method.as_str(), path) {
             ("GET", "/vm") => Response::ok(self.info()),
             ("GET", "/vm/stats") => Response::ok(self.stats()),
-            ("PUT", "/vm/pause") => {
-                let Some(_operation) = self.begin_operation() else {
-                    return busy();
-                };
-                match self.handle.pause() {
-                    Ok(_) => Response::no_content(),
-                    Err(e) => vm_error(e),
-                }
-            }
-            ("PUT", "/vm/resume") => {
-                let Some(_operation) = self.begin_operation() else {
-                    return busy();
-                };
-                match self.handle.resume() {
-                    Ok(()) => Response::no_content(),
-                    Err(e) => vm_error(e),
-                }
-            }
+            ("PUT", "/vm/pause") => self.exclusively(|| match self.handle.pause() {
+                Ok(_) => Response::no_content(),
+                Err(e) => vm_error(e),
+            }),
+            ("PUT", "/vm/resume") => self.exclusively(|| match self.handle.resume() {
+                Ok(()) => Response::no_content(),
+                Err(e) => vm_error(e),
+            }),
             // Never waits: it only sets a flag and asks the vCPUs to stop.
             ("PUT", "/vm/shutdown") => {
                 self.shutdown.store(true, Ordering::Release);
@@ -466,42 +470,29 @@ impl Controller {
                     .request_stop(vmm::control::StopReason::Requested);
                 Response::no_content()
             }
-            ("PUT", "/vm/hold") => match request.json::<HoldRequest>() {
-                Ok(body) => {
-                    self.handle.control().set_hold_at(body.at);
-                    Response::no_content()
+            ("PUT", "/vm/hold") => {
+                match json_body::<HoldRequest>(request, r#"{"at": N or null}"#) {
+                    Ok(body) => {
+                        self.handle.control().set_hold_at(body.at);
+                        Response::no_content()
+                    }
+                    Err(refusal) => refusal,
                 }
-                Err(e) => Response::error(
-                    400,
-                    format!("{}: expected {{\"at\": N or null}}", chain(&e)),
-                ),
-            },
-            ("PUT", "/snapshot/create") => match request.json::<SnapshotRequest>() {
-                Ok(body) => match self.begin_operation() {
-                    Some(_operation) => self.snapshot(&body),
-                    None => busy(),
-                },
-                Err(e) => Response::error(
-                    400,
-                    format!(
-                        "{}: expected {{\"dir\": PATH, \"type\": \"full\"|\"diff\"}}",
-                        chain(&e)
-                    ),
-                ),
-            },
-            ("PUT", "/migration/send") => match request.json::<MigrateRequest>() {
-                Ok(body) => match self.begin_operation() {
-                    Some(_operation) => self.migrate(&body),
-                    None => busy(),
-                },
-                Err(e) => Response::error(
-                    400,
-                    format!(
-                        "{}: expected {{\"to\": \"HOST:PORT\", \"mode\": \"pre\"|\"post\", \"downtime_ms\": N, \"max_rounds\": N}}",
-                        chain(&e)
-                    ),
-                ),
-            },
+            }
+            ("PUT", "/snapshot/create") => {
+                let shape = r#"{"dir": PATH, "type": "full"|"diff"}"#;
+                match json_body::<SnapshotRequest>(request, shape) {
+                    Ok(body) => self.exclusively(|| self.snapshot(&body)),
+                    Err(refusal) => refusal,
+                }
+            }
+            ("PUT", "/migration/send") => {
+                let shape = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR}"#;
+                match json_body::<MigrateRequest>(request, shape) {
+                    Ok(body) => self.exclusively(|| self.migrate(&body)),
+                    Err(refusal) => refusal,
+                }
+            }
             ("GET", "/migration") => Response::ok(lock(&self.migration).clone()),
             // Never waits: it only tells the migration in progress.
             ("PUT", "/migration/switchover") => {
