@@ -90,6 +90,11 @@ impl DirtyPages {
             pages,
         }
     }
+    /// The set a bitmap of `words` describes (bit `p % 64` of word `p / 64` is page `p`), or
+    /// `None` if it has not exactly the words `pages` pages need.
+    pub fn from_words(pages: u64, words: Vec<u64>) -> Option<Self> {
+        (words.len() as u64 == pages.div_ceil(64)).then_some(DirtyPages { words, pages })
+    }
     /// Every page of `pages` dirty.
     pub fn all(pages: u64) -> Self {
         let mut all = DirtyPages::new(pages);

@@ -518,7 +518,6 @@ fn take_all(
     source: &NetworkSource,
 ) -> anyhow::Result<(u64, u64)> {
     let layout = layout_of(ram);
-    let zeros = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
     let (mut normal, mut zero) = (0u64, 0u64);
     loop {
         let message = read_message(reader).context("the page stream failed")?;
@@ -530,14 +529,7 @@ fn take_all(
             }
             Message::ZeroPages { gpa, count } => {
                 zero += count;
-                let mut at = gpa;
-                let mut left = count;
-                while left > 0 {
-                    let n = left.min(RUN_PAGES);
-                    install(ram, pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
-                    at += n * PAGE_SIZE;
-                    left -= n;
-                }
+                install_zeros(ram, pager, gpa, count)?;
             }
             Message::Done => break,
             Message::Abort(reason) => bail!("the source gave up: {reason}"),
@@ -547,29 +539,66 @@ fn take_all(
     // Every page is in, or on its way to a fault that asked for it: wait for those, so that
     // the source may go.
     let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    // A page once present stays so: each look starts where the last one stopped.
+    let mut from = (0, 0);
     loop {
         if let Some(fatal) = pager.fatal_error() {
             bail!("guest memory could not be provided: {fatal}");
         }
-        let missing = ram
-            .regions()
-            .iter()
-            .enumerate()
-            .find_map(|(index, region)| {
-                (0..(region.size() / PAGE_SIZE) as usize)
-                    .find(|&page| !pager.is_present(index, page))
-                    .map(|page| region.gpa() + page as u64 * PAGE_SIZE)
-            });
+        let missing = first_missing(ram, pager, from);
         match missing {
             None if source.outstanding() == 0 => return Ok((normal, zero)),
-            _ if Instant::now() >= deadline => bail!(
-                "guest RAM at {:#x} was still missing {} s after the stream ended",
-                missing.unwrap_or(0),
-                ACCEPT_TIMEOUT.as_secs()
-            ),
-            _ => std::thread::sleep(Duration::from_millis(1)),
+            None => {}
+            Some(at) => from = at,
         }
+        if Instant::now() >= deadline {
+            let (index, page) = missing.unwrap_or(from);
+            bail!(
+                "guest RAM at {:#x} was still missing {} s after the stream ended",
+                ram.regions()[index].gpa() + page as u64 * PAGE_SIZE,
+                ACCEPT_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The first page, `(region, page)` from `from` on, that the pager does not have yet.
+fn first_missing(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    from: (usize, usize),
+) -> Option<(usize, usize)> {
+    ram.regions()
+        .iter()
+        .enumerate()
+        .skip(from.0)
+        .find_map(|(index, region)| {
+            let start = if index == from.0 { from.1 } else { 0 };
+            (start..(region.size() / PAGE_SIZE) as usize)
+                .find(|&page| !pager.is_present(index, page))
+                .map(|page| (index, page))
+        })
+}
+
+/// Installs `count` zero pages from `gpa` through the pager (pages already there are left
+/// alone).
+pub(super) fn install_zeros(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    gpa: u64,
+    count: u64,
+) -> anyhow::Result<()> {
+    let zeros = vec![0u8; (RUN_PAGES.min(count) * PAGE_SIZE) as usize];
+    let mut at = gpa;
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(RUN_PAGES);
+        install(ram, pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
+        at += n * PAGE_SIZE;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// Installs `data` at `gpa` through the pager (pages already there are left alone).

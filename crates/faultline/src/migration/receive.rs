@@ -12,7 +12,7 @@ use migrate::{read_message, write_message, Message};
 use serde::Serialize;
 use snapshot::state::SnapshotState;
 use vm_memory::{Bytes, GuestAddress};
-use vmm::{GuestRam, Vm, VmConfig, PAGE_SIZE};
+use vmm::{DirtyPages, GuestRam, Vm, VmConfig, PAGE_SIZE};
 
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, Channel, Tls};
 use super::identity;
-use super::post_copy::{accept_requests, take_stream, NetworkSource};
+use super::post_copy::{accept_requests, install_zeros, take_stream, NetworkSource};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{ram_for_state, vm_from_state};
 
@@ -264,9 +264,7 @@ fn post_copy(
             let Message::Stale { pages, bitmap } = message else {
                 unreachable!("matched above")
             };
-            (0..pages)
-                .map(|p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
-                .collect::<Vec<bool>>()
+            DirtyPages::from_words(pages, bitmap).context("a stale list of the wrong size")?
         }
         other => bail!(
             "the source sent {} where the stale pages belong",
@@ -274,7 +272,7 @@ fn post_copy(
         ),
     };
     // Pages to come must be missing, so that a touch asks for them.
-    for (gpa, count) in runs(&ram, &to_come) {
+    for (gpa, count) in runs(&ram, |page| to_come.contains(page)) {
         zero(&ram, gpa, count)?;
     }
     let link = PagerLink::default();
@@ -300,32 +298,9 @@ fn post_copy(
     )?;
     // Zero pages the rounds sent and that stay zero are holes too: put them in as zero now,
     // so that nothing is left to ask the source for once it is gone.
-    let known_zero: Vec<bool> = zeroed
-        .iter()
-        .zip(&to_come)
-        .map(|(&zero, &coming)| zero && !coming)
-        .collect();
-    let zeros = vec![0u8; (256 * PAGE_SIZE) as usize];
-    for (gpa, count) in runs(vm.ram(), &known_zero) {
-        let mut at = gpa;
-        let mut left = count;
-        while left > 0 {
-            let n = left.min(256);
-            let (index, region) = vm
-                .ram()
-                .regions()
-                .iter()
-                .enumerate()
-                .find(|(_, r)| r.contains(at, n * PAGE_SIZE))
-                .context("zero pages outside RAM")?;
-            pager.handle().install_pages(
-                index,
-                ((at - region.gpa()) / PAGE_SIZE) as usize,
-                &zeros[..(n * PAGE_SIZE) as usize],
-            )?;
-            at += n * PAGE_SIZE;
-            left -= n;
-        }
+    let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
+    for (gpa, count) in runs(vm.ram(), known_zero) {
+        install_zeros(vm.ram(), &pager.handle(), gpa, count)?;
     }
     // The VM is built: from now on it runs here, never at the source.
     write_message(writer, &Message::Built)?;
@@ -350,15 +325,15 @@ fn post_copy(
     })
 }
 
-/// The runs `(gpa, pages)` of pages set in `pages` (by index, regions back to back), each
+/// The runs `(gpa, pages)` of the pages (by index, regions back to back) `chosen` picks, each
 /// within one region.
-fn runs(ram: &GuestRam, pages: &[bool]) -> Vec<(u64, u64)> {
+fn runs(ram: &GuestRam, chosen: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut first = 0u64;
     for region in ram.regions() {
         let count = region.size() / PAGE_SIZE;
         for page in 0..count {
-            if pages.get((first + page) as usize) == Some(&true) {
+            if chosen(first + page) {
                 let gpa = region.gpa() + page * PAGE_SIZE;
                 match out.last_mut() {
                     Some((start, n)) if *start + *n * PAGE_SIZE == gpa && page > 0 => *n += 1,
