@@ -193,6 +193,20 @@ impl GuestRam {
         None
     }
 
+    /// Guest-physical address of page `index` in the memory-image layout (the inverse of
+    /// [`page_index`](Self::page_index)), if RAM has that many pages.
+    pub fn gpa_of_page(&self, index: u64) -> Option<u64> {
+        let mut first = 0;
+        for region in &self.regions {
+            let pages = region.size / PAGE_SIZE;
+            if index < first + pages {
+                return Some(region.gpa + (index - first) * PAGE_SIZE);
+            }
+            first += pages;
+        }
+        None
+    }
+
     /// Reads the little-endian u64 at `gpa`, with a system call: `None` if it is not RAM, or
     /// if its page cannot be read (poisoned: its contents could not be provided). A page still
     /// behind a userfaultfd is faulted in as for any access.
@@ -300,6 +314,15 @@ mod tests {
             GuestRam::new((8 << 20) + 1),
             Err(MemoryError::InvalidSize(_))
         ));
+    }
+
+    #[test]
+    fn page_indices_and_addresses_are_inverses() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        assert_eq!(ram.page_index(0x3abc), Some(3));
+        assert_eq!(ram.gpa_of_page(3), Some(0x3000));
+        assert_eq!(ram.gpa_of_page((8 << 20) / PAGE_SIZE), None);
+        assert_eq!(ram.page_index(8 << 20), None);
     }
 
     #[test]

@@ -30,16 +30,3 @@ pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
 pub fn layout_of(ram: &GuestRam) -> Layout {
     Layout::new(ram.regions().iter().map(|r| (r.gpa(), r.size())).collect())
 }
-
-/// Guest-physical address of page `index` of RAM laid out back to back.
-pub(crate) fn gpa_of_page(ram: &GuestRam, index: u64) -> Option<u64> {
-    let mut first = 0;
-    for region in ram.regions() {
-        let pages = region.size() / vmm::PAGE_SIZE;
-        if index < first + pages {
-            return Some(region.gpa() + (index - first) * vmm::PAGE_SIZE);
-        }
-        first += pages;
-    }
-    None
-}

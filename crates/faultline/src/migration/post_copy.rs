@@ -24,8 +24,8 @@ use snapshot::state::GuestInfo;
 use vmm::{DirtyPages, GuestRam, VmHandle, PAGE_SIZE};
 
 use super::channel::{Channel, Tls};
+use super::layout_of;
 use super::send::{read_and_send, SendOptions, SendReport, Sent, RUN_PAGES};
-use super::{gpa_of_page, layout_of};
 
 /// How long a fault waits for the source to answer before its page counts as unavailable.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -239,12 +239,12 @@ fn stream_pages<W: Write>(
             else {
                 break;
             };
-            let gpa = gpa_of_page(ram, first).context("a page past RAM")?;
+            let gpa = ram.gpa_of_page(first).context("a page past RAM")?;
             let mut count = 1;
             while count < RUN_PAGES
                 && first + count < total
                 && !done[(first + count) as usize]
-                && gpa_of_page(ram, first + count) == Some(gpa + count * PAGE_SIZE)
+                && ram.gpa_of_page(first + count) == Some(gpa + count * PAGE_SIZE)
             {
                 count += 1;
             }

@@ -15,7 +15,7 @@ use vmm::control::PauseError;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::Channel;
-use super::{gpa_of_page, identity};
+use super::identity;
 
 /// How long the destination may take to answer a hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -401,7 +401,7 @@ pub(super) fn send_pages<W: Write>(
     let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
     let mut run: Option<(u64, u64)> = None; // (first gpa, pages)
     for index in pages.iter() {
-        let gpa = gpa_of_page(ram, index).context("a dirty page past RAM")?;
+        let gpa = ram.gpa_of_page(index).context("a dirty page past RAM")?;
         run = match run {
             Some((first, count)) if first + count * PAGE_SIZE == gpa && count < RUN_PAGES => {
                 Some((first, count + 1))
