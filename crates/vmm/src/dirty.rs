@@ -119,16 +119,22 @@ impl DirtyPages {
     }
     /// The dirty pages, lowest first.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(w, &word)| {
-            let mut bits = word;
-            std::iter::from_fn(move || {
-                (bits != 0).then(|| {
-                    let bit = u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    w as u64 * 64 + bit
+        let pages = self.pages;
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(move |(w, &word)| {
+                let mut bits = word;
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let bit = u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        w as u64 * 64 + bit
+                    })
                 })
             })
-        })
+            // Bits past the last page (a bitmap from KVM rounds up to whole words) are not pages.
+            .filter(move |&page| page < pages)
     }
     /// Marks page `page` dirty (pages beyond RAM are ignored).
     pub fn mark(&mut self, page: u64) {
@@ -508,32 +514,29 @@ fn read_slot_bitmap(
     let Some(info) = memslots.slot(slot) else {
         return Ok(());
     };
-    let mut bitmap = vm
+    let bitmap = vm
         .get_dirty_log(slot, info.size as usize)
         .map_err(|e| DirtyError::Kvm("KVM_GET_DIRTY_LOG", e.into()))?;
     let first = memslots.page_index(info.gpa);
     let slot_pages = info.size / PAGE_SIZE;
-    let mut any = false;
-    for (w, &word) in bitmap.iter().enumerate() {
-        let mut bits = word;
-        any |= bits != 0;
-        while bits != 0 {
-            let bit = u64::from(bits.trailing_zeros());
-            bits &= bits - 1;
-            let page = w as u64 * 64 + bit;
-            if page < slot_pages {
-                out.mark(first + page);
-            }
-        }
+    let dirty = DirtyPages::from_words(slot_pages, bitmap).ok_or_else(|| {
+        DirtyError::Kvm(
+            "KVM_GET_DIRTY_LOG",
+            std::io::Error::other("a bitmap of the wrong size"),
+        )
+    })?;
+    for page in dirty.iter() {
+        out.mark(first + page);
     }
-    if clear && any {
+    if clear && dirty.count() > 0 {
         let mut request = kvm_clear_dirty_log {
             slot,
             num_pages: slot_pages as u32,
             first_page: 0,
             ..Default::default()
         };
-        request.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+        // KVM only reads the bitmap.
+        request.__bindgen_anon_1.dirty_bitmap = dirty.words().as_ptr().cast_mut().cast();
         // SAFETY: the bitmap holds a bit for each of the slot's `num_pages` pages and outlives
         // the call; KVM only reads it.
         let cleared =
