@@ -149,14 +149,11 @@ impl MemoryMap {
         let (layout, doomed) = {
             let slots = self.slots();
             let layout = slots.layout(after.backings());
+            // Refused before any vCPU is paused for it.
+            slots.check_fits(&layout)?;
             let doomed = slots.doomed(&layout);
             (layout, doomed)
         };
-        let needed = Memslots::slots_needed(&layout);
-        let max = self.slots().max();
-        if needed > max {
-            return Err(MemslotError::TooMany { needed, max }.into());
-        }
         // Running vCPUs wait out a change that deletes slots: between a slot's deletion and
         // its replacement, an instruction fetch or a page-table walk there would find no
         // memslot (only data accesses exit to user space), and with dirty logging on, a write

@@ -107,11 +107,6 @@ impl Memslots {
         }
     }
 
-    /// The most memslots KVM allows.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// Lowers the most memslots used (tests: the host allows thousands).
     #[cfg(test)]
     pub fn set_max(&mut self, max: usize) {
@@ -194,6 +189,18 @@ impl Memslots {
         out
     }
 
+    /// Refuses a layout that needs more memslots than KVM allows.
+    pub fn check_fits(&self, layout: &[Stretch]) -> Result<(), MemslotError> {
+        let needed = Self::slots_needed(layout);
+        if needed > self.max {
+            return Err(MemslotError::TooMany {
+                needed,
+                max: self.max,
+            });
+        }
+        Ok(())
+    }
+
     /// How many memslots `layout` takes.
     pub fn slots_needed(layout: &[Stretch]) -> usize {
         layout.iter().filter(|s| s.backing != Backing::Hole).count()
@@ -261,13 +268,7 @@ impl Memslots {
     /// then the new ones created. Refused whole if it needs too many slots; if KVM refuses a
     /// change part-way, the old slots are put back.
     pub fn apply(&mut self, vm: &VmFd, layout: &[Stretch]) -> Result<(), MemslotError> {
-        let needed = Self::slots_needed(layout);
-        if needed > self.max {
-            return Err(MemslotError::TooMany {
-                needed,
-                max: self.max,
-            });
-        }
+        self.check_fits(layout)?;
         let (kept, doomed): (Vec<Slot>, Vec<Slot>) = self
             .slots
             .iter()
