@@ -870,6 +870,19 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_body_is_a_400_naming_the_shape_expected() {
+        let request = Request {
+            method: "PUT".into(),
+            path: "/vm/hold".into(),
+            body: br#"{"at": "soon"}"#.to_vec(),
+        };
+        let refusal = json_body::<HoldRequest>(&request, "SHAPE").err().unwrap();
+        assert_eq!(refusal.status, 400);
+        let message = refusal.body.unwrap()["error"].as_str().unwrap().to_string();
+        assert!(message.ends_with(": expected SHAPE"), "{message}");
+    }
+
+    #[test]
     fn too_many_tracked_ranges_is_the_callers_mistake() {
         let too_many = TrackError::Memslots(vmm::MemslotError::TooMany {
             needed: 40000,

@@ -12,7 +12,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
@@ -28,8 +28,9 @@ pub const KEY_FILE: &str = "key.pem";
 /// One end of a migration connection.
 pub enum Channel {
     Tcp(TcpStream),
-    /// The plaintext end of a TLS session pumped by its own thread.
-    Tls(UnixStream),
+    /// The plaintext end of a TLS session pumped by its own thread, and why that session
+    /// ended, if it failed.
+    Tls(UnixStream, Arc<Mutex<Option<String>>>),
 }
 
 impl Channel {
@@ -37,7 +38,7 @@ impl Channel {
     pub fn try_clone(&self) -> io::Result<Channel> {
         Ok(match self {
             Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
-            Channel::Tls(s) => Channel::Tls(s.try_clone()?),
+            Channel::Tls(s, failure) => Channel::Tls(s.try_clone()?, Arc::clone(failure)),
         })
     }
 
@@ -45,7 +46,16 @@ impl Channel {
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         match self {
             Channel::Tcp(s) => s.set_read_timeout(timeout),
-            Channel::Tls(s) => s.set_read_timeout(timeout),
+            Channel::Tls(s, _) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// Why the TLS session under this channel failed, if it did (a read or write of the
+    /// channel then sees only its end).
+    pub fn failure(&self) -> Option<String> {
+        match self {
+            Channel::Tcp(_) => None,
+            Channel::Tls(_, failure) => failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 
@@ -53,7 +63,7 @@ impl Channel {
     pub fn shutdown(&self) {
         let _ = match self {
             Channel::Tcp(s) => s.shutdown(Shutdown::Both),
-            Channel::Tls(s) => s.shutdown(Shutdown::Both),
+            Channel::Tls(s, _) => s.shutdown(Shutdown::Both),
         };
     }
 }
@@ -62,7 +72,7 @@ impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Channel::Tcp(s) => s.read(buf),
-            Channel::Tls(s) => s.read(buf),
+            Channel::Tls(s, _) => s.read(buf),
         }
     }
 }
@@ -71,13 +81,13 @@ impl Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Channel::Tcp(s) => s.write(buf),
-            Channel::Tls(s) => s.write(buf),
+            Channel::Tls(s, _) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Channel::Tcp(s) => s.flush(),
-            Channel::Tls(s) => s.flush(),
+            Channel::Tls(s, _) => s.flush(),
         }
     }
 }
@@ -193,14 +203,20 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
             .context("the TLS handshake failed (is the peer's certificate from the same CA?)")?;
     }
     let (ours, theirs) = UnixStream::pair()?;
+    let failure = Arc::new(Mutex::new(None));
+    let record = Arc::clone(&failure);
     std::thread::Builder::new()
         .name("migration-tls".into())
         .spawn(move || {
-            if let Err(e) = carry(tcp, conn, theirs) {
+            // The failure is recorded before `theirs` closes, so that a reader who sees the
+            // channel end finds why.
+            let mut local = theirs;
+            if let Err(e) = carry(tcp, conn, &mut local) {
                 tracing::debug!("migration TLS session ended: {e}");
+                *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
             }
         })?;
-    Ok(Channel::Tls(ours))
+    Ok(Channel::Tls(ours, failure))
 }
 
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
@@ -208,7 +224,7 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
 fn carry(
     mut tcp: TcpStream,
     mut conn: rustls::Connection,
-    mut local: UnixStream,
+    local: &mut UnixStream,
 ) -> io::Result<()> {
     tcp.set_nonblocking(true)?;
     local.set_nonblocking(true)?;
@@ -256,8 +272,18 @@ fn carry(
             match conn.read_tls(&mut tcp) {
                 Ok(0) => tcp_done = true,
                 Ok(_) => {
-                    conn.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    conn.process_new_packets().map_err(|e| {
+                        let why = match e {
+                            // TLS 1.3 refuses a client certificate after the client's side of
+                            // the handshake is done: the refusal comes as the first record.
+                            rustls::Error::AlertReceived(alert) => format!(
+                                "the TLS handshake failed: the peer refused this side's \
+                                 certificate ({alert:?}; is it from the CA the peer trusts?)"
+                            ),
+                            other => format!("the TLS session failed: {other}"),
+                        };
+                        io::Error::new(io::ErrorKind::InvalidData, why)
+                    })?;
                     loop {
                         match conn.reader().read(&mut buf) {
                             Ok(0) => {

@@ -361,12 +361,20 @@ pub(super) fn connect(
     let mut writer = BufWriter::with_capacity(2 << 20, channel.try_clone()?);
     let mut reader = BufReader::new(channel);
     let ours = identity(handle.ram(), handle.vcpu_count())?;
-    write_message(&mut writer, &Message::Hello(ours.clone()))?;
-    writer.flush()?;
-    // A destination that does not answer must not hold the VM (or the API) forever.
-    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let answer = read_message(&mut reader);
-    reader.get_ref().set_read_timeout(None)?;
+    let mut exchange = || -> anyhow::Result<Message> {
+        write_message(&mut writer, &Message::Hello(ours.clone()))?;
+        writer.flush()?;
+        // A destination that does not answer must not hold the VM (or the API) forever.
+        reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let answer = read_message(&mut reader)?;
+        reader.get_ref().set_read_timeout(None)?;
+        Ok(answer)
+    };
+    // A TLS session that failed says why better than the end of the channel it leaves.
+    let answer = exchange().map_err(|e| match reader.get_ref().failure() {
+        Some(why) => anyhow::anyhow!(why),
+        None => e,
+    });
     match answer.with_context(|| {
         format!(
             "the destination did not answer the hello within {} s",
