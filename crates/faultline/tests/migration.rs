@@ -8,9 +8,10 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::pki::make_pki;
 use common::{api, faultline, json_report, spawn, text, TempDir};
 use vmm::boot::layout::BOOT_AREA_END;
 
@@ -552,93 +553,6 @@ fn a_destination_that_is_not_there_is_an_error_and_the_vm_runs_on() {
         &addr,
         "cannot connect to the destination",
     );
-}
-
-/// A CA and, under it, certificates for `sides` (each in a directory of its own with
-/// `ca.pem`, `cert.pem`, `key.pem`, for 127.0.0.1), made with the openssl command.
-fn make_pki(dir: &Path, ca: &str, sides: &[&str]) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the openssl command runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            text(&out.stderr)
-        );
-    };
-    let ca_key = format!("{ca}.key");
-    let ca_pem = format!("{ca}.pem");
-    // A new P-256 key into `key`, unencrypted.
-    let new_key = |key: &str| -> Vec<String> {
-        [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            key,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let ca_subject = format!("/CN={ca}");
-    let mut args = vec!["req".to_string(), "-x509".into()];
-    args.extend(new_key(&ca_key));
-    args.extend(
-        [
-            "-out",
-            &ca_pem,
-            "-days",
-            "2",
-            "-subj",
-            &ca_subject,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]
-        .map(String::from),
-    );
-    openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let ext = dir.join("leaf.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n\
-         extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    for side in sides {
-        std::fs::create_dir_all(dir.join(side)).unwrap();
-        let key = format!("{side}/key.pem");
-        let csr = format!("{side}.csr");
-        let subject = format!("/CN={side}");
-        let mut args = vec!["req".to_string()];
-        args.extend(new_key(&key));
-        args.extend(["-out", &csr, "-subj", &subject].map(String::from));
-        openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &format!("{side}/cert.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            "leaf.ext",
-        ]);
-        std::fs::copy(dir.join(&ca_pem), dir.join(side).join("ca.pem")).unwrap();
-    }
 }
 
 #[test]

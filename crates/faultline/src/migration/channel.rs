@@ -230,7 +230,10 @@ fn carry(
     local.set_nonblocking(true)?;
     let mut to_local: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
-    let (mut tcp_done, mut local_done) = (false, false);
+    // The handshake may have read records beyond its own: data the peer sent straight after
+    // it is already decrypted, and no new bytes on `tcp` will announce it.
+    let mut tcp_done = take_plaintext(&mut conn, &mut to_local, &mut buf)?;
+    let mut local_done = false;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -284,17 +287,7 @@ fn carry(
                         };
                         io::Error::new(io::ErrorKind::InvalidData, why)
                     })?;
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => {
-                                tcp_done = true;
-                                break;
-                            }
-                            Ok(n) => to_local.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    tcp_done |= take_plaintext(&mut conn, &mut to_local, &mut buf)?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -328,6 +321,23 @@ fn carry(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Moves the plaintext `conn` has decrypted into `to_local`; true when the peer has ended its
+/// side of the session.
+fn take_plaintext(
+    conn: &mut rustls::Connection,
+    to_local: &mut Vec<u8>,
+    buf: &mut [u8],
+) -> io::Result<bool> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => to_local.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
         }
     }
 }

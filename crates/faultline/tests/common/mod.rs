@@ -1,6 +1,8 @@
 //! Shared by the end-to-end tests: the KVM check and quiet micro-guest runs.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::path::{Path, PathBuf};
 
 use faultline::micro::{MicroOptions, MicroReport, MicroVm};
