@@ -239,7 +239,8 @@ enum VmCommand {
 enum MigrateCommand {
     /// Move the VM served on --api-sock to a `faultline migrate receive` at --to: pages are
     /// copied while it runs, then it pauses for the last ones and its state, and runs on there.
-    /// If anything fails, it runs on here.
+    /// If anything fails before the destination runs it, it runs on here; a post-copy whose
+    /// connection breaks after that pauses, and --resume completes it.
     Send {
         #[command(flatten)]
         api: ApiSock,
@@ -258,6 +259,10 @@ enum MigrateCommand {
         /// Copy rounds after the first pass at most, then switch over whatever is left.
         #[arg(long, value_name = "N", default_value_t = 30)]
         max_rounds: u32,
+        /// Resume a post-copy paused by a broken connection: --to is where the destination's
+        /// `faultline migrate recover` listens. The pages it lacks are sent, and it completes.
+        #[arg(long)]
+        resume: bool,
         /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
@@ -269,6 +274,19 @@ enum MigrateCommand {
     /// Make the hybrid migration of the VM served on --api-sock go post-copy after the round
     /// in progress.
     Switchover(ApiSock),
+    /// On the destination of a post-copy paused by a broken connection (its VM served on
+    /// --api-sock): listen on --listen for the source's `faultline migrate send --resume`.
+    Recover {
+        #[command(flatten)]
+        api: ApiSock,
+        /// Where to listen, HOST:PORT (port 0: any free port, printed).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// TLS for the reconnection (by default, the TLS the migration came with; a migration
+        /// that came over TLS recovers over TLS only).
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+    },
     /// Wait on --listen for one migration, then run the VM that arrives to the end, like
     /// `restore` (micro-guest reports and memory checks included).
     Receive {
@@ -806,6 +824,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             downtime_ms,
             max_rounds,
             tls_dir,
+            resume,
             json,
         } => {
             let tls_dir = tls_dir
@@ -814,14 +833,18 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 .context("cannot resolve --tls-dir")?;
             let body = serde_json::json!({
                 "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                "tls_dir": tls_dir,
+                "tls_dir": tls_dir, "resume": resume,
             });
             let channel = if tls_dir.is_some() {
                 "TLS, mutually authenticated"
             } else {
                 "plain TCP: not authenticated, not encrypted"
             };
-            eprintln!("faultline: migrating the VM to {to} ({mode}, {channel}) ...");
+            if resume {
+                eprintln!("faultline: resuming the paused post-copy to {to} ({channel}) ...");
+            } else {
+                eprintln!("faultline: migrating the VM to {to} ({mode}, {channel}) ...");
+            }
             let report =
                 api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
             if json {
@@ -838,6 +861,27 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                     report["throughput_mbit_per_s"].as_f64().unwrap_or(f64::NAN),
                 );
             }
+            Ok(())
+        }
+        MigrateCommand::Recover {
+            api,
+            listen,
+            tls_dir,
+        } => {
+            let tls_dir = tls_dir
+                .map(|dir| std::path::absolute(&dir))
+                .transpose()
+                .context("cannot resolve --tls-dir")?;
+            let body = serde_json::json!({ "listen": listen, "tls_dir": tls_dir });
+            let answer = api_call(&api.api_sock, "PUT", "/migration/recover", Some(&body))?
+                .unwrap_or_default();
+            eprintln!(
+                "faultline: waiting on {} for the source to resume (faultline migrate send \
+                 --resume --to {})",
+                answer["listening"].as_str().unwrap_or("?"),
+                answer["listening"].as_str().unwrap_or("?"),
+            );
+            println!("{}", answer["listening"].as_str().unwrap_or_default());
             Ok(())
         }
         MigrateCommand::Switchover(api) => {
@@ -879,7 +923,12 @@ fn receive_migration(
         console: ConsoleSink::stdout(),
         ..vmm::VmConfig::default()
     };
-    let mut arrived = faultline::migration::receive::receive(&listener, tls.as_ref(), config)?;
+    let mut arrived = faultline::migration::receive::receive(
+        &listener,
+        tls.as_ref(),
+        config,
+        api_sock.is_some(),
+    )?;
     drop(listener);
     if json {
         println!("{}", serde_json::to_string_pretty(&arrived.report)?);
@@ -897,7 +946,8 @@ fn receive_migration(
     let api = match api_sock {
         Some(path) => Some(start_api(
             path,
-            Controller::new(arrived.vm.handle(), None, guest.clone()),
+            Controller::new(arrived.vm.handle(), None, guest.clone())
+                .arrived(std::sync::Arc::clone(&arrived.incoming)),
             json,
         )?),
         None => None,

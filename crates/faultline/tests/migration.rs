@@ -385,15 +385,7 @@ fn a_lazily_restored_vm_moves_in_post_copy_and_finishes_right() {
     let sock = tmp.join("src.sock");
     // A snapshot of the guest held at pass 100, taken through the API.
     let source = spawn_mix(&sock, Mix { hold: 100, ..SMALL });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, info) = api(&sock, "GET", "/vm", None);
-        if info["hold"]["held_vcpus"] == serde_json::json!([0]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never held: {info}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_held(&sock, 1);
     let snap = tmp.join("snap");
     let out = faultline(&[
         "snapshot",
@@ -642,4 +634,175 @@ fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() 
         "the destination could not take the VM: no memory for the VM",
     );
     fake.join().unwrap();
+}
+
+/// `runs` cut points (bytes) in `[low, high)`, from FAULTLINE_CUT_SEED or the clock; the seed
+/// is printed, so that a failing run can be replayed.
+fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {
+    let seed = std::env::var("FAULTLINE_CUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("cut points from seed {seed} (FAULTLINE_CUT_SEED={seed} replays them)");
+    let mut state = seed | 1;
+    (0..runs)
+        .map(|_| {
+            // xorshift64
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            low + state % (high - low)
+        })
+        .collect()
+}
+
+/// Polls `GET /migration` on `sock` until its status is `status`; the answer.
+fn wait_for_migration_status(sock: &Path, status: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, answer) = api(sock, "GET", "/migration", None);
+        if answer["status"] == status {
+            return answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never became {status}: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `faultline migrate recover` on the destination's API: where it listens.
+fn recover(destination_sock: &Path) -> String {
+    let out = faultline(&[
+        "migrate",
+        "recover",
+        "--api-sock",
+        destination_sock.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+/// Sends in post-copy through a proxy that cuts the network at `cut` bytes: the source says
+/// the migration is paused, keeps the VM paused (and refuses to run it), and the destination
+/// pauses too.
+fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &[&str], cut: u64) {
+    let proxy = common::proxy::CuttingProxy::start(to, cut);
+    let out = migrate_send_with(source_sock, &proxy.addr, extra);
+    assert!(
+        proxy.has_cut(),
+        "the migration ended before the cut at {cut} bytes: {}{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    assert!(!out.status.success(), "a cut migration succeeded");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("post-copy is paused") && err.contains("runs on the destination"),
+        "{err}"
+    );
+    let (_, info) = api(source_sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "paused", "{info}");
+    let (status, refusal) = api(source_sock, "PUT", "/vm/resume", None);
+    assert_eq!(
+        status, 409,
+        "the source must not run a VM its destination runs: {refusal}"
+    );
+    let (_, migration) = api(source_sock, "GET", "/migration", None);
+    assert_eq!(migration["status"], "postcopy-paused", "{migration}");
+    let paused = wait_for_migration_status(destination_sock, "postcopy-paused");
+    assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
+}
+
+/// Waits until all `cpus` vCPUs of the run behind `sock` wait at its hold point.
+fn wait_until_held(sock: &Path, cpus: u8) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, info) = api(sock, "GET", "/vm", None);
+        if info["hold"]["held_vcpus"].as_array().map(Vec::len) == Some(usize::from(cpus)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never held: {info}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `mix` run that has written every page of its range (it was held at pass 2, then let go
+/// on to `mix.hold`): its memory is all data, whenever the test moves it.
+fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
+    let child = spawn_mix(sock, Mix { hold: 2, ..mix });
+    wait_until_held(sock, mix.cpus);
+    let hold = serde_json::json!({ "at": mix.hold });
+    assert_eq!(api(sock, "PUT", "/vm/hold", Some(hold)).0, 204);
+    child
+}
+
+/// 32 MiB of pages that every pass rewrites: a post-copy stream long enough to cut.
+const MID: Mix = Mix {
+    cpus: 1,
+    pages: 8192,
+    passes: 40,
+    hold: 35,
+    run_args: &[],
+};
+
+#[test]
+fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
+    require_kvm!();
+    // The first cut of each run comes after the state (a few KiB): in the page stream.
+    let cuts = cut_points(3, 1 << 20, 8 << 20);
+    for (run, &cut) in cuts.iter().enumerate() {
+        let tmp = TempDir::new(&format!("migrate-recover-{run}"));
+        let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+        let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
+        let source = spawn_mix_written(&sock, MID);
+        post_copy_cut(&sock, &dsock, &destination.addr, &["--mode", "post"], cut);
+
+        let mut at = recover(&dsock);
+        if run == 0 {
+            // The recovery is cut too, early in what it resends: recovered again.
+            let again = cut_points(1, 1 << 10, 1 << 20)[0];
+            post_copy_cut(&sock, &dsock, &at, &["--resume"], again);
+            at = recover(&dsock);
+        }
+        let out = migrate_send_with(&sock, &at, &["--resume"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let report = json_report(&text(&out.stdout));
+        assert_eq!(report["status"], "completed", "{report}");
+        assert_eq!(report["postcopy_recoveries"], if run == 0 { 2 } else { 1 });
+        let source = source.wait_with_output().unwrap();
+        assert!(source.status.success(), "{}", text(&source.stderr));
+        assert!(text(&source.stderr).contains("migrated to another faultline"));
+        check_arrived(destination.child, MID);
+    }
+}
+
+#[test]
+fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
+    require_kvm!();
+    // Within the first pass (the small guest's is some 512 KiB).
+    for (run, cut) in cut_points(3, 4 << 10, 400 << 10).into_iter().enumerate() {
+        let destination = Destination::spawn(&["--json"]);
+        let proxy = common::proxy::CuttingProxy::start(&destination.addr, cut);
+        a_failed_migration_leaves_the_source_running_with(
+            &format!("migrate-pre-cut-{run}"),
+            &proxy.addr,
+            &[],
+            "the migration failed",
+        );
+        assert!(proxy.has_cut());
+        let refused = destination.child.wait_with_output().unwrap();
+        assert!(
+            !refused.status.success(),
+            "the destination of a cut migration succeeded"
+        );
+    }
 }

@@ -122,11 +122,14 @@ pub enum Message {
     Built,
     /// Everything was sent (source) or received (destination).
     Done,
+    /// Recovery: the source reconnects to a post-copy broken by a network failure (first
+    /// after the hello); the destination answers with what it holds (`Received`).
+    Resume,
     /// The sender gives up, and says why.
     Abort(String),
 }
 
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "hello",
     "pages",
     "zero-pages",
@@ -139,6 +142,7 @@ const KINDS: [&str; 12] = [
     "abort",
     "stale",
     "built",
+    "resume",
 ];
 
 impl Message {
@@ -157,6 +161,7 @@ impl Message {
             Message::Abort(_) => 9,
             Message::Stale { .. } => 10,
             Message::Built => 11,
+            Message::Resume => 12,
         }
     }
 
@@ -236,7 +241,7 @@ impl Message {
             }
             Message::State(state) => out.extend_from_slice(state),
             Message::SwitchOver { post_copy } => out.push(u8::from(*post_copy)),
-            Message::Done | Message::Built => {}
+            Message::Done | Message::Built | Message::Resume => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
@@ -337,11 +342,12 @@ impl Message {
             }
             9 => Message::Done,
             12 => Message::Built,
+            13 => Message::Resume,
             10 => Message::Abort(
                 String::from_utf8(p.rest().to_vec())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
             ),
-            _ => unreachable!("kind_name knows kinds 1 to 12"),
+            _ => unreachable!("kind_name knows kinds 1 to 13"),
         };
         if !p.bytes.is_empty() {
             return Err(malformed(format!("{} bytes left over", p.bytes.len())));

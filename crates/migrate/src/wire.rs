@@ -48,6 +48,17 @@ pub enum ProtocolError {
     Mismatch(String),
 }
 
+impl ProtocolError {
+    /// Whether the connection was lost (closed, failed, or cut inside a message), as opposed
+    /// to the peer sending something wrong.
+    pub fn is_connection_loss(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::PeerClosed | ProtocolError::Io(_) | ProtocolError::Truncated { .. }
+        )
+    }
+}
+
 /// Writes `message` as one frame.
 pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<()> {
     let payload = message.encode();
@@ -193,6 +204,7 @@ mod tests {
                 bitmap: vec![1, 1 << 5],
             },
             Message::Built,
+            Message::Resume,
         ]
     }
 

@@ -32,6 +32,7 @@
 //! connections are open already. Errors carry `{"error": MESSAGE}`.
 
 pub mod http;
+mod migration;
 mod server;
 pub mod track;
 

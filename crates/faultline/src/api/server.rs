@@ -27,6 +27,7 @@ use vmm::tracking::TrackError;
 use vmm::{VmError, VmHandle};
 
 use super::http::{self, HttpError, Request, Response};
+use super::migration::{self, Migrations};
 use super::track::{self, EventQueue, TrackRequest};
 
 /// Most connections served at once; the accept thread answers any beyond with 503.
@@ -83,36 +84,8 @@ pub struct Controller {
     shutdown: AtomicBool,
     /// The server is stopping: streams end (after writing what they hold).
     closing: AtomicBool,
-    /// The VM has moved to another host: this process's run ends without it.
-    migrated: AtomicBool,
-    /// The last migration's report (or why it failed), for `GET /migration`.
-    migration: Mutex<serde_json::Value>,
-    /// Set by `PUT /migration/switchover`: a hybrid migration goes post-copy.
-    switch_now: Arc<AtomicBool>,
-}
-
-/// `PUT /migration/send`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateRequest {
-    to: String,
-    /// A directory with `ca.pem`, `cert.pem` and `key.pem`: TLS with mutual authentication.
-    #[serde(default)]
-    tls_dir: Option<PathBuf>,
-    #[serde(default)]
-    mode: crate::migration::send::Mode,
-    #[serde(default = "default_downtime_ms")]
-    downtime_ms: u64,
-    #[serde(default = "default_max_rounds")]
-    max_rounds: u32,
-}
-
-fn default_downtime_ms() -> u64 {
-    300
-}
-
-fn default_max_rounds() -> u32 {
-    30
+    /// Migrations of the VM, in and out.
+    migrations: Migrations,
 }
 
 /// `PUT /vm/hold`: the micro-guest hold point vCPUs wait at (null: none, releasing them).
@@ -139,7 +112,7 @@ enum SnapshotKind {
 }
 
 /// The whole cause chain of an error, on one line.
-fn chain(error: &dyn std::error::Error) -> String {
+pub(super) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -215,10 +188,15 @@ impl Controller {
             operation: Mutex::new(()),
             shutdown: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            migrated: AtomicBool::new(false),
-            migration: Mutex::new(json!({ "status": "none" })),
-            switch_now: Arc::new(AtomicBool::new(false)),
+            migrations: Migrations::new(None),
         }
+    }
+
+    /// The controller of a VM that arrived by migration (`GET /migration` reports it, and
+    /// `PUT /migration/recover` recovers it if its post-copy pauses).
+    pub fn arrived(mut self, incoming: Arc<crate::migration::incoming::Incoming>) -> Self {
+        self.migrations = Migrations::new(Some(incoming));
+        self
     }
 
     /// Whether a client asked the VM to shut down (the guest then ends unfinished, as asked).
@@ -228,61 +206,7 @@ impl Controller {
 
     /// Whether the VM was migrated away (its run here then ends unfinished, as it should).
     pub fn migrated(&self) -> bool {
-        self.migrated.load(Ordering::Acquire)
-    }
-
-    /// `PUT /migration/send`: migrates the VM, answering when it is done (or has failed, the
-    /// VM running on here).
-    fn migrate(&self, request: &MigrateRequest) -> Response {
-        use std::net::ToSocketAddrs;
-        if let Err(e) = request.to.to_socket_addrs() {
-            return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
-        }
-        if let Some(fatal) = self.memory_failure() {
-            return Response::error(
-                500,
-                format!("guest memory cannot be trusted, so the VM is not migrated: {fatal}"),
-            );
-        }
-        let tls = match &request.tls_dir {
-            Some(dir) => match crate::migration::channel::Tls::client(dir) {
-                Ok(tls) => Some(tls),
-                Err(e) => return Response::error(400, format!("{e:#}")),
-            },
-            None => None,
-        };
-        *lock(&self.migration) = json!({ "status": "active", "to": request.to });
-        self.switch_now.store(false, Ordering::Release);
-        let options = crate::migration::send::SendOptions {
-            switch_now: Arc::clone(&self.switch_now),
-            tls,
-            to: request.to.clone(),
-            mode: request.mode,
-            downtime: Duration::from_millis(request.downtime_ms),
-            max_rounds: request.max_rounds,
-        };
-        match crate::migration::send::send(&self.handle, self.guest.clone(), &options) {
-            Ok(report) => {
-                // Noted before the VM stops, so that the run ending here is known as a move.
-                self.migrated.store(true, Ordering::Release);
-                self.handle
-                    .control()
-                    .request_stop(vmm::control::StopReason::Requested);
-                let report = json!(report);
-                *lock(&self.migration) = report.clone();
-                Response::ok(report)
-            }
-            Err(e) => {
-                let message = format!("{e:#}");
-                *lock(&self.migration) = json!({ "status": "failed", "error": message });
-                let here = if self.handle.control().is_paused() {
-                    "the VM stays paused here"
-                } else {
-                    "the VM runs on here"
-                };
-                Response::error(502, format!("the migration failed; {here}: {message}"))
-            }
-        }
+        self.migrations.migrated()
     }
 
     /// Ends every tracking-event stream once it has written what it holds (the server is
@@ -458,6 +382,11 @@ impl Controller {
                 Ok(_) => Response::no_content(),
                 Err(e) => vm_error(e),
             }),
+            ("PUT", "/vm/resume") if self.migrations.postcopy_paused() => Response::error(
+                409,
+                "the VM runs on the destination of a paused post-copy migration: it must not run \
+                 here too (resume the migration instead)",
+            ),
             ("PUT", "/vm/resume") => self.exclusively(|| match self.handle.resume() {
                 Ok(()) => Response::no_content(),
                 Err(e) => vm_error(e),
@@ -465,6 +394,7 @@ impl Controller {
             // Never waits: it only sets a flag and asks the vCPUs to stop.
             ("PUT", "/vm/shutdown") => {
                 self.shutdown.store(true, Ordering::Release);
+                self.migrations.shutting_down();
                 self.handle
                     .control()
                     .request_stop(vmm::control::StopReason::Requested);
@@ -487,20 +417,26 @@ impl Controller {
                 }
             }
             ("PUT", "/migration/send") => {
-                let shape = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR}"#;
-                match json_body::<MigrateRequest>(request, shape) {
-                    Ok(body) => self.exclusively(|| self.migrate(&body)),
+                match json_body::<migration::SendRequest>(request, migration::SEND_SHAPE) {
+                    Ok(body) => self.exclusively(|| {
+                        self.migrations.send(
+                            &self.handle,
+                            self.guest.clone(),
+                            self.memory_failure(),
+                            &body,
+                        )
+                    }),
                     Err(refusal) => refusal,
                 }
             }
-            ("GET", "/migration") => Response::ok(lock(&self.migration).clone()),
+            ("GET", "/migration") => Response::ok(self.migrations.status()),
             // Never waits: it only tells the migration in progress.
-            ("PUT", "/migration/switchover") => {
-                if lock(&self.migration)["status"] == "active" {
-                    self.switch_now.store(true, Ordering::Release);
-                    Response::no_content()
-                } else {
-                    Response::error(409, "no migration is in progress")
+            ("PUT", "/migration/switchover") => self.migrations.switch_over(),
+            // Never waits: it only opens the listener the paused migration takes.
+            ("PUT", "/migration/recover") => {
+                match json_body::<migration::RecoverRequest>(request, migration::RECOVER_SHAPE) {
+                    Ok(body) => self.migrations.recover(&body),
+                    Err(refusal) => refusal,
                 }
             }
             ("PUT", "/track") => self.track(request, true),
@@ -511,7 +447,8 @@ impl Controller {
             })),
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
             | (_, "/snapshot/create" | "/track" | "/track/events")
-            | (_, "/migration" | "/migration/send" | "/migration/switchover") => Response::error(
+            | (_, "/migration" | "/migration/send" | "/migration/switchover")
+            | (_, "/migration/recover") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
             ),

@@ -179,6 +179,7 @@ impl Tls {
 /// done here (`host` names the destination for a client, as its certificate must).
 pub fn open(tcp: TcpStream, tls: Option<&Tls>, host: &str) -> anyhow::Result<Channel> {
     tcp.set_nodelay(true)?;
+    detect_dead_peers(&tcp)?;
     let Some(tls) = tls else {
         return Ok(Channel::Tcp(tcp));
     };
@@ -194,6 +195,35 @@ pub fn open(tcp: TcpStream, tls: Option<&Tls>, host: &str) -> anyhow::Result<Cha
             pump(tcp, rustls::Connection::Server(conn))
         }
     }
+}
+
+/// A peer that vanishes without closing the connection (a cut cable, a host gone) must not
+/// leave either side waiting forever: keepalive probes find an idle connection dead within
+/// about 20 s, and data unacknowledged for 30 s ends a busy one.
+fn detect_dead_peers(tcp: &TcpStream) -> std::io::Result<()> {
+    let set = |level: libc::c_int, option: libc::c_int, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket this function borrows, with a c_int option value of
+        // the size given.
+        let done = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                level,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if done == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5)?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2)?;
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000)
 }
 
 /// Completes the handshake, then starts the thread that carries the session.

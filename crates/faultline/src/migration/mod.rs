@@ -9,7 +9,9 @@
 //! The destination builds the VM through the same path as a restore.
 
 pub mod channel;
-mod post_copy;
+pub mod incoming;
+mod postcopy_receive;
+pub mod postcopy_send;
 pub mod receive;
 pub mod send;
 

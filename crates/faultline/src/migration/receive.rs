@@ -14,13 +14,15 @@ use snapshot::state::SnapshotState;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{DirtyPages, GuestRam, Vm, VmConfig, PAGE_SIZE};
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, Channel, Tls};
 use super::identity;
-use super::post_copy::{accept_requests, install_zeros, take_stream, NetworkSource};
+use super::incoming::{Incoming, Phase};
+use super::postcopy_receive::{accept_requests, install_zeros, take_stream, Stream};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{ram_for_state, vm_from_state};
 
@@ -47,29 +49,26 @@ pub struct Arrived {
     pub report: ReceiveReport,
     /// Post-copy: the pager serving guest RAM from the source while the VM runs.
     pub pager: Option<Pager>,
-    post_copy: Option<PostCopy>,
-}
-
-/// The background side of a post-copy arrival.
-struct PostCopy {
-    source: Arc<NetworkSource>,
-    stream: std::thread::JoinHandle<anyhow::Result<(u64, u64)>>,
+    /// The migration's status here (for `GET /migration`, and recovery).
+    pub incoming: Arc<Incoming>,
+    /// Post-copy: the thread taking the page stream.
+    stream: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Arrived {
     /// Post-copy: waits until every page has arrived and the source was told (the run may
-    /// end before), then stops the pager. Returns the page requests' answer times (µs).
+    /// end before; a paused migration waits for its recovery, or for the VM's shutdown), then
+    /// stops the pager. Returns the page requests' answer times (µs).
     pub fn finish(&mut self) -> anyhow::Result<Vec<u64>> {
         let mut latencies = Vec::new();
-        if let Some(post) = self.post_copy.take() {
-            let taken = post
-                .stream
+        if let Some(stream) = self.stream.take() {
+            let taken = stream
                 .join()
                 .map_err(|_| anyhow::anyhow!("the page stream thread panicked"))?;
-            latencies = post.source.latencies_us();
-            let (normal, zero) = taken?;
-            self.report.normal_pages += normal;
-            self.report.zero_pages += zero;
+            latencies = self.incoming.latencies_us();
+            self.report.normal_pages += self.incoming.normal_pages.load(Ordering::Relaxed);
+            self.report.zero_pages += self.incoming.zero_pages.load(Ordering::Relaxed);
+            taken?;
         }
         if let Some(pager) = self.pager.take() {
             pager.shutdown();
@@ -89,11 +88,13 @@ impl Drop for Arrived {
 
 /// Takes one migration from a connection `listener` accepts, and builds its VM with `config`
 /// (its vCPU count comes from the state). Refuses (and tells the source why) a VM this host
-/// cannot take; any error leaves nothing behind.
+/// cannot take; any error leaves nothing behind. With `recoverable`, a post-copy whose
+/// connection breaks waits to be recovered (through the API) rather than failing.
 pub fn receive(
     listener: &TcpListener,
     tls: Option<&Tls>,
     config: VmConfig,
+    recoverable: bool,
 ) -> anyhow::Result<Arrived> {
     let (stream, peer) = listener
         .accept()
@@ -103,6 +104,12 @@ pub fn receive(
         open(stream, tls, "").with_context(|| format!("cannot open a channel with {peer}"))?;
     let mut writer = BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::with_capacity(2 << 20, stream);
+    let incoming = Arc::new(Incoming::new(
+        peer.to_string(),
+        tls.cloned(),
+        recoverable,
+        Phase::PostcopyActive,
+    ));
     let result = take(
         listener,
         tls,
@@ -110,7 +117,7 @@ pub fn receive(
         &mut writer,
         config,
         started,
-        peer.to_string(),
+        incoming,
     );
     if let Err(e) = &result {
         // Tell the source why, if it still listens: it then keeps its VM running.
@@ -127,7 +134,7 @@ fn take(
     writer: &mut BufWriter<Channel>,
     config: VmConfig,
     started: Instant,
-    peer: String,
+    incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     // A peer that connects and says nothing must not hold the destination forever.
     reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
@@ -152,7 +159,7 @@ fn take(
 
     let layout = ours.layout.clone();
     let mut report = ReceiveReport {
-        peer,
+        peer: incoming.peer().to_string(),
         ..ReceiveReport::default()
     };
     let mut switched_at = None;
@@ -180,7 +187,7 @@ fn take(
             Message::Round { round, .. } => report.dirty_rounds = round,
             Message::SwitchOver { post_copy: true } => {
                 return post_copy(
-                    listener, tls, reader, writer, ram, &ours, config, report, &zeroed,
+                    listener, tls, reader, writer, ram, &ours, config, report, &zeroed, incoming,
                 );
             }
             Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
@@ -211,12 +218,21 @@ fn take(
     writer.flush()?;
     report.switch_over_ms = switched_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    incoming
+        .normal_pages
+        .store(report.normal_pages, Ordering::Relaxed);
+    incoming
+        .zero_pages
+        .store(report.zero_pages, Ordering::Relaxed);
+    incoming.bytes.store(report.bytes, Ordering::Relaxed);
+    incoming.set_phase(Phase::Completed, None);
     Ok(Arrived {
         vm,
         state,
         report,
         pager: None,
-        post_copy: None,
+        incoming,
+        stream: None,
     })
 }
 
@@ -245,10 +261,11 @@ fn post_copy(
     config: VmConfig,
     mut report: ReceiveReport,
     zeroed: &[bool],
+    incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
     // The page-request connection first: the source pauses the VM only once it is open.
-    let source = accept_requests(listener, tls, ours)?;
+    let source = accept_requests(listener, tls, ours, &incoming)?;
     let state = match read_message(reader).context("no state after the switch-over")? {
         Message::State(bytes) => {
             let decoded: SnapshotState = serde_json::from_slice(&bytes)
@@ -305,23 +322,26 @@ fn post_copy(
     // The VM is built: from now on it runs here, never at the source.
     write_message(writer, &Message::Built)?;
     writer.flush()?;
-    let stream = {
-        let reader = BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?);
-        let writer = BufWriter::new(writer.get_ref().try_clone()?);
-        let ram = vm.ram().clone();
-        let handle = pager.handle();
-        let source = Arc::clone(&source);
-        std::thread::Builder::new()
-            .name("postcopy-stream".into())
-            .spawn(move || take_stream(reader, writer, &ram, handle, source))?
+    let stream = Stream {
+        reader: BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?),
+        writer: BufWriter::new(writer.get_ref().try_clone()?),
+        ram: vm.ram().clone(),
+        pager: pager.handle(),
+        source,
+        incoming: Arc::clone(&incoming),
+        ours: ours.clone(),
     };
+    let stream = std::thread::Builder::new()
+        .name("postcopy-stream".into())
+        .spawn(move || take_stream(stream))?;
     report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
     Ok(Arrived {
         vm,
         state,
         report,
         pager: Some(pager),
-        post_copy: Some(PostCopy { source, stream }),
+        incoming,
+        stream: Some(stream),
     })
 }
 

@@ -74,6 +74,8 @@ pub struct SendReport {
     pub converged: bool,
     /// Post-copy: pages the destination asked for on the page-request connection.
     pub postcopy_requests: u64,
+    /// Post-copy: how many times it was resumed after a broken connection.
+    pub postcopy_recoveries: u32,
     /// What ended the copy rounds: "converged" (what was left fitted the downtime limit),
     /// "round limit" (pre-copy: the last pages went in a longer pause), "not shrinking" or
     /// "told" (hybrid: post-copy took over), or "post-copy" (no rounds).
@@ -110,27 +112,77 @@ impl SendReport {
             throughput_mbit_per_s: sent.bytes as f64 * 8.0 / total / 1e6,
             converged: ended_by == "converged",
             postcopy_requests,
+            postcopy_recoveries: 0,
             ended_by,
         }
     }
 }
 
 /// Counters of what went on the wire.
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct Sent {
     pub bytes: u64,
     pub normal: u64,
     pub zero: u64,
 }
 
+/// A migration that did not complete, and where that leaves the VM.
+#[derive(Debug)]
+pub enum SendFailure {
+    /// The VM is here as before: running (or paused, if it was). Nothing of it runs
+    /// elsewhere.
+    Here(anyhow::Error),
+    /// Post-copy stopped once the destination had taken the VM (or may have: it did not say):
+    /// the VM stays paused here and must never run here again. `postcopy_send::resume`
+    /// completes the migration.
+    PostcopyPaused(anyhow::Error, Box<PausedPostcopy>),
+}
+
+impl SendFailure {
+    pub fn error(&self) -> &anyhow::Error {
+        match self {
+            SendFailure::Here(e) | SendFailure::PostcopyPaused(e, _) => e,
+        }
+    }
+}
+
+impl From<anyhow::Error> for SendFailure {
+    fn from(error: anyhow::Error) -> Self {
+        SendFailure::Here(error)
+    }
+}
+
+impl From<std::io::Error> for SendFailure {
+    fn from(error: std::io::Error) -> Self {
+        SendFailure::Here(error.into())
+    }
+}
+
+/// A post-copy paused by a broken connection: what its report needs when it completes.
+#[derive(Debug)]
+pub struct PausedPostcopy {
+    pub(super) mode: &'static str,
+    pub(super) ended_by: &'static str,
+    pub(super) started: Instant,
+    pub(super) setup: Duration,
+    pub(super) downtime: Duration,
+    pub(super) sent: Sent,
+    pub(super) rounds: u32,
+    pub(super) requests: u64,
+    /// Whether the destination said it runs the VM (if not, it may not: a cut came between
+    /// the state and its answer).
+    pub confirmed: bool,
+    pub(super) recoveries: u32,
+}
+
 /// Migrates the VM behind `handle` to `options.to`. On success the VM now lives at the
 /// destination and stays paused here: the caller stops it (after noting why, so that its run
-/// is not taken for a failure). On failure it runs on as before, and the error says why.
+/// is not taken for a failure). On failure the error says why, and where the VM is.
 pub fn send(
     handle: &VmHandle,
     guest: Option<GuestInfo>,
     options: &SendOptions,
-) -> anyhow::Result<SendReport> {
+) -> Result<SendReport, SendFailure> {
     let started = Instant::now();
     let memory = handle.memory();
     let logging_before = memory.dirty_mode() != DirtyMode::Off;
@@ -144,7 +196,7 @@ pub fn send(
         &mut taken,
         &mut paused_here,
     );
-    if result.is_err() {
+    if let Err(SendFailure::Here(_)) = &result {
         // Put the VM back as it was: running if it ran, its dirty log as if nothing was taken.
         if logging_before {
             handle.return_dirty_pages(taken);
@@ -167,8 +219,8 @@ fn run(
     started: Instant,
     taken: &mut DirtyPages,
     paused_here: &mut bool,
-) -> anyhow::Result<SendReport> {
-    let (mut writer, mut reader) = connect(handle, &options.to, options.tls.as_ref())?;
+) -> Result<SendReport, SendFailure> {
+    let (mut writer, reader) = connect(handle, &options.to, options.tls.as_ref())?;
     let setup = started.elapsed();
     let copied = match options.mode {
         Mode::Post => None,
@@ -182,7 +234,7 @@ fn run(
             None => (None, "post-copy", Sent::default(), 0),
             Some(c) => (Some(c.pending), c.ended_by, c.sent, c.rounds),
         };
-        return super::post_copy::send(super::post_copy::Switch {
+        return super::postcopy_send::send(super::postcopy_send::Switch {
             handle,
             guest,
             options,
@@ -198,6 +250,29 @@ fn run(
             rounds,
         });
     }
+    let rounds = copied.expect("pre-copy rounds ran");
+    Ok(switch_over(
+        handle,
+        guest,
+        (writer, reader),
+        rounds,
+        (started, setup),
+        taken,
+        paused_here,
+    )?)
+}
+
+/// Pre-copy's end: pause, the last pages, the state, and the destination's word that it runs
+/// the VM.
+fn switch_over(
+    handle: &VmHandle,
+    guest: Option<GuestInfo>,
+    (mut writer, mut reader): (BufWriter<Channel>, BufReader<Channel>),
+    rounds: Rounds,
+    (started, setup): (Instant, Duration),
+    taken: &mut DirtyPages,
+    paused_here: &mut bool,
+) -> anyhow::Result<SendReport> {
     let Rounds {
         mut pending,
         mut sent,
@@ -205,7 +280,7 @@ fn run(
         dirtied,
         took,
         ended_by,
-    } = copied.expect("pre-copy rounds ran");
+    } = rounds;
 
     // Switch-over: pause, the last pages, the state; the destination answers once it has
     // built the VM.

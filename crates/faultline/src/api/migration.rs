@@ -1,0 +1,250 @@
+//! Live migration over the API: `PUT /migration/send` (also `"resume": true` after a broken
+//! post-copy), `GET /migration`, `PUT /migration/switchover`, and on a destination
+//! `PUT /migration/recover`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use snapshot::state::GuestInfo;
+use vmm::VmHandle;
+
+use super::http::Response;
+use crate::migration::incoming::{Incoming, RecoverError};
+use crate::migration::send::{PausedPostcopy, SendFailure, SendOptions};
+
+/// `PUT /migration/send`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    to: String,
+    /// A directory with `ca.pem`, `cert.pem` and `key.pem`: TLS with mutual authentication.
+    #[serde(default)]
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    mode: crate::migration::send::Mode,
+    #[serde(default = "default_downtime_ms")]
+    downtime_ms: u64,
+    #[serde(default = "default_max_rounds")]
+    max_rounds: u32,
+    /// Resume a post-copy paused by a broken connection (`to`: where the destination's
+    /// `recover` listens).
+    #[serde(default)]
+    resume: bool,
+}
+
+pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL}"#;
+
+fn default_downtime_ms() -> u64 {
+    300
+}
+
+fn default_max_rounds() -> u32 {
+    30
+}
+
+/// `PUT /migration/recover`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    listen: String,
+    #[serde(default)]
+    tls_dir: Option<PathBuf>,
+}
+
+pub const RECOVER_SHAPE: &str = r#"{"listen": "HOST:PORT", "tls_dir": DIR}"#;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The migrations of one VM: the one that brought it here, if any, and those that send it on.
+pub struct Migrations {
+    /// The last outgoing migration's report, status, or why it failed.
+    outgoing: Mutex<serde_json::Value>,
+    /// Set by `PUT /migration/switchover`: a hybrid migration goes post-copy.
+    switch_now: Arc<AtomicBool>,
+    /// An outgoing post-copy paused by a broken connection: the VM is paused here and runs on
+    /// the destination.
+    paused: Mutex<Option<Box<PausedPostcopy>>>,
+    /// The VM has moved to another host: this process's run ends without it.
+    migrated: AtomicBool,
+    /// The migration that brought the VM here.
+    incoming: Option<Arc<Incoming>>,
+}
+
+impl Migrations {
+    pub fn new(incoming: Option<Arc<Incoming>>) -> Self {
+        Migrations {
+            outgoing: Mutex::new(json!({ "status": "none" })),
+            switch_now: Arc::new(AtomicBool::new(false)),
+            paused: Mutex::new(None),
+            migrated: AtomicBool::new(false),
+            incoming,
+        }
+    }
+
+    /// Whether the VM was migrated away.
+    pub fn migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
+    /// Whether an outgoing post-copy is paused: the VM must not run here.
+    pub fn postcopy_paused(&self) -> bool {
+        lock(&self.paused).is_some()
+    }
+
+    /// The VM is shutting down: a paused incoming migration stops waiting for recovery.
+    pub fn shutting_down(&self) {
+        if let Some(incoming) = &self.incoming {
+            incoming.abandon();
+        }
+    }
+
+    /// `GET /migration`: the outgoing migration if there was one, else the one that brought
+    /// the VM here.
+    pub fn status(&self) -> serde_json::Value {
+        let outgoing = lock(&self.outgoing).clone();
+        match &self.incoming {
+            Some(incoming) if outgoing["status"] == "none" => incoming.status(),
+            _ => outgoing,
+        }
+    }
+
+    /// `PUT /migration/switchover`.
+    pub fn switch_over(&self) -> Response {
+        if lock(&self.outgoing)["status"] == "active" {
+            self.switch_now.store(true, Ordering::Release);
+            Response::no_content()
+        } else {
+            Response::error(409, "no migration is in progress")
+        }
+    }
+
+    /// `PUT /migration/recover`: listens for the source of a paused incoming post-copy.
+    pub fn recover(&self, request: &RecoverRequest) -> Response {
+        let Some(incoming) = &self.incoming else {
+            return Response::error(
+                409,
+                "this VM did not arrive by migration: nothing to recover",
+            );
+        };
+        match incoming.offer(&request.listen, request.tls_dir.as_deref()) {
+            Ok(addr) => Response::ok(json!({ "listening": addr.to_string() })),
+            Err(e) => {
+                let status = match e {
+                    RecoverError::NotPaused(_) | RecoverError::NotRecoverable => 409,
+                    RecoverError::Tls { .. } | RecoverError::TlsRequired => 400,
+                    RecoverError::Listen { .. } => 400,
+                };
+                Response::error(status, super::server::chain(&e))
+            }
+        }
+    }
+
+    /// `PUT /migration/send`: migrates the VM (or resumes a paused post-copy), answering when
+    /// it is done or has failed. `memory_failure`: why guest memory cannot be trusted, if so.
+    pub fn send(
+        &self,
+        handle: &VmHandle,
+        guest: Option<GuestInfo>,
+        memory_failure: Option<String>,
+        request: &SendRequest,
+    ) -> Response {
+        use std::net::ToSocketAddrs;
+        if let Err(e) = request.to.to_socket_addrs() {
+            return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
+        }
+        if let Some(fatal) = memory_failure {
+            return Response::error(
+                500,
+                format!("guest memory cannot be trusted, so the VM is not migrated: {fatal}"),
+            );
+        }
+        let tls = match &request.tls_dir {
+            Some(dir) => match crate::migration::channel::Tls::client(dir) {
+                Ok(tls) => Some(tls),
+                Err(e) => return Response::error(400, format!("{e:#}")),
+            },
+            None => None,
+        };
+        let paused = lock(&self.paused).take();
+        match (&paused, request.resume) {
+            (None, true) => {
+                return Response::error(409, "there is no paused post-copy migration to resume")
+            }
+            (Some(_), false) => {
+                *lock(&self.paused) = paused;
+                return Response::error(
+                    409,
+                    "a post-copy migration is paused (the VM runs on its destination): resume \
+                     it with \"resume\": true",
+                );
+            }
+            _ => {}
+        }
+        *lock(&self.outgoing) = json!({ "status": "active", "to": request.to });
+        self.switch_now.store(false, Ordering::Release);
+        let options = SendOptions {
+            switch_now: Arc::clone(&self.switch_now),
+            tls,
+            to: request.to.clone(),
+            mode: request.mode,
+            downtime: Duration::from_millis(request.downtime_ms),
+            max_rounds: request.max_rounds,
+        };
+        let result = match paused {
+            Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
+            None => crate::migration::send::send(handle, guest, &options),
+        };
+        match result {
+            Ok(report) => {
+                // Noted before the VM stops, so that the run ending here is known as a move.
+                self.migrated.store(true, Ordering::Release);
+                handle
+                    .control()
+                    .request_stop(vmm::control::StopReason::Requested);
+                let report = json!(report);
+                *lock(&self.outgoing) = report.clone();
+                Response::ok(report)
+            }
+            Err(SendFailure::Here(e)) => {
+                let message = format!("{e:#}");
+                *lock(&self.outgoing) = json!({ "status": "failed", "error": message });
+                let here = if handle.control().is_paused() {
+                    "the VM stays paused here"
+                } else {
+                    "the VM runs on here"
+                };
+                Response::error(502, format!("the migration failed; {here}: {message}"))
+            }
+            Err(SendFailure::PostcopyPaused(e, paused)) => {
+                let message = format!("{e:#}");
+                let where_now = if paused.confirmed {
+                    "the VM runs on the destination"
+                } else {
+                    "the destination may run the VM (it did not say before the cut)"
+                };
+                *lock(&self.outgoing) = json!({
+                    "status": "postcopy-paused",
+                    "to": request.to,
+                    "error": message,
+                    "destination_confirmed": paused.confirmed,
+                });
+                *lock(&self.paused) = Some(paused);
+                Response::error(
+                    502,
+                    format!(
+                        "post-copy is paused; {where_now} and the VM stays paused here, never \
+                         to run here again: {message}. Recover it: `faultline migrate recover` \
+                         on the destination, then `faultline migrate send --resume --to` the \
+                         address it listens on"
+                    ),
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The destination's view of a migration once the VM runs there: its status for
+//! `GET /migration`, and the meeting point for recovery after a network cut.
+//!
+//! A post-copy whose connection breaks is *paused*, not failed: every connection is shut down,
+//! faults that need a page from the source wait, vCPUs that need nothing from it run on.
+//! `PUT /migration/recover` (`faultline migrate recover`) hands the paused migration a
+//! listener; the source reconnects to it (`faultline migrate send --resume`), and the page
+//! stream goes on from what the destination holds.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use serde_json::json;
+
+use super::channel::{Channel, Tls};
+
+/// Where the migration stands on the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The VM runs here; pages still come from the source.
+    PostcopyActive,
+    /// A connection broke: the migration waits for `recover`.
+    PostcopyPaused,
+    /// The source is reconnecting.
+    PostcopyRecover,
+    /// Every page is here.
+    Completed,
+    /// It cannot complete (why is said).
+    Failed,
+}
+
+impl Phase {
+    /// The name QEMU's `query-migrate` uses for the same status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::PostcopyActive => "postcopy-active",
+            Phase::PostcopyPaused => "postcopy-paused",
+            Phase::PostcopyRecover => "postcopy-recover",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+/// Why `recover` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("there is no paused post-copy migration to recover (the migration is {0})")]
+    NotPaused(&'static str),
+    #[error("this destination was started without --api-sock, so it cannot recover")]
+    NotRecoverable,
+    #[error("cannot listen on {listen}")]
+    Listen {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the TLS settings in {dir} cannot be used: {why}")]
+    Tls { dir: String, why: String },
+    #[error("the migration arrived over TLS, so its recovery must use TLS too")]
+    TlsRequired,
+}
+
+struct State {
+    phase: Phase,
+    /// Why the migration paused or failed, last.
+    why: Option<String>,
+    /// Connection breaks so far.
+    breaks: u32,
+    /// The listener `recover` gave, not yet taken by the migration (or given back after a
+    /// failed attempt), and its TLS.
+    listener: Option<(TcpListener, Option<Tls>)>,
+    /// Where recovery listens.
+    listening: Option<SocketAddr>,
+    /// The VM was shut down: a paused migration waits no more.
+    abandoned: bool,
+}
+
+/// The destination's migration, shared by the page stream, the page source and the API.
+pub struct Incoming {
+    peer: String,
+    /// The TLS the migration arrived with: recovery must use TLS too.
+    tls: Option<Tls>,
+    /// Whether a break pauses (an API can then recover it) or fails the migration.
+    recoverable: bool,
+    state: Mutex<State>,
+    changed: Condvar,
+    /// The connections in use, shut down together when one breaks.
+    links: Mutex<Vec<Channel>>,
+    pub(super) normal_pages: AtomicU64,
+    pub(super) zero_pages: AtomicU64,
+    pub(super) bytes: AtomicU64,
+    /// Page requests' answer times, in µs.
+    latencies: Mutex<Vec<u64>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Incoming {
+    pub(super) fn new(peer: String, tls: Option<Tls>, recoverable: bool, phase: Phase) -> Self {
+        Incoming {
+            peer,
+            tls,
+            recoverable,
+            state: Mutex::new(State {
+                phase,
+                why: None,
+                breaks: 0,
+                listener: None,
+                listening: None,
+                abandoned: false,
+            }),
+            changed: Condvar::new(),
+            links: Mutex::new(Vec::new()),
+            normal_pages: AtomicU64::new(0),
+            zero_pages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            latencies: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The source's address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    pub fn phase(&self) -> Phase {
+        lock(&self.state).phase
+    }
+
+    pub(super) fn set_phase(&self, phase: Phase, why: Option<String>) {
+        let mut state = lock(&self.state);
+        state.phase = phase;
+        if why.is_some() {
+            state.why = why;
+        }
+        if phase == Phase::PostcopyActive {
+            state.listening = None;
+        }
+        self.changed.notify_all();
+    }
+
+    /// A connection of the migration, to shut down if another one breaks.
+    pub(super) fn add_link(&self, channel: Channel) {
+        lock(&self.links).push(channel);
+    }
+
+    /// A connection broke (`why`): every connection is shut down (so that each side's
+    /// threads see it), and the migration waits for recovery. Only the first call of a break
+    /// counts. Returns false when the migration cannot be recovered (no API to do it).
+    pub(super) fn pause(&self, why: &str) -> bool {
+        {
+            let mut state = lock(&self.state);
+            if matches!(state.phase, Phase::PostcopyActive | Phase::PostcopyRecover) {
+                tracing::warn!("post-copy paused: {why}");
+                state.phase = Phase::PostcopyPaused;
+                state.why = Some(why.to_string());
+                state.breaks += 1;
+            }
+            self.changed.notify_all();
+        }
+        self.shut_links();
+        self.recoverable
+    }
+
+    /// Shuts down every connection of the migration.
+    pub(super) fn shut_links(&self) {
+        for link in lock(&self.links).drain(..) {
+            link.shutdown();
+        }
+    }
+
+    /// `PUT /migration/recover`: listens on `listen` for the source's reconnection.
+    pub fn offer(&self, listen: &str, tls_dir: Option<&Path>) -> Result<SocketAddr, RecoverError> {
+        if !self.recoverable {
+            return Err(RecoverError::NotRecoverable);
+        }
+        let tls = match tls_dir {
+            Some(dir) => Some(Tls::server(dir).map_err(|e| RecoverError::Tls {
+                dir: dir.display().to_string(),
+                why: format!("{e:#}"),
+            })?),
+            None => self.tls.clone(),
+        };
+        if self.tls.is_some() && tls.is_none() {
+            return Err(RecoverError::TlsRequired);
+        }
+        let mut state = lock(&self.state);
+        if state.phase != Phase::PostcopyPaused {
+            return Err(RecoverError::NotPaused(state.phase.name()));
+        }
+        let listener = TcpListener::bind(listen).map_err(|source| RecoverError::Listen {
+            listen: listen.to_string(),
+            source,
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| RecoverError::Listen {
+                listen: listen.to_string(),
+                source,
+            })?;
+        // A second offer replaces the first (say, to move to another port).
+        state.listener = Some((listener, tls));
+        state.listening = Some(addr);
+        self.changed.notify_all();
+        Ok(addr)
+    }
+
+    /// Waits until `recover` gives a listener; `None` once the VM was shut down.
+    pub(super) fn wait_for_listener(&self) -> Option<(TcpListener, Option<Tls>)> {
+        let mut state = lock(&self.state);
+        loop {
+            if state.abandoned {
+                return None;
+            }
+            if let Some(offered) = state.listener.take() {
+                state.phase = Phase::PostcopyRecover;
+                return Some(offered);
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// An attempt to recover failed (`why`): the listener waits for the next one.
+    pub(super) fn retry(&self, listener: TcpListener, tls: Option<Tls>, why: String) {
+        let mut state = lock(&self.state);
+        if state.listener.is_none() {
+            state.listener = Some((listener, tls));
+        }
+        state.phase = Phase::PostcopyPaused;
+        state.why = Some(why);
+        self.changed.notify_all();
+    }
+
+    /// The VM was shut down: a paused migration stops waiting.
+    pub fn abandon(&self) {
+        lock(&self.state).abandoned = true;
+        self.changed.notify_all();
+    }
+
+    pub(super) fn abandoned(&self) -> bool {
+        lock(&self.state).abandoned
+    }
+
+    pub(super) fn record_latency(&self, us: u64) {
+        lock(&self.latencies).push(us);
+    }
+
+    /// The page requests' answer times so far, in µs.
+    pub fn latencies_us(&self) -> Vec<u64> {
+        lock(&self.latencies).clone()
+    }
+
+    /// The status, as `GET /migration` on the destination says it.
+    pub fn status(&self) -> serde_json::Value {
+        let state = lock(&self.state);
+        let mut latencies = self.latencies_us();
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            (!latencies.is_empty()).then(|| latencies[((latencies.len() - 1) as f64 * q) as usize])
+        };
+        json!({
+            "role": "destination",
+            "status": state.phase.name(),
+            "peer": self.peer,
+            "why": state.why,
+            "breaks": state.breaks,
+            "listening": state.listening.map(|a| a.to_string()),
+            "normal_pages": self.normal_pages.load(Ordering::Relaxed),
+            "zero_pages": self.zero_pages.load(Ordering::Relaxed),
+            "bytes": self.bytes.load(Ordering::Relaxed),
+            "postcopy_requests": latencies.len(),
+            "urgent_page_p50_us": at(0.5),
+            "urgent_page_p99_us": at(0.99),
+        })
+    }
+}

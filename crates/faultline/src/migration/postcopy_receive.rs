@@ -1,0 +1,648 @@
+//! Post-copy on the destination: the page source that asks the migration source for what the
+//! guest touches, the page stream taken in the background, and recovery after a cut.
+//!
+//! Two connections: the first carries the stream of every page, the second only page
+//! requests and their answers, so an urgent page never waits behind the stream. Pages from
+//! the stream go in through the pager's one install path, which never overwrites a page the
+//! guest already has. When a connection breaks, both are shut down and the migration pauses
+//! (see `incoming`); faults waiting for the source keep waiting, and their requests are asked
+//! again on the connection that recovery opens.
+
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use migrate::{read_message, write_message, Layout, Message, VmIdentity};
+use pager::{Content, PageSource, SourceError};
+use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
+
+use super::channel::{Channel, Tls};
+use super::incoming::{Incoming, Phase};
+use super::layout_of;
+use super::send::RUN_PAGES;
+
+/// How long a connected source may take to answer a page request before the connection
+/// counts as broken (it is then shut down, and the migration waits for recovery).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination waits for the page-request connection, for a hello, and, at the
+/// end, for every page to be in.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Accepts one connection on `listener`, until `deadline` (if any) or until `give_up` says so.
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Option<Instant>,
+    give_up: &dyn Fn() -> bool,
+) -> anyhow::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let accepted = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break Ok(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break Err(anyhow::anyhow!("no connection came in time"));
+                }
+                if give_up() {
+                    break Err(anyhow::anyhow!("the VM was shut down"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => break Err(e.into()),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    // An accepted socket does not inherit the listener's non-blocking mode on Linux; make sure.
+    let stream = accepted?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// A connection from the source on `listener`: accepted, its channel opened, hellos exchanged
+/// (the source's first, checked against `ours`).
+fn accept_link(
+    listener: &TcpListener,
+    tls: Option<&Tls>,
+    ours: &VmIdentity,
+    deadline: Option<Instant>,
+    give_up: &dyn Fn() -> bool,
+) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
+    let stream = accept_until(listener, deadline, give_up)?;
+    let channel = super::channel::open(stream, tls, "")?;
+    let mut writer = BufWriter::new(channel.try_clone()?);
+    let mut reader = BufReader::with_capacity(2 << 20, channel);
+    reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
+    let hello = read_message(&mut reader).context("no hello")?;
+    reader.get_ref().set_read_timeout(None)?;
+    match hello {
+        Message::Hello(theirs) => ours.check_matches(&theirs)?,
+        other => bail!("the connection began with {}, not a hello", other.name()),
+    }
+    write_message(&mut writer, &Message::Hello(ours.clone()))?;
+    writer.flush()?;
+    Ok((reader, writer))
+}
+
+/// The destination's page source: every page it fetches is asked of the source on the
+/// page-request connection, and waited for (while the migration is paused, as long as it
+/// takes).
+pub(super) struct NetworkSource {
+    layout: Layout,
+    incoming: Arc<Incoming>,
+    /// The page-request connection's writing half (`None` before the first).
+    writer: Mutex<Option<BufWriter<Channel>>>,
+    answers: Mutex<Answers>,
+    arrived: Condvar,
+    /// Fetches waiting for an answer.
+    outstanding: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Answers {
+    /// Requests made and not answered yet, by address: (pages asked).
+    asked: HashMap<u64, u32>,
+    pages: HashMap<u64, Vec<u8>>,
+    /// Whether a page-request connection is up; its number (answers from an older one are
+    /// not waited for).
+    connected: bool,
+    connection: u64,
+    /// Why no answer will ever come.
+    failed: Option<String>,
+}
+
+impl NetworkSource {
+    fn new(layout: Layout, incoming: Arc<Incoming>) -> Self {
+        NetworkSource {
+            layout,
+            incoming,
+            writer: Mutex::new(None),
+            answers: Mutex::new(Answers::default()),
+            arrived: Condvar::new(),
+            outstanding: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many fetches wait for an answer now.
+    fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Acquire)
+    }
+
+    fn connected(&self) -> bool {
+        lock(&self.answers).connected
+    }
+
+    /// Why no answer will ever come, if so.
+    fn failure(&self) -> Option<String> {
+        lock(&self.answers).failed.clone()
+    }
+
+    /// No answer will come any more: every fetch fails.
+    fn fail(&self, why: String) {
+        lock(&self.answers).failed.get_or_insert(why);
+        self.arrived.notify_all();
+    }
+
+    /// The page-request connection `connection` broke (`why`): the migration pauses.
+    fn broken(&self, connection: u64, why: &str) {
+        let recoverable = {
+            let mut answers = lock(&self.answers);
+            if answers.connection != connection || !answers.connected {
+                return;
+            }
+            answers.connected = false;
+            self.arrived.notify_all();
+            drop(answers);
+            self.incoming.pause(why)
+        };
+        if !recoverable {
+            self.fail(why.to_string());
+        }
+    }
+
+    /// Takes a (new) page-request connection: the requests still unanswered are asked again on
+    /// it, and a thread takes its answers.
+    fn connect(
+        self: &Arc<Self>,
+        reader: BufReader<Channel>,
+        writer: BufWriter<Channel>,
+    ) -> anyhow::Result<()> {
+        self.incoming.add_link(reader.get_ref().try_clone()?);
+        let mut slot = lock(&self.writer);
+        let (connection, asked) = {
+            let mut answers = lock(&self.answers);
+            answers.connection += 1;
+            answers.connected = true;
+            let asked: Vec<(u64, u32)> = answers.asked.iter().map(|(&g, &n)| (g, n)).collect();
+            (answers.connection, asked)
+        };
+        let writer = slot.insert(writer);
+        for (gpa, count) in asked {
+            write_message(writer, &Message::PageRequest { gpa, count })?;
+        }
+        writer.flush()?;
+        drop(slot);
+        let answers = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("postcopy-answers".into())
+            .spawn(move || answers.take_answers(reader, connection))?;
+        self.arrived.notify_all();
+        Ok(())
+    }
+
+    /// Takes the answers of page-request connection `connection` until it ends.
+    fn take_answers(&self, mut reader: BufReader<Channel>, connection: u64) {
+        loop {
+            let message = read_message(&mut reader).map_err(anyhow::Error::from);
+            match message.and_then(|m| m.check(&self.layout).map(|()| m).map_err(Into::into)) {
+                Ok(Message::Pages { gpa, data }) => {
+                    let mut answers = lock(&self.answers);
+                    // Only answers to requests made, of the size asked, are kept (a request
+                    // asked again after a recovery may be answered twice).
+                    if answers.asked.get(&gpa).map(|&n| u64::from(n) * PAGE_SIZE)
+                        == Some(data.len() as u64)
+                    {
+                        answers.asked.remove(&gpa);
+                        answers.pages.insert(gpa, data);
+                        self.arrived.notify_all();
+                    }
+                }
+                Ok(other) => {
+                    // A source that breaks the protocol is not waited for again.
+                    self.fail(format!("unexpected {} among page answers", other.name()));
+                    self.incoming.shut_links();
+                    return;
+                }
+                Err(e) => {
+                    self.broken(connection, &format!("the page-request connection: {e:#}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Asks the source for `count` pages at `gpa`, if a connection is up (if not, the request
+    /// is asked when one is).
+    fn ask(&self, gpa: u64, count: u32) {
+        let mut slot = lock(&self.writer);
+        let connection = lock(&self.answers).connection;
+        if let Some(writer) = slot.as_mut() {
+            let sent = write_message(writer, &Message::PageRequest { gpa, count })
+                .and_then(|()| writer.flush());
+            if let Err(e) = sent {
+                drop(slot);
+                self.broken(connection, &format!("cannot ask the migration source: {e}"));
+            }
+        }
+    }
+}
+
+impl PageSource for NetworkSource {
+    fn describe(&self) -> String {
+        "the migration source".into()
+    }
+
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let unavailable = |reason: String| SourceError::Unavailable { offset, reason };
+        let regions = self.layout.regions();
+        let (gpa, count) = image_to_gpa(regions, offset, buf.len() as u64)
+            .ok_or_else(|| unavailable("not guest RAM".into()))?;
+        self.outstanding.fetch_add(1, Ordering::AcqRel);
+        let asked = Instant::now();
+        lock(&self.answers).asked.insert(gpa, count);
+        self.ask(gpa, count);
+        let result = (|| {
+            let mut answers = lock(&self.answers);
+            let mut deadline = Instant::now() + ANSWER_TIMEOUT;
+            loop {
+                if let Some(data) = answers.pages.remove(&gpa) {
+                    if data.len() != buf.len() {
+                        return Err(unavailable(format!(
+                            "the source answered with {} bytes for {} asked",
+                            data.len(),
+                            buf.len()
+                        )));
+                    }
+                    buf.copy_from_slice(&data);
+                    return Ok(Content::Data);
+                }
+                if let Some(why) = answers.failed.clone() {
+                    answers.asked.remove(&gpa);
+                    return Err(unavailable(format!("the migration source is gone: {why}")));
+                }
+                if !answers.connected {
+                    // Paused: the request is asked again once the source is back.
+                    answers = self
+                        .arrived
+                        .wait(answers)
+                        .unwrap_or_else(|e| e.into_inner());
+                    deadline = Instant::now() + ANSWER_TIMEOUT;
+                    continue;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // A source that does not answer is as good as a broken connection.
+                    let connection = answers.connection;
+                    drop(answers);
+                    self.broken(
+                        connection,
+                        &format!(
+                            "no answer from the migration source within {} s",
+                            ANSWER_TIMEOUT.as_secs()
+                        ),
+                    );
+                    answers = lock(&self.answers);
+                    continue;
+                }
+                answers = self
+                    .arrived
+                    .wait_timeout(answers, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        })();
+        self.incoming
+            .record_latency(asked.elapsed().as_micros() as u64);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+}
+
+/// The guest range of `len` bytes at `offset` of RAM laid out back to back.
+fn image_to_gpa(regions: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u32)> {
+    let mut base = 0;
+    for &(gpa, size) in regions {
+        if offset >= base && offset + len <= base + size {
+            return Some((gpa + offset - base, u32::try_from(len / PAGE_SIZE).ok()?));
+        }
+        base += size;
+    }
+    None
+}
+
+/// Accepts the page-request connection (and its hello) from `listener`; the source to build
+/// the pager on.
+pub(super) fn accept_requests(
+    listener: &TcpListener,
+    tls: Option<&Tls>,
+    ours: &VmIdentity,
+    incoming: &Arc<Incoming>,
+) -> anyhow::Result<Arc<NetworkSource>> {
+    let (reader, writer) = accept_link(
+        listener,
+        tls,
+        ours,
+        Some(Instant::now() + ACCEPT_TIMEOUT),
+        &|| false,
+    )
+    .context("cannot accept the page-request connection")?;
+    let source = Arc::new(NetworkSource::new(
+        ours.layout.clone(),
+        Arc::clone(incoming),
+    ));
+    source.connect(reader, writer)?;
+    Ok(source)
+}
+
+/// What the stream thread works with.
+pub(super) struct Stream {
+    pub reader: BufReader<Channel>,
+    pub writer: BufWriter<Channel>,
+    pub ram: GuestRam,
+    pub pager: pager::PagerHandle,
+    pub source: Arc<NetworkSource>,
+    pub incoming: Arc<Incoming>,
+    pub ours: VmIdentity,
+}
+
+/// How taking the stream stopped short.
+enum Stop {
+    /// The connection broke: recoverable.
+    Broken(anyhow::Error),
+    /// Anything else: the migration fails.
+    Fatal(anyhow::Error),
+}
+
+/// Takes the page stream into the pager until the source is done, waits until every page of
+/// RAM is in, then confirms it. A broken connection pauses the migration until it is
+/// recovered; any other failure is told to the source.
+pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
+    let Stream {
+        mut reader,
+        mut writer,
+        ram,
+        pager,
+        source,
+        incoming,
+        ours,
+    } = stream;
+    incoming.add_link(reader.get_ref().try_clone()?);
+    loop {
+        match take_all(&mut reader, &ram, &pager, &source, &incoming) {
+            Ok(()) => {
+                incoming.set_phase(Phase::Completed, None);
+                write_message(&mut writer, &Message::Done)?;
+                writer.flush()?;
+                return Ok(());
+            }
+            Err(Stop::Broken(e)) if source.failure().is_some() => {
+                let why = source.failure().unwrap_or_default();
+                let e = e.context(why);
+                incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
+                return Err(e);
+            }
+            Err(Stop::Broken(e)) => {
+                let why = format!("{e:#}");
+                if !incoming.pause(&why) {
+                    source.fail(why.clone());
+                    incoming.set_phase(Phase::Failed, Some(why));
+                    return Err(e);
+                }
+                match recover(&ram, &pager, &source, &incoming, &ours) {
+                    Ok((r, w)) => (reader, writer) = (r, w),
+                    Err(e) => {
+                        source.fail(format!("{e:#}"));
+                        incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
+                        return Err(e);
+                    }
+                }
+            }
+            Err(Stop::Fatal(e)) => {
+                let _ = write_message(&mut writer, &Message::Abort(format!("{e:#}")));
+                let _ = writer.flush();
+                source.fail(format!("{e:#}"));
+                incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Waits for `recover` to give a listener, then for the source to reconnect to it: the new
+/// connections, once the source knows what this side holds. Failed attempts go back to
+/// waiting; only a VM shut down ends it.
+fn recover(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    source: &Arc<NetworkSource>,
+    incoming: &Arc<Incoming>,
+    ours: &VmIdentity,
+) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
+    loop {
+        let Some((listener, tls)) = incoming.wait_for_listener() else {
+            bail!("post-copy was paused, and the VM was shut down before it was recovered");
+        };
+        match resume_from(&listener, tls.as_ref(), ram, pager, source, incoming, ours) {
+            Ok(links) => {
+                incoming.set_phase(Phase::PostcopyActive, None);
+                tracing::info!("post-copy recovered");
+                return Ok(links);
+            }
+            Err(e) => {
+                if incoming.abandoned() {
+                    return Err(e);
+                }
+                tracing::warn!("a post-copy recovery attempt failed: {e:#}");
+                incoming.shut_links();
+                incoming.retry(listener, tls, format!("recovery failed: {e:#}"));
+            }
+        }
+    }
+}
+
+/// One recovery attempt: the source's main connection (hello, resume), what this side holds,
+/// then its page-request connection.
+fn resume_from(
+    listener: &TcpListener,
+    tls: Option<&Tls>,
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    source: &Arc<NetworkSource>,
+    incoming: &Arc<Incoming>,
+    ours: &VmIdentity,
+) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
+    let give_up = || incoming.abandoned();
+    let (mut reader, mut writer) = accept_link(listener, tls, ours, None, &give_up)
+        .context("cannot take the source's reconnection")?;
+    incoming.add_link(reader.get_ref().try_clone()?);
+    reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
+    let first = read_message(&mut reader).context("no resume after the hello")?;
+    reader.get_ref().set_read_timeout(None)?;
+    if first != Message::Resume {
+        bail!("the reconnection began with {}, not a resume", first.name());
+    }
+    let held = held_pages(ram, pager);
+    write_message(
+        &mut writer,
+        &Message::Received {
+            pages: held.pages(),
+            bitmap: held.words().to_vec(),
+        },
+    )?;
+    writer.flush()?;
+    let deadline = Some(Instant::now() + ACCEPT_TIMEOUT);
+    let (requests_reader, requests_writer) =
+        accept_link(listener, tls, ours, deadline, &give_up)
+            .context("cannot take the source's new page-request connection")?;
+    source.connect(requests_reader, requests_writer)?;
+    Ok((reader, writer))
+}
+
+/// The pages the pager holds, by index (regions back to back).
+fn held_pages(ram: &GuestRam, pager: &pager::PagerHandle) -> DirtyPages {
+    let mut held = DirtyPages::new(ram.size() / PAGE_SIZE);
+    let mut first = 0u64;
+    for (index, region) in ram.regions().iter().enumerate() {
+        let count = region.size() / PAGE_SIZE;
+        for page in 0..count {
+            if pager.is_present(index, page as usize) {
+                held.mark(first + page);
+            }
+        }
+        first += count;
+    }
+    held
+}
+
+fn take_all(
+    reader: &mut BufReader<Channel>,
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    source: &NetworkSource,
+    incoming: &Incoming,
+) -> Result<(), Stop> {
+    let layout = layout_of(ram);
+    loop {
+        let message = match read_message(reader) {
+            Ok(message) => message,
+            Err(e) if e.is_connection_loss() => {
+                return Err(Stop::Broken(
+                    anyhow::Error::from(e).context("the page stream broke"),
+                ))
+            }
+            Err(e) => return Err(Stop::Fatal(e.into())),
+        };
+        message.check(&layout).map_err(|e| Stop::Fatal(e.into()))?;
+        match message {
+            Message::Pages { gpa, data } => {
+                incoming
+                    .normal_pages
+                    .fetch_add(data.len() as u64 / PAGE_SIZE, Ordering::Relaxed);
+                incoming
+                    .bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                install(ram, pager, gpa, &data).map_err(Stop::Fatal)?;
+            }
+            Message::ZeroPages { gpa, count } => {
+                incoming.zero_pages.fetch_add(count, Ordering::Relaxed);
+                install_zeros(ram, pager, gpa, count).map_err(Stop::Fatal)?;
+            }
+            Message::Done => break,
+            Message::Abort(reason) => {
+                return Err(Stop::Fatal(anyhow::anyhow!("the source gave up: {reason}")))
+            }
+            other => {
+                return Err(Stop::Fatal(anyhow::anyhow!(
+                    "unexpected {} in the page stream",
+                    other.name()
+                )))
+            }
+        }
+    }
+    // Every page is in, or on its way to a fault that asked for it: wait for those, so that
+    // the source may go.
+    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    // A page once present stays so: each look starts where the last one stopped.
+    let mut from = (0, 0);
+    loop {
+        if let Some(fatal) = pager.fatal_error() {
+            return Err(Stop::Fatal(anyhow::anyhow!(
+                "guest memory could not be provided: {fatal}"
+            )));
+        }
+        if !source.connected() {
+            return Err(Stop::Broken(anyhow::anyhow!(
+                "the page-request connection broke while the last pages came"
+            )));
+        }
+        let missing = first_missing(ram, pager, from);
+        match missing {
+            None if source.outstanding() == 0 => return Ok(()),
+            None => {}
+            Some(at) => from = at,
+        }
+        if Instant::now() >= deadline {
+            let (index, page) = missing.unwrap_or(from);
+            return Err(Stop::Fatal(anyhow::anyhow!(
+                "guest RAM at {:#x} was still missing {} s after the stream ended",
+                ram.regions()[index].gpa() + page as u64 * PAGE_SIZE,
+                ACCEPT_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The first page, `(region, page)` from `from` on, that the pager does not have yet.
+fn first_missing(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    from: (usize, usize),
+) -> Option<(usize, usize)> {
+    ram.regions()
+        .iter()
+        .enumerate()
+        .skip(from.0)
+        .find_map(|(index, region)| {
+            let start = if index == from.0 { from.1 } else { 0 };
+            (start..(region.size() / PAGE_SIZE) as usize)
+                .find(|&page| !pager.is_present(index, page))
+                .map(|page| (index, page))
+        })
+}
+
+/// Installs `count` zero pages from `gpa` through the pager (pages already there are left
+/// alone).
+pub(super) fn install_zeros(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    gpa: u64,
+    count: u64,
+) -> anyhow::Result<()> {
+    let zeros = vec![0u8; (RUN_PAGES.min(count) * PAGE_SIZE) as usize];
+    let mut at = gpa;
+    let mut left = count;
+    while left > 0 {
+        let n = left.min(RUN_PAGES);
+        install(ram, pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
+        at += n * PAGE_SIZE;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Installs `data` at `gpa` through the pager (pages already there are left alone).
+fn install(
+    ram: &GuestRam,
+    pager: &pager::PagerHandle,
+    gpa: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let (index, region) = ram
+        .regions()
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.contains(gpa, data.len() as u64))
+        .context("streamed pages outside RAM")?;
+    let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
+    pager
+        .install_pages(index, first, data)
+        .context("cannot install streamed pages")?;
+    Ok(())
+}

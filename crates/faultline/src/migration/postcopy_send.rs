@@ -1,0 +1,372 @@
+//! Post-copy on the source: the VM moves at once and its memory follows.
+//!
+//! The source pauses the VM and sends its state; the destination runs it with all of guest RAM
+//! behind the pager, whose page source asks the source for what the guest touches first. Two
+//! connections: the first carries the stream of every page, the second only page requests and
+//! their answers, so an urgent page never waits behind the stream; the stream moves on from
+//! the last page asked for.
+//!
+//! Once the state is sent the VM may be running at the destination, so the source never
+//! resumes it after that. A failure from then on leaves it paused here (`postcopy-paused`):
+//! `resume` reconnects, learns what the destination holds, and sends the rest.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use migrate::{read_message, write_message, Message, ProtocolError};
+use snapshot::state::GuestInfo;
+use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
+
+use super::channel::Channel;
+use super::layout_of;
+use super::send::{
+    read_and_send, PausedPostcopy, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
+};
+
+/// How long the destination may take to say what it holds when the source reconnects.
+const RECEIVED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
+/// pre-copy rounds).
+pub(super) struct Switch<'a> {
+    pub handle: &'a VmHandle,
+    pub guest: Option<GuestInfo>,
+    pub options: &'a SendOptions,
+    pub started: Instant,
+    pub setup: Duration,
+    pub writer: BufWriter<Channel>,
+    pub reader: BufReader<Channel>,
+    pub paused_here: &'a mut bool,
+    /// Pages the rounds sent that changed since (hybrid); `None`: nothing was sent yet.
+    pub stale: Option<DirtyPages>,
+    /// Every page taken from the dirty log, to give back if this fails before the state left.
+    pub taken: &'a mut DirtyPages,
+    pub ended_by: &'static str,
+    /// What the rounds sent.
+    pub before: Sent,
+    pub rounds: u32,
+}
+
+/// The source side: pause, the state, then the pages that are still to come, streamed and on
+/// request.
+pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
+    let Switch {
+        handle,
+        guest,
+        options,
+        started,
+        setup,
+        mut writer,
+        mut reader,
+        paused_here,
+        stale,
+        taken,
+        ended_by,
+        before,
+        rounds,
+    } = switch;
+    let ram = handle.ram();
+    // Post-copy begins: the destination takes the page-request connection before anything
+    // else, and the VM still runs here until that works.
+    write_message(&mut writer, &Message::SwitchOver { post_copy: true })
+        .and_then(|()| writer.flush())
+        .context("cannot send the switch-over")?;
+    let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
+        .context("cannot open the page-request connection")?;
+    let paused_at = Instant::now();
+    super::send::pause_for_switch(handle, paused_here)?;
+    let total = ram.size() / PAGE_SIZE;
+    let to_come = match stale {
+        Some(mut stale) => {
+            stale.merge(&super::send::take(handle, taken)?);
+            stale
+        }
+        None => DirtyPages::all(total),
+    };
+    let state = super::send::state_message(handle, guest)?;
+    write_message(&mut writer, &state)?;
+    write_message(
+        &mut writer,
+        &Message::Stale {
+            pages: total,
+            bitmap: to_come.words().to_vec(),
+        },
+    )?;
+    writer.flush().context("cannot send the state")?;
+    let mut paused = Box::new(PausedPostcopy {
+        mode: if before.bytes > 0 { "hybrid" } else { "post" },
+        ended_by,
+        started,
+        setup,
+        downtime: Duration::ZERO,
+        sent: before,
+        rounds,
+        requests: 0,
+        confirmed: false,
+        recoveries: 0,
+    });
+    // Once the destination has built the VM it runs it there, and it must never run here
+    // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
+    // leaves the VM paused here, for a recovery to settle.
+    match read_message(&mut reader) {
+        Ok(Message::Built) => {
+            *paused_here = false;
+            paused.confirmed = true;
+        }
+        Ok(Message::Abort(reason)) => {
+            return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into())
+        }
+        Ok(other) => {
+            *paused_here = false;
+            let e = anyhow::anyhow!("the destination answered the state with {}", other.name());
+            return Err(SendFailure::PostcopyPaused(e, paused));
+        }
+        Err(e) => {
+            *paused_here = false;
+            let e = anyhow::Error::from(e)
+                .context("the destination did not say whether it runs the VM");
+            return Err(SendFailure::PostcopyPaused(e, paused));
+        }
+    }
+    paused.downtime = paused_at.elapsed();
+    let completed = complete(handle, (writer, reader), urgent, &to_come, &mut paused);
+    finished(completed, paused)
+}
+
+/// Resumes a post-copy that `paused`: reconnects to the destination (whose `recover` listens
+/// at `options.to`), learns what it holds, and sends the rest.
+pub fn resume(
+    handle: &VmHandle,
+    options: &SendOptions,
+    mut paused: Box<PausedPostcopy>,
+) -> Result<SendReport, SendFailure> {
+    let attempt = (|| {
+        let (mut writer, mut reader) =
+            super::send::connect(handle, &options.to, options.tls.as_ref())?;
+        write_message(&mut writer, &Message::Resume)?;
+        writer.flush()?;
+        reader.get_ref().set_read_timeout(Some(RECEIVED_TIMEOUT))?;
+        let answer =
+            read_message(&mut reader).context("the destination did not say what it holds")?;
+        reader.get_ref().set_read_timeout(None)?;
+        let layout = layout_of(handle.ram());
+        answer.check(&layout)?;
+        let held = match answer {
+            Message::Received { pages, bitmap } => DirtyPages::from_words(pages, bitmap)
+                .context("a received bitmap of the wrong size")?,
+            Message::Abort(reason) => bail!("the destination cannot resume: {reason}"),
+            other => bail!("the destination answered the resume with {}", other.name()),
+        };
+        // It answered: it runs the VM (it holds what the first connection built).
+        paused.confirmed = true;
+        let mut to_come = DirtyPages::new(held.pages());
+        for page in (0..held.pages()).filter(|&page| !held.contains(page)) {
+            to_come.mark(page);
+        }
+        let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
+            .context("cannot open the page-request connection again")?;
+        Ok(((writer, reader), urgent, to_come))
+    })();
+    let completed = attempt
+        .and_then(|(main, urgent, to_come)| complete(handle, main, urgent, &to_come, &mut paused));
+    paused.recoveries += 1;
+    finished(completed, paused)
+}
+
+/// The report of a post-copy that `completed`, or where it is paused.
+fn finished(
+    completed: anyhow::Result<()>,
+    paused: Box<PausedPostcopy>,
+) -> Result<SendReport, SendFailure> {
+    match completed {
+        Ok(()) => {
+            let mut report = SendReport::new(
+                paused.mode,
+                paused.ended_by,
+                paused.started,
+                paused.setup,
+                paused.downtime,
+                &paused.sent,
+                paused.rounds,
+                0.0,
+                paused.requests,
+            );
+            report.postcopy_recoveries = paused.recoveries;
+            Ok(report)
+        }
+        Err(e) => Err(SendFailure::PostcopyPaused(e, paused)),
+    }
+}
+
+type Link = (BufWriter<Channel>, BufReader<Channel>);
+
+/// Streams the pages of `to_come` on `main` and answers page requests on `urgent` until the
+/// destination confirms it holds every page. Any failure shuts both connections down.
+fn complete(
+    handle: &VmHandle,
+    main: Link,
+    urgent: Link,
+    to_come: &DirtyPages,
+    paused: &mut PausedPostcopy,
+) -> anyhow::Result<()> {
+    let (mut writer, mut reader) = main;
+    let (urgent_writer, urgent_reader) = urgent;
+    let total = handle.ram().size() / PAGE_SIZE;
+    let shared = Arc::new(Streaming {
+        sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
+        hint: AtomicU64::new(NO_HINT),
+        requests: AtomicU64::new(0),
+        finishing: AtomicBool::new(false),
+    });
+    let main_channel = reader.get_ref().try_clone()?;
+    let urgent_channel = urgent_reader.get_ref().try_clone()?;
+    // The destination sees a broken page-request connection too, and shuts the stream down;
+    // the stream alone says whether the migration completed.
+    let server = {
+        let handle = handle.clone();
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || {
+                let channel = urgent_reader.get_ref().try_clone();
+                let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
+                if let (Err(_), Ok(channel)) = (&served, channel) {
+                    // The destination learns at once that no answer will come on it.
+                    channel.shutdown();
+                }
+                served
+            })?
+    };
+    let streamed = stream_pages(handle, &mut writer, &shared, &mut paused.sent);
+    let finished = streamed.and_then(|()| {
+        write_message(&mut writer, &Message::Done)?;
+        writer.flush()?;
+        match read_message(&mut reader).context("the destination did not confirm the migration")? {
+            Message::Done => Ok(()),
+            Message::Abort(reason) => bail!("the destination gave up: {reason}"),
+            other => bail!("the destination answered with {}", other.name()),
+        }
+    });
+    shared.finishing.store(true, Ordering::Release);
+    urgent_channel.shutdown();
+    if finished.is_err() {
+        main_channel.shutdown();
+    }
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
+    paused.requests += shared.requests.load(Ordering::Relaxed);
+    if let Err(e) = served {
+        tracing::warn!("post-copy page requests: {e:#}");
+    }
+    finished.context("post-copy failed")
+}
+
+const NO_HINT: u64 = u64::MAX;
+
+/// What the stream and the request server share on the source.
+struct Streaming {
+    /// By page index (regions back to back): sent already, by either.
+    sent: Mutex<Vec<bool>>,
+    /// The page index last asked for, where the stream goes on from.
+    hint: AtomicU64,
+    requests: AtomicU64,
+    /// The stream is done: the page-request connection is shut down on purpose.
+    finishing: AtomicBool,
+}
+
+/// Sends every page not sent yet, in runs, moving to the last page asked for when there is one.
+fn stream_pages<W: Write>(
+    handle: &VmHandle,
+    writer: &mut W,
+    shared: &Streaming,
+    sent: &mut Sent,
+) -> anyhow::Result<()> {
+    let ram = handle.ram();
+    let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let mut next = 0u64;
+    loop {
+        let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
+        if hint != NO_HINT {
+            next = hint;
+        }
+        let run = {
+            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
+            let total = done.len() as u64;
+            let Some(first) = (0..total)
+                .map(|i| (next + i) % total)
+                .find(|&page| !done[page as usize])
+            else {
+                break;
+            };
+            let gpa = ram.gpa_of_page(first).context("a page past RAM")?;
+            let mut count = 1;
+            while count < RUN_PAGES
+                && first + count < total
+                && !done[(first + count) as usize]
+                && ram.gpa_of_page(first + count) == Some(gpa + count * PAGE_SIZE)
+            {
+                count += 1;
+            }
+            for page in first..first + count {
+                done[page as usize] = true;
+            }
+            next = first + count;
+            (gpa, count)
+        };
+        read_and_send(writer, ram, &mut buffer, run.0, run.1, sent)?;
+    }
+    Ok(())
+}
+
+/// Answers page requests on the second connection until the stream side shuts it down.
+fn serve_requests(
+    handle: &VmHandle,
+    mut reader: BufReader<Channel>,
+    mut writer: BufWriter<Channel>,
+    shared: &Streaming,
+) -> anyhow::Result<()> {
+    let ram = handle.ram();
+    let layout = layout_of(ram);
+    loop {
+        let message = match read_message(&mut reader) {
+            Ok(message) => message,
+            Err(_) if shared.finishing.load(Ordering::Acquire) => return Ok(()),
+            Err(ProtocolError::PeerClosed) => {
+                bail!("the destination closed the page-request connection")
+            }
+            Err(e) => return Err(e).context("the page-request connection broke"),
+        };
+        message.check(&layout)?;
+        let Message::PageRequest { gpa, count } = message else {
+            bail!(
+                "unexpected {} on the page-request connection",
+                message.name()
+            );
+        };
+        let len = u64::from(count) * PAGE_SIZE;
+        let mut data = vec![0u8; len as usize];
+        let host = ram
+            .host_range(gpa, len)
+            .context("requested pages not in RAM")?;
+        vmm::memory::read_host(host as u64, &mut data)
+            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        write_message(&mut writer, &Message::Pages { gpa, data })?;
+        writer.flush()?;
+        shared.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(first) = ram.page_index(gpa) {
+            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
+            for page in first..first + u64::from(count) {
+                if let Some(slot) = done.get_mut(page as usize) {
+                    *slot = true;
+                }
+            }
+            shared
+                .hint
+                .store(first + u64::from(count), Ordering::Release);
+        }
+    }
+}
