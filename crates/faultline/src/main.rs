@@ -263,6 +263,11 @@ enum MigrateCommand {
         /// `faultline migrate recover` listens. The pages it lacks are sent, and it completes.
         #[arg(long)]
         resume: bool,
+        /// Pre-copy: never throttle the guest. By default, rounds that do not converge slow
+        /// the guest's vCPUs (20% of their time, 10% more each round, up to 99%) until they
+        /// do; without it the round limit ends them and the rest goes in a longer pause.
+        #[arg(long)]
+        no_throttle: bool,
         /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
@@ -825,6 +830,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             max_rounds,
             tls_dir,
             resume,
+            no_throttle,
             json,
         } => {
             let tls_dir = tls_dir
@@ -833,7 +839,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 .context("cannot resolve --tls-dir")?;
             let body = serde_json::json!({
                 "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                "tls_dir": tls_dir, "resume": resume,
+                "tls_dir": tls_dir, "resume": resume, "throttle": !no_throttle,
             });
             let channel = if tls_dir.is_some() {
                 "TLS, mutually authenticated"
@@ -859,6 +865,15 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                     report["zero_pages"],
                     report["dirty_rounds"],
                     report["throughput_mbit_per_s"].as_f64().unwrap_or(f64::NAN),
+                );
+                println!(
+                    "faultline: {} mode; the copy rounds ended: {}{}",
+                    report["mode"].as_str().unwrap_or("?"),
+                    report["ended_by"].as_str().unwrap_or("?"),
+                    match report["throttle_percent"].as_u64() {
+                        Some(p) if p > 0 => format!(" (the guest was throttled to {p}%)"),
+                        _ => String::new(),
+                    }
                 );
             }
             Ok(())

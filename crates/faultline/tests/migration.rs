@@ -301,10 +301,33 @@ fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
     // a round takes): the round limit ends the rounds and the rest goes in the pause.
     let report = migrated_with(
         BIG,
-        &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "3"],
+        &[
+            "--mode",
+            "pre",
+            "--downtime-ms",
+            "0",
+            "--max-rounds",
+            "3",
+            "--no-throttle",
+        ],
     );
     assert_eq!(report["ended_by"], "round limit", "{report}");
     assert_eq!(report["dirty_rounds"], 3, "{report}");
+    assert_eq!(report["throttle_percent"], 0, "{report}");
+}
+
+#[test]
+fn a_pre_copy_that_does_not_converge_throttles_the_guest() {
+    require_kvm!();
+    // With no downtime allowed nothing fits while the guest writes: after two rounds its
+    // vCPUs are throttled, 10% more each round, and it still finishes right at the
+    // destination.
+    let report = migrated_with(
+        BIG,
+        &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "6"],
+    );
+    assert_eq!(report["throttle_percent"], 60, "{report}");
+    assert_eq!(report["ended_by"], "round limit", "{report}");
 }
 
 #[test]

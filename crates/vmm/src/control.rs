@@ -3,7 +3,7 @@
 //! of KVM_RUN.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,10 @@ pub struct RunControl {
     started: Mutex<Option<Instant>>,
     /// The micro-guest hold point vCPUs wait at (see [`RunControl::set_hold_at`]).
     hold_at: Mutex<Option<u32>>,
+    /// The share of each throttle slice a kicked vCPU sleeps, in percent (0: none).
+    throttle: AtomicU8,
+    /// How many times a vCPU slept for the throttle.
+    throttle_sleeps: AtomicU64,
     kick_signal: libc::c_int,
 }
 
@@ -120,6 +124,8 @@ impl Default for RunControl {
             changed: Condvar::new(),
             started: Mutex::new(None),
             hold_at: Mutex::new(None),
+            throttle: AtomicU8::new(0),
+            throttle_sleeps: AtomicU64::new(0),
             kick_signal: vmm_sys_util::signal::SIGRTMIN(),
         }
     }
@@ -144,6 +150,45 @@ impl RunControl {
     /// Whether a stop was requested.
     pub fn should_stop(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Sets the throttle (see [`crate::throttle::Throttle`], which also kicks the vCPUs).
+    pub(crate) fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// The throttle in force, in percent of each slice (0: none).
+    pub fn throttle(&self) -> u8 {
+        self.throttle.load(Ordering::Acquire)
+    }
+
+    /// How many times a vCPU has slept for the throttle.
+    pub fn throttle_sleeps(&self) -> u64 {
+        self.throttle_sleeps.load(Ordering::Relaxed)
+    }
+
+    /// Called by a vCPU thread kicked out of KVM_RUN: under a throttle, it sleeps its share of
+    /// the slice (less if a pause or stop comes, or the throttle is lifted).
+    pub(crate) fn throttle_pause(&self) {
+        let percent = self.throttle();
+        if percent == 0 {
+            return;
+        }
+        let until = Instant::now() + crate::throttle::THROTTLE_SLICE * u32::from(percent) / 100;
+        self.throttle_sleeps.fetch_add(1, Ordering::Relaxed);
+        let mut threads = self.threads();
+        while self.throttle() > 0 && !self.pause_requested() && !self.should_stop() {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            threads = self
+                .changed
+                .wait_timeout(threads, until - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether vCPUs should park.

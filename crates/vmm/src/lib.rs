@@ -14,6 +14,7 @@ pub mod memory;
 mod memslots;
 pub mod sigbus;
 pub mod state;
+pub mod throttle;
 pub mod tracking;
 pub mod vcpu;
 pub mod vm;

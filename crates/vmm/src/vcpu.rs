@@ -352,8 +352,13 @@ impl Vcpu {
             }
             let exit = match result {
                 Ok(exit) => exit,
-                // A kick from the VMM (signal) or a transient condition: look at the stop flag.
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                // A kick from the VMM (signal) or a transient condition: look at the stop flag
+                // (and, under a throttle, sleep first).
+                Err(e) if e.errno() == libc::EINTR => {
+                    control.throttle_pause();
+                    continue;
+                }
+                Err(e) if e.errno() == libc::EAGAIN => continue,
                 Err(source) => {
                     return Err(VcpuError::Kvm {
                         vcpu: index,

@@ -34,9 +34,16 @@ pub struct SendRequest {
     /// `recover` listens).
     #[serde(default)]
     resume: bool,
+    /// Pre-copy: throttle the guest when rounds do not converge.
+    #[serde(default = "yes")]
+    throttle: bool,
 }
 
-pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL}"#;
+fn yes() -> bool {
+    true
+}
+
+pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL, "throttle": BOOL}"#;
 
 fn default_downtime_ms() -> u64 {
     300
@@ -195,6 +202,7 @@ impl Migrations {
             mode: request.mode,
             downtime: Duration::from_millis(request.downtime_ms),
             max_rounds: request.max_rounds,
+            throttle: request.throttle,
         };
         let result = match paused {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),

@@ -12,6 +12,7 @@ use serde::Serialize;
 use snapshot::create::{state_of, Watch};
 use snapshot::state::{GuestInfo, MemoryKind};
 use vmm::control::PauseError;
+use vmm::throttle::Throttle;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::Channel;
@@ -19,6 +20,12 @@ use super::identity;
 
 /// How long the destination may take to answer a hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pre-copy rounds that leave too much to send before the guest is throttled (then by
+/// THROTTLE_INITIAL percent, THROTTLE_STEP more each round after, as QEMU's auto-converge).
+const THROTTLE_AFTER_ROUNDS: u32 = 2;
+const THROTTLE_INITIAL: u8 = 20;
+const THROTTLE_STEP: u8 = 10;
 
 /// Pages read and sent as one message at most.
 pub(super) const RUN_PAGES: u64 = 256;
@@ -48,6 +55,9 @@ pub struct SendOptions {
     pub max_rounds: u32,
     /// Set to make a hybrid migration switch to post-copy at the next round's end.
     pub switch_now: Arc<AtomicBool>,
+    /// Pre-copy: throttle the guest's vCPUs when rounds do not converge (else the round limit
+    /// ends them, and the rest goes in a longer pause).
+    pub throttle: bool,
     /// TLS with this side's certificate (`None`: plain TCP).
     pub tls: Option<super::channel::Tls>,
 }
@@ -76,6 +86,9 @@ pub struct SendReport {
     pub postcopy_requests: u64,
     /// Post-copy: how many times it was resumed after a broken connection.
     pub postcopy_recoveries: u32,
+    /// Pre-copy: the most the guest's vCPUs were throttled, in percent of their time (0: not
+    /// throttled).
+    pub throttle_percent: u8,
     /// What ended the copy rounds: "converged" (what was left fitted the downtime limit),
     /// "round limit" (pre-copy: the last pages went in a longer pause), "not shrinking" or
     /// "told" (hybrid: post-copy took over), or "post-copy" (no rounds).
@@ -113,6 +126,7 @@ impl SendReport {
             converged: ended_by == "converged",
             postcopy_requests,
             postcopy_recoveries: 0,
+            throttle_percent: 0,
             ended_by,
         }
     }
@@ -280,12 +294,16 @@ fn switch_over(
         dirtied,
         took,
         ended_by,
+        throttle,
+        throttle_percent,
     } = rounds;
 
     // Switch-over: pause, the last pages, the state; the destination answers once it has
     // built the VM.
     let paused_at = Instant::now();
     pause_for_switch(handle, paused_here)?;
+    // Paused: the throttle has nothing left to slow (and must not outlive a failure).
+    drop(throttle);
     pending.merge(&take(handle, taken)?);
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
     send_pages(&mut writer, handle, &pending, &mut sent)?;
@@ -301,7 +319,7 @@ fn switch_over(
         ),
     }
     let downtime = paused_at.elapsed();
-    Ok(SendReport::new(
+    let mut report = SendReport::new(
         "pre",
         ended_by,
         started,
@@ -311,7 +329,9 @@ fn switch_over(
         rounds,
         dirtied as f64 / took.as_secs_f64().max(1e-6),
         0,
-    ))
+    );
+    report.throttle_percent = throttle_percent;
+    Ok(report)
 }
 
 /// What the pre-copy rounds did.
@@ -325,6 +345,10 @@ struct Rounds {
     dirtied: u64,
     took: Duration,
     ended_by: &'static str,
+    /// The throttle in force when the rounds ended: it stays until the VM is paused.
+    throttle: Option<Throttle>,
+    /// The most the guest was throttled, in percent.
+    throttle_percent: u8,
 }
 
 /// Sends every page, then rounds of those written since, until what is left fits the downtime
@@ -342,6 +366,8 @@ fn copy_rounds<W: Write>(
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
     let mut previous = u64::MAX;
+    let mut throttle: Option<Throttle> = None;
+    let mut throttle_percent = 0;
     // The first pass is every page, whatever the log held (it may have been on before, for
     // diff snapshots); the take starts the log's next interval.
     let mut pending = DirtyPages::all(handle.ram().size() / PAGE_SIZE);
@@ -369,6 +395,25 @@ fn copy_rounds<W: Write>(
         if rounds >= options.max_rounds {
             break "round limit";
         }
+        if !hybrid && options.throttle && rounds + 1 >= THROTTLE_AFTER_ROUNDS {
+            let percent = match &throttle {
+                None => THROTTLE_INITIAL,
+                Some(t) => t.percent().saturating_add(THROTTLE_STEP),
+            };
+            match &throttle {
+                None => {
+                    throttle = Some(
+                        Throttle::start(Arc::clone(handle.control()), percent)
+                            .context("cannot start throttling the guest")?,
+                    )
+                }
+                Some(t) => t.set(percent),
+            }
+            throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
+            tracing::info!(
+                "pre-copy: not converging, the guest is throttled to {throttle_percent}%"
+            );
+        }
         rounds += 1;
         write_message(
             writer,
@@ -385,6 +430,8 @@ fn copy_rounds<W: Write>(
         dirtied,
         took: began.elapsed(),
         ended_by,
+        throttle,
+        throttle_percent,
     })
 }
 
