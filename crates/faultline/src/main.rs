@@ -306,6 +306,11 @@ enum MigrateCommand {
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
         tls_dir: Option<PathBuf>,
+        /// Check the guest's memory as it arrives, before it runs: the `counter` micro-guest's
+        /// pages must show one pass count, or two at one edge (a page that missed a write
+        /// fails the migration, naming it).
+        #[arg(long)]
+        verify_arrival: bool,
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
@@ -908,8 +913,15 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             listen,
             api_sock,
             tls_dir,
+            verify_arrival,
             json,
-        } => receive_migration(&listen, api_sock.as_deref(), tls_dir.as_deref(), json),
+        } => receive_migration(
+            &listen,
+            api_sock.as_deref(),
+            tls_dir.as_deref(),
+            verify_arrival,
+            json,
+        ),
     }
 }
 
@@ -918,6 +930,7 @@ fn receive_migration(
     listen: &str,
     api_sock: Option<&std::path::Path>,
     tls_dir: Option<&std::path::Path>,
+    verify_arrival: bool,
     json: bool,
 ) -> anyhow::Result<()> {
     let tls = tls_dir
@@ -958,6 +971,28 @@ fn receive_migration(
         );
     }
     let guest = arrived.state.guest.clone();
+    if verify_arrival {
+        let info = guest
+            .as_ref()
+            .context("--verify-arrival: the VM that arrived runs no micro-guest")?;
+        let in_pass: Vec<u64> = arrived
+            .state
+            .machine
+            .vcpus
+            .iter()
+            .map(|vcpu| guests::counter_pass(vcpu.regs.r13))
+            .collect();
+        let passes = faultline::micro::check_counter_memory(arrived.vm.ram(), info, &in_pass)
+            .context("the guest's memory is wrong as it arrived")?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "arrival_check": { "passes": passes } })
+            );
+        } else {
+            println!("faultline: the guest's memory checks out on arrival (passes {passes:?})");
+        }
+    }
     let api = match api_sock {
         Some(path) => Some(start_api(
             path,

@@ -340,3 +340,38 @@ impl GuestRun {
         })
     }
 }
+
+/// Checks the memory of the `counter` guest described by `info`, as it is now, against its
+/// vCPUs' `passes` (see [`guests::counter_check`]): the passes each vCPU's slice shows as
+/// complete.
+pub fn check_counter_memory(
+    ram: &GuestRam,
+    info: &GuestInfo,
+    passes: &[u64],
+) -> anyhow::Result<Vec<u64>> {
+    if info.name != "counter" {
+        anyhow::bail!(
+            "only the counter guest's memory can be checked mid-run, not {:?}'s",
+            info.name
+        );
+    }
+    let range = WorkRange {
+        start: info.range_start,
+        pages: info.range_pages,
+    };
+    micro::split_range(range, passes.len() as u64)
+        .into_iter()
+        .enumerate()
+        .map(|(vcpu, slice)| {
+            let words = (0..slice.pages)
+                .map(|i| {
+                    let gpa = slice.start + i * vmm::PAGE_SIZE;
+                    ram.read_u64(gpa)
+                        .with_context(|| format!("guest RAM at {gpa:#x} cannot be read"))
+                })
+                .collect::<anyhow::Result<Vec<u64>>>()?;
+            guests::counter_check(&words, Some(passes[vcpu]))
+                .map_err(|e| anyhow::anyhow!("vCPU {vcpu}'s pages from {:#x}: {e}", slice.start))
+        })
+        .collect()
+}

@@ -22,6 +22,8 @@ const PASSES: u64 = 3000;
 /// latest (so that it is still there to migrate however fast the CPU is).
 #[derive(Clone, Copy)]
 struct Mix {
+    /// "mix", or "counter" (QEMU's migration test guest, checked as it arrives).
+    guest: &'static str,
     cpus: u8,
     pages: u64,
     passes: u64,
@@ -32,6 +34,7 @@ struct Mix {
 
 /// The small guest: every pass rewrites all its pages (in 1 ms or so).
 const SMALL: Mix = Mix {
+    guest: "mix",
     cpus: 1,
     pages: PAGES,
     passes: PASSES,
@@ -43,6 +46,7 @@ const SMALL: Mix = Mix {
 /// round, so that it writes pages all the time the rounds run (it is held only after some
 /// 4 s).
 const BIG: Mix = Mix {
+    guest: "mix",
     cpus: 1,
     pages: 16384,
     passes: 60,
@@ -61,7 +65,7 @@ fn spawn_mix(sock: &Path, mix: Mix) -> Child {
         &[
             "run",
             "--guest",
-            "mix",
+            mix.guest,
             "--mem",
             &mem,
             "--cpus",
@@ -231,7 +235,13 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
     let name = extra.concat().replace('-', "");
     let tmp = TempDir::new(&format!("migrate-{name}-{}-{}", mix.cpus, mix.pages));
     let sock = tmp.join("src.sock");
-    let (destination, addr) = spawn_destination();
+    let verify: &[&str] = if mix.guest == "counter" {
+        &["--json", "--verify-arrival"]
+    } else {
+        &["--json"]
+    };
+    let destination = Destination::spawn(verify);
+    let (destination, addr) = (destination.child, destination.addr);
     let source = spawn_mix(&sock, mix);
     let out = migrate_send_with(&sock, &addr, extra);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -253,6 +263,22 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
 fn check_arrived(destination: Child, mix: Mix) {
     let arrived = destination.wait_with_output().unwrap();
     assert!(arrived.status.success(), "{}", text(&arrived.stdout));
+    if mix.guest == "counter" {
+        // Its memory was checked as it arrived, before it ran on.
+        let stdout = text(&arrived.stdout);
+        let at = stdout.find("{\"arrival_check\"").expect("an arrival check");
+        let check: serde_json::Value = serde_json::Deserializer::from_str(&stdout[at..])
+            .into_iter()
+            .next()
+            .unwrap()
+            .unwrap();
+        let passes = check["arrival_check"]["passes"].as_array().unwrap();
+        assert_eq!(passes.len(), usize::from(mix.cpus));
+        assert!(
+            passes.iter().all(|p| p.as_u64().unwrap() < mix.passes),
+            "{check}"
+        );
+    }
     let run = run_report(&text(&arrived.stdout));
     let vcpus = run["vcpus"].as_array().unwrap();
     assert_eq!(vcpus.len(), usize::from(mix.cpus));
@@ -262,10 +288,12 @@ fn check_arrived(destination: Child, mix: Mix) {
         assert_eq!(vcpu["reports"][0], mix.passes, "every pass done");
         sum = sum.wrapping_add(vcpu["reports"][1].as_u64().unwrap());
     }
-    assert_eq!(
-        sum,
-        guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes)
-    );
+    let expected = match mix.guest {
+        "mix" => guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes),
+        // Every page counted every pass.
+        _ => mix.pages.wrapping_mul(mix.passes),
+    };
+    assert_eq!(sum, expected);
 }
 
 #[test]
@@ -292,6 +320,50 @@ fn pre_copy_of_a_vm_that_logged_dirty_pages_already_sends_every_page() {
         },
         &["--mode", "pre"],
     );
+}
+
+/// QEMU's migration test guest: every page counted up pass after pass, its memory checked
+/// on arrival (one count, or two at one edge), then run to the end.
+const COUNTER: Mix = Mix {
+    guest: "counter",
+    ..SMALL
+};
+
+#[test]
+fn the_counter_guest_arrives_consistent_and_finishes_right_pre_copy() {
+    require_kvm!();
+    migrated_finishes_right(COUNTER, "pre");
+    migrated_finishes_right(Mix { cpus: 2, ..COUNTER }, "pre");
+    // One still counting when it pauses (a pass outlasts a round, and a long downtime
+    // allowed ends the rounds after the first): the pages it wrote since that round's take
+    // must come with the switch-over.
+    let big = Mix {
+        guest: "counter",
+        ..BIG
+    };
+    migrated_with(big, &["--mode", "pre", "--downtime-ms", "60000"]);
+}
+
+#[test]
+fn the_counter_guest_arrives_consistent_and_finishes_right_post_copy() {
+    require_kvm!();
+    migrated_finishes_right(COUNTER, "post");
+    migrated_finishes_right(Mix { cpus: 2, ..COUNTER }, "post");
+}
+
+#[test]
+fn the_counter_guest_arrives_consistent_and_finishes_right_hybrid() {
+    require_kvm!();
+    // The big guest: still counting all the time the rounds run.
+    let big = Mix {
+        guest: "counter",
+        ..BIG
+    };
+    for mix in [big, Mix { cpus: 2, ..big }] {
+        // No downtime allowed: the rounds never fit, so post-copy takes over.
+        let report = migrated_with(mix, &["--mode", "hybrid", "--downtime-ms", "0"]);
+        assert_eq!(report["mode"], "hybrid", "{report}");
+    }
 }
 
 #[test]
@@ -770,6 +842,7 @@ fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
 
 /// 32 MiB of pages that every pass rewrites: a post-copy stream long enough to cut.
 const MID: Mix = Mix {
+    guest: "mix",
     cpus: 1,
     pages: 8192,
     passes: 40,

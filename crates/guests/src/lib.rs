@@ -105,6 +105,13 @@ pub const ALL: &[MicroGuest] = &[
         "mixes each page's word with its address and the pass, arg passes (0 = forever); reports passes, sum"
     ),
     guest!(
+        "counter",
+        true,
+        3,
+        Some(1),
+        "adds 1 to the first word of every page, arg passes (0 = forever), as QEMU's migration test guest; reports passes, sum"
+    ),
+    guest!(
         "scatter",
         true,
         0,
@@ -179,6 +186,57 @@ pub fn mix_checksum(start: u64, pages: u64, passes: u64) -> u64 {
     })
 }
 
+/// The register the `counter` guest keeps its pass in (must match `asm/counter.S`): the pass
+/// under way, counted from 1, or the last pass once it is done.
+pub fn counter_pass(regs_r13: u64) -> u64 {
+    regs_r13
+}
+
+/// Checks the first words of one vCPU's slice of the `counter` guest's range, in address
+/// order, taken while it ran or stopped anywhere: they must all be equal, or hold a value up to
+/// one edge and that value less one after it; with the vCPU's `pass` (see [`counter_pass`]),
+/// every value must also be that pass or the one before. Returns the passes the slice shows
+/// as complete. A page that missed a write (say, one a migration copied before the guest wrote
+/// it again, and never copied again) breaks the pattern, and the error names it by index.
+pub fn counter_check(words: &[u64], pass: Option<u64>) -> Result<u64, String> {
+    let Some(&last) = words.last() else {
+        return Ok(0);
+    };
+    if let Some(pass) = pass {
+        if let Some((index, value)) = words
+            .iter()
+            .enumerate()
+            .find(|&(_, &v)| v != pass && v.wrapping_add(1) != pass)
+        {
+            return Err(format!(
+                "page {index} holds {value}, but its vCPU is in pass {pass}"
+            ));
+        }
+    }
+    let mut edge: Option<usize> = None;
+    for (index, pair) in words.windows(2).enumerate() {
+        let (before, after) = (pair[0], pair[1]);
+        if before == after {
+            continue;
+        }
+        if before == after.wrapping_add(1) && edge.is_none() {
+            edge = Some(index + 1);
+            continue;
+        }
+        return Err(format!(
+            "page {} holds {after} after page {} holding {before}{}",
+            index + 1,
+            index,
+            match edge {
+                Some(at) => format!(" (the pass edge was already at page {at})"),
+                None => String::new(),
+            }
+        ));
+    }
+    // The last page holds the passes done over the whole slice.
+    Ok(last)
+}
+
 /// The pages the `scatter` guest reads: `(first page address, stride in bytes, count)`.
 pub fn scatter_pages(start: u64, pages: u64, arg: u64) -> (u64, u64, u64) {
     let count = if arg == 0 || arg > pages { pages } else { arg };
@@ -246,6 +304,27 @@ pub fn dirty_checksum(start: u64, pages: u64, passes: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counter_memory_is_one_value_or_two_at_one_edge() {
+        assert_eq!(counter_check(&[], None), Ok(0));
+        assert_eq!(counter_check(&[5, 5, 5], None), Ok(5));
+        assert_eq!(counter_check(&[6, 6, 5, 5], None), Ok(5));
+        assert_eq!(counter_check(&[6, 5, 5, 5], Some(6)), Ok(5));
+        assert_eq!(counter_check(&[5, 5, 5], Some(6)), Ok(5));
+        // A page that missed a write, before or after the edge.
+        let missed = counter_check(&[6, 5, 6, 5], None).unwrap_err();
+        assert!(missed.contains("page 2"), "{missed}");
+        let missed = counter_check(&[6, 6, 4, 4], None).unwrap_err();
+        assert!(missed.contains("page 2 holds 4"), "{missed}");
+        assert!(
+            counter_check(&[5, 5, 6], None).is_err(),
+            "a later page ahead"
+        );
+        assert!(counter_check(&[7, 6, 5], None).is_err(), "two edges");
+        // Consistent, but behind the vCPU: the memory is older than its registers.
+        let stale = counter_check(&[4, 4, 4], Some(6)).unwrap_err();
+        assert!(stale.contains("vCPU is in pass 6"), "{stale}");
+    }
     use super::*;
 
     fn inc_value(name: &str) -> u64 {
@@ -339,7 +418,10 @@ mod tests {
             .filter(|g| g.checksum_report.is_some())
             .map(|g| g.name)
             .collect();
-        assert_eq!(summing, ["touch", "timedtouch", "checksum", "dirty", "mix"]);
+        assert_eq!(
+            summing,
+            ["touch", "timedtouch", "checksum", "dirty", "mix", "counter"]
+        );
         assert!(ALL
             .iter()
             .all(|g| g.checksum_report.is_none() || g.uses_work_range));
