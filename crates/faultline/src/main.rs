@@ -279,6 +279,10 @@ enum MigrateCommand {
     /// Make the hybrid migration of the VM served on --api-sock go post-copy after the round
     /// in progress.
     Switchover(ApiSock),
+    /// Give up a migration whose connection broke before the destination confirmed it runs
+    /// the VM, and run the VM here again. Only for a destination that surely does not run it
+    /// (its process ended, say): two copies of one VM running corrupt what it works on.
+    Cancel(ApiSock),
     /// On the destination of a post-copy paused by a broken connection (its VM served on
     /// --api-sock): listen on --listen for the source's `faultline migrate send --resume`.
     Recover {
@@ -306,6 +310,10 @@ enum MigrateCommand {
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
         tls_dir: Option<PathBuf>,
+        /// Micro-guests: vCPUs wait at hold point N (a pass count) until told otherwise
+        /// through the API (`PUT /vm/hold`).
+        #[arg(long, value_name = "N")]
+        hold_at: Option<u32>,
         /// Check the guest's memory as it arrives, before it runs: the `counter` micro-guest's
         /// pages must show one pass count, or two at one edge (a page that missed a write
         /// fails the migration, naming it).
@@ -895,13 +903,18 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             let body = serde_json::json!({ "listen": listen, "tls_dir": tls_dir });
             let answer = api_call(&api.api_sock, "PUT", "/migration/recover", Some(&body))?
                 .unwrap_or_default();
+            let at = answer["listening"].as_str().unwrap_or("?");
+            let port = at.rsplit_once(':').map_or(at, |(_, port)| port);
             eprintln!(
-                "faultline: waiting on {} for the source to resume (faultline migrate send \
-                 --resume --to {})",
-                answer["listening"].as_str().unwrap_or("?"),
-                answer["listening"].as_str().unwrap_or("?"),
+                "faultline: waiting on {at} for the source to resume (faultline migrate send \
+                 --resume --to THIS-HOST:{port})"
             );
             println!("{}", answer["listening"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        MigrateCommand::Cancel(api) => {
+            api_call(&api.api_sock, "PUT", "/migration/cancel", None)?;
+            eprintln!("faultline: the migration is cancelled; the VM runs here again");
             Ok(())
         }
         MigrateCommand::Switchover(api) => {
@@ -913,16 +926,28 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             listen,
             api_sock,
             tls_dir,
+            hold_at,
             verify_arrival,
             json,
         } => receive_migration(
             &listen,
             api_sock.as_deref(),
             tls_dir.as_deref(),
-            verify_arrival,
+            Arrival {
+                hold_at,
+                verify: verify_arrival,
+            },
             json,
         ),
     }
+}
+
+/// What `migrate receive` does with the VM as it arrives.
+struct Arrival {
+    /// The hold point its vCPUs wait at.
+    hold_at: Option<u32>,
+    /// Check the `counter` guest's memory before it runs.
+    verify: bool,
 }
 
 /// `faultline migrate receive`: one VM in, run to the end.
@@ -930,7 +955,7 @@ fn receive_migration(
     listen: &str,
     api_sock: Option<&std::path::Path>,
     tls_dir: Option<&std::path::Path>,
-    verify_arrival: bool,
+    arrival: Arrival,
     json: bool,
 ) -> anyhow::Result<()> {
     let tls = tls_dir
@@ -971,7 +996,8 @@ fn receive_migration(
         );
     }
     let guest = arrived.state.guest.clone();
-    if verify_arrival {
+    arrived.vm.handle().control().set_hold_at(arrival.hold_at);
+    if arrival.verify {
         let info = guest
             .as_ref()
             .context("--verify-arrival: the VM that arrived runs no micro-guest")?;

@@ -580,7 +580,8 @@ fn a_failed_migration_leaves_the_source_running_with(
 ) {
     let tmp = TempDir::new(name);
     let sock = tmp.join("src.sock");
-    let source = spawn_source(&sock, 1);
+    // Every page written: the first pass is 128 pages of data, whatever the timing.
+    let source = spawn_mix_written(&sock, SMALL);
     let out = migrate_send_with(&sock, to, extra);
     assert!(!out.status.success());
     let err = text(&out.stderr);
@@ -760,7 +761,17 @@ fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {
 fn wait_for_migration_status(sock: &Path, status: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let (_, answer) = api(sock, "GET", "/migration", None);
+        // The API may not serve yet (a destination starts it once the VM is built).
+        let answer = faultline::api::http::call(
+            sock,
+            "GET",
+            "/migration",
+            None,
+            Some(Duration::from_secs(5)),
+        )
+        .ok()
+        .and_then(|(_, answer)| answer)
+        .unwrap_or_default();
         if answer["status"] == status {
             return answer;
         }
@@ -863,6 +874,17 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
         post_copy_cut(&sock, &dsock, &destination.addr, &["--mode", "post"], cut);
 
         let mut at = recover(&dsock);
+        if run == 1 {
+            // Asked again (say, the first address was wrong): the newer listener replaces it.
+            let first = at;
+            at = recover(&dsock);
+            assert_ne!(first, at);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::net::TcpStream::connect(&first).is_ok() {
+                assert!(Instant::now() < deadline, "the first listener stays open");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         if run == 0 {
             // The recovery is cut too, early in what it resends: recovered again.
             let again = cut_points(1, 1 << 10, 1 << 20)[0];
@@ -901,4 +923,122 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
             "the destination of a cut migration succeeded"
         );
     }
+}
+
+#[test]
+fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // Takes everything, says it built the VM, takes the go-ahead, and vanishes without the
+    // last word: it may be running the VM, so the source must not, until told it does not.
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        while read_message(&mut reader).unwrap() != Message::Done {}
+        write_message(&mut writer, &Message::Built).unwrap();
+        assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
+    });
+    let tmp = TempDir::new("migrate-unconfirmed");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, SMALL);
+    let out = migrate_send_mode(&sock, &addr, "pre");
+    fake.join().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the switch-over is unconfirmed") && err.contains("stays paused here"),
+        "{err}"
+    );
+    let (_, migration) = api(&sock, "GET", "/migration", None);
+    assert_eq!(migration["status"], "switchover-unconfirmed", "{migration}");
+    let (status, refusal) = api(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(status, 409, "{refusal}");
+    assert!(refusal["error"]
+        .as_str()
+        .unwrap()
+        .contains("must not run here too"));
+
+    // The operator knows the destination does not run it: cancelled, it runs on here and
+    // finishes right.
+    let out = faultline(&["migrate", "cancel", "--api-sock", sock.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    let (_, migration) = api(&sock, "GET", "/migration", None);
+    assert_eq!(migration["status"], "cancelled", "{migration}");
+    assert_eq!(
+        api(
+            &sock,
+            "PUT",
+            "/vm/hold",
+            Some(serde_json::json!({"at": null}))
+        )
+        .0,
+        204
+    );
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    let report = json_report(&text(&source.stdout));
+    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
+    assert_eq!(
+        report["vcpus"][0]["reports"][1],
+        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+    );
+}
+
+/// The bytes a frame of `message` takes on the wire.
+fn frame_len(message: &migrate::Message) -> u64 {
+    let mut frame = Vec::new();
+    migrate::write_message(&mut frame, message).unwrap();
+    frame.len() as u64
+}
+
+#[test]
+fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-last-word");
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    // The destination holds the guest before its end, so that it is still there to ask.
+    let destination = Destination::spawn(&[
+        "--json",
+        "--api-sock",
+        dsock.to_str().unwrap(),
+        "--hold-at",
+        "2900",
+    ]);
+    // Back to the source go the destination's hello and its "built"; the cut comes with the
+    // next byte: the last word, sent once the destination runs the VM.
+    let hello = migrate::Message::Hello(migrate::VmIdentity {
+        vcpus: 1,
+        layout: migrate::Layout::new(vec![(0, 4 << 20)]),
+        cpuid_digest: 0,
+    });
+    let before_the_last_word = frame_len(&hello) + frame_len(&migrate::Message::Built);
+    let proxy = common::proxy::CuttingProxy::start_back(&destination.addr, before_the_last_word);
+    let source = spawn_mix_written(&sock, SMALL);
+    let out = migrate_send_mode(&sock, &proxy.addr, "pre");
+    assert!(proxy.has_cut());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("the switch-over is unconfirmed"), "{err}");
+    let (status, _) = api(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(
+        status, 409,
+        "the source must not run what the destination may run"
+    );
+
+    // The destination runs it; resuming, the source learns so, and is done.
+    wait_for_migration_status(&dsock, "completed");
+    let at = recover(&dsock);
+    let out = migrate_send_with(&sock, &at, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = json_report(&text(&out.stdout));
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(report["mode"], "pre", "{report}");
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    assert!(text(&source.stderr).contains("migrated to another faultline"));
+
+    let release = serde_json::json!({"at": null});
+    assert_eq!(api(&dsock, "PUT", "/vm/hold", Some(release)).0, 204);
+    check_arrived(destination.child, SMALL);
 }

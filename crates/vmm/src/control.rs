@@ -45,6 +45,10 @@ pub enum PauseError {
     SaveFailed { vcpu: u8, message: String },
     #[error("the vCPUs did not pause within {0:?}")]
     Timeout(Duration),
+    #[error(
+        "the VM may be running on the destination of a migration, so it must not run here too"
+    )]
+    RunsElsewhere,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +114,8 @@ pub struct RunControl {
     throttle: AtomicU8,
     /// How many times a vCPU slept for the throttle.
     throttle_sleeps: AtomicU64,
+    /// A migration sent the paused VM's state away: resuming it here is refused.
+    runs_elsewhere: AtomicBool,
     kick_signal: libc::c_int,
 }
 
@@ -126,6 +132,7 @@ impl Default for RunControl {
             hold_at: Mutex::new(None),
             throttle: AtomicU8::new(0),
             throttle_sleeps: AtomicU64::new(0),
+            runs_elsewhere: AtomicBool::new(false),
             kick_signal: vmm_sys_util::signal::SIGRTMIN(),
         }
     }
@@ -438,11 +445,27 @@ impl RunControl {
         }
     }
 
+    /// Marks the paused VM as (possibly) running elsewhere, or not: while it is, [`resume`]
+    /// refuses, whoever asks.
+    ///
+    /// [`resume`]: RunControl::resume
+    pub fn set_runs_elsewhere(&self, elsewhere: bool) {
+        self.runs_elsewhere.store(elsewhere, Ordering::SeqCst);
+    }
+
+    /// Whether the VM may be running elsewhere (see [`RunControl::set_runs_elsewhere`]).
+    pub fn runs_elsewhere(&self) -> bool {
+        self.runs_elsewhere.load(Ordering::SeqCst)
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) -> Result<(), PauseError> {
         let mut threads = self.threads();
         if !threads.paused {
             return Err(PauseError::NotPaused);
+        }
+        if self.runs_elsewhere() {
+            return Err(PauseError::RunsElsewhere);
         }
         threads.paused = false;
         self.pause.store(false, Ordering::SeqCst);

@@ -14,7 +14,7 @@ use vmm::VmHandle;
 
 use super::http::Response;
 use crate::migration::incoming::{Incoming, RecoverError};
-use crate::migration::send::{PausedPostcopy, SendFailure, SendOptions};
+use crate::migration::send::{PausedMigration, SendFailure, SendOptions};
 
 /// `PUT /migration/send`.
 #[derive(Deserialize)]
@@ -76,7 +76,7 @@ pub struct Migrations {
     switch_now: Arc<AtomicBool>,
     /// An outgoing post-copy paused by a broken connection: the VM is paused here and runs on
     /// the destination.
-    paused: Mutex<Option<Box<PausedPostcopy>>>,
+    paused: Mutex<Option<Box<PausedMigration>>>,
     /// The VM has moved to another host: this process's run ends without it.
     migrated: AtomicBool,
     /// The migration that brought the VM here.
@@ -99,9 +99,27 @@ impl Migrations {
         self.migrated.load(Ordering::Acquire)
     }
 
-    /// Whether an outgoing post-copy is paused: the VM must not run here.
-    pub fn postcopy_paused(&self) -> bool {
-        lock(&self.paused).is_some()
+    /// `PUT /migration/cancel`: gives up a migration paused before the destination
+    /// confirmed it runs the VM (the operator knows it does not): the VM runs here again.
+    pub fn cancel(&self, handle: &VmHandle) -> Response {
+        let Some(paused) = lock(&self.paused).take() else {
+            return Response::error(409, "no migration is paused");
+        };
+        if paused.confirmed {
+            *lock(&self.paused) = Some(paused);
+            return Response::error(
+                409,
+                "the destination confirmed that it runs the VM: it must not run here too \
+                 (resume the migration instead)",
+            );
+        }
+        match crate::migration::send::cancel(handle, *paused) {
+            Ok(()) => {
+                *lock(&self.outgoing) = json!({ "status": "cancelled" });
+                Response::no_content()
+            }
+            Err(e) => Response::error(500, format!("{e:#}")),
+        }
     }
 
     /// The VM is shutting down: a paused incoming migration stops waiting for recovery.
@@ -165,6 +183,19 @@ impl Migrations {
         if let Err(e) = request.to.to_socket_addrs() {
             return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
         }
+        if let Some(incoming) = &self.incoming {
+            let phase = incoming.phase();
+            if phase != crate::migration::incoming::Phase::Completed {
+                return Response::error(
+                    409,
+                    format!(
+                        "the migration that brought the VM here is {}: it cannot move on \
+                         before all its memory is here",
+                        phase.name()
+                    ),
+                );
+            }
+        }
         if let Some(fatal) = memory_failure {
             return Response::error(
                 500,
@@ -180,15 +211,13 @@ impl Migrations {
         };
         let paused = lock(&self.paused).take();
         match (&paused, request.resume) {
-            (None, true) => {
-                return Response::error(409, "there is no paused post-copy migration to resume")
-            }
+            (None, true) => return Response::error(409, "there is no paused migration to resume"),
             (Some(_), false) => {
                 *lock(&self.paused) = paused;
                 return Response::error(
                     409,
-                    "a post-copy migration is paused (the VM runs on its destination): resume \
-                     it with \"resume\": true",
+                    "a migration is paused (the VM may run on its destination): resume it with \
+                     \"resume\": true",
                 );
             }
             _ => {}
@@ -229,15 +258,22 @@ impl Migrations {
                 };
                 Response::error(502, format!("the migration failed; {here}: {message}"))
             }
-            Err(SendFailure::PostcopyPaused(e, paused)) => {
+            Err(SendFailure::Paused(e, paused)) => {
                 let message = format!("{e:#}");
+                let (status, what) = match paused.mode {
+                    "pre" => ("switchover-unconfirmed", "the switch-over is unconfirmed"),
+                    _ => ("postcopy-paused", "post-copy is paused"),
+                };
                 let where_now = if paused.confirmed {
-                    "the VM runs on the destination"
+                    "the VM runs on the destination, and stays paused here, never to run here \
+                     again"
                 } else {
-                    "the destination may run the VM (it did not say before the cut)"
+                    "the destination may run the VM (it did not say before the connection \
+                     broke), so it stays paused here (if the destination surely does not run \
+                     it, `faultline migrate cancel` runs it here again)"
                 };
                 *lock(&self.outgoing) = json!({
-                    "status": "postcopy-paused",
+                    "status": status,
                     "to": request.to,
                     "error": message,
                     "destination_confirmed": paused.confirmed,
@@ -246,10 +282,9 @@ impl Migrations {
                 Response::error(
                     502,
                     format!(
-                        "post-copy is paused; {where_now} and the VM stays paused here, never \
-                         to run here again: {message}. Recover it: `faultline migrate recover` \
-                         on the destination, then `faultline migrate send --resume --to` the \
-                         address it listens on"
+                        "{what}; {where_now}: {message}. Recover it: `faultline migrate \
+                         recover` on the destination, then `faultline migrate send --resume \
+                         --to` the address it listens on"
                     ),
                 )
             }

@@ -382,11 +382,6 @@ impl Controller {
                 Ok(_) => Response::no_content(),
                 Err(e) => vm_error(e),
             }),
-            ("PUT", "/vm/resume") if self.migrations.postcopy_paused() => Response::error(
-                409,
-                "the VM runs on the destination of a paused post-copy migration: it must not run \
-                 here too (resume the migration instead)",
-            ),
             ("PUT", "/vm/resume") => self.exclusively(|| match self.handle.resume() {
                 Ok(()) => Response::no_content(),
                 Err(e) => vm_error(e),
@@ -432,6 +427,9 @@ impl Controller {
             ("GET", "/migration") => Response::ok(self.migrations.status()),
             // Never waits: it only tells the migration in progress.
             ("PUT", "/migration/switchover") => self.migrations.switch_over(),
+            ("PUT", "/migration/cancel") => {
+                self.exclusively(|| self.migrations.cancel(&self.handle))
+            }
             // Never waits: it only opens the listener the paused migration takes.
             ("PUT", "/migration/recover") => {
                 match json_body::<migration::RecoverRequest>(request, migration::RECOVER_SHAPE) {
@@ -448,7 +446,7 @@ impl Controller {
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
             | (_, "/snapshot/create" | "/track" | "/track/events")
             | (_, "/migration" | "/migration/send" | "/migration/switchover")
-            | (_, "/migration/recover") => Response::error(
+            | (_, "/migration/recover" | "/migration/cancel") => Response::error(
                 405,
                 format!("{} is not allowed on {}", request.method, request.path),
             ),

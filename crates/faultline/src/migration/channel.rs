@@ -226,12 +226,20 @@ fn detect_dead_peers(tcp: &TcpStream) -> std::io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000)
 }
 
+/// How long a TLS handshake may take: a peer that connects and stays silent must not hold
+/// the side waiting for it.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Completes the handshake, then starts the thread that carries the session.
 fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Channel> {
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     while conn.is_handshaking() {
         conn.complete_io(&mut tcp)
             .context("the TLS handshake failed (is the peer's certificate from the same CA?)")?;
     }
+    tcp.set_read_timeout(None)?;
+    tcp.set_write_timeout(None)?;
     let (ours, theirs) = UnixStream::pair()?;
     let failure = Arc::new(Mutex::new(None));
     let record = Arc::clone(&failure);

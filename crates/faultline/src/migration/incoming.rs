@@ -10,8 +10,9 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use migrate::VmIdentity;
 use serde_json::json;
 
 use super::channel::{Channel, Tls};
@@ -47,7 +48,7 @@ impl Phase {
 /// Why `recover` was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
-    #[error("there is no paused post-copy migration to recover (the migration is {0})")]
+    #[error("there is no paused migration to recover (the migration is {0})")]
     NotPaused(&'static str),
     #[error("this destination was started without --api-sock, so it cannot recover")]
     NotRecoverable,
@@ -63,17 +64,27 @@ pub enum RecoverError {
     TlsRequired,
 }
 
+/// A listener `recover` gave, for the source's reconnection.
+#[derive(Clone)]
+pub(super) struct Offer {
+    pub listener: Arc<TcpListener>,
+    pub tls: Option<Tls>,
+    /// Which offer this is: a later one replaces it.
+    pub generation: u64,
+}
+
 struct State {
     phase: Phase,
     /// Why the migration paused or failed, last.
     why: Option<String>,
     /// Connection breaks so far.
     breaks: u32,
-    /// The listener `recover` gave, not yet taken by the migration (or given back after a
-    /// failed attempt), and its TLS.
-    listener: Option<(TcpListener, Option<Tls>)>,
-    /// Where recovery listens.
+    /// Where the source may reconnect, once `recover` said so (until it has).
+    offer: Option<Offer>,
+    generation: u64,
     listening: Option<SocketAddr>,
+    /// A thread answers reconnections to a completed migration (its source missed the end).
+    confirming: bool,
     /// The VM was shut down: a paused migration waits no more.
     abandoned: bool,
 }
@@ -85,6 +96,8 @@ pub struct Incoming {
     tls: Option<Tls>,
     /// Whether a break pauses (an API can then recover it) or fails the migration.
     recoverable: bool,
+    /// The VM's identity (layout), once it is known.
+    identity: Mutex<Option<VmIdentity>>,
     state: Mutex<State>,
     changed: Condvar,
     /// The connections in use, shut down together when one breaks.
@@ -106,12 +119,15 @@ impl Incoming {
             peer,
             tls,
             recoverable,
+            identity: Mutex::new(None),
             state: Mutex::new(State {
                 phase,
                 why: None,
                 breaks: 0,
-                listener: None,
+                offer: None,
+                generation: 0,
                 listening: None,
+                confirming: false,
                 abandoned: false,
             }),
             changed: Condvar::new(),
@@ -132,21 +148,36 @@ impl Incoming {
         lock(&self.state).phase
     }
 
-    pub(super) fn set_phase(&self, phase: Phase, why: Option<String>) {
+    pub(super) fn set_identity(&self, identity: VmIdentity) {
+        *lock(&self.identity) = Some(identity);
+    }
+
+    pub(super) fn identity(&self) -> Option<VmIdentity> {
+        lock(&self.identity).clone()
+    }
+
+    /// The migration completed (every page is here), or failed (`why`).
+    pub(super) fn finish(&self, phase: Phase, why: Option<String>) {
         let mut state = lock(&self.state);
         state.phase = phase;
         if why.is_some() {
             state.why = why;
         }
-        if phase == Phase::PostcopyActive {
-            state.listening = None;
-        }
+        state.offer = None;
+        state.listening = None;
         self.changed.notify_all();
     }
 
     /// A connection of the migration, to shut down if another one breaks.
     pub(super) fn add_link(&self, channel: Channel) {
         lock(&self.links).push(channel);
+    }
+
+    /// Shuts down every connection of the migration.
+    pub(super) fn shut_links(&self) {
+        for link in lock(&self.links).drain(..) {
+            link.shutdown();
+        }
     }
 
     /// A connection broke (`why`): every connection is shut down (so that each side's
@@ -167,15 +198,14 @@ impl Incoming {
         self.recoverable
     }
 
-    /// Shuts down every connection of the migration.
-    pub(super) fn shut_links(&self) {
-        for link in lock(&self.links).drain(..) {
-            link.shutdown();
-        }
-    }
-
-    /// `PUT /migration/recover`: listens on `listen` for the source's reconnection.
-    pub fn offer(&self, listen: &str, tls_dir: Option<&Path>) -> Result<SocketAddr, RecoverError> {
+    /// `PUT /migration/recover`: listens on `listen` for the source's reconnection (a later
+    /// call replaces the listener). A completed migration answers it too, so that a source
+    /// that missed the end learns it.
+    pub fn offer(
+        self: &Arc<Self>,
+        listen: &str,
+        tls_dir: Option<&Path>,
+    ) -> Result<SocketAddr, RecoverError> {
         if !self.recoverable {
             return Err(RecoverError::NotRecoverable);
         }
@@ -190,7 +220,7 @@ impl Incoming {
             return Err(RecoverError::TlsRequired);
         }
         let mut state = lock(&self.state);
-        if state.phase != Phase::PostcopyPaused {
+        if !matches!(state.phase, Phase::PostcopyPaused | Phase::Completed) {
             return Err(RecoverError::NotPaused(state.phase.name()));
         }
         let listener = TcpListener::bind(listen).map_err(|source| RecoverError::Listen {
@@ -203,35 +233,71 @@ impl Incoming {
                 listen: listen.to_string(),
                 source,
             })?;
-        // A second offer replaces the first (say, to move to another port).
-        state.listener = Some((listener, tls));
+        state.generation += 1;
+        let offer = Offer {
+            listener: Arc::new(listener),
+            tls,
+            generation: state.generation,
+        };
+        state.offer = Some(offer.clone());
         state.listening = Some(addr);
+        if state.phase == Phase::Completed && !state.confirming {
+            state.confirming = true;
+            let incoming = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("migration-confirm".into())
+                .spawn(move || super::postcopy_receive::confirm_completed(&incoming));
+            if spawned.is_err() {
+                state.confirming = false;
+            }
+        }
         self.changed.notify_all();
         Ok(addr)
     }
 
     /// Waits until `recover` gives a listener; `None` once the VM was shut down.
-    pub(super) fn wait_for_listener(&self) -> Option<(TcpListener, Option<Tls>)> {
+    pub(super) fn wait_for_offer(&self) -> Option<Offer> {
         let mut state = lock(&self.state);
         loop {
             if state.abandoned {
                 return None;
             }
-            if let Some(offered) = state.listener.take() {
-                state.phase = Phase::PostcopyRecover;
-                return Some(offered);
+            if let Some(offer) = &state.offer {
+                return Some(offer.clone());
             }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// An attempt to recover failed (`why`): the listener waits for the next one.
-    pub(super) fn retry(&self, listener: TcpListener, tls: Option<Tls>, why: String) {
+    /// Whether `generation` is still the offer to wait on (not replaced, VM not shut down).
+    pub(super) fn offer_stands(&self, generation: u64) -> bool {
+        let state = lock(&self.state);
+        !state.abandoned && state.generation == generation
+    }
+
+    /// The source reconnected and asked to resume.
+    pub(super) fn recovering(&self) {
         let mut state = lock(&self.state);
-        if state.listener.is_none() {
-            state.listener = Some((listener, tls));
+        state.phase = Phase::PostcopyRecover;
+        self.changed.notify_all();
+    }
+
+    /// The recovery worked: the migration goes on.
+    pub(super) fn recovered(&self) {
+        let mut state = lock(&self.state);
+        state.phase = Phase::PostcopyActive;
+        state.why = None;
+        state.offer = None;
+        state.listening = None;
+        self.changed.notify_all();
+    }
+
+    /// An attempt to recover failed (`why`): the offer stands for the next one.
+    pub(super) fn attempt_failed(&self, why: String) {
+        let mut state = lock(&self.state);
+        if state.phase == Phase::PostcopyRecover {
+            state.phase = Phase::PostcopyPaused;
         }
-        state.phase = Phase::PostcopyPaused;
         state.why = Some(why);
         self.changed.notify_all();
     }

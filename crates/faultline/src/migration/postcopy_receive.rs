@@ -21,7 +21,7 @@ use pager::{Content, PageSource, SourceError};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 use super::channel::{Channel, Tls};
-use super::incoming::{Incoming, Phase};
+use super::incoming::{Incoming, Offer, Phase};
 use super::layout_of;
 use super::send::RUN_PAGES;
 
@@ -138,11 +138,6 @@ impl NetworkSource {
         lock(&self.answers).connected
     }
 
-    /// Why no answer will ever come, if so.
-    fn failure(&self) -> Option<String> {
-        lock(&self.answers).failed.clone()
-    }
-
     /// No answer will come any more: every fetch fails.
     fn fail(&self, why: String) {
         lock(&self.answers).failed.get_or_insert(why);
@@ -175,25 +170,45 @@ impl NetworkSource {
     ) -> anyhow::Result<()> {
         self.incoming.add_link(reader.get_ref().try_clone()?);
         let mut slot = lock(&self.writer);
-        let (connection, asked) = {
+        let connection = lock(&self.answers).connection + 1;
+        {
+            let answers = Arc::clone(self);
+            std::thread::Builder::new()
+                .name("postcopy-answers".into())
+                .spawn(move || answers.take_answers(reader, connection))?;
+        }
+        let asked = {
             let mut answers = lock(&self.answers);
-            answers.connection += 1;
+            answers.connection = connection;
             answers.connected = true;
             let asked: Vec<(u64, u32)> = answers.asked.iter().map(|(&g, &n)| (g, n)).collect();
-            (answers.connection, asked)
+            asked
         };
         let writer = slot.insert(writer);
-        for (gpa, count) in asked {
-            write_message(writer, &Message::PageRequest { gpa, count })?;
-        }
-        writer.flush()?;
+        let resent = asked
+            .into_iter()
+            .try_for_each(|(gpa, count)| {
+                write_message(writer, &Message::PageRequest { gpa, count })
+            })
+            .and_then(|()| writer.flush());
         drop(slot);
-        let answers = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("postcopy-answers".into())
-            .spawn(move || answers.take_answers(reader, connection))?;
         self.arrived.notify_all();
+        if let Err(e) = resent {
+            self.broken(
+                connection,
+                &format!("cannot ask the migration source again: {e}"),
+            );
+        }
         Ok(())
+    }
+
+    /// The page-request connection in use is given up (the stream found the break first):
+    /// whatever its answers thread says later is about a connection no longer waited on.
+    fn disconnect(&self) {
+        let mut answers = lock(&self.answers);
+        answers.connection += 1;
+        answers.connected = false;
+        self.arrived.notify_all();
     }
 
     /// Takes the answers of page-request connection `connection` until it ends.
@@ -214,9 +229,12 @@ impl NetworkSource {
                     }
                 }
                 Ok(other) => {
-                    // A source that breaks the protocol is not waited for again.
-                    self.fail(format!("unexpected {} among page answers", other.name()));
-                    self.incoming.shut_links();
+                    // Not an answer: not the page-request connection it should be (a second
+                    // resume that came here, say). The migration pauses rather than fails.
+                    self.broken(
+                        connection,
+                        &format!("unexpected {} among page answers", other.name()),
+                    );
                     return;
                 }
                 Err(e) => {
@@ -386,29 +404,29 @@ pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
     loop {
         match take_all(&mut reader, &ram, &pager, &source, &incoming) {
             Ok(()) => {
-                incoming.set_phase(Phase::Completed, None);
-                write_message(&mut writer, &Message::Done)?;
-                writer.flush()?;
+                incoming.finish(Phase::Completed, None);
+                // Every page is here: a source that misses this Done can learn it by
+                // resuming (see `confirm_completed`).
+                let told = write_message(&mut writer, &Message::Done).and_then(|()| writer.flush());
+                if let Err(e) = told {
+                    tracing::warn!("every page is here, but the source was not told: {e}");
+                }
+                incoming.shut_links();
                 return Ok(());
-            }
-            Err(Stop::Broken(e)) if source.failure().is_some() => {
-                let why = source.failure().unwrap_or_default();
-                let e = e.context(why);
-                incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
-                return Err(e);
             }
             Err(Stop::Broken(e)) => {
                 let why = format!("{e:#}");
+                source.disconnect();
                 if !incoming.pause(&why) {
                     source.fail(why.clone());
-                    incoming.set_phase(Phase::Failed, Some(why));
+                    incoming.finish(Phase::Failed, Some(why));
                     return Err(e);
                 }
                 match recover(&ram, &pager, &source, &incoming, &ours) {
                     Ok((r, w)) => (reader, writer) = (r, w),
                     Err(e) => {
                         source.fail(format!("{e:#}"));
-                        incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
+                        incoming.finish(Phase::Failed, Some(format!("{e:#}")));
                         return Err(e);
                     }
                 }
@@ -417,7 +435,8 @@ pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
                 let _ = write_message(&mut writer, &Message::Abort(format!("{e:#}")));
                 let _ = writer.flush();
                 source.fail(format!("{e:#}"));
-                incoming.set_phase(Phase::Failed, Some(format!("{e:#}")));
+                incoming.finish(Phase::Failed, Some(format!("{e:#}")));
+                incoming.shut_links();
                 return Err(e);
             }
         }
@@ -426,7 +445,7 @@ pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
 
 /// Waits for `recover` to give a listener, then for the source to reconnect to it: the new
 /// connections, once the source knows what this side holds. Failed attempts go back to
-/// waiting; only a VM shut down ends it.
+/// waiting (on the same listener, or a newer one `recover` gave); only a VM shut down ends it.
 fn recover(
     ram: &GuestRam,
     pager: &pager::PagerHandle,
@@ -435,12 +454,13 @@ fn recover(
     ours: &VmIdentity,
 ) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
     loop {
-        let Some((listener, tls)) = incoming.wait_for_listener() else {
-            bail!("post-copy was paused, and the VM was shut down before it was recovered");
+        let Some(offer) = incoming.wait_for_offer() else {
+            bail!("the migration was paused, and the VM was shut down before it was recovered");
         };
-        match resume_from(&listener, tls.as_ref(), ram, pager, source, incoming, ours) {
+        let held = || held_pages(ram, pager);
+        match resume_from(&offer, incoming, ours, held, Some(source)) {
             Ok(links) => {
-                incoming.set_phase(Phase::PostcopyActive, None);
+                incoming.recovered();
                 tracing::info!("post-copy recovered");
                 return Ok(links);
             }
@@ -450,25 +470,25 @@ fn recover(
                 }
                 tracing::warn!("a post-copy recovery attempt failed: {e:#}");
                 incoming.shut_links();
-                incoming.retry(listener, tls, format!("recovery failed: {e:#}"));
+                incoming.attempt_failed(format!("a recovery attempt failed: {e:#}"));
             }
         }
     }
 }
 
-/// One recovery attempt: the source's main connection (hello, resume), what this side holds,
-/// then its page-request connection.
+/// One recovery attempt on `offer`: the source's main connection (hello, resume), what this
+/// side holds, then its page-request connection (taken by `source`, if any). Gives up when
+/// `recover` replaces the offer or the VM is shut down.
 fn resume_from(
-    listener: &TcpListener,
-    tls: Option<&Tls>,
-    ram: &GuestRam,
-    pager: &pager::PagerHandle,
-    source: &Arc<NetworkSource>,
+    offer: &Offer,
     incoming: &Arc<Incoming>,
     ours: &VmIdentity,
+    held: impl Fn() -> DirtyPages,
+    source: Option<&Arc<NetworkSource>>,
 ) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
-    let give_up = || incoming.abandoned();
-    let (mut reader, mut writer) = accept_link(listener, tls, ours, None, &give_up)
+    let give_up = || !incoming.offer_stands(offer.generation);
+    let tls = offer.tls.as_ref();
+    let (mut reader, mut writer) = accept_link(&offer.listener, tls, ours, None, &give_up)
         .context("cannot take the source's reconnection")?;
     incoming.add_link(reader.get_ref().try_clone()?);
     reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
@@ -477,7 +497,8 @@ fn resume_from(
     if first != Message::Resume {
         bail!("the reconnection began with {}, not a resume", first.name());
     }
-    let held = held_pages(ram, pager);
+    incoming.recovering();
+    let held = held();
     write_message(
         &mut writer,
         &Message::Received {
@@ -488,10 +509,49 @@ fn resume_from(
     writer.flush()?;
     let deadline = Some(Instant::now() + ACCEPT_TIMEOUT);
     let (requests_reader, requests_writer) =
-        accept_link(listener, tls, ours, deadline, &give_up)
+        accept_link(&offer.listener, tls, ours, deadline, &give_up)
             .context("cannot take the source's new page-request connection")?;
-    source.connect(requests_reader, requests_writer)?;
+    match source {
+        Some(source) => source.connect(requests_reader, requests_writer)?,
+        None => incoming.add_link(requests_reader.get_ref().try_clone()?),
+    }
     Ok((reader, writer))
+}
+
+/// A completed migration whose source missed the end (its last Done was lost to a cut) and
+/// resumes: it is told that every page is here, and done. Runs until that worked, `recover`
+/// is asked again, or the VM is shut down.
+pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
+    let Some(ours) = incoming.identity() else {
+        return;
+    };
+    while let Some(offer) = incoming.wait_for_offer() {
+        let all = || DirtyPages::all(ours.layout.pages());
+        let confirmed =
+            resume_from(&offer, incoming, &ours, all, None).and_then(|(mut reader, mut writer)| {
+                match read_message(&mut reader).context("no end from the source")? {
+                    Message::Done => {}
+                    other => bail!("the source sent {} where its end belongs", other.name()),
+                }
+                write_message(&mut writer, &Message::Done)?;
+                writer.flush()?;
+                Ok(())
+            });
+        incoming.shut_links();
+        match confirmed {
+            Ok(()) => {
+                incoming.finish(Phase::Completed, None);
+                return;
+            }
+            Err(e) => {
+                if incoming.abandoned() {
+                    return;
+                }
+                tracing::warn!("telling the source the migration completed failed: {e:#}");
+                incoming.attempt_failed(format!("telling the source it completed failed: {e:#}"));
+            }
+        }
+    }
 }
 
 /// The pages the pager holds, by index (regions back to back).
@@ -556,8 +616,9 @@ fn take_all(
         }
     }
     // Every page is in, or on its way to a fault that asked for it: wait for those, so that
-    // the source may go.
-    let deadline = Instant::now() + ACCEPT_TIMEOUT;
+    // the source may go. A page missing with no request out for it is the source's mistake;
+    // one asked for is waited for as any request is (a silent source pauses the migration).
+    let mut deadline = Instant::now() + ACCEPT_TIMEOUT;
     // A page once present stays so: each look starts where the last one stopped.
     let mut from = (0, 0);
     loop {
@@ -577,8 +638,9 @@ fn take_all(
             None => {}
             Some(at) => from = at,
         }
-        if Instant::now() >= deadline {
-            let (index, page) = missing.unwrap_or(from);
+        if source.outstanding() > 0 {
+            deadline = Instant::now() + ACCEPT_TIMEOUT;
+        } else if let (Some((index, page)), true) = (missing, Instant::now() >= deadline) {
             return Err(Stop::Fatal(anyhow::anyhow!(
                 "guest RAM at {:#x} was still missing {} s after the stream ended",
                 ram.regions()[index].gpa() + page as u64 * PAGE_SIZE,

@@ -23,7 +23,7 @@ use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 use super::channel::Channel;
 use super::layout_of;
 use super::send::{
-    read_and_send, PausedPostcopy, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
+    read_and_send, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
 
 /// How long the destination may take to say what it holds when the source reconnects.
@@ -96,7 +96,10 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         },
     )?;
     writer.flush().context("cannot send the state")?;
-    let mut paused = Box::new(PausedPostcopy {
+    // The destination may run the VM from now on: it must not run here again unless the
+    // destination says it does not.
+    handle.control().set_runs_elsewhere(true);
+    let mut paused = Box::new(PausedMigration {
         mode: if before.bytes > 0 { "hybrid" } else { "post" },
         ended_by,
         started,
@@ -107,6 +110,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         requests: 0,
         confirmed: false,
         recoveries: 0,
+        taken: None,
     });
     // Once the destination has built the VM it runs it there, and it must never run here
     // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
@@ -117,18 +121,19 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
             paused.confirmed = true;
         }
         Ok(Message::Abort(reason)) => {
-            return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into())
+            handle.control().set_runs_elsewhere(false);
+            return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into());
         }
         Ok(other) => {
             *paused_here = false;
             let e = anyhow::anyhow!("the destination answered the state with {}", other.name());
-            return Err(SendFailure::PostcopyPaused(e, paused));
+            return Err(SendFailure::Paused(e, paused));
         }
         Err(e) => {
             *paused_here = false;
             let e = anyhow::Error::from(e)
                 .context("the destination did not say whether it runs the VM");
-            return Err(SendFailure::PostcopyPaused(e, paused));
+            return Err(SendFailure::Paused(e, paused));
         }
     }
     paused.downtime = paused_at.elapsed();
@@ -141,7 +146,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
 pub fn resume(
     handle: &VmHandle,
     options: &SendOptions,
-    mut paused: Box<PausedPostcopy>,
+    mut paused: Box<PausedMigration>,
 ) -> Result<SendReport, SendFailure> {
     let attempt = (|| {
         let (mut writer, mut reader) =
@@ -179,25 +184,11 @@ pub fn resume(
 /// The report of a post-copy that `completed`, or where it is paused.
 fn finished(
     completed: anyhow::Result<()>,
-    paused: Box<PausedPostcopy>,
+    paused: Box<PausedMigration>,
 ) -> Result<SendReport, SendFailure> {
     match completed {
-        Ok(()) => {
-            let mut report = SendReport::new(
-                paused.mode,
-                paused.ended_by,
-                paused.started,
-                paused.setup,
-                paused.downtime,
-                &paused.sent,
-                paused.rounds,
-                0.0,
-                paused.requests,
-            );
-            report.postcopy_recoveries = paused.recoveries;
-            Ok(report)
-        }
-        Err(e) => Err(SendFailure::PostcopyPaused(e, paused)),
+        Ok(()) => Ok(paused.report()),
+        Err(e) => Err(SendFailure::Paused(e, paused)),
     }
 }
 
@@ -210,7 +201,7 @@ fn complete(
     main: Link,
     urgent: Link,
     to_come: &DirtyPages,
-    paused: &mut PausedPostcopy,
+    paused: &mut PausedMigration,
 ) -> anyhow::Result<()> {
     let (mut writer, mut reader) = main;
     let (urgent_writer, urgent_reader) = urgent;
@@ -240,7 +231,13 @@ fn complete(
                 served
             })?
     };
-    let streamed = stream_pages(handle, &mut writer, &shared, &mut paused.sent);
+    let streamed =
+        stream_pages(handle, &mut writer, &shared, &mut paused.sent).map_err(
+            |e| match abort_reason(&mut reader) {
+                Some(reason) => anyhow::anyhow!("the destination gave up: {reason}"),
+                None => e,
+            },
+        );
     let finished = streamed.and_then(|()| {
         write_message(&mut writer, &Message::Done)?;
         writer.flush()?;
@@ -368,5 +365,18 @@ fn serve_requests(
                 .hint
                 .store(first + u64::from(count), Ordering::Release);
         }
+    }
+}
+
+/// Why the destination gave up, if it said so on `reader` (looked for briefly, after a write
+/// to it failed).
+fn abort_reason(reader: &mut BufReader<Channel>) -> Option<String> {
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    match read_message(reader) {
+        Ok(Message::Abort(reason)) => Some(reason),
+        _ => None,
     }
 }

@@ -214,8 +214,25 @@ fn take(
     }
     drop(check);
     let vm = vm_from_state(&state, ram, config)?;
-    write_message(writer, &Message::Done)?;
+    // Built, not run: the VM runs here only once the source knows, so that a connection that
+    // breaks before leaves it running there and nowhere else.
+    write_message(writer, &Message::Built)?;
     writer.flush()?;
+    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let go = read_message(reader);
+    reader.get_ref().set_read_timeout(None)?;
+    match go.context("the source did not say to run the VM here; it does not")? {
+        Message::Done => {}
+        other => bail!(
+            "the source sent {} where its go-ahead belongs",
+            other.name()
+        ),
+    }
+    // If this last word is lost, the source learns it by resuming (`migrate recover`).
+    let acknowledged = write_message(writer, &Message::Done).and_then(|()| writer.flush());
+    if let Err(e) = acknowledged {
+        tracing::warn!("the VM runs here, but the source was not told: {e}");
+    }
     report.switch_over_ms = switched_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
     report.total_ms = started.elapsed().as_secs_f64() * 1e3;
     incoming
@@ -225,7 +242,8 @@ fn take(
         .zero_pages
         .store(report.zero_pages, Ordering::Relaxed);
     incoming.bytes.store(report.bytes, Ordering::Relaxed);
-    incoming.set_phase(Phase::Completed, None);
+    incoming.set_identity(ours.clone());
+    incoming.finish(Phase::Completed, None);
     Ok(Arrived {
         vm,
         state,
@@ -264,6 +282,7 @@ fn post_copy(
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
+    incoming.set_identity(ours.clone());
     // The page-request connection first: the source pauses the VM only once it is open.
     let source = accept_requests(listener, tls, ours, &incoming)?;
     let state = match read_message(reader).context("no state after the switch-over")? {

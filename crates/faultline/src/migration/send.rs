@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use migrate::{read_message, write_message, Message};
+use migrate::{read_message, write_message, Message, ProtocolError};
 use serde::Serialize;
 use snapshot::create::{state_of, Watch};
 use snapshot::state::{GuestInfo, MemoryKind};
@@ -146,16 +146,17 @@ pub enum SendFailure {
     /// The VM is here as before: running (or paused, if it was). Nothing of it runs
     /// elsewhere.
     Here(anyhow::Error),
-    /// Post-copy stopped once the destination had taken the VM (or may have: it did not say):
-    /// the VM stays paused here and must never run here again. `postcopy_send::resume`
-    /// completes the migration.
-    PostcopyPaused(anyhow::Error, Box<PausedPostcopy>),
+    /// The connection broke once the destination had taken the VM (or may have: it did not
+    /// say): the VM stays paused here and must not run here again (`postcopy-paused`).
+    /// `postcopy_send::resume` completes the migration; `cancel` gives up one the destination
+    /// never confirmed.
+    Paused(anyhow::Error, Box<PausedMigration>),
 }
 
 impl SendFailure {
     pub fn error(&self) -> &anyhow::Error {
         match self {
-            SendFailure::Here(e) | SendFailure::PostcopyPaused(e, _) => e,
+            SendFailure::Here(e) | SendFailure::Paused(e, _) => e,
         }
     }
 }
@@ -172,10 +173,11 @@ impl From<std::io::Error> for SendFailure {
     }
 }
 
-/// A post-copy paused by a broken connection: what its report needs when it completes.
+/// A migration paused by a broken connection after the state left: what its report needs when
+/// it completes.
 #[derive(Debug)]
-pub struct PausedPostcopy {
-    pub(super) mode: &'static str,
+pub struct PausedMigration {
+    pub mode: &'static str,
     pub(super) ended_by: &'static str,
     pub(super) started: Instant,
     pub(super) setup: Duration,
@@ -187,6 +189,27 @@ pub struct PausedPostcopy {
     /// the state and its answer).
     pub confirmed: bool,
     pub(super) recoveries: u32,
+    /// The pages taken from the dirty log, and whether it was on before.
+    pub(super) taken: Option<(DirtyPages, bool)>,
+}
+
+impl PausedMigration {
+    /// The report of the migration, completed now.
+    pub(super) fn report(&self) -> SendReport {
+        let mut report = SendReport::new(
+            self.mode,
+            self.ended_by,
+            self.started,
+            self.setup,
+            self.downtime,
+            &self.sent,
+            self.rounds,
+            0.0,
+            self.requests,
+        );
+        report.postcopy_recoveries = self.recoveries;
+        report
+    }
 }
 
 /// Migrates the VM behind `handle` to `options.to`. On success the VM now lives at the
@@ -202,7 +225,7 @@ pub fn send(
     let logging_before = memory.dirty_mode() != DirtyMode::Off;
     let mut taken = DirtyPages::new(handle.ram().size() / PAGE_SIZE);
     let mut paused_here = false;
-    let result = run(
+    let mut result = run(
         handle,
         guest,
         options,
@@ -210,20 +233,50 @@ pub fn send(
         &mut taken,
         &mut paused_here,
     );
-    if let Err(SendFailure::Here(_)) = &result {
-        // Put the VM back as it was: running if it ran, its dirty log as if nothing was taken.
-        if logging_before {
-            handle.return_dirty_pages(taken);
-        } else if let Err(e) = memory.set_dirty_logging(false) {
-            tracing::warn!("cannot switch dirty logging off again: {e}");
-        }
-        if paused_here {
-            if let Err(e) = handle.resume() {
-                tracing::error!("cannot resume the VM after a failed migration: {e}");
+    match &mut result {
+        Err(SendFailure::Here(_)) => {
+            // Put the VM back as it was: running if it ran, its dirty log as if nothing was
+            // taken.
+            put_back(handle, taken, logging_before);
+            if paused_here {
+                if let Err(e) = handle.resume() {
+                    tracing::error!("cannot resume the VM after a failed migration: {e}");
+                }
             }
         }
+        // Kept for a cancel, which puts the VM back as it was.
+        Err(SendFailure::Paused(_, paused)) => paused.taken = Some((taken, logging_before)),
+        Ok(_) => {}
     }
     result
+}
+
+/// Puts the dirty log back as if the migration had not taken `taken` from it (and switches
+/// it off if it was off before).
+fn put_back(handle: &VmHandle, taken: DirtyPages, logging_before: bool) {
+    if logging_before {
+        handle.return_dirty_pages(taken);
+    } else if let Err(e) = handle.memory().set_dirty_logging(false) {
+        tracing::warn!("cannot switch dirty logging off again: {e}");
+    }
+}
+
+/// Gives up a migration that `paused` before the destination confirmed it runs the VM: the
+/// operator says it does not. The VM runs here again, its dirty log as before.
+pub fn cancel(handle: &VmHandle, paused: PausedMigration) -> anyhow::Result<()> {
+    if paused.confirmed {
+        bail!(
+            "the destination confirmed that it runs the VM: it must not run here too (resume \
+             the migration instead)"
+        );
+    }
+    handle.control().set_runs_elsewhere(false);
+    if let Some((taken, logging_before)) = paused.taken {
+        put_back(handle, taken, logging_before);
+    }
+    handle
+        .resume()
+        .context("cannot resume the VM after cancelling the migration")
 }
 
 fn run(
@@ -265,7 +318,7 @@ fn run(
         });
     }
     let rounds = copied.expect("pre-copy rounds ran");
-    Ok(switch_over(
+    switch_over(
         handle,
         guest,
         (writer, reader),
@@ -273,7 +326,7 @@ fn run(
         (started, setup),
         taken,
         paused_here,
-    )?)
+    )
 }
 
 /// Pre-copy's end: pause, the last pages, the state, and the destination's word that it runs
@@ -286,7 +339,7 @@ fn switch_over(
     (started, setup): (Instant, Duration),
     taken: &mut DirtyPages,
     paused_here: &mut bool,
-) -> anyhow::Result<SendReport> {
+) -> Result<SendReport, SendFailure> {
     let Rounds {
         mut pending,
         mut sent,
@@ -310,26 +363,62 @@ fn switch_over(
     write_message(&mut writer, &state_message(handle, guest)?)?;
     write_message(&mut writer, &Message::Done)?;
     writer.flush()?;
-    match read_message(&mut reader).context("the destination did not confirm the migration")? {
-        Message::Done => {}
-        Message::Abort(reason) => bail!("the destination could not take the VM: {reason}"),
-        other => bail!(
-            "the destination answered the switch-over with {}",
-            other.name()
-        ),
+    // The destination builds the VM and waits for the go-ahead before it runs it: until this
+    // side gives it, a failure leaves the VM here only.
+    match read_message(&mut reader).context("the destination did not say it built the VM")? {
+        Message::Built => {}
+        Message::Abort(reason) => {
+            return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into())
+        }
+        other => {
+            return Err(anyhow::anyhow!(
+                "the destination answered the switch-over with {}",
+                other.name()
+            )
+            .into())
+        }
     }
-    let downtime = paused_at.elapsed();
-    let mut report = SendReport::new(
-        "pre",
+    // From the go-ahead on, the destination may run the VM: it must not run here again
+    // unless the destination says it does not.
+    handle.control().set_runs_elsewhere(true);
+    let go = write_message(&mut writer, &Message::Done).and_then(|()| writer.flush());
+    let mut paused = Box::new(PausedMigration {
+        mode: "pre",
         ended_by,
         started,
         setup,
-        downtime,
-        &sent,
+        downtime: Duration::ZERO,
+        sent,
         rounds,
-        dirtied as f64 / took.as_secs_f64().max(1e-6),
-        0,
-    );
+        requests: 0,
+        confirmed: false,
+        recoveries: 0,
+        taken: None,
+    });
+    let answer = go
+        .map_err(ProtocolError::from)
+        .and_then(|()| read_message(&mut reader));
+    paused.downtime = paused_at.elapsed();
+    let unconfirmed = match answer {
+        Ok(Message::Done) => None,
+        Ok(Message::Abort(reason)) => {
+            handle.control().set_runs_elsewhere(false);
+            return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into());
+        }
+        Ok(other) => Some(anyhow::anyhow!(
+            "the destination answered the switch-over with {}",
+            other.name()
+        )),
+        Err(e) => {
+            Some(anyhow::Error::from(e).context("the destination did not confirm the migration"))
+        }
+    };
+    if let Some(e) = unconfirmed {
+        *paused_here = false;
+        return Err(SendFailure::Paused(e, paused));
+    }
+    let mut report = paused.report();
+    report.dirty_rate_pages_per_s = dirtied as f64 / took.as_secs_f64().max(1e-6);
     report.throttle_percent = throttle_percent;
     Ok(report)
 }

@@ -17,7 +17,8 @@ pub struct CuttingProxy {
 }
 
 struct Shared {
-    /// Bytes from client to target on the first connection after which everything is cut.
+    /// Bytes on the first connection (from the client, or back to it) after which everything
+    /// is cut.
     cut_after: u64,
     forwarded: AtomicU64,
     cut: AtomicBool,
@@ -37,6 +38,15 @@ impl Shared {
 impl CuttingProxy {
     /// Forwards to `target`, cutting after `cut_after` bytes from the first client.
     pub fn start(target: &str, cut_after: u64) -> CuttingProxy {
+        CuttingProxy::start_counting(target, cut_after, false)
+    }
+
+    /// Forwards to `target`, cutting after `cut_after` bytes back to the first client.
+    pub fn start_back(target: &str, cut_after: u64) -> CuttingProxy {
+        CuttingProxy::start_counting(target, cut_after, true)
+    }
+
+    fn start_counting(target: &str, cut_after: u64, back: bool) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shared = Arc::new(Shared {
@@ -62,11 +72,15 @@ impl CuttingProxy {
                     sockets.push(client.try_clone().unwrap());
                     sockets.push(server.try_clone().unwrap());
                 }
-                let counted = index == 0;
+                let first = index == 0;
                 let up = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let shared = Arc::clone(&accepting);
-                std::thread::spawn(move || pump(up.0, up.1, counted.then_some(&*shared)));
-                std::thread::spawn(move || pump(server, client, None));
+                let (shared_up, shared_down) = (Arc::clone(&accepting), Arc::clone(&accepting));
+                std::thread::spawn(move || {
+                    pump(up.0, up.1, (first && !back).then_some(&*shared_up))
+                });
+                std::thread::spawn(move || {
+                    pump(server, client, (first && back).then_some(&*shared_down))
+                });
             }
         });
         CuttingProxy { addr, shared }
@@ -95,7 +109,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counted: Option<&Shared>) {
         };
         if let Some(shared) = counted {
             let before = shared.forwarded.fetch_add(n as u64, Ordering::AcqRel);
-            if before + n as u64 >= shared.cut_after {
+            // The first `cut_after` bytes go through; the cut comes with the next one.
+            if before + n as u64 > shared.cut_after {
                 let keep = shared.cut_after.saturating_sub(before) as usize;
                 let _ = to.write_all(&buf[..keep.min(n)]);
                 shared.cut_everything();
