@@ -52,7 +52,8 @@ enum Command {
         #[command(subcommand)]
         action: TrackCommand,
     },
-    /// Live migration between two faultline processes over TCP (pre-copy).
+    /// Live migration between two faultline processes over TCP: pre-copy, post-copy, hybrid,
+    /// recovery after a network cut, TLS.
     Migrate {
         #[command(subcommand)]
         action: MigrateCommand,
@@ -310,6 +311,10 @@ enum MigrateCommand {
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
         tls_dir: Option<PathBuf>,
+        /// Keep the VM that arrives paused, before it runs again, until `faultline vm
+        /// resume` (needs --api-sock). Post-copy goes on meanwhile.
+        #[arg(long, requires = "api_sock")]
+        paused: bool,
         /// Micro-guests: vCPUs wait at hold point N (a pass count) until told otherwise
         /// through the API (`PUT /vm/hold`).
         #[arg(long, value_name = "N")]
@@ -416,6 +421,18 @@ enum BenchCommand {
         /// under the system's temporary directory].
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// Print JSON (the output is always JSON; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live migration on loopback against QEMU (qemu-system-x86_64, its guest in
+    /// bench/peers/) in the same run: a guest whose pages all hold data and one mostly zero
+    /// (pre- and post-copy), a guest that never stops writing (pre-copy, hybrid, post-copy),
+    /// post-copy page request latency. Some minutes for 1 GiB.
+    Migrate {
+        /// Guest RAM on both sides.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        mem: u64,
         /// Print JSON (the output is always JSON; accepted for scripts).
         #[arg(long)]
         json: bool,
@@ -927,6 +944,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             api_sock,
             tls_dir,
             hold_at,
+            paused,
             verify_arrival,
             json,
         } => receive_migration(
@@ -935,6 +953,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             tls_dir.as_deref(),
             Arrival {
                 hold_at,
+                paused,
                 verify: verify_arrival,
             },
             json,
@@ -946,6 +965,8 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
 struct Arrival {
     /// The hold point its vCPUs wait at.
     hold_at: Option<u32>,
+    /// It waits paused until resumed through the API.
+    paused: bool,
     /// Check the `counter` guest's memory before it runs.
     verify: bool,
 }
@@ -1020,12 +1041,18 @@ fn receive_migration(
         }
     }
     let api = match api_sock {
-        Some(path) => Some(start_api(
-            path,
-            Controller::new(arrived.vm.handle(), None, guest.clone())
-                .arrived(std::sync::Arc::clone(&arrived.incoming)),
-            json,
-        )?),
+        Some(path) => {
+            let api = start_api(
+                path,
+                Controller::new(arrived.vm.handle(), None, guest.clone())
+                    .arrived(std::sync::Arc::clone(&arrived.incoming)),
+                json,
+            )?;
+            if arrival.paused {
+                start_paused(&arrived.vm.control(), path, json);
+            }
+            Some(api)
+        }
         None => None,
     };
     let run = guest
@@ -1269,6 +1296,13 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 latencies: source_latency.0,
             };
             let result = bench::restore::run(&options, |step| eprintln!("faultline bench {step}"))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench: BenchCommand::Migrate { mem, json: _ },
+        } => {
+            let result = bench::migrate::run(mem, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

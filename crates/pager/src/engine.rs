@@ -178,7 +178,7 @@ impl InstallContext<'static> {
 
 /// Where the bytes of a run come from.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Bytes {
+pub(crate) enum Bytes {
     Zero,
     /// A host address holding the run's bytes (a mapped source, or pages the caller holds).
     Address(u64),
@@ -291,7 +291,7 @@ impl Shared {
         first: usize,
         count: usize,
         ctx: &mut InstallContext<'_>,
-        given: Option<u64>,
+        given: Option<Bytes>,
     ) -> usize {
         let region = &self.regions[index];
         let filled = self.fill(region, first, count, ctx, given);
@@ -337,7 +337,7 @@ impl Shared {
         first: usize,
         count: usize,
         ctx: &mut InstallContext<'_>,
-        given: Option<u64>,
+        given: Option<Bytes>,
     ) -> Filled {
         let page_size = region.page_size;
         let mut filled = Filled::default();
@@ -443,14 +443,14 @@ impl Shared {
         first: usize,
         count: usize,
         ctx: &mut InstallContext<'_>,
-        given: Option<u64>,
+        given: Option<Bytes>,
     ) -> Result<Bytes, InstallError> {
         let len = count as u64 * region.page_size;
         if region.discarded.get(first) {
             return Ok(Bytes::Zero);
         }
-        if let Some(addr) = given {
-            return Ok(Bytes::Address(addr));
+        if let Some(bytes) = given {
+            return Ok(bytes);
         }
         let offset = first as u64 * region.page_size;
         match region.source.mapped_addr(offset, len) {
@@ -671,6 +671,26 @@ impl Shared {
     /// Installs `data` (whole pages) at `first` onward in region `index`, skipping pages that
     /// are present or being installed: those hold what the guest has seen, never to be
     /// overwritten. Returns how many pages this call installed.
+    /// Installs `count` zero pages from `first` (UFFDIO_ZEROPAGE: nothing is copied), on the
+    /// calling thread; pages present or in flight are left alone.
+    pub(crate) fn install_zero(&self, index: usize, first: usize, count: usize) -> usize {
+        let region = &self.regions[index];
+        let end = (first + count).min(region.pages());
+        let mut ctx = InstallContext::other();
+        let mut installed = 0;
+        let mut page = first;
+        while page < end && !self.stopping() {
+            let run = self.claim_run(region, page, end - page);
+            if run == 0 {
+                page += 1;
+                continue;
+            }
+            installed += self.install_claimed(index, page, run, &mut ctx, Some(Bytes::Zero));
+            page += run;
+        }
+        installed
+    }
+
     pub(crate) fn install_given(&self, index: usize, first: usize, data: &[u8]) -> usize {
         let region = &self.regions[index];
         let page_size = region.page_size as usize;
@@ -685,7 +705,8 @@ impl Shared {
                 continue;
             }
             let addr = data[(page - first) * page_size..].as_ptr() as u64;
-            installed += self.install_claimed(index, page, count, &mut ctx, Some(addr));
+            installed +=
+                self.install_claimed(index, page, count, &mut ctx, Some(Bytes::Address(addr)));
             page += count;
         }
         installed
@@ -1081,7 +1102,13 @@ impl Shared {
                         }
                         for page in claimed {
                             let at = span[(page - lo) * page_size..].as_ptr() as u64;
-                            self.install_claimed(job.region, page, 1, ctx, Some(at));
+                            self.install_claimed(
+                                job.region,
+                                page,
+                                1,
+                                ctx,
+                                Some(Bytes::Address(at)),
+                            );
                         }
                     }
                     Err(e) => {

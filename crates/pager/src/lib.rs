@@ -334,6 +334,24 @@ impl PagerHandle {
         Ok(self.shared.install_given(region, first, data))
     }
 
+    /// Installs `count` zero pages from `first` on the calling thread, without copying (a
+    /// page stream's zero ranges). Pages already present or in flight are left alone. Returns
+    /// the number of pages installed.
+    pub fn install_zero_pages(
+        &self,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<usize, PagerError> {
+        if region >= self.shared.regions.len() {
+            return Err(PagerError::NoRegion(region));
+        }
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Err(PagerError::Stopped);
+        }
+        Ok(self.shared.install_zero(region, first, count))
+    }
+
     /// Queues every page of every region for background install (background fill).
     pub fn fill_all(&self) {
         for (index, region) in self.shared.regions.iter().enumerate() {

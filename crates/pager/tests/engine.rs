@@ -438,6 +438,34 @@ fn recorded_faults_keep_their_order() {
 }
 
 #[test]
+fn zero_pages_are_installed_without_a_fetch_and_present_ones_are_left_alone() {
+    const PAGES: usize = 16;
+    let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {
+        return;
+    };
+    assert_eq!(read_u64(shm.page(9)), 9 * 0x1_0001 + 7);
+    write_u64(shm.page(9), 0xbeef);
+    assert_eq!(pager.install_zero_pages(0, 8, 4).unwrap(), 3);
+    assert_eq!(
+        read_u64(shm.page(9)),
+        0xbeef,
+        "a present page is never overwritten"
+    );
+    for page in [8, 10, 11] {
+        assert!(pager.is_present(0, page));
+        // Zero, not the source's pattern: the source was not asked.
+        assert_eq!(read_u64(shm.page(page)), 0);
+    }
+    assert!(pager.install_zero_pages(3, 0, 1).is_err(), "no region 3");
+    let stats = pager.shutdown();
+    assert_eq!(
+        stats.faults_vcpu + stats.faults_other,
+        1,
+        "only page 9 was faulted"
+    );
+}
+
+#[test]
 fn given_pages_are_installed_and_present_ones_are_left_alone() {
     const PAGES: usize = 16;
     let Some((pager, shm)) = pattern_pager(PAGES, unpredicted()) else {

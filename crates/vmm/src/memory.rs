@@ -180,6 +180,24 @@ impl GuestRam {
             .map(|r| r.host_addr + (gpa - r.gpa) as usize)
     }
 
+    /// Whether guest RAM `[gpa, gpa + len)` (within one region) is a hole of its memfd:
+    /// never written, or punched out, so it reads as zeros without being read (a migration
+    /// sends it as a zero range). False when unsure.
+    pub fn is_hole(&self, gpa: u64, len: u64) -> bool {
+        let Some(region) = self.regions.iter().find(|r| r.contains(gpa, len)) else {
+            return false;
+        };
+        let offset = gpa - region.gpa();
+        // Only the descriptor's file offset moves, which nothing uses (guest RAM is read
+        // through its mapping, files with positioned reads).
+        match rustix::fs::seek(region.memfd(), rustix::fs::SeekFrom::Data(offset)) {
+            Ok(data) => data >= offset + len,
+            // No data from `offset` to the end of the file.
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
+    }
+
     /// Index of the page holding `gpa` in the memory-image layout (regions back to back), if
     /// it is RAM.
     pub fn page_index(&self, gpa: u64) -> Option<u64> {
@@ -290,6 +308,33 @@ fn create_memfd(gpa: u64, size: u64) -> Result<File, MemoryError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn holes_are_ram_never_written() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(4 << 20).unwrap();
+        assert!(ram.is_hole(0, 4 << 20), "fresh RAM is all hole");
+        ram.memory()
+            .write_obj(7u64, GuestAddress(0x10_8008))
+            .unwrap();
+        assert!(
+            !ram.is_hole(0x10_8000, PAGE_SIZE),
+            "a written page has data"
+        );
+        assert!(
+            !ram.is_hole(0x10_0000, 16 * PAGE_SIZE),
+            "a run holding it has data"
+        );
+        assert!(
+            ram.is_hole(0x10_0000, 8 * PAGE_SIZE),
+            "the pages before it do not"
+        );
+        assert!(ram.is_hole(0x10_9000, PAGE_SIZE), "nor the page after it");
+        assert!(
+            !ram.is_hole(4 << 20, PAGE_SIZE),
+            "outside RAM: not known to be a hole"
+        );
+    }
 
     #[test]
     fn small_ram_is_one_low_region() {

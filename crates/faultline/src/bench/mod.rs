@@ -5,6 +5,7 @@ pub mod boot;
 pub mod faults;
 pub mod fc_file;
 pub mod interrupt;
+pub mod migrate;
 pub mod restore;
 pub mod slowfs;
 pub mod track;

@@ -23,7 +23,6 @@ use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 use super::channel::{Channel, Tls};
 use super::incoming::{Incoming, Offer, Phase};
 use super::layout_of;
-use super::send::RUN_PAGES;
 
 /// How long a connected source may take to answer a page request before the connection
 /// counts as broken (it is then shut down, and the migration waits for recovery).
@@ -677,15 +676,16 @@ pub(super) fn install_zeros(
     gpa: u64,
     count: u64,
 ) -> anyhow::Result<()> {
-    let zeros = vec![0u8; (RUN_PAGES.min(count) * PAGE_SIZE) as usize];
-    let mut at = gpa;
-    let mut left = count;
-    while left > 0 {
-        let n = left.min(RUN_PAGES);
-        install(ram, pager, at, &zeros[..(n * PAGE_SIZE) as usize])?;
-        at += n * PAGE_SIZE;
-        left -= n;
-    }
+    let (index, region) = ram
+        .regions()
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.contains(gpa, count * PAGE_SIZE))
+        .context("streamed zero pages outside RAM")?;
+    let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
+    pager
+        .install_zero_pages(index, first, count as usize)
+        .context("cannot install streamed zero pages")?;
     Ok(())
 }
 

@@ -648,6 +648,14 @@ pub(super) fn read_and_send<W: Write>(
     count: u64,
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
+    if ram.is_hole(gpa, count * PAGE_SIZE) {
+        // Never written (or punched out): zeros, without reading a byte.
+        let message = Message::ZeroPages { gpa, count };
+        write_message(writer, &message)?;
+        sent.zero += count;
+        sent.bytes += 16 + message_payload_bytes(&message);
+        return Ok(());
+    }
     let data = &mut buffer[..(count * PAGE_SIZE) as usize];
     let host = ram
         .host_range(gpa, count * PAGE_SIZE)

@@ -1,0 +1,603 @@
+//! `faultline bench migrate`: live migration between two processes on loopback, faultline
+//! against QEMU in the same run.
+//!
+//! faultline moves the `counter` micro-guest between two faultline processes (this binary);
+//! QEMU moves its peer guest (`bench/peers/qemu_migration_guest.S`, a boot sector in the
+//! manner of QEMU's own migration test guest) between two `qemu-system-x86_64` processes,
+//! driven over QMP, its figures read from `query-migrate`. Both guests add 1 to the first
+//! bytes of every page pass after pass. Cases:
+//! - every page holds data, the guest idle after writing it: pre-copy and post-copy;
+//! - the same RAM mostly zero (only the first 1 MiB written): pre-copy and post-copy;
+//! - a guest that keeps writing every page: pre-copy and hybrid, with the rounds, whether it
+//!   converged and how (faultline throttles; QEMU, without auto-converge, may not converge:
+//!   it is cancelled after `DIRTIER_PATIENCE`);
+//! - post-copy page requests, answered while the stream runs: p50 and p99 (from the dirtier's
+//!   post-copy).
+//!
+//! faultline's runs are verified: the destination checks the guest's memory as it arrives
+//! (`--verify-arrival`) and, for the idle guests, runs it to its end and checks its result.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::ratio;
+use crate::api::http;
+
+/// The QEMU peer's guest (assembled at run time with the system's binutils).
+const QEMU_GUEST_SOURCE: &str = include_str!("../../../../bench/peers/qemu_migration_guest.S");
+/// Where its three configuration words are in the boot sector.
+const QEMU_GUEST_CONFIG: usize = 0x1f0;
+/// How long a migration of a guest that never stops writing may go on before it counts as
+/// not converging (and is cancelled).
+const DIRTIER_PATIENCE: Duration = Duration::from_secs(120);
+/// How long any one step (a boot, a first pass, an idle migration) may take.
+const STEP_LIMIT: Duration = Duration::from_secs(600);
+
+/// What one migration did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    pub status: String,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub bytes: u64,
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub dirty_rounds: u64,
+    pub postcopy_requests: u64,
+    /// faultline: how far the guest was throttled; QEMU: not used (auto-converge off).
+    pub throttle_percent: Option<u64>,
+    pub urgent_page_p50_us: Option<u64>,
+    pub urgent_page_p99_us: Option<u64>,
+    /// faultline: the destination checked the guest's memory (and, for an idle guest, its
+    /// result) and found it right. QEMU: not checked (`None`).
+    pub verified: Option<bool>,
+}
+
+/// One case, both sides.
+#[derive(Debug, Serialize)]
+pub struct Case {
+    pub case: &'static str,
+    pub mode: &'static str,
+    pub faultline: Outcome,
+    /// QEMU's outcome, or why there is none.
+    pub qemu: Result<Outcome, String>,
+    /// faultline / QEMU total time.
+    pub total_ratio: Option<f64>,
+    /// faultline / QEMU downtime.
+    pub downtime_ratio: Option<f64>,
+}
+
+/// The whole benchmark.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mem_bytes: u64,
+    pub qemu: String,
+    pub cases: Vec<Case>,
+}
+
+/// The guest workload of a case.
+#[derive(Debug, Clone, Copy)]
+enum Workload {
+    /// Every page written once, then idle.
+    Data,
+    /// Only the first MiB written, then idle.
+    MostlyZero,
+    /// Every page written again and again.
+    Dirtier,
+}
+
+/// Runs every case on `mem` bytes of guest RAM; `step` is told what runs.
+pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
+    if !(64 << 20..=3 << 30).contains(&mem) {
+        bail!("--mem must be between 64M and 3G (the QEMU guest addresses 32-bit memory)");
+    }
+    let tmp = TempDir::new()?;
+    let qemu = Qemu::find(tmp.path());
+    let qemu_name = match &qemu {
+        Ok(q) => q.describe(),
+        Err(e) => format!("unavailable: {e:#}"),
+    };
+    let cases = [
+        ("data", Workload::Data, "pre"),
+        ("data", Workload::Data, "post"),
+        ("mostly-zero", Workload::MostlyZero, "pre"),
+        ("mostly-zero", Workload::MostlyZero, "post"),
+        ("dirtier", Workload::Dirtier, "pre"),
+        ("dirtier", Workload::Dirtier, "hybrid"),
+        ("dirtier", Workload::Dirtier, "post"),
+    ];
+    let mut out = Vec::new();
+    for (index, (case, workload, mode)) in cases.into_iter().enumerate() {
+        step(&format!("migrate: {case} {mode}: faultline"));
+        let dir = tmp.path().join(format!("case-{index}"));
+        std::fs::create_dir_all(&dir)?;
+        let ours = faultline_case(&dir, mem, workload, mode)
+            .with_context(|| format!("faultline, {case} {mode}"))?;
+        step(&format!("migrate: {case} {mode}: QEMU"));
+        let theirs = match &qemu {
+            Ok(q) => q
+                .case(&dir, mem, workload, mode)
+                .map_err(|e| format!("{e:#}")),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        let (total_ratio, downtime_ratio) = match &theirs {
+            Ok(q) if q.status == "completed" => (
+                Some(ratio(ours.total_ms, q.total_ms)),
+                Some(ratio(ours.downtime_ms, q.downtime_ms)),
+            ),
+            _ => (None, None),
+        };
+        out.push(Case {
+            case,
+            mode,
+            faultline: ours,
+            qemu: theirs,
+            total_ratio,
+            downtime_ratio,
+        });
+    }
+    Ok(Report {
+        mem_bytes: mem,
+        qemu: qemu_name,
+        cases: out,
+    })
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let path =
+            std::env::temp_dir().join(format!("faultline-bench-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `ready` every 10 ms until it gives a value, for at most `limit`.
+fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = ready()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} did not happen within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One API call to a faultline process.
+fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let (status, answer) = http::call(sock, method, path, body.as_ref(), Some(STEP_LIMIT))
+        .with_context(|| format!("{method} {path}"))?;
+    let answer = answer.unwrap_or(Value::Null);
+    if !(200..300).contains(&status) {
+        bail!("{method} {path}: HTTP {status}: {answer}");
+    }
+    Ok(answer)
+}
+
+/// faultline's side of a case: a `run` source and a `migrate receive` destination.
+fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyhow::Result<Outcome> {
+    let exe = std::env::current_exe().context("cannot find the faultline executable")?;
+    let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let ram_pages = mem / vmm::PAGE_SIZE;
+    let boot_pages = vmm::boot::layout::BOOT_AREA_END / vmm::PAGE_SIZE;
+    let range_pages = match workload {
+        Workload::MostlyZero => 256,
+        Workload::Data | Workload::Dirtier => ram_pages - boot_pages,
+    };
+    // Idle guests: one pass, held there, then a second on the destination, which checks the
+    // result. The dirtier counts until it is shut down.
+    let passes = match workload {
+        Workload::Dirtier => 0,
+        Workload::Data | Workload::MostlyZero => 2,
+    };
+    let mut receive = Command::new(&exe);
+    receive
+        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--json"])
+        .arg("--api-sock")
+        .arg(&dsock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match workload {
+        // Idle like QEMU's halted guest until the migration is done; then it runs its last
+        // pass and checks the result.
+        Workload::Data | Workload::MostlyZero => receive.arg("--paused"),
+        // Checked as it arrives (in post-copy that check asks the source for every page of
+        // its range at once).
+        Workload::Dirtier => receive.arg("--verify-arrival"),
+    };
+    let mut destination = Process(receive.spawn().context("cannot start the destination")?);
+    let mut said = BufReader::new(destination.0.stderr.take().expect("piped"));
+    let mut line = String::new();
+    said.read_line(&mut line)?;
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .with_context(|| format!("the destination did not say where it listens: {line:?}"))?
+        .to_string();
+    std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
+
+    let source = Process(
+        Command::new(&exe)
+            .args(["run", "--guest", "counter", "--mem", &mem.to_string()])
+            .args([
+                "--range-pages",
+                &range_pages.to_string(),
+                "--arg",
+                &passes.to_string(),
+            ])
+            .args(["--hold-at", "1", "--json", "--api-sock"])
+            .arg(&ssock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the source")?,
+    );
+    wait_for("the source's first pass", STEP_LIMIT, || {
+        Ok(
+            http::call(&ssock, "GET", "/vm", None, Some(Duration::from_secs(5)))
+                .ok()
+                .and_then(|(_, info)| info)
+                .filter(|info| info["hold"]["held_vcpus"] == json!([0]))
+                .map(|_| ()),
+        )
+    })?;
+    if let Workload::Dirtier = workload {
+        api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
+    }
+    let report = api(
+        &ssock,
+        "PUT",
+        "/migration/send",
+        Some(json!({ "to": addr, "mode": mode })),
+    )?;
+    let arrived = wait_for("the destination's end of the migration", STEP_LIMIT, || {
+        Ok(http::call(
+            &dsock,
+            "GET",
+            "/migration",
+            None,
+            Some(Duration::from_secs(5)),
+        )
+        .ok()
+        .and_then(|(_, status)| status)
+        .filter(|s| s["status"] == "completed" || s["status"] == "failed"))
+    })?;
+    drop(source);
+    match workload {
+        Workload::Dirtier => {
+            let _ = api(&dsock, "PUT", "/vm/shutdown", None);
+        }
+        Workload::Data | Workload::MostlyZero => {
+            api(&dsock, "PUT", "/vm/resume", None)?;
+        }
+    }
+    let mut destination = destination;
+    let finished = destination.0.wait()?;
+    let stdout = {
+        let mut text = String::new();
+        if let Some(mut out) = destination.0.stdout.take() {
+            std::io::Read::read_to_string(&mut out, &mut text)?;
+        }
+        text
+    };
+    let verified = arrived["status"] == "completed"
+        && match workload {
+            Workload::Dirtier => stdout.contains("\"arrival_check\""),
+            Workload::Data | Workload::MostlyZero => finished.success(),
+        };
+    let number = |v: &Value| v.as_u64().unwrap_or(0);
+    Ok(Outcome {
+        status: report["status"].as_str().unwrap_or("?").to_string(),
+        total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        bytes: number(&report["bytes"]),
+        normal_pages: number(&report["normal_pages"]),
+        zero_pages: number(&report["zero_pages"]),
+        dirty_rounds: number(&report["dirty_rounds"]),
+        postcopy_requests: number(&report["postcopy_requests"]),
+        throttle_percent: report["throttle_percent"].as_u64(),
+        urgent_page_p50_us: arrived["urgent_page_p50_us"].as_u64(),
+        urgent_page_p99_us: arrived["urgent_page_p99_us"].as_u64(),
+        verified: Some(verified),
+    })
+}
+
+/// The QEMU peer: its executable, its guest image, and the accelerator it uses.
+struct Qemu {
+    exe: PathBuf,
+    image: PathBuf,
+    accel: &'static str,
+    version: String,
+}
+
+impl Qemu {
+    /// Finds `qemu-system-x86_64` and assembles the peer guest into `dir`.
+    fn find(dir: &Path) -> anyhow::Result<Qemu> {
+        let exe = PathBuf::from("qemu-system-x86_64");
+        let version = Command::new(&exe).arg("--version").output().context(
+            "qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)",
+        )?;
+        let version = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or("qemu")
+            .to_string();
+        let source = dir.join("qemu_migration_guest.S");
+        std::fs::write(&source, QEMU_GUEST_SOURCE)?;
+        let object = dir.join("qemu_migration_guest.o");
+        let image = dir.join("qemu_migration_guest.bin");
+        let assembled = Command::new("as")
+            .arg("--32")
+            .arg("-o")
+            .arg(&object)
+            .arg(&source)
+            .status()
+            .context("cannot run `as` (binutils)")?;
+        let linked = Command::new("ld")
+            .args([
+                "-m",
+                "elf_i386",
+                "-Ttext",
+                "0x7c00",
+                "--oformat",
+                "binary",
+                "-o",
+            ])
+            .arg(&image)
+            .arg(&object)
+            .status()
+            .context("cannot run `ld` (binutils)")?;
+        if !assembled.success() || !linked.success() {
+            bail!("cannot assemble the QEMU peer's guest");
+        }
+        // KVM like faultline where it can be had, so that the guests run alike.
+        let accel = if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok()
+        {
+            "kvm"
+        } else {
+            "tcg"
+        };
+        Ok(Qemu {
+            exe,
+            image,
+            accel,
+            version,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} (accel {})", self.version, self.accel)
+    }
+
+    /// The guest image for `workload` on `mem` bytes.
+    fn image_for(&self, dir: &Path, mem: u64, workload: Workload) -> anyhow::Result<PathBuf> {
+        let mut sector = std::fs::read(&self.image)?;
+        if sector.len() != 512 {
+            bail!(
+                "the QEMU peer's guest is {} bytes, not one sector",
+                sector.len()
+            );
+        }
+        let (last, forever) = match workload {
+            Workload::Data => (mem, 0u32),
+            Workload::MostlyZero => (0x20_0000, 0),
+            Workload::Dirtier => (mem, 1),
+        };
+        let words = [0x10_0000u32, u32::try_from(last)?, forever];
+        for (i, word) in words.iter().enumerate() {
+            let at = QEMU_GUEST_CONFIG + 4 * i;
+            sector[at..at + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        let path = dir.join("qemu-guest.img");
+        std::fs::write(&path, sector)?;
+        Ok(path)
+    }
+
+    fn spawn(
+        &self,
+        dir: &Path,
+        name: &str,
+        image: &Path,
+        mem: u64,
+        incoming: bool,
+    ) -> anyhow::Result<(Process, Qmp)> {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let serial = dir.join(format!("{name}.serial"));
+        let mut command = Command::new(&self.exe);
+        command
+            .args([
+                "-accel",
+                self.accel,
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-nodefaults",
+            ])
+            .args(["-m", &format!("{}M", mem >> 20)])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=ide", image.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if incoming {
+            command.args(["-incoming", "defer"]);
+        }
+        let process = Process(command.spawn().context("cannot start qemu-system-x86_64")?);
+        let stream = wait_for("QEMU's QMP socket", Duration::from_secs(30), || {
+            Ok(UnixStream::connect(&qmp).ok())
+        })?;
+        Ok((process, Qmp::new(stream)?))
+    }
+
+    /// QEMU's side of a case.
+    fn case(
+        &self,
+        dir: &Path,
+        mem: u64,
+        workload: Workload,
+        mode: &str,
+    ) -> anyhow::Result<Outcome> {
+        let image = self.image_for(dir, mem, workload)?;
+        let (_source, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
+        let (_destination, mut destination) = self.spawn(dir, "qemu-dst", &image, mem, true)?;
+        let serial = dir.join("qemu-src.serial");
+        wait_for("the QEMU guest's first pass", STEP_LIMIT, || {
+            Ok(std::fs::read(&serial)
+                .ok()
+                .filter(|s| s.contains(&b'B'))
+                .map(|_| ()))
+        })?;
+        let post = mode != "pre";
+        if post {
+            let capability =
+                json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] });
+            source.execute("migrate-set-capabilities", capability.clone())?;
+            destination.execute("migrate-set-capabilities", capability)?;
+        }
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.local_addr()?.port()
+        };
+        let uri = format!("tcp:127.0.0.1:{port}");
+        destination.execute("migrate-incoming", json!({ "uri": uri }))?;
+        source.execute("migrate", json!({ "uri": uri }))?;
+        if mode == "post" {
+            source.execute("migrate-start-postcopy", json!({}))?;
+        }
+        let started = Instant::now();
+        let mut switched = mode != "hybrid";
+        let limit = match workload {
+            Workload::Dirtier => DIRTIER_PATIENCE,
+            Workload::Data | Workload::MostlyZero => STEP_LIMIT,
+        };
+        let info = loop {
+            let info = source.execute("query-migrate", json!({}))?;
+            let status = info["status"].as_str().unwrap_or("");
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                break info;
+            }
+            // Hybrid: post-copy once the first full pass is done (QEMU's postcopy-after-precopy).
+            if !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                source.execute("migrate-start-postcopy", json!({}))?;
+                switched = true;
+            }
+            if started.elapsed() > limit {
+                source.execute("migrate_cancel", json!({}))?;
+                let mut info = info;
+                info["status"] = json!(format!(
+                    "not converged within {} s (cancelled)",
+                    limit.as_secs()
+                ));
+                break info;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ram = &info["ram"];
+        let number = |v: &Value| v.as_u64().unwrap_or(0);
+        Ok(Outcome {
+            status: info["status"].as_str().unwrap_or("?").to_string(),
+            total_ms: info["total-time"]
+                .as_f64()
+                .unwrap_or(started.elapsed().as_secs_f64() * 1e3),
+            downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+            bytes: number(&ram["transferred"]),
+            normal_pages: number(&ram["normal"]),
+            zero_pages: number(&ram["duplicate"]),
+            dirty_rounds: number(&ram["dirty-sync-count"]).saturating_sub(1),
+            postcopy_requests: number(&ram["postcopy-requests"]),
+            throttle_percent: None,
+            urgent_page_p50_us: None,
+            urgent_page_p99_us: None,
+            verified: None,
+        })
+    }
+}
+
+/// A QMP connection.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn new(stream: UnixStream) -> anyhow::Result<Qmp> {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
+        let mut greeting = String::new();
+        qmp.reader.read_line(&mut greeting)?;
+        if !greeting.contains("QMP") {
+            bail!("not a QMP greeting: {greeting:?}");
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments`: its return value (events are skipped).
+    fn execute(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        let request = json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{request}")?;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("QEMU closed its QMP socket during {command}");
+            }
+            let answer: Value =
+                serde_json::from_str(&line).with_context(|| format!("QMP answered {line:?}"))?;
+            if let Some(value) = answer.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = answer.get("error") {
+                bail!("QMP {command}: {error}");
+            }
+        }
+    }
+}
