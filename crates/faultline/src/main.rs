@@ -881,8 +881,10 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             } else {
                 eprintln!("faultline: migrating the VM to {to} ({mode}, {channel}) ...");
             }
-            let report =
-                api_call(&api.api_sock, "PUT", "/migration/send", Some(&body))?.unwrap_or_default();
+            let shown = show_progress(&api.api_sock);
+            let answer = api_call(&api.api_sock, "PUT", "/migration/send", Some(&body));
+            shown.finish();
+            let report = answer?.unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -969,6 +971,71 @@ struct Arrival {
     paused: bool,
     /// Check the `counter` guest's memory before it runs.
     verify: bool,
+}
+
+/// A progress line on stderr (a terminal only) while a migration runs.
+struct ProgressLine {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressLine {
+    /// Stops the line and clears it.
+    fn finish(mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Shows the progress of the migration of the VM behind `socket` (from `GET /migration`)
+/// on stderr, if it is a terminal, until finished.
+fn show_progress(socket: &std::path::Path) -> ProgressLine {
+    use std::io::IsTerminal;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if !std::io::stderr().is_terminal() {
+        return ProgressLine { done, thread: None };
+    }
+    let (socket, stop) = (socket.to_path_buf(), std::sync::Arc::clone(&done));
+    let thread = std::thread::spawn(move || {
+        let mut shown = false;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let Ok((_, Some(status))) = http::call(
+                &socket,
+                "GET",
+                "/migration",
+                None,
+                Some(std::time::Duration::from_secs(2)),
+            ) else {
+                continue;
+            };
+            let p = &status["progress"];
+            if p.is_null() {
+                continue;
+            }
+            let throttle = match p["throttle_percent"].as_u64() {
+                Some(t) if t > 0 => format!(", guest throttled {t}%"),
+                _ => String::new(),
+            };
+            eprint!(
+                "\r\x1b[Kfaultline: {} round {}: {} sent, {} pages left{throttle}",
+                p["phase"].as_str().unwrap_or("?"),
+                p["round"],
+                format_size(p["bytes"].as_u64().unwrap_or(0)),
+                p["remaining_pages"],
+            );
+            shown = true;
+        }
+        if shown {
+            eprint!("\r\x1b[K");
+        }
+    });
+    ProgressLine {
+        done,
+        thread: Some(thread),
+    }
 }
 
 /// `faultline migrate receive`: one VM in, run to the end.

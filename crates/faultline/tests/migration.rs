@@ -1042,3 +1042,59 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     assert_eq!(api(&dsock, "PUT", "/vm/hold", Some(release)).0, 204);
     check_arrived(destination.child, SMALL);
 }
+
+#[test]
+fn get_migration_shows_the_rounds_as_they_go() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-progress");
+    let sock = tmp.join("src.sock");
+    let (destination, addr) = spawn_destination();
+    let source = spawn_mix(&sock, BIG);
+    // What GET /migration says while the send runs (it never waits for the migration).
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (sock, done) = (sock.clone(), std::sync::Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let answer = faultline::api::http::call(
+                    &sock,
+                    "GET",
+                    "/migration",
+                    None,
+                    Some(Duration::from_secs(5)),
+                );
+                if let Ok((200, Some(status))) = answer {
+                    if status["status"] == "active" {
+                        seen.push(status["progress"].clone());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            seen
+        })
+    };
+    let out = migrate_send_with(
+        &sock,
+        &addr,
+        &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "4"],
+    );
+    done.store(true, std::sync::atomic::Ordering::Release);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen = watcher.join().unwrap();
+    assert!(!seen.is_empty(), "GET /migration answered while it ran");
+    assert!(seen.iter().all(|p| p["phase"].is_string()), "{seen:?}");
+    // The rounds and the bytes only grow, and the later rounds throttle the guest.
+    let rounds: Vec<u64> = seen.iter().map(|p| p["round"].as_u64().unwrap()).collect();
+    let bytes: Vec<u64> = seen.iter().map(|p| p["bytes"].as_u64().unwrap()).collect();
+    assert!(rounds.windows(2).all(|w| w[0] <= w[1]), "{rounds:?}");
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
+    assert!(bytes.last().unwrap() > &0);
+    assert!(
+        seen.iter()
+            .any(|p| p["throttle_percent"].as_u64() > Some(0)),
+        "{seen:?}"
+    );
+    source.wait_with_output().unwrap();
+    check_arrived(destination, BIG);
+}

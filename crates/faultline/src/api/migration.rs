@@ -14,6 +14,7 @@ use vmm::VmHandle;
 
 use super::http::Response;
 use crate::migration::incoming::{Incoming, RecoverError};
+use crate::migration::progress::Progress;
 use crate::migration::send::{PausedMigration, SendFailure, SendOptions};
 
 /// `PUT /migration/send`.
@@ -81,6 +82,8 @@ pub struct Migrations {
     migrated: AtomicBool,
     /// The migration that brought the VM here.
     incoming: Option<Arc<Incoming>>,
+    /// What the outgoing migration in progress is doing.
+    progress: Mutex<Option<Arc<Progress>>>,
 }
 
 impl Migrations {
@@ -91,6 +94,7 @@ impl Migrations {
             paused: Mutex::new(None),
             migrated: AtomicBool::new(false),
             incoming,
+            progress: Mutex::new(None),
         }
     }
 
@@ -132,7 +136,10 @@ impl Migrations {
     /// `GET /migration`: the outgoing migration if there was one, else the one that brought
     /// the VM here.
     pub fn status(&self) -> serde_json::Value {
-        let outgoing = lock(&self.outgoing).clone();
+        let mut outgoing = lock(&self.outgoing).clone();
+        if let Some(progress) = lock(&self.progress).as_ref() {
+            outgoing["progress"] = progress.json();
+        }
         match &self.incoming {
             Some(incoming) if outgoing["status"] == "none" => incoming.status(),
             _ => outgoing,
@@ -222,7 +229,9 @@ impl Migrations {
             }
             _ => {}
         }
+        let progress = Arc::new(Progress::default());
         *lock(&self.outgoing) = json!({ "status": "active", "to": request.to });
+        *lock(&self.progress) = Some(Arc::clone(&progress));
         self.switch_now.store(false, Ordering::Release);
         let options = SendOptions {
             switch_now: Arc::clone(&self.switch_now),
@@ -232,11 +241,13 @@ impl Migrations {
             downtime: Duration::from_millis(request.downtime_ms),
             max_rounds: request.max_rounds,
             throttle: request.throttle,
+            progress: Arc::clone(&progress),
         };
         let result = match paused {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
             None => crate::migration::send::send(handle, guest, &options),
         };
+        *lock(&self.progress) = None;
         match result {
             Ok(report) => {
                 // Noted before the VM stops, so that the run ending here is known as a move.

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod incoming;
 mod postcopy_receive;
 pub mod postcopy_send;
+pub mod progress;
 pub mod receive;
 pub mod send;
 

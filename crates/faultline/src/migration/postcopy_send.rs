@@ -148,6 +148,7 @@ pub fn resume(
     options: &SendOptions,
     mut paused: Box<PausedMigration>,
 ) -> Result<SendReport, SendFailure> {
+    paused.sent.progress = Some(Arc::clone(&options.progress));
     let attempt = (|| {
         let (mut writer, mut reader) =
             super::send::connect(handle, &options.to, options.tls.as_ref())?;
@@ -206,6 +207,9 @@ fn complete(
     let (mut writer, mut reader) = main;
     let (urgent_writer, urgent_reader) = urgent;
     let total = handle.ram().size() / PAGE_SIZE;
+    if let Some(progress) = &paused.sent.progress {
+        progress.phase("post-copy", to_come.count());
+    }
     let shared = Arc::new(Streaming {
         sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
         hint: AtomicU64::new(NO_HINT),

@@ -17,6 +17,7 @@ use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::Channel;
 use super::identity;
+use super::progress::Progress;
 
 /// How long the destination may take to answer a hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +59,8 @@ pub struct SendOptions {
     /// Pre-copy: throttle the guest's vCPUs when rounds do not converge (else the round limit
     /// ends them, and the rest goes in a longer pause).
     pub throttle: bool,
+    /// Where the migration tells what it is doing.
+    pub progress: Arc<Progress>,
     /// TLS with this side's certificate (`None`: plain TCP).
     pub tls: Option<super::channel::Tls>,
 }
@@ -132,12 +135,24 @@ impl SendReport {
     }
 }
 
-/// Counters of what went on the wire.
+/// Counters of what went on the wire (also told to the migration's progress, if any).
 #[derive(Debug, Clone, Default)]
 pub(super) struct Sent {
     pub bytes: u64,
     pub normal: u64,
     pub zero: u64,
+    pub progress: Option<Arc<Progress>>,
+}
+
+impl Sent {
+    fn add(&mut self, normal: u64, zero: u64, bytes: u64) {
+        self.normal += normal;
+        self.zero += zero;
+        self.bytes += bytes;
+        if let Some(progress) = &self.progress {
+            progress.sent(normal + zero, bytes);
+        }
+    }
 }
 
 /// A migration that did not complete, and where that leaves the VM.
@@ -298,7 +313,15 @@ fn run(
         .is_none_or(|c| options.mode == Mode::Hybrid && c.ended_by != "converged");
     if goes_post {
         let (stale, ended_by, before, rounds) = match copied {
-            None => (None, "post-copy", Sent::default(), 0),
+            None => (
+                None,
+                "post-copy",
+                Sent {
+                    progress: Some(Arc::clone(&options.progress)),
+                    ..Sent::default()
+                },
+                0,
+            ),
             Some(c) => (Some(c.pending), c.ended_by, c.sent, c.rounds),
         };
         return super::postcopy_send::send(super::postcopy_send::Switch {
@@ -451,7 +474,10 @@ fn copy_rounds<W: Write>(
     handle.memory().set_dirty_logging(true)?;
     let hybrid = options.mode == Mode::Hybrid;
     let began = Instant::now();
-    let mut sent = Sent::default();
+    let mut sent = Sent {
+        progress: Some(Arc::clone(&options.progress)),
+        ..Sent::default()
+    };
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
     let mut previous = u64::MAX;
@@ -461,7 +487,9 @@ fn copy_rounds<W: Write>(
     // diff snapshots); the take starts the log's next interval.
     let mut pending = DirtyPages::all(handle.ram().size() / PAGE_SIZE);
     pending.merge(&take(handle, taken)?);
+    options.progress.phase("pre-copy", pending.count());
     let ended_by = loop {
+        options.progress.round(rounds, pending.count());
         let round_began = Instant::now();
         let bytes_before = sent.bytes;
         send_pages(writer, handle, &pending, &mut sent)?;
@@ -499,6 +527,7 @@ fn copy_rounds<W: Write>(
                 Some(t) => t.set(percent),
             }
             throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
+            options.progress.throttled(throttle_percent);
             tracing::info!(
                 "pre-copy: not converging, the guest is throttled to {throttle_percent}%"
             );
@@ -652,8 +681,7 @@ pub(super) fn read_and_send<W: Write>(
         // Never written (or punched out): zeros, without reading a byte.
         let message = Message::ZeroPages { gpa, count };
         write_message(writer, &message)?;
-        sent.zero += count;
-        sent.bytes += 16 + message_payload_bytes(&message);
+        sent.add(0, count, 16 + message_payload_bytes(&message));
         return Ok(());
     }
     let data = &mut buffer[..(count * PAGE_SIZE) as usize];
@@ -682,21 +710,22 @@ fn send_run<W: Write>(
             j += 1;
         }
         let at = gpa + (i * page) as u64;
+        let count = (j - i) as u64;
         let message = if zero {
-            sent.zero += (j - i) as u64;
-            Message::ZeroPages {
-                gpa: at,
-                count: (j - i) as u64,
-            }
+            Message::ZeroPages { gpa: at, count }
         } else {
-            sent.normal += (j - i) as u64;
             Message::Pages {
                 gpa: at,
                 data: data[i * page..j * page].to_vec(),
             }
         };
         write_message(writer, &message)?;
-        sent.bytes += 16 + message_payload_bytes(&message);
+        let bytes = 16 + message_payload_bytes(&message);
+        if zero {
+            sent.add(0, count, bytes);
+        } else {
+            sent.add(count, 0, bytes);
+        }
         i = j;
     }
     Ok(())
