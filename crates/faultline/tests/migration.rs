@@ -148,6 +148,11 @@ fn post_copy_state(
         read_message(&mut reader).unwrap(),
         Message::SwitchOver { post_copy: true }
     );
+    // The pages that will come again (none: nothing was sent before).
+    assert!(matches!(
+        read_message(&mut reader).unwrap(),
+        Message::Stale { .. }
+    ));
     let requests = greeted(listener.accept().unwrap().0);
     assert!(matches!(
         read_message(&mut reader).unwrap(),

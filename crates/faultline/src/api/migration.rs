@@ -54,6 +54,14 @@ fn default_max_rounds() -> u32 {
     30
 }
 
+/// What the migration must know of guest memory.
+pub struct MemoryState {
+    /// Why guest memory cannot be trusted, if so.
+    pub failure: Option<String>,
+    /// Whether all of it is in memory (no pager provides missing pages).
+    pub holes_are_zero: bool,
+}
+
 /// `PUT /migration/recover`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,9 +191,13 @@ impl Migrations {
         &self,
         handle: &VmHandle,
         guest: Option<GuestInfo>,
-        memory_failure: Option<String>,
+        memory: MemoryState,
         request: &SendRequest,
     ) -> Response {
+        let MemoryState {
+            failure: memory_failure,
+            holes_are_zero,
+        } = memory;
         use std::net::ToSocketAddrs;
         if let Err(e) = request.to.to_socket_addrs() {
             return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
@@ -242,6 +254,7 @@ impl Migrations {
             max_rounds: request.max_rounds,
             throttle: request.throttle,
             progress: Arc::clone(&progress),
+            holes_are_zero,
         };
         let result = match paused {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),

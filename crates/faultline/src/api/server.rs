@@ -414,12 +414,12 @@ impl Controller {
             ("PUT", "/migration/send") => {
                 match json_body::<migration::SendRequest>(request, migration::SEND_SHAPE) {
                     Ok(body) => self.exclusively(|| {
-                        self.migrations.send(
-                            &self.handle,
-                            self.guest.clone(),
-                            self.memory_failure(),
-                            &body,
-                        )
+                        let memory = migration::MemoryState {
+                            failure: self.memory_failure(),
+                            holes_are_zero: self.pager.is_none(),
+                        };
+                        self.migrations
+                            .send(&self.handle, self.guest.clone(), memory, &body)
                     }),
                     Err(refusal) => refusal,
                 }

@@ -23,7 +23,7 @@ use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 use super::channel::Channel;
 use super::layout_of;
 use super::send::{
-    read_and_send, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
+    PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
 
 /// How long the destination may take to say what it holds when the source reconnects.
@@ -69,16 +69,27 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         rounds,
     } = switch;
     let ram = handle.ram();
-    // Post-copy begins: the destination takes the page-request connection before anything
-    // else, and the VM still runs here until that works.
+    // Post-copy begins: the destination makes the pages the rounds sent that changed since
+    // missing (it has none in a plain post-copy) and takes the page-request connection, while
+    // the VM still runs here.
+    let total = ram.size() / PAGE_SIZE;
+    let early = stale.clone().unwrap_or_else(|| DirtyPages::new(total));
     write_message(&mut writer, &Message::SwitchOver { post_copy: true })
+        .and_then(|()| {
+            write_message(
+                &mut writer,
+                &Message::Stale {
+                    pages: total,
+                    bitmap: early.words().to_vec(),
+                },
+            )
+        })
         .and_then(|()| writer.flush())
         .context("cannot send the switch-over")?;
     let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
         .context("cannot open the page-request connection")?;
     let paused_at = Instant::now();
     super::send::pause_for_switch(handle, paused_here)?;
-    let total = ram.size() / PAGE_SIZE;
     let to_come = match stale {
         Some(mut stale) => {
             stale.merge(&super::send::take(handle, taken)?);
@@ -137,7 +148,14 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         }
     }
     paused.downtime = paused_at.elapsed();
-    let completed = complete(handle, (writer, reader), urgent, &to_come, &mut paused);
+    let completed = complete(
+        handle,
+        options,
+        (writer, reader),
+        urgent,
+        &to_come,
+        &mut paused,
+    );
     finished(completed, paused)
 }
 
@@ -176,8 +194,9 @@ pub fn resume(
             .context("cannot open the page-request connection again")?;
         Ok(((writer, reader), urgent, to_come))
     })();
-    let completed = attempt
-        .and_then(|(main, urgent, to_come)| complete(handle, main, urgent, &to_come, &mut paused));
+    let completed = attempt.and_then(|(main, urgent, to_come)| {
+        complete(handle, options, main, urgent, &to_come, &mut paused)
+    });
     paused.recoveries += 1;
     finished(completed, paused)
 }
@@ -199,6 +218,7 @@ type Link = (BufWriter<Channel>, BufReader<Channel>);
 /// destination confirms it holds every page. Any failure shuts both connections down.
 fn complete(
     handle: &VmHandle,
+    options: &SendOptions,
     main: Link,
     urgent: Link,
     to_come: &DirtyPages,
@@ -236,12 +256,12 @@ fn complete(
             })?
     };
     let streamed =
-        stream_pages(handle, &mut writer, &shared, &mut paused.sent).map_err(
-            |e| match abort_reason(&mut reader) {
+        stream_pages(handle, options, &mut writer, &shared, &mut paused.sent).map_err(|e| {
+            match abort_reason(&mut reader) {
                 Some(reason) => anyhow::anyhow!("the destination gave up: {reason}"),
                 None => e,
-            },
-        );
+            }
+        });
     let finished = streamed.and_then(|()| {
         write_message(&mut writer, &Message::Done)?;
         writer.flush()?;
@@ -282,12 +302,13 @@ struct Streaming {
 /// Sends every page not sent yet, in runs, moving to the last page asked for when there is one.
 fn stream_pages<W: Write>(
     handle: &VmHandle,
+    options: &SendOptions,
     writer: &mut W,
     shared: &Streaming,
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
-    let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let mut pages_of = PageReader::new(ram, options.holes_are_zero);
     let mut next = 0u64;
     loop {
         let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
@@ -318,7 +339,7 @@ fn stream_pages<W: Write>(
             next = first + count;
             (gpa, count)
         };
-        read_and_send(writer, ram, &mut buffer, run.0, run.1, sent)?;
+        pages_of.send(writer, run.0, run.1, sent)?;
     }
     Ok(())
 }

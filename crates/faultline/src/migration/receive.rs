@@ -283,7 +283,13 @@ fn post_copy(
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
     incoming.set_identity(ours.clone());
-    // The page-request connection first: the source pauses the VM only once it is open.
+    // The pages the rounds sent that will come again, known before the source pauses: they
+    // are punched out now, while the VM still runs there, not in the downtime.
+    let early = read_stale(reader, ours).context("no list of the pages to come again")?;
+    for (gpa, count) in runs(&ram, |page| early.contains(page)) {
+        zero(&ram, gpa, count)?;
+    }
+    // The page-request connection next: the source pauses the VM only once it is open.
     let source = accept_requests(listener, tls, ours, &incoming)?;
     let state = match read_message(reader).context("no state after the switch-over")? {
         Message::State(bytes) => {
@@ -294,21 +300,10 @@ fn post_copy(
         }
         other => bail!("the source sent {} where the state belongs", other.name()),
     };
-    let to_come = match read_message(reader).context("no list of the pages to come")? {
-        message @ Message::Stale { .. } => {
-            message.check(&ours.layout)?;
-            let Message::Stale { pages, bitmap } = message else {
-                unreachable!("matched above")
-            };
-            DirtyPages::from_words(pages, bitmap).context("a stale list of the wrong size")?
-        }
-        other => bail!(
-            "the source sent {} where the stale pages belong",
-            other.name()
-        ),
-    };
-    // Pages to come must be missing, so that a touch asks for them.
-    for (gpa, count) in runs(&ram, |page| to_come.contains(page)) {
+    let to_come = read_stale(reader, ours).context("no list of the pages to come")?;
+    // Pages to come must be missing, so that a touch asks for them (those punched early
+    // are).
+    for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
         zero(&ram, gpa, count)?;
     }
     let link = PagerLink::default();
@@ -362,6 +357,26 @@ fn post_copy(
         incoming,
         stream: Some(stream),
     })
+}
+
+/// A list of pages to come (a stale message), checked against the VM's layout.
+fn read_stale(
+    reader: &mut BufReader<Channel>,
+    ours: &migrate::VmIdentity,
+) -> anyhow::Result<DirtyPages> {
+    match read_message(reader)? {
+        message @ Message::Stale { .. } => {
+            message.check(&ours.layout)?;
+            let Message::Stale { pages, bitmap } = message else {
+                unreachable!("matched above")
+            };
+            Ok(DirtyPages::from_words(pages, bitmap).context("a stale list of the wrong size")?)
+        }
+        other => bail!(
+            "the source sent {} where the stale pages belong",
+            other.name()
+        ),
+    }
 }
 
 /// The runs `(gpa, pages)` of the pages (by index, regions back to back) `chosen` picks, each

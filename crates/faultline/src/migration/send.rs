@@ -61,6 +61,9 @@ pub struct SendOptions {
     pub throttle: bool,
     /// Where the migration tells what it is doing.
     pub progress: Arc<Progress>,
+    /// Whether all of guest RAM is in memory, so that a hole of its memfd reads as zeros and
+    /// is sent as such unread: not when a pager provides missing pages.
+    pub holes_are_zero: bool,
     /// TLS with this side's certificate (`None`: plain TCP).
     pub tls: Option<super::channel::Tls>,
 }
@@ -344,6 +347,7 @@ fn run(
     switch_over(
         handle,
         guest,
+        options,
         (writer, reader),
         rounds,
         (started, setup),
@@ -354,9 +358,11 @@ fn run(
 
 /// Pre-copy's end: pause, the last pages, the state, and the destination's word that it runs
 /// the VM.
+#[allow(clippy::too_many_arguments)]
 fn switch_over(
     handle: &VmHandle,
     guest: Option<GuestInfo>,
+    options: &SendOptions,
     (mut writer, mut reader): (BufWriter<Channel>, BufReader<Channel>),
     rounds: Rounds,
     (started, setup): (Instant, Duration),
@@ -382,7 +388,8 @@ fn switch_over(
     drop(throttle);
     pending.merge(&take(handle, taken)?);
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
-    send_pages(&mut writer, handle, &pending, &mut sent)?;
+    let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
+    send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
     write_message(&mut writer, &state_message(handle, guest)?)?;
     write_message(&mut writer, &Message::Done)?;
     writer.flush()?;
@@ -488,11 +495,12 @@ fn copy_rounds<W: Write>(
     let mut pending = DirtyPages::all(handle.ram().size() / PAGE_SIZE);
     pending.merge(&take(handle, taken)?);
     options.progress.phase("pre-copy", pending.count());
+    let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
     let ended_by = loop {
         options.progress.round(rounds, pending.count());
         let round_began = Instant::now();
         let bytes_before = sent.bytes;
-        send_pages(writer, handle, &pending, &mut sent)?;
+        send_pages(writer, &mut pages_of, &pending, &mut sent)?;
         writer.flush()?;
         let bandwidth = (sent.bytes - bytes_before).max(1) as f64
             / round_began.elapsed().as_secs_f64().max(1e-6);
@@ -641,12 +649,11 @@ pub(super) fn take(handle: &VmHandle, taken: &mut DirtyPages) -> anyhow::Result<
 /// as ranges.
 pub(super) fn send_pages<W: Write>(
     writer: &mut W,
-    handle: &VmHandle,
+    pages_of: &mut PageReader<'_>,
     pages: &DirtyPages,
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
-    let ram = handle.ram();
-    let mut buffer = vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize];
+    let ram = pages_of.ram;
     let mut run: Option<(u64, u64)> = None; // (first gpa, pages)
     for index in pages.iter() {
         let gpa = ram.gpa_of_page(index).context("a dirty page past RAM")?;
@@ -655,42 +662,61 @@ pub(super) fn send_pages<W: Write>(
                 Some((first, count + 1))
             }
             Some((first, count)) => {
-                read_and_send(writer, ram, &mut buffer, first, count, sent)?;
+                pages_of.send(writer, first, count, sent)?;
                 Some((gpa, 1))
             }
             None => Some((gpa, 1)),
         };
     }
     if let Some((first, count)) = run {
-        read_and_send(writer, ram, &mut buffer, first, count, sent)?;
+        pages_of.send(writer, first, count, sent)?;
     }
     Ok(())
 }
 
-/// Reads `count` pages of guest RAM from `gpa` (with a system call: a page that cannot be had
-/// is an error, not a signal) and sends them.
-pub(super) fn read_and_send<W: Write>(
-    writer: &mut W,
-    ram: &vmm::GuestRam,
-    buffer: &mut [u8],
-    gpa: u64,
-    count: u64,
-    sent: &mut Sent,
-) -> anyhow::Result<()> {
-    if ram.is_hole(gpa, count * PAGE_SIZE) {
-        // Never written (or punched out): zeros, without reading a byte.
-        let message = Message::ZeroPages { gpa, count };
-        write_message(writer, &message)?;
-        sent.add(0, count, 16 + message_payload_bytes(&message));
-        return Ok(());
+/// Reads runs of guest pages and sends them.
+pub(super) struct PageReader<'a> {
+    ram: &'a vmm::GuestRam,
+    buffer: Vec<u8>,
+    /// Whether a hole of RAM's memfd reads as zeros: not when a pager provides missing pages
+    /// (a lazily restored VM's are in its snapshot).
+    holes_are_zero: bool,
+}
+
+impl<'a> PageReader<'a> {
+    pub(super) fn new(ram: &'a vmm::GuestRam, holes_are_zero: bool) -> Self {
+        PageReader {
+            ram,
+            buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
+            holes_are_zero,
+        }
     }
-    let data = &mut buffer[..(count * PAGE_SIZE) as usize];
-    let host = ram
-        .host_range(gpa, count * PAGE_SIZE)
-        .context("a dirty page is not RAM")?;
-    vmm::memory::read_host(host as u64, data)
-        .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
-    send_run(writer, sent, gpa, data)
+
+    /// Reads `count` pages of guest RAM from `gpa` (with a system call: a page that cannot be
+    /// had is an error, not a signal) and sends them.
+    pub(super) fn send<W: Write>(
+        &mut self,
+        writer: &mut W,
+        gpa: u64,
+        count: u64,
+        sent: &mut Sent,
+    ) -> anyhow::Result<()> {
+        if self.holes_are_zero && self.ram.is_hole(gpa, count * PAGE_SIZE) {
+            // Never written (or punched out): zeros, without reading a byte.
+            let message = Message::ZeroPages { gpa, count };
+            write_message(writer, &message)?;
+            sent.add(0, count, 16 + message_payload_bytes(&message));
+            return Ok(());
+        }
+        let data = &mut self.buffer[..(count * PAGE_SIZE) as usize];
+        let host = self
+            .ram
+            .host_range(gpa, count * PAGE_SIZE)
+            .context("a dirty page is not RAM")?;
+        vmm::memory::read_host(host as u64, data)
+            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        send_run(writer, sent, gpa, data)
+    }
 }
 
 /// Sends the pages of `data` (read from `gpa` on): zero pages as ranges, the others as runs.
