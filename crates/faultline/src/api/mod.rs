@@ -15,9 +15,11 @@
 //! | DELETE | /track | the same | 204; one user fewer; 409 if a frame is not tracked so |
 //! | GET | /track | | the tracked ranges (with user counts) and how the dirty log is kept |
 //! | GET | /track/events | | 200, then one JSON line per event until the client or VM goes |
-//! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N}` | the migration's report once done; 502 if it failed (the VM runs on here) |
-//! | GET | /migration | | the last migration's report, or its status |
+//! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N, "throttle": BOOL, "tls_dir": DIR, "resume": BOOL}` | the migration's report once done; 502 if it failed (saying whether the VM runs on here or is paused, waiting for a resume); `"resume": true` resumes a paused one |
+//! | GET | /migration | | the migration's status: a source's report, or its progress while it runs; a destination's phase, pages and answer times |
 //! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 if none runs |
+//! | PUT | /migration/recover | `{"listen": "HOST:PORT", "tls_dir": DIR}` | a destination whose migration paused (or completed): `{"listening": ADDR}`, where the source may resume it; 409 otherwise |
+//! | PUT | /migration/cancel | | 204: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again; 409 if the destination confirmed |
 //!
 //! Tracking requests are refused whole (400) for ranges that are empty, not page aligned, not
 //! guest RAM, or would need more memslots than KVM allows. The event stream is fed from a

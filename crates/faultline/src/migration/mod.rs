@@ -1,12 +1,13 @@
-//! Live migration between two faultline processes over TCP, on the `migrate` wire protocol.
-//!
-//! Built so far: pre-copy. The source sends every page while the guest runs, then rounds of
-//! the pages the dirty log says were written since, until what is left would go within the
-//! downtime limit at the bandwidth measured (or a round limit is reached); then it pauses the
-//! VM, sends the last pages and the state (the snapshot state format), and waits for the
-//! destination to say it has built the VM before it stops its own. Anything that fails before
-//! that leaves the source VM running as it was (and its dirty log as if nothing was taken).
-//! The destination builds the VM through the same path as a restore.
+//! Live migration between two faultline processes over TCP (or mutually authenticated TLS),
+//! on the `migrate` wire protocol: pre-copy (rounds from the dirty log, a throttle for a guest
+//! that does not converge, a short pause), post-copy (the VM moves at once, its pages follow,
+//! those it touches first on a connection of their own), hybrid (rounds, then post-copy), and
+//! recovery when the network breaks. The source side is `send` and `postcopy_send`, the
+//! destination `receive`, `postcopy_receive` and `incoming`. A failure before the destination
+//! may run the VM leaves the source VM running as it was; after that the source VM stays
+//! paused (it never runs in two places) until the migration is resumed, or cancelled by an
+//! operator who knows the destination does not run it. The destination builds the VM through
+//! the same path as a restore.
 
 pub mod channel;
 pub mod incoming;
