@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use faultline::api::http;
-use faultline::api::{ApiServer, Controller};
+use faultline::api::{ApiServer, BoundSocket, Controller};
 use faultline::duration::parse_duration;
 use faultline::lazy::LazySpec;
 use faultline::micro::{MicroOptions, MicroReport, MicroVm};
@@ -1015,14 +1015,20 @@ fn show_progress(socket: &std::path::Path) -> ProgressLine {
             if p.is_null() {
                 continue;
             }
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
             let throttle = match p["throttle_percent"].as_u64() {
                 Some(t) if t > 0 => format!(", guest throttled {t}%"),
                 _ => String::new(),
             };
+            let phase = match p["phase"].as_str() {
+                Some("pre-copy") => format!("pre-copy round {}", p["round"]),
+                Some(other) => other.to_string(),
+                None => "?".into(),
+            };
             eprint!(
-                "\r\x1b[Kfaultline: {} round {}: {} sent, {} pages left{throttle}",
-                p["phase"].as_str().unwrap_or("?"),
-                p["round"],
+                "\r\x1b[Kfaultline: {phase}: {} sent, {} pages left{throttle}",
                 format_size(p["bytes"].as_u64().unwrap_or(0)),
                 p["remaining_pages"],
             );
@@ -1049,6 +1055,9 @@ fn receive_migration(
     let tls = tls_dir
         .map(faultline::migration::channel::Tls::server)
         .transpose()?;
+    // The API socket is bound first: once the VM has arrived the source has let it go, and a
+    // socket path that cannot be used must not lose it then.
+    let api_socket = api_sock.map(BoundSocket::bind).transpose()?;
     let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!(
@@ -1107,20 +1116,22 @@ fn receive_migration(
             println!("faultline: the guest's memory checks out on arrival (passes {passes:?})");
         }
     }
-    let api = match api_sock {
-        Some(path) => {
-            let api = start_api(
-                path,
+    let api = match (api_socket, api_sock) {
+        (Some(bound), Some(path)) => {
+            let controller = std::sync::Arc::new(
                 Controller::new(arrived.vm.handle(), None, guest.clone())
                     .arrived(std::sync::Arc::clone(&arrived.incoming)),
-                json,
-            )?;
+            );
+            let server = ApiServer::serve(bound, std::sync::Arc::clone(&controller))?;
+            if !json {
+                println!("faultline: API on {}", path.display());
+            }
             if arrival.paused {
                 start_paused(&arrived.vm.control(), path, json);
             }
-            Some(api)
+            Some((server, controller))
         }
-        None => None,
+        _ => None,
     };
     let run = guest
         .as_ref()

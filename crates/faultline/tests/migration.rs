@@ -1103,3 +1103,74 @@ fn get_migration_shows_the_rounds_as_they_go() {
     source.wait_with_output().unwrap();
     check_arrived(destination, BIG);
 }
+
+#[test]
+fn a_vm_paused_before_an_unconfirmed_migration_stays_paused_when_cancelled() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        while read_message(&mut reader).unwrap() != Message::Done {}
+        write_message(&mut writer, &Message::Built).unwrap();
+        assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
+    });
+    let tmp = TempDir::new("migrate-paused-cancel");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, SMALL);
+    assert_eq!(api(&sock, "PUT", "/vm/pause", None).0, 204);
+    let out = migrate_send_mode(&sock, &addr, "pre");
+    fake.join().unwrap();
+    assert!(!out.status.success());
+    let out = faultline(&["migrate", "cancel", "--api-sock", sock.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Cancelled, it is as it was before the migration: paused, until resumed.
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "paused", "{info}");
+    assert_eq!(api(&sock, "PUT", "/vm/resume", None).0, 204);
+    assert_eq!(
+        api(
+            &sock,
+            "PUT",
+            "/vm/hold",
+            Some(serde_json::json!({"at": null}))
+        )
+        .0,
+        204
+    );
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    let report = json_report(&text(&source.stdout));
+    assert_eq!(
+        report["vcpus"][0]["reports"][1],
+        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+    );
+}
+
+#[test]
+fn a_destination_whose_api_socket_cannot_be_used_refuses_before_it_listens() {
+    let tmp = TempDir::new("migrate-bad-api-sock");
+    let taken = tmp.join("not-a-socket");
+    std::fs::write(&taken, b"a file").unwrap();
+    // Were it found only once a VM had arrived, the source would have let the VM go.
+    let mut child = spawn(&[
+        "migrate",
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-sock",
+        taken.to_str().unwrap(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("it waited for a migration it could not serve");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert!(!err.contains("waiting for a migration"), "{err}");
+}

@@ -30,7 +30,6 @@ impl Throttle {
     /// Starts throttling the vCPUs of `control` by `percent` (capped at
     /// [`MAX_THROTTLE_PERCENT`]).
     pub fn start(control: Arc<RunControl>, percent: u8) -> std::io::Result<Throttle> {
-        control.set_throttle(percent.min(MAX_THROTTLE_PERCENT));
         let stop = Arc::new(AtomicBool::new(false));
         let kicker = {
             let control = Arc::clone(&control);
@@ -44,6 +43,9 @@ impl Throttle {
                     }
                 })?
         };
+        // Only once the kicker runs: a throttle without one would make every other kick
+        // (a pause's) a sleep.
+        control.set_throttle(percent.min(MAX_THROTTLE_PERCENT));
         Ok(Throttle {
             control,
             stop,

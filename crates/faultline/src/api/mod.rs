@@ -38,4 +38,4 @@ mod migration;
 mod server;
 pub mod track;
 
-pub use server::{ApiError, ApiServer, Controller, MAX_CONNECTIONS, REQUEST_DEADLINE};
+pub use server::{ApiError, ApiServer, BoundSocket, Controller, MAX_CONNECTIONS, REQUEST_DEADLINE};

@@ -713,17 +713,56 @@ pub struct ApiServer {
     controller: Arc<Controller>,
 }
 
-impl ApiServer {
-    /// Listens on `path` (a stale socket left by a dead process is replaced; one that a live
-    /// process serves, and anything that is not a socket, are not) and answers requests with
-    /// `controller`.
-    pub fn start(path: &Path, controller: Arc<Controller>) -> Result<ApiServer, ApiError> {
+/// The API's socket, bound and not served yet: a path that cannot be used fails before
+/// anything depends on it (a VM arriving by migration, say). Dropped unserved, it removes
+/// its socket file.
+pub struct BoundSocket {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+    identity: Option<(u64, u64)>,
+}
+
+impl BoundSocket {
+    /// Binds `path` (a stale socket left by a dead process is replaced; one that a live
+    /// process serves, and anything that is not a socket, are not).
+    pub fn bind(path: &Path) -> Result<BoundSocket, ApiError> {
         clear_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
             path: path.into(),
             source,
         })?;
-        let identity = socket_identity(path);
+        Ok(BoundSocket {
+            path: path.into(),
+            identity: socket_identity(path),
+            listener: Some(listener),
+        })
+    }
+}
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            remove_socket_if_ours(&self.path, self.identity);
+        }
+    }
+}
+
+impl ApiServer {
+    /// Listens on `path` (see [`BoundSocket::bind`]) and answers requests with `controller`.
+    pub fn start(path: &Path, controller: Arc<Controller>) -> Result<ApiServer, ApiError> {
+        ApiServer::serve(BoundSocket::bind(path)?, controller)
+    }
+
+    /// Answers requests on `bound` with `controller`.
+    pub fn serve(
+        mut bound: BoundSocket,
+        controller: Arc<Controller>,
+    ) -> Result<ApiServer, ApiError> {
+        let listener = bound
+            .listener
+            .take()
+            .expect("a bound socket has its listener");
+        let (path, identity) = (bound.path.as_path(), bound.identity);
         let fail = |error: ApiError| {
             remove_socket_if_ours(path, identity);
             error

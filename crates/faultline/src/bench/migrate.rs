@@ -37,6 +37,8 @@ const QEMU_GUEST_CONFIG: usize = 0x1f0;
 /// How long a migration of a guest that never stops writing may go on before it counts as
 /// not converging (and is cancelled).
 const DIRTIER_PATIENCE: Duration = Duration::from_secs(120);
+/// The passes of the dirtier moved in post-copy or hybrid (the last ones at the destination).
+const DIRTIER_PASSES: u64 = 30;
 /// How long any one step (a boot, a first pass, an idle migration) may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
 
@@ -223,9 +225,14 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         Workload::Data | Workload::Dirtier => ram_pages - boot_pages,
     };
     // Idle guests: one pass, held there, then a second on the destination, which checks the
-    // result. The dirtier counts until it is shut down.
+    // result. The dirtier in pre-copy counts until it is shut down (its memory is checked as
+    // it arrives); in post-copy and hybrid it counts DIRTIER_PASSES passes, the last ones at
+    // the destination, which checks the result (a check on arrival would ask the source for
+    // every page at once, and the guest would not run while the pages come).
+    let checked_on_arrival = matches!(workload, Workload::Dirtier) && mode == "pre";
     let passes = match workload {
-        Workload::Dirtier => 0,
+        Workload::Dirtier if checked_on_arrival => 0,
+        Workload::Dirtier => DIRTIER_PASSES,
         Workload::Data | Workload::MostlyZero => 2,
     };
     let mut receive = Command::new(&exe);
@@ -236,13 +243,15 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     match workload {
-        // Idle like QEMU's halted guest until the migration is done; then it runs its last
-        // pass and checks the result.
-        Workload::Data | Workload::MostlyZero => receive.arg("--paused"),
-        // Checked as it arrives (in post-copy that check asks the source for every page of
-        // its range at once).
-        Workload::Dirtier => receive.arg("--verify-arrival"),
-    };
+        // Idle like QEMU's halted guest until the migration is done.
+        Workload::Data | Workload::MostlyZero => {
+            receive.arg("--paused");
+        }
+        Workload::Dirtier if checked_on_arrival => {
+            receive.arg("--verify-arrival");
+        }
+        Workload::Dirtier => {}
+    }
     let mut destination = Process(receive.spawn().context("cannot start the destination")?);
     let mut said = BufReader::new(destination.0.stderr.take().expect("piped"));
     let mut line = String::new();
@@ -253,16 +262,20 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         .with_context(|| format!("the destination did not say where it listens: {line:?}"))?
         .to_string();
     std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
+    let stdout = {
+        let mut out = destination.0.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut text);
+            text
+        })
+    };
 
     let source = Process(
         Command::new(&exe)
             .args(["run", "--guest", "counter", "--mem", &mem.to_string()])
-            .args([
-                "--range-pages",
-                &range_pages.to_string(),
-                "--arg",
-                &passes.to_string(),
-            ])
+            .args(["--range-pages", &range_pages.to_string()])
+            .args(["--arg", &passes.to_string()])
             .args(["--hold-at", "1", "--json", "--api-sock"])
             .arg(&ssock)
             .stdout(Stdio::null())
@@ -288,7 +301,11 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         "/migration/send",
         Some(json!({ "to": addr, "mode": mode })),
     )?;
+    // The destination's end: every page in (it may finish its run soon after).
     let arrived = wait_for("the destination's end of the migration", STEP_LIMIT, || {
+        if destination.0.try_wait()?.is_some() {
+            return Ok(Some(Value::Null));
+        }
         Ok(http::call(
             &dsock,
             "GET",
@@ -301,28 +318,39 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         .filter(|s| s["status"] == "completed" || s["status"] == "failed"))
     })?;
     drop(source);
-    match workload {
-        Workload::Dirtier => {
-            let _ = api(&dsock, "PUT", "/vm/shutdown", None);
-        }
-        Workload::Data | Workload::MostlyZero => {
-            api(&dsock, "PUT", "/vm/resume", None)?;
+    if arrived != Value::Null {
+        match workload {
+            Workload::Dirtier if checked_on_arrival => {
+                api(&dsock, "PUT", "/vm/shutdown", None)?;
+            }
+            Workload::Dirtier => {}
+            Workload::Data | Workload::MostlyZero => {
+                api(&dsock, "PUT", "/vm/resume", None)?;
+            }
         }
     }
-    let mut destination = destination;
-    let finished = destination.0.wait()?;
-    let stdout = {
-        let mut text = String::new();
-        if let Some(mut out) = destination.0.stdout.take() {
-            std::io::Read::read_to_string(&mut out, &mut text)?;
-        }
-        text
+    let finished = wait_for("the destination's exit", STEP_LIMIT, || {
+        Ok(destination.0.try_wait()?)
+    })?;
+    let stdout = stdout
+        .join()
+        .map_err(|_| anyhow::anyhow!("the destination's output reader panicked"))?;
+    let verified = if checked_on_arrival {
+        stdout.contains("\"arrival_check\"")
+    } else {
+        finished.success()
     };
-    let verified = arrived["status"] == "completed"
-        && match workload {
-            Workload::Dirtier => stdout.contains("\"arrival_check\""),
-            Workload::Data | Workload::MostlyZero => finished.success(),
-        };
+    // The destination prints its page requests' answer times once every page is in.
+    let figures = stdout
+        .find("\"urgent_page_p50_us\"")
+        .and_then(|at| stdout[..at].rfind('{'))
+        .and_then(|start| {
+            serde_json::Deserializer::from_str(&stdout[start..])
+                .into_iter::<Value>()
+                .next()?
+                .ok()
+        })
+        .unwrap_or(Value::Null);
     let number = |v: &Value| v.as_u64().unwrap_or(0);
     Ok(Outcome {
         status: report["status"].as_str().unwrap_or("?").to_string(),
@@ -334,8 +362,8 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
         dirty_rounds: number(&report["dirty_rounds"]),
         postcopy_requests: number(&report["postcopy_requests"]),
         throttle_percent: report["throttle_percent"].as_u64(),
-        urgent_page_p50_us: arrived["urgent_page_p50_us"].as_u64(),
-        urgent_page_p99_us: arrived["urgent_page_p99_us"].as_u64(),
+        urgent_page_p50_us: figures["urgent_page_p50_us"].as_u64(),
+        urgent_page_p99_us: figures["urgent_page_p99_us"].as_u64(),
         verified: Some(verified),
     })
 }
@@ -505,6 +533,12 @@ impl Qemu {
             listener.local_addr()?.port()
         };
         let uri = format!("tcp:127.0.0.1:{port}");
+        // QEMU caps a migration at 128 MiB/s unless told otherwise; faultline has no cap. The
+        // downtime limit is faultline's default.
+        source.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
+        )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {

@@ -496,7 +496,9 @@ fn resume_from(
     if first != Message::Resume {
         bail!("the reconnection began with {}, not a resume", first.name());
     }
-    incoming.recovering();
+    if source.is_some() {
+        incoming.recovering();
+    }
     let held = held();
     write_message(
         &mut writer,
@@ -546,8 +548,8 @@ pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
                 if incoming.abandoned() {
                     return;
                 }
+                // Still complete: the listener waits for the source's next attempt.
                 tracing::warn!("telling the source the migration completed failed: {e:#}");
-                incoming.attempt_failed(format!("telling the source it completed failed: {e:#}"));
             }
         }
     }

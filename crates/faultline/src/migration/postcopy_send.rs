@@ -22,6 +22,7 @@ use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 
 use super::channel::Channel;
 use super::layout_of;
+use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
@@ -122,6 +123,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         confirmed: false,
         recoveries: 0,
         taken: None,
+        paused_by_it: *paused_here,
     });
     // Once the destination has built the VM it runs it there, and it must never run here
     // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
@@ -234,6 +236,9 @@ fn complete(
         sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
         hint: AtomicU64::new(NO_HINT),
         requests: AtomicU64::new(0),
+        answered_pages: AtomicU64::new(0),
+        answered_bytes: AtomicU64::new(0),
+        progress: paused.sent.progress.clone(),
         finishing: AtomicBool::new(false),
     });
     let main_channel = reader.get_ref().try_clone()?;
@@ -257,7 +262,7 @@ fn complete(
     };
     let streamed =
         stream_pages(handle, options, &mut writer, &shared, &mut paused.sent).map_err(|e| {
-            match abort_reason(&mut reader) {
+            match super::send::abort_reason(&mut reader) {
                 Some(reason) => anyhow::anyhow!("the destination gave up: {reason}"),
                 None => e,
             }
@@ -280,6 +285,9 @@ fn complete(
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
     paused.requests += shared.requests.load(Ordering::Relaxed);
+    // Pages sent on request count as sent (the progress had them as they went).
+    paused.sent.normal += shared.answered_pages.load(Ordering::Relaxed);
+    paused.sent.bytes += shared.answered_bytes.load(Ordering::Relaxed);
     if let Err(e) = served {
         tracing::warn!("post-copy page requests: {e:#}");
     }
@@ -295,6 +303,10 @@ struct Streaming {
     /// The page index last asked for, where the stream goes on from.
     hint: AtomicU64,
     requests: AtomicU64,
+    /// Pages answered on request, and the bytes their answers took on the wire.
+    answered_pages: AtomicU64,
+    answered_bytes: AtomicU64,
+    progress: Option<Arc<Progress>>,
     /// The stream is done: the page-request connection is shut down on purpose.
     finishing: AtomicBool,
 }
@@ -379,6 +391,15 @@ fn serve_requests(
         write_message(&mut writer, &Message::Pages { gpa, data })?;
         writer.flush()?;
         shared.requests.fetch_add(1, Ordering::Relaxed);
+        // A frame header, the address, the pages.
+        let bytes = 16 + 8 + len;
+        shared
+            .answered_pages
+            .fetch_add(u64::from(count), Ordering::Relaxed);
+        shared.answered_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(progress) = &shared.progress {
+            progress.sent(u64::from(count), bytes);
+        }
         if let Some(first) = ram.page_index(gpa) {
             let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
             for page in first..first + u64::from(count) {
@@ -390,18 +411,5 @@ fn serve_requests(
                 .hint
                 .store(first + u64::from(count), Ordering::Release);
         }
-    }
-}
-
-/// Why the destination gave up, if it said so on `reader` (looked for briefly, after a write
-/// to it failed).
-fn abort_reason(reader: &mut BufReader<Channel>) -> Option<String> {
-    reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .ok()?;
-    match read_message(reader) {
-        Ok(Message::Abort(reason)) => Some(reason),
-        _ => None,
     }
 }

@@ -333,9 +333,7 @@ fn post_copy(
     for (gpa, count) in runs(vm.ram(), known_zero) {
         install_zeros(vm.ram(), &pager.handle(), gpa, count)?;
     }
-    // The VM is built: from now on it runs here, never at the source.
-    write_message(writer, &Message::Built)?;
-    writer.flush()?;
+    // Everything that can fail before the VM is ours, so that nothing fails after.
     let stream = Stream {
         reader: BufReader::with_capacity(2 << 20, reader.get_ref().try_clone()?),
         writer: BufWriter::new(writer.get_ref().try_clone()?),
@@ -348,6 +346,10 @@ fn post_copy(
     let stream = std::thread::Builder::new()
         .name("postcopy-stream".into())
         .spawn(move || take_stream(stream))?;
+    // The VM is built: from now on it runs here, never at the source. (The stream thread
+    // reads nothing before the source has this.)
+    write_message(writer, &Message::Built)?;
+    writer.flush()?;
     report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
     Ok(Arrived {
         vm,

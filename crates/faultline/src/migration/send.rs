@@ -209,6 +209,8 @@ pub struct PausedMigration {
     pub(super) recoveries: u32,
     /// The pages taken from the dirty log, and whether it was on before.
     pub(super) taken: Option<(DirtyPages, bool)>,
+    /// Whether the migration paused the VM (a cancel resumes it only then).
+    pub(super) paused_by_it: bool,
 }
 
 impl PausedMigration {
@@ -292,9 +294,26 @@ pub fn cancel(handle: &VmHandle, paused: PausedMigration) -> anyhow::Result<()> 
     if let Some((taken, logging_before)) = paused.taken {
         put_back(handle, taken, logging_before);
     }
+    if !paused.paused_by_it {
+        // It was paused before the migration began: it stays so.
+        return Ok(());
+    }
     handle
         .resume()
         .context("cannot resume the VM after cancelling the migration")
+}
+
+/// Why the destination gave up, if it said so on `reader` (looked for briefly, after a write
+/// to it failed).
+pub(super) fn abort_reason(reader: &mut BufReader<Channel>) -> Option<String> {
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .ok()?;
+    match read_message(reader) {
+        Ok(Message::Abort(reason)) => Some(reason),
+        _ => None,
+    }
 }
 
 fn run(
@@ -387,6 +406,7 @@ fn switch_over(
     // Paused: the throttle has nothing left to slow (and must not outlive a failure).
     drop(throttle);
     pending.merge(&take(handle, taken)?);
+    options.progress.phase("switch-over", pending.count());
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
     let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
     send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
@@ -424,10 +444,17 @@ fn switch_over(
         confirmed: false,
         recoveries: 0,
         taken: None,
+        paused_by_it: *paused_here,
     });
-    let answer = go
-        .map_err(ProtocolError::from)
-        .and_then(|()| read_message(&mut reader));
+    // A go-ahead that could not be written may meet the destination's refusal (it gave up
+    // waiting for it): then nothing runs the VM there.
+    let answer = match go {
+        Ok(()) => read_message(&mut reader),
+        Err(e) => match abort_reason(&mut reader) {
+            Some(reason) => Ok(Message::Abort(reason)),
+            None => Err(ProtocolError::from(e)),
+        },
+    };
     paused.downtime = paused_at.elapsed();
     let unconfirmed = match answer {
         Ok(Message::Done) => None,
