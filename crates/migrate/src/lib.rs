@@ -15,4 +15,6 @@ mod message;
 mod wire;
 
 pub use message::{Layout, Message, VmIdentity, MAX_REQUEST_PAGES, PAGE_SIZE};
-pub use wire::{read_message, write_message, ProtocolError, MAGIC, MAX_PAYLOAD, VERSION};
+pub use wire::{
+    read_message, write_message, write_pages, ProtocolError, MAGIC, MAX_PAYLOAD, VERSION,
+};

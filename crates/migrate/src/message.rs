@@ -146,6 +146,23 @@ const KINDS: [&str; 13] = [
 ];
 
 impl Message {
+    /// The kind byte of a pages message.
+    pub(crate) const PAGES_KIND: u8 = 2;
+
+    /// A pages message, if `data` is a whole number of pages.
+    pub(crate) fn pages(gpa: u64, data: Vec<u8>) -> Result<Message, ProtocolError> {
+        if data.is_empty() || !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
+            return Err(ProtocolError::Malformed {
+                kind: "pages",
+                why: format!(
+                    "{} bytes of page data, not a whole number of pages",
+                    data.len()
+                ),
+            });
+        }
+        Ok(Message::Pages { gpa, data })
+    }
+
     /// The kind byte on the wire.
     pub(crate) fn kind(&self) -> u8 {
         1 + match self {
@@ -292,17 +309,7 @@ impl Message {
             }
             2 => {
                 let gpa = p.u64()?;
-                let data = p.rest();
-                if data.is_empty() || !(data.len() as u64).is_multiple_of(PAGE_SIZE) {
-                    return Err(malformed(format!(
-                        "{} bytes of page data, not a whole number of pages",
-                        data.len()
-                    )));
-                }
-                Message::Pages {
-                    gpa,
-                    data: data.to_vec(),
-                }
+                return Message::pages(gpa, p.rest().to_vec());
             }
             3 => Message::ZeroPages {
                 gpa: p.u64()?,

@@ -9,6 +9,10 @@
 //! operator who knows the destination does not run it. The destination builds the VM through
 //! the same path as a restore.
 
+/// A connection's read buffer: small messages are gathered, a run of pages (up to 1 MiB) is
+/// larger and is read into its own buffer straight, without a copy through this one.
+const READ_BUFFER: usize = 64 << 10;
+
 pub mod channel;
 pub mod incoming;
 mod postcopy_receive;

@@ -22,7 +22,7 @@ use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 use super::channel::{Channel, Tls};
 use super::incoming::{Incoming, Offer, Phase};
-use super::layout_of;
+use super::{layout_of, READ_BUFFER};
 
 /// How long a connected source may take to answer a page request before the connection
 /// counts as broken (it is then shut down, and the migration waits for recovery).
@@ -76,7 +76,7 @@ fn accept_link(
     let stream = accept_until(listener, deadline, give_up)?;
     let channel = super::channel::open(stream, tls, "")?;
     let mut writer = BufWriter::new(channel.try_clone()?);
-    let mut reader = BufReader::with_capacity(2 << 20, channel);
+    let mut reader = BufReader::with_capacity(READ_BUFFER, channel);
     reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
     let hello = read_message(&mut reader).context("no hello")?;
     reader.get_ref().set_read_timeout(None)?;

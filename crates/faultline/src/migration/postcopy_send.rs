@@ -239,23 +239,32 @@ fn complete(
         answered_pages: AtomicU64::new(0),
         answered_bytes: AtomicU64::new(0),
         progress: paused.sent.progress.clone(),
+        streamed: AtomicBool::new(false),
         finishing: AtomicBool::new(false),
     });
     let main_channel = reader.get_ref().try_clone()?;
     let urgent_channel = urgent_reader.get_ref().try_clone()?;
-    // The destination sees a broken page-request connection too, and shuts the stream down;
-    // the stream alone says whether the migration completed.
+    // A broken page-request connection breaks the migration: the stream is shut down too,
+    // or it would write into a connection nobody reads until TCP gives up (30 s). Once the
+    // stream has ended, the destination's answer alone says whether the migration completed
+    // (a destination that has every page may close the page-request connection first).
     let server = {
         let handle = handle.clone();
         let shared = Arc::clone(&shared);
+        let main_channel = main_channel.try_clone()?;
         std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || {
                 let channel = urgent_reader.get_ref().try_clone();
                 let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
-                if let (Err(_), Ok(channel)) = (&served, channel) {
+                if served.is_err() {
                     // The destination learns at once that no answer will come on it.
-                    channel.shutdown();
+                    if let Ok(channel) = channel {
+                        channel.shutdown();
+                    }
+                    if !shared.streamed.load(Ordering::Acquire) {
+                        main_channel.shutdown();
+                    }
                 }
                 served
             })?
@@ -268,6 +277,7 @@ fn complete(
             }
         });
     let finished = streamed.and_then(|()| {
+        shared.streamed.store(true, Ordering::Release);
         write_message(&mut writer, &Message::Done)?;
         writer.flush()?;
         match read_message(&mut reader).context("the destination did not confirm the migration")? {
@@ -307,6 +317,8 @@ struct Streaming {
     answered_pages: AtomicU64,
     answered_bytes: AtomicU64,
     progress: Option<Arc<Progress>>,
+    /// The stream has sent every page: only the destination's answer is awaited.
+    streamed: AtomicBool,
     /// The stream is done: the page-request connection is shut down on purpose.
     finishing: AtomicBool,
 }
