@@ -1174,3 +1174,30 @@ fn a_destination_whose_api_socket_cannot_be_used_refuses_before_it_listens() {
     assert!(err.contains("is not a socket"), "{err}");
     assert!(!err.contains("waiting for a migration"), "{err}");
 }
+
+#[test]
+fn a_vm_that_arrived_by_migration_moves_on_again() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-chain");
+    let (sock, bsock) = (tmp.join("a.sock"), tmp.join("b.sock"));
+    // B takes it in post-copy and holds it near its end, so that it is there to move on.
+    let b = Destination::spawn(&[
+        "--json",
+        "--api-sock",
+        bsock.to_str().unwrap(),
+        "--hold-at",
+        "2900",
+    ]);
+    let source = spawn_mix_written(&sock, SMALL);
+    let out = migrate_send_mode(&sock, &b.addr, "post");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(source.wait_with_output().unwrap().status.success());
+    wait_for_migration_status(&bsock, "completed");
+    // B to C, pre-copy: C runs it to its end, right.
+    let (c, caddr) = spawn_destination();
+    let out = migrate_send_mode(&bsock, &caddr, "pre");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let moved_on = b.child.wait_with_output().unwrap();
+    assert!(moved_on.status.success(), "{}", text(&moved_on.stdout));
+    check_arrived(c, SMALL);
+}
