@@ -571,6 +571,30 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
     fake.join().unwrap();
 }
 
+/// A fake destination that takes everything, says it built the VM, takes the go-ahead, and
+/// vanishes without the last word.
+fn vanishing_after_the_go_ahead() -> (String, std::thread::JoinHandle<()>) {
+    use migrate::{read_message, write_message, Message};
+    fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        while read_message(&mut reader).unwrap() != Message::Done {}
+        write_message(&mut writer, &Message::Built).unwrap();
+        assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
+    })
+}
+
+/// The small `mix` run `source` ends well, with the result of an uninterrupted run.
+fn finishes_right(source: Child) {
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    let report = json_report(&text(&source.stdout));
+    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
+    assert_eq!(
+        report["vcpus"][0]["reports"][1],
+        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+    );
+}
+
 /// A migration to `to` fails with a message saying `says`, and the source VM runs on and
 /// finishes with the right result.
 fn a_failed_migration_leaves_the_source_running(name: &str, to: &str, says: &str) {
@@ -606,14 +630,7 @@ fn a_failed_migration_leaves_the_source_running_with(
         Some(serde_json::json!({"at": null})),
     );
     assert_eq!(status, 204);
-    let source = source.wait_with_output().unwrap();
-    assert!(source.status.success(), "{}", text(&source.stderr));
-    let report = json_report(&text(&source.stdout));
-    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
-    assert_eq!(
-        report["vcpus"][0]["reports"][1],
-        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
-    );
+    finishes_right(source);
 }
 
 #[test]
@@ -933,15 +950,8 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
 #[test]
 fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
     require_kvm!();
-    use migrate::{read_message, write_message, Message};
-    // Takes everything, says it built the VM, takes the go-ahead, and vanishes without the
-    // last word: it may be running the VM, so the source must not, until told it does not.
-    let (addr, fake) = fake_peer(|stream| {
-        let (mut reader, mut writer) = greeted(stream);
-        while read_message(&mut reader).unwrap() != Message::Done {}
-        write_message(&mut writer, &Message::Built).unwrap();
-        assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
-    });
+    // It may be running the VM, so the source must not, until told it does not.
+    let (addr, fake) = vanishing_after_the_go_ahead();
     let tmp = TempDir::new("migrate-unconfirmed");
     let sock = tmp.join("src.sock");
     let source = spawn_mix_written(&sock, SMALL);
@@ -980,14 +990,7 @@ fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
         .0,
         204
     );
-    let source = source.wait_with_output().unwrap();
-    assert!(source.status.success(), "{}", text(&source.stderr));
-    let report = json_report(&text(&source.stdout));
-    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
-    assert_eq!(
-        report["vcpus"][0]["reports"][1],
-        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
-    );
+    finishes_right(source);
 }
 
 /// The bytes a frame of `message` takes on the wire.
@@ -1107,13 +1110,7 @@ fn get_migration_shows_the_rounds_as_they_go() {
 #[test]
 fn a_vm_paused_before_an_unconfirmed_migration_stays_paused_when_cancelled() {
     require_kvm!();
-    use migrate::{read_message, write_message, Message};
-    let (addr, fake) = fake_peer(|stream| {
-        let (mut reader, mut writer) = greeted(stream);
-        while read_message(&mut reader).unwrap() != Message::Done {}
-        write_message(&mut writer, &Message::Built).unwrap();
-        assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
-    });
+    let (addr, fake) = vanishing_after_the_go_ahead();
     let tmp = TempDir::new("migrate-paused-cancel");
     let sock = tmp.join("src.sock");
     let source = spawn_mix_written(&sock, SMALL);
@@ -1137,13 +1134,7 @@ fn a_vm_paused_before_an_unconfirmed_migration_stays_paused_when_cancelled() {
         .0,
         204
     );
-    let source = source.wait_with_output().unwrap();
-    assert!(source.status.success(), "{}", text(&source.stderr));
-    let report = json_report(&text(&source.stdout));
-    assert_eq!(
-        report["vcpus"][0]["reports"][1],
-        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
-    );
+    finishes_right(source);
 }
 
 #[test]

@@ -59,22 +59,23 @@ impl ProtocolError {
     }
 }
 
-/// Writes `message` as one frame.
-pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<()> {
-    let payload = message.encode();
-    let length = u32::try_from(payload.len())
+/// The header's length field for a `kind` payload of `len` bytes, if it may be sent.
+fn payload_length(kind: &str, len: usize) -> io::Result<u32> {
+    u32::try_from(len)
         .ok()
         .filter(|&l| l <= MAX_PAYLOAD)
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "a {} message of {} bytes is over the payload limit",
-                    message.name(),
-                    payload.len()
-                ),
+                format!("a {kind} message of {len} bytes is over the payload limit"),
             )
-        })?;
+        })
+}
+
+/// Writes `message` as one frame.
+pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<()> {
+    let payload = message.encode();
+    let length = payload_length(message.name(), payload.len())?;
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&VERSION.to_le_bytes());
@@ -91,18 +92,7 @@ pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<
 /// caller's bytes: the same frame as `write_message(&Message::Pages { gpa, data })`, without
 /// copying the pages into a message first (a migration's main cost is copying bytes).
 pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Result<()> {
-    let length = u32::try_from(8 + data.len())
-        .ok()
-        .filter(|&l| l <= MAX_PAYLOAD)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "a pages message of {} bytes is over the payload limit",
-                    8 + data.len()
-                ),
-            )
-        })?;
+    let length = payload_length("pages", 8 + data.len())?;
     let mut header = [0u8; HEADER_BYTES + 8];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&VERSION.to_le_bytes());
