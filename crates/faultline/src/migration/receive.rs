@@ -327,8 +327,14 @@ fn post_copy(
     let vm = vm_from_state(&state, ram, config)?;
     let pager = start_pager(
         vm.ram(),
-        // Pages the rounds wrote stay resident; the rest (punched out) is missing.
-        RamState::Loaded,
+        // Pages the rounds wrote stay resident; the rest (punched out) is missing. With no
+        // rounds nothing was written: no residency to look for (a probe of every page, 10 ms
+        // a GiB, in the downtime).
+        if report.normal_pages == 0 {
+            RamState::Fresh
+        } else {
+            RamState::Loaded
+        },
         &LazySpec::Source(source.clone()),
         std::time::Duration::ZERO,
         PagerConfig {
