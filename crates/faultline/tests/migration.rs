@@ -179,6 +179,13 @@ struct Destination {
 }
 
 impl Destination {
+    /// One serving the API on `sock` that holds the small guest at pass 2900 (before its end),
+    /// so that it stays there until released.
+    fn held(sock: &Path) -> Destination {
+        let sock = sock.to_str().unwrap();
+        Destination::spawn(&["--json", "--api-sock", sock, "--hold-at", "2900"])
+    }
+
     fn spawn(extra: &[&str]) -> Destination {
         let mut args = vec!["migrate", "receive", "--listen", "127.0.0.1:0"];
         args.extend(extra);
@@ -1006,13 +1013,7 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     let tmp = TempDir::new("migrate-last-word");
     let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
     // The destination holds the guest before its end, so that it is still there to ask.
-    let destination = Destination::spawn(&[
-        "--json",
-        "--api-sock",
-        dsock.to_str().unwrap(),
-        "--hold-at",
-        "2900",
-    ]);
+    let destination = Destination::held(&dsock);
     // Back to the source go the destination's hello and its "built"; the cut comes with the
     // next byte: the last word, sent once the destination runs the VM.
     let hello = migrate::Message::Hello(migrate::VmIdentity {
@@ -1172,13 +1173,7 @@ fn a_vm_that_arrived_by_migration_moves_on_again() {
     let tmp = TempDir::new("migrate-chain");
     let (sock, bsock) = (tmp.join("a.sock"), tmp.join("b.sock"));
     // B takes it in post-copy and holds it near its end, so that it is there to move on.
-    let b = Destination::spawn(&[
-        "--json",
-        "--api-sock",
-        bsock.to_str().unwrap(),
-        "--hold-at",
-        "2900",
-    ]);
+    let b = Destination::held(&bsock);
     let source = spawn_mix_written(&sock, SMALL);
     let out = migrate_send_mode(&sock, &b.addr, "post");
     assert!(out.status.success(), "{}", text(&out.stderr));
