@@ -280,6 +280,9 @@ enum MigrateCommand {
     /// Make the hybrid migration of the VM served on --api-sock go post-copy after the round
     /// in progress.
     Switchover(ApiSock),
+    /// Print the migration status of the VM served on --api-sock (JSON): a source's progress
+    /// or report, a destination's phase (postcopy-active, postcopy-paused, completed, ...).
+    Status(ApiSock),
     /// Give up a migration whose connection broke before the destination confirmed it runs
     /// the VM, and run the VM here again. Only for a destination that surely does not run it
     /// (its process ended, say): two copies of one VM running corrupt what it works on.
@@ -931,6 +934,10 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             println!("{}", answer["listening"].as_str().unwrap_or_default());
             Ok(())
         }
+        MigrateCommand::Status(api) => {
+            let status = api_call(&api.api_sock, "GET", "/migration", None)?.unwrap_or_default();
+            print_answer(&status)
+        }
         MigrateCommand::Cancel(api) => {
             api_call(&api.api_sock, "PUT", "/migration/cancel", None)?;
             eprintln!("faultline: the migration is cancelled; the VM runs here again");
@@ -960,6 +967,17 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             },
             json,
         ),
+    }
+}
+
+/// Prints an API answer as JSON on stdout. A reader that went away (`| head`) is not an
+/// error: there is nothing more to tell it.
+fn print_answer(answer: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(answer)?;
+    match writeln!(std::io::stdout(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
 }
 
@@ -1191,11 +1209,7 @@ fn track_command(action: TrackCommand) -> anyhow::Result<()> {
         TrackCommand::Remove(range) => (range, "DELETE"),
         TrackCommand::List(api) => {
             let answer = api_call(&api.api_sock, "GET", "/track", None)?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&answer.unwrap_or_default())?
-            );
-            return Ok(());
+            return print_answer(&answer.unwrap_or_default());
         }
         TrackCommand::Watch { api, count } => return watch_tracking(&api.api_sock, count),
     };
@@ -1309,7 +1323,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 VmCommand::Info(s) => ("GET", "/vm", &s.api_sock),
             };
             match api_call(socket, method, path, None)? {
-                Some(answer) => println!("{}", serde_json::to_string_pretty(&answer)?),
+                Some(answer) => print_answer(&answer)?,
                 None => println!("faultline: {} done", &path[4..]),
             }
             Ok(())

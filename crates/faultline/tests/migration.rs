@@ -851,7 +851,14 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
         status, 409,
         "the source must not run a VM its destination runs: {refusal}"
     );
-    let (_, migration) = api(source_sock, "GET", "/migration", None);
+    let out = faultline(&[
+        "migrate",
+        "status",
+        "--api-sock",
+        source_sock.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let migration: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(migration["status"], "postcopy-paused", "{migration}");
     let paused = wait_for_migration_status(destination_sock, "postcopy-paused");
     assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
