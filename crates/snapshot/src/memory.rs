@@ -404,7 +404,7 @@ fn write_run(file: &File, path: &Path, bytes: &[u8], offset: u64) -> Result<(), 
 
 /// Whether a page is all zero. Words are ORed together a 64-byte block at a time (which the
 /// compiler vectorises), stopping at the first block that is not zero.
-fn is_zero_page(page: &[u8]) -> bool {
+pub fn is_zero_page(page: &[u8]) -> bool {
     let mut blocks = page.chunks_exact(64);
     let zero_blocks = blocks.all(|block| {
         block

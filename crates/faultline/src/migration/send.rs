@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use migrate::{read_message, write_message, Message, ProtocolError};
 use serde::Serialize;
 use snapshot::create::{state_of, Watch};
+use snapshot::memory::is_zero_page;
 use snapshot::state::{GuestInfo, MemoryKind};
 use vmm::control::PauseError;
 use vmm::throttle::Throttle;
@@ -759,9 +760,9 @@ fn send_run<W: Write>(
     let mut i = 0;
     let pages = data.len() / page;
     while i < pages {
-        let zero = is_zero(&data[i * page..(i + 1) * page]);
+        let zero = is_zero_page(&data[i * page..(i + 1) * page]);
         let mut j = i + 1;
-        while j < pages && is_zero(&data[j * page..(j + 1) * page]) == zero {
+        while j < pages && is_zero_page(&data[j * page..(j + 1) * page]) == zero {
             j += 1;
         }
         let at = gpa + (i * page) as u64;
@@ -786,8 +787,4 @@ fn message_payload_bytes(message: &Message) -> u64 {
         Message::Pages { data, .. } => 8 + data.len() as u64,
         _ => 16,
     }
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.iter().all(|&b| b == 0)
 }
