@@ -671,9 +671,29 @@ impl Shared {
     /// Installs `data` (whole pages) at `first` onward in region `index`, skipping pages that
     /// are present or being installed: those hold what the guest has seen, never to be
     /// overwritten. Returns how many pages this call installed.
+    pub(crate) fn install_given(&self, index: usize, first: usize, data: &[u8]) -> usize {
+        let page_size = self.regions[index].page_size as usize;
+        self.install_run(index, first, data.len() / page_size, |page| {
+            Bytes::Address(data[(page - first) * page_size..].as_ptr() as u64)
+        })
+    }
+
     /// Installs `count` zero pages from `first` (UFFDIO_ZEROPAGE: nothing is copied), on the
     /// calling thread; pages present or in flight are left alone.
     pub(crate) fn install_zero(&self, index: usize, first: usize, count: usize) -> usize {
+        self.install_run(index, first, count, |_| Bytes::Zero)
+    }
+
+    /// Installs `count` pages from `first` on the calling thread, the bytes of a run that
+    /// starts at page `p` being `bytes(p)`, skipping pages present or in flight. Returns how
+    /// many pages this call installed.
+    fn install_run(
+        &self,
+        index: usize,
+        first: usize,
+        count: usize,
+        bytes: impl Fn(usize) -> Bytes,
+    ) -> usize {
         let region = &self.regions[index];
         let end = (first + count).min(region.pages());
         let mut ctx = InstallContext::other();
@@ -685,29 +705,8 @@ impl Shared {
                 page += 1;
                 continue;
             }
-            installed += self.install_claimed(index, page, run, &mut ctx, Some(Bytes::Zero));
+            installed += self.install_claimed(index, page, run, &mut ctx, Some(bytes(page)));
             page += run;
-        }
-        installed
-    }
-
-    pub(crate) fn install_given(&self, index: usize, first: usize, data: &[u8]) -> usize {
-        let region = &self.regions[index];
-        let page_size = region.page_size as usize;
-        let end = (first + data.len() / page_size).min(region.pages());
-        let mut ctx = InstallContext::other();
-        let mut installed = 0;
-        let mut page = first;
-        while page < end && !self.stopping() {
-            let count = self.claim_run(region, page, end - page);
-            if count == 0 {
-                page += 1;
-                continue;
-            }
-            let addr = data[(page - first) * page_size..].as_ptr() as u64;
-            installed +=
-                self.install_claimed(index, page, count, &mut ctx, Some(Bytes::Address(addr)));
-            page += count;
         }
         installed
     }

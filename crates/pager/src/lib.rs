@@ -325,12 +325,7 @@ impl PagerHandle {
         first: usize,
         data: &[u8],
     ) -> Result<usize, PagerError> {
-        if region >= self.shared.regions.len() {
-            return Err(PagerError::NoRegion(region));
-        }
-        if self.shared.stop.load(Ordering::Acquire) {
-            return Err(PagerError::Stopped);
-        }
+        self.check_install(region)?;
         Ok(self.shared.install_given(region, first, data))
     }
 
@@ -343,13 +338,19 @@ impl PagerHandle {
         first: usize,
         count: usize,
     ) -> Result<usize, PagerError> {
+        self.check_install(region)?;
+        Ok(self.shared.install_zero(region, first, count))
+    }
+
+    /// Whether the caller may install into `region` now.
+    fn check_install(&self, region: usize) -> Result<(), PagerError> {
         if region >= self.shared.regions.len() {
             return Err(PagerError::NoRegion(region));
         }
         if self.shared.stop.load(Ordering::Acquire) {
             return Err(PagerError::Stopped);
         }
-        Ok(self.shared.install_zero(region, first, count))
+        Ok(())
     }
 
     /// Queues every page of every region for background install (background fill).
