@@ -163,6 +163,15 @@ impl Message {
         Ok(Message::Pages { gpa, data })
     }
 
+    /// The bytes this message takes on the wire, its frame header included.
+    pub fn wire_len(&self) -> u64 {
+        let payload = match self {
+            Message::Pages { data, .. } => 8 + data.len(),
+            other => other.encode().len(),
+        };
+        (crate::wire::HEADER_BYTES + payload) as u64
+    }
+
     /// The kind byte on the wire.
     pub(crate) fn kind(&self) -> u8 {
         1 + match self {

@@ -74,6 +74,9 @@ fn payload_length(kind: &str, len: usize) -> io::Result<u32> {
 
 /// Writes `message` as one frame.
 pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<()> {
+    if let Message::Pages { gpa, data } = message {
+        return write_pages(writer, *gpa, data).map(|_| ());
+    }
     let payload = message.encode();
     let length = payload_length(message.name(), payload.len())?;
     let mut header = [0u8; HEADER_BYTES];
@@ -90,8 +93,9 @@ pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<
 
 /// Writes a pages message for `data` (whole pages) at `gpa` as one frame, straight from the
 /// caller's bytes: the same frame as `write_message(&Message::Pages { gpa, data })`, without
-/// copying the pages into a message first (a migration's main cost is copying bytes).
-pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Result<()> {
+/// copying the pages into a message first (a migration's main cost is copying bytes). Returns
+/// the bytes the frame took on the wire.
+pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Result<u64> {
     let length = payload_length("pages", 8 + data.len())?;
     let mut header = [0u8; HEADER_BYTES + 8];
     header[0..4].copy_from_slice(&MAGIC);
@@ -105,7 +109,8 @@ pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Resul
     hasher.update(data);
     header[12..16].copy_from_slice(&hasher.finalize().to_le_bytes());
     writer.write_all(&header)?;
-    writer.write_all(data)
+    writer.write_all(data)?;
+    Ok((header.len() + data.len()) as u64)
 }
 
 /// Reads one message. A clean end of the stream before a frame is [`ProtocolError::PeerClosed`];
@@ -266,13 +271,25 @@ mod tests {
         let data: Vec<u8> = (0..2 * PAGE_SIZE as usize).map(|i| (i * 7) as u8).collect();
         let mut direct = Vec::new();
         write_pages(&mut direct, 0x20_0000, &data).unwrap();
-        let mut framed = Vec::new();
         let message = Message::Pages {
             gpa: 0x20_0000,
             data: data.clone(),
         };
-        write_message(&mut framed, &message).unwrap();
+        // The frame every other message gets: a header, then the encoded payload.
+        let payload = message.encode();
+        let mut framed = Vec::new();
+        framed.extend_from_slice(&MAGIC);
+        framed.extend_from_slice(&VERSION.to_le_bytes());
+        framed.extend_from_slice(&[message.kind(), 0]);
+        framed.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let crc = checksum(&framed, &payload);
+        framed.extend_from_slice(&crc.to_le_bytes());
+        framed.extend_from_slice(&payload);
         assert_eq!(direct, framed, "the same bytes on the wire");
+        assert_eq!(message.wire_len(), framed.len() as u64);
+        let mut written = Vec::new();
+        write_message(&mut written, &message).unwrap();
+        assert_eq!(written, framed);
         assert_eq!(read_message(&mut direct.as_slice()).unwrap(), message);
     }
 

@@ -377,6 +377,8 @@ fn serve_requests(
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
     let layout = layout_of(ram);
+    // Read into once per request (at most MAX_REQUEST_PAGES pages), framed from in place.
+    let mut buffer = vec![0u8; (migrate::MAX_REQUEST_PAGES as u64 * PAGE_SIZE) as usize];
     loop {
         let message = match read_message(&mut reader) {
             Ok(message) => message,
@@ -394,17 +396,15 @@ fn serve_requests(
             );
         };
         let len = u64::from(count) * PAGE_SIZE;
-        let mut data = vec![0u8; len as usize];
+        let data = &mut buffer[..len as usize];
         let host = ram
             .host_range(gpa, len)
             .context("requested pages not in RAM")?;
-        vmm::memory::read_host(host as u64, &mut data)
+        vmm::memory::read_host(host as u64, data)
             .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
-        write_message(&mut writer, &Message::Pages { gpa, data })?;
+        let bytes = migrate::write_pages(&mut writer, gpa, data)?;
         writer.flush()?;
         shared.requests.fetch_add(1, Ordering::Relaxed);
-        // A frame header, the address, the pages.
-        let bytes = 16 + 8 + len;
         shared
             .answered_pages
             .fetch_add(u64::from(count), Ordering::Relaxed);

@@ -735,7 +735,7 @@ impl<'a> PageReader<'a> {
             // Never written (or punched out): zeros, without reading a byte.
             let message = Message::ZeroPages { gpa, count };
             write_message(writer, &message)?;
-            sent.add(0, count, 16 + message_payload_bytes(&message));
+            sent.add(0, count, message.wire_len());
             return Ok(());
         }
         let data = &mut self.buffer[..(count * PAGE_SIZE) as usize];
@@ -770,21 +770,13 @@ fn send_run<W: Write>(
         if zero {
             let message = Message::ZeroPages { gpa: at, count };
             write_message(writer, &message)?;
-            sent.add(0, count, 16 + message_payload_bytes(&message));
+            sent.add(0, count, message.wire_len());
         } else {
             // Straight from the buffer the pages were read into: no copy of their own.
-            let pages = &data[i * page..j * page];
-            migrate::write_pages(writer, at, pages)?;
-            sent.add(count, 0, 16 + 8 + pages.len() as u64);
+            let bytes = migrate::write_pages(writer, at, &data[i * page..j * page])?;
+            sent.add(count, 0, bytes);
         }
         i = j;
     }
     Ok(())
-}
-
-fn message_payload_bytes(message: &Message) -> u64 {
-    match message {
-        Message::Pages { data, .. } => 8 + data.len() as u64,
-        _ => 16,
-    }
 }
