@@ -71,6 +71,8 @@ pub(super) struct Offer {
     pub tls: Option<Tls>,
     /// Which offer this is: a later one replaces it.
     pub generation: u64,
+    /// Where it listens.
+    pub addr: SocketAddr,
 }
 
 struct State {
@@ -82,7 +84,6 @@ struct State {
     /// Where the source may reconnect, once `recover` said so (until it has).
     offer: Option<Offer>,
     generation: u64,
-    listening: Option<SocketAddr>,
     /// A thread answers reconnections to a completed migration (its source missed the end).
     confirming: bool,
     /// The VM was shut down: a paused migration waits no more.
@@ -114,19 +115,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Incoming {
-    pub(super) fn new(peer: String, tls: Option<Tls>, recoverable: bool, phase: Phase) -> Self {
+    /// A migration from `peer` whose VM is on its way (it completes or goes post-copy).
+    pub(super) fn new(peer: String, tls: Option<Tls>, recoverable: bool) -> Self {
         Incoming {
             peer,
             tls,
             recoverable,
             identity: Mutex::new(None),
             state: Mutex::new(State {
-                phase,
+                phase: Phase::PostcopyActive,
                 why: None,
                 breaks: 0,
                 offer: None,
                 generation: 0,
-                listening: None,
                 confirming: false,
                 abandoned: false,
             }),
@@ -164,7 +165,6 @@ impl Incoming {
             state.why = why;
         }
         state.offer = None;
-        state.listening = None;
         self.changed.notify_all();
     }
 
@@ -238,9 +238,9 @@ impl Incoming {
             listener: Arc::new(listener),
             tls,
             generation: state.generation,
+            addr,
         };
         state.offer = Some(offer.clone());
-        state.listening = Some(addr);
         if state.phase == Phase::Completed && !state.confirming {
             state.confirming = true;
             let incoming = Arc::clone(self);
@@ -288,7 +288,6 @@ impl Incoming {
         state.phase = Phase::PostcopyActive;
         state.why = None;
         state.offer = None;
-        state.listening = None;
         self.changed.notify_all();
     }
 
@@ -335,7 +334,7 @@ impl Incoming {
             "peer": self.peer,
             "why": state.why,
             "breaks": state.breaks,
-            "listening": state.listening.map(|a| a.to_string()),
+            "listening": state.offer.as_ref().map(|o| o.addr.to_string()),
             "normal_pages": self.normal_pages.load(Ordering::Relaxed),
             "zero_pages": self.zero_pages.load(Ordering::Relaxed),
             "bytes": self.bytes.load(Ordering::Relaxed),

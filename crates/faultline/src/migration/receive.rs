@@ -103,12 +103,7 @@ pub fn receive(
         open(stream, tls, "").with_context(|| format!("cannot open a channel with {peer}"))?;
     let mut writer = BufWriter::new(stream.try_clone()?);
     let mut reader = BufReader::with_capacity(READ_BUFFER, stream);
-    let incoming = Arc::new(Incoming::new(
-        peer.to_string(),
-        tls.cloned(),
-        recoverable,
-        Phase::PostcopyActive,
-    ));
+    let incoming = Arc::new(Incoming::new(peer.to_string(), tls.cloned(), recoverable));
     let result = take(
         listener,
         tls,
