@@ -5,7 +5,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
-use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -18,9 +17,6 @@ use crate::tracking::{
     TrackNotifier, TrackTable, TrackedRange,
 };
 use crate::PAGE_SIZE;
-
-/// How long a memslot change waits for running vCPUs to pause (with dirty logging on).
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A guest access that exited to user space.
 pub(crate) enum GuestAccess<'a> {
@@ -293,7 +289,7 @@ struct PausedFor<'a> {
 
 impl<'a> PausedFor<'a> {
     fn change(control: &'a RunControl) -> Result<Self, PauseError> {
-        match control.pause(PAUSE_TIMEOUT) {
+        match control.pause(crate::vm::PAUSE_TIMEOUT) {
             Ok(_) => Ok(PausedFor {
                 control: Some(control),
             }),

@@ -187,7 +187,7 @@ fn kick_signal() -> libc::c_int {
 }
 
 /// How long a pause waits for the vCPUs to park.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl VmHandle {
     /// Guest RAM.
