@@ -20,6 +20,21 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
+/// How long a peer may take to answer what asks for an answer (a hello, a resume, the
+/// go-ahead): one that says nothing must not hold the other side forever.
+pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the next message on `reader`, waiting at most `timeout` for it.
+pub fn read_within(
+    reader: &mut std::io::BufReader<Channel>,
+    timeout: std::time::Duration,
+) -> Result<migrate::Message, migrate::ProtocolError> {
+    reader.get_ref().set_read_timeout(Some(timeout))?;
+    let message = migrate::read_message(reader);
+    reader.get_ref().set_read_timeout(None)?;
+    message
+}
+
 /// The files a `--tls-dir` holds.
 pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "cert.pem";

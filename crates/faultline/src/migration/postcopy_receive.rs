@@ -20,15 +20,15 @@ use migrate::{read_message, write_message, Layout, Message, VmIdentity};
 use pager::{Content, PageSource, SourceError};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
-use super::channel::{Channel, Tls};
+use super::channel::{read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Offer, Phase};
 use super::{layout_of, READ_BUFFER};
 
 /// How long a connected source may take to answer a page request before the connection
 /// counts as broken (it is then shut down, and the migration waits for recovery).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the destination waits for the page-request connection, for a hello, and, at the
-/// end, for every page to be in.
+/// How long the destination waits for the page-request connection, and, at the end, for every
+/// page to be in.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -77,9 +77,7 @@ fn accept_link(
     let channel = super::channel::open(stream, tls, "")?;
     let mut writer = BufWriter::new(channel.try_clone()?);
     let mut reader = BufReader::with_capacity(READ_BUFFER, channel);
-    reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
-    let hello = read_message(&mut reader).context("no hello")?;
-    reader.get_ref().set_read_timeout(None)?;
+    let hello = read_within(&mut reader, REPLY_TIMEOUT).context("no hello")?;
     match hello {
         Message::Hello(theirs) => ours.check_matches(&theirs)?,
         other => bail!("the connection began with {}, not a hello", other.name()),
@@ -490,9 +488,7 @@ fn resume_from(
     let (mut reader, mut writer) = accept_link(&offer.listener, tls, ours, None, &give_up)
         .context("cannot take the source's reconnection")?;
     incoming.add_link(reader.get_ref().try_clone()?);
-    reader.get_ref().set_read_timeout(Some(ACCEPT_TIMEOUT))?;
-    let first = read_message(&mut reader).context("no resume after the hello")?;
-    reader.get_ref().set_read_timeout(None)?;
+    let first = read_within(&mut reader, REPLY_TIMEOUT).context("no resume after the hello")?;
     if first != Message::Resume {
         bail!("the reconnection began with {}, not a resume", first.name());
     }

@@ -20,15 +20,12 @@ use migrate::{read_message, write_message, Message, ProtocolError};
 use snapshot::state::GuestInfo;
 use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 
-use super::channel::Channel;
+use super::channel::{read_within, Channel, REPLY_TIMEOUT};
 use super::layout_of;
 use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
-
-/// How long the destination may take to say what it holds when the source reconnects.
-const RECEIVED_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
 /// pre-copy rounds).
@@ -174,10 +171,8 @@ pub fn resume(
             super::send::connect(handle, &options.to, options.tls.as_ref())?;
         write_message(&mut writer, &Message::Resume)?;
         writer.flush()?;
-        reader.get_ref().set_read_timeout(Some(RECEIVED_TIMEOUT))?;
-        let answer =
-            read_message(&mut reader).context("the destination did not say what it holds")?;
-        reader.get_ref().set_read_timeout(None)?;
+        let answer = read_within(&mut reader, REPLY_TIMEOUT)
+            .context("the destination did not say what it holds")?;
         let layout = layout_of(handle.ram());
         answer.check(&layout)?;
         let held = match answer {

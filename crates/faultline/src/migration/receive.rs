@@ -18,15 +18,12 @@ use std::sync::Arc;
 
 use pager::{FailurePolicy, Pager, PagerConfig};
 
-use super::channel::{open, Channel, Tls};
+use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
 use super::postcopy_receive::{accept_requests, install_zeros, take_stream, Stream};
 use super::{identity, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{ram_for_state, vm_from_state};
-
-/// How long a connected source may take to say hello.
-const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What the destination received.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -131,13 +128,11 @@ fn take(
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     // A peer that connects and says nothing must not hold the destination forever.
-    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let hello = read_message(reader);
-    reader.get_ref().set_read_timeout(None)?;
+    let hello = read_within(reader, REPLY_TIMEOUT);
     let theirs = match hello.with_context(|| {
         format!(
             "no hello from the source within {} s",
-            HELLO_TIMEOUT.as_secs()
+            REPLY_TIMEOUT.as_secs()
         )
     })? {
         Message::Hello(identity) => identity,
@@ -210,9 +205,7 @@ fn take(
     // breaks before leaves it running there and nowhere else.
     write_message(writer, &Message::Built)?;
     writer.flush()?;
-    reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let go = read_message(reader);
-    reader.get_ref().set_read_timeout(None)?;
+    let go = read_within(reader, REPLY_TIMEOUT);
     match go.context("the source did not say to run the VM here; it does not")? {
         Message::Done => {}
         other => bail!(

@@ -16,12 +16,9 @@ use vmm::control::PauseError;
 use vmm::throttle::Throttle;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
-use super::channel::Channel;
+use super::channel::{read_within, Channel, REPLY_TIMEOUT};
 use super::identity;
 use super::progress::Progress;
-
-/// How long the destination may take to answer a hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pre-copy rounds that leave too much to send before the guest is throttled (then by
 /// THROTTLE_INITIAL percent, THROTTLE_STEP more each round after, as QEMU's auto-converge).
@@ -307,11 +304,7 @@ pub fn cancel(handle: &VmHandle, paused: PausedMigration) -> anyhow::Result<()> 
 /// Why the destination gave up, if it said so on `reader` (looked for briefly, after a write
 /// to it failed).
 pub(super) fn abort_reason(reader: &mut BufReader<Channel>) -> Option<String> {
-    reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .ok()?;
-    match read_message(reader) {
+    match read_within(reader, Duration::from_secs(1)) {
         Ok(Message::Abort(reason)) => Some(reason),
         _ => None,
     }
@@ -643,10 +636,7 @@ pub(super) fn connect(
         write_message(&mut writer, &Message::Hello(ours.clone()))?;
         writer.flush()?;
         // A destination that does not answer must not hold the VM (or the API) forever.
-        reader.get_ref().set_read_timeout(Some(HELLO_TIMEOUT))?;
-        let answer = read_message(&mut reader)?;
-        reader.get_ref().set_read_timeout(None)?;
-        Ok(answer)
+        Ok(read_within(&mut reader, REPLY_TIMEOUT)?)
     };
     // A TLS session that failed says why better than the end of the channel it leaves.
     let answer = exchange().map_err(|e| match reader.get_ref().failure() {
@@ -656,7 +646,7 @@ pub(super) fn connect(
     match answer.with_context(|| {
         format!(
             "the destination did not answer the hello within {} s",
-            HELLO_TIMEOUT.as_secs()
+            REPLY_TIMEOUT.as_secs()
         )
     })? {
         Message::Hello(theirs) => ours
