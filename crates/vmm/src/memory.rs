@@ -172,19 +172,25 @@ impl GuestRam {
         &self.memory
     }
 
-    /// Host address of guest-physical `gpa` if `[gpa, gpa + len)` is RAM within one region.
-    pub fn host_range(&self, gpa: u64, len: u64) -> Option<usize> {
+    /// The region holding all of `[gpa, gpa + len)`, with its index, if one does.
+    pub fn region_at(&self, gpa: u64, len: u64) -> Option<(usize, &RamRegion)> {
         self.regions
             .iter()
-            .find(|r| r.contains(gpa, len))
-            .map(|r| r.host_addr + (gpa - r.gpa) as usize)
+            .enumerate()
+            .find(|(_, r)| r.contains(gpa, len))
+    }
+
+    /// Host address of guest-physical `gpa` if `[gpa, gpa + len)` is RAM within one region.
+    pub fn host_range(&self, gpa: u64, len: u64) -> Option<usize> {
+        self.region_at(gpa, len)
+            .map(|(_, r)| r.host_addr + (gpa - r.gpa) as usize)
     }
 
     /// Whether guest RAM `[gpa, gpa + len)` (within one region) is a hole of its memfd:
     /// never written, or punched out, so it reads as zeros without being read (a migration
     /// sends it as a zero range). False when unsure.
     pub fn is_hole(&self, gpa: u64, len: u64) -> bool {
-        let Some(region) = self.regions.iter().find(|r| r.contains(gpa, len)) else {
+        let Some((_, region)) = self.region_at(gpa, len) else {
             return false;
         };
         let offset = gpa - region.gpa();

@@ -675,10 +675,7 @@ pub(super) fn install_zeros(
     count: u64,
 ) -> anyhow::Result<()> {
     let (index, region) = ram
-        .regions()
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.contains(gpa, count * PAGE_SIZE))
+        .region_at(gpa, count * PAGE_SIZE)
         .context("streamed zero pages outside RAM")?;
     let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
     pager
@@ -695,10 +692,7 @@ fn install(
     data: &[u8],
 ) -> anyhow::Result<()> {
     let (index, region) = ram
-        .regions()
-        .iter()
-        .enumerate()
-        .find(|(_, r)| r.contains(gpa, data.len() as u64))
+        .region_at(gpa, data.len() as u64)
         .context("streamed pages outside RAM")?;
     let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
     pager

@@ -244,10 +244,8 @@ fn take(
 /// clearing was a third of a pre-copy destination's time).
 fn write_pages(ram: &GuestRam, gpa: u64, data: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::FileExt;
-    let region = ram
-        .regions()
-        .iter()
-        .find(|r| r.contains(gpa, data.len() as u64))
+    let (_, region) = ram
+        .region_at(gpa, data.len() as u64)
         .context("arriving pages outside RAM")?;
     region
         .memfd_file()
@@ -413,11 +411,7 @@ fn runs(ram: &GuestRam, chosen: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
 /// memfd's blocks are punched out, so they take no memory either.
 fn zero(ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
     let len = count * PAGE_SIZE;
-    let region = ram
-        .regions()
-        .iter()
-        .find(|r| r.contains(gpa, len))
-        .context("zero pages outside RAM")?;
+    let (_, region) = ram.region_at(gpa, len).context("zero pages outside RAM")?;
     let offset = gpa - region.gpa();
     // SAFETY: fallocate on the region's own memfd, within its size; it changes only the file's
     // contents (which read as zeros afterwards).
