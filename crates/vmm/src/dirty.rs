@@ -144,8 +144,21 @@ impl DirtyPages {
     }
     /// Marks `count` pages from `first` dirty.
     pub fn mark_range(&mut self, first: u64, count: u64) {
-        for page in first..first.saturating_add(count).min(self.pages) {
+        let end = first.saturating_add(count).min(self.pages);
+        let mut page = first;
+        // Bit by bit up to a word boundary, whole words, then bit by bit again: marking all of
+        // RAM (an overflowed ring, a first pass) costs a word per 64 pages.
+        while page < end && !page.is_multiple_of(64) {
             self.mark(page);
+            page += 1;
+        }
+        while page + 64 <= end {
+            self.words[(page / 64) as usize] = u64::MAX;
+            page += 64;
+        }
+        while page < end {
+            self.mark(page);
+            page += 1;
         }
     }
     /// Adds the pages of `other`, which must cover the same RAM (false, and nothing added,
@@ -569,5 +582,26 @@ mod tests {
         assert_eq!(a.iter().collect::<Vec<_>>(), [0, 63, 64, 129]);
         assert!(!a.merge(&DirtyPages::new(10)));
         assert_eq!(DirtyPages::all(70).count(), 70);
+    }
+
+    #[test]
+    fn a_range_marks_exactly_its_pages() {
+        for (pages, first, count) in [
+            (300, 0, 300),
+            (300, 5, 200),
+            (300, 64, 128),
+            (300, 250, 99),
+            (128, 60, 4),
+            (200, 10, 0),
+        ] {
+            let mut ranged = DirtyPages::new(pages);
+            ranged.mark_range(first, count);
+            let expected: Vec<u64> = (first..(first + count).min(pages)).collect();
+            assert_eq!(
+                ranged.iter().collect::<Vec<_>>(),
+                expected,
+                "{first}+{count} of {pages}"
+            );
+        }
     }
 }
