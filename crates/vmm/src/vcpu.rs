@@ -143,7 +143,7 @@ impl Vcpu {
                 self.fd.set_kvm_immediate_exit(1);
                 let fd = &mut self.fd;
                 let result = crate::sigbus::in_kvm_run(|| {
-                    fd.run().map(|exit| complete_pending(&memory, index, exit))
+                    fd.run().map(|exit| complete_mmio(&memory, index, exit))
                 });
                 self.fd.set_kvm_immediate_exit(0);
                 if let Some(hva) = crate::sigbus::take_poisoned() {
@@ -316,7 +316,6 @@ impl Vcpu {
     ) -> Result<VcpuOutcome, VcpuError> {
         let memory = Arc::clone(&self.memory);
         let ram = memory.ram();
-        let in_ram = |gpa: u64| ram.host_range(gpa, 1).is_some();
         let gpa_of = |hva: u64| {
             ram.regions()
                 .iter()
@@ -405,16 +404,10 @@ impl Vcpu {
                         outcome.unhandled_io += 1;
                     }
                 }
-                // An "MMIO" access inside RAM is to a tracked frame (or one whose memslot is
-                // being replaced): faultline completes it. If it cannot, KVM could not reach
-                // the page either (it could not be provided).
-                VcpuExit::MmioRead(gpa, data) if in_ram(gpa) => {
-                    if !memory.complete_access(index, gpa, GuestAccess::Read(data)) {
-                        return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
-                    }
-                }
-                VcpuExit::MmioWrite(gpa, data) if in_ram(gpa) => {
-                    if !memory.complete_access(index, gpa, GuestAccess::Write(data)) {
+                // See `complete_mmio`. An access inside RAM that cannot be completed could not
+                // be for KVM either (its page could not be provided).
+                exit @ (VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)) => {
+                    if let Some((gpa, false)) = complete_mmio(&memory, index, exit) {
                         return Err(VcpuError::RamUnavailable { vcpu: index, gpa });
                     }
                 }
@@ -440,9 +433,6 @@ impl Vcpu {
                         });
                     }
                 }
-                // No MMIO devices yet: reads see all-ones, writes are dropped.
-                VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                VcpuExit::MmioWrite(..) => {}
                 VcpuExit::Intr => {}
                 VcpuExit::Hlt => {
                     control.request_stop(StopReason::Requested);
@@ -494,9 +484,12 @@ impl Vcpu {
     }
 }
 
-/// Completes, in `save_state`, an MMIO exit KVM made for the next piece of a split access:
-/// `(gpa, whether it could be completed)`, or `None` for any other exit.
-fn complete_pending(memory: &MemoryMap, vcpu: u8, exit: VcpuExit<'_>) -> Option<(u64, bool)> {
+/// Completes an MMIO exit (in the run loop, and in `save_state` for the next piece of a split
+/// access): `(gpa, whether it could be completed)`, or `None` for any other exit. An "MMIO"
+/// access inside RAM is to a tracked frame (or one whose memslot is being replaced), which
+/// faultline completes; elsewhere there are no MMIO devices yet: reads see all-ones, writes
+/// are dropped.
+fn complete_mmio(memory: &MemoryMap, vcpu: u8, exit: VcpuExit<'_>) -> Option<(u64, bool)> {
     let in_ram = |gpa: u64| memory.ram().host_range(gpa, 1).is_some();
     match exit {
         VcpuExit::MmioRead(gpa, data) if in_ram(gpa) => Some((
@@ -507,7 +500,6 @@ fn complete_pending(memory: &MemoryMap, vcpu: u8, exit: VcpuExit<'_>) -> Option<
             gpa,
             memory.complete_access(vcpu, gpa, GuestAccess::Write(data)),
         )),
-        // No MMIO devices: reads see all-ones, writes are dropped (as in the run loop).
         VcpuExit::MmioRead(gpa, data) => {
             data.fill(0xff);
             Some((gpa, true))
