@@ -275,6 +275,12 @@ fn start_prefetch(
 /// faultline would not build is refused).
 pub fn ram_for_state(state: &SnapshotState) -> anyhow::Result<GuestRam> {
     let ram = GuestRam::new(state.ram_size()).context("cannot create guest RAM")?;
+    check_layout(state, &ram)?;
+    Ok(ram)
+}
+
+/// Whether `ram` is laid out as the snapshot state `state` says.
+pub fn check_layout(state: &SnapshotState, ram: &GuestRam) -> anyhow::Result<()> {
     let layout: Vec<(u64, u64)> = ram.regions().iter().map(|r| (r.gpa(), r.size())).collect();
     let saved: Vec<(u64, u64)> = state.layout.iter().map(|r| (r.gpa, r.size)).collect();
     if layout != saved {
@@ -282,7 +288,7 @@ pub fn ram_for_state(state: &SnapshotState) -> anyhow::Result<GuestRam> {
             "the snapshot's RAM layout {saved:x?} is not what this faultline builds ({layout:x?})"
         );
     }
-    Ok(ram)
+    Ok(())
 }
 
 /// Builds the VM a snapshot state describes over `ram` (which holds, or will be served, the

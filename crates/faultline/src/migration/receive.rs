@@ -23,7 +23,7 @@ use super::incoming::{Incoming, Phase};
 use super::postcopy_receive::{accept_requests, install_zeros, take_stream, Stream};
 use super::{identity, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
-use crate::restore::{ram_for_state, vm_from_state};
+use crate::restore::{check_layout, vm_from_state};
 
 /// What the destination received.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -193,13 +193,8 @@ fn take(
     if switched_at.is_none() {
         bail!("the source finished without a switch-over");
     }
-    // The state's layout must be the one the pages came in (ram_for_state checks it against
-    // what this faultline builds).
-    let check = ram_for_state(&state)?;
-    if check.size() != ram.size() {
-        bail!("the state's RAM differs from the RAM the pages came in");
-    }
-    drop(check);
+    // The state's layout must be the one the pages came in.
+    check_layout(&state, &ram).context("the state's RAM is not the RAM the pages came in")?;
     let vm = vm_from_state(&state, ram, config)?;
     // Built, not run: the VM runs here only once the source knows, so that a connection that
     // breaks before leaves it running there and nowhere else.
