@@ -300,6 +300,7 @@ fn post_copy(
     for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
         zero(&ram, gpa, count)?;
     }
+    check_layout(&state, &ram).context("the state's RAM is not the RAM the hello described")?;
     let link = PagerLink::default();
     let config = VmConfig {
         on_vcpu_thread: Some(link.vcpu_hook()),
