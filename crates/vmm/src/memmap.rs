@@ -139,8 +139,7 @@ impl MemoryMap {
         edit: impl FnOnce(&mut TrackTable) -> Result<(), TrackError>,
     ) -> Result<(), TrackError> {
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let before = self.table().clone();
-        let mut after = before.clone();
+        let mut after = self.table().clone();
         edit(&mut after)?;
         let (layout, doomed) = {
             let slots = self.slots();
@@ -163,7 +162,10 @@ impl MemoryMap {
         self.dirty.save_before_delete(&self.fd, &slots, &doomed)?;
         // The table first: an access in the instant a slot is being replaced exits to user
         // space, which then reports it by the new table (and always completes it).
-        *self.table.write().unwrap_or_else(|e| e.into_inner()) = after;
+        let before = std::mem::replace(
+            &mut *self.table.write().unwrap_or_else(|e| e.into_inner()),
+            after,
+        );
         if let Err(e) = slots.apply(&self.fd, &layout) {
             *self.table.write().unwrap_or_else(|e| e.into_inner()) = before;
             return Err(e.into());
