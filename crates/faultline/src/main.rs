@@ -209,7 +209,9 @@ struct RestoreArgs {
 #[derive(Subcommand)]
 enum SnapshotCommand {
     /// Snapshot the VM served on --api-sock into a new directory (the VM is paused for the
-    /// duration, then resumes; a paused VM stays paused).
+    /// duration, then resumes; a paused VM stays paused). With --live the VM is paused only
+    /// to record its state and write-protect its memory, and runs on while the pages are
+    /// written.
     Create {
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
@@ -219,6 +221,11 @@ enum SnapshotCommand {
         /// Save only the pages written since this VM's previous snapshot (needs --track-dirty).
         #[arg(long)]
         diff: bool,
+        /// Let the VM run while its memory is written: a page the guest is about to write is
+        /// saved first (userfaultfd write protection). The snapshot holds memory as it was at
+        /// the start, with the vCPU and device state of that instant.
+        #[arg(long)]
+        live: bool,
     },
 }
 
@@ -1300,13 +1307,19 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                     api_sock,
                     dir,
                     diff,
+                    live,
                 },
         } => {
             let body = serde_json::json!({
                 "dir": std::path::absolute(&dir).context("cannot resolve the snapshot directory")?,
                 "type": if diff { "diff" } else { "full" },
+                "live": live,
             });
-            eprintln!("faultline: taking a snapshot into {} ...", dir.display());
+            eprintln!(
+                "faultline: taking a {}snapshot into {} ...",
+                if live { "live " } else { "" },
+                dir.display()
+            );
             let answer = api_call(&api_sock, "PUT", "/snapshot/create", Some(&body))?;
             println!(
                 "{}",

@@ -43,6 +43,19 @@ impl AtomicBitmap {
         word.fetch_and(!mask, Ordering::AcqRel);
     }
 
+    /// Sets every bit.
+    pub fn set_all(&self) {
+        for (i, word) in self.words.iter().enumerate() {
+            let bits = (self.len - i * 64).min(64);
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            word.store(mask, Ordering::Release);
+        }
+    }
+
     /// Sets the bit; true if this call changed it (it was clear).
     pub fn test_and_set(&self, bit: usize) -> bool {
         let (word, mask) = self.locate(bit);

@@ -95,6 +95,8 @@ pub(crate) struct Shared {
     /// Shared by installs while they decide and install a page's content; exclusive while
     /// events are read and remove events applied (see the module documentation).
     pub event_gate: RwLock<()>,
+    /// The write protection in force (a live snapshot), if any.
+    pub protection: crate::protect::Protection,
 }
 
 /// Why an install could not complete.
@@ -138,6 +140,8 @@ impl std::fmt::Display for InstallError {
 pub(crate) struct EventQueue {
     pending: VecDeque<Event>,
     scratch: Vec<Event>,
+    /// When the last batch was read: a write-protect fault's stall is counted from there.
+    read_at: Option<Instant>,
 }
 
 /// Who is installing: a fault thread reads the userfaultfd itself when an install is refused
@@ -210,7 +214,7 @@ impl Shared {
         }
     }
 
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
@@ -644,7 +648,7 @@ impl Shared {
     }
 
     /// Records the first fatal error and tells the VMM (once).
-    fn report_fatal(&self, message: &str) {
+    pub(crate) fn report_fatal(&self, message: &str) {
         let mut fatal = self.fatal.lock().unwrap_or_else(|e| e.into_inner());
         if fatal.is_none() {
             *fatal = Some(message.to_string());
@@ -798,17 +802,6 @@ impl Shared {
         self.background_cv.notify_one();
     }
 
-    /// A write-protect fault: the pager never write-protects guest memory (live snapshots
-    /// will), so one means a bug or a foreign registration. Refused: the VM stops, and the
-    /// page is unprotected so that the writer does not fault forever.
-    fn refuse_write_protect_fault(&self, address: u64) {
-        let page = address & !(uffd::PAGE_SIZE - 1);
-        self.report_fatal(&format!(
-            "a write-protect fault at {address:#x}: faultline does not write-protect guest memory (yet), so this is a bug"
-        ));
-        let _ = self.uffd.writeprotect(page, uffd::PAGE_SIZE, false, false);
-    }
-
     /// A minor fault: no region is registered in minor mode (yet). Refused: the VM stops, and
     /// the thread is woken so that it does not wait forever.
     fn refuse_minor_fault(&self, address: u64) {
@@ -845,6 +838,7 @@ impl Shared {
         let _gate = self.event_gate.write().unwrap_or_else(|e| e.into_inner());
         queue.scratch.clear();
         let n = self.uffd.read_events(&mut queue.scratch, EVENT_BATCH)?;
+        queue.read_at = Some(Instant::now());
         if n > 0 {
             self.counters.note_batch(n as u64);
         }
@@ -874,7 +868,8 @@ impl Shared {
                 ..
             } => {
                 if wp {
-                    self.refuse_write_protect_fault(address);
+                    let read_at = queue.read_at.unwrap_or_else(Instant::now);
+                    self.serve_write_protect(address, read_at, queue);
                 } else if minor {
                     self.refuse_minor_fault(address);
                 } else {
@@ -1127,13 +1122,13 @@ impl Shared {
 }
 
 /// Exponential back-off for EAGAIN, with a limit on the total.
-struct AgainWait {
+pub(crate) struct AgainWait {
     next: Duration,
     since: Option<Instant>,
 }
 
 impl AgainWait {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         AgainWait {
             next: AGAIN_FIRST_WAIT,
             since: None,
@@ -1141,7 +1136,7 @@ impl AgainWait {
     }
 
     /// Sleeps the next step; Err(total waited) once the total passes [`AGAIN_GIVE_UP`].
-    fn wait(&mut self) -> Result<(), Duration> {
+    pub(crate) fn wait(&mut self) -> Result<(), Duration> {
         let since = *self.since.get_or_insert_with(Instant::now);
         let waited = since.elapsed();
         if waited >= AGAIN_GIVE_UP {

@@ -13,6 +13,7 @@
 mod bitmap;
 mod engine;
 mod predict;
+mod protect;
 mod region;
 mod source;
 mod stats;
@@ -22,6 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
+pub use bitmap::AtomicBitmap;
+pub use protect::{ProtectStats, WriteGuard};
 pub use source::{
     data_extents, Content, FileSource, MemorySource, OffsetSource, PageSource, SlowSource,
     SourceError, ZeroSource,
@@ -113,7 +116,20 @@ pub enum PagerError {
     Config(String),
     #[error("the pager has stopped")]
     Stopped,
+    #[error("cannot write-protect guest memory: {0}")]
+    WriteProtect(String),
+    #[error("page {page} of region {region} was still being installed after {waited:?}")]
+    Unsettled {
+        region: usize,
+        page: usize,
+        waited: std::time::Duration,
+    },
+    #[error("a write protection is in force already (one live snapshot at a time)")]
+    ProtectionActive,
 }
+
+/// How long [`PagerHandle::settled_page_state`] waits for an install under way.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The features the pager needs from the kernel.
 pub const REQUIRED_FEATURES: Features = Features(
@@ -134,7 +150,11 @@ pub struct PagerBuilder {
 impl PagerBuilder {
     /// Opens the userfaultfd.
     pub fn new(config: PagerConfig) -> Result<Self, PagerError> {
-        let uffd = Uffd::open(REQUIRED_FEATURES).map_err(PagerError::Uffd)?;
+        // Write protection of shared memory (a live snapshot) is asked for where the kernel
+        // has it; without it, only `write_protect` fails, saying so.
+        let offered = uffd::supported_features().map_err(PagerError::Uffd)?;
+        let features = Features(REQUIRED_FEATURES.0 | (offered.0 & Features::WP_HUGETLBFS_SHMEM.0));
+        let uffd = Uffd::open(features).map_err(PagerError::Uffd)?;
         Ok(PagerBuilder {
             config,
             uffd,
@@ -181,16 +201,36 @@ impl PagerBuilder {
         unsafe { self.add_region(start, len, source, false) }
     }
 
+    /// Registers `[start, start + len)` for write protection only: every page is the
+    /// caller's (resident, or a hole that reads as zero), nothing is ever installed, and the
+    /// pager only serves the write-protect faults of a [`PagerHandle::begin_write_protect`]
+    /// (a live snapshot of a VM whose RAM is all in place).
+    ///
     /// # Safety
     ///
-    /// As for [`region`](Self::region).
-    unsafe fn add_region(
+    /// A write to a protected page blocks until the pager answers. The range must be memory
+    /// the caller manages as raw pages (guest RAM), mapped for as long as the pager runs.
+    pub unsafe fn region_write_protect_only(
         &mut self,
         start: u64,
         len: u64,
-        source: Arc<dyn PageSource>,
-        probe_residency: bool,
     ) -> Result<usize, PagerError> {
+        let page_size = uffd::PAGE_SIZE;
+        self.check_new_region(start, len)?;
+        let region = Region::new(start, len, page_size, Arc::new(ZeroSource));
+        // SAFETY: the caller vouches for the range; the pager serves its write-protect faults.
+        unsafe { self.uffd.register(start, len, RegisterMode::WP) }
+            .map_err(|source| PagerError::Register { start, len, source })?;
+        region.present.set_all();
+        region
+            .write_protect_registered
+            .store(true, Ordering::Release);
+        self.regions.push(region);
+        Ok(self.regions.len() - 1)
+    }
+
+    /// Refuses a misaligned, empty or overlapping range.
+    fn check_new_region(&self, start: u64, len: u64) -> Result<(), PagerError> {
         let page_size = uffd::PAGE_SIZE;
         if len == 0 || !start.is_multiple_of(page_size) || !len.is_multiple_of(page_size) {
             return Err(PagerError::Misaligned { start, len });
@@ -202,6 +242,21 @@ impl PagerBuilder {
         {
             return Err(PagerError::Overlap { start, len });
         }
+        Ok(())
+    }
+
+    /// # Safety
+    ///
+    /// As for [`region`](Self::region).
+    unsafe fn add_region(
+        &mut self,
+        start: u64,
+        len: u64,
+        source: Arc<dyn PageSource>,
+        probe_residency: bool,
+    ) -> Result<usize, PagerError> {
+        let page_size = uffd::PAGE_SIZE;
+        self.check_new_region(start, len)?;
         let region = Region::new(start, len, page_size, source);
         // SAFETY: the caller vouches for the range (see `region`); the pager serves its faults.
         unsafe { self.uffd.register(start, len, RegisterMode::MISSING) }
@@ -255,6 +310,7 @@ impl PagerBuilder {
             on_fatal: self.on_fatal,
             fault_log: Mutex::new(Vec::new()),
             event_gate: RwLock::new(()),
+            protection: Default::default(),
         });
         let mut pager = Pager {
             handle: PagerHandle { shared },
@@ -395,6 +451,170 @@ impl PagerHandle {
             .clone()
     }
 
+    /// What `region`'s `page` holds, once no install of it is under way: an install in
+    /// flight may already have put the page in memory (and woken a toucher that wrote it)
+    /// before the presence map says so, so a page in flight is waited for (up to
+    /// [`SETTLE_LIMIT`]).
+    pub fn settled_page_state(&self, region: usize, page: usize) -> Result<PageState, PagerError> {
+        let r = self
+            .shared
+            .regions
+            .get(region)
+            .ok_or(PagerError::NoRegion(region))?;
+        let began = std::time::Instant::now();
+        while r.inflight.get(page) {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Err(PagerError::Stopped);
+            }
+            if began.elapsed() > SETTLE_LIMIT {
+                return Err(PagerError::Unsettled {
+                    region,
+                    page,
+                    waited: SETTLE_LIMIT,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        Ok(if r.present.get(page) {
+            PageState::Present
+        } else if r.discarded.get(page) {
+            PageState::Discarded
+        } else {
+            PageState::InSource
+        })
+    }
+
+    /// The source `region` is served from (a live snapshot reads the pages still there from
+    /// it, rather than faulting them in).
+    pub fn source(&self, region: usize) -> Arc<dyn PageSource> {
+        Arc::clone(&self.shared.regions[region].source)
+    }
+
+    /// `region`'s first address and length.
+    pub fn region_range(&self, region: usize) -> (u64, u64) {
+        let region = &self.shared.regions[region];
+        (region.start, region.len)
+    }
+
+    /// Starts a write protection: from now on `guard` is called before a protected page is
+    /// written (on a fault thread, with the writer waiting), and the page is then unprotected.
+    /// Registers the regions in write-protect mode first, where they are not yet (a region
+    /// keeps its registration afterwards: without protected pages it costs nothing). Nothing
+    /// is protected yet: see [`protect`](Self::protect).
+    pub fn begin_write_protect(&self, guard: Arc<dyn WriteGuard>) -> Result<(), PagerError> {
+        let shared = &self.shared;
+        if shared.stop.load(Ordering::Acquire) {
+            return Err(PagerError::Stopped);
+        }
+        if shared.protection.active() {
+            return Err(PagerError::ProtectionActive);
+        }
+        if !shared
+            .uffd
+            .features()
+            .contains(Features::WP_HUGETLBFS_SHMEM)
+        {
+            return Err(PagerError::WriteProtect(
+                "the kernel's userfaultfd cannot write-protect shared memory (no WP_HUGETLBFS_SHMEM)"
+                    .into(),
+            ));
+        }
+        for region in &shared.regions {
+            if region.write_protect_registered.load(Ordering::Acquire) {
+                continue;
+            }
+            // Registering a range again on the same userfaultfd adds the mode: missing faults
+            // go on being served throughout.
+            // SAFETY: the range was registered by `region` (whose contract covers it); the
+            // pager serves its write-protect faults from now on.
+            unsafe {
+                shared.uffd.register(
+                    region.start,
+                    region.len,
+                    RegisterMode::MISSING | RegisterMode::WP,
+                )
+            }
+            .map_err(|source| PagerError::Register {
+                start: region.start,
+                len: region.len,
+                source,
+            })?;
+            region
+                .write_protect_registered
+                .store(true, Ordering::Release);
+        }
+        shared.protection.begin(guard);
+        Ok(())
+    }
+
+    /// Write-protects `count` pages of `region` from `first` on (under a protection begun
+    /// with [`begin_write_protect`](Self::begin_write_protect)). Pages that are not present
+    /// hold nothing to protect and stay as they are.
+    pub fn protect(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
+        self.change_protection(region, first, count, true)
+    }
+
+    /// Lets writes to `count` pages of `region` from `first` on through again, waking any
+    /// writer waiting on them.
+    pub fn unprotect(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
+        self.change_protection(region, first, count, false)
+    }
+
+    fn change_protection(
+        &self,
+        region: usize,
+        first: usize,
+        count: usize,
+        protect: bool,
+    ) -> Result<(), PagerError> {
+        let shared = &self.shared;
+        let r = shared
+            .regions
+            .get(region)
+            .ok_or(PagerError::NoRegion(region))?;
+        if protect && !shared.protection.active() {
+            return Err(PagerError::WriteProtect(
+                "no write protection was begun (begin_write_protect)".into(),
+            ));
+        }
+        if first + count > r.pages() {
+            return Err(PagerError::WriteProtect(format!(
+                "pages [{first}, +{count}) are outside region {region} ({} pages)",
+                r.pages()
+            )));
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        shared
+            .set_protection(r.addr_of(first), count as u64 * r.page_size, protect, None)
+            .map_err(|e| PagerError::WriteProtect(e.to_string()))
+    }
+
+    /// Ends the write protection: every page of every region is unprotected (also those the
+    /// caller did not get to) and the guard is dropped. Returns what the protection cost the
+    /// guest, and the first region that could not be unprotected, if any.
+    pub fn end_write_protect(&self) -> (ProtectStats, Result<(), PagerError>) {
+        let shared = &self.shared;
+        let mut result = Ok(());
+        for (index, region) in shared.regions.iter().enumerate() {
+            if !region.write_protect_registered.load(Ordering::Acquire) {
+                continue;
+            }
+            if let Err(e) = self.change_protection(index, 0, region.pages(), false) {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
+        (shared.protection.end(), result)
+    }
+
+    /// What the write protection in force (or the last one) has cost so far.
+    pub fn protect_stats(&self) -> ProtectStats {
+        self.shared.protection.stats()
+    }
+
     /// Number of regions.
     pub fn regions(&self) -> usize {
         self.shared.regions.len()
@@ -407,6 +627,17 @@ impl PagerHandle {
     pub fn userfaultfd_raw_fd(&self) -> RawFd {
         self.shared.uffd.as_raw_fd()
     }
+}
+
+/// What a page holds, as the pager knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// In memory: installed, or resident when its region was added.
+    Present,
+    /// Still in the region's source (not installed yet).
+    InSource,
+    /// Removed since (madvise, balloon): it reads as zero.
+    Discarded,
 }
 
 /// A running pager. Dropping it stops its threads; the registrations go with the userfaultfd.

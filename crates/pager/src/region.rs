@@ -4,6 +4,7 @@
 //! `inflight` (a thread has claimed it and is fetching it: the single-install guarantee), and
 //! `discarded` (removed by madvise/balloon since: its true contents are now zero).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::bitmap::AtomicBitmap;
@@ -19,6 +20,9 @@ pub struct Region {
     pub(crate) present: AtomicBitmap,
     pub(crate) inflight: AtomicBitmap,
     pub(crate) discarded: AtomicBitmap,
+    /// Registered in write-protect mode (a live snapshot has protected it, or the region
+    /// serves write protection only).
+    pub(crate) write_protect_registered: AtomicBool,
 }
 
 impl Region {
@@ -32,6 +36,7 @@ impl Region {
             present: AtomicBitmap::new(pages),
             inflight: AtomicBitmap::new(pages),
             discarded: AtomicBitmap::new(pages),
+            write_protect_registered: AtomicBool::new(false),
         }
     }
 

@@ -956,3 +956,108 @@ fn predicted_pages_from_a_slow_source_come_in_one_span_read() {
     // Only the window's pages were installed from the span, not the pages between them.
     assert_eq!(stats.regions[0].pages_present, 3 + 16);
 }
+
+/// A guard that records, per page written while protected, what the page held when the
+/// write fault arrived (the bytes a live snapshot must save).
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<(usize, usize, u64)>>,
+    base: Mutex<Vec<u64>>,
+}
+
+impl WriteGuard for Recorder {
+    fn before_write(&self, region: usize, page: usize) {
+        let base = self.base.lock().unwrap()[region];
+        // The page is still protected: reading it is fine, and shows the old contents.
+        let value = read_u64(base + (page * PAGE) as u64);
+        self.seen.lock().unwrap().push((region, page, value));
+    }
+}
+
+#[test]
+fn a_protected_page_is_shown_to_the_guard_before_the_write_lands() {
+    let Some(mut builder) = builder(unpredicted()) else {
+        return;
+    };
+    let shm = Shm::new(16);
+    for p in 0..8 {
+        write_u64(shm.page(p), 100 + p as u64);
+    }
+    // SAFETY: the test's own shared mapping, mapped until `shm` drops, after the pager.
+    unsafe { builder.region_write_protect_only(shm.addr, shm.len as u64) }.unwrap();
+    let pager = builder.start().unwrap();
+    let guard = Arc::new(Recorder::default());
+    guard.base.lock().unwrap().push(shm.addr);
+    pager.begin_write_protect(guard.clone()).unwrap();
+    assert!(matches!(
+        pager.begin_write_protect(guard.clone()),
+        Err(PagerError::ProtectionActive)
+    ));
+    pager.protect(0, 0, 16).unwrap();
+    // Page 3 is saved by its owner and unprotected first: its write does not fault.
+    pager.unprotect(0, 3, 1).unwrap();
+    let writer = std::thread::spawn({
+        let addrs: Vec<u64> = (0..16).map(|p| shm.page(p)).collect();
+        move || {
+            for (p, addr) in addrs.iter().enumerate() {
+                write_u64(*addr, 1000 + p as u64);
+                write_u64(*addr + 8, 1); // a second write to the same page does not fault
+            }
+        }
+    });
+    writer.join().unwrap();
+    let mut seen = guard.seen.lock().unwrap().clone();
+    seen.sort();
+    // Pages 0-7 held data, 8-15 were holes (zero), and protection covers both (shared memory
+    // keeps a marker where no page is); page 3 had been let go.
+    let expected: Vec<(usize, usize, u64)> = (0..16)
+        .filter(|&p| p != 3)
+        .map(|p| (0, p, if p < 8 { 100 + p as u64 } else { 0 }))
+        .collect();
+    assert_eq!(seen, expected);
+    for p in 0..16 {
+        assert_eq!(read_u64(shm.page(p)), 1000 + p as u64, "page {p}");
+    }
+    let (stats, result) = pager.end_write_protect();
+    result.unwrap();
+    assert_eq!(stats.write_faults, 15);
+    assert!(stats.stall_max_us >= stats.stall_p50_us);
+    // Nothing is protected after the end.
+    pager.begin_write_protect(guard.clone()).unwrap();
+    let (_, result) = pager.end_write_protect();
+    result.unwrap();
+    write_u64(shm.page(5), 7);
+    assert_eq!(guard.seen.lock().unwrap().len(), 15);
+    assert!(pager.fatal_error().is_none());
+}
+
+#[test]
+fn a_lazy_region_takes_write_protection_and_goes_on_serving_missing_pages() {
+    let Some((pager, shm)) = pattern_pager(8, unpredicted()) else {
+        return;
+    };
+    let expected = pattern(8);
+    let word = |p: usize| u64::from_le_bytes(expected[p * PAGE..p * PAGE + 8].try_into().unwrap());
+    // Pages 0 and 1 are installed before the protection, the rest are still in the source.
+    assert_eq!(read_u64(shm.page(0)), word(0));
+    assert_eq!(read_u64(shm.page(1)), word(1));
+    assert_eq!(pager.settled_page_state(0, 1).unwrap(), PageState::Present);
+    assert_eq!(pager.settled_page_state(0, 2).unwrap(), PageState::InSource);
+    let guard = Arc::new(Recorder::default());
+    guard.base.lock().unwrap().push(shm.addr);
+    pager.begin_write_protect(guard.clone()).unwrap();
+    pager.protect(0, 0, 8).unwrap();
+    write_u64(shm.page(1), 11);
+    // A missing page is installed (writable: it held nothing to protect) and written.
+    write_u64(shm.page(5), 55);
+    assert_eq!(read_u64(shm.page(5)), 55);
+    assert_eq!(read_u64(shm.page(5) + 8), word(5));
+    let (stats, result) = pager.end_write_protect();
+    result.unwrap();
+    assert_eq!(*guard.seen.lock().unwrap(), [(0, 1, word(1))]);
+    assert_eq!(stats.write_faults, 1);
+    assert_eq!(read_u64(shm.page(1)), 11);
+    write_u64(shm.page(0), 1);
+    assert_eq!(guard.seen.lock().unwrap().len(), 1);
+    assert!(pager.fatal_error().is_none());
+}

@@ -51,6 +51,9 @@ pub struct CreateSummary {
     pub memory: WriteSummary,
     /// How long the VM was paused for the snapshot (0 if it was paused already).
     pub paused_ms: f64,
+    /// A live snapshot's figures (the VM ran while its memory was written).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<crate::live::LiveStats>,
 }
 
 /// What a snapshot's memory image holds: all of RAM, or the pages written since a parent.
@@ -69,11 +72,7 @@ enum Layer<'a> {
 /// taken, the log is given back to the VM (see [`VmHandle::return_dirty_pages`]).
 pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummary, SnapshotError> {
     let staging = Staging::create(&options.dir)?;
-    let parent = match &options.diff_parent {
-        None => None,
-        Some(_) if !handle.tracks_dirty() => return Err(no_dirty_tracking()),
-        Some(parent) => Some(parent_ref(&options.dir, parent)?),
-    };
+    let parent = check_parent(handle, options)?;
     let was_paused = handle.control().is_paused();
     let started = Instant::now();
     if !was_paused {
@@ -96,11 +95,25 @@ pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummar
         vcpus: usize::from(handle.vcpu_count()),
         memory,
         paused_ms: if was_paused { 0.0 } else { paused_ms },
+        live: None,
     })
 }
 
+/// A diff's parent, checked (the VM logs dirty pages) and resolved; `None` for a full
+/// snapshot.
+pub(crate) fn check_parent(
+    handle: &VmHandle,
+    options: &CreateOptions,
+) -> Result<Option<ParentRef>, SnapshotError> {
+    match &options.diff_parent {
+        None => Ok(None),
+        Some(_) if !handle.tracks_dirty() => Err(no_dirty_tracking()),
+        Some(parent) => Ok(Some(parent_ref(&options.dir, parent)?)),
+    }
+}
+
 /// The error for a diff of a VM that does not log dirty pages.
-fn no_dirty_tracking() -> SnapshotError {
+pub(crate) fn no_dirty_tracking() -> SnapshotError {
     SnapshotError::Usage(
         "a diff snapshot needs dirty tracking (start the VM with --track-dirty)".into(),
     )
@@ -153,7 +166,7 @@ fn take(
 
 /// The directory a new snapshot is written into: `.NAME.partial-PID` beside its final place
 /// `dir`. It is removed when dropped, unless it was published.
-struct Staging {
+pub(crate) struct Staging {
     dir: PathBuf,
     path: PathBuf,
     published: bool,
@@ -162,7 +175,7 @@ struct Staging {
 impl Staging {
     /// Checks that `dir` can be created (it does not exist, it has a name, its parent is a
     /// directory) and creates the staging directory, which proves the parent writable.
-    fn create(dir: &Path) -> Result<Staging, SnapshotError> {
+    pub(crate) fn create(dir: &Path) -> Result<Staging, SnapshotError> {
         if std::fs::symlink_metadata(dir).is_ok() {
             return Err(SnapshotError::Exists(dir.to_path_buf()));
         }
@@ -209,13 +222,13 @@ impl Staging {
     }
 
     /// The staging directory.
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Renames the staging directory into place and syncs the directory that holds it. If
     /// the sync fails, the snapshot is removed again: it might not survive a crash.
-    fn publish(&mut self) -> Result<(), SnapshotError> {
+    pub(crate) fn publish(&mut self) -> Result<(), SnapshotError> {
         std::fs::rename(&self.path, &self.dir).map_err(SnapshotError::io(&self.dir))?;
         if let Err(e) = container::sync_dir(container::parent_dir(&self.dir)) {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -253,7 +266,7 @@ fn parent_ref(dir: &Path, parent: &Path) -> Result<ParentRef, SnapshotError> {
 
 /// Per page of RAM (regions back to back): whether its memfd holds data there. Holes are zero
 /// pages that were never written.
-fn resident_pages(ram: &GuestRam) -> Result<Vec<bool>, SnapshotError> {
+pub(crate) fn resident_pages(ram: &GuestRam) -> Result<Vec<bool>, SnapshotError> {
     let page = vmm::PAGE_SIZE;
     let mut data = vec![false; (ram.size() / page) as usize];
     let mut base = 0usize;

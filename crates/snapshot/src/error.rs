@@ -148,6 +148,19 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// A live snapshot could not write-protect guest memory, or let it go again.
+    #[error("live snapshot: write protection of guest memory failed")]
+    Protect(#[source] pager::PagerError),
+    /// A page still in a lazily restored VM's source could not be read from it.
+    #[error(
+        "cannot read the page at image offset {offset:#x} from the VM's page source: {reason}"
+    )]
+    Source {
+        /// The page's offset in the memory image.
+        offset: u64,
+        /// What the source said.
+        reason: String,
+    },
 }
 
 impl SnapshotError {

@@ -26,6 +26,7 @@ pub mod container;
 pub mod create;
 mod error;
 pub mod layered;
+pub mod live;
 pub mod memory;
 pub mod state;
 pub mod working_set;

@@ -396,6 +396,135 @@ fn write_data(
     })
 }
 
+/// An image written page by page in any order, from several threads (a live snapshot: the
+/// writer walks RAM while write faults save pages ahead of it). Each page is written once;
+/// pages never written are zero (holes). One checksum per page.
+pub struct PageImageWriter {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: File,
+    size: u64,
+    kind: LayerKind,
+    /// The held pages of a diff layer.
+    bitmap: Option<Vec<u64>>,
+    held: u64,
+    sums: Vec<std::sync::atomic::AtomicU32>,
+    data_pages: std::sync::atomic::AtomicU64,
+}
+
+impl PageImageWriter {
+    /// A new image of `size` bytes in `dir` (under a temporary name until
+    /// [`finish`](Self::finish)). A diff layer holds the pages whose bit is set in `held`;
+    /// a full layer holds every page.
+    pub fn create(
+        dir: &Path,
+        size: u64,
+        kind: LayerKind,
+        held: Option<Vec<u64>>,
+    ) -> Result<Self, SnapshotError> {
+        let image_path = dir.join(MEMORY_FILE);
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return Err(SnapshotError::malformed(
+                &image_path,
+                format!("{size:#x} bytes is not a whole number of {PAGE_SIZE}-byte pages"),
+            ));
+        }
+        let pages = size / PAGE_SIZE;
+        let bitmap = match kind {
+            LayerKind::Full => None,
+            LayerKind::Diff => {
+                let mut bitmap = held.unwrap_or_default();
+                bitmap.resize(pages.div_ceil(64) as usize, 0);
+                Some(bitmap)
+            }
+        };
+        let held = match &bitmap {
+            None => pages,
+            Some(bitmap) => bitmap.iter().map(|w| u64::from(w.count_ones())).sum(),
+        };
+        let tmp = container::tmp_path(&image_path);
+        let file = File::create(&tmp).map_err(SnapshotError::io(&tmp))?;
+        if let Err(e) = file.set_len(size) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(SnapshotError::io(&tmp)(e));
+        }
+        let zero = crc32fast::hash(&ZERO_PAGE);
+        Ok(PageImageWriter {
+            dir: dir.to_path_buf(),
+            tmp,
+            file,
+            size,
+            kind,
+            bitmap,
+            held,
+            sums: (0..pages)
+                .map(|_| std::sync::atomic::AtomicU32::new(zero))
+                .collect(),
+            data_pages: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Writes page `index` (a zero page is left a hole). Safe to call from several threads,
+    /// for different pages.
+    pub fn write_page(&self, index: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+        assert_eq!(bytes.len() as u64, PAGE_SIZE, "one page");
+        if is_zero_page(bytes) {
+            return Ok(());
+        }
+        write_run(&self.file, &self.tmp, bytes, index * PAGE_SIZE)?;
+        self.sums[index as usize].store(crc32fast::hash(bytes), Ordering::Relaxed);
+        self.data_pages.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Syncs the image and renames it into place, then writes its checksums.
+    pub fn finish(&self) -> Result<WriteSummary, SnapshotError> {
+        let image_path = self.dir.join(MEMORY_FILE);
+        let result = self
+            .file
+            .sync_data()
+            .map_err(SnapshotError::io(&self.tmp))
+            .and_then(|()| {
+                std::fs::rename(&self.tmp, &image_path).map_err(SnapshotError::io(&image_path))
+            });
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        container::sync_dir(&self.dir)?;
+        let sums: Vec<u32> = self
+            .sums
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .collect();
+        let payload = encode_sums(
+            self.size,
+            self.kind,
+            PAGE_SIZE,
+            &sums,
+            self.bitmap.as_deref(),
+        );
+        container::write(
+            &self.dir.join(SUMS_FILE),
+            &SUMS_MAGIC,
+            SUMS_VERSION,
+            &payload,
+        )?;
+        let data_pages = self.data_pages.load(Ordering::Relaxed);
+        Ok(WriteSummary {
+            pages_included: self.held,
+            data_pages,
+            zero_pages: self.held - data_pages,
+            bytes_written: data_pages * PAGE_SIZE,
+        })
+    }
+
+    /// Gives up: the temporary file is removed.
+    pub fn abandon(&self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 /// Writes `bytes` at `offset` of the image being written.
 fn write_run(file: &File, path: &Path, bytes: &[u8], offset: u64) -> Result<(), SnapshotError> {
     file.write_all_at(bytes, offset)
@@ -972,6 +1101,36 @@ mod tests {
 
     fn write_full(dir: &Path, buf: &[u8], cuts: &[u64]) -> WriteSummary {
         write_image(dir, &spans(buf, cuts), LayerKind::Full, None).unwrap()
+    }
+
+    #[test]
+    fn pages_written_out_of_order_read_back_checked_like_a_sequential_image() {
+        let dir = TempDir::new("memory-page-writer");
+        let pages = 96u64;
+        let mut buf = vec![0u8; pages as usize * PAGE];
+        for page in [3, 4, 50, 95] {
+            fill_page(&mut buf, page, 7);
+        }
+        // A diff holding pages 0-63: page 95 has data but is not held, 10 is held and zero.
+        let held = vec![u64::MAX, 0];
+        let writer =
+            PageImageWriter::create(dir.path(), pages * PAGE_SIZE, LayerKind::Diff, Some(held))
+                .unwrap();
+        for page in [50u64, 10, 4, 3] {
+            let at = page as usize * PAGE;
+            writer.write_page(page, &buf[at..at + PAGE]).unwrap();
+        }
+        let summary = writer.finish().unwrap();
+        assert_eq!(summary.pages_included, 64);
+        assert_eq!(summary.data_pages, 3);
+        assert_eq!(summary.zero_pages, 61);
+        let image = MemoryImage::open(dir.path()).unwrap();
+        assert_eq!(image.kind(), LayerKind::Diff);
+        assert!(image.contains(10) && !image.contains(95));
+        image.verify_all(&mut |_, _| {}).unwrap();
+        let mut read = vec![0u8; 64 * PAGE];
+        image.read_at(0, &mut read).unwrap();
+        assert_eq!(read, buf[..64 * PAGE]);
     }
 
     #[test]

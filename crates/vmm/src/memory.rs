@@ -242,6 +242,38 @@ impl GuestRam {
     }
 }
 
+/// The bit of a `/proc/PID/pagemap` entry that says the page is userfaultfd write-protected
+/// (PM_UFFD_WP, Linux 5.13+; set for a protected empty page of shared memory too).
+const PAGEMAP_UFFD_WP: u64 = 1 << 57;
+
+impl GuestRam {
+    /// How many pages of RAM are userfaultfd write-protected now, from this process's
+    /// pagemap: after a live snapshot, none may be.
+    pub fn write_protected_pages(&self) -> std::io::Result<u64> {
+        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let mut count = 0;
+        let mut entries = vec![0u8; 8 * 4096];
+        for region in &self.regions {
+            let pages = region.size() / crate::PAGE_SIZE;
+            let first = region.host_addr() as u64 / crate::PAGE_SIZE;
+            let mut done = 0;
+            while done < pages {
+                let n = (pages - done).min(4096);
+                let bytes = &mut entries[..(n * 8) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&pagemap, bytes, (first + done) * 8)?;
+                count += bytes
+                    .chunks_exact(8)
+                    .filter(|e| {
+                        u64::from_le_bytes((*e).try_into().expect("8 bytes")) & PAGEMAP_UFFD_WP != 0
+                    })
+                    .count() as u64;
+                done += n;
+            }
+        }
+        Ok(count)
+    }
+}
+
 /// Reads `buf.len()` bytes at address `addr` of this process with process_vm_readv(2), so
 /// that memory that cannot be read (a poisoned page, a file mapping past its end) is an error
 /// (EFAULT), never a signal. Guest RAM that may hold such pages is read this way.

@@ -154,6 +154,23 @@ impl Migrations {
         }
     }
 
+    /// Why a live snapshot cannot be taken now, if so: pages still on an incoming
+    /// migration's source would be read from it while it streams them.
+    pub fn refuse_live_snapshot(&self) -> Option<Response> {
+        let incoming = self.incoming.as_ref()?;
+        let phase = incoming.phase();
+        (phase != crate::migration::incoming::Phase::Completed).then(|| {
+            Response::error(
+                409,
+                format!(
+                    "the migration that brought the VM here is {}: a live snapshot waits until \
+                     all its memory is here (a regular snapshot does not)",
+                    phase.name()
+                ),
+            )
+        })
+    }
+
     /// `PUT /migration/switchover`.
     pub fn switch_over(&self) -> Response {
         if lock(&self.outgoing)["status"] == "active" {

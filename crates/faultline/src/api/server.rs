@@ -101,6 +101,9 @@ struct SnapshotRequest {
     dir: PathBuf,
     #[serde(rename = "type", default)]
     kind: SnapshotKind,
+    /// The VM runs on while its memory is written (userfaultfd write protection).
+    #[serde(default)]
+    live: bool,
 }
 
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +312,11 @@ impl Controller {
         let mut info = self.info();
         info["pager"] = json!(self.pager.as_ref().map(PagerHandle::stats));
         info["last_snapshot"] = json!(*lock(&self.last_snapshot));
+        // Zero outside a live snapshot: one that ended left no page protected.
+        info["write_protected_pages"] = match self.handle.ram().write_protected_pages() {
+            Ok(pages) => json!(pages),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
         info
     }
 
@@ -351,7 +359,15 @@ impl Controller {
                 MemoryBacking::Resident
             },
         };
-        match snapshot::create::create(&self.handle, &options) {
+        let taken = if request.live {
+            if let Some(refusal) = self.migrations.refuse_live_snapshot() {
+                return refusal;
+            }
+            snapshot::live::create_live(&self.handle, self.pager.as_ref(), &options)
+        } else {
+            snapshot::create::create(&self.handle, &options)
+        };
+        match taken {
             Ok(summary) => match self.memory_failure() {
                 // The pager failed while the snapshot was written: what it read may be wrong.
                 Some(fatal) => {
@@ -405,7 +421,7 @@ impl Controller {
                 }
             }
             ("PUT", "/snapshot/create") => {
-                let shape = r#"{"dir": PATH, "type": "full"|"diff"}"#;
+                let shape = r#"{"dir": PATH, "type": "full"|"diff", "live": BOOL}"#;
                 match json_body::<SnapshotRequest>(request, shape) {
                     Ok(body) => self.exclusively(|| self.snapshot(&body)),
                     Err(refusal) => refusal,

@@ -134,3 +134,33 @@ pub fn json_report(stdout: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no JSON in {stdout}"));
     serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
+
+/// Moves the micro-guest hold point of the VM behind `sock` to `pass` (null: none).
+pub fn set_hold(sock: &Path, pass: Option<u64>) {
+    let (status, body) = api(
+        sock,
+        "PUT",
+        "/vm/hold",
+        Some(serde_json::json!({ "at": pass })),
+    );
+    assert_eq!(status, 204, "{body}");
+}
+
+/// Waits (at most 60 s) until all `cpus` vCPUs of the VM behind `sock` wait at hold point
+/// `pass`.
+pub fn wait_until_held(sock: &Path, pass: u64, cpus: u8) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, info) = api(sock, "GET", "/vm", None);
+        if info["hold"]["at"] == pass
+            && info["hold"]["held_vcpus"].as_array().map(Vec::len) == Some(usize::from(cpus))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never reached pass {pass}: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
