@@ -447,6 +447,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A live snapshot against a regular one of the same guest (all of RAM written, idle and
+    /// under a dirtier): the guest's pause, its write-fault stalls (p50/p99/max) and the total
+    /// time; each snapshot is verified.
+    LiveSnapshot {
+        /// Guest RAM.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        mem: u64,
+        /// Print JSON (the output is always JSON; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Page tracking and the dirty log: a tracked write against an untracked one, adding and
     /// removing tracking, and taking 1k/16k/256k dirty pages from the dirty ring against the
     /// bitmap (about a minute).
@@ -1418,6 +1429,13 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 bail!("--runs must be at least 1");
             }
             let result = bench::track::run(runs, |step| eprintln!("faultline bench {step}"))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench: BenchCommand::LiveSnapshot { mem, json: _ },
+        } => {
+            let result = bench::live::run(mem, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

@@ -20,14 +20,19 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::ratio;
+use super::{ratio, wait_for, Process, TempDir};
+
+/// One API call to a faultline process, answered within [`STEP_LIMIT`].
+fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    super::api(sock, method, path, body, STEP_LIMIT)
+}
 use crate::api::http;
 
 /// The QEMU peer's guest (assembled at run time with the system's binutils).
@@ -100,7 +105,7 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
     if !(64 << 20..=3 << 30).contains(&mem) {
         bail!("--mem must be between 64M and 3G (the QEMU guest addresses 32-bit memory)");
     }
-    let tmp = TempDir::new()?;
+    let tmp = TempDir::new("migrate")?;
     let qemu = Qemu::find(tmp.path());
     let qemu_name = match &qemu {
         Ok(q) => q.describe(),
@@ -150,68 +155,6 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
         qemu: qemu_name,
         cases: out,
     })
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<TempDir> {
-        let path =
-            std::env::temp_dir().join(format!("faultline-bench-migrate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)?;
-        Ok(TempDir(path))
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process killed on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `ready` every 10 ms until it gives a value, for at most `limit`.
-fn wait_for<T>(
-    what: &str,
-    limit: Duration,
-    mut ready: impl FnMut() -> anyhow::Result<Option<T>>,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = ready()? {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("{what} did not happen within {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// One API call to a faultline process.
-fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
-    let (status, answer) = http::call(sock, method, path, body.as_ref(), Some(STEP_LIMIT))
-        .with_context(|| format!("{method} {path}"))?;
-    let answer = answer.unwrap_or(Value::Null);
-    if !(200..300).contains(&status) {
-        bail!("{method} {path}: HTTP {status}: {answer}");
-    }
-    Ok(answer)
 }
 
 /// faultline's side of a case: a `run` source and a `migrate receive` destination.

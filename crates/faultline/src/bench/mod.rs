@@ -5,12 +5,90 @@ pub mod boot;
 pub mod faults;
 pub mod fc_file;
 pub mod interrupt;
+pub mod live;
 pub mod migrate;
 pub mod restore;
 pub mod slowfs;
 pub mod track;
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+
+use crate::api::http;
+
+/// A directory for one benchmark's files, removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `faultline-bench-NAME-PID` in the system's temporary directory.
+    pub(crate) fn new(name: &str) -> anyhow::Result<TempDir> {
+        let path =
+            std::env::temp_dir().join(format!("faultline-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(TempDir(path))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop.
+pub(crate) struct Process(pub(crate) Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `ready` every 10 ms until it gives a value, for at most `limit`.
+pub(crate) fn wait_for<T>(
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = ready()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("{what} did not happen within {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One API call to a faultline process, answered within `limit`; a status other than 2xx is
+/// an error naming it.
+pub(crate) fn api(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    limit: Duration,
+) -> anyhow::Result<Value> {
+    let (status, answer) = http::call(sock, method, path, body.as_ref(), Some(limit))
+        .with_context(|| format!("{method} {path}"))?;
+    let answer = answer.unwrap_or(Value::Null);
+    if !(200..300).contains(&status) {
+        bail!("{method} {path}: HTTP {status}: {answer}");
+    }
+    Ok(answer)
+}
 
 /// Median of `samples` in milliseconds (the upper middle for an even count).
 pub fn median_ms(samples: &[Duration]) -> f64 {
