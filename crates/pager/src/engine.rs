@@ -97,6 +97,11 @@ pub(crate) struct Shared {
     pub event_gate: RwLock<()>,
     /// The write protection in force (a live snapshot), if any.
     pub protection: crate::protect::Protection,
+    /// Where swapped-out pages go (`PagerBuilder::swap_file`).
+    pub swap: Option<crate::swap::SwapFile>,
+    /// Held by a swap-out batch while it takes its pages; a write-protect fault waits for it.
+    pub swap_batch: Mutex<()>,
+    pub swap_counters: crate::swap::SwapCounters,
 }
 
 /// Why an install could not complete.
@@ -245,11 +250,13 @@ impl Shared {
     /// share its discarded state, up to `max` in all. Returns the run's length.
     fn extend_claim(&self, region: &Region, first: usize, max: usize) -> usize {
         let discarded = region.discarded.get(first);
+        let swapped = region.swapped.get(first);
         let mut count = 1;
         while count < max && first + count < region.pages() {
             let page = first + count;
             if region.present.get(page)
                 || region.discarded.get(page) != discarded
+                || region.swapped.get(page) != swapped
                 || !region.inflight.test_and_set(page)
             {
                 break;
@@ -456,6 +463,20 @@ impl Shared {
         if let Some(bytes) = given {
             return Ok(bytes);
         }
+        // Claims never mix swapped and other pages (`extend_claim`).
+        if region.swapped.get(first) {
+            let swap = self
+                .swap
+                .as_ref()
+                .expect("pages are swapped only with a swap file");
+            let len = count * region.page_size as usize;
+            if ctx.buf.len() < len {
+                ctx.buf.resize(len, 0);
+            }
+            swap.read(region.swap_base + first as u64, &mut ctx.buf[..len])
+                .map_err(InstallError::Source)?;
+            return Ok(Bytes::Buffer);
+        }
         let offset = first as u64 * region.page_size;
         match region.source.mapped_addr(offset, len) {
             Some(addr) => Ok(Bytes::Address(addr)),
@@ -537,9 +558,15 @@ impl Shared {
         ctx: &InstallContext<'_>,
         filled: &mut Filled,
     ) {
+        let mut swapped_in = 0;
         for p in page..page + run {
             region.present.set(p);
+            if region.swapped.get(p) {
+                region.swapped.clear(p);
+                swapped_in += 1;
+            }
         }
+        Counters::add(&self.swap_counters.swapped_in, swapped_in);
         let counter = match ctx.role {
             Role::FaultThread(_) => &self.counters.pages_installed_urgent,
             Role::Other => &self.counters.pages_installed_background,
@@ -751,10 +778,14 @@ impl Shared {
             speculative: false,
             buf: std::mem::take(buf),
         };
+        let from_swap = region.swapped.get(page);
         self.install_claimed(index, page, count, &mut ctx, None);
         *buf = ctx.buf;
         self.counters
             .record_fault(self.origin(thread_id), started.elapsed());
+        if from_swap {
+            self.swap_counters.record_swap_in(started.elapsed());
+        }
         self.predict(thread_id, index, page);
     }
 
@@ -825,6 +856,7 @@ impl Shared {
             let last = region.page_of(hi - 1);
             for page in first..=last {
                 region.discarded.set(page);
+                region.swapped.clear(page);
                 region.present.clear(page);
             }
             Counters::add(&self.counters.pages_removed, (last - first + 1) as u64);

@@ -17,6 +17,7 @@ mod protect;
 mod region;
 mod source;
 mod stats;
+mod swap;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +31,7 @@ pub use source::{
     SourceError, ZeroSource,
 };
 pub use stats::{FaultOrigin, Latency, RegionStats, Stats};
+pub use swap::{SwapOutReport, SwapStats};
 use uffd::{Features, RegisterMode, Uffd, UffdError};
 
 use engine::{Job, Jobs, Shared};
@@ -124,6 +126,16 @@ pub enum PagerError {
         page: usize,
         waited: std::time::Duration,
     },
+    #[error("the pager has no swap file")]
+    NoSwap,
+    #[error("swap: {0}")]
+    Swap(String),
+    #[error("cannot create the swap file {path}")]
+    SwapFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a write protection is in force already (one live snapshot at a time)")]
     ProtectionActive,
 }
@@ -145,6 +157,7 @@ pub struct PagerBuilder {
     uffd: Uffd,
     regions: Vec<Region>,
     on_fatal: Option<engine::FatalCallback>,
+    swap_file: Option<std::path::PathBuf>,
 }
 
 impl PagerBuilder {
@@ -160,7 +173,30 @@ impl PagerBuilder {
             uffd,
             regions: Vec::new(),
             on_fatal: None,
+            swap_file: None,
         })
+    }
+
+    /// Gives `region` its backing file (guest RAM's memfd; byte 0 of the region is byte
+    /// `offset` of `file`), which swap-out reads pages from and releases them in.
+    pub fn backing(
+        &mut self,
+        region: usize,
+        file: Arc<std::fs::File>,
+        offset: u64,
+    ) -> Result<(), PagerError> {
+        let region = self
+            .regions
+            .get_mut(region)
+            .ok_or(PagerError::NoRegion(region))?;
+        region.backing = Some(region::Backing { file, offset });
+        Ok(())
+    }
+
+    /// Swaps pages out to `path` (created, or emptied, when the pager starts): a slot per page
+    /// of every region, then a checksum per slot.
+    pub fn swap_file(&mut self, path: &std::path::Path) {
+        self.swap_file = Some(path.to_path_buf());
     }
 
     /// Registers `[start, start + len)` (mapped, page aligned) to be served from `source`.
@@ -273,6 +309,40 @@ impl PagerBuilder {
         Ok(self.regions.len() - 1)
     }
 
+    /// Registers every region in write-protect mode too (a swap-out protects the pages it
+    /// takes).
+    fn register_write_protect(&self) -> Result<(), PagerError> {
+        if !self.uffd.features().contains(Features::WP_HUGETLBFS_SHMEM) {
+            return Err(PagerError::WriteProtect(
+                "the kernel's userfaultfd cannot write-protect shared memory (no WP_HUGETLBFS_SHMEM), which swap needs"
+                    .into(),
+            ));
+        }
+        for region in &self.regions {
+            if region.write_protect_registered.load(Ordering::Acquire) {
+                continue;
+            }
+            // SAFETY: the range was registered by `region` (whose contract covers it); the
+            // pager serves its write-protect faults.
+            unsafe {
+                self.uffd.register(
+                    region.start,
+                    region.len,
+                    RegisterMode::MISSING | RegisterMode::WP,
+                )
+            }
+            .map_err(|source| PagerError::Register {
+                start: region.start,
+                len: region.len,
+                source,
+            })?;
+            region
+                .write_protect_registered
+                .store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
     /// Called once, from a pager thread, if a source fails under [`FailurePolicy::Stop`].
     pub fn on_fatal(&mut self, callback: impl Fn(&str) + Send + Sync + 'static) {
         self.on_fatal = Some(Box::new(callback));
@@ -280,12 +350,31 @@ impl PagerBuilder {
 
     /// Starts the fault threads and the background worker. If a thread cannot be started,
     /// those already started are stopped before the error is returned.
-    pub fn start(self) -> Result<Pager, PagerError> {
+    pub fn start(mut self) -> Result<Pager, PagerError> {
         if self.config.background_rate == Some(0) {
             return Err(PagerError::Config(
                 "a background rate of 0 bytes per second would never finish".into(),
             ));
         }
+        let mut slots = 0;
+        for region in &mut self.regions {
+            region.swap_base = slots;
+            slots += region.pages() as u64;
+        }
+        let swap = match &self.swap_file {
+            None => None,
+            Some(path) => {
+                // Swap-out write-protects the pages it takes: every region is registered for
+                // that too.
+                self.register_write_protect()?;
+                Some(swap::SwapFile::create(path, slots).map_err(|source| {
+                    PagerError::SwapFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
         let stop_evt = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
@@ -311,6 +400,9 @@ impl PagerBuilder {
             fault_log: Mutex::new(Vec::new()),
             event_gate: RwLock::new(()),
             protection: Default::default(),
+            swap,
+            swap_batch: Mutex::new(()),
+            swap_counters: Default::default(),
         });
         let mut pager = Pager {
             handle: PagerHandle { shared },
@@ -477,11 +569,109 @@ impl PagerHandle {
         }
         Ok(if r.present.get(page) {
             PageState::Present
+        } else if r.swapped.get(page) {
+            PageState::Swapped
         } else if r.discarded.get(page) {
             PageState::Discarded
         } else {
             PageState::InSource
         })
+    }
+
+    /// Swaps out the present pages among `count` pages of `region` from `first`: zero pages
+    /// are dropped, pages whose slot holds them already are not written again, the rest are
+    /// written to the swap file; all are released from RAM and come back on touch. Refused
+    /// while a write protection (a live snapshot) is in force.
+    pub fn swap_out(
+        &self,
+        region: usize,
+        first: usize,
+        count: usize,
+    ) -> Result<SwapOutReport, PagerError> {
+        self.shared.swap_out(region, first, count)
+    }
+
+    /// Queues every swapped-out page for background install (swap-in); faults still come
+    /// first.
+    pub fn swap_in_all(&self) {
+        for (index, region) in self.shared.regions.iter().enumerate() {
+            let mut page = 0;
+            while page < region.pages() {
+                if !region.swapped.get(page) {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page < region.pages() && region.swapped.get(page) {
+                    page += 1;
+                }
+                self.prefetch(index, start, page - start)
+                    .expect("the region exists");
+            }
+        }
+    }
+
+    /// Pages present now, all regions together.
+    pub fn resident_pages(&self) -> u64 {
+        self.shared
+            .regions
+            .iter()
+            .map(|r| r.present.count() as u64)
+            .sum()
+    }
+
+    /// Swap figures now.
+    pub fn swap_stats(&self) -> SwapStats {
+        let regions = &self.shared.regions;
+        let swapped = regions.iter().map(|r| r.swapped.count() as u64).sum();
+        let metadata = regions.iter().map(|r| r.swapped.bytes() as u64).sum();
+        self.shared.swap_counters.stats(
+            swapped,
+            self.resident_pages(),
+            metadata,
+            self.shared.swap.as_ref().map(|s| s.path().to_path_buf()),
+        )
+    }
+
+    /// Reads `buf.len() / 4096` pages of `region` from `first` that are not present, from
+    /// where they are: the swap file for pages swapped out, zero for discarded pages, the
+    /// region's source for the others (a live snapshot reads them so, never faulting them in).
+    pub fn read_absent(
+        &self,
+        region: usize,
+        first: usize,
+        buf: &mut [u8],
+    ) -> Result<(), SourceError> {
+        let r = &self.shared.regions[region];
+        let page_len = r.page_size as usize;
+        let mut done = 0;
+        while done * page_len < buf.len() {
+            let page = first + done;
+            let mut n = 1;
+            let kind = |p: usize| (r.swapped.get(p), r.discarded.get(p));
+            while (done + n) * page_len < buf.len() && kind(page + n) == kind(page) {
+                n += 1;
+            }
+            let bytes = &mut buf[done * page_len..(done + n) * page_len];
+            match kind(page) {
+                (true, _) => {
+                    let swap = self
+                        .shared
+                        .swap
+                        .as_ref()
+                        .expect("swapped pages have a file");
+                    swap.read(r.swap_base + page as u64, bytes)?;
+                }
+                (false, true) => bytes.fill(0),
+                (false, false) => {
+                    if r.source.fetch(page as u64 * r.page_size, bytes)? == Content::Zero {
+                        bytes.fill(0);
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
     }
 
     /// The source `region` is served from (a live snapshot reads the pages still there from
@@ -506,6 +696,9 @@ impl PagerHandle {
         if shared.stop.load(Ordering::Acquire) {
             return Err(PagerError::Stopped);
         }
+        // No swap-out batch runs while the protection begins, and none starts while it is in
+        // force (they would unprotect its pages).
+        let _batch = shared.swap_batch.lock().unwrap_or_else(|e| e.into_inner());
         if shared.protection.active() {
             return Err(PagerError::ProtectionActive);
         }
@@ -636,6 +829,8 @@ pub enum PageState {
     Present,
     /// Still in the region's source (not installed yet).
     InSource,
+    /// Swapped out: in the swap file.
+    Swapped,
     /// Removed since (madvise, balloon): it reads as zero.
     Discarded,
 }

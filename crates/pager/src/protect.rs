@@ -80,6 +80,12 @@ impl Protection {
         *self.guard.write().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     }
 
+    /// Write-protect faults are to be expected from now on (swap-out protects pages while it
+    /// takes them).
+    pub(crate) fn note_protecting(&self) {
+        self.ever.store(true, Ordering::Release);
+    }
+
     /// Whether a protection is in force.
     pub(crate) fn active(&self) -> bool {
         self.guard
@@ -132,6 +138,9 @@ impl Shared {
         queue: &mut EventQueue,
     ) {
         let page_addr = address & !(uffd::PAGE_SIZE - 1);
+        // A swap-out batch protects the pages it takes: the writer waits until they are gone
+        // (and then faults again, on a missing page).
+        drop(self.swap_batch.lock().unwrap_or_else(|e| e.into_inner()));
         if !self.protection.ever.load(Ordering::Acquire) {
             self.report_fatal(&format!(
                 "a write-protect fault at {address:#x}, but nothing write-protected guest memory: this is a bug"

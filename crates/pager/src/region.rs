@@ -23,6 +23,33 @@ pub struct Region {
     /// Registered in write-protect mode (a live snapshot has protected it, or the region
     /// serves write protection only).
     pub(crate) write_protect_registered: AtomicBool,
+    /// Swapped out: not present, the contents in this page's slot of the swap file.
+    pub(crate) swapped: AtomicBitmap,
+    /// This region's first slot in the swap file.
+    pub(crate) swap_base: u64,
+    /// The file behind the mapping (guest RAM's memfd), for swap-out to read pages from and
+    /// release them in.
+    pub(crate) backing: Option<Backing>,
+}
+
+/// The file behind a region's mapping: byte 0 of the region is byte `offset` of `file`.
+pub(crate) struct Backing {
+    pub file: Arc<std::fs::File>,
+    pub offset: u64,
+}
+
+impl Backing {
+    /// Releases `len` bytes from `at` (region offsets): the pages go from the file and from
+    /// every mapping of it, with no userfaultfd event.
+    pub(crate) fn punch(&self, at: u64, len: u64) -> std::io::Result<()> {
+        rustix::fs::fallocate(
+            &*self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.offset + at,
+            len,
+        )
+        .map_err(std::io::Error::from)
+    }
 }
 
 impl Region {
@@ -37,6 +64,9 @@ impl Region {
             inflight: AtomicBitmap::new(pages),
             discarded: AtomicBitmap::new(pages),
             write_protect_registered: AtomicBool::new(false),
+            swapped: AtomicBitmap::new(pages),
+            swap_base: 0,
+            backing: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! threads as touchers. Skips loudly where no userfaultfd can be had.
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -1060,4 +1061,194 @@ fn a_lazy_region_takes_write_protection_and_goes_on_serving_missing_pages() {
     write_u64(shm.page(0), 1);
     assert_eq!(guard.seen.lock().unwrap().len(), 1);
     assert!(pager.fatal_error().is_none());
+}
+
+/// Bytes of the memfd behind `shm` that hold pages (st_blocks).
+fn allocated(shm: &Shm) -> u64 {
+    let stat = rustix::fs::fstat(&shm._file).unwrap();
+    stat.st_blocks as u64 * 512
+}
+
+/// A pager over a fresh `pages`-page mapping of a memfd (its backing), swapping to a file in
+/// `dir`; the pages hold what the test writes (zero source: nothing else).
+fn swapping_pager(pages: usize, dir: &Path, config: PagerConfig) -> Option<(Pager, Shm)> {
+    let mut builder = builder(config)?;
+    let shm = Shm::new(pages);
+    serve(&mut builder, &shm, Arc::new(ZeroSource));
+    builder
+        .backing(0, Arc::new(shm._file.try_clone().unwrap()), 0)
+        .unwrap();
+    builder.swap_file(&dir.join("swap"));
+    Some((builder.start().unwrap(), shm))
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pager-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn swapped_out_pages_leave_ram_and_come_back_on_touch() {
+    let dir = temp_dir("swap");
+    let Some((pager, shm)) = swapping_pager(64, &dir, unpredicted()) else {
+        return;
+    };
+    // Pages 0-47 hold data, 48-63 are touched zero pages.
+    for p in 0..64 {
+        write_u64(shm.page(p), if p < 48 { 1000 + p as u64 } else { 0 });
+    }
+    // (A fault's page is marked present just after its toucher was woken.)
+    wait_until("every page present", || pager.resident_pages() == 64);
+    let before = allocated(&shm);
+    let report = pager.swap_out(0, 0, 64).unwrap();
+    assert_eq!(
+        report,
+        SwapOutReport {
+            swapped: 48,
+            unchanged: 0,
+            zero: 16,
+            bytes_written: 48 * PAGE as u64
+        }
+    );
+    assert_eq!(pager.resident_pages(), 0);
+    assert_eq!(
+        allocated(&shm),
+        before - 64 * PAGE as u64,
+        "released from the memfd"
+    );
+    assert_eq!(pager.settled_page_state(0, 3).unwrap(), PageState::Swapped);
+    assert_eq!(
+        pager.settled_page_state(0, 50).unwrap(),
+        PageState::Discarded
+    );
+    // Touches bring them back: data from the swap file, zero pages as zero.
+    for p in 0..64 {
+        assert_eq!(
+            read_u64(shm.page(p)),
+            if p < 48 { 1000 + p as u64 } else { 0 }
+        );
+    }
+    let stats = pager.swap_stats();
+    assert_eq!(stats.pages_swapped_in, 48);
+    assert_eq!(stats.swap_in_faults, 48);
+    assert_eq!(stats.swapped_bytes, 0);
+    assert_eq!(stats.metadata_bytes, 8, "one bit per page");
+    // Out again: unchanged pages are not written again; a changed one is.
+    write_u64(shm.page(5), 5555);
+    wait_until("every page present", || pager.resident_pages() == 64);
+    let report = pager.swap_out(0, 0, 64).unwrap();
+    assert_eq!(
+        (report.swapped, report.unchanged, report.zero),
+        (48, 47, 16)
+    );
+    assert_eq!(report.bytes_written, PAGE as u64);
+    assert_eq!(read_u64(shm.page(5)), 5555);
+    assert_eq!(read_u64(shm.page(6)), 1006);
+    // Swap-in in the background brings the rest back.
+    pager.swap_in_all();
+    wait_until("swap-in", || pager.swap_stats().swapped_bytes == 0);
+    assert_eq!(read_u64(shm.page(47)), 1047);
+    assert!(pager.fatal_error().is_none());
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn writes_racing_a_swap_out_are_never_lost() {
+    let dir = temp_dir("swap-race");
+    let Some((pager, shm)) = swapping_pager(256, &dir, unpredicted()) else {
+        return;
+    };
+    for p in 0..256 {
+        write_u64(shm.page(p), 1);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let addrs: Vec<u64> = (0..256).map(|p| shm.page(p)).collect();
+        let stop = Arc::clone(&stop);
+        move || {
+            // Each page's word counts the writes to it; reads and writes go through the
+            // pager whatever state the page is in.
+            let mut counts = vec![0u64; addrs.len()];
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let p = (i * 7) % addrs.len();
+                let value = read_u64(addrs[p]) + 1;
+                write_u64(addrs[p], value);
+                counts[p] += 1;
+                i += 1;
+            }
+            counts
+        }
+    });
+    let mut swapped = 0;
+    for _ in 0..40 {
+        swapped += pager.swap_out(0, 0, 256).unwrap().swapped;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let counts = writer.join().unwrap();
+    assert!(swapped > 0);
+    for (p, count) in counts.iter().enumerate() {
+        assert_eq!(read_u64(shm.page(p)), 1 + count, "page {p}");
+    }
+    assert!(pager.fatal_error().is_none());
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_damaged_swap_file_fails_the_page_never_serves_wrong_bytes() {
+    let dir = temp_dir("swap-damaged");
+    let config = PagerConfig {
+        failure_policy: FailurePolicy::Stop,
+        ..unpredicted()
+    };
+    let Some((pager, shm)) = swapping_pager(4, &dir, config) else {
+        return;
+    };
+    for p in 0..4 {
+        write_u64(shm.page(p), 77 + p as u64);
+    }
+    pager.swap_out(0, 0, 4).unwrap();
+    // One byte of page 2's slot flipped under the pager.
+    let swap = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("swap"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&swap, &[0xff], 2 * PAGE as u64 + 100).unwrap();
+    assert_eq!(kernel_read(shm.page(1)), Ok(78));
+    assert_eq!(kernel_read(shm.page(2)), Err(libc::EFAULT));
+    let fatal = pager.fatal_error().expect("the damage is reported");
+    assert!(fatal.contains("does not match its checksum"), "{fatal}");
+    assert!(fatal.contains("swap"), "{fatal}");
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_read_ahead_run_never_mixes_swapped_pages_with_others() {
+    let dir = temp_dir("swap-readahead");
+    let config = PagerConfig {
+        readahead_pages: 4,
+        ..unpredicted()
+    };
+    let Some((pager, shm)) = swapping_pager(8, &dir, config) else {
+        return;
+    };
+    // Pages 0-3 hold data and are swapped out; 4-7 were never touched (in the source).
+    for p in 0..4 {
+        write_u64(shm.page(p), 40 + p as u64);
+    }
+    wait_until("pages present", || pager.resident_pages() == 4);
+    assert_eq!(pager.swap_out(0, 0, 8).unwrap().swapped, 4);
+    // A fault on page 2 claims up to 4 pages: 2 and 3 (swapped), not 4 and 5.
+    for p in [2, 0, 1, 3, 4, 5, 6, 7] {
+        assert_eq!(read_u64(shm.page(p)), if p < 4 { 40 + p as u64 } else { 0 });
+    }
+    assert!(pager.fatal_error().is_none());
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
 }
