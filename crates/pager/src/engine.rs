@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     /// Held by a swap-out batch while it takes its pages; a write-protect fault waits for it.
     pub swap_batch: Mutex<()>,
     pub swap_counters: crate::swap::SwapCounters,
+    /// The resident limit's evictor.
+    pub limiter: crate::limit::Limiter,
 }
 
 /// Why an install could not complete.
@@ -559,8 +561,12 @@ impl Shared {
         filled: &mut Filled,
     ) {
         let mut swapped_in = 0;
+        let recency = region.referenced.len() > 0;
         for p in page..page + run {
             region.present.set(p);
+            if recency {
+                region.referenced.set(p);
+            }
             if region.swapped.get(p) {
                 region.swapped.clear(p);
                 swapped_in += 1;
@@ -760,7 +766,9 @@ impl Shared {
         };
         let region = &self.regions[index];
         let page = region.page_of(address);
-        let count = self.claim_fault(region, page, self.config.readahead_pages.max(1));
+        let readahead = self.config.readahead_pages.max(1);
+        self.make_room(readahead as u64);
+        let count = self.claim_fault(region, page, readahead);
         if count == 0 {
             // Another thread's install is in flight: it wakes the faulting thread.
             Counters::add(&self.counters.faults_joined, 1);
@@ -1071,6 +1079,7 @@ impl Shared {
                 if self.stopping() {
                     return;
                 }
+                self.make_room(batch.min(end - page) as u64);
                 let count = if fill {
                     self.claim_run(region, page, batch.min(end - page))
                 } else {

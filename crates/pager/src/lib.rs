@@ -16,6 +16,7 @@ mod predict;
 mod protect;
 mod region;
 mod source;
+mod limit;
 mod stats;
 mod swap;
 
@@ -69,6 +70,12 @@ pub struct PagerConfig {
     /// Follow each toucher's faults and install the pages further along its line (a
     /// sequential or strided walk) before it reaches them.
     pub predict: bool,
+    /// Swap pages out to this file (created, or emptied, when the pager starts): a slot per
+    /// page of every region, then a checksum per slot. Regions need a backing file.
+    pub swap_file: Option<std::path::PathBuf>,
+    /// Keep the pages present under this many bytes by swapping out those least recently
+    /// faulted in or written (needs `swap_file`).
+    pub resident_limit: Option<u64>,
 }
 
 impl Default for PagerConfig {
@@ -81,6 +88,8 @@ impl Default for PagerConfig {
             failure_policy: FailurePolicy::Poison,
             record_faults: false,
             predict: true,
+            swap_file: None,
+            resident_limit: None,
         }
     }
 }
@@ -157,7 +166,6 @@ pub struct PagerBuilder {
     uffd: Uffd,
     regions: Vec<Region>,
     on_fatal: Option<engine::FatalCallback>,
-    swap_file: Option<std::path::PathBuf>,
 }
 
 impl PagerBuilder {
@@ -173,7 +181,6 @@ impl PagerBuilder {
             uffd,
             regions: Vec::new(),
             on_fatal: None,
-            swap_file: None,
         })
     }
 
@@ -193,11 +200,7 @@ impl PagerBuilder {
         Ok(())
     }
 
-    /// Swaps pages out to `path` (created, or emptied, when the pager starts): a slot per page
-    /// of every region, then a checksum per slot.
-    pub fn swap_file(&mut self, path: &std::path::Path) {
-        self.swap_file = Some(path.to_path_buf());
-    }
+
 
     /// Registers `[start, start + len)` (mapped, page aligned) to be served from `source`.
     /// Pages already resident (written before this call) are never fetched. Returns the
@@ -356,12 +359,34 @@ impl PagerBuilder {
                 "a background rate of 0 bytes per second would never finish".into(),
             ));
         }
+        if let Some(limit) = self.config.resident_limit {
+            if self.config.swap_file.is_none() {
+                return Err(PagerError::Config(
+                    "a resident limit needs a swap file to move pages to".into(),
+                ));
+            }
+            if limit < uffd::PAGE_SIZE * 64 {
+                return Err(PagerError::Config(format!(
+                    "a resident limit of {limit} bytes is below 64 pages (256 KiB)"
+                )));
+            }
+            for region in &mut self.regions {
+                region.referenced = bitmap::AtomicBitmap::new(region.pages());
+            }
+        }
+        if self.config.swap_file.is_some()
+            && self.regions.iter().any(|r| r.backing.is_none())
+        {
+            return Err(PagerError::Config(
+                "swap needs a backing file for every region (PagerBuilder::backing)".into(),
+            ));
+        }
         let mut slots = 0;
         for region in &mut self.regions {
             region.swap_base = slots;
             slots += region.pages() as u64;
         }
-        let swap = match &self.swap_file {
+        let swap = match &self.config.swap_file {
             None => None,
             Some(path) => {
                 // Swap-out write-protects the pages it takes: every region is registered for
@@ -403,6 +428,7 @@ impl PagerBuilder {
             swap,
             swap_batch: Mutex::new(()),
             swap_counters: Default::default(),
+            limiter: Default::default(),
         });
         let mut pager = Pager {
             handle: PagerHandle { shared },
@@ -423,6 +449,14 @@ impl PagerBuilder {
             .spawn(move || background.background_loop())
             .map_err(PagerError::Thread)?;
         pager.threads.push(thread);
+        if self.config.resident_limit.is_some() {
+            let evictor = Arc::clone(&pager.handle.shared);
+            let thread = std::thread::Builder::new()
+                .name("pager-evict".into())
+                .spawn(move || evictor.evict_loop())
+                .map_err(PagerError::Thread)?;
+            pager.threads.push(thread);
+        }
         Ok(pager)
     }
 }
@@ -611,6 +645,16 @@ impl PagerHandle {
         }
     }
 
+    /// The guest wrote `page` of `region` (the VMM's dirty log says so): it counts as
+    /// recently used for the resident limit's eviction.
+    pub fn note_written(&self, region: usize, page: usize) {
+        if let Some(r) = self.shared.regions.get(region) {
+            if page < r.referenced.len() {
+                r.referenced.set(page);
+            }
+        }
+    }
+
     /// Pages present now, all regions together.
     pub fn resident_pages(&self) -> u64 {
         self.shared
@@ -624,12 +668,16 @@ impl PagerHandle {
     pub fn swap_stats(&self) -> SwapStats {
         let regions = &self.shared.regions;
         let swapped = regions.iter().map(|r| r.swapped.count() as u64).sum();
-        let metadata = regions.iter().map(|r| r.swapped.bytes() as u64).sum();
+        let metadata = regions
+            .iter()
+            .map(|r| (r.swapped.bytes() + r.referenced.bytes()) as u64)
+            .sum();
         self.shared.swap_counters.stats(
             swapped,
             self.resident_pages(),
             metadata,
             self.shared.swap.as_ref().map(|s| s.path().to_path_buf()),
+            (self.shared.config.resident_limit, &self.shared.limiter),
         )
     }
 
@@ -860,6 +908,7 @@ impl Pager {
             let _queue = shared.background.lock().unwrap_or_else(|e| e.into_inner());
             shared.background_cv.notify_all();
         }
+        shared.wake_evictor();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

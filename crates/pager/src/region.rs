@@ -25,6 +25,9 @@ pub struct Region {
     pub(crate) write_protect_registered: AtomicBool,
     /// Swapped out: not present, the contents in this page's slot of the swap file.
     pub(crate) swapped: AtomicBitmap,
+    /// Faulted in or written since the eviction CLOCK's hand last passed (with a resident
+    /// limit; empty otherwise).
+    pub(crate) referenced: AtomicBitmap,
     /// This region's first slot in the swap file.
     pub(crate) swap_base: u64,
     /// The file behind the mapping (guest RAM's memfd), for swap-out to read pages from and
@@ -65,6 +68,7 @@ impl Region {
             discarded: AtomicBitmap::new(pages),
             write_protect_registered: AtomicBool::new(false),
             swapped: AtomicBitmap::new(pages),
+            referenced: AtomicBitmap::new(0),
             swap_base: 0,
             backing: None,
         }

@@ -191,7 +191,9 @@ impl SwapCounters {
         resident_pages: u64,
         metadata_bytes: u64,
         file: Option<PathBuf>,
+        limit: (Option<u64>, &crate::limit::Limiter),
     ) -> SwapStats {
+        let (limit_bytes, limiter) = limit;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let hist = self.swap_in_us.lock().unwrap_or_else(|e| e.into_inner());
         let q = |quantile: f64| {
@@ -215,6 +217,10 @@ impl SwapCounters {
             swap_in_p99_us: q(0.99),
             swap_in_max_us: hist.max(),
             metadata_bytes,
+            limit_bytes,
+            pages_evicted: get(&limiter.evicted),
+            room_waits: get(&limiter.room_waits),
+            limit_overruns: get(&limiter.overruns),
         }
     }
 }
@@ -239,8 +245,16 @@ pub struct SwapStats {
     pub swap_in_p50_us: u64,
     pub swap_in_p99_us: u64,
     pub swap_in_max_us: u64,
-    /// Memory swap takes: one bit per page of guest RAM.
+    /// Memory swap takes: one bit per page of guest RAM (two with a resident limit: its
+    /// CLOCK's referenced bits).
     pub metadata_bytes: u64,
+    /// The resident limit, if any, and what keeping it took.
+    pub limit_bytes: Option<u64>,
+    pub pages_evicted: u64,
+    /// Installs that waited for the evictor to make room, and those that went ahead over
+    /// the limit after waiting a second in vain.
+    pub room_waits: u64,
+    pub limit_overruns: u64,
 }
 
 impl Shared {

@@ -1072,13 +1072,15 @@ fn allocated(shm: &Shm) -> u64 {
 /// A pager over a fresh `pages`-page mapping of a memfd (its backing), swapping to a file in
 /// `dir`; the pages hold what the test writes (zero source: nothing else).
 fn swapping_pager(pages: usize, dir: &Path, config: PagerConfig) -> Option<(Pager, Shm)> {
-    let mut builder = builder(config)?;
+    let mut builder = builder(PagerConfig {
+        swap_file: Some(dir.join("swap")),
+        ..config
+    })?;
     let shm = Shm::new(pages);
     serve(&mut builder, &shm, Arc::new(ZeroSource));
     builder
         .backing(0, Arc::new(shm._file.try_clone().unwrap()), 0)
         .unwrap();
-    builder.swap_file(&dir.join("swap"));
     Some((builder.start().unwrap(), shm))
 }
 
@@ -1248,6 +1250,35 @@ fn a_read_ahead_run_never_mixes_swapped_pages_with_others() {
     for p in [2, 0, 1, 3, 4, 5, 6, 7] {
         assert_eq!(read_u64(shm.page(p)), if p < 4 { 40 + p as u64 } else { 0 });
     }
+    assert!(pager.fatal_error().is_none());
+    drop(pager);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_resident_limit_holds_while_a_toucher_cycles_over_four_times_as_much() {
+    let dir = temp_dir("swap-limit");
+    let config = PagerConfig {
+        resident_limit: Some(64 * PAGE as u64),
+        ..unpredicted()
+    };
+    let Some((pager, shm)) = swapping_pager(256, &dir, config) else {
+        return;
+    };
+    let mut most = 0;
+    for pass in 1..=4u64 {
+        for p in 0..256 {
+            let addr = shm.page(p);
+            let before = read_u64(addr);
+            assert_eq!(before, pass - 1, "page {p} in pass {pass}");
+            write_u64(addr, pass);
+            most = most.max(allocated(&shm));
+        }
+    }
+    let stats = pager.swap_stats();
+    assert_eq!(stats.limit_overruns, 0, "{stats:?}");
+    assert!(stats.pages_evicted >= 256 * 3, "{stats:?}");
+    assert!(most <= 64 * PAGE as u64, "{most} bytes resident, over the limit");
     assert!(pager.fatal_error().is_none());
     drop(pager);
     let _ = std::fs::remove_dir_all(&dir);

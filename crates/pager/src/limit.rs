@@ -1,0 +1,161 @@
+//! A limit on resident guest memory (`PagerConfig::resident_limit`): before an install would
+//! take the pages present past the limit, the installing thread wakes the evictor and waits
+//! for room; the evictor swaps out the pages least recently faulted in or written, by CLOCK
+//! over one `referenced` bit per page (set when a page is installed, and when the VMM says the
+//! guest wrote it: `note_written`, from the dirty log), down to the limit less a margin.
+//!
+//! A wait for room is bounded ([`ROOM_WAIT`]): if the evictor cannot make room (every page in
+//! flight, a limit smaller than what must stay), the install goes ahead and the overrun is
+//! counted, rather than the guest hanging. No page is evicted while a write protection (a
+//! live snapshot) is in force: the limit can be exceeded until it ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::engine::Shared;
+use crate::swap::runs;
+use crate::PagerError;
+
+/// How long an install waits for the evictor before it goes ahead over the limit.
+const ROOM_WAIT: Duration = Duration::from_secs(1);
+/// How often the evictor looks even when nobody asks (a guest that only writes resident pages
+/// never asks).
+const EVICT_PERIOD: Duration = Duration::from_millis(50);
+/// The evictor works once fewer pages than this are left under the limit.
+const NEAR_LIMIT_PAGES: u64 = 16;
+
+/// The evictor's state.
+#[derive(Default)]
+pub(crate) struct Limiter {
+    /// The CLOCK hand: (region, page).
+    hand: Mutex<(usize, usize)>,
+    /// Signalled to wake the evictor, and by it when it made room.
+    wake: Mutex<u64>,
+    cv: Condvar,
+    pub evicted: AtomicU64,
+    pub overruns: AtomicU64,
+    pub room_waits: AtomicU64,
+}
+
+impl Shared {
+    /// The limit, in pages, if one is set.
+    pub(crate) fn limit_pages(&self) -> Option<u64> {
+        self.config
+            .resident_limit
+            .map(|bytes| (bytes / uffd::PAGE_SIZE).max(1))
+    }
+
+    fn resident_now(&self) -> u64 {
+        self.regions.iter().map(|r| r.present.count() as u64).sum()
+    }
+
+    /// Before installing `pages` pages: waits (bounded) until they fit under the limit.
+    pub(crate) fn make_room(&self, pages: u64) {
+        let Some(limit) = self.limit_pages() else {
+            return;
+        };
+        if self.resident_now() + pages <= limit {
+            return;
+        }
+        self.limiter.room_waits.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + ROOM_WAIT;
+        let mut generation = self.limiter.wake.lock().unwrap_or_else(|e| e.into_inner());
+        while self.resident_now() + pages > limit {
+            let now = Instant::now();
+            if now >= deadline || self.stopping() {
+                self.limiter.overruns.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            *generation += 1;
+            self.limiter.cv.notify_all();
+            generation = self
+                .limiter
+                .cv
+                .wait_timeout(generation, (deadline - now).min(Duration::from_millis(5)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Wakes the evictor (and anyone waiting for room), to look again or to stop.
+    pub(crate) fn wake_evictor(&self) {
+        let mut generation = self.limiter.wake.lock().unwrap_or_else(|e| e.into_inner());
+        *generation += 1;
+        self.limiter.cv.notify_all();
+    }
+
+    /// The evictor thread: keeps the pages present under the limit.
+    pub(crate) fn evict_loop(&self) {
+        let Some(limit) = self.limit_pages() else {
+            return;
+        };
+        // Evict down to the limit less a margin, so that the next faults find room at once.
+        let target = limit - (limit / 8).max(1).min(limit);
+        loop {
+            {
+                let generation = self.limiter.wake.lock().unwrap_or_else(|e| e.into_inner());
+                if self.stopping() {
+                    return;
+                }
+                let _ = self
+                    .limiter
+                    .cv
+                    .wait_timeout(generation, EVICT_PERIOD)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            if self.stopping() {
+                return;
+            }
+            // At the limit, or close enough that the next read-ahead would wait.
+            let resident = self.resident_now();
+            if resident + NEAR_LIMIT_PAGES > limit && resident > target {
+                if let Err(e) = self.evict(resident - target) {
+                    tracing::debug!("pager: eviction stopped: {e}");
+                }
+            }
+            self.limiter.cv.notify_all();
+        }
+    }
+
+    /// Swaps out about `pages` pages chosen by CLOCK: a page referenced since the hand last
+    /// passed loses its bit and is spared once.
+    fn evict(&self, pages: u64) -> Result<(), PagerError> {
+        let mut hand = self.limiter.hand.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = self.regions.iter().map(|r| r.pages()).sum();
+        let mut chosen: Vec<Vec<usize>> = vec![Vec::new(); self.regions.len()];
+        let mut found = 0u64;
+        // Two sweeps at most: the first may only clear referenced bits.
+        for _ in 0..2 * total {
+            if found >= pages {
+                break;
+            }
+            let (index, page) = *hand;
+            let region = &self.regions[index];
+            if region.present.get(page) && !region.inflight.get(page) {
+                if region.referenced.get(page) {
+                    region.referenced.clear(page);
+                } else {
+                    chosen[index].push(page);
+                    found += 1;
+                }
+            }
+            *hand = if page + 1 < region.pages() {
+                (index, page + 1)
+            } else {
+                ((index + 1) % self.regions.len(), 0)
+            };
+        }
+        drop(hand);
+        for (index, pages) in chosen.iter_mut().enumerate() {
+            pages.sort_unstable();
+            for (start, n) in runs(pages) {
+                let report = self.swap_out(index, start, n)?;
+                self.limiter
+                    .evicted
+                    .fetch_add(report.swapped + report.zero, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
