@@ -12,11 +12,11 @@
 
 mod bitmap;
 mod engine;
+mod limit;
 mod predict;
 mod protect;
 mod region;
 mod source;
-mod limit;
 mod stats;
 mod swap;
 
@@ -200,8 +200,6 @@ impl PagerBuilder {
         Ok(())
     }
 
-
-
     /// Registers `[start, start + len)` (mapped, page aligned) to be served from `source`.
     /// Pages already resident (written before this call) are never fetched. Returns the
     /// region's index.
@@ -374,9 +372,7 @@ impl PagerBuilder {
                 region.referenced = bitmap::AtomicBitmap::new(region.pages());
             }
         }
-        if self.config.swap_file.is_some()
-            && self.regions.iter().any(|r| r.backing.is_none())
-        {
+        if self.config.swap_file.is_some() && self.regions.iter().any(|r| r.backing.is_none()) {
             return Err(PagerError::Config(
                 "swap needs a backing file for every region (PagerBuilder::backing)".into(),
             ));
