@@ -118,15 +118,16 @@ impl Shared {
         }
     }
 
-    /// Swaps out about `pages` pages chosen by CLOCK: a page referenced since the hand last
-    /// passed loses its bit and is spared once.
+    /// Swaps out up to `pages` pages chosen by CLOCK: a page referenced since the hand last
+    /// passed loses its bit and is spared this time.
     fn evict(&self, pages: u64) -> Result<(), PagerError> {
         let mut hand = self.limiter.hand.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = self.regions.iter().map(|r| r.pages()).sum();
         let mut chosen: Vec<Vec<usize>> = vec![Vec::new(); self.regions.len()];
         let mut found = 0u64;
-        // Two sweeps at most: the first may only clear referenced bits.
-        for _ in 0..2 * total {
+        // One turn of the hand at most: a page spared now (its bit cleared) is a candidate
+        // only the next time the hand comes by, if nothing referenced it meanwhile.
+        for _ in 0..total {
             if found >= pages {
                 break;
             }
