@@ -122,12 +122,14 @@ pub fn start_pager(
                 RamState::Loaded => builder.region(start, len, source),
             }
         };
-        registered.with_context(|| {
+        let index = registered.with_context(|| {
             format!(
                 "cannot put guest RAM at {:#x} behind the pager",
                 region.gpa()
             )
         })?;
+        // Swap-out reads pages from the memfd and releases them there.
+        builder.backing(index, region.memfd_file(), 0)?;
         image_offset += region.size();
     }
     builder.on_fatal(move |message| {
@@ -137,6 +139,74 @@ pub fn start_pager(
     let pager = builder.start()?;
     let _ = link.0.set(pager.handle());
     Ok(pager)
+}
+
+/// Feeds the guest's writes, from the VM's dirty log, to the pager's eviction (a resident
+/// limit swaps out the pages least recently faulted in *or written*): a thread takes the dirty
+/// pages every [`RECENCY_PERIOD`], notes them and gives them back to the log, so that diff
+/// snapshots and migrations still see them. Stops when dropped.
+pub struct RecencyFeed {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the dirty log is read for eviction.
+const RECENCY_PERIOD: Duration = Duration::from_millis(20);
+
+impl RecencyFeed {
+    /// Starts the feed for the VM behind `handle`, which must log dirty pages.
+    pub fn start(handle: vmm::VmHandle, pager: PagerHandle) -> anyhow::Result<RecencyFeed> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        // Pager regions are the RAM regions, in order: page `i` of RAM (regions back to back)
+        // is page `i - base` of its region.
+        let bases: Vec<(u64, u64)> = {
+            let mut base = 0;
+            handle
+                .ram()
+                .regions()
+                .iter()
+                .map(|r| {
+                    let pages = r.size() / vmm::PAGE_SIZE;
+                    base += pages;
+                    (base - pages, pages)
+                })
+                .collect()
+        };
+        let thread = std::thread::Builder::new()
+            .name("recency-feed".into())
+            .spawn(move || {
+                while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    std::thread::sleep(RECENCY_PERIOD);
+                    let Ok(dirty) = handle.take_dirty_pages() else {
+                        continue;
+                    };
+                    for page in dirty.iter() {
+                        if let Some(region) = bases
+                            .iter()
+                            .position(|&(base, pages)| page >= base && page < base + pages)
+                        {
+                            pager.note_written(region, (page - bases[region].0) as usize);
+                        }
+                    }
+                    handle.return_dirty_pages(dirty);
+                }
+            })
+            .context("cannot start the recency feed")?;
+        Ok(RecencyFeed {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for RecencyFeed {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -154,6 +154,41 @@ struct RunArgs {
     /// point of its run whatever the speed of the CPU.
     #[arg(long, value_name = "N", conflicts_with = "kernel")]
     hold_at: Option<u32>,
+    #[command(flatten)]
+    swap: SwapArgs,
+}
+
+/// Host swap of guest memory.
+#[derive(Args)]
+struct SwapArgs {
+    /// Let guest memory be swapped out to this file (created new; removed at exit):
+    /// `faultline vm swap out`, or --mem-limit. Pages come back when touched.
+    #[arg(long, value_name = "PATH")]
+    swap_file: Option<PathBuf>,
+    /// Keep the guest's resident memory under SIZE (e.g. 64M) by swapping out the pages
+    /// least recently faulted in or written, to --swap-file or a new file in the temporary
+    /// directory. Turns the dirty log on (it tells which pages the guest writes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    mem_limit: Option<u64>,
+}
+
+impl SwapArgs {
+    /// The pager's swap file and resident limit: --swap-file, or with only --mem-limit a
+    /// file of this process in the temporary directory.
+    fn apply(&self, config: &mut PagerConfig) {
+        config.resident_limit = self.mem_limit;
+        config.swap_file = match (&self.swap_file, self.mem_limit) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(_)) => {
+                let path =
+                    std::env::temp_dir().join(format!("faultline-swap-{}", std::process::id()));
+                // A leftover of an earlier process with this id: ours by its name.
+                let _ = std::fs::remove_file(&path);
+                Some(path)
+            }
+            (None, None) => None,
+        };
+    }
 }
 
 #[derive(Args)]
@@ -201,6 +236,8 @@ struct RestoreArgs {
     /// set up through the API first; `faultline vm resume` starts it.
     #[arg(long, requires = "api_sock")]
     paused: bool,
+    #[command(flatten)]
+    swap: SwapArgs,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -241,6 +278,27 @@ enum VmCommand {
     Info(ApiSock),
     /// Stop the VM; its faultline process exits.
     Shutdown(ApiSock),
+    /// Host swap: move guest memory out to the VM's swap file, or bring it back.
+    Swap {
+        #[command(subcommand)]
+        action: SwapCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SwapCommand {
+    /// Swap guest memory out (zero pages are dropped, pages already in the swap file are not
+    /// written again) and release it from RAM; pages come back when the guest touches them.
+    Out {
+        #[command(flatten)]
+        api: ApiSock,
+        /// Keep this much guest memory resident (the pages least recently faulted in or
+        /// written go first).
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+        keep: u64,
+    },
+    /// Bring every swapped-out page back, in the background (faults still come first).
+    In(ApiSock),
 }
 
 #[derive(Subcommand)]
@@ -590,13 +648,21 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
         hold_at: args.hold_at,
         pager: PagerConfig {
             readahead_pages: args.readahead,
-            failure_policy: args.on_source_error,
+            // Swap without --lazy: a page the swap file cannot give back stops the VM, with
+            // the cause.
+            failure_policy: if args.lazy.is_none() {
+                FailurePolicy::Stop
+            } else {
+                args.on_source_error
+            },
             background_rate: args.fill_rate,
             predict: !args.no_predict,
             ..PagerConfig::default()
         },
         ..MicroOptions::new(guest)
     };
+    let mut options = options;
+    args.swap.apply(&mut options.pager);
     if args.readahead == 0 {
         bail!("--readahead must be at least 1 (1 turns read-ahead off)");
     }
@@ -758,7 +824,7 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
     if args.readahead == 0 {
         bail!("--readahead must be at least 1 (1 turns read-ahead off)");
     }
-    let options = RestoreOptions {
+    let mut options = RestoreOptions {
         dir: args.snapshot.clone(),
         mode: args.memory,
         console: ConsoleSink::stdout(),
@@ -774,6 +840,7 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
         keep_tracking: args.keep_tracking,
         source_latency: args.source_latency.unwrap_or_default(),
     };
+    args.swap.apply(&mut options.pager);
     let mut restored = faultline::restore::restore(&options)?;
     if !args.json {
         println!(
@@ -990,6 +1057,23 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
 
 /// Prints an API answer as JSON on stdout. A reader that went away (`| head`) is not an
 /// error: there is nothing more to tell it.
+/// `faultline vm swap out|in`.
+fn swap_command(action: &SwapCommand) -> anyhow::Result<()> {
+    match action {
+        SwapCommand::Out { api, keep } => {
+            eprintln!("faultline: swapping guest memory out ...");
+            let body = serde_json::json!({ "keep": keep });
+            let answer = api_call(&api.api_sock, "PUT", "/vm/swap/out", Some(&body))?;
+            print_answer(&answer.unwrap_or_default())
+        }
+        SwapCommand::In(api) => {
+            api_call(&api.api_sock, "PUT", "/vm/swap/in", None)?;
+            println!("faultline: swap-in started (in the background)");
+            Ok(())
+        }
+    }
+}
+
 fn print_answer(answer: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let text = serde_json::to_string_pretty(answer)?;
@@ -1339,7 +1423,11 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Vm { action } => {
+            if let VmCommand::Swap { action } = &action {
+                return swap_command(action);
+            }
             let (method, path, socket) = match &action {
+                VmCommand::Swap { .. } => unreachable!("handled above"),
                 VmCommand::Pause(s) => ("PUT", "/vm/pause", &s.api_sock),
                 VmCommand::Resume(s) => ("PUT", "/vm/resume", &s.api_sock),
                 VmCommand::Shutdown(s) => ("PUT", "/vm/shutdown", &s.api_sock),

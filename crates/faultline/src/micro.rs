@@ -12,7 +12,7 @@ use vmm::devices::ConsoleSink;
 use vmm::vcpu::VcpuStop;
 use vmm::{GuestRam, Vm, VmConfig};
 
-use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
+use crate::lazy::{start_pager, LazySpec, PagerLink, RamState, RecencyFeed};
 use pager::{Pager, PagerConfig};
 use snapshot::create::MemoryBacking;
 use snapshot::state::GuestInfo;
@@ -72,15 +72,23 @@ pub struct MicroVm {
     pub guest: &'static MicroGuest,
     pub range: WorkRange,
     pub arg: u64,
-    /// The pager serving guest RAM, when it is lazy.
+    /// The pager serving guest RAM, when it is lazy (or swaps).
     pub pager: Option<Pager>,
+    /// Feeds the guest's writes to a resident limit's eviction.
+    recency: Option<RecencyFeed>,
+    /// The swap file, removed when the VM goes.
+    swap_file: Option<std::path::PathBuf>,
     created: Instant,
 }
 
 impl Drop for MicroVm {
     fn drop(&mut self) {
+        drop(self.recency.take());
         if let Some(pager) = self.pager.take() {
             pager.shutdown();
+        }
+        if let Some(path) = &self.swap_file {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -182,14 +190,21 @@ impl MicroVm {
     /// did not write behind the pager.
     pub fn new(options: &MicroOptions) -> anyhow::Result<Self> {
         let created = Instant::now();
+        // Swap needs RAM behind the pager: what the loader did not write is then served as
+        // zero on first touch, as `--lazy zero` does.
+        let lazy = match (&options.lazy, &options.pager.swap_file) {
+            (None, Some(_)) => Some(LazySpec::Zero),
+            (lazy, _) => lazy.clone(),
+        };
         let ram = GuestRam::new(options.mem).context("cannot create guest RAM")?;
         let link = PagerLink::default();
         let config = VmConfig {
             vcpus: options.vcpus,
             cpuid: options.cpuid.clone(),
             console: options.console.clone(),
-            on_vcpu_thread: options.lazy.as_ref().map(|_| link.vcpu_hook()),
-            track_dirty: options.track_dirty,
+            on_vcpu_thread: lazy.as_ref().map(|_| link.vcpu_hook()),
+            // A resident limit learns of the guest's writes from the dirty log.
+            track_dirty: options.track_dirty || options.pager.resident_limit.is_some(),
             dirty_ring: options.dirty_ring,
         };
         let vm = Vm::new(&config, ram).context("cannot create the VM")?;
@@ -202,7 +217,7 @@ impl MicroVm {
             .with_context(|| format!("cannot load micro-guest {:?}", options.guest.name))?;
         vm.set_entries(&entries)
             .context("cannot set the vCPUs' entry state")?;
-        let pager = match &options.lazy {
+        let pager = match &lazy {
             Some(spec) => Some(start_pager(
                 vm.ram(),
                 RamState::Loaded,
@@ -214,12 +229,18 @@ impl MicroVm {
             )?),
             None => None,
         };
+        let recency = match (&pager, options.pager.resident_limit) {
+            (Some(pager), Some(_)) => Some(RecencyFeed::start(vm.handle(), pager.handle())?),
+            _ => None,
+        };
         Ok(MicroVm {
             vm,
             guest: options.guest,
             range,
             arg,
             pager,
+            recency,
+            swap_file: options.pager.swap_file.clone(),
             created,
         })
     }

@@ -9,14 +9,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use pager::{PageSource, Pager, PagerConfig, PagerError, PagerHandle};
+use pager::{FailurePolicy, PageSource, Pager, PagerConfig, PagerError, PagerHandle};
 use serde::Serialize;
 use snapshot::state::{self, SnapshotState};
 use snapshot::{MemorySpanMut, SnapshotMemory, WorkingSet, PAGE_SIZE};
 use vmm::devices::ConsoleSink;
 use vmm::{GuestRam, Vm, VmConfig};
 
-use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
+use crate::lazy::{start_pager, LazySpec, PagerLink, RamState, RecencyFeed};
 use crate::micro::GuestRun;
 
 /// How guest memory comes back.
@@ -139,16 +139,24 @@ pub struct RestoredVm {
     pub mode: RestoreMode,
     pub started: Instant,
     pub timings: RestoreTimings,
+    /// Feeds the guest's writes to a resident limit's eviction.
+    recency: Option<RecencyFeed>,
+    /// The swap file, removed when the VM goes.
+    swap_file: Option<PathBuf>,
 }
 
 impl Drop for RestoredVm {
     fn drop(&mut self) {
+        drop(self.recency.take());
         // The pager first: once it stops, the installer's next install returns at once.
         if let Some(pager) = self.pager.take() {
             pager.shutdown();
         }
         if let Some(prefetch) = self.prefetch.take() {
             let _ = prefetch.join();
+        }
+        if let Some(path) = &self.swap_file {
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -367,10 +375,15 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
 
     let link = PagerLink::default();
     let lazy = options.mode != RestoreMode::Eager;
+    // Swap puts an eager restore's RAM behind the pager too, once it is loaded.
+    let paged = lazy || options.pager.swap_file.is_some();
     let config = VmConfig {
         console: options.console.clone(),
-        on_vcpu_thread: lazy.then(|| link.vcpu_hook()),
-        track_dirty: state.track_dirty || options.track_dirty,
+        on_vcpu_thread: paged.then(|| link.vcpu_hook()),
+        // A resident limit learns of the guest's writes from the dirty log.
+        track_dirty: state.track_dirty
+            || options.track_dirty
+            || options.pager.resident_limit.is_some(),
         dirty_ring: options.dirty_ring,
         ..VmConfig::default()
     };
@@ -401,8 +414,26 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
             &link,
             vm.control(),
         )?)
+    } else if paged {
+        // Loaded RAM: its pages with data stay resident, its holes are zero.
+        Some(start_pager(
+            vm.ram(),
+            RamState::Loaded,
+            &LazySpec::Zero,
+            Duration::ZERO,
+            PagerConfig {
+                failure_policy: FailurePolicy::Stop,
+                ..options.pager.clone()
+            },
+            &link,
+            vm.control(),
+        )?)
     } else {
         None
+    };
+    let recency = match (&pager, options.pager.resident_limit) {
+        (Some(pager), Some(_)) => Some(RecencyFeed::start(vm.handle(), pager.handle())?),
+        _ => None,
     };
     let prefetch = match (&pager, working_set) {
         (Some(pager), Some(dir)) => Some(
@@ -428,6 +459,8 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         mode: options.mode,
         started,
         timings,
+        recency,
+        swap_file: options.pager.swap_file.clone(),
     })
 }
 

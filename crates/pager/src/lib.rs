@@ -70,8 +70,9 @@ pub struct PagerConfig {
     /// Follow each toucher's faults and install the pages further along its line (a
     /// sequential or strided walk) before it reaches them.
     pub predict: bool,
-    /// Swap pages out to this file (created, or emptied, when the pager starts): a slot per
-    /// page of every region, then a checksum per slot. Regions need a backing file.
+    /// Swap pages out to this file (created when the pager starts; one already there is
+    /// refused): a slot per page of every region, then a checksum per slot. Regions need a
+    /// backing file.
     pub swap_file: Option<std::path::PathBuf>,
     /// Keep the pages present under this many bytes by swapping out those least recently
     /// faulted in or written (needs `swap_file`).
@@ -621,6 +622,21 @@ impl PagerHandle {
         self.shared.swap_out(region, first, count)
     }
 
+    /// Swaps out pages until at most `keep_bytes` of guest memory stay present: those least
+    /// recently faulted in or written go first (with a resident limit; otherwise in address
+    /// order from where the last eviction stopped). Pages in flight stay.
+    pub fn swap_out_keeping(&self, keep_bytes: u64) -> Result<SwapOutReport, PagerError> {
+        if self.shared.swap.is_none() {
+            return Err(PagerError::NoSwap);
+        }
+        let keep = keep_bytes / uffd::PAGE_SIZE;
+        let resident = self.resident_pages();
+        if resident <= keep {
+            return Ok(SwapOutReport::default());
+        }
+        self.shared.evict(resident - keep, true)
+    }
+
     /// Queues every swapped-out page for background install (swap-in); faults still come
     /// first.
     pub fn swap_in_all(&self) {
@@ -716,12 +732,6 @@ impl PagerHandle {
             done += n;
         }
         Ok(())
-    }
-
-    /// The source `region` is served from (a live snapshot reads the pages still there from
-    /// it, rather than faulting them in).
-    pub fn source(&self, region: usize) -> Arc<dyn PageSource> {
-        Arc::clone(&self.shared.regions[region].source)
     }
 
     /// `region`'s first address and length.

@@ -14,7 +14,7 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::engine::Shared;
-use crate::swap::runs;
+use crate::swap::{runs, SwapOutReport};
 use crate::PagerError;
 
 /// How long an install waits for the evictor before it goes ahead over the limit.
@@ -110,7 +110,7 @@ impl Shared {
             // At the limit, or close enough that the next read-ahead would wait.
             let resident = self.resident_now();
             if resident + NEAR_LIMIT_PAGES > limit && resident > target {
-                if let Err(e) = self.evict(resident - target) {
+                if let Err(e) = self.evict(resident - target, false) {
                     tracing::debug!("pager: eviction stopped: {e}");
                 }
             }
@@ -119,22 +119,25 @@ impl Shared {
     }
 
     /// Swaps out up to `pages` pages chosen by CLOCK: a page referenced since the hand last
-    /// passed loses its bit and is spared this time.
-    fn evict(&self, pages: u64) -> Result<(), PagerError> {
+    /// passed loses its bit and is spared this time. Without a limit there are no referenced
+    /// bits, and pages go in address order from the hand. With `all_turns`, the hand goes
+    /// round as often as it takes (an operator's swap-out), otherwise once.
+    pub(crate) fn evict(&self, pages: u64, all_turns: bool) -> Result<SwapOutReport, PagerError> {
         let mut hand = self.limiter.hand.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = self.regions.iter().map(|r| r.pages()).sum();
         let mut chosen: Vec<Vec<usize>> = vec![Vec::new(); self.regions.len()];
         let mut found = 0u64;
         // One turn of the hand at most: a page spared now (its bit cleared) is a candidate
         // only the next time the hand comes by, if nothing referenced it meanwhile.
-        for _ in 0..total {
+        let turns = if all_turns { 2 } else { 1 };
+        for _ in 0..turns * total {
             if found >= pages {
                 break;
             }
             let (index, page) = *hand;
             let region = &self.regions[index];
             if region.present.get(page) && !region.inflight.get(page) {
-                if region.referenced.get(page) {
+                if page < region.referenced.len() && region.referenced.get(page) {
                     region.referenced.clear(page);
                 } else {
                     chosen[index].push(page);
@@ -148,6 +151,7 @@ impl Shared {
             };
         }
         drop(hand);
+        let mut total_report = SwapOutReport::default();
         for (index, pages) in chosen.iter_mut().enumerate() {
             pages.sort_unstable();
             for (start, n) in runs(pages) {
@@ -155,8 +159,12 @@ impl Shared {
                 self.limiter
                     .evicted
                     .fetch_add(report.swapped + report.zero, Ordering::Relaxed);
+                total_report.swapped += report.swapped;
+                total_report.unchanged += report.unchanged;
+                total_report.zero += report.zero;
+                total_report.bytes_written += report.bytes_written;
             }
         }
-        Ok(())
+        Ok(total_report)
     }
 }

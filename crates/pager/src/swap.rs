@@ -47,13 +47,13 @@ pub(crate) struct SwapFile {
 }
 
 impl SwapFile {
-    /// Creates (or empties) the swap file at `path` for `slots` pages.
+    /// Creates the swap file at `path` for `slots` pages; a file already there is refused
+    /// (never overwritten).
     pub(crate) fn create(path: &Path, slots: u64) -> std::io::Result<SwapFile> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(path)?;
         file.set_len(slots * (PAGE as u64 + 4))?;
         Ok(SwapFile {

@@ -8,8 +8,10 @@
 //! Where each page of the snapshot comes from, decided while the VM is paused:
 //! - a page in memory (resident, or installed by the pager) with data in its memfd: copied
 //!   from RAM, before the guest's first write to it (write-protected until then);
-//! - a page of a lazily restored VM still in its source: read from the source, never faulted
-//!   in (its instant contents are the source's, whatever the guest does later);
+//! - a page not in memory (still in a lazily restored VM's source, or swapped out): read
+//!   through the pager from where it is, never faulted in (its instant contents are there,
+//!   whatever the guest does later: no swap-out runs during a live snapshot, so no slot
+//!   changes);
 //! - a hole in the memfd, or a page the guest discarded: zero, nothing to write.
 //!
 //! A failure (a full file system, a write error, a page that cannot be read) ends the
@@ -22,9 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use pager::{
-    AtomicBitmap, PageSource, PageState, Pager, PagerBuilder, PagerConfig, PagerHandle, WriteGuard,
-};
+use pager::{AtomicBitmap, PageState, Pager, PagerBuilder, PagerConfig, PagerHandle, WriteGuard};
 use serde::Serialize;
 use vmm::{DirtyPages, GuestRam, MachineState, VmHandle};
 
@@ -53,7 +53,8 @@ pub struct LiveStats {
     pub stall_p50_us: u64,
     pub stall_p99_us: u64,
     pub stall_max_us: u64,
-    /// Pages read from a lazily restored VM's source rather than from RAM.
+    /// Pages read from where they were (a lazily restored VM's source, the swap file) rather
+    /// than from RAM.
     pub pages_from_source: u64,
     /// From the pause to the snapshot being in place.
     pub total_ms: f64,
@@ -66,7 +67,6 @@ struct PlanRegion {
     pages: u64,
     pager_region: usize,
     memfd: Arc<File>,
-    source: Option<Arc<dyn PageSource>>,
 }
 
 /// Which pages still have to be copied from RAM, with a lock per stripe of them.
@@ -74,7 +74,7 @@ struct Plan {
     regions: Vec<PlanRegion>,
     /// Pages to copy from RAM (write-protected until copied).
     pending: AtomicBitmap,
-    /// Pages to read from the source.
+    /// Pages to read through the pager from where they are (source, swap file).
     from_source: Vec<u64>,
     stripes: Vec<Mutex<()>>,
 }
@@ -391,7 +391,6 @@ fn plan(
                     region.gpa()
                 ))
             })?;
-        let source = pager.source(pager_region);
         for page in 0..pages {
             let index = base + page;
             if included.is_some_and(|dirty| !dirty.contains(index)) {
@@ -403,7 +402,7 @@ fn plan(
             {
                 PageState::Present if data[index as usize] => pending.set(index as usize),
                 PageState::Present | PageState::Discarded => {}
-                PageState::InSource => from_source.push(index),
+                PageState::InSource | PageState::Swapped => from_source.push(index),
             }
         }
         regions.push(PlanRegion {
@@ -411,7 +410,6 @@ fn plan(
             pages,
             pager_region,
             memfd: region.memfd_file(),
-            source: Some(source),
         });
         base += pages;
     }
@@ -525,7 +523,7 @@ fn write_pages(
             }
         }
     }
-    write_source_pages(plan, saver, image)
+    write_source_pages(pager, plan, saver, image)
 }
 
 /// A test hook: with `FAULTLINE_LIVE_WRITER_GATE=PATH` in the environment, the writer
@@ -548,6 +546,7 @@ fn wait_for_test_gate() {
 
 /// Reads the pages still in the source, in batches of consecutive pages, and writes them.
 fn write_source_pages(
+    pager: &PagerHandle,
     plan: &Plan,
     saver: &Saver,
     image: &PageImageWriter,
@@ -570,19 +569,15 @@ fn write_source_pages(
         {
             count += 1;
         }
-        let source = region.source.as_ref().expect("a page in a source has one");
         let bytes = &mut buf[..count * page_len];
-        let offset = (first - region.base) * PAGE_SIZE;
-        let content = source
-            .fetch(offset, bytes)
+        pager
+            .read_absent(region.pager_region, (first - region.base) as usize, bytes)
             .map_err(|e| SnapshotError::Source {
                 offset: first * PAGE_SIZE,
                 reason: e.to_string(),
             })?;
-        if content == pager::Content::Data {
-            for (k, page) in bytes.chunks_exact(page_len).enumerate() {
-                image.write_page(first + k as u64, page)?;
-            }
+        for (k, page) in bytes.chunks_exact(page_len).enumerate() {
+            image.write_page(first + k as u64, page)?;
         }
         i += count;
     }

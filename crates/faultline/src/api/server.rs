@@ -106,6 +106,13 @@ struct SnapshotRequest {
     live: bool,
 }
 
+/// `PUT /vm/swap/out`: how much guest memory stays resident (bytes; 0 if absent).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapOutRequest {
+    keep: Option<u64>,
+}
+
 #[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 enum SnapshotKind {
@@ -312,12 +319,69 @@ impl Controller {
         let mut info = self.info();
         info["pager"] = json!(self.pager.as_ref().map(PagerHandle::stats));
         info["last_snapshot"] = json!(*lock(&self.last_snapshot));
+        info["ram_resident_bytes"] = match self.ram_resident_bytes() {
+            Ok(bytes) => json!(bytes),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        info["swap"] = json!(self.pager.as_ref().map(PagerHandle::swap_stats));
         // Zero outside a live snapshot: one that ended left no page protected.
         info["write_protected_pages"] = match self.handle.ram().write_protected_pages() {
             Ok(pages) => json!(pages),
             Err(e) => json!({ "error": e.to_string() }),
         };
         info
+    }
+
+    /// The pager, if it has a swap file; a 409 saying how to get one otherwise.
+    fn swapping_pager(&self) -> Result<&PagerHandle, Response> {
+        match &self.pager {
+            Some(pager) if pager.swap_stats().file.is_some() => Ok(pager),
+            _ => Err(Response::error(
+                409,
+                "this VM has no swap file: start it with --swap-file PATH (or --mem-limit SIZE)",
+            )),
+        }
+    }
+
+    /// `PUT /vm/swap/out`: swaps guest memory out until at most `keep` bytes stay resident.
+    fn swap_out(&self, request: &SwapOutRequest) -> Response {
+        let pager = match self.swapping_pager() {
+            Ok(pager) => pager,
+            Err(refusal) => return refusal,
+        };
+        if let Some(fatal) = self.memory_failure() {
+            return Response::error(
+                500,
+                format!("guest memory cannot be trusted, so nothing is swapped out: {fatal}"),
+            );
+        }
+        let started = Instant::now();
+        match pager.swap_out_keeping(request.keep.unwrap_or(0)) {
+            Ok(report) => Response::ok(json!({
+                "swapped_pages": report.swapped,
+                "unchanged_pages": report.unchanged,
+                "zero_pages": report.zero,
+                "bytes_written": report.bytes_written,
+                "ms": started.elapsed().as_secs_f64() * 1e3,
+                "swap": pager.swap_stats(),
+            })),
+            Err(pager::PagerError::ProtectionActive) => Response::error(
+                409,
+                "a live snapshot is being written: swap out when it is done",
+            ),
+            Err(e) => Response::error(500, chain(&e)),
+        }
+    }
+
+    /// Bytes of guest RAM its memfds hold now (allocated blocks): what the host really
+    /// spends on the guest.
+    fn ram_resident_bytes(&self) -> Result<u64, std::io::Error> {
+        let mut bytes = 0;
+        for region in self.handle.ram().regions() {
+            let stat = rustix::fs::fstat(region.memfd())?;
+            bytes += stat.st_blocks as u64 * 512;
+        }
+        Ok(bytes)
     }
 
     /// The pager's fatal error, if it had one: guest memory cannot be trusted after it.
@@ -453,6 +517,19 @@ impl Controller {
                     Err(refusal) => refusal,
                 }
             }
+            ("PUT", "/vm/swap/out") => {
+                match json_body::<SwapOutRequest>(request, r#"{"keep": BYTES}"#) {
+                    Ok(body) => self.exclusively(|| self.swap_out(&body)),
+                    Err(refusal) => refusal,
+                }
+            }
+            ("PUT", "/vm/swap/in") => match self.swapping_pager() {
+                Ok(pager) => {
+                    pager.swap_in_all();
+                    Response::no_content()
+                }
+                Err(refusal) => refusal,
+            },
             ("PUT", "/track") => self.track(request, true),
             ("DELETE", "/track") => self.track(request, false),
             ("GET", "/track") => Response::ok(json!({
