@@ -33,9 +33,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a micro-guest (--guest) or a Linux kernel (--kernel) and run it to the end.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Restore a snapshot into a new VM and run it to the end.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Snapshots of a running faultline, through its API socket.
     Snapshot {
         #[command(subcommand)]
