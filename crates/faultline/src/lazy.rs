@@ -142,9 +142,9 @@ pub fn start_pager(
 }
 
 /// Feeds the guest's writes, from the VM's dirty log, to the pager's eviction (a resident
-/// limit swaps out the pages least recently faulted in *or written*): a thread takes the dirty
-/// pages every [`RECENCY_PERIOD`], notes them and gives them back to the log, so that diff
-/// snapshots and migrations still see them. Stops when dropped.
+/// limit swaps out the pages least recently faulted in *or written*): a thread reads the
+/// dirty pages every [`RECENCY_PERIOD`] without taking them (diff snapshots and migrations
+/// still get every one) and notes them. Stops when dropped.
 pub struct RecencyFeed {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -178,7 +178,7 @@ impl RecencyFeed {
             .spawn(move || {
                 while !stopped.load(std::sync::atomic::Ordering::Acquire) {
                     std::thread::sleep(RECENCY_PERIOD);
-                    let Ok(dirty) = handle.take_dirty_pages() else {
+                    let Ok(Some(dirty)) = handle.memory().peek_dirty_pages() else {
                         continue;
                     };
                     for page in dirty.iter() {
@@ -189,7 +189,6 @@ impl RecencyFeed {
                             pager.note_written(region, (page - bases[region].0) as usize);
                         }
                     }
-                    handle.return_dirty_pages(dirty);
                 }
             })
             .context("cannot start the recency feed")?;

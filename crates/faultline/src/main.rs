@@ -505,6 +505,17 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Host swap of a guest whose every page holds data: swap-out and background swap-in
+    /// throughput, swap-in faults against a lazy restore's faults (same guest, same run),
+    /// swap metadata per GiB.
+    Swap {
+        /// Guest RAM.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        mem: u64,
+        /// Print JSON (the output is always JSON; accepted for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// A live snapshot against a regular one of the same guest (all of RAM written, idle and
     /// under a dirtier): the guest's pause, its write-fault stalls (p50/p99/max) and the total
     /// time; each snapshot is verified.
@@ -1517,6 +1528,13 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 bail!("--runs must be at least 1");
             }
             let result = bench::track::run(runs, |step| eprintln!("faultline bench {step}"))?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Bench {
+            bench: BenchCommand::Swap { mem, json: _ },
+        } => {
+            let result = bench::swap::run(mem, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

@@ -154,3 +154,74 @@ fn bad_ring_sizes_are_refused_with_the_range() {
         );
     }
 }
+
+/// The work-range pages a peek reports.
+fn range_pages_peeked(handle: &VmHandle, range: WorkRange) -> BTreeSet<u64> {
+    let first = handle.ram().page_index(range.start).unwrap();
+    handle
+        .memory()
+        .peek_dirty_pages()
+        .unwrap()
+        .unwrap()
+        .iter()
+        .filter(|&p| p >= first && p < first + range.pages)
+        .map(|p| p - first)
+        .collect()
+}
+
+/// A peek reports the pages written since the last peek; a take still reports every page
+/// written since the last take, peeks or not.
+fn peeks_see_recent_writes_and_takes_see_them_all(ring: Option<u32>) {
+    const PAGES: u64 = 48;
+    let stride = 3;
+    let mut vm = MicroVm::new(&options("stores", PAGES, stride, ring)).unwrap();
+    let handle = vm.vm.handle();
+    let range = vm.range;
+    range_pages_taken(&handle, range);
+    range_pages_peeked(&handle, range);
+    vm.vm.control().set_hold_at(Some(1));
+    let runner = std::thread::spawn(move || vm.run().unwrap());
+    let written = |pass| -> BTreeSet<u64> {
+        (0..PAGES)
+            .filter(|&i| guests::stores_writes_page(i, stride, pass))
+            .collect()
+    };
+    wait_held(&handle, 1);
+    assert_eq!(
+        range_pages_peeked(&handle, range),
+        written(1),
+        "peek after pass 1"
+    );
+    assert_eq!(
+        range_pages_peeked(&handle, range),
+        BTreeSet::new(),
+        "nothing since"
+    );
+    handle.control().set_hold_at(Some(2));
+    wait_held(&handle, 2);
+    assert_eq!(
+        range_pages_peeked(&handle, range),
+        written(2),
+        "peek after pass 2"
+    );
+    let both: BTreeSet<u64> = written(1).union(&written(2)).copied().collect();
+    assert_eq!(
+        range_pages_taken(&handle, range),
+        both,
+        "the take sees both passes"
+    );
+    handle.control().set_hold_at(None);
+    runner.join().unwrap().check().unwrap();
+}
+
+#[test]
+fn peeks_over_the_bitmap_see_recent_writes_and_takes_see_them_all() {
+    require_kvm!();
+    peeks_see_recent_writes_and_takes_see_them_all(None);
+}
+
+#[test]
+fn peeks_over_the_ring_see_recent_writes_and_takes_see_them_all() {
+    require_kvm!();
+    peeks_see_recent_writes_and_takes_see_them_all(Some(4096));
+}

@@ -111,6 +111,25 @@ fn most_of_a_guest_swapped_out_mid_run_comes_back_and_it_finishes_right() {
     );
     assert!(after["swap"]["swapped_bytes"].as_u64().unwrap() >= RANGE_PAGES * PAGE * 8 / 10);
     assert!(swap_file.exists());
+    // A live snapshot now reads the swapped pages from the swap file, not through faults.
+    let snap = tmp.join("live");
+    let (status, summary) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({ "dir": snap, "live": true })),
+    );
+    assert_eq!(status, 200, "{summary}");
+    let live = &summary["live"];
+    assert!(
+        live["pages_from_source"].as_u64().unwrap() >= RANGE_PAGES * 8 / 10,
+        "{summary}"
+    );
+    assert_eq!(
+        stats(&sock)["swap"]["pages_swapped_in"],
+        0,
+        "nothing was faulted in"
+    );
 
     // Two passes on swapped memory, then everything back in the background, then the rest.
     set_hold(&sock, Some(6));
@@ -127,6 +146,13 @@ fn most_of_a_guest_swapped_out_mid_run_comes_back_and_it_finishes_right() {
     let report = common::json_report(&text(&out.stdout));
     assert_eq!(report["vcpus"][0]["reports"], expected);
     assert!(!swap_file.exists(), "the swap file goes with the VM");
+    let out = faultline(&["restore", "--snapshot", snap.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        common::json_report(&text(&out.stdout))["vcpus"][0]["reports"],
+        expected,
+        "the live snapshot of swapped memory"
+    );
 }
 
 #[test]

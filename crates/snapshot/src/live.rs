@@ -104,9 +104,12 @@ impl Plan {
 }
 
 /// The write guard: saves a page ahead of the writer when the guest is about to write it.
+///
+/// It is installed before the plan is made (beginning the protection holds swap-outs off, so
+/// no page leaves RAM while its origin is decided), and given the plan and the image once
+/// they exist, before any page is protected.
 struct Saver {
-    plan: Arc<Plan>,
-    image: Arc<PageImageWriter>,
+    work: std::sync::OnceLock<(Arc<Plan>, Arc<PageImageWriter>)>,
     failure: Mutex<Option<SnapshotError>>,
     saved: AtomicU64,
 }
@@ -134,28 +137,26 @@ impl Saver {
 
 impl WriteGuard for Saver {
     fn before_write(&self, pager_region: usize, page: usize) {
-        let Some(region) = self
-            .plan
-            .regions
-            .iter()
-            .find(|r| r.pager_region == pager_region)
-        else {
+        // No page is protected before the plan is given.
+        let Some((plan, image)) = self.work.get() else {
+            return;
+        };
+        let Some(region) = plan.regions.iter().find(|r| r.pager_region == pager_region) else {
             return;
         };
         let index = region.base + page as u64;
-        let _stripe = self.plan.stripes[(index / STRIPE_PAGES) as usize]
+        let _stripe = plan.stripes[(index / STRIPE_PAGES) as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !self.plan.pending.get(index as usize) {
+        if !plan.pending.get(index as usize) {
             return;
         }
         let mut bytes = [0u8; PAGE_SIZE as usize];
-        let saved = self
-            .plan
+        let saved = plan
             .read_ram(index, &mut bytes)
-            .and_then(|()| self.image.write_page(index, &bytes));
+            .and_then(|()| image.write_page(index, &bytes));
         // Saved or failed, the page is let go: the guest must run on.
-        self.plan.pending.clear(index as usize);
+        plan.pending.clear(index as usize);
         match saved {
             Ok(()) => {
                 self.saved.fetch_add(1, Ordering::Relaxed);
@@ -330,17 +331,30 @@ fn prepare(
         (Some(_), None) => return Err(create::no_dirty_tracking()),
         (None, _) => None,
     };
-    let plan = Arc::new(plan(ram, pager, included)?);
-    let (layer, held) = match included {
-        Some(dirty) => (LayerKind::Diff, Some(dirty.words().to_vec())),
-        None => (LayerKind::Full, None),
+    let saver = Arc::new(Saver {
+        work: std::sync::OnceLock::new(),
+        failure: Mutex::new(None),
+        saved: AtomicU64::new(0),
+    });
+    pager
+        .begin_write_protect(Arc::clone(&saver) as Arc<dyn WriteGuard>)
+        .map_err(SnapshotError::Protect)?;
+    let planned = plan(ram, pager, included).and_then(|plan| {
+        let (layer, held) = match included {
+            Some(dirty) => (LayerKind::Diff, Some(dirty.words().to_vec())),
+            None => (LayerKind::Full, None),
+        };
+        let image = PageImageWriter::create(staging.path(), ram.size(), layer, held)?;
+        Ok((Arc::new(plan), Arc::new(image)))
+    });
+    let (plan, image) = match planned {
+        Ok(planned) => planned,
+        Err(error) => {
+            let _ = pager.end_write_protect();
+            return Err(error);
+        }
     };
-    let image = Arc::new(PageImageWriter::create(
-        staging.path(),
-        ram.size(),
-        layer,
-        held,
-    )?);
+    let _ = saver.work.set((Arc::clone(&plan), Arc::clone(&image)));
     let state = create::state_of(
         machine,
         ram,
@@ -349,13 +363,7 @@ fn prepare(
         kind,
         parent,
     );
-    let saver = Arc::new(Saver {
-        plan: Arc::clone(&plan),
-        image: Arc::clone(&image),
-        failure: Mutex::new(None),
-        saved: AtomicU64::new(0),
-    });
-    if let Err(error) = protect(pager, &plan, Arc::clone(&saver) as Arc<dyn WriteGuard>) {
+    if let Err(error) = protect(pager, &plan) {
         let _ = pager.end_write_protect();
         image.abandon();
         return Err(error);
@@ -423,16 +431,9 @@ fn plan(
     })
 }
 
-/// Begins the protection and protects the pending pages, runs less than
+/// Protects the pending pages (under a protection begun), runs less than
 /// [`MERGE_GAP_PAGES`] apart as one.
-fn protect(
-    pager: &PagerHandle,
-    plan: &Plan,
-    guard: Arc<dyn WriteGuard>,
-) -> Result<(), SnapshotError> {
-    pager
-        .begin_write_protect(guard)
-        .map_err(SnapshotError::Protect)?;
+fn protect(pager: &PagerHandle, plan: &Plan) -> Result<(), SnapshotError> {
     for region in &plan.regions {
         let mut run: Option<(u64, u64)> = None;
         for page in 0..region.pages {

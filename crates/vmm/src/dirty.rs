@@ -260,7 +260,18 @@ struct LogState {
     /// every page.
     overflowed: bool,
     pending: DirtyPages,
+    /// The pages written since the last `peek` (what eviction wants: recent writes), kept
+    /// beside `pending` wherever a write is recorded.
+    recent: DirtyPages,
     rings: Vec<Ring>,
+}
+
+impl LogState {
+    /// Records `pages` as written: pending for the next take, recent for the next peek.
+    fn record(&mut self, pages: &DirtyPages) {
+        self.pending.merge(pages);
+        self.recent.merge(pages);
+    }
 }
 
 impl DirtyLog {
@@ -311,6 +322,7 @@ impl DirtyLog {
                 enabled: mode != DirtyMode::Off,
                 overflowed: false,
                 pending: DirtyPages::new(pages),
+                recent: DirtyPages::new(pages),
                 rings: Vec::new(),
             }),
         })
@@ -384,10 +396,50 @@ impl DirtyLog {
         let mut state = self.lock();
         if state.enabled {
             state.pending.mark(page);
+            state.recent.mark(page);
         }
     }
 
     /// Gives back pages a failed snapshot took, so that the next take reports them again.
+    /// The pages written since the last peek (a reader that only wants to know, such as
+    /// eviction); the next take still reports them. What KVM logged is harvested under the
+    /// same lock as a take, so no page escapes either.
+    pub fn peek(&self, vm: &VmFd, memslots: &Memslots) -> Result<Option<DirtyPages>, DirtyError> {
+        let mut state = self.lock();
+        if !state.enabled {
+            return Ok(None);
+        }
+        self.harvest(vm, memslots, &mut state)?;
+        let pages = state.recent.pages();
+        Ok(Some(std::mem::replace(
+            &mut state.recent,
+            DirtyPages::new(pages),
+        )))
+    }
+
+    /// Moves what KVM logged (every ring, or every logged slot's bitmap) into the pending
+    /// pages.
+    fn harvest(
+        &self,
+        vm: &VmFd,
+        memslots: &Memslots,
+        state: &mut LogState,
+    ) -> Result<(), DirtyError> {
+        if self.ring.is_some() {
+            harvest_rings(vm, memslots, state)?;
+        } else {
+            let mut read = DirtyPages::new(state.pending.pages());
+            let result = memslots
+                .logged_slots()
+                .into_iter()
+                .try_for_each(|slot| read_slot_bitmap(vm, memslots, slot, &mut read, self.manual));
+            // What was read before an error stays recorded.
+            state.record(&read);
+            result?;
+        }
+        Ok(())
+    }
+
     pub fn give_back(&self, pages: &DirtyPages) {
         let mut state = self.lock();
         if state.enabled {
@@ -411,10 +463,12 @@ impl DirtyLog {
             harvest_rings(vm, memslots, &mut state)?;
             return Ok(());
         }
-        for &slot in slots {
-            read_slot_bitmap(vm, memslots, slot, &mut state.pending, false)?;
-        }
-        Ok(())
+        let mut read = DirtyPages::new(state.pending.pages());
+        let result = slots
+            .iter()
+            .try_for_each(|&slot| read_slot_bitmap(vm, memslots, slot, &mut read, false));
+        state.record(&read);
+        result
     }
 
     /// Harvests a full ring (or all rings) into the pending pages, so a vCPU can run on;
@@ -430,13 +484,7 @@ impl DirtyLog {
         if !state.enabled {
             return Ok(None);
         }
-        if self.ring.is_some() {
-            harvest_rings(vm, memslots, &mut state)?;
-        } else {
-            for slot in memslots.logged_slots() {
-                read_slot_bitmap(vm, memslots, slot, &mut state.pending, self.manual)?;
-            }
-        }
+        self.harvest(vm, memslots, &mut state)?;
         let pages = state.pending.pages();
         Ok(Some(std::mem::replace(
             &mut state.pending,
@@ -467,8 +515,9 @@ fn ring_capability(kvm: &Kvm) -> Result<(u32, u32), DirtyError> {
 /// at an entry it wrote over).
 fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result<u32, DirtyError> {
     let mut harvested = 0;
+    let mut read = DirtyPages::new(state.pending.pages());
     for ring in state.rings.iter_mut() {
-        let (count, overflowed) = ring.harvest(memslots, &mut state.pending);
+        let (count, overflowed) = ring.harvest(memslots, &mut read);
         if overflowed && !state.overflowed {
             tracing::warn!(
                 "a dirty ring of {} entries overflowed: every page is reported dirty from now \
@@ -479,6 +528,7 @@ fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result
         }
         harvested += count;
     }
+    state.record(&read);
     if harvested > 0 {
         let reset = reset_rings(vm)?;
         if reset.is_some_and(|reset| reset < harvested) && !state.overflowed {
@@ -492,6 +542,7 @@ fn harvest_rings(vm: &VmFd, memslots: &Memslots, state: &mut LogState) -> Result
     if state.overflowed {
         let pages = state.pending.pages();
         state.pending.mark_range(0, pages);
+        state.recent.mark_range(0, pages);
     }
     Ok(harvested)
 }

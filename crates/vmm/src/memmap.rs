@@ -263,6 +263,12 @@ impl MemoryMap {
         self.dirty.take(&self.fd, &slots)
     }
 
+    /// The pages written since the last take, which the next take still reports.
+    pub fn peek_dirty_pages(&self) -> Result<Option<DirtyPages>, DirtyError> {
+        let slots = self.slots();
+        self.dirty.peek(&self.fd, &slots)
+    }
+
     /// Gives back pages a failed snapshot took, so that the next take reports them again.
     pub fn return_dirty_pages(&self, pages: &DirtyPages) {
         self.dirty.give_back(pages);

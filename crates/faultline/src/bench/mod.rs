@@ -9,6 +9,7 @@ pub mod live;
 pub mod migrate;
 pub mod restore;
 pub mod slowfs;
+pub mod swap;
 pub mod track;
 
 use std::path::{Path, PathBuf};
