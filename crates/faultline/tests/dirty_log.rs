@@ -37,10 +37,13 @@ fn wait_held(handle: &VmHandle, point: u32) {
 
 /// The work-range pages (indices in the range) that a take reports.
 fn range_pages_taken(handle: &VmHandle, range: WorkRange) -> BTreeSet<u64> {
+    in_range(handle, range, &handle.take_dirty_pages().unwrap())
+}
+
+/// The work-range pages (indices in the range) among `pages`.
+fn in_range(handle: &VmHandle, range: WorkRange, pages: &vmm::DirtyPages) -> BTreeSet<u64> {
     let first = handle.ram().page_index(range.start).unwrap();
-    handle
-        .take_dirty_pages()
-        .unwrap()
+    pages
         .iter()
         .filter(|&p| p >= first && p < first + range.pages)
         .map(|p| p - first)
@@ -157,16 +160,8 @@ fn bad_ring_sizes_are_refused_with_the_range() {
 
 /// The work-range pages a peek reports.
 fn range_pages_peeked(handle: &VmHandle, range: WorkRange) -> BTreeSet<u64> {
-    let first = handle.ram().page_index(range.start).unwrap();
-    handle
-        .memory()
-        .peek_dirty_pages()
-        .unwrap()
-        .unwrap()
-        .iter()
-        .filter(|&p| p >= first && p < first + range.pages)
-        .map(|p| p - first)
-        .collect()
+    let peeked = handle.memory().peek_dirty_pages().unwrap().unwrap();
+    in_range(handle, range, &peeked)
 }
 
 /// A peek reports the pages written since the last peek; a take still reports every page

@@ -18,7 +18,15 @@ const RANGE_PAGES: u64 = 128;
 
 /// The reports of each vCPU of an uninterrupted `mix` run.
 fn uninterrupted(cpus: u8) -> serde_json::Value {
-    let out = faultline(&[
+    let args = mix_args(cpus);
+    let out = faultline(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    reports(&out)
+}
+
+/// `run` of the `mix` guest with `cpus` vCPUs, [`PASSES`] passes, a JSON report.
+fn mix_args(cpus: u8) -> Vec<String> {
+    [
         "run",
         "--guest",
         "mix",
@@ -31,9 +39,10 @@ fn uninterrupted(cpus: u8) -> serde_json::Value {
         "--arg",
         &PASSES.to_string(),
         "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    reports(&out)
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 fn reports(out: &Output) -> serde_json::Value {
@@ -64,27 +73,17 @@ fn spawn_gated(args: &[String], gate: &Path) -> Child {
 
 /// A `mix` run of `cpus` vCPUs serving the API on `sock`, held at the end of pass `hold`.
 fn spawn_mix(sock: &Path, cpus: u8, hold: u64, gate: &Path, extra: &[&str]) -> Child {
-    let mut args: Vec<String> = [
-        "run",
-        "--guest",
-        "mix",
-        "--mem",
-        "8M",
-        "--cpus",
-        &cpus.to_string(),
-        "--range-pages",
-        &RANGE_PAGES.to_string(),
-        "--arg",
-        &PASSES.to_string(),
-        "--hold-at",
-        &hold.to_string(),
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args = mix_args(cpus);
+    args.extend(
+        [
+            "--hold-at",
+            &hold.to_string(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = spawn_gated(&args, gate);
     wait_for_socket(sock);

@@ -12,7 +12,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::pki::make_pki;
-use common::{api, faultline, json_report, spawn, text, TempDir};
+use common::{api, faultline, json_report, spawn, text, wait_until_held, TempDir};
 use vmm::boot::layout::BOOT_AREA_END;
 
 const PAGES: u64 = 128;
@@ -492,7 +492,7 @@ fn a_lazily_restored_vm_moves_in_post_copy_and_finishes_right() {
     let sock = tmp.join("src.sock");
     // A snapshot of the guest held at pass 100, taken through the API.
     let source = spawn_mix(&sock, Mix { hold: 100, ..SMALL });
-    wait_until_held(&sock, 1);
+    wait_until_held(&sock, 100, 1);
     let snap = tmp.join("snap");
     let out = faultline(&[
         "snapshot",
@@ -864,24 +864,11 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
     assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
 }
 
-/// Waits until all `cpus` vCPUs of the run behind `sock` wait at its hold point.
-fn wait_until_held(sock: &Path, cpus: u8) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, info) = api(sock, "GET", "/vm", None);
-        if info["hold"]["held_vcpus"].as_array().map(Vec::len) == Some(usize::from(cpus)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "never held: {info}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A `mix` run that has written every page of its range (it was held at pass 2, then let go
 /// on to `mix.hold`): its memory is all data, whenever the test moves it.
 fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
     let child = spawn_mix(sock, Mix { hold: 2, ..mix });
-    wait_until_held(sock, mix.cpus);
+    wait_until_held(sock, 2, mix.cpus);
     let hold = serde_json::json!({ "at": mix.hold });
     assert_eq!(api(sock, "PUT", "/vm/hold", Some(hold)).0, 204);
     child

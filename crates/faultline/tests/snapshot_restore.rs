@@ -19,7 +19,7 @@ const PASSES: u64 = 2000;
 const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
-use common::{api, faultline, text, TempDir};
+use common::{api, faultline, set_hold, text, wait_until_held, TempDir};
 
 /// A `faultline run` child serving the API on `sock`.
 fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
@@ -79,30 +79,12 @@ fn wait_state(sock: &Path, child: &mut Child, state: &str) {
 
 /// Waits until the guest behind `sock` is held at the end of pass `pass`.
 fn wait_held(sock: &Path, pass: u64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, info) = api(sock, "GET", "/vm", None);
-        assert_eq!(status, 200, "{info}");
-        if info["hold"]["at"] == pass && info["hold"]["held_vcpus"] == serde_json::json!([0]) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the guest never reached pass {pass}: {info}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_until_held(sock, pass, 1);
 }
 
 /// Moves the hold point to the end of pass `pass` and waits until the guest is held there.
 fn hold_at(sock: &Path, pass: u64) {
-    let (status, body) = api(
-        sock,
-        "PUT",
-        "/vm/hold",
-        Some(serde_json::json!({ "at": pass })),
-    );
-    assert_eq!(status, 204, "{body}");
+    set_hold(sock, Some(pass));
     wait_held(sock, pass);
 }
 

@@ -311,40 +311,6 @@ impl PagerBuilder {
         Ok(self.regions.len() - 1)
     }
 
-    /// Registers every region in write-protect mode too (a swap-out protects the pages it
-    /// takes).
-    fn register_write_protect(&self) -> Result<(), PagerError> {
-        if !self.uffd.features().contains(Features::WP_HUGETLBFS_SHMEM) {
-            return Err(PagerError::WriteProtect(
-                "the kernel's userfaultfd cannot write-protect shared memory (no WP_HUGETLBFS_SHMEM), which swap needs"
-                    .into(),
-            ));
-        }
-        for region in &self.regions {
-            if region.write_protect_registered.load(Ordering::Acquire) {
-                continue;
-            }
-            // SAFETY: the range was registered by `region` (whose contract covers it); the
-            // pager serves its write-protect faults.
-            unsafe {
-                self.uffd.register(
-                    region.start,
-                    region.len,
-                    RegisterMode::MISSING | RegisterMode::WP,
-                )
-            }
-            .map_err(|source| PagerError::Register {
-                start: region.start,
-                len: region.len,
-                source,
-            })?;
-            region
-                .write_protect_registered
-                .store(true, Ordering::Release);
-        }
-        Ok(())
-    }
-
     /// Called once, from a pager thread, if a source fails under [`FailurePolicy::Stop`].
     pub fn on_fatal(&mut self, callback: impl Fn(&str) + Send + Sync + 'static) {
         self.on_fatal = Some(Box::new(callback));
@@ -388,7 +354,7 @@ impl PagerBuilder {
             Some(path) => {
                 // Swap-out write-protects the pages it takes: every region is registered for
                 // that too.
-                self.register_write_protect()?;
+                register_write_protect(&self.uffd, &self.regions)?;
                 Some(swap::SwapFile::create(path, slots).map_err(|source| {
                     PagerError::SwapFile {
                         path: path.clone(),
@@ -756,40 +722,7 @@ impl PagerHandle {
         if shared.protection.active() {
             return Err(PagerError::ProtectionActive);
         }
-        if !shared
-            .uffd
-            .features()
-            .contains(Features::WP_HUGETLBFS_SHMEM)
-        {
-            return Err(PagerError::WriteProtect(
-                "the kernel's userfaultfd cannot write-protect shared memory (no WP_HUGETLBFS_SHMEM)"
-                    .into(),
-            ));
-        }
-        for region in &shared.regions {
-            if region.write_protect_registered.load(Ordering::Acquire) {
-                continue;
-            }
-            // Registering a range again on the same userfaultfd adds the mode: missing faults
-            // go on being served throughout.
-            // SAFETY: the range was registered by `region` (whose contract covers it); the
-            // pager serves its write-protect faults from now on.
-            unsafe {
-                shared.uffd.register(
-                    region.start,
-                    region.len,
-                    RegisterMode::MISSING | RegisterMode::WP,
-                )
-            }
-            .map_err(|source| PagerError::Register {
-                start: region.start,
-                len: region.len,
-                source,
-            })?;
-            region
-                .write_protect_registered
-                .store(true, Ordering::Release);
-        }
+        register_write_protect(&shared.uffd, &shared.regions)?;
         shared.protection.begin(guard);
         Ok(())
     }
@@ -874,6 +807,41 @@ impl PagerHandle {
     pub fn userfaultfd_raw_fd(&self) -> RawFd {
         self.shared.uffd.as_raw_fd()
     }
+}
+
+/// Registers every region in write-protect mode too, where it is not yet: again on the same
+/// userfaultfd, which adds the mode (missing faults go on being served throughout). A region
+/// keeps its registration afterwards: without protected pages it costs nothing.
+fn register_write_protect(uffd: &Uffd, regions: &[Region]) -> Result<(), PagerError> {
+    if !uffd.features().contains(Features::WP_HUGETLBFS_SHMEM) {
+        return Err(PagerError::WriteProtect(
+            "the kernel's userfaultfd cannot write-protect shared memory (no WP_HUGETLBFS_SHMEM)"
+                .into(),
+        ));
+    }
+    for region in regions {
+        if region.write_protect_registered.load(Ordering::Acquire) {
+            continue;
+        }
+        // SAFETY: the range was registered by `PagerBuilder::region` (whose contract covers
+        // it); the pager serves its write-protect faults from now on.
+        unsafe {
+            uffd.register(
+                region.start,
+                region.len,
+                RegisterMode::MISSING | RegisterMode::WP,
+            )
+        }
+        .map_err(|source| PagerError::Register {
+            start: region.start,
+            len: region.len,
+            source,
+        })?;
+        region
+            .write_protect_registered
+            .store(true, Ordering::Release);
+    }
+    Ok(())
 }
 
 /// What a page holds, as the pager knows it.

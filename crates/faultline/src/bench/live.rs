@@ -21,7 +21,7 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{ratio, wait_for, Process, TempDir};
+use super::{ratio, Process, TempDir};
 
 /// How long any one step (the first pass over RAM, a snapshot) may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
@@ -91,15 +91,7 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
             .spawn()
             .context("cannot start the guest")?,
     );
-    wait_for("the guest's first pass", STEP_LIMIT, || {
-        Ok(
-            crate::api::http::call(&sock, "GET", "/vm", None, Some(Duration::from_secs(5)))
-                .ok()
-                .and_then(|(_, info)| info)
-                .filter(|info| info["hold"]["held_vcpus"] == json!([0]))
-                .map(|_| ()),
-        )
-    })?;
+    super::wait_held(&sock, "the guest's first pass", STEP_LIMIT)?;
     let mut cases = Vec::new();
     for case in ["idle", "dirtier"] {
         if case == "dirtier" {

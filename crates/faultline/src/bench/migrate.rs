@@ -226,15 +226,7 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
             .spawn()
             .context("cannot start the source")?,
     );
-    wait_for("the source's first pass", STEP_LIMIT, || {
-        Ok(
-            http::call(&ssock, "GET", "/vm", None, Some(Duration::from_secs(5)))
-                .ok()
-                .and_then(|(_, info)| info)
-                .filter(|info| info["hold"]["held_vcpus"] == json!([0]))
-                .map(|_| ()),
-        )
-    })?;
+    super::wait_held(&ssock, "the source's first pass", STEP_LIMIT)?;
     if let Workload::Dirtier = workload {
         api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
     }

@@ -73,6 +73,20 @@ pub(crate) fn wait_for<T>(
     }
 }
 
+/// Waits (at most `limit`) until the one vCPU of the micro-guest behind `sock` waits at its
+/// hold point; `what` names the step in the error.
+pub(crate) fn wait_held(sock: &Path, what: &str, limit: Duration) -> anyhow::Result<()> {
+    wait_for(what, limit, || {
+        Ok(
+            http::call(sock, "GET", "/vm", None, Some(Duration::from_secs(5)))
+                .ok()
+                .and_then(|(_, info)| info)
+                .filter(|info| info["hold"]["held_vcpus"] == serde_json::json!([0]))
+                .map(|_| ()),
+        )
+    })
+}
+
 /// One API call to a faultline process, answered within `limit`; a status other than 2xx is
 /// an error naming it.
 pub(crate) fn api(

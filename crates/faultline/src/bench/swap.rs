@@ -65,10 +65,7 @@ fn api(sock: &Path, method: &str, path: &str, body: Option<Value>) -> anyhow::Re
 /// Moves the hold point to `pass` and waits until the guest is there.
 fn hold(sock: &Path, pass: u64) -> anyhow::Result<()> {
     api(sock, "PUT", "/vm/hold", Some(json!({ "at": pass })))?;
-    wait_for("the guest's pass", STEP_LIMIT, || {
-        let info = api(sock, "GET", "/vm", None)?;
-        Ok((info["hold"]["held_vcpus"] == json!([0])).then_some(()))
-    })
+    super::wait_held(sock, "the guest's pass", STEP_LIMIT)
 }
 
 fn mib_s(bytes: u64, ms: f64) -> f64 {
@@ -106,15 +103,7 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
             .spawn()
             .context("cannot start the guest")?,
     );
-    wait_for("the guest's first pass", STEP_LIMIT, || {
-        Ok(
-            crate::api::http::call(&sock, "GET", "/vm", None, Some(Duration::from_secs(5)))
-                .ok()
-                .and_then(|(_, info)| info)
-                .filter(|info| info["hold"]["held_vcpus"] == json!([0]))
-                .map(|_| ()),
-        )
-    })?;
+    super::wait_held(&sock, "the guest's first pass", STEP_LIMIT)?;
 
     step("swap: swap-out of every page");
     let out = api(&sock, "PUT", "/vm/swap/out", Some(json!({ "keep": 0 })))?;
