@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{api, faultline, set_hold, text, wait_until_held, TempDir};
+use common::{api, faultline, set_hold, text, wait_for_socket, wait_until_held, TempDir};
 use snapshot::state;
 
 const PASSES: u64 = 400;
@@ -88,18 +88,6 @@ fn spawn_mix(sock: &Path, cpus: u8, hold: u64, gate: &Path, extra: &[&str]) -> C
     let child = spawn_gated(&args, gate);
     wait_for_socket(sock);
     child
-}
-
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Takes a live snapshot of the VM behind `sock` (held at pass `held`, `cpus` vCPUs) into

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Output};
 
-use common::{api, faultline, set_hold, spawn, text, wait_until_held, TempDir};
+use common::{api, faultline, set_hold, spawn, text, wait_for_socket, wait_until_held, TempDir};
 
 const MEM: &str = "16M";
 /// 8 MiB of data, half of RAM.
@@ -56,11 +56,7 @@ fn spawn_mix(sock: &Path, passes: u64, hold: u64, extra: &[&str]) -> Child {
     );
     args.extend(extra.iter().map(|s| s.to_string()));
     let child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !sock.exists() {
-        assert!(std::time::Instant::now() < deadline, "no API socket");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    wait_for_socket(sock);
     wait_until_held(sock, hold, 1);
     child
 }

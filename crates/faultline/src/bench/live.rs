@@ -14,14 +14,13 @@
 //! go), and the time to the snapshot being in place.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{ratio, Process, TempDir};
+use super::{ratio, TempDir};
 
 /// How long any one step (the first pass over RAM, a snapshot) may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
@@ -76,22 +75,9 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
         anyhow::bail!("--mem must be between 16M and 3G");
     }
     let tmp = TempDir::new("live-snapshot")?;
-    let exe = std::env::current_exe().context("cannot find the faultline executable")?;
     let sock = tmp.path().join("api.sock");
-    let range_pages = (mem - vmm::boot::layout::BOOT_AREA_END) / vmm::PAGE_SIZE;
     step("live-snapshot: the guest writes every page once");
-    let _vm = Process(
-        Command::new(&exe)
-            .args(["run", "--guest", "counter", "--mem", &mem.to_string()])
-            .args(["--range-pages", &range_pages.to_string()])
-            .args(["--arg", "0", "--hold-at", "1", "--api-sock"])
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start the guest")?,
-    );
-    super::wait_held(&sock, "the guest's first pass", STEP_LIMIT)?;
+    let _vm = super::counter_over_ram(mem, &["--arg", "0"], &sock, STEP_LIMIT)?;
     let mut cases = Vec::new();
     for case in ["idle", "dirtier"] {
         if case == "dirtier" {

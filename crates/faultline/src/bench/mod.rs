@@ -73,6 +73,33 @@ pub(crate) fn wait_for<T>(
     }
 }
 
+/// Starts this binary's `run` of the `counter` guest over all of `mem` of RAM above the boot
+/// area, with `args`, serving the API on `sock`, and waits (at most `limit`) until its first
+/// pass is done (every page written) and it is held there.
+pub(crate) fn counter_over_ram(
+    mem: u64,
+    args: &[&str],
+    sock: &Path,
+    limit: Duration,
+) -> anyhow::Result<Process> {
+    let exe = std::env::current_exe().context("cannot find the faultline executable")?;
+    let range_pages = (mem - vmm::boot::layout::BOOT_AREA_END) / vmm::PAGE_SIZE;
+    let vm = Process(
+        std::process::Command::new(exe)
+            .args(["run", "--guest", "counter", "--mem", &mem.to_string()])
+            .args(["--range-pages", &range_pages.to_string()])
+            .args(args)
+            .args(["--hold-at", "1", "--api-sock"])
+            .arg(sock)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start the guest")?,
+    );
+    wait_held(sock, "the guest's first pass", limit)?;
+    Ok(vm)
+}
+
 /// Waits (at most `limit`) until the one vCPU of the micro-guest behind `sock` waits at its
 /// hold point; `what` names the step in the error.
 pub(crate) fn wait_held(sock: &Path, what: &str, limit: Duration) -> anyhow::Result<()> {

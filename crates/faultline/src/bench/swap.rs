@@ -79,31 +79,23 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
     let tmp = TempDir::new("swap")?;
     let exe = std::env::current_exe().context("cannot find the faultline executable")?;
     let sock = tmp.path().join("api.sock");
-    let range_pages = (mem - vmm::boot::layout::BOOT_AREA_END) / vmm::PAGE_SIZE;
     step("swap: the guest writes every page once");
-    let vm = Process(
-        Command::new(&exe)
-            .args(["run", "--guest", "counter", "--mem", &mem.to_string()])
-            .args(["--range-pages", &range_pages.to_string()])
-            .args([
-                "--arg",
-                "3",
-                "--hold-at",
-                "1",
-                "--lazy",
-                "zero",
-                "--no-predict",
-            ])
-            .arg("--swap-file")
-            .arg(tmp.path().join("swap"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start the guest")?,
+    let swap_file = tmp.path().join("swap");
+    let args = [
+        "--arg",
+        "3",
+        "--lazy",
+        "zero",
+        "--no-predict",
+        "--swap-file",
+    ];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(
+        swap_file
+            .to_str()
+            .context("a temporary path that is not UTF-8")?,
     );
-    super::wait_held(&sock, "the guest's first pass", STEP_LIMIT)?;
+    let vm = super::counter_over_ram(mem, &args, &sock, STEP_LIMIT)?;
 
     step("swap: swap-out of every page");
     let out = api(&sock, "PUT", "/vm/swap/out", Some(json!({ "keep": 0 })))?;

@@ -135,6 +135,19 @@ pub fn json_report(stdout: &str) -> serde_json::Value {
     serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// Waits (at most 30 s) until a faultline serves its API socket at `sock`.
+pub fn wait_for_socket(sock: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no API socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Moves the micro-guest hold point of the VM behind `sock` to `pass` (null: none).
 pub fn set_hold(sock: &Path, pass: Option<u64>) {
     let (status, body) = api(
