@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Output};
 
-use common::{api, faultline, set_hold, spawn, text, wait_for_socket, wait_until_held, TempDir};
+use common::{api, faultline, set_hold, text, wait_for_socket, wait_until_held, TempDir};
 
 const MEM: &str = "16M";
 /// 8 MiB of data, half of RAM.
@@ -55,7 +55,13 @@ fn spawn_mix(sock: &Path, passes: u64, hold: u64, extra: &[&str]) -> Child {
         .map(|s| s.to_string()),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(&args)
+        .env("FAULTLINE_LIVE_WRITER_GATE", sock.with_extension("gate"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("faultline starts");
     wait_for_socket(sock);
     wait_until_held(sock, hold, 1);
     child
@@ -107,29 +113,41 @@ fn most_of_a_guest_swapped_out_mid_run_comes_back_and_it_finishes_right() {
     );
     assert!(after["swap"]["swapped_bytes"].as_u64().unwrap() >= RANGE_PAGES * PAGE * 8 / 10);
     assert!(swap_file.exists());
-    // A live snapshot now reads the swapped pages from the swap file, not through faults.
+    // A live snapshot of swapped memory: its writer is held back while the guest makes two
+    // passes, faulting every page back in and writing it; the snapshot still holds the pages
+    // as they were at its start, read from their slots in the swap file.
     let snap = tmp.join("live");
-    let (status, summary) = api(
-        &sock,
-        "PUT",
-        "/snapshot/create",
-        Some(serde_json::json!({ "dir": snap, "live": true })),
-    );
-    assert_eq!(status, 200, "{summary}");
-    let live = &summary["live"];
-    assert!(
-        live["pages_from_source"].as_u64().unwrap() >= RANGE_PAGES * 8 / 10,
-        "{summary}"
-    );
-    assert_eq!(
-        stats(&sock)["swap"]["pages_swapped_in"],
-        0,
-        "nothing was faulted in"
-    );
-
-    // Two passes on swapped memory, then everything back in the background, then the rest.
+    let gate = sock.with_extension("gate");
+    let waiting = sock.with_extension("gate.waiting");
+    let create = std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(["snapshot", "create", "--live", "--api-sock"])
+        .arg(&sock)
+        .arg("--dir")
+        .arg(&snap)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !waiting.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the live writer never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     set_hold(&sock, Some(6));
     wait_until_held(&sock, 6, 1);
+    std::fs::write(&gate, b"").unwrap();
+    let out = create.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        summary["live"]["pages_from_source"].as_u64().unwrap() >= RANGE_PAGES * 8 / 10,
+        "{summary}"
+    );
+
+    // Everything back in the background, then the rest of the run.
     let faulted = stats(&sock);
     assert!(
         faulted["swap"]["pages_swapped_in"].as_u64().unwrap() > 0,

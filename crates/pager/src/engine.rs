@@ -99,8 +99,12 @@ pub(crate) struct Shared {
     pub protection: crate::protect::Protection,
     /// Where swapped-out pages go (`PagerBuilder::swap_file`).
     pub swap: Option<crate::swap::SwapFile>,
-    /// Held by a swap-out batch while it takes its pages; a write-protect fault waits for it.
+    /// Held by a swap-out batch while it takes its pages, so that a write protection begins
+    /// only between batches.
     pub swap_batch: Mutex<()>,
+    /// The pages a swap-out batch protects now: (region, first, end). A write-protect fault
+    /// on one is left to the batch, whose unprotect wakes the writer.
+    pub swap_range: Mutex<Option<(usize, usize, usize)>>,
     pub swap_counters: crate::swap::SwapCounters,
     /// The resident limit's evictor.
     pub limiter: crate::limit::Limiter,
@@ -404,6 +408,7 @@ impl Shared {
                     let k = (done / page_size) as usize;
                     self.installed(region, page, k, zero, ctx, &mut filled);
                     region.present.set(page + k);
+                    region.swapped.clear(page + k);
                     filled.done += 1;
                     let _ = self.uffd.wake(region.addr_of(page + k), region.page_size);
                 }
@@ -446,10 +451,12 @@ impl Shared {
         filled
     }
 
-    /// Where the bytes of a claimed run come from: zeros for a discarded run (its true
-    /// contents whatever the source holds; claims never mix discarded and kept pages, and a
-    /// page never stops being discarded), the caller's bytes, the source's mapping, or a fetch
-    /// into the context's buffer.
+    /// Where the bytes of a claimed run come from, by what its pages are now: zeros for a
+    /// discarded run (its true contents whatever the source holds), the swap file for a
+    /// swapped run, the caller's bytes, the source's mapping, or a fetch into the context's
+    /// buffer. Claims do not mix kinds (`extend_claim`), but a remove can land after the
+    /// claim: a run that became mixed is assembled page kind by page kind in the buffer.
+    /// (Pages removed after this decision are zeroed by `fill`, under the event gate.)
     fn run_bytes(
         &self,
         region: &Region,
@@ -459,31 +466,75 @@ impl Shared {
         given: Option<Bytes>,
     ) -> Result<Bytes, InstallError> {
         let len = count as u64 * region.page_size;
-        if region.discarded.get(first) {
-            return Ok(Bytes::Zero);
-        }
-        if let Some(bytes) = given {
-            return Ok(bytes);
-        }
-        // Claims never mix swapped and other pages (`extend_claim`).
-        if region.swapped.get(first) {
-            let swap = self
-                .swap
-                .as_ref()
-                .expect("pages are swapped only with a swap file");
-            let len = count * region.page_size as usize;
-            if ctx.buf.len() < len {
-                ctx.buf.resize(len, 0);
+        let kind = |p: usize| PageKind::of(region, p);
+        let first_kind = kind(first);
+        let uniform = (first + 1..first + count).all(|p| kind(p) == first_kind);
+        match (uniform, first_kind, given) {
+            (true, PageKind::Zero, _) => Ok(Bytes::Zero),
+            // The caller's bytes are the source's: never for a swapped page.
+            (_, _, Some(bytes)) if (first..first + count).all(|p| kind(p) != PageKind::Swapped) => {
+                Ok(bytes)
             }
-            swap.read(region.swap_base + first as u64, &mut ctx.buf[..len])
-                .map_err(InstallError::Source)?;
-            return Ok(Bytes::Buffer);
+            (true, PageKind::Swapped, _) => {
+                self.read_swapped(region, first, count, 0, ctx)?;
+                Ok(Bytes::Buffer)
+            }
+            (true, PageKind::Source, None) => {
+                let offset = first as u64 * region.page_size;
+                match region.source.mapped_addr(offset, len) {
+                    Some(addr) => Ok(Bytes::Address(addr)),
+                    None => self.fetch(region, first, count, 0, ctx),
+                }
+            }
+            _ => {
+                let page_len = region.page_size as usize;
+                if ctx.buf.len() < count * page_len {
+                    ctx.buf.resize(count * page_len, 0);
+                }
+                let mut done = 0;
+                while done < count {
+                    let k = kind(first + done);
+                    let mut n = 1;
+                    while done + n < count && kind(first + done + n) == k {
+                        n += 1;
+                    }
+                    let at = done * page_len;
+                    match k {
+                        PageKind::Zero => ctx.buf[at..at + n * page_len].fill(0),
+                        PageKind::Swapped => self.read_swapped(region, first + done, n, at, ctx)?,
+                        PageKind::Source => {
+                            if self.fetch(region, first + done, n, at, ctx)? == Bytes::Zero {
+                                ctx.buf[at..at + n * page_len].fill(0);
+                            }
+                        }
+                    }
+                    done += n;
+                }
+                Ok(Bytes::Buffer)
+            }
         }
-        let offset = first as u64 * region.page_size;
-        match region.source.mapped_addr(offset, len) {
-            Some(addr) => Ok(Bytes::Address(addr)),
-            None => self.fetch(region, first, count, 0, ctx),
+    }
+
+    /// Reads `count` swapped pages from `first` out of their slots into the context's buffer
+    /// at byte `at`, each checked against its checksum.
+    fn read_swapped(
+        &self,
+        region: &Region,
+        first: usize,
+        count: usize,
+        at: usize,
+        ctx: &mut InstallContext<'_>,
+    ) -> Result<(), InstallError> {
+        let swap = self
+            .swap
+            .as_ref()
+            .expect("pages are swapped only with a swap file");
+        let len = count * region.page_size as usize;
+        if ctx.buf.len() < at + len {
+            ctx.buf.resize(at + len, 0);
         }
+        swap.read(region.swap_base + first as u64, &mut ctx.buf[at..at + len])
+            .map_err(InstallError::Source)
     }
 
     /// Fetches `count` pages from `first` into the context's buffer at byte `at` (where the
@@ -1158,6 +1209,29 @@ impl Shared {
                 .background_pending_pages
                 .fetch_sub(n as u64, Ordering::Relaxed);
             done += n;
+        }
+    }
+}
+
+/// What a page not present holds, for the install that brings it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PageKind {
+    /// Discarded: zero.
+    Zero,
+    /// In its swap-file slot.
+    Swapped,
+    /// In the region's source.
+    Source,
+}
+
+impl PageKind {
+    fn of(region: &Region, page: usize) -> PageKind {
+        if region.discarded.get(page) {
+            PageKind::Zero
+        } else if region.swapped.get(page) {
+            PageKind::Swapped
+        } else {
+            PageKind::Source
         }
     }
 }

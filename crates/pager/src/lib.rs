@@ -390,6 +390,7 @@ impl PagerBuilder {
             protection: Default::default(),
             swap,
             swap_batch: Mutex::new(()),
+            swap_range: Mutex::new(None),
             swap_counters: Default::default(),
             limiter: Default::default(),
         });
@@ -659,45 +660,41 @@ impl PagerHandle {
         )
     }
 
-    /// Reads `buf.len() / 4096` pages of `region` from `first` that are not present, from
-    /// where they are: the swap file for pages swapped out, zero for discarded pages, the
-    /// region's source for the others (a live snapshot reads them so, never faulting them in).
-    pub fn read_absent(
+    /// Reads `buf.len() / 4096` pages of `region` from `first` as they are in `state`: from
+    /// their swap-file slots (`Swapped`), from the region's source (`InSource`), or zero
+    /// (`Discarded`); whatever they are now (a live snapshot reads pages as they were at its
+    /// pause, never faulting them in). `Present` pages are not read here.
+    pub fn read_as(
         &self,
         region: usize,
         first: usize,
         buf: &mut [u8],
+        state: PageState,
     ) -> Result<(), SourceError> {
         let r = &self.shared.regions[region];
-        let page_len = r.page_size as usize;
-        let mut done = 0;
-        while done * page_len < buf.len() {
-            let page = first + done;
-            let mut n = 1;
-            let kind = |p: usize| (r.swapped.get(p), r.discarded.get(p));
-            while (done + n) * page_len < buf.len() && kind(page + n) == kind(page) {
-                n += 1;
+        match state {
+            PageState::Swapped => {
+                let swap = self.shared.swap.as_ref().ok_or(SourceError::Unavailable {
+                    offset: first as u64 * r.page_size,
+                    reason: "the pager has no swap file".into(),
+                })?;
+                swap.read(r.swap_base + first as u64, buf)
             }
-            let bytes = &mut buf[done * page_len..(done + n) * page_len];
-            match kind(page) {
-                (true, _) => {
-                    let swap = self
-                        .shared
-                        .swap
-                        .as_ref()
-                        .expect("swapped pages have a file");
-                    swap.read(r.swap_base + page as u64, bytes)?;
-                }
-                (false, true) => bytes.fill(0),
-                (false, false) => {
-                    if r.source.fetch(page as u64 * r.page_size, bytes)? == Content::Zero {
-                        bytes.fill(0);
-                    }
-                }
+            PageState::Discarded => {
+                buf.fill(0);
+                Ok(())
             }
-            done += n;
+            PageState::InSource => {
+                if r.source.fetch(first as u64 * r.page_size, buf)? == Content::Zero {
+                    buf.fill(0);
+                }
+                Ok(())
+            }
+            PageState::Present => Err(SourceError::Unavailable {
+                offset: first as u64 * r.page_size,
+                reason: "a present page is read from memory, not through the pager".into(),
+            }),
         }
-        Ok(())
     }
 
     /// `region`'s first address and length.

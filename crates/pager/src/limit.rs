@@ -4,10 +4,11 @@
 //! over one `referenced` bit per page (set when a page is installed, and when the VMM says the
 //! guest wrote it: `note_written`, from the dirty log), down to the limit less a margin.
 //!
-//! A wait for room is bounded ([`ROOM_WAIT`]): if the evictor cannot make room (every page in
-//! flight, a limit smaller than what must stay), the install goes ahead and the overrun is
-//! counted, rather than the guest hanging. No page is evicted while a write protection (a
-//! live snapshot) is in force: the limit can be exceeded until it ends.
+//! A wait for room is bounded ([`ROOM_WAIT`]), and cut short when waiting cannot help: while a
+//! write protection (a live snapshot) is in force no page is evicted, and two eviction
+//! attempts in a row that freed nothing mean every page is in use or in flight. The install
+//! then goes ahead and the overrun is counted, rather than the guest waiting: the limit can
+//! be exceeded until then.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -34,6 +35,14 @@ pub(crate) struct Limiter {
     wake: Mutex<u64>,
     cv: Condvar,
     pub evicted: AtomicU64,
+    /// Attempts in a row that freed nothing. One may (a turn of the hand that only cleared
+    /// referenced bits); two mean every page is in use, in flight or held (a live snapshot):
+    /// installs do not wait for the evictor then.
+    fruitless: AtomicU64,
+    /// Eviction attempts made so far.
+    attempts: AtomicU64,
+    /// The most pages an install waiting for room wants (cleared by each attempt).
+    wanted: AtomicU64,
     pub overruns: AtomicU64,
     pub room_waits: AtomicU64,
 }
@@ -61,9 +70,16 @@ impl Shared {
         self.limiter.room_waits.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + ROOM_WAIT;
         let mut generation = self.limiter.wake.lock().unwrap_or_else(|e| e.into_inner());
+        let attempts = self.limiter.attempts.load(Ordering::Acquire);
+        self.limiter.wanted.fetch_max(pages, Ordering::AcqRel);
         while self.resident_now() + pages > limit {
             let now = Instant::now();
-            if now >= deadline || self.stopping() {
+            // No use waiting while a live snapshot holds swap-outs off, or once an attempt
+            // made since this wait began freed nothing.
+            let hopeless = self.protection.active()
+                || (self.limiter.attempts.load(Ordering::Acquire) > attempts
+                    && self.limiter.fruitless.load(Ordering::Acquire) >= 2);
+            if now >= deadline || self.stopping() || hopeless {
                 self.limiter.overruns.fetch_add(1, Ordering::Relaxed);
                 return;
             }
@@ -107,12 +123,25 @@ impl Shared {
             if self.stopping() {
                 return;
             }
-            // At the limit, or close enough that the next read-ahead would wait.
+            // At the limit, or close enough that an install would wait.
             let resident = self.resident_now();
-            if resident + NEAR_LIMIT_PAGES > limit && resident > target {
-                if let Err(e) = self.evict(resident - target, false) {
-                    tracing::debug!("pager: eviction stopped: {e}");
+            let wanted = self.limiter.wanted.swap(0, Ordering::AcqRel);
+            let room = NEAR_LIMIT_PAGES.max(wanted);
+            let target = target.min(limit.saturating_sub(wanted));
+            if resident + room > limit && resident > target {
+                let freed = match self.evict(resident - target, false) {
+                    Ok(report) => report.swapped + report.zero,
+                    Err(e) => {
+                        tracing::debug!("pager: eviction stopped: {e}");
+                        0
+                    }
+                };
+                if freed == 0 {
+                    self.limiter.fruitless.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    self.limiter.fruitless.store(0, Ordering::Release);
                 }
+                self.limiter.attempts.fetch_add(1, Ordering::AcqRel);
             }
             self.limiter.cv.notify_all();
         }

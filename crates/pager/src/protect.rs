@@ -138,9 +138,19 @@ impl Shared {
         queue: &mut EventQueue,
     ) {
         let page_addr = address & !(uffd::PAGE_SIZE - 1);
-        // A swap-out batch protects the pages it takes: the writer waits until they are gone
-        // (and then faults again, on a missing page).
-        drop(self.swap_batch.lock().unwrap_or_else(|e| e.into_inner()));
+        let region = self.regions.iter().position(|r| r.contains(address));
+        // A swap-out batch protects the pages it takes: a write to one is left to the batch,
+        // whose unprotect wakes the writer (it then faults again, on a missing page). The
+        // range is checked and the page unprotected under the same lock, which a batch takes
+        // to set its range: an unprotect here can never undo a later batch's protection.
+        let range = self.swap_range.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some((batch_region, lo, hi)), Some(index)) = (*range, region) {
+            let page = self.regions[index].page_of(address);
+            if batch_region == index && (lo..hi).contains(&page) {
+                self.protection.record(read_at.elapsed());
+                return;
+            }
+        }
         if !self.protection.ever.load(Ordering::Acquire) {
             self.report_fatal(&format!(
                 "a write-protect fault at {address:#x}, but nothing write-protected guest memory: this is a bug"
@@ -152,10 +162,8 @@ impl Shared {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            if let Some(guard) = guard {
-                if let Some(index) = self.regions.iter().position(|r| r.contains(address)) {
-                    guard.before_write(index, self.regions[index].page_of(address));
-                }
+            if let (Some(guard), Some(index)) = (guard, region) {
+                guard.before_write(index, self.regions[index].page_of(address));
             }
         }
         if let Err(e) = self.set_protection(page_addr, uffd::PAGE_SIZE, false, Some(queue)) {
@@ -164,6 +172,7 @@ impl Shared {
             // nothing left to wake.
             tracing::warn!("pager: cannot unprotect {page_addr:#x}: {e}");
         }
+        drop(range);
         self.protection.record(read_at.elapsed());
     }
 

@@ -10,11 +10,12 @@
 //!   since it came back: same checksum, same bytes) is not rewritten;
 //! - any other page is written to its slot, then its checksum.
 //!
-//! Then the pages are released with `fallocate(PUNCH_HOLE)` on the memfd. That makes no
-//! userfaultfd event: the pager tells its own releases (swapped, or discarded when zero) from
-//! the guest's (a remove event: discarded). Then they are unprotected (a waiting writer
-//! faults again, now on a missing page) and the claim is released, waking any fault that
-//! joined it. A later fault on a swapped page reads its slot, checks it against its checksum
+//! Then the pages are released with `fallocate(PUNCH_HOLE)` on the memfd, and only the pages
+//! released change state. That makes no userfaultfd event: the pager tells its own releases
+//! (swapped, or discarded when zero) from the guest's (a remove event: discarded). Then they
+//! are unprotected (a waiting writer faults again, now on a missing page: a write-protect
+//! fault on a page of the batch is left to the batch, never waited for on a fault thread) and
+//! the claim is released, waking any fault that joined it. A later fault on a swapped page reads its slot, checks it against its checksum
 //! (a damaged swap file is an error naming the page, never wrong data) and installs it.
 //!
 //! The swap file holds a slot per page of every region, back to back, then a CRC32 per slot:
@@ -293,11 +294,13 @@ impl Shared {
                     if region.present.get(p) {
                         claimed.push(p);
                     } else {
+                        // It went meanwhile: let go, and wake a fault that joined the claim.
                         region.inflight.clear(p);
+                        let _ = self.uffd.wake(region.addr_of(p), region.page_size);
                     }
                 }
             }
-            let result = self.swap_out_claimed(region, swap, backing, &claimed, &mut buf);
+            let result = self.swap_out_claimed(index, swap, backing, &claimed, &mut buf);
             for &p in &claimed {
                 region.inflight.clear(p);
             }
@@ -318,94 +321,52 @@ impl Shared {
         Ok(report)
     }
 
-    /// Swaps out `claimed` pages (ascending) of `region`, which this thread holds in flight.
+    /// Swaps out `claimed` pages (ascending) of region `index`, which this thread holds in
+    /// flight.
     fn swap_out_claimed(
         &self,
-        region: &crate::region::Region,
+        index: usize,
         swap: &SwapFile,
         backing: &crate::region::Backing,
         claimed: &[usize],
         buf: &mut [u8],
     ) -> Result<SwapOutReport, PagerError> {
+        let region = &self.regions[index];
         let mut report = SwapOutReport::default();
-        if claimed.is_empty() {
+        let (Some(&first), Some(&last)) = (claimed.first(), claimed.last()) else {
             return Ok(report);
-        }
-        let first = claimed[0];
-        let protect = |on: bool| -> Result<(), PagerError> {
-            for (start, n) in runs(claimed) {
-                self.set_protection(region.addr_of(start), n as u64 * region.page_size, on, None)
-                    .map_err(|e| PagerError::Swap(format!("write protection: {e}")))?;
-            }
-            Ok(())
         };
-        self.protection.note_protecting();
-        protect(true)?;
-        let result = (|| {
-            let mut outcome = Vec::with_capacity(claimed.len());
-            for &p in claimed {
-                let at = (p - first) * PAGE;
-                let page = &mut buf[at..at + PAGE];
-                backing
-                    .file
-                    .read_exact_at(page, backing.offset + p as u64 * region.page_size)
-                    .map_err(|e| PagerError::Swap(format!("cannot read guest RAM: {e}")))?;
-                let slot = region.swap_base + p as u64;
-                let state = if page.iter().all(|&b| b == 0) {
-                    PageOut::Zero
-                } else {
-                    let sum = crc32fast::hash(page);
-                    let io = |e: std::io::Error| {
-                        PagerError::Swap(format!("swap file {}: {e}", swap.path().display()))
-                    };
-                    if swap.holds(slot, page, sum).map_err(io)? {
-                        PageOut::Unchanged
-                    } else {
-                        swap.write(slot, page, sum).map_err(io)?;
-                        PageOut::Written
-                    }
-                };
-                outcome.push(state);
-            }
-            // The states change under the event gate, as installs decide content under it: a
-            // guest's remove that came meanwhile wins (the page is discarded: zero).
-            {
-                let _gate = self.event_gate.read().unwrap_or_else(|e| e.into_inner());
-                for (&p, state) in claimed.iter().zip(&outcome) {
-                    if region.discarded.get(p) && !region.present.get(p) {
-                        continue;
-                    }
-                    region.present.clear(p);
-                    match state {
-                        PageOut::Zero => {
-                            region.discarded.set(p);
-                            region.swapped.clear(p);
-                            report.zero += 1;
-                        }
-                        PageOut::Unchanged | PageOut::Written => {
-                            region.discarded.clear(p);
-                            region.swapped.set(p);
-                            report.swapped += 1;
-                            if *state == PageOut::Unchanged {
-                                report.unchanged += 1;
-                            } else {
-                                report.bytes_written += PAGE as u64;
-                            }
-                        }
-                    }
+        let set_protection = |on: bool| -> Result<(), PagerError> {
+            let mut result = Ok(());
+            for (start, n) in runs(claimed) {
+                let done = self
+                    .set_protection(region.addr_of(start), n as u64 * region.page_size, on, None)
+                    .map_err(|e| PagerError::Swap(format!("write protection: {e}")));
+                // Unprotecting goes on past a failure: as little as possible stays protected.
+                if result.is_ok() {
+                    result = done;
+                }
+                if on && result.is_err() {
+                    break;
                 }
             }
-            for (start, n) in runs(claimed) {
-                backing
-                    .punch(start as u64 * region.page_size, n as u64 * region.page_size)
-                    .map_err(|e| PagerError::Swap(format!("cannot release guest RAM: {e}")))?;
-            }
-            Ok(report)
-        })();
+            result
+        };
+        // A write-protect fault on a page of this batch is left to the batch, whose unprotect
+        // wakes the writer (the fault thread never waits for a batch).
+        *self.swap_range.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, first, last + 1));
+        self.protection.note_protecting();
+        let result = set_protection(true)
+            .and_then(|()| self.take_pages(region, swap, backing, claimed, buf, &mut report));
         // Whatever happened, nothing stays protected: a writer faults again (missing, if the
         // page went) and is served.
-        let unprotected = protect(false);
-        let report = result?;
+        let unprotected = {
+            let mut range = self.swap_range.lock().unwrap_or_else(|e| e.into_inner());
+            let unprotected = set_protection(false);
+            *range = None;
+            unprotected
+        };
+        result?;
         unprotected?;
         let counters = &self.swap_counters;
         counters
@@ -421,6 +382,88 @@ impl Shared {
             .bytes_written
             .fetch_add(report.bytes_written, Ordering::Relaxed);
         Ok(report)
+    }
+
+    /// With `claimed` protected: reads each page from the backing file, writes what must be
+    /// written to its slot, releases the pages from RAM, then records their new states (a
+    /// page whose release failed stays present, as it is).
+    fn take_pages(
+        &self,
+        region: &crate::region::Region,
+        swap: &SwapFile,
+        backing: &crate::region::Backing,
+        claimed: &[usize],
+        buf: &mut [u8],
+        report: &mut SwapOutReport,
+    ) -> Result<(), PagerError> {
+        let first = claimed[0];
+        let mut outcome = Vec::with_capacity(claimed.len());
+        for &p in claimed {
+            let at = (p - first) * PAGE;
+            let page = &mut buf[at..at + PAGE];
+            backing
+                .file
+                .read_exact_at(page, backing.offset + p as u64 * region.page_size)
+                .map_err(|e| PagerError::Swap(format!("cannot read guest RAM: {e}")))?;
+            let slot = region.swap_base + p as u64;
+            let state = if page.iter().all(|&b| b == 0) {
+                PageOut::Zero
+            } else {
+                let sum = crc32fast::hash(page);
+                let io = |e: std::io::Error| {
+                    PagerError::Swap(format!("swap file {}: {e}", swap.path().display()))
+                };
+                if swap.holds(slot, page, sum).map_err(io)? {
+                    PageOut::Unchanged
+                } else {
+                    swap.write(slot, page, sum).map_err(io)?;
+                    PageOut::Written
+                }
+            };
+            outcome.push(state);
+        }
+        // Released first, recorded after: a page that could not be released stays present.
+        // (A fault on a released page joins the claim and is served once it is recorded.)
+        let mut released = vec![false; claimed.len()];
+        let mut failure = None;
+        let mut at = 0;
+        for (start, n) in runs(claimed) {
+            match backing.punch(start as u64 * region.page_size, n as u64 * region.page_size) {
+                Ok(()) => released[at..at + n].fill(true),
+                Err(e) => {
+                    failure
+                        .get_or_insert(PagerError::Swap(format!("cannot release guest RAM: {e}")));
+                }
+            }
+            at += n;
+        }
+        // The states change under the event gate, as installs decide content under it: a
+        // guest's remove that came meanwhile wins (the page is discarded: zero).
+        let _gate = self.event_gate.read().unwrap_or_else(|e| e.into_inner());
+        for ((&p, state), released) in claimed.iter().zip(&outcome).zip(released) {
+            if !released || (region.discarded.get(p) && !region.present.get(p)) {
+                continue;
+            }
+            region.present.clear(p);
+            match state {
+                PageOut::Zero => {
+                    region.discarded.set(p);
+                    region.swapped.clear(p);
+                    report.zero += 1;
+                }
+                PageOut::Unchanged | PageOut::Written => {
+                    region.discarded.clear(p);
+                    region.swapped.set(p);
+                    report.swapped += 1;
+                    if *state == PageOut::Unchanged {
+                        report.unchanged += 1;
+                    } else {
+                        report.bytes_written += PAGE as u64;
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 }
 

@@ -74,8 +74,9 @@ struct Plan {
     regions: Vec<PlanRegion>,
     /// Pages to copy from RAM (write-protected until copied).
     pending: AtomicBitmap,
-    /// Pages to read through the pager from where they are (source, swap file).
-    from_source: Vec<u64>,
+    /// Pages to read through the pager from where they were at the pause (source, swap
+    /// file), with that state.
+    from_source: Vec<(u64, PageState)>,
     stripes: Vec<Mutex<()>>,
 }
 
@@ -383,9 +384,9 @@ fn plan(
     pager: &PagerHandle,
     included: Option<&DirtyPages>,
 ) -> Result<Plan, SnapshotError> {
-    let data = create::resident_pages(ram)?;
     let total = ram.size() / PAGE_SIZE;
     let pending = AtomicBitmap::new(total as usize);
+    let mut present = Vec::new();
     let mut from_source = Vec::new();
     let mut regions = Vec::new();
     let mut base = 0u64;
@@ -408,9 +409,12 @@ fn plan(
                 .settled_page_state(pager_region, page as usize)
                 .map_err(SnapshotError::Protect)?
             {
-                PageState::Present if data[index as usize] => pending.set(index as usize),
-                PageState::Present | PageState::Discarded => {}
-                PageState::InSource | PageState::Swapped => from_source.push(index),
+                PageState::Present => present.push(index),
+                PageState::Discarded => {}
+                // Read later from where it is now, whatever becomes of the page meanwhile.
+                state @ (PageState::InSource | PageState::Swapped) => {
+                    from_source.push((index, state))
+                }
             }
         }
         regions.push(PlanRegion {
@@ -420,6 +424,14 @@ fn plan(
             memfd: region.memfd_file(),
         });
         base += pages;
+    }
+    // The memfd's data after the states: a page installed meanwhile (by background work;
+    // the guest is paused) was taken as in the source, never as a hole.
+    let data = create::resident_pages(ram)?;
+    for index in present {
+        if data[index as usize] {
+            pending.set(index as usize);
+        }
     }
     Ok(Plan {
         regions,
@@ -560,19 +572,24 @@ fn write_source_pages(
         if saver.failed() {
             return Ok(());
         }
-        let first = pages[i];
+        let (first, state) = pages[i];
         let region = plan.region_of(first);
         let mut count = 1;
         while i + count < pages.len()
             && (count as u64) < SOURCE_BATCH_PAGES
-            && pages[i + count] == first + count as u64
+            && pages[i + count] == (first + count as u64, state)
             && first + (count as u64) < region.base + region.pages
         {
             count += 1;
         }
         let bytes = &mut buf[..count * page_len];
         pager
-            .read_absent(region.pager_region, (first - region.base) as usize, bytes)
+            .read_as(
+                region.pager_region,
+                (first - region.base) as usize,
+                bytes,
+                state,
+            )
             .map_err(|e| SnapshotError::Source {
                 offset: first * PAGE_SIZE,
                 reason: e.to_string(),

@@ -400,7 +400,6 @@ impl DirtyLog {
         }
     }
 
-    /// Gives back pages a failed snapshot took, so that the next take reports them again.
     /// The pages written since the last peek (a reader that only wants to know, such as
     /// eviction); the next take still reports them. What KVM logged is harvested under the
     /// same lock as a take, so no page escapes either.
@@ -440,6 +439,7 @@ impl DirtyLog {
         Ok(())
     }
 
+    /// Gives back pages a failed snapshot took, so that the next take reports them again.
     pub fn give_back(&self, pages: &DirtyPages) {
         let mut state = self.lock();
         if state.enabled {

@@ -263,7 +263,7 @@ impl MemoryMap {
         self.dirty.take(&self.fd, &slots)
     }
 
-    /// The pages written since the last take, which the next take still reports.
+    /// The pages written since the last peek (the next take still reports them).
     pub fn peek_dirty_pages(&self) -> Result<Option<DirtyPages>, DirtyError> {
         let slots = self.slots();
         self.dirty.peek(&self.fd, &slots)
