@@ -33,8 +33,7 @@ use crate::memory::{LayerKind, PageImageWriter, PAGE_SIZE};
 use crate::state::{self, MemoryKind, ParentRef};
 use crate::SnapshotError;
 
-/// Pages per lock of the pending map: the writer copies a stripe under its lock while a
-/// write fault on it waits (64 pages: a 256 KiB read).
+/// Pages the writer reads at a time (256 KiB).
 const STRIPE_PAGES: u64 = 64;
 /// Protected runs closer than this many pages are protected as one (fewer ioctls in the
 /// pause; a write to a page between them faults once and is let through).
@@ -69,15 +68,24 @@ struct PlanRegion {
     memfd: Arc<File>,
 }
 
-/// Which pages still have to be copied from RAM, with a lock per stripe of them.
+/// Which pages have to be copied from RAM, and which have been.
+///
+/// No lock: whoever sets a page's `taken` bit (the writer, or a write fault's guard) writes
+/// it to the image, once. The writer reads a page *before* it tries to take it, so a copy it
+/// took holds the page as it was while still protected; a guard that finds a page taken
+/// returns at once (the page is let go: the writer's copy is already in its buffer), and one
+/// that takes it reads and writes it before returning. So a page is unprotected only after a
+/// good copy exists, and a write fault never waits for the writer, whatever the scheduler
+/// does to it.
 struct Plan {
     regions: Vec<PlanRegion>,
     /// Pages to copy from RAM (write-protected until copied).
     pending: AtomicBitmap,
+    /// Pages whose copy someone took.
+    taken: AtomicBitmap,
     /// Pages to read through the pager from where they were at the pause (source, swap
     /// file), with that state.
     from_source: Vec<(u64, PageState)>,
-    stripes: Vec<Mutex<()>>,
 }
 
 impl Plan {
@@ -146,10 +154,8 @@ impl WriteGuard for Saver {
             return;
         };
         let index = region.base + page as u64;
-        let _stripe = plan.stripes[(index / STRIPE_PAGES) as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if !plan.pending.get(index as usize) {
+        if !plan.pending.get(index as usize) || !plan.taken.test_and_set(index as usize) {
+            // Not to be copied, or the writer holds its copy already.
             return;
         }
         let mut bytes = [0u8; PAGE_SIZE as usize];
@@ -157,7 +163,6 @@ impl WriteGuard for Saver {
             .read_ram(index, &mut bytes)
             .and_then(|()| image.write_page(index, &bytes));
         // Saved or failed, the page is let go: the guest must run on.
-        plan.pending.clear(index as usize);
         match saved {
             Ok(()) => {
                 self.saved.fetch_add(1, Ordering::Relaxed);
@@ -437,9 +442,7 @@ fn plan(
         regions,
         pending,
         from_source,
-        stripes: (0..total.div_ceil(STRIPE_PAGES))
-            .map(|_| Mutex::new(()))
-            .collect(),
+        taken: AtomicBitmap::new(total as usize),
     })
 }
 
@@ -472,8 +475,8 @@ fn protect(pager: &PagerHandle, plan: &Plan) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// The writer, while the VM runs: copies the pending pages stripe by stripe (each stripe
-/// under its lock, so a write fault never sees a page half taken), lets them go, writes them;
+/// The writer, while the VM runs: reads the pending pages 64 at a time, takes those no guard
+/// has taken (see `Plan`), lets them go and writes them;
 /// then reads the pages still in the source. Stops early when a write fault's save failed.
 fn write_pages(
     pager: &PagerHandle,
@@ -486,6 +489,7 @@ fn write_pages(
     let total = plan.pending.len() as u64;
     let mut buf = vec![0u8; STRIPE_PAGES as usize * page_len];
     let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut won: Vec<u64> = Vec::new();
     for stripe in 0..total.div_ceil(STRIPE_PAGES) {
         if saver.failed() {
             return Ok(());
@@ -493,50 +497,59 @@ fn write_pages(
         let lo = stripe * STRIPE_PAGES;
         let hi = (lo + STRIPE_PAGES).min(total);
         runs.clear();
-        {
-            let _stripe = plan.stripes[stripe as usize]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let mut page = lo;
-            while page < hi {
-                if !plan.pending.get(page as usize) {
-                    page += 1;
-                    continue;
-                }
-                let region = plan.region_of(page);
-                let region_end = region.base + region.pages;
-                let mut end = page + 1;
-                while end < hi && end < region_end && plan.pending.get(end as usize) {
-                    end += 1;
-                }
-                let at = ((page - lo) as usize) * page_len;
-                let read = plan.read_ram(page, &mut buf[at..at + (end - page) as usize * page_len]);
-                for p in page..end {
-                    plan.pending.clear(p as usize);
-                }
-                read?;
-                runs.push((page, end));
-                page = end;
+        let untaken = |p: u64| plan.pending.get(p as usize) && !plan.taken.get(p as usize);
+        let mut page = lo;
+        while page < hi {
+            if !untaken(page) {
+                page += 1;
+                continue;
             }
+            let region = plan.region_of(page);
+            let region_end = region.base + region.pages;
+            let mut end = page + 1;
+            while end < hi && end < region_end && untaken(end) {
+                end += 1;
+            }
+            // Read first, take after: see `Plan`.
+            let at = ((page - lo) as usize) * page_len;
+            plan.read_ram(page, &mut buf[at..at + (end - page) as usize * page_len])?;
+            runs.push((page, end));
+            page = end;
         }
+        // Take what a guard has not: only those pages are the writer's to let go (a page a
+        // guard took stays protected until the guard has its copy).
+        won.clear();
         for &(first, end) in &runs {
+            won.extend((first..end).filter(|&p| plan.taken.test_and_set(p as usize)));
+        }
+        for (first, count) in region_runs(plan, &won) {
             let region = plan.region_of(first);
             pager
                 .unprotect(
                     region.pager_region,
                     (first - region.base) as usize,
-                    (end - first) as usize,
+                    count as usize,
                 )
                 .map_err(SnapshotError::Protect)?;
         }
-        for &(first, end) in &runs {
-            for page in first..end {
-                let at = ((page - lo) as usize) * page_len;
-                image.write_page(page, &buf[at..at + page_len])?;
-            }
+        for &page in &won {
+            let at = ((page - lo) as usize) * page_len;
+            image.write_page(page, &buf[at..at + page_len])?;
         }
     }
     write_source_pages(pager, plan, saver, image)
+}
+
+/// Contiguous runs `(first, count)` of ascending `pages`, none crossing a RAM region.
+fn region_runs(plan: &Plan, pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((first, n)) if *first + *n == p && plan.region_of(p).base <= *first => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
 }
 
 /// A test hook: with `FAULTLINE_LIVE_WRITER_GATE=PATH` in the environment, the writer
