@@ -1455,6 +1455,9 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { action } => migrate_command(action),
         Command::Run(args) => match (&args.guest, &args.kernel) {
             (Some(name), _) => run_micro(&args, name),
+            (None, Some(_)) if args.swap.swap_file.is_some() || args.swap.mem_limit.is_some() => {
+                bail!("--swap-file and --mem-limit are for micro-guests and restores, not --kernel")
+            }
             (None, Some(kernel)) => run_kernel(&args, kernel.clone()),
             (None, None) => unreachable!("clap requires --guest or --kernel"),
         },
