@@ -303,14 +303,32 @@ pub fn check_layout(state: &SnapshotState, ram: &GuestRam) -> anyhow::Result<()>
 /// snapshot's memory): `config` with the state's vCPU count, then the saved vCPU, VM and
 /// device state. The one path from saved state to a VM, for restores and their peers.
 pub fn vm_from_state(state: &SnapshotState, ram: GuestRam, config: VmConfig) -> anyhow::Result<Vm> {
-    let config = VmConfig {
-        vcpus: state.machine.vcpus.len() as u8,
-        ..config
-    };
-    let mut vm = Vm::new(&config, ram).context("cannot create the VM")?;
-    vm.restore_state(&state.machine)
-        .context("cannot restore the VM's state")?;
+    let mut vm = vm_for(state.machine.vcpus.len() as u8, ram, config)?;
+    state_into(&mut vm, state)?;
     Ok(vm)
+}
+
+/// The first half of [`vm_from_state`], for a VM built before its state is known (a
+/// migration destination builds it while the pages come, not in the downtime): a VM of
+/// `vcpus` vCPUs over `ram`, not run.
+pub fn vm_for(vcpus: u8, ram: GuestRam, config: VmConfig) -> anyhow::Result<Vm> {
+    let config = VmConfig { vcpus, ..config };
+    Vm::new(&config, ram).context("cannot create the VM")
+}
+
+/// The second half: the saved vCPU, VM and device state into `vm`, built by [`vm_for`] and
+/// never run, whose vCPU count and RAM must be the state's.
+pub fn state_into(vm: &mut Vm, state: &SnapshotState) -> anyhow::Result<()> {
+    let vcpus = usize::from(vm.handle().vcpu_count());
+    if state.machine.vcpus.len() != vcpus {
+        bail!(
+            "the state has {} vCPUs, the VM built for it {vcpus}",
+            state.machine.vcpus.len()
+        );
+    }
+    check_layout(state, vm.ram())?;
+    vm.restore_state(&state.machine)
+        .context("cannot restore the VM's state")
 }
 
 /// Restores the snapshot in `options.dir` into a new VM. Nothing runs yet; the caller runs it.

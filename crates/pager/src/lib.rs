@@ -634,6 +634,17 @@ impl PagerHandle {
         }
     }
 
+    /// The caller released `count` pages of `region` from `first` from RAM itself (punched
+    /// them out of the memfd): they are missing now, and their contents are the source's
+    /// again. For pages nothing installs meanwhile (a migration destination before its VM
+    /// runs and its stream starts).
+    pub fn mark_released(&self, region: usize, first: usize, count: usize) {
+        let r = &self.shared.regions[region];
+        for page in first..(first + count).min(r.pages()) {
+            r.present.clear(page);
+        }
+    }
+
     /// Pages present now, all regions together.
     pub fn resident_pages(&self) -> u64 {
         self.shared

@@ -115,7 +115,9 @@ struct Answers {
 }
 
 impl NetworkSource {
-    fn new(layout: Layout, incoming: Arc<Incoming>) -> Self {
+    /// A source with no page-request connection yet: fetches wait for one
+    /// ([`accept_requests`] brings it).
+    pub(super) fn new(layout: Layout, incoming: Arc<Incoming>) -> Self {
         NetworkSource {
             layout,
             incoming,
@@ -341,14 +343,14 @@ fn image_to_gpa(regions: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u
     None
 }
 
-/// Accepts the page-request connection (and its hello) from `listener`; the source to build
-/// the pager on.
+/// Accepts the page-request connection (and its hello) from `listener` and gives it to
+/// `source` (which the pager was built on before).
 pub(super) fn accept_requests(
     listener: &TcpListener,
     tls: Option<&Tls>,
     ours: &VmIdentity,
-    incoming: &Arc<Incoming>,
-) -> anyhow::Result<Arc<NetworkSource>> {
+    source: &Arc<NetworkSource>,
+) -> anyhow::Result<()> {
     let (reader, writer) = accept_link(
         listener,
         tls,
@@ -357,12 +359,7 @@ pub(super) fn accept_requests(
         &|| false,
     )
     .context("cannot accept the page-request connection")?;
-    let source = Arc::new(NetworkSource::new(
-        ours.layout.clone(),
-        Arc::clone(incoming),
-    ));
-    source.connect(reader, writer)?;
-    Ok(source)
+    source.connect(reader, writer)
 }
 
 /// What the stream thread works with.

@@ -20,10 +20,10 @@ use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
-use super::postcopy_receive::{accept_requests, install_zeros, take_stream, Stream};
+use super::postcopy_receive::{accept_requests, install_zeros, take_stream, NetworkSource, Stream};
 use super::{identity, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
-use crate::restore::{check_layout, vm_from_state};
+use crate::restore::{state_into, vm_for};
 
 /// What the destination received.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -145,6 +145,15 @@ fn take(
         .context("this host cannot take the VM")?;
     write_message(writer, &Message::Hello(ours.clone()))?;
     writer.flush()?;
+    // The VM is built now, while the pages come, not in the downtime; its state goes in when
+    // it arrives. (Its vCPU threads tell a pager, if post-copy starts one, who they are.)
+    let link = PagerLink::default();
+    let config = VmConfig {
+        on_vcpu_thread: Some(link.vcpu_hook()),
+        ..config
+    };
+    let mut vm = vm_for(theirs.vcpus, ram, config)?;
+    let ram = vm.ram().clone();
 
     let layout = ours.layout.clone();
     let mut report = ReceiveReport {
@@ -174,7 +183,7 @@ fn take(
             Message::Round { round, .. } => report.dirty_rounds = round,
             Message::SwitchOver { post_copy: true } => {
                 return post_copy(
-                    listener, tls, reader, writer, ram, &ours, config, report, &zeroed, incoming,
+                    listener, tls, reader, writer, vm, &ours, link, report, &zeroed, incoming,
                 );
             }
             Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
@@ -194,8 +203,7 @@ fn take(
         bail!("the source finished without a switch-over");
     }
     // The state's layout must be the one the pages came in.
-    check_layout(&state, &ram).context("the state's RAM is not the RAM the pages came in")?;
-    let vm = vm_from_state(&state, ram, config)?;
+    state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Built, not run: the VM runs here only once the source knows, so that a connection that
     // breaks before leaves it running there and nowhere else.
     write_message(writer, &Message::Built)?;
@@ -268,9 +276,9 @@ fn post_copy(
     tls: Option<&Tls>,
     reader: &mut BufReader<Channel>,
     writer: &mut BufWriter<Channel>,
-    ram: GuestRam,
+    mut vm: Vm,
     ours: &migrate::VmIdentity,
-    config: VmConfig,
+    link: PagerLink,
     mut report: ReceiveReport,
     zeroed: &[bool],
     incoming: Arc<Incoming>,
@@ -280,38 +288,20 @@ fn post_copy(
     // The pages the rounds sent that will come again, known before the source pauses: they
     // are punched out now, while the VM still runs there, not in the downtime.
     let early = read_stale(reader, ours).context("no list of the pages to come again")?;
+    let ram = vm.ram().clone();
     for (gpa, count) in runs(&ram, |page| early.contains(page)) {
         zero(&ram, gpa, count)?;
     }
-    // The page-request connection next: the source pauses the VM only once it is open.
-    let source = accept_requests(listener, tls, ours, &incoming)?;
-    let state = match read_message(reader).context("no state after the switch-over")? {
-        Message::State(bytes) => {
-            let decoded: SnapshotState = serde_json::from_slice(&bytes)
-                .context("the VM state from the source does not decode")?;
-            snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
-            decoded
-        }
-        other => bail!("the source sent {} where the state belongs", other.name()),
-    };
-    let to_come = read_stale(reader, ours).context("no list of the pages to come")?;
-    // Pages to come must be missing, so that a touch asks for them (those punched early
-    // are).
-    for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
-        zero(&ram, gpa, count)?;
-    }
-    check_layout(&state, &ram).context("the state's RAM is not the RAM the hello described")?;
-    let link = PagerLink::default();
-    let config = VmConfig {
-        on_vcpu_thread: Some(link.vcpu_hook()),
-        ..config
-    };
-    let vm = vm_from_state(&state, ram, config)?;
+    // The pager next, over a source whose page-request connection is not up yet (the source
+    // pauses the VM only once it is): all of this is before the downtime.
+    let source = Arc::new(NetworkSource::new(
+        ours.layout.clone(),
+        Arc::clone(&incoming),
+    ));
     let pager = start_pager(
         vm.ram(),
-        // Pages the rounds wrote stay resident; the rest (punched out) is missing. With no
-        // rounds nothing was written: no residency to look for (a probe of every page, 10 ms
-        // a GiB, in the downtime).
+        // Pages the rounds wrote stay resident; the rest (never written, or punched out) is
+        // missing. With no rounds nothing was written: no residency to look for.
         if report.normal_pages == 0 {
             RamState::Fresh
         } else {
@@ -328,6 +318,34 @@ fn post_copy(
         &link,
         vm.control(),
     )?;
+    accept_requests(listener, tls, ours, &source)?;
+    let state = match read_message(reader).context("no state after the switch-over")? {
+        Message::State(bytes) => {
+            let decoded: SnapshotState = serde_json::from_slice(&bytes)
+                .context("the VM state from the source does not decode")?;
+            snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
+            decoded
+        }
+        other => bail!("the source sent {} where the state belongs", other.name()),
+    };
+    let to_come = read_stale(reader, ours).context("no list of the pages to come")?;
+    // Pages to come must be missing, so that a touch asks for them (those punched early
+    // are; with no rounds nothing was ever written).
+    if report.normal_pages > 0 {
+        let handle = pager.handle();
+        for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
+            zero(&ram, gpa, count)?;
+            let (index, region) = ram
+                .region_at(gpa, count * PAGE_SIZE)
+                .context("pages outside RAM")?;
+            handle.mark_released(
+                index,
+                ((gpa - region.gpa()) / PAGE_SIZE) as usize,
+                count as usize,
+            );
+        }
+    }
+    state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Zero pages the rounds sent and that stay zero are holes too: put them in as zero now,
     // so that nothing is left to ask the source for once it is gone.
     let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
