@@ -348,9 +348,12 @@ fn post_copy(
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Zero pages the rounds sent and that stay zero are holes too: put them in as zero now,
     // so that nothing is left to ask the source for once it is gone.
-    let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
-    for (gpa, count) in runs(vm.ram(), known_zero) {
-        install_zeros(vm.ram(), &pager.handle(), gpa, count)?;
+    // (No zero pages came before the switch-over in a plain post-copy: nothing to look for.)
+    if report.zero_pages > 0 {
+        let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
+        for (gpa, count) in runs(vm.ram(), known_zero) {
+            install_zeros(vm.ram(), &pager.handle(), gpa, count)?;
+        }
     }
     // Everything that can fail before the VM is ours, so that nothing fails after.
     let stream = Stream {
