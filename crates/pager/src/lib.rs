@@ -512,6 +512,36 @@ impl PagerHandle {
         self.shared.regions[region].present.get(page)
     }
 
+    /// Whether the pager can give `region`'s `page` without its source: it is present, or
+    /// known to be zero (discarded).
+    pub fn holds(&self, region: usize, page: usize) -> bool {
+        let r = &self.shared.regions[region];
+        r.present.get(page) || r.discarded.get(page)
+    }
+
+    /// `count` pages of `region` from `first` are zero (a migration stream's zero range): the
+    /// ones not present are marked discarded, so that a touch installs a zero page without
+    /// asking the source, and nothing is installed (or allocated) now. An install of one
+    /// under way installs zero (it reads the discarded bit under the event gate).
+    pub fn mark_zero(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
+        let r = self
+            .shared
+            .regions
+            .get(region)
+            .ok_or(PagerError::NoRegion(region))?;
+        let _gate = self
+            .shared
+            .event_gate
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        for page in first..(first + count).min(r.pages()) {
+            if !r.present.get(page) {
+                r.discarded.set(page);
+            }
+        }
+        Ok(())
+    }
+
     /// The pager's counters now.
     pub fn stats(&self) -> Stats {
         self.shared

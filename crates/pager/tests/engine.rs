@@ -1320,3 +1320,33 @@ fn a_page_noted_written_stays_resident_under_a_limit() {
     drop(pager);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn pages_marked_zero_are_given_as_zero_without_the_source() {
+    // Page 3 of the source cannot be read: marked zero, it never has to be.
+    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop, 8, 3) else {
+        return;
+    };
+    let expected = pattern(8);
+    assert_eq!(
+        read_u64(shm.page(2)),
+        u64::from_le_bytes(expected[2 * PAGE..2 * PAGE + 8].try_into().unwrap())
+    );
+    wait_until("page 2 present", || pager.is_present(0, 2));
+    pager.mark_zero(0, 2, 3).unwrap();
+    assert!(pager.holds(0, 3) && pager.holds(0, 4) && !pager.holds(0, 5));
+    let before = pager.stats();
+    assert_eq!(read_u64(shm.page(3)), 0);
+    assert_eq!(read_u64(shm.page(4)), 0);
+    // A present page marked zero keeps its contents.
+    assert_eq!(
+        read_u64(shm.page(2)),
+        u64::from_le_bytes(expected[2 * PAGE..2 * PAGE + 8].try_into().unwrap())
+    );
+    assert_eq!(pager.stats().zero_pages, before.zero_pages + 2);
+    assert!(
+        reported.lock().unwrap().is_none(),
+        "the source was never asked for page 3"
+    );
+    assert!(pager.fatal_error().is_none());
+}

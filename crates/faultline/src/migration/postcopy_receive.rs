@@ -555,7 +555,7 @@ fn held_pages(ram: &GuestRam, pager: &pager::PagerHandle) -> DirtyPages {
     for (index, region) in ram.regions().iter().enumerate() {
         let count = region.size() / PAGE_SIZE;
         for page in 0..count {
-            if pager.is_present(index, page as usize) {
+            if pager.holds(index, page as usize) {
                 held.mark(first + page);
             }
         }
@@ -595,7 +595,7 @@ fn take_all(
             }
             Message::ZeroPages { gpa, count } => {
                 incoming.zero_pages.fetch_add(count, Ordering::Relaxed);
-                install_zeros(ram, pager, gpa, count).map_err(Stop::Fatal)?;
+                mark_zeros(ram, pager, gpa, count).map_err(Stop::Fatal)?;
             }
             Message::Done => break,
             Message::Abort(reason) => {
@@ -658,14 +658,15 @@ fn first_missing(
         .find_map(|(index, region)| {
             let start = if index == from.0 { from.1 } else { 0 };
             (start..(region.size() / PAGE_SIZE) as usize)
-                .find(|&page| !pager.is_present(index, page))
+                .find(|&page| !pager.holds(index, page))
                 .map(|page| (index, page))
         })
 }
 
-/// Installs `count` zero pages from `gpa` through the pager (pages already there are left
-/// alone).
-pub(super) fn install_zeros(
+/// `count` pages from `gpa` are zero: the pager gives them as zero pages when they are
+/// touched, without asking the source, and allocates nothing for them now (pages already
+/// there are left alone).
+pub(super) fn mark_zeros(
     ram: &GuestRam,
     pager: &pager::PagerHandle,
     gpa: u64,
@@ -676,8 +677,8 @@ pub(super) fn install_zeros(
         .context("streamed zero pages outside RAM")?;
     let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
     pager
-        .install_zero_pages(index, first, count as usize)
-        .context("cannot install streamed zero pages")?;
+        .mark_zero(index, first, count as usize)
+        .context("cannot mark streamed zero pages")?;
     Ok(())
 }
 

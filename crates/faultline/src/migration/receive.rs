@@ -20,7 +20,7 @@ use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
-use super::postcopy_receive::{accept_requests, install_zeros, take_stream, NetworkSource, Stream};
+use super::postcopy_receive::{accept_requests, mark_zeros, take_stream, NetworkSource, Stream};
 use super::{identity, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{state_into, vm_for};
@@ -346,13 +346,13 @@ fn post_copy(
         }
     }
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
-    // Zero pages the rounds sent and that stay zero are holes too: put them in as zero now,
-    // so that nothing is left to ask the source for once it is gone.
+    // Zero pages the rounds sent and that stay zero are holes too: mark them zero now, so that
+    // nothing is left to ask the source for once it is gone.
     // (No zero pages came before the switch-over in a plain post-copy: nothing to look for.)
     if report.zero_pages > 0 {
         let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
         for (gpa, count) in runs(vm.ram(), known_zero) {
-            install_zeros(vm.ram(), &pager.handle(), gpa, count)?;
+            mark_zeros(vm.ram(), &pager.handle(), gpa, count)?;
         }
     }
     // Everything that can fail before the VM is ours, so that nothing fails after.
