@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{api, faultline, set_hold, text, wait_for_socket, wait_until_held, TempDir};
+use common::{
+    api, faultline, set_hold, spawn_gated, spawn_held, text, wait_for_socket, wait_until_held,
+    TempDir,
+};
 use snapshot::state;
 
 const PASSES: u64 = 400;
@@ -60,34 +63,11 @@ fn reports(out: &Output) -> serde_json::Value {
     )
 }
 
-/// `faultline ARGS` with the live writer gated on `gate` (see `wait_for_test_gate`).
-fn spawn_gated(args: &[String], gate: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .env("FAULTLINE_LIVE_WRITER_GATE", gate)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("faultline starts")
-}
-
 /// A `mix` run of `cpus` vCPUs serving the API on `sock`, held at the end of pass `hold`.
 fn spawn_mix(sock: &Path, cpus: u8, hold: u64, gate: &Path, extra: &[&str]) -> Child {
     let mut args = mix_args(cpus);
-    args.extend(
-        [
-            "--hold-at",
-            &hold.to_string(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let child = spawn_gated(&args, gate);
-    wait_for_socket(sock);
-    child
+    spawn_held(args, hold, sock, gate)
 }
 
 /// Takes a live snapshot of the VM behind `sock` (held at pass `held`, `cpus` vCPUs) into

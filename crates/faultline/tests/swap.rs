@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Output};
 
-use common::{api, faultline, set_hold, text, wait_for_socket, wait_until_held, TempDir};
+use common::{api, faultline, set_hold, spawn_held, text, wait_until_held, TempDir};
 
 const MEM: &str = "16M";
 /// 8 MiB of data, half of RAM.
@@ -41,28 +41,12 @@ fn uninterrupted(passes: u64) -> serde_json::Value {
     common::json_report(&text(&out.stdout))["vcpus"][0]["reports"].clone()
 }
 
-/// A `mix` run of `passes` passes serving the API on `sock`, held after pass `hold`.
+/// A `mix` run of `passes` passes serving the API on `sock`, held after pass `hold` (its
+/// live writer gated on `sock` with the extension `gate`).
 fn spawn_mix(sock: &Path, passes: u64, hold: u64, extra: &[&str]) -> Child {
     let mut args = mix_args(passes);
-    args.extend(
-        [
-            "--hold-at",
-            &hold.to_string(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
     args.extend(extra.iter().map(|s| s.to_string()));
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(&args)
-        .env("FAULTLINE_LIVE_WRITER_GATE", sock.with_extension("gate"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("faultline starts");
-    wait_for_socket(sock);
+    let child = spawn_held(args, hold, sock, &sock.with_extension("gate"));
     wait_until_held(sock, hold, 1);
     child
 }

@@ -191,6 +191,16 @@ impl InstallContext<'static> {
     }
 }
 
+impl InstallContext<'_> {
+    /// `len` bytes of the buffer from byte `at`, grown to hold them.
+    fn buffer(&mut self, at: usize, len: usize) -> &mut [u8] {
+        if self.buf.len() < at + len {
+            self.buf.resize(at + len, 0);
+        }
+        &mut self.buf[at..at + len]
+    }
+}
+
 /// Where the bytes of a run come from.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Bytes {
@@ -529,11 +539,8 @@ impl Shared {
             .swap
             .as_ref()
             .expect("pages are swapped only with a swap file");
-        let len = count * region.page_size as usize;
-        if ctx.buf.len() < at + len {
-            ctx.buf.resize(at + len, 0);
-        }
-        swap.read(region.swap_base + first as u64, &mut ctx.buf[at..at + len])
+        let buf = ctx.buffer(at, count * region.page_size as usize);
+        swap.read(region.swap_base + first as u64, buf)
             .map_err(InstallError::Source)
     }
 
@@ -547,13 +554,10 @@ impl Shared {
         at: usize,
         ctx: &mut InstallContext<'_>,
     ) -> Result<Bytes, InstallError> {
-        let len = count * region.page_size as usize;
-        if ctx.buf.len() < at + len {
-            ctx.buf.resize(at + len, 0);
-        }
         let offset = first as u64 * region.page_size;
         let average = (count == 1).then_some(&self.page_read_ns);
-        match self.timed_fetch(region, offset, &mut ctx.buf[at..at + len], average, 1) {
+        let buf = ctx.buffer(at, count * region.page_size as usize);
+        match self.timed_fetch(region, offset, buf, average, 1) {
             Ok(Content::Data) => Ok(Bytes::Buffer),
             Ok(Content::Zero) => Ok(Bytes::Zero),
             Err(e) => Err(InstallError::Source(e)),

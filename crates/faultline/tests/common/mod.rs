@@ -135,6 +135,37 @@ pub fn json_report(stdout: &str) -> serde_json::Value {
     serde_json::from_str(&stdout[start..]).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// Starts `faultline ARGS` with the live-snapshot writer gated on `gate` (the writer waits for
+/// that file before it copies a page: see `snapshot::live`), its output piped.
+pub fn spawn_gated(args: &[String], gate: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+        .args(args)
+        .env("FAULTLINE_LIVE_WRITER_GATE", gate)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("faultline starts")
+}
+
+/// Starts the micro-guest run `args` held at hold point `hold`, serving the API on `sock`,
+/// with its live writer gated on `gate` (see [`spawn_gated`]), and waits for the socket.
+pub fn spawn_held(
+    mut args: Vec<String>,
+    hold: u64,
+    sock: &Path,
+    gate: &Path,
+) -> std::process::Child {
+    args.extend([
+        "--hold-at".to_string(),
+        hold.to_string(),
+        "--api-sock".to_string(),
+        sock.display().to_string(),
+    ]);
+    let child = spawn_gated(&args, gate);
+    wait_for_socket(sock);
+    child
+}
+
 /// Waits (at most 30 s) until a faultline serves its API socket at `sock`.
 pub fn wait_for_socket(sock: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
