@@ -166,13 +166,26 @@ pub fn spawn_held(
     child
 }
 
-/// Waits (at most 30 s) until a faultline serves its API socket at `sock`.
+/// Waits (at most 30 s) until a faultline answers on its API socket at `sock` (the socket
+/// file appears at bind, a moment before the server listens).
 pub fn wait_for_socket(sock: &Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !sock.exists() {
+    loop {
+        let answered = sock.exists()
+            && faultline::api::http::call(
+                sock,
+                "GET",
+                "/vm",
+                None,
+                Some(std::time::Duration::from_secs(5)),
+            )
+            .is_ok();
+        if answered {
+            return;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "no API socket at {}",
+            "no API answers on {}",
             sock.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
