@@ -1019,6 +1019,10 @@ fn a_protected_page_is_shown_to_the_guard_before_the_write_lands() {
     for p in 0..16 {
         assert_eq!(read_u64(shm.page(p)), 1000 + p as u64, "page {p}");
     }
+    // (A fault is counted just after its writer is woken.)
+    wait_until("15 faults counted", || {
+        pager.protect_stats().write_faults == 15
+    });
     let (stats, result) = pager.end_write_protect();
     result.unwrap();
     assert_eq!(stats.write_faults, 15);
@@ -1053,6 +1057,9 @@ fn a_lazy_region_takes_write_protection_and_goes_on_serving_missing_pages() {
     write_u64(shm.page(5), 55);
     assert_eq!(read_u64(shm.page(5)), 55);
     assert_eq!(read_u64(shm.page(5) + 8), word(5));
+    wait_until("the fault counted", || {
+        pager.protect_stats().write_faults == 1
+    });
     let (stats, result) = pager.end_write_protect();
     result.unwrap();
     assert_eq!(*guard.seen.lock().unwrap(), [(0, 1, word(1))]);
@@ -1132,6 +1139,11 @@ fn swapped_out_pages_leave_ram_and_come_back_on_touch() {
             if p < 48 { 1000 + p as u64 } else { 0 }
         );
     }
+    // (A fault is counted just after its toucher is woken.)
+    wait_until("48 swap-ins counted", || {
+        let stats = pager.swap_stats();
+        stats.pages_swapped_in == 48 && stats.swap_in_faults == 48
+    });
     let stats = pager.swap_stats();
     assert_eq!(stats.pages_swapped_in, 48);
     assert_eq!(stats.swap_in_faults, 48);
@@ -1343,7 +1355,10 @@ fn pages_marked_zero_are_given_as_zero_without_the_source() {
         read_u64(shm.page(2)),
         u64::from_le_bytes(expected[2 * PAGE..2 * PAGE + 8].try_into().unwrap())
     );
-    assert_eq!(pager.stats().zero_pages, before.zero_pages + 2);
+    // (Counted just after the toucher is woken.)
+    wait_until("two zero pages counted", || {
+        pager.stats().zero_pages == before.zero_pages + 2
+    });
     assert!(
         reported.lock().unwrap().is_none(),
         "the source was never asked for page 3"
