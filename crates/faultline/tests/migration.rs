@@ -761,6 +761,51 @@ fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() 
     fake.join().unwrap();
 }
 
+#[test]
+fn a_post_copy_destination_gets_pages_it_asks_for_before_it_says_built() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // Putting the state into the VM may touch guest pages (KVM maps a vCPU's kvmclock page
+    // when its MSR is set): a request made before `Built` must be answered, or both sides
+    // wait on each other. This destination asks for the first page of the guest's range
+    // before it says anything, gets it, then gives up (so the source runs the VM on).
+    let (addr, fake) = fake_peer_with_listener(|stream, listener| {
+        let (mut reader, mut writer, (mut requests_reader, mut requests_writer)) =
+            post_copy_state(stream, listener);
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::Stale { .. }
+        ));
+        let gpa = BOOT_AREA_END;
+        // Bounded: a source that does not answer fails the test instead of hanging it.
+        requests_reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write_message(
+            &mut requests_writer,
+            &Message::PageRequest { gpa, count: 1 },
+        )
+        .unwrap();
+        match read_message(&mut requests_reader).unwrap() {
+            Message::Pages { gpa: got, data } => {
+                assert_eq!((got, data.len()), (gpa, 4096));
+                // The mix guest's first pass has written the page: it is not zero.
+                assert!(data.iter().any(|&b| b != 0), "the page's contents");
+            }
+            other => panic!("the request was answered with {}", other.name()),
+        }
+        write_message(&mut writer, &Message::Abort("changed its mind".into())).unwrap();
+    });
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-post-early-request",
+        &addr,
+        &["--mode", "post"],
+        "the destination could not take the VM: changed its mind",
+    );
+    fake.join().unwrap();
+}
+
 /// `runs` cut points (bytes) in `[low, high)`, from FAULTLINE_CUT_SEED or the clock; the seed
 /// is printed, so that a failing run can be replayed.
 fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {

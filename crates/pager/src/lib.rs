@@ -895,7 +895,7 @@ pub enum PageState {
     Discarded,
 }
 
-/// A running pager. Dropping it stops its threads; the registrations go with the userfaultfd.
+/// A running pager. Dropping it stops its threads and unregisters its regions.
 pub struct Pager {
     handle: PagerHandle,
     threads: Vec<JoinHandle<()>>,
@@ -906,7 +906,8 @@ impl Pager {
         self.handle.clone()
     }
 
-    /// Stops the threads and returns the final stats.
+    /// Stops the threads, unregisters the regions (a later touch of a page never installed
+    /// reads what the memory holds: a hole reads as zero) and returns the final stats.
     pub fn shutdown(mut self) -> Stats {
         self.stop_threads();
         self.handle.stats()
@@ -923,6 +924,12 @@ impl Pager {
         shared.wake_evictor();
         for thread in self.threads.drain(..) {
             let _ = thread.join();
+        }
+        // Nobody serves the regions any more: unregister them, so that a later touch of a
+        // page the pager never installed (one known zero, say) reads the memfd's hole (zero)
+        // instead of waiting forever. (A region with write protection loses it too.)
+        for region in &shared.regions {
+            let _ = shared.uffd.unregister(region.start, region.len);
         }
     }
 }

@@ -337,10 +337,23 @@ fn failing_pager(
     pages: usize,
     bad: usize,
 ) -> Option<(Pager, Shm, Reported)> {
-    let mut builder = builder(PagerConfig {
-        failure_policy: policy,
-        ..Default::default()
-    })?;
+    failing_pager_with(
+        PagerConfig {
+            failure_policy: policy,
+            ..Default::default()
+        },
+        pages,
+        bad,
+    )
+}
+
+/// [`failing_pager`] with `config`.
+fn failing_pager_with(
+    config: PagerConfig,
+    pages: usize,
+    bad: usize,
+) -> Option<(Pager, Shm, Reported)> {
+    let mut builder = builder(config)?;
     let shm = Shm::new(pages);
     let source = FailingSource {
         inner: MemorySource::new(pattern(pages)),
@@ -1336,7 +1349,11 @@ fn a_page_noted_written_stays_resident_under_a_limit() {
 #[test]
 fn pages_marked_zero_are_given_as_zero_without_the_source() {
     // Page 3 of the source cannot be read: marked zero, it never has to be.
-    let Some((pager, shm, reported)) = failing_pager(FailurePolicy::Stop, 8, 3) else {
+    let config = PagerConfig {
+        failure_policy: FailurePolicy::Stop,
+        ..unpredicted()
+    };
+    let Some((pager, shm, reported)) = failing_pager_with(config, 8, 3) else {
         return;
     };
     let expected = pattern(8);
@@ -1364,4 +1381,16 @@ fn pages_marked_zero_are_given_as_zero_without_the_source() {
         "the source was never asked for page 3"
     );
     assert!(pager.fatal_error().is_none());
+    // A page marked zero and never touched reads zero after the pager is gone: its regions
+    // are unregistered at shutdown, so the touch does not wait for a pager that left.
+    assert_eq!(pager.settled_page_state(0, 6).unwrap(), PageState::InSource);
+    pager.mark_zero(0, 6, 1).unwrap();
+    // A handle outlives the pager (as the VM's vCPU-thread hook keeps one): the userfaultfd
+    // stays open.
+    let _handle = pager.handle();
+    pager.shutdown();
+    let addr = shm.page(6);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(read_u64(addr)).unwrap());
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
 }

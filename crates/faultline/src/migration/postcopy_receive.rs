@@ -138,7 +138,7 @@ impl NetworkSource {
     }
 
     /// No answer will come any more: every fetch fails.
-    fn fail(&self, why: String) {
+    pub(super) fn fail(&self, why: String) {
         lock(&self.answers).failed.get_or_insert(why);
         self.arrived.notify_all();
     }

@@ -108,6 +108,34 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // The destination may run the VM from now on: it must not run here again unless the
     // destination says it does not.
     handle.control().set_runs_elsewhere(true);
+    // Page requests are answered from now on, not only once the destination says it built
+    // the VM: putting the state in may touch guest pages (KVM maps a vCPU's kvmclock page
+    // when its MSR is set), and memory is frozen here already.
+    let server = match Server::start(handle, urgent, &to_come, options, reader.get_ref()) {
+        Ok(server) => server,
+        Err(e) => {
+            let paused_by_it = *paused_here;
+            *paused_here = false;
+            let paused = Box::new(PausedMigration {
+                mode: if before.bytes > 0 { "hybrid" } else { "post" },
+                ended_by,
+                started,
+                setup,
+                downtime: Duration::ZERO,
+                sent: before,
+                rounds,
+                requests: 0,
+                confirmed: false,
+                recoveries: 0,
+                taken: None,
+                paused_by_it,
+            });
+            return Err(SendFailure::Paused(
+                e.context("cannot answer page requests"),
+                paused,
+            ));
+        }
+    };
     let mut paused = Box::new(PausedMigration {
         mode: if before.bytes > 0 { "hybrid" } else { "post" },
         ended_by,
@@ -131,15 +159,18 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
             paused.confirmed = true;
         }
         Ok(Message::Abort(reason)) => {
+            server.stop();
             handle.control().set_runs_elsewhere(false);
             return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into());
         }
         Ok(other) => {
+            server.stop();
             *paused_here = false;
             let e = anyhow::anyhow!("the destination answered the state with {}", other.name());
             return Err(SendFailure::Paused(e, paused));
         }
         Err(e) => {
+            server.stop();
             *paused_here = false;
             let e = anyhow::Error::from(e)
                 .context("the destination did not say whether it runs the VM");
@@ -147,14 +178,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         }
     }
     paused.downtime = paused_at.elapsed();
-    let completed = complete(
-        handle,
-        options,
-        (writer, reader),
-        urgent,
-        &to_come,
-        &mut paused,
-    );
+    let completed = complete(options, (writer, reader), server, &mut paused);
     finished(completed, paused)
 }
 
@@ -192,7 +216,8 @@ pub fn resume(
         Ok(((writer, reader), urgent, to_come))
     })();
     let completed = attempt.and_then(|(main, urgent, to_come)| {
-        complete(handle, options, main, urgent, &to_come, &mut paused)
+        let server = Server::start(handle, urgent, &to_come, options, main.1.get_ref())?;
+        complete(options, main, server, &mut paused)
     });
     paused.recoveries += 1;
     finished(completed, paused)
@@ -211,59 +236,103 @@ fn finished(
 
 type Link = (BufWriter<Channel>, BufReader<Channel>);
 
-/// Streams the pages of `to_come` on `main` and answers page requests on `urgent` until the
+/// The page-request server: a thread that answers the destination's page requests on their
+/// own connection while the stream runs (and from the moment the state is sent).
+struct Server {
+    handle: VmHandle,
+    shared: Arc<Streaming>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+    /// The page-request connection, shut down to stop the thread.
+    urgent: Channel,
+}
+
+impl Server {
+    /// Starts answering requests on `urgent` for the pages of `to_come`. If serving fails
+    /// before the stream has ended, the stream's connection (`main`) is shut down too, or it
+    /// would write into a connection nobody reads until TCP gives up (30 s).
+    fn start(
+        handle: &VmHandle,
+        urgent: Link,
+        to_come: &DirtyPages,
+        options: &SendOptions,
+        main: &Channel,
+    ) -> anyhow::Result<Server> {
+        let (urgent_writer, urgent_reader) = urgent;
+        let total = handle.ram().size() / PAGE_SIZE;
+        let shared = Arc::new(Streaming {
+            sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
+            hint: AtomicU64::new(NO_HINT),
+            requests: AtomicU64::new(0),
+            answered_pages: AtomicU64::new(0),
+            answered_bytes: AtomicU64::new(0),
+            progress: Some(Arc::clone(&options.progress)),
+            streamed: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
+        });
+        let urgent = urgent_reader.get_ref().try_clone()?;
+        let thread = {
+            let handle = handle.clone();
+            let shared = Arc::clone(&shared);
+            let main = main.try_clone()?;
+            let channel = urgent_reader.get_ref().try_clone()?;
+            std::thread::Builder::new()
+                .name("postcopy-urgent".into())
+                .spawn(move || {
+                    let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
+                    if served.is_err() {
+                        // The destination learns at once that no answer will come on it.
+                        channel.shutdown();
+                        if !shared.streamed.load(Ordering::Acquire) {
+                            main.shutdown();
+                        }
+                    }
+                    served
+                })?
+        };
+        Ok(Server {
+            handle: handle.clone(),
+            shared,
+            thread,
+            urgent,
+        })
+    }
+
+    /// Stops answering (the migration did not get to its stream): the connection is shut
+    /// down and the thread joined.
+    fn stop(self) {
+        self.shared.finishing.store(true, Ordering::Release);
+        self.urgent.shutdown();
+        let _ = self.thread.join();
+    }
+}
+
+/// Streams the pages still to come on `main` while `server` answers page requests, until the
 /// destination confirms it holds every page. Any failure shuts both connections down.
 fn complete(
-    handle: &VmHandle,
     options: &SendOptions,
     main: Link,
-    urgent: Link,
-    to_come: &DirtyPages,
+    server: Server,
     paused: &mut PausedMigration,
 ) -> anyhow::Result<()> {
     let (mut writer, mut reader) = main;
-    let (urgent_writer, urgent_reader) = urgent;
-    let total = handle.ram().size() / PAGE_SIZE;
+    let Server {
+        handle,
+        shared,
+        thread,
+        urgent: urgent_channel,
+    } = server;
+    let handle = &handle;
     if let Some(progress) = &paused.sent.progress {
-        progress.phase("post-copy", to_come.count());
+        let left = shared
+            .sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|&&sent| !sent)
+            .count() as u64;
+        progress.phase("post-copy", left);
     }
-    let shared = Arc::new(Streaming {
-        sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
-        hint: AtomicU64::new(NO_HINT),
-        requests: AtomicU64::new(0),
-        answered_pages: AtomicU64::new(0),
-        answered_bytes: AtomicU64::new(0),
-        progress: paused.sent.progress.clone(),
-        streamed: AtomicBool::new(false),
-        finishing: AtomicBool::new(false),
-    });
     let main_channel = reader.get_ref().try_clone()?;
-    let urgent_channel = urgent_reader.get_ref().try_clone()?;
-    // A broken page-request connection breaks the migration: the stream is shut down too,
-    // or it would write into a connection nobody reads until TCP gives up (30 s). Once the
-    // stream has ended, the destination's answer alone says whether the migration completed
-    // (a destination that has every page may close the page-request connection first).
-    let server = {
-        let handle = handle.clone();
-        let shared = Arc::clone(&shared);
-        let main_channel = main_channel.try_clone()?;
-        std::thread::Builder::new()
-            .name("postcopy-urgent".into())
-            .spawn(move || {
-                let channel = urgent_reader.get_ref().try_clone();
-                let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
-                if served.is_err() {
-                    // The destination learns at once that no answer will come on it.
-                    if let Ok(channel) = channel {
-                        channel.shutdown();
-                    }
-                    if !shared.streamed.load(Ordering::Acquire) {
-                        main_channel.shutdown();
-                    }
-                }
-                served
-            })?
-    };
     let streamed =
         stream_pages(handle, options, &mut writer, &shared, &mut paused.sent).map_err(|e| {
             match super::send::abort_reason(&mut reader) {
@@ -286,7 +355,7 @@ fn complete(
     if finished.is_err() {
         main_channel.shutdown();
     }
-    let served = server
+    let served = thread
         .join()
         .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
     paused.requests += shared.requests.load(Ordering::Relaxed);
