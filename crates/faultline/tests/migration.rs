@@ -12,7 +12,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::pki::make_pki;
-use common::{api, faultline, json_report, spawn, text, wait_until_held, TempDir};
+use common::{api, faultline, json_report, set_hold, spawn, text, wait_until_held, TempDir};
 use vmm::boot::layout::BOOT_AREA_END;
 
 const PAGES: u64 = 128;
@@ -630,13 +630,7 @@ fn a_failed_migration_leaves_the_source_running_with(
     let (_, migration) = api(&sock, "GET", "/migration", None);
     assert_eq!(migration["status"], "failed");
     // Let it finish: release the hold point.
-    let (status, _) = api(
-        &sock,
-        "PUT",
-        "/vm/hold",
-        Some(serde_json::json!({"at": null})),
-    );
-    assert_eq!(status, 204);
+    set_hold(&sock, None);
     finishes_right(source);
 }
 
@@ -914,8 +908,7 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
 fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
     let child = spawn_mix(sock, Mix { hold: 2, ..mix });
     wait_until_held(sock, 2, mix.cpus);
-    let hold = serde_json::json!({ "at": mix.hold });
-    assert_eq!(api(sock, "PUT", "/vm/hold", Some(hold)).0, 204);
+    set_hold(sock, Some(mix.hold));
     child
 }
 
@@ -1026,16 +1019,7 @@ fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
     assert_eq!(info["state"], "running", "{info}");
     let (_, migration) = api(&sock, "GET", "/migration", None);
     assert_eq!(migration["status"], "cancelled", "{migration}");
-    assert_eq!(
-        api(
-            &sock,
-            "PUT",
-            "/vm/hold",
-            Some(serde_json::json!({"at": null}))
-        )
-        .0,
-        204
-    );
+    set_hold(&sock, None);
     finishes_right(source);
 }
 
@@ -1086,8 +1070,7 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     assert!(source.status.success(), "{}", text(&source.stderr));
     assert!(text(&source.stderr).contains("migrated to another faultline"));
 
-    let release = serde_json::json!({"at": null});
-    assert_eq!(api(&dsock, "PUT", "/vm/hold", Some(release)).0, 204);
+    set_hold(&dsock, None);
     check_arrived(destination.child, SMALL);
 }
 
@@ -1164,16 +1147,7 @@ fn a_vm_paused_before_an_unconfirmed_migration_stays_paused_when_cancelled() {
     let (_, info) = api(&sock, "GET", "/vm", None);
     assert_eq!(info["state"], "paused", "{info}");
     assert_eq!(api(&sock, "PUT", "/vm/resume", None).0, 204);
-    assert_eq!(
-        api(
-            &sock,
-            "PUT",
-            "/vm/hold",
-            Some(serde_json::json!({"at": null}))
-        )
-        .0,
-        204
-    );
+    set_hold(&sock, None);
     finishes_right(source);
 }
 

@@ -664,15 +664,29 @@ impl PagerHandle {
         }
     }
 
-    /// The caller released `count` pages of `region` from `first` from RAM itself (punched
-    /// them out of the memfd): they are missing now, and their contents are the source's
-    /// again. For pages nothing installs meanwhile (a migration destination before its VM
-    /// runs and its stream starts).
-    pub fn mark_released(&self, region: usize, first: usize, count: usize) {
-        let r = &self.shared.regions[region];
-        for page in first..(first + count).min(r.pages()) {
+    /// Releases `count` pages of `region` from `first` from RAM (punched out of the region's
+    /// backing file, as swap-out releases pages): they are missing now, and their contents
+    /// are the source's again. For pages nothing installs meanwhile (a migration destination
+    /// before its VM runs and its stream starts).
+    pub fn release(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
+        let r = self
+            .shared
+            .regions
+            .get(region)
+            .ok_or(PagerError::NoRegion(region))?;
+        let backing = r.backing.as_ref().ok_or_else(|| {
+            PagerError::Swap(format!(
+                "region {region} has no backing file to release pages from"
+            ))
+        })?;
+        let count = count.min(r.pages().saturating_sub(first));
+        backing
+            .punch(first as u64 * r.page_size, count as u64 * r.page_size)
+            .map_err(|e| PagerError::Swap(format!("cannot release guest RAM: {e}")))?;
+        for page in first..first + count {
             r.present.clear(page);
         }
+        Ok(())
     }
 
     /// Pages present now, all regions together.

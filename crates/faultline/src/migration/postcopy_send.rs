@@ -111,31 +111,6 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // Page requests are answered from now on, not only once the destination says it built
     // the VM: putting the state in may touch guest pages (KVM maps a vCPU's kvmclock page
     // when its MSR is set), and memory is frozen here already.
-    let server = match Server::start(handle, urgent, &to_come, options, reader.get_ref()) {
-        Ok(server) => server,
-        Err(e) => {
-            let paused_by_it = *paused_here;
-            *paused_here = false;
-            let paused = Box::new(PausedMigration {
-                mode: if before.bytes > 0 { "hybrid" } else { "post" },
-                ended_by,
-                started,
-                setup,
-                downtime: Duration::ZERO,
-                sent: before,
-                rounds,
-                requests: 0,
-                confirmed: false,
-                recoveries: 0,
-                taken: None,
-                paused_by_it,
-            });
-            return Err(SendFailure::Paused(
-                e.context("cannot answer page requests"),
-                paused,
-            ));
-        }
-    };
     let mut paused = Box::new(PausedMigration {
         mode: if before.bytes > 0 { "hybrid" } else { "post" },
         ended_by,
@@ -150,6 +125,16 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         taken: None,
         paused_by_it: *paused_here,
     });
+    let server = match Server::start(handle, urgent, &to_come, options, reader.get_ref()) {
+        Ok(server) => server,
+        Err(e) => {
+            *paused_here = false;
+            return Err(SendFailure::Paused(
+                e.context("cannot answer page requests"),
+                paused,
+            ));
+        }
+    };
     // Once the destination has built the VM it runs it there, and it must never run here
     // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
     // leaves the VM paused here, for a recovery to settle.

@@ -3,7 +3,6 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
 
@@ -337,15 +336,16 @@ fn post_copy(
     if report.normal_pages > 0 {
         let handle = pager.handle();
         for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
-            zero(&ram, gpa, count)?;
             let (index, region) = ram
                 .region_at(gpa, count * PAGE_SIZE)
                 .context("pages outside RAM")?;
-            handle.mark_released(
-                index,
-                ((gpa - region.gpa()) / PAGE_SIZE) as usize,
-                count as usize,
-            );
+            handle
+                .release(
+                    index,
+                    ((gpa - region.gpa()) / PAGE_SIZE) as usize,
+                    count as usize,
+                )
+                .context("cannot drop the pages still to come")?;
         }
     }
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
@@ -444,21 +444,14 @@ fn runs(ram: &GuestRam, chosen: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
 fn zero(ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
     let len = count * PAGE_SIZE;
     let (_, region) = ram.region_at(gpa, len).context("zero pages outside RAM")?;
-    let offset = gpa - region.gpa();
-    // SAFETY: fallocate on the region's own memfd, within its size; it changes only the file's
-    // contents (which read as zeros afterwards).
-    let done = unsafe {
-        libc::fallocate(
-            region.memfd().as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        )
-    };
-    if done != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot zero {count} pages at {gpa:#x}"));
-    }
+    rustix::fs::fallocate(
+        region.memfd(),
+        rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+        gpa - region.gpa(),
+        len,
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("cannot zero {count} pages at {gpa:#x}"))?;
     Ok(())
 }
 
