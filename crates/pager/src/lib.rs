@@ -936,6 +936,10 @@ impl Pager {
             shared.background_cv.notify_all();
         }
         shared.wake_evictor();
+        // A fault thread waiting in a fetch that may never be answered gives up.
+        for region in &shared.regions {
+            region.source.stop();
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

@@ -52,6 +52,11 @@ pub trait PageSource: Send + Sync {
     fn mapped_addr(&self, _offset: u64, _len: u64) -> Option<u64> {
         None
     }
+
+    /// The pager is stopping (its threads are about to be joined): a `fetch` that waits on
+    /// something that may never come (a network peer that is gone) must give up now. The
+    /// default does nothing: most sources never wait that way.
+    fn stop(&self) {}
 }
 
 /// Every page is zero: answered with UFFDIO_ZEROPAGE, never a copy.
@@ -213,6 +218,9 @@ impl PageSource for OffsetSource {
     fn mapped_addr(&self, offset: u64, len: u64) -> Option<u64> {
         self.inner.mapped_addr(self.base + offset, len)
     }
+    fn stop(&self) {
+        self.inner.stop()
+    }
 }
 
 /// Another source behind a fixed delay per read: a stand-in for a remote snapshot store (a
@@ -231,6 +239,9 @@ impl PageSource for SlowSource {
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         std::thread::sleep(self.delay);
         self.inner.fetch(offset, buf)
+    }
+    fn stop(&self) {
+        self.inner.stop()
     }
 }
 

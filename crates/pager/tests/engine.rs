@@ -1394,3 +1394,61 @@ fn pages_marked_zero_are_given_as_zero_without_the_source() {
     std::thread::spawn(move || tx.send(read_u64(addr)).unwrap());
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
 }
+
+/// A source whose fetches wait until it is stopped (a network peer that never answers).
+#[derive(Default)]
+struct Unanswered {
+    stopped: Mutex<bool>,
+    cv: std::sync::Condvar,
+    waiting: AtomicUsize,
+}
+
+impl PageSource for Unanswered {
+    fn describe(&self) -> String {
+        "unanswered".into()
+    }
+    fn fetch(&self, offset: u64, _buf: &mut [u8]) -> Result<Content, SourceError> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut stopped = self.stopped.lock().unwrap();
+        while !*stopped {
+            stopped = self.cv.wait(stopped).unwrap();
+        }
+        Err(SourceError::Unavailable {
+            offset,
+            reason: "stopped".into(),
+        })
+    }
+    fn stop(&self) {
+        *self.stopped.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+#[test]
+fn a_shutdown_stops_a_fetch_that_waits_on_a_silent_source() {
+    let Some(mut builder) = builder(unpredicted()) else {
+        return;
+    };
+    let shm = Shm::new(4);
+    let source = Arc::new(Unanswered::default());
+    // Behind an offset, as guest RAM's regions are: the stop must reach the inner source.
+    let offset: Arc<dyn PageSource> = Arc::new(OffsetSource {
+        inner: source.clone(),
+        base: 0,
+    });
+    serve(&mut builder, &shm, offset);
+    let pager = builder.start().unwrap();
+    // A kernel-mode read faults and waits on the source (it gets EFAULT once it gives up).
+    let addr = shm.page(1);
+    let toucher = std::thread::spawn(move || kernel_read(addr));
+    wait_until("a fetch waiting", || {
+        source.waiting.load(Ordering::SeqCst) > 0
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(pager.shutdown()).unwrap());
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the pager's shutdown waited on the silent source"
+    );
+    assert_eq!(toucher.join().unwrap(), Err(libc::EFAULT));
+}

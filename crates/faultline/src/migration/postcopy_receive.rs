@@ -138,7 +138,7 @@ impl NetworkSource {
     }
 
     /// No answer will come any more: every fetch fails.
-    pub(super) fn fail(&self, why: String) {
+    fn fail(&self, why: String) {
         lock(&self.answers).failed.get_or_insert(why);
         self.arrived.notify_all();
     }
@@ -263,6 +263,10 @@ impl NetworkSource {
 impl PageSource for NetworkSource {
     fn describe(&self) -> String {
         "the migration source".into()
+    }
+
+    fn stop(&self) {
+        self.fail("the pager stopped".into());
     }
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {

@@ -317,9 +317,6 @@ fn post_copy(
         &link,
         vm.control(),
     )?;
-    // If anything below fails, a fault waiting on an answer must not hold up the pager's
-    // shutdown (which joins its threads): the source's fetches fail first.
-    let mut fail_fetches = FailFetches(Some(Arc::clone(&source)));
     accept_requests(listener, tls, ours, &source)?;
     let state = match read_message(reader).context("no state after the switch-over")? {
         Message::State(bytes) => {
@@ -375,7 +372,6 @@ fn post_copy(
     // reads nothing before the source has this.)
     write_message(writer, &Message::Built)?;
     writer.flush()?;
-    fail_fetches.0 = None;
     report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
     Ok(Arrived {
         vm,
@@ -385,17 +381,6 @@ fn post_copy(
         incoming,
         stream: Some(stream),
     })
-}
-
-/// Fails a post-copy source's fetches when dropped while armed (`post_copy` returning early).
-struct FailFetches(Option<Arc<NetworkSource>>);
-
-impl Drop for FailFetches {
-    fn drop(&mut self) {
-        if let Some(source) = self.0.take() {
-            source.fail("the migration failed on this side before the VM was built".into());
-        }
-    }
 }
 
 /// A list of pages to come (a stale message), checked against the VM's layout.
