@@ -134,14 +134,7 @@ fn finish(sock: &Path, child: Child) -> serde_json::Value {
 }
 
 fn restore(dir: &Path, mode: &str) -> serde_json::Value {
-    let out = faultline(&[
-        "restore",
-        "--snapshot",
-        dir.to_str().unwrap(),
-        "--memory",
-        mode,
-        "--json",
-    ]);
+    let out = common::restore(dir, mode, &[]);
     assert!(
         out.status.success(),
         "restore {mode}: {}",

@@ -19,7 +19,7 @@ const PASSES: u64 = 2000;
 const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
-use common::{api, faultline, set_hold, text, wait_until_held, TempDir};
+use common::{api, faultline, restore, set_hold, text, wait_until_held, TempDir};
 
 /// A `faultline run` child serving the API on `sock`.
 fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
@@ -118,19 +118,6 @@ fn shutdown(sock: &Path, mut child: Child) {
         "faultline run after an API shutdown: {status}"
     );
     assert!(!sock.exists(), "the API socket is removed on exit");
-}
-
-fn restore(dir: &Path, mode: &str, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "restore",
-        "--snapshot",
-        dir.to_str().unwrap(),
-        "--memory",
-        mode,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    faultline(&args)
 }
 
 /// The JSON report printed by `run --json` / `restore --json` (after any progress lines).

@@ -81,6 +81,20 @@ pub fn api(
     (status, answer.unwrap_or(serde_json::Value::Null))
 }
 
+/// `faultline restore --snapshot DIR --memory MODE --json EXTRA...`, run to its end.
+pub fn restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "restore",
+        "--snapshot",
+        dir.to_str().unwrap(),
+        "--memory",
+        mode,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    faultline(&args)
+}
+
 /// Starts the faultline binary with `args`, its stdout and stderr piped.
 pub fn spawn(args: &[&str]) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
