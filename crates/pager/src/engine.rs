@@ -222,7 +222,7 @@ struct Filled {
 }
 
 impl Shared {
-    fn find_region(&self, addr: u64) -> Option<usize> {
+    pub(crate) fn find_region(&self, addr: u64) -> Option<usize> {
         self.regions.iter().position(|r| r.contains(addr))
     }
 
@@ -650,10 +650,24 @@ impl Shared {
         again: &mut AgainWait,
         ctx: &mut InstallContext<'_>,
     ) -> Result<(), InstallError> {
+        let queue = match &mut ctx.role {
+            Role::FaultThread(queue) => Some(&mut **queue),
+            Role::Other => None,
+        };
+        self.wait_out_again_with(again, queue)
+    }
+
+    /// [`wait_out_again`](Self::wait_out_again) for any ioctl refused with EAGAIN: `queue`
+    /// is the calling fault thread's own (`None` on any other thread).
+    pub(crate) fn wait_out_again_with(
+        &self,
+        again: &mut AgainWait,
+        queue: Option<&mut EventQueue>,
+    ) -> Result<(), InstallError> {
         if self.stopping() {
             return Err(InstallError::Stopped);
         }
-        if let Role::FaultThread(queue) = &mut ctx.role {
+        if let Some(queue) = queue {
             match self.read_events(queue) {
                 Ok(n) if n > 0 => return Ok(()),
                 Ok(_) => {}

@@ -138,7 +138,7 @@ impl Shared {
         queue: &mut EventQueue,
     ) {
         let page_addr = address & !(uffd::PAGE_SIZE - 1);
-        let region = self.regions.iter().position(|r| r.contains(address));
+        let region = self.find_region(address);
         // A swap-out batch protects the pages it takes: a write to one is left to the batch,
         // whose unprotect wakes the writer (it then faults again, on a missing page). The
         // range is checked and the page unprotected under the same lock, which a batch takes
@@ -193,17 +193,7 @@ impl Shared {
                 Err(UffdError::Ioctl { source, .. })
                     if source.raw_os_error() == Some(libc::EAGAIN) =>
                 {
-                    if self.stopping() {
-                        return Err(InstallError::Stopped);
-                    }
-                    if let Some(queue) = queue.as_deref_mut() {
-                        match self.read_events(queue) {
-                            Ok(n) if n > 0 => continue,
-                            Ok(_) => {}
-                            Err(e) => return Err(InstallError::Uffd(e)),
-                        }
-                    }
-                    again.wait().map_err(InstallError::AgainForever)?;
+                    self.wait_out_again_with(&mut again, queue.as_deref_mut())?;
                 }
                 Err(e) => return Err(InstallError::Uffd(e)),
             }
