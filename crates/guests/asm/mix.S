@@ -36,17 +36,7 @@ pass_done:
     HOLD r13
     cmp r13, r12
     jne next_pass            # with r12 = 0 this never matches: run forever
-    mov r8, rdi
-    mov r9, rsi
-    xor r11, r11
-    test r9, r9
-    jz report
-sum_page:
-    add r11, [r8]
-    add r8, PAGE_SIZE
-    dec r9
-    jnz sum_page
-report:
+    SUM_FIRST_WORDS
     REPORT r13
     REPORT r11
     EXIT 0
