@@ -125,11 +125,14 @@ pub enum Message {
     /// Recovery: the source reconnects to a post-copy broken by a network failure (first
     /// after the hello); the destination answers with what it holds (`Received`).
     Resume,
+    /// Pre-copy, before the pause: the source asks the destination to answer (with the same)
+    /// once it has taken everything sent before, so that no backlog is left for the pause.
+    Sync,
     /// The sender gives up, and says why.
     Abort(String),
 }
 
-const KINDS: [&str; 13] = [
+const KINDS: [&str; 14] = [
     "hello",
     "pages",
     "zero-pages",
@@ -143,6 +146,7 @@ const KINDS: [&str; 13] = [
     "stale",
     "built",
     "resume",
+    "sync",
 ];
 
 impl Message {
@@ -188,6 +192,7 @@ impl Message {
             Message::Stale { .. } => 10,
             Message::Built => 11,
             Message::Resume => 12,
+            Message::Sync => 13,
         }
     }
 
@@ -267,7 +272,7 @@ impl Message {
             }
             Message::State(state) => out.extend_from_slice(state),
             Message::SwitchOver { post_copy } => out.push(u8::from(*post_copy)),
-            Message::Done | Message::Built | Message::Resume => {}
+            Message::Done | Message::Built | Message::Resume | Message::Sync => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
@@ -359,11 +364,12 @@ impl Message {
             9 => Message::Done,
             12 => Message::Built,
             13 => Message::Resume,
+            14 => Message::Sync,
             10 => Message::Abort(
                 String::from_utf8(p.rest().to_vec())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
             ),
-            _ => unreachable!("kind_name knows kinds 1 to 13"),
+            _ => unreachable!("kind_name knows kinds 1 to 14"),
         };
         if !p.bytes.is_empty() {
             return Err(malformed(format!("{} bytes left over", p.bytes.len())));

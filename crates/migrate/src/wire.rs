@@ -7,7 +7,7 @@ use crate::message::Message;
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FLMG";
 /// The protocol version this build speaks (and the only one it accepts).
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -257,6 +257,7 @@ mod tests {
             },
             Message::Built,
             Message::Resume,
+            Message::Sync,
         ]
     }
 
@@ -355,10 +356,11 @@ mod tests {
             .to_string()
             .contains("not a faultline migration stream"));
         let mut bad = good.clone();
-        bad[4..6].copy_from_slice(&2u16.to_le_bytes());
+        // A version 1 peer (before the sync message).
+        bad[4..6].copy_from_slice(&1u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 2; this faultline speaks 1"
+            "the peer speaks migration protocol version 1; this faultline speaks 2"
         );
         let mut bad = good.clone();
         bad[6] = 200;

@@ -180,6 +180,11 @@ fn take(
                 mark(&ram, &mut zeroed, gpa, count, true);
             }
             Message::Round { round, .. } => report.dirty_rounds = round,
+            // Everything before it is in guest RAM: say so.
+            Message::Sync => {
+                write_message(writer, &Message::Sync)?;
+                writer.flush()?;
+            }
             Message::SwitchOver { post_copy: true } => {
                 return post_copy(
                     listener, tls, reader, writer, vm, &ours, link, report, &zeroed, incoming,
