@@ -403,15 +403,19 @@ fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
 #[test]
 fn a_pre_copy_that_does_not_converge_throttles_the_guest() {
     require_kvm!();
-    // With no downtime allowed nothing fits while the guest writes: after two rounds its
-    // vCPUs are throttled, 10% more each round, and it still finishes right at the
+    // With no downtime allowed nothing fits while the guest writes: from the second round
+    // on at the latest its vCPUs are throttled, 10% more each round at least (more when a
+    // round leaves more than half of what it sent), and it still finishes right at the
     // destination.
     let report = migrated_with(
         BIG,
         &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "6"],
     );
-    assert_eq!(report["throttle_percent"], 60, "{report}");
-    assert_eq!(report["ended_by"], "round limit", "{report}");
+    let throttled = report["throttle_percent"].as_u64().unwrap();
+    assert!((60..=99).contains(&throttled), "{report}");
+    // Throttled hard enough, the guest may write nothing in a round: then nothing is left.
+    let ended_by = report["ended_by"].as_str().unwrap();
+    assert!(["round limit", "converged"].contains(&ended_by), "{report}");
 }
 
 #[test]
@@ -555,19 +559,11 @@ fn pre_copy_of_a_guest_whose_passes_outlast_the_rounds() {
 #[test]
 fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running() {
     require_kvm!();
-    use migrate::{read_message, write_message, Message};
+    use migrate::{write_message, Message};
     // Speaks the protocol, takes everything, then refuses at the very end.
     let (addr, fake) = fake_peer(|stream| {
         let (mut reader, mut writer) = greeted(stream);
-        let mut switched = false;
-        loop {
-            match read_message(&mut reader).unwrap() {
-                Message::SwitchOver { .. } => switched = true,
-                Message::Done => break,
-                _ => {}
-            }
-        }
-        assert!(switched);
+        assert!(take_until_done(&mut reader, &mut writer));
         write_message(&mut writer, &Message::Abort("the disk is full".into())).unwrap();
     });
     a_failed_migration_leaves_the_source_running(
@@ -578,13 +574,31 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
     fake.join().unwrap();
 }
 
+/// Plays a pre-copy destination up to the source's done, answering its sync: whether a
+/// switch-over came.
+fn take_until_done(
+    reader: &mut BufReader<std::net::TcpStream>,
+    writer: &mut std::net::TcpStream,
+) -> bool {
+    use migrate::{read_message, write_message, Message};
+    let mut switched = false;
+    loop {
+        match read_message(reader).unwrap() {
+            Message::Sync => write_message(writer, &Message::Sync).unwrap(),
+            Message::SwitchOver { .. } => switched = true,
+            Message::Done => return switched,
+            _ => {}
+        }
+    }
+}
+
 /// A fake destination that takes everything, says it built the VM, takes the go-ahead, and
 /// vanishes without the last word.
 fn vanishing_after_the_go_ahead() -> (String, std::thread::JoinHandle<()>) {
     use migrate::{read_message, write_message, Message};
     fake_peer(|stream| {
         let (mut reader, mut writer) = greeted(stream);
-        while read_message(&mut reader).unwrap() != Message::Done {}
+        take_until_done(&mut reader, &mut writer);
         write_message(&mut writer, &Message::Built).unwrap();
         assert_eq!(read_message(&mut reader).unwrap(), Message::Done);
     })
@@ -795,6 +809,59 @@ fn a_post_copy_destination_gets_pages_it_asks_for_before_it_says_built() {
         "migrate-post-early-request",
         &addr,
         &["--mode", "post"],
+        "the destination could not take the VM: changed its mind",
+    );
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_pre_copy_source_pauses_only_once_the_destination_has_taken_the_rounds() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // Megabytes of a round may still wait in the sockets' buffers when the source decides to
+    // switch over: it asks first (a sync), and pauses only once the destination has taken
+    // them, so that they are not taken in the downtime.
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        loop {
+            match read_message(&mut reader).unwrap() {
+                Message::Pages { .. } | Message::ZeroPages { .. } | Message::Round { .. } => {}
+                Message::Sync => break,
+                other => panic!("{} came before the sync", other.name()),
+            }
+        }
+        // Until the sync is answered the source sends nothing more: it has not paused.
+        assert!(reader.buffer().is_empty(), "more came right after the sync");
+        let quiet = Duration::from_millis(500);
+        reader.get_ref().set_read_timeout(Some(quiet)).unwrap();
+        match reader.read(&mut [0u8; 1]) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("the source went on before its sync was answered: {other:?}"),
+        }
+        reader.get_ref().set_read_timeout(None).unwrap();
+        write_message(&mut writer, &Message::Sync).unwrap();
+        // Now the switch-over: the last pages, the state, done.
+        assert_eq!(
+            read_message(&mut reader).unwrap(),
+            Message::SwitchOver { post_copy: false }
+        );
+        loop {
+            match read_message(&mut reader).unwrap() {
+                Message::Pages { .. } | Message::ZeroPages { .. } | Message::State(_) => {}
+                Message::Done => break,
+                other => panic!("{} in the switch-over", other.name()),
+            }
+        }
+        write_message(&mut writer, &Message::Abort("changed its mind".into())).unwrap();
+    });
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-pre-sync",
+        &addr,
+        &["--mode", "pre"],
         "the destination could not take the VM: changed its mind",
     );
     fake.join().unwrap();
@@ -1037,14 +1104,17 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
     // The destination holds the guest before its end, so that it is still there to ask.
     let destination = Destination::held(&dsock);
-    // Back to the source go the destination's hello and its "built"; the cut comes with the
-    // next byte: the last word, sent once the destination runs the VM.
+    // Back to the source go the destination's hello, its answer to the sync and its
+    // "built"; the cut comes with the next byte: the last word, sent once the destination
+    // runs the VM.
     let hello = migrate::Message::Hello(migrate::VmIdentity {
         vcpus: 1,
         layout: migrate::Layout::new(vec![(0, 4 << 20)]),
         cpuid_digest: 0,
     });
-    let before_the_last_word = frame_len(&hello) + frame_len(&migrate::Message::Built);
+    let before_the_last_word = frame_len(&hello)
+        + frame_len(&migrate::Message::Sync)
+        + frame_len(&migrate::Message::Built);
     let proxy = common::proxy::CuttingProxy::start_back(&destination.addr, before_the_last_word);
     let source = spawn_mix_written(&sock, SMALL);
     let out = migrate_send_mode(&sock, &proxy.addr, "pre");

@@ -260,10 +260,17 @@ impl Server {
             let shared = Arc::clone(&shared);
             let main = main.try_clone()?;
             let channel = urgent_reader.get_ref().try_clone()?;
+            let holes_are_zero = options.holes_are_zero;
             std::thread::Builder::new()
                 .name("postcopy-urgent".into())
                 .spawn(move || {
-                    let served = serve_requests(&handle, urgent_reader, urgent_writer, &shared);
+                    let served = serve_requests(
+                        &handle,
+                        urgent_reader,
+                        urgent_writer,
+                        &shared,
+                        holes_are_zero,
+                    );
                     if served.is_err() {
                         // The destination learns at once that no answer will come on it.
                         channel.shutdown();
@@ -381,7 +388,9 @@ fn stream_pages<W: Write>(
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
-    let mut pages_of = PageReader::new(ram, options.holes_are_zero);
+    // SAFETY: the state has left, so the VM never runs here again (see `send`), and with
+    // `holes_are_zero` no pager writes its RAM.
+    let mut pages_of = unsafe { PageReader::frozen(ram, options.holes_are_zero) };
     let mut next = 0u64;
     loop {
         let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
@@ -423,11 +432,13 @@ fn serve_requests(
     mut reader: BufReader<Channel>,
     mut writer: BufWriter<Channel>,
     shared: &Streaming,
+    holes_are_zero: bool,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
     let layout = layout_of(ram);
-    // Read into once per request (at most MAX_REQUEST_PAGES pages), framed from in place.
-    let mut buffer = vec![0u8; (migrate::MAX_REQUEST_PAGES as u64 * PAGE_SIZE) as usize];
+    // SAFETY: requests are served once the state has left, so the VM never runs here again
+    // (see `send`), and with `holes_are_zero` no pager writes its RAM.
+    let mut pages_of = unsafe { PageReader::frozen(ram, holes_are_zero) };
     loop {
         let message = match read_message(&mut reader) {
             Ok(message) => message,
@@ -444,13 +455,7 @@ fn serve_requests(
                 message.name()
             );
         };
-        let len = u64::from(count) * PAGE_SIZE;
-        let data = &mut buffer[..len as usize];
-        let host = ram
-            .host_range(gpa, len)
-            .context("requested pages not in RAM")?;
-        vmm::memory::read_host(host as u64, data)
-            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        let data = pages_of.read(gpa, u64::from(count))?;
         let bytes = migrate::write_pages(&mut writer, gpa, data)?;
         writer.flush()?;
         shared.requests.fetch_add(1, Ordering::Relaxed);

@@ -20,11 +20,23 @@ use super::channel::{read_within, Channel, REPLY_TIMEOUT};
 use super::identity;
 use super::progress::Progress;
 
-/// Pre-copy rounds that leave too much to send before the guest is throttled (then by
-/// THROTTLE_INITIAL percent, THROTTLE_STEP more each round after, as QEMU's auto-converge).
+/// A round that sends `n` pages must leave at most `n * SHRINK_NUMERATOR / SHRINK_DENOMINATOR`
+/// written again for the rounds to be worth going on unchanged: one that does not halve what
+/// is left means the guest writes about as fast as the copy goes. Pre-copy then throttles the
+/// guest (as QEMU's auto-converge); hybrid switches to post-copy.
+const SHRINK_NUMERATOR: u64 = 1;
+const SHRINK_DENOMINATOR: u64 = 2;
+/// Pre-copy rounds that do not converge before the guest is throttled whether they shrink or
+/// not (then a step more each round, as QEMU's auto-converge).
 const THROTTLE_AFTER_ROUNDS: u32 = 2;
+/// What a throttle aims at: a round leaving a quarter of what it sent.
+const THROTTLE_AIM: f64 = 0.25;
+/// The least a throttle takes, and the least it grows a round while rounds do not shrink.
 const THROTTLE_INITIAL: u8 = 20;
 const THROTTLE_STEP: u8 = 10;
+/// Hybrid: the longest pause a pre-copy finish may take. A switch to post-copy pauses the
+/// guest about a millisecond, so a longer pre-copy pause would only add downtime.
+const HYBRID_PRE_COPY_FINISH: Duration = Duration::from_millis(2);
 
 /// Pages read and sent as one message at most.
 pub(super) const RUN_PAGES: u64 = 256;
@@ -37,7 +49,7 @@ pub enum Mode {
     #[default]
     Pre,
     Post,
-    /// Pre-copy rounds while they shrink what is left, then post-copy for the rest (on its
+    /// Pre-copy rounds while each halves what is left, then post-copy for the rest (on its
     /// own, at the round limit, or when told).
     Hybrid,
 }
@@ -393,6 +405,10 @@ fn switch_over(
         throttle_percent,
     } = rounds;
 
+    // The destination first takes what the rounds sent (megabytes may wait in the two
+    // sockets' buffers), while the guest still runs: the pause then holds only the last
+    // pages and the state.
+    sync(&mut writer, &mut reader)?;
     // Switch-over: pause, the last pages, the state; the destination answers once it has
     // built the VM.
     let paused_at = Instant::now();
@@ -402,8 +418,12 @@ fn switch_over(
     pending.merge(&take(handle, taken)?);
     options.progress.phase("switch-over", pending.count());
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
-    let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
+    // SAFETY: the VM is paused until this reader is dropped, below (a failure returns, and
+    // drops it, before `send` resumes the VM), and with `holes_are_zero` no pager writes its
+    // RAM.
+    let mut pages_of = unsafe { PageReader::frozen(handle.ram(), options.holes_are_zero) };
     send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
+    drop(pages_of);
     write_message(&mut writer, &state_message(handle, guest)?)?;
     write_message(&mut writer, &Message::Done)?;
     writer.flush()?;
@@ -474,6 +494,20 @@ fn switch_over(
     Ok(report)
 }
 
+/// Waits until the destination has taken everything sent so far (it answers a sync once it
+/// has).
+fn sync(writer: &mut BufWriter<Channel>, reader: &mut BufReader<Channel>) -> anyhow::Result<()> {
+    write_message(writer, &Message::Sync)?;
+    writer.flush()?;
+    match read_within(reader, REPLY_TIMEOUT)
+        .context("the destination did not take the pre-copy rounds")?
+    {
+        Message::Sync => Ok(()),
+        Message::Abort(reason) => bail!("the destination gave up the migration: {reason}"),
+        other => bail!("the destination answered a sync with {}", other.name()),
+    }
+}
+
 /// What the pre-copy rounds did.
 struct Rounds {
     /// Pages written since the last round took them: still to send.
@@ -500,7 +534,6 @@ fn copy_rounds<W: Write>(
     taken: &mut DirtyPages,
 ) -> anyhow::Result<Rounds> {
     handle.memory().set_dirty_logging(true)?;
-    let hybrid = options.mode == Mode::Hybrid;
     let began = Instant::now();
     let mut sent = Sent {
         progress: Some(Arc::clone(&options.progress)),
@@ -508,7 +541,6 @@ fn copy_rounds<W: Write>(
     };
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
-    let mut previous = u64::MAX;
     let mut throttle: Option<Throttle> = None;
     let mut throttle_percent = 0;
     // The first pass is every page, whatever the log held (it may have been on before, for
@@ -517,49 +549,50 @@ fn copy_rounds<W: Write>(
     pending.merge(&take(handle, taken)?);
     options.progress.phase("pre-copy", pending.count());
     let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
+    let policy = RoundPolicy {
+        mode: options.mode,
+        downtime: options.downtime,
+        max_rounds: options.max_rounds,
+        throttle: options.throttle,
+    };
     let ended_by = loop {
         options.progress.round(rounds, pending.count());
-        let round_began = Instant::now();
-        let bytes_before = sent.bytes;
         send_pages(writer, &mut pages_of, &pending, &mut sent)?;
         writer.flush()?;
-        let bandwidth = (sent.bytes - bytes_before).max(1) as f64
-            / round_began.elapsed().as_secs_f64().max(1e-6);
-        previous = previous.min(pending.count());
+        // Over every round so far: a short round's writes only fill the sockets' buffers, and
+        // would make the link look faster than it is.
+        let bandwidth = sent.bytes.max(1) as f64 / began.elapsed().as_secs_f64().max(1e-6);
+        let sent_now = pending.count();
         pending = take(handle, taken)?;
         dirtied += pending.count();
-        let left = pending.count() as f64 * PAGE_SIZE as f64 / bandwidth;
-        if left <= options.downtime.as_secs_f64() {
-            break "converged";
-        }
-        if hybrid && options.switch_now.load(Ordering::Acquire) {
-            break "told";
-        }
-        if hybrid && pending.count() >= previous {
-            break "not shrinking";
-        }
-        if rounds >= options.max_rounds {
-            break "round limit";
-        }
-        if !hybrid && options.throttle && rounds + 1 >= THROTTLE_AFTER_ROUNDS {
-            let percent = match &throttle {
-                None => THROTTLE_INITIAL,
-                Some(t) => t.percent().saturating_add(THROTTLE_STEP),
-            };
-            match &throttle {
-                None => {
-                    throttle = Some(
-                        Throttle::start(Arc::clone(handle.control()), percent)
-                            .context("cannot start throttling the guest")?,
-                    )
+        let round = RoundEnd {
+            sent: sent_now,
+            left: pending.count(),
+            left_takes: Duration::from_secs_f64(
+                pending.count() as f64 * PAGE_SIZE as f64 / bandwidth,
+            ),
+        };
+        let throttled = throttle.as_ref().map_or(0, Throttle::percent);
+        let told = options.switch_now.load(Ordering::Acquire);
+        match policy.after(rounds, &round, told, throttled) {
+            Next::End(why) => break why,
+            Next::Round => {}
+            Next::Throttle(percent) => {
+                match &throttle {
+                    None => {
+                        throttle = Some(
+                            Throttle::start(Arc::clone(handle.control()), percent)
+                                .context("cannot start throttling the guest")?,
+                        )
+                    }
+                    Some(t) => t.set(percent),
                 }
-                Some(t) => t.set(percent),
+                throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
+                options.progress.throttled(throttle_percent);
+                tracing::info!(
+                    "pre-copy: not converging, the guest is throttled to {throttle_percent}%"
+                );
             }
-            throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
-            options.progress.throttled(throttle_percent);
-            tracing::info!(
-                "pre-copy: not converging, the guest is throttled to {throttle_percent}%"
-            );
         }
         rounds += 1;
         write_message(
@@ -580,6 +613,82 @@ fn copy_rounds<W: Write>(
         throttle,
         throttle_percent,
     })
+}
+
+/// How a pre-copy round ended.
+#[derive(Debug, Clone, Copy)]
+struct RoundEnd {
+    /// Pages it sent.
+    sent: u64,
+    /// Pages written since it began: what is left to send.
+    left: u64,
+    /// How long sending those would take, at the bandwidth measured.
+    left_takes: Duration,
+}
+
+/// What comes after a pre-copy round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The rounds end, and why ("converged": what is left goes in the pause).
+    End(&'static str),
+    /// Another round.
+    Round,
+    /// Another round, the guest throttled by this many percent first.
+    Throttle(u8),
+}
+
+/// When the rounds of a pre-copy or hybrid migration end.
+struct RoundPolicy {
+    mode: Mode,
+    downtime: Duration,
+    max_rounds: u32,
+    throttle: bool,
+}
+
+impl RoundPolicy {
+    /// What follows round `round` (0: the first pass), which ended as `end`, with the guest
+    /// throttled by `throttled` percent; `told` when a hybrid migration was told to switch.
+    fn after(&self, round: u32, end: &RoundEnd, told: bool, throttled: u8) -> Next {
+        let hybrid = self.mode == Mode::Hybrid;
+        // Hybrid finishes in pre-copy only if that pauses no longer than a switch to
+        // post-copy would.
+        let finish_within = if hybrid {
+            self.downtime.min(HYBRID_PRE_COPY_FINISH)
+        } else {
+            self.downtime
+        };
+        if end.left_takes <= finish_within {
+            return Next::End("converged");
+        }
+        if hybrid && told {
+            return Next::End("told");
+        }
+        let shrinking = end.left * SHRINK_DENOMINATOR <= end.sent * SHRINK_NUMERATOR;
+        if hybrid && !shrinking {
+            return Next::End("not shrinking");
+        }
+        if round >= self.max_rounds {
+            return Next::End("round limit");
+        }
+        if !hybrid && self.throttle && (!shrinking || round + 1 >= THROTTLE_AFTER_ROUNDS) {
+            let left_share = end.left as f64 / end.sent.max(1) as f64;
+            return Next::Throttle(throttle_for(throttled, left_share));
+        }
+        Next::Round
+    }
+}
+
+/// The throttle (percent of the vCPUs' time taken) for a guest throttled by `percent` whose
+/// last round left `left_share` of the pages it sent written again: the share of time the
+/// guest runs is cut in proportion, so that the next round leaves about [`THROTTLE_AIM`]; and
+/// it grows by [`THROTTLE_STEP`] at least.
+fn throttle_for(percent: u8, left_share: f64) -> u8 {
+    let runs = f64::from(100 - percent.min(100));
+    let aimed = 100.0 - runs * (THROTTLE_AIM / left_share.max(THROTTLE_AIM));
+    let stepped = percent.saturating_add(THROTTLE_STEP).max(THROTTLE_INITIAL);
+    (aimed.ceil() as u8)
+        .max(stepped)
+        .min(vmm::throttle::MAX_THROTTLE_PERCENT)
 }
 
 /// Pauses the VM for the switch-over (one paused already stays so, and is not resumed if the
@@ -701,6 +810,9 @@ pub(super) struct PageReader<'a> {
     /// Whether a hole of RAM's memfd reads as zeros: not when a pager provides missing pages
     /// (a lazily restored VM's are in its snapshot).
     holes_are_zero: bool,
+    /// Whether pages are read where they are, not copied out first: only while nothing can
+    /// write guest RAM (see [`PageReader::frozen`]).
+    in_place: bool,
 }
 
 impl<'a> PageReader<'a> {
@@ -709,11 +821,53 @@ impl<'a> PageReader<'a> {
             ram,
             buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
             holes_are_zero,
+            in_place: false,
         }
     }
 
-    /// Reads `count` pages of guest RAM from `gpa` (with a system call: a page that cannot be
-    /// had is an error, not a signal) and sends them.
+    /// A reader for a VM that stays paused while it reads: pages with nothing behind them but
+    /// the memfd (no pager) are sent from guest RAM itself, checksummed and written to the
+    /// connection without a copy out first (a third of the source's time went to that copy).
+    ///
+    /// # Safety
+    ///
+    /// Nothing may write the guest RAM of `ram` while the reader exists: the VM is paused for
+    /// all of that time (and stays so: a migration that gave the VM to its destination never
+    /// resumes it, and one that failed drops its readers before it resumes it), and no pager
+    /// installs pages into it (`holes_are_zero`).
+    pub(super) unsafe fn frozen(ram: &'a vmm::GuestRam, holes_are_zero: bool) -> Self {
+        PageReader {
+            in_place: holes_are_zero,
+            ..PageReader::new(ram, holes_are_zero)
+        }
+    }
+
+    /// The `count` pages of guest RAM from `gpa`: where they are if the VM is frozen, else
+    /// read with a system call (a page that cannot be had is an error, not a signal).
+    pub(super) fn read(&mut self, gpa: u64, count: u64) -> anyhow::Result<&[u8]> {
+        let len = count * PAGE_SIZE;
+        let host = self
+            .ram
+            .host_range(gpa, len)
+            .context("a page to send is not RAM")?;
+        if self.in_place {
+            // SAFETY: `host_range` checked that the `len` bytes at `host` lie in one region
+            // of guest RAM, mapped for as long as `self.ram` lives; `frozen`'s caller
+            // promised that nothing writes them while this reader exists (so the shared
+            // slice is never aliased by a writer), and every page is in the memfd (no pager:
+            // a hole reads as zeros, never blocks or faults with a signal).
+            return Ok(unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) });
+        }
+        if self.buffer.len() < len as usize {
+            self.buffer.resize(len as usize, 0);
+        }
+        let data = &mut self.buffer[..len as usize];
+        vmm::memory::read_host(host as u64, data)
+            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        Ok(data)
+    }
+
+    /// Reads `count` pages of guest RAM from `gpa` and sends them.
     pub(super) fn send<W: Write>(
         &mut self,
         writer: &mut W,
@@ -728,13 +882,7 @@ impl<'a> PageReader<'a> {
             sent.add(0, count, message.wire_len());
             return Ok(());
         }
-        let data = &mut self.buffer[..(count * PAGE_SIZE) as usize];
-        let host = self
-            .ram
-            .host_range(gpa, count * PAGE_SIZE)
-            .context("a dirty page is not RAM")?;
-        vmm::memory::read_host(host as u64, data)
-            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        let data = self.read(gpa, count)?;
         send_run(writer, sent, gpa, data)
     }
 }
@@ -769,4 +917,111 @@ fn send_run<W: Write>(
         i = j;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: Mode) -> RoundPolicy {
+        RoundPolicy {
+            mode,
+            downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            throttle: true,
+        }
+    }
+
+    fn end(sent: u64, left: u64, left_ms: u64) -> RoundEnd {
+        RoundEnd {
+            sent,
+            left,
+            left_takes: Duration::from_millis(left_ms),
+        }
+    }
+
+    #[test]
+    fn pre_copy_converges_once_what_is_left_fits_the_downtime() {
+        let pre = policy(Mode::Pre);
+        assert_eq!(
+            pre.after(3, &end(1000, 900, 300), false, 0),
+            Next::End("converged")
+        );
+        assert_eq!(pre.after(0, &end(1000, 400, 301), false, 0), Next::Round);
+    }
+
+    #[test]
+    fn pre_copy_throttles_after_a_round_that_does_not_halve_what_is_left() {
+        let pre = policy(Mode::Pre);
+        // The first pass already: the guest wrote nearly everything it sent again.
+        assert!(matches!(
+            pre.after(0, &end(1000, 990, 900), false, 0),
+            Next::Throttle(p) if p >= 75
+        ));
+        // A first pass that halved it needs none yet; after two rounds that do not
+        // converge, each round adds a step at least.
+        assert_eq!(pre.after(0, &end(1000, 500, 400), false, 0), Next::Round);
+        assert_eq!(
+            pre.after(1, &end(1000, 500, 400), false, 0),
+            Next::Throttle(50)
+        );
+        assert_eq!(
+            pre.after(2, &end(1000, 100, 400), false, 75),
+            Next::Throttle(85)
+        );
+        // Without the throttle, only the round limit ends it.
+        let unthrottled = RoundPolicy {
+            throttle: false,
+            ..policy(Mode::Pre)
+        };
+        assert_eq!(
+            unthrottled.after(2, &end(1000, 990, 900), false, 0),
+            Next::Round
+        );
+        assert_eq!(
+            unthrottled.after(30, &end(1000, 990, 900), false, 0),
+            Next::End("round limit")
+        );
+    }
+
+    #[test]
+    fn hybrid_goes_post_copy_rather_than_pause_long() {
+        let hybrid = policy(Mode::Hybrid);
+        // What is left fits the 300 ms limit, but a pre-copy pause would last 250 ms: a
+        // switch to post-copy pauses about a millisecond.
+        assert_eq!(
+            hybrid.after(1, &end(1000, 900, 250), false, 0),
+            Next::End("not shrinking")
+        );
+        assert_eq!(hybrid.after(1, &end(1000, 400, 250), false, 0), Next::Round);
+        assert_eq!(
+            hybrid.after(1, &end(1000, 400, 250), true, 0),
+            Next::End("told")
+        );
+        // Nothing, or next to nothing, left: it finishes in pre-copy.
+        assert_eq!(
+            hybrid.after(0, &end(1000, 0, 0), false, 0),
+            Next::End("converged")
+        );
+        assert_eq!(
+            hybrid.after(0, &end(1000, 3, 1), false, 0),
+            Next::End("converged")
+        );
+        // Hybrid never throttles.
+        assert_eq!(hybrid.after(2, &end(1000, 400, 250), false, 0), Next::Round);
+    }
+
+    #[test]
+    fn the_throttle_grows_with_what_rounds_leave() {
+        // Everything written again: the guest keeps a quarter of its time.
+        assert_eq!(throttle_for(0, 1.0), 75);
+        // Half written again, already throttled by 50: half of the half it runs is taken.
+        assert_eq!(throttle_for(50, 0.5), 75);
+        // Little left: at least the initial throttle, then a step more each time.
+        assert_eq!(throttle_for(0, 0.3), THROTTLE_INITIAL);
+        assert_eq!(throttle_for(40, 0.26), 50);
+        // Never all of the guest's time.
+        assert_eq!(throttle_for(95, 1.0), vmm::throttle::MAX_THROTTLE_PERCENT);
+        assert_eq!(throttle_for(99, 1.0), vmm::throttle::MAX_THROTTLE_PERCENT);
+    }
 }
