@@ -67,17 +67,22 @@ pub struct Outcome {
     pub verified: Option<bool>,
 }
 
-/// One case, both sides.
+/// One case, both sides, over all its runs.
 #[derive(Debug, Serialize)]
 pub struct Case {
     pub case: &'static str,
     pub mode: &'static str,
+    /// faultline's run of median total time, with the median downtime (and `verified`
+    /// only if every run was).
     pub faultline: Outcome,
-    /// QEMU's outcome, or why there is none.
+    /// QEMU's, the same way, or why there is none.
     pub qemu: Result<Outcome, String>,
-    /// faultline / QEMU total time.
+    /// Each run's total and downtime, in the order they ran.
+    pub faultline_runs: Vec<(f64, f64)>,
+    pub qemu_runs: Vec<(f64, f64)>,
+    /// faultline / QEMU median total time.
     pub total_ratio: Option<f64>,
-    /// faultline / QEMU downtime.
+    /// faultline / QEMU median downtime.
     pub downtime_ratio: Option<f64>,
 }
 
@@ -85,6 +90,8 @@ pub struct Case {
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub mem_bytes: u64,
+    /// Runs of each case on each side.
+    pub runs: u32,
     pub qemu: String,
     pub cases: Vec<Case>,
 }
@@ -100,8 +107,9 @@ enum Workload {
     Dirtier,
 }
 
-/// Runs every case on `mem` bytes of guest RAM; `step` is told what runs.
-pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
+/// Runs every case `runs` times on `mem` bytes of guest RAM, faultline and QEMU in turns;
+/// `step` is told what runs.
+pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
     if !(64 << 20..=3 << 30).contains(&mem) {
         bail!("--mem must be between 64M and 3G (the QEMU guest addresses 32-bit memory)");
     }
@@ -122,17 +130,39 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
     ];
     let mut out = Vec::new();
     for (index, (case, workload, mode)) in cases.into_iter().enumerate() {
-        step(&format!("migrate: {case} {mode}: faultline"));
-        let dir = tmp.path().join(format!("case-{index}"));
-        std::fs::create_dir_all(&dir)?;
-        let ours = faultline_case(&dir, mem, workload, mode)
-            .with_context(|| format!("faultline, {case} {mode}"))?;
-        step(&format!("migrate: {case} {mode}: QEMU"));
-        let theirs = match &qemu {
-            Ok(q) => q
-                .case(&dir, mem, workload, mode)
-                .map_err(|e| format!("{e:#}")),
-            Err(e) => Err(format!("{e:#}")),
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for attempt in 1..=runs {
+            let of = format!("{case} {mode}, run {attempt} of {runs}");
+            step(&format!("migrate: {of}: faultline"));
+            let dir = tmp.path().join(format!("case-{index}-{attempt}"));
+            std::fs::create_dir_all(&dir)?;
+            ours.push(
+                faultline_case(&dir, mem, workload, mode)
+                    .with_context(|| format!("faultline, {of}"))?,
+            );
+            step(&format!("migrate: {of}: QEMU"));
+            theirs.push(match &qemu {
+                Ok(q) => q
+                    .case(&dir, mem, workload, mode)
+                    .map_err(|e| format!("{e:#}")),
+                Err(e) => Err(format!("{e:#}")),
+            });
+        }
+        let faultline_runs = ours.iter().map(|o| (o.total_ms, o.downtime_ms)).collect();
+        let ours = median(ours);
+        // QEMU's figures count only if every run completed: otherwise its first failure.
+        let qemu_runs = theirs
+            .iter()
+            .flatten()
+            .map(|o| (o.total_ms, o.downtime_ms))
+            .collect();
+        let theirs = match theirs
+            .iter()
+            .find(|t| !matches!(t, Ok(o) if o.status == "completed"))
+        {
+            Some(failed) => failed.clone(),
+            None => Ok(median(theirs.into_iter().flatten().collect())),
         };
         let (total_ratio, downtime_ratio) = match &theirs {
             Ok(q) if q.status == "completed" => (
@@ -146,15 +176,35 @@ pub fn run(mem: u64, step: impl Fn(&str)) -> anyhow::Result<Report> {
             mode,
             faultline: ours,
             qemu: theirs,
+            faultline_runs,
+            qemu_runs,
             total_ratio,
             downtime_ratio,
         });
     }
     Ok(Report {
         mem_bytes: mem,
+        runs,
         qemu: qemu_name,
         cases: out,
     })
+}
+
+/// The run of median total time among `outcomes` (the lower of the two middle ones for an
+/// even count), with the median downtime, verified only if every run was.
+fn median(mut outcomes: Vec<Outcome>) -> Outcome {
+    let middle = (outcomes.len() - 1) / 2;
+    let mut downtimes: Vec<f64> = outcomes.iter().map(|o| o.downtime_ms).collect();
+    downtimes.sort_by(f64::total_cmp);
+    let verified = outcomes
+        .iter()
+        .map(|o| o.verified)
+        .try_fold(true, |all, v| v.map(|v| all && v));
+    outcomes.sort_by(|a, b| a.total_ms.total_cmp(&b.total_ms));
+    let mut chosen = outcomes.swap_remove(middle);
+    chosen.downtime_ms = downtimes[middle];
+    chosen.verified = verified;
+    chosen
 }
 
 /// faultline's side of a case: a `run` source and a `migrate receive` destination.
