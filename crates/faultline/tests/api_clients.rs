@@ -7,7 +7,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
@@ -26,7 +26,7 @@ struct Faultline {
 impl Faultline {
     fn spawn(args: &[&str], tmp: &TempDir) -> Faultline {
         let stderr = tmp.join("stderr");
-        let child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+        let child = common::command()
             .args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(tmp.join("stdout")).unwrap())

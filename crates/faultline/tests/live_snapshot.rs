@@ -99,7 +99,7 @@ fn live_snapshot_while_running(
     if diff {
         args.push("--diff".into());
     }
-    let create = Command::new(env!("CARGO_BIN_EXE_faultline"))
+    let create = common::command()
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

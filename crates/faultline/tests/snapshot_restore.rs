@@ -36,7 +36,7 @@ fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
         "--json".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(env!("CARGO_BIN_EXE_faultline"))
+    common::command()
         .args(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -258,7 +258,7 @@ fn a_vm_started_paused_runs_nothing_until_resumed() {
     assert_eq!(report(&out)["vcpus"][0]["reports"], expected);
     // The snapshot, restored (paused again, then resumed), runs the whole guest.
     let restored_sock = tmp.join("restored.sock");
-    let mut restored = Command::new(env!("CARGO_BIN_EXE_faultline"))
+    let mut restored = common::command()
         .args([
             "restore",
             "--snapshot",

@@ -103,7 +103,7 @@ fn most_of_a_guest_swapped_out_mid_run_comes_back_and_it_finishes_right() {
     let snap = tmp.join("live");
     let gate = sock.with_extension("gate");
     let waiting = sock.with_extension("gate.waiting");
-    let create = std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+    let create = common::command()
         .args(["snapshot", "create", "--live", "--api-sock"])
         .arg(&sock)
         .arg("--dir")

@@ -8,7 +8,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use faultline::micro::MicroVm;
@@ -111,7 +111,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             let image = dir.join("memory.img");
             let delay = Duration::from_millis(rng.below(MAX_DELAY_MS + 1));
             let length = rng.below(size);
-            let mut child = Command::new(env!("CARGO_BIN_EXE_faultline"))
+            let mut child = common::command()
                 .args(["restore", "--snapshot", dir.to_str().unwrap()])
                 .args(["--memory", mode, "--json"])
                 .stdout(Stdio::piped())

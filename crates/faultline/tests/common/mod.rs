@@ -54,12 +54,29 @@ pub fn run(options: &MicroOptions) -> (MicroVm, MicroReport) {
     (vm, report)
 }
 
+/// A command that runs the faultline binary, and that dies with the test thread that starts
+/// it: a test that fails (panics) leaves no VMM behind holding its guest, sockets or mounts.
+pub fn command() -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_faultline"));
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl is a plain system call, and nothing is
+    // allocated. PR_SET_PDEATHSIG kills the child when the thread that forked it ends.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    command
+}
+
 /// Runs the faultline binary with `args` and waits for it.
 pub fn faultline(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    command().args(args).output().expect("the binary runs")
 }
 
 /// One API request to `sock`, bounded (a server that stops answering fails the test, never
@@ -97,7 +114,7 @@ pub fn restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
 
 /// Starts the faultline binary with `args`, its stdout and stderr piped.
 pub fn spawn(args: &[&str]) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+    command()
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -152,7 +169,7 @@ pub fn json_report(stdout: &str) -> serde_json::Value {
 /// Starts `faultline ARGS` with the live-snapshot writer gated on `gate` (the writer waits for
 /// that file before it copies a page: see `snapshot::live`), its output piped.
 pub fn spawn_gated(args: &[String], gate: &Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_faultline"))
+    command()
         .args(args)
         .env("FAULTLINE_LIVE_WRITER_GATE", gate)
         .stdout(std::process::Stdio::piped())
