@@ -444,6 +444,26 @@ fn a_hybrid_migration_whose_rounds_stop_shrinking_goes_post_copy() {
 }
 
 #[test]
+fn a_hybrid_migration_goes_post_copy_during_a_first_pass_the_guest_keeps_up_with() {
+    require_kvm!();
+    // 192 MiB: the first pass goes in parts of 128 MiB, and the counter guest rewrites pages
+    // about as fast as the pass sends them, so post-copy takes over after the first part
+    // (the pages not sent yet, and those sent and written since, come by post-copy). The
+    // guest's memory is checked as it arrives.
+    let mix = Mix {
+        guest: "counter",
+        pages: 49152,
+        passes: 40,
+        hold: 35,
+        ..BIG
+    };
+    let report = migrated_with(mix, &["--mode", "hybrid"]);
+    assert_eq!(report["mode"], "hybrid", "{report}");
+    assert_eq!(report["ended_by"], "outpaced", "{report}");
+    assert_eq!(report["dirty_rounds"], 0, "{report}");
+}
+
+#[test]
 fn post_copy_moves_a_running_guest_that_finishes_right_one_vcpu() {
     require_kvm!();
     migrated_finishes_right(SMALL, "post");

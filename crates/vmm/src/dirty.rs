@@ -161,6 +161,22 @@ impl DirtyPages {
             page += 1;
         }
     }
+    /// The pages of this set within `range` (by page index), over the same RAM.
+    pub fn within(&self, range: std::ops::Range<u64>) -> DirtyPages {
+        let (start, end) = (range.start.min(self.pages), range.end.min(self.pages));
+        let mut out = DirtyPages::new(self.pages);
+        if start >= end {
+            return out;
+        }
+        let (first, last) = ((start / 64) as usize, ((end - 1) / 64) as usize);
+        out.words[first..=last].copy_from_slice(&self.words[first..=last]);
+        // Clear the bits of the end words that lie outside the range.
+        out.words[first] &= u64::MAX << (start % 64);
+        if !end.is_multiple_of(64) {
+            out.words[last] &= u64::MAX >> (64 - end % 64);
+        }
+        out
+    }
     /// Adds the pages of `other`, which must cover the same RAM (false, and nothing added,
     /// if it does not).
     pub fn merge(&mut self, other: &DirtyPages) -> bool {
@@ -633,6 +649,30 @@ mod tests {
         assert_eq!(a.iter().collect::<Vec<_>>(), [0, 63, 64, 129]);
         assert!(!a.merge(&DirtyPages::new(10)));
         assert_eq!(DirtyPages::all(70).count(), 70);
+    }
+
+    #[test]
+    fn within_keeps_exactly_the_pages_of_its_range() {
+        let all = DirtyPages::all(300);
+        for (start, end) in [
+            (0, 300),
+            (5, 200),
+            (64, 128),
+            (63, 65),
+            (250, 400),
+            (7, 7),
+            (299, 300),
+        ] {
+            let kept: Vec<u64> = all.within(start..end).iter().collect();
+            let wanted: Vec<u64> = (start..end.min(300)).collect();
+            assert_eq!(kept, wanted, "{start}..{end}");
+        }
+        let mut some = DirtyPages::new(300);
+        some.mark(3);
+        some.mark(100);
+        some.mark(200);
+        assert_eq!(some.within(4..201).iter().collect::<Vec<_>>(), [100, 200]);
+        assert_eq!(some.within(4..201).pages(), 300);
     }
 
     #[test]

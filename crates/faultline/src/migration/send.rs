@@ -106,8 +106,9 @@ pub struct SendReport {
     /// throttled).
     pub throttle_percent: u8,
     /// What ended the copy rounds: "converged" (what was left fitted the downtime limit),
-    /// "round limit" (pre-copy: the last pages went in a longer pause), "not shrinking" or
-    /// "told" (hybrid: post-copy took over), or "post-copy" (no rounds).
+    /// "round limit" (pre-copy: the last pages went in a longer pause), "not shrinking",
+    /// "outpaced" (the guest wrote pages more than half as fast as the first pass sent them:
+    /// it was cut short) or "told" (hybrid: post-copy took over), or "post-copy" (no rounds).
     pub ended_by: &'static str,
 }
 
@@ -541,8 +542,7 @@ fn copy_rounds<W: Write>(
     };
     let mut rounds = 0u32;
     let mut dirtied = 0u64;
-    let mut throttle: Option<Throttle> = None;
-    let mut throttle_percent = 0;
+    let mut throttling = Throttling::default();
     // The first pass is every page, whatever the log held (it may have been on before, for
     // diff snapshots); the take starts the log's next interval.
     let mut pending = DirtyPages::all(handle.ram().size() / PAGE_SIZE);
@@ -557,14 +557,47 @@ fn copy_rounds<W: Write>(
     };
     let ended_by = loop {
         options.progress.round(rounds, pending.count());
-        send_pages(writer, &mut pages_of, &pending, &mut sent)?;
+        let sent_now = pending.count();
+        let written = if rounds == 0 {
+            match first_pass(
+                writer,
+                handle,
+                options,
+                &policy,
+                &pending,
+                &mut pages_of,
+                &mut sent,
+                taken,
+                &mut throttling,
+            )? {
+                FirstPass::Whole {
+                    written,
+                    dirtied: during,
+                } => {
+                    dirtied += during;
+                    written
+                }
+                FirstPass::Cut {
+                    why,
+                    left,
+                    dirtied: during,
+                } => {
+                    dirtied += during;
+                    pending = left;
+                    break why;
+                }
+            }
+        } else {
+            send_pages(writer, &mut pages_of, &pending, &mut sent)?;
+            DirtyPages::new(pending.pages())
+        };
         writer.flush()?;
         // Over every round so far: a short round's writes only fill the sockets' buffers, and
         // would make the link look faster than it is.
         let bandwidth = sent.bytes.max(1) as f64 / began.elapsed().as_secs_f64().max(1e-6);
-        let sent_now = pending.count();
         pending = take(handle, taken)?;
         dirtied += pending.count();
+        pending.merge(&written);
         let round = RoundEnd {
             sent: sent_now,
             left: pending.count(),
@@ -572,27 +605,11 @@ fn copy_rounds<W: Write>(
                 pending.count() as f64 * PAGE_SIZE as f64 / bandwidth,
             ),
         };
-        let throttled = throttle.as_ref().map_or(0, Throttle::percent);
         let told = options.switch_now.load(Ordering::Acquire);
-        match policy.after(rounds, &round, told, throttled) {
+        match policy.after(rounds, &round, told, throttling.percent()) {
             Next::End(why) => break why,
             Next::Round => {}
-            Next::Throttle(percent) => {
-                match &throttle {
-                    None => {
-                        throttle = Some(
-                            Throttle::start(Arc::clone(handle.control()), percent)
-                                .context("cannot start throttling the guest")?,
-                        )
-                    }
-                    Some(t) => t.set(percent),
-                }
-                throttle_percent = throttle.as_ref().map_or(0, Throttle::percent);
-                options.progress.throttled(throttle_percent);
-                tracing::info!(
-                    "pre-copy: not converging, the guest is throttled to {throttle_percent}%"
-                );
-            }
+            Next::Throttle(percent) => throttling.set(handle, options, percent)?,
         }
         rounds += 1;
         write_message(
@@ -603,6 +620,7 @@ fn copy_rounds<W: Write>(
             },
         )?;
     };
+    let throttle_percent = throttling.most;
     Ok(Rounds {
         pending,
         sent,
@@ -610,9 +628,106 @@ fn copy_rounds<W: Write>(
         dirtied,
         took: began.elapsed(),
         ended_by,
-        throttle,
+        throttle: throttling.throttle,
         throttle_percent,
     })
+}
+
+/// Pages of the first pass sent between two looks at what the guest writes meanwhile.
+const FIRST_PASS_PART: u64 = 32768;
+
+/// How the first pass went.
+enum FirstPass {
+    /// Every page went; `written` are the pages sent and written since (more may be in the
+    /// dirty log), `dirtied` the pages the guest wrote meanwhile.
+    Whole { written: DirtyPages, dirtied: u64 },
+    /// The policy ended the rounds part way, saying why: `left` is every page still to send
+    /// (those not sent yet, and those sent and written since).
+    Cut {
+        why: &'static str,
+        left: DirtyPages,
+        dirtied: u64,
+    },
+}
+
+/// The first pass over `pending` (every page), in parts of [`FIRST_PASS_PART`] pages: after
+/// each, what the guest wrote meanwhile against what was sent says early what the rounds
+/// will do (`RoundPolicy::during_first_pass`): a hybrid migration whose guest writes as fast
+/// as the pass sends goes post-copy without finishing it, and a pre-copy throttles the guest
+/// without waiting for the pass to end.
+#[allow(clippy::too_many_arguments)]
+fn first_pass<W: Write>(
+    writer: &mut W,
+    handle: &VmHandle,
+    options: &SendOptions,
+    policy: &RoundPolicy,
+    pending: &DirtyPages,
+    pages_of: &mut PageReader<'_>,
+    sent: &mut Sent,
+    taken: &mut DirtyPages,
+    throttling: &mut Throttling,
+) -> anyhow::Result<FirstPass> {
+    let total = pending.pages();
+    let mut written = DirtyPages::new(total);
+    let mut dirtied = 0;
+    let mut from = 0;
+    while from < total {
+        let to = from.saturating_add(FIRST_PASS_PART).min(total);
+        let part = pending.within(from..to);
+        send_pages(writer, pages_of, &part, sent)?;
+        if to == total {
+            break;
+        }
+        // Pages written meanwhile that were sent already must go again; the others are sent
+        // later in this pass, as they are then.
+        let now = take(handle, taken)?;
+        dirtied += now.count();
+        written.merge(&now.within(0..to));
+        let told = options.switch_now.load(Ordering::Acquire);
+        match policy.during_first_pass(part.count(), now.count(), told, throttling.percent()) {
+            Next::End(why) => {
+                let mut left = written;
+                left.merge(&pending.within(to..total));
+                return Ok(FirstPass::Cut { why, left, dirtied });
+            }
+            Next::Round => {}
+            Next::Throttle(percent) => throttling.set(handle, options, percent)?,
+        }
+        from = to;
+    }
+    Ok(FirstPass::Whole { written, dirtied })
+}
+
+/// The throttle a pre-copy put on the guest, if any.
+#[derive(Default)]
+struct Throttling {
+    throttle: Option<Throttle>,
+    /// The most it took, in percent.
+    most: u8,
+}
+
+impl Throttling {
+    fn percent(&self) -> u8 {
+        self.throttle.as_ref().map_or(0, Throttle::percent)
+    }
+
+    /// Throttles the guest behind `handle` by `percent` (starting the throttle if need be).
+    fn set(&mut self, handle: &VmHandle, options: &SendOptions, percent: u8) -> anyhow::Result<()> {
+        match &self.throttle {
+            None => {
+                self.throttle = Some(
+                    Throttle::start(Arc::clone(handle.control()), percent)
+                        .context("cannot start throttling the guest")?,
+                )
+            }
+            Some(t) => t.set(percent),
+        }
+        let now = self.percent();
+        self.most = self.most.max(now);
+        options.progress.throttled(now);
+        tracing::info!("pre-copy: not converging, the guest is throttled to {now}%");
+        Ok(())
+    }
 }
 
 /// How a pre-copy round ended.
@@ -646,6 +761,28 @@ struct RoundPolicy {
 }
 
 impl RoundPolicy {
+    /// What follows a part of the first pass that sent `sent` pages while the guest wrote
+    /// `written` (some perhaps not sent yet), with the guest throttled by `throttled` percent;
+    /// `told` when a hybrid migration was told to switch. A guest that writes pages more than
+    /// half as fast as the pass sends them will not let the rounds halve what is left.
+    fn during_first_pass(&self, sent: u64, written: u64, told: bool, throttled: u8) -> Next {
+        let hybrid = self.mode == Mode::Hybrid;
+        if hybrid && told {
+            return Next::End("told");
+        }
+        let keeping_up = written * SHRINK_DENOMINATOR > sent * SHRINK_NUMERATOR;
+        if !keeping_up {
+            return Next::Round;
+        }
+        if hybrid {
+            return Next::End("outpaced");
+        }
+        if self.throttle {
+            return Next::Throttle(throttle_for(throttled, written as f64 / sent.max(1) as f64));
+        }
+        Next::Round
+    }
+
     /// What follows round `round` (0: the first pass), which ended as `end`, with the guest
     /// throttled by `throttled` percent; `told` when a hybrid migration was told to switch.
     fn after(&self, round: u32, end: &RoundEnd, told: bool, throttled: u8) -> Next {
@@ -1009,6 +1146,37 @@ mod tests {
         );
         // Hybrid never throttles.
         assert_eq!(hybrid.after(2, &end(1000, 400, 250), false, 0), Next::Round);
+    }
+
+    #[test]
+    fn the_first_pass_tells_early_a_guest_that_writes_as_fast_as_it_sends() {
+        let (pre, hybrid) = (policy(Mode::Pre), policy(Mode::Hybrid));
+        // A guest that writes fewer pages than half of those sent meanwhile: go on.
+        assert_eq!(pre.during_first_pass(1000, 500, false, 0), Next::Round);
+        assert_eq!(hybrid.during_first_pass(1000, 500, false, 0), Next::Round);
+        // One that writes as many: hybrid goes post-copy, pre-copy throttles it now.
+        assert_eq!(
+            hybrid.during_first_pass(1000, 1000, false, 0),
+            Next::End("outpaced")
+        );
+        assert_eq!(
+            pre.during_first_pass(1000, 1000, false, 0),
+            Next::Throttle(75)
+        );
+        let unthrottled = RoundPolicy {
+            throttle: false,
+            ..policy(Mode::Pre)
+        };
+        assert_eq!(
+            unthrottled.during_first_pass(1000, 1000, false, 0),
+            Next::Round
+        );
+        // Told to switch: a hybrid one does so at once.
+        assert_eq!(
+            hybrid.during_first_pass(1000, 0, true, 0),
+            Next::End("told")
+        );
+        assert_eq!(pre.during_first_pass(1000, 0, true, 0), Next::Round);
     }
 
     #[test]
