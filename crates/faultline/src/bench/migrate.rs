@@ -16,6 +16,8 @@
 //!
 //! faultline's runs are verified: the destination checks the guest's memory as it arrives
 //! (`--verify-arrival`) and, for the idle guests, runs it to its end and checks its result.
+//! Each case runs `--runs` times on each side, the two sides taking turns to go first; the
+//! report gives every run and the medians, and the ratios of the medians.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -134,20 +136,24 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
         let mut theirs = Vec::new();
         for attempt in 1..=runs {
             let of = format!("{case} {mode}, run {attempt} of {runs}");
-            step(&format!("migrate: {of}: faultline"));
             let dir = tmp.path().join(format!("case-{index}-{attempt}"));
             std::fs::create_dir_all(&dir)?;
+            // Each side goes first every other run: what one leaves behind (memory the host
+            // must give back, caches) weighs on both alike.
+            let qemu_first = attempt % 2 == 0;
+            if qemu_first {
+                step(&format!("migrate: {of}: QEMU"));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
+            }
+            step(&format!("migrate: {of}: faultline"));
             ours.push(
                 faultline_case(&dir, mem, workload, mode)
                     .with_context(|| format!("faultline, {of}"))?,
             );
-            step(&format!("migrate: {of}: QEMU"));
-            theirs.push(match &qemu {
-                Ok(q) => q
-                    .case(&dir, mem, workload, mode)
-                    .map_err(|e| format!("{e:#}")),
-                Err(e) => Err(format!("{e:#}")),
-            });
+            if !qemu_first {
+                step(&format!("migrate: {of}: QEMU"));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
+            }
         }
         let faultline_runs = ours.iter().map(|o| (o.total_ms, o.downtime_ms)).collect();
         let ours = median(ours);
@@ -188,6 +194,22 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
         qemu: qemu_name,
         cases: out,
     })
+}
+
+/// QEMU's side of a case, or why there is none.
+fn qemu_case(
+    qemu: &anyhow::Result<Qemu>,
+    dir: &Path,
+    mem: u64,
+    workload: Workload,
+    mode: &str,
+) -> Result<Outcome, String> {
+    match qemu {
+        Ok(q) => q
+            .case(dir, mem, workload, mode)
+            .map_err(|e| format!("{e:#}")),
+        Err(e) => Err(format!("{e:#}")),
+    }
 }
 
 /// The run of median total time among `outcomes` (the lower of the two middle ones for an
