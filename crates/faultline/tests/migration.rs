@@ -887,6 +887,35 @@ fn a_pre_copy_source_pauses_only_once_the_destination_has_taken_the_rounds() {
     fake.join().unwrap();
 }
 
+#[test]
+fn a_post_copy_destination_that_drops_its_request_connection_then_gives_up_is_heard() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // The page-request connection goes first; the source stops answering on it and stops
+    // its own writing on the main one, but it must still read the destination's refusal
+    // there (and run the VM on), not take the closed request connection for a destination
+    // that may run the VM.
+    let (addr, fake) = fake_peer_with_listener(|stream, listener| {
+        let (mut reader, mut writer, requests) = post_copy_state(stream, listener);
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::Stale { .. }
+        ));
+        drop(requests);
+        std::thread::sleep(Duration::from_millis(300));
+        write_message(&mut writer, &Message::Abort("changed its mind".into())).unwrap();
+        // Held open until the source has read it.
+        let _ = reader.read(&mut [0u8; 1]);
+    });
+    a_failed_migration_leaves_the_source_running_with(
+        "migrate-post-requests-gone",
+        &addr,
+        &["--mode", "post"],
+        "the destination could not take the VM: changed its mind",
+    );
+    fake.join().unwrap();
+}
+
 /// `runs` cut points (bytes) in `[low, high)`, from FAULTLINE_CUT_SEED or the clock; the seed
 /// is printed, so that a failing run can be replayed.
 fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {

@@ -76,9 +76,19 @@ impl Channel {
 
     /// Ends the connection both ways (a reader blocked on it returns).
     pub fn shutdown(&self) {
+        self.shutdown_how(Shutdown::Both);
+    }
+
+    /// Ends this side's writing (a writer fails at once), leaving what the peer sent, and
+    /// sends, to be read.
+    pub fn shutdown_write(&self) {
+        self.shutdown_how(Shutdown::Write);
+    }
+
+    fn shutdown_how(&self, how: Shutdown) {
         let _ = match self {
-            Channel::Tcp(s) => s.shutdown(Shutdown::Both),
-            Channel::Tls(s, _) => s.shutdown(Shutdown::Both),
+            Channel::Tcp(s) => s.shutdown(how),
+            Channel::Tls(s, _) => s.shutdown(how),
         };
     }
 }

@@ -233,8 +233,9 @@ struct Server {
 
 impl Server {
     /// Starts answering requests on `urgent` for the pages of `to_come`. If serving fails
-    /// before the stream has ended, the stream's connection (`main`) is shut down too, or it
-    /// would write into a connection nobody reads until TCP gives up (30 s).
+    /// before the stream has ended, the stream's side of its connection (`main`) is shut down
+    /// too, or it would write into a connection nobody reads until TCP gives up (30 s); what
+    /// the destination sent on it (its `Abort`, saying why) is still read.
     fn start(
         handle: &VmHandle,
         urgent: Link,
@@ -275,7 +276,7 @@ impl Server {
                         // The destination learns at once that no answer will come on it.
                         channel.shutdown();
                         if !shared.streamed.load(Ordering::Acquire) {
-                            main.shutdown();
+                            main.shutdown_write();
                         }
                     }
                     served
