@@ -161,6 +161,14 @@ impl DirtyPages {
             page += 1;
         }
     }
+    /// How many pages of this set `other` (over the same RAM) does not have.
+    pub fn count_outside(&self, other: &DirtyPages) -> u64 {
+        self.words
+            .iter()
+            .zip(other.words.iter().chain(std::iter::repeat(&0)))
+            .map(|(mine, theirs)| u64::from((mine & !theirs).count_ones()))
+            .sum()
+    }
     /// The pages of this set within `range` (by page index), over the same RAM.
     pub fn within(&self, range: std::ops::Range<u64>) -> DirtyPages {
         let (start, end) = (range.start.min(self.pages), range.end.min(self.pages));
@@ -673,6 +681,12 @@ mod tests {
         some.mark(200);
         assert_eq!(some.within(4..201).iter().collect::<Vec<_>>(), [100, 200]);
         assert_eq!(some.within(4..201).pages(), 300);
+        let mut other = DirtyPages::new(300);
+        other.mark(100);
+        other.mark(150);
+        assert_eq!(some.count_outside(&other), 2);
+        assert_eq!(other.count_outside(&some), 1);
+        assert_eq!(some.count_outside(&some), 0);
     }
 
     #[test]

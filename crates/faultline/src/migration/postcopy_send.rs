@@ -389,9 +389,7 @@ fn stream_pages<W: Write>(
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
-    // SAFETY: the state has left, so the VM never runs here again (see `send`), and with
-    // `holes_are_zero` no pager writes its RAM.
-    let mut pages_of = unsafe { PageReader::frozen(ram, options.holes_are_zero) };
+    let mut pages_of = PageReader::new(ram, options.holes_are_zero);
     let mut next = 0u64;
     loop {
         let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
@@ -437,9 +435,7 @@ fn serve_requests(
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
     let layout = layout_of(ram);
-    // SAFETY: requests are served once the state has left, so the VM never runs here again
-    // (see `send`), and with `holes_are_zero` no pager writes its RAM.
-    let mut pages_of = unsafe { PageReader::frozen(ram, holes_are_zero) };
+    let mut pages_of = PageReader::new(ram, holes_are_zero);
     loop {
         let message = match read_message(&mut reader) {
             Ok(message) => message,

@@ -331,11 +331,16 @@ fn run(
     taken: &mut DirtyPages,
     paused_here: &mut bool,
 ) -> Result<SendReport, SendFailure> {
-    let (mut writer, reader) = connect(handle, &options.to, options.tls.as_ref())?;
+    let (mut writer, mut reader) = connect(handle, &options.to, options.tls.as_ref())?;
     let setup = started.elapsed();
     let copied = match options.mode {
         Mode::Post => None,
-        Mode::Pre | Mode::Hybrid => Some(copy_rounds(&mut writer, handle, options, taken)?),
+        Mode::Pre | Mode::Hybrid => Some(copy_rounds(
+            (&mut writer, &mut reader),
+            handle,
+            options,
+            taken,
+        )?),
     };
     let goes_post = copied
         .as_ref()
@@ -406,10 +411,6 @@ fn switch_over(
         throttle_percent,
     } = rounds;
 
-    // The destination first takes what the rounds sent (megabytes may wait in the two
-    // sockets' buffers), while the guest still runs: the pause then holds only the last
-    // pages and the state.
-    sync(&mut writer, &mut reader)?;
     // Switch-over: pause, the last pages, the state; the destination answers once it has
     // built the VM.
     let paused_at = Instant::now();
@@ -419,12 +420,8 @@ fn switch_over(
     pending.merge(&take(handle, taken)?);
     options.progress.phase("switch-over", pending.count());
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
-    // SAFETY: the VM is paused until this reader is dropped, below (a failure returns, and
-    // drops it, before `send` resumes the VM), and with `holes_are_zero` no pager writes its
-    // RAM.
-    let mut pages_of = unsafe { PageReader::frozen(handle.ram(), options.holes_are_zero) };
+    let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
     send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
-    drop(pages_of);
     write_message(&mut writer, &state_message(handle, guest)?)?;
     write_message(&mut writer, &Message::Done)?;
     writer.flush()?;
@@ -528,8 +525,8 @@ struct Rounds {
 
 /// Sends every page, then rounds of those written since, until what is left fits the downtime
 /// limit at the bandwidth measured, or the rounds end otherwise (`ended_by` says how).
-fn copy_rounds<W: Write>(
-    writer: &mut W,
+fn copy_rounds(
+    (writer, reader): (&mut BufWriter<Channel>, &mut BufReader<Channel>),
     handle: &VmHandle,
     options: &SendOptions,
     taken: &mut DirtyPages,
@@ -591,9 +588,11 @@ fn copy_rounds<W: Write>(
             send_pages(writer, &mut pages_of, &pending, &mut sent)?;
             DirtyPages::new(pending.pages())
         };
-        writer.flush()?;
-        // Over every round so far: a short round's writes only fill the sockets' buffers, and
-        // would make the link look faster than it is.
+        // The round ends when the destination has taken it: megabytes may still wait in the
+        // sockets' buffers, and neither the bandwidth nor what is left would be true before
+        // (nor would the pause hold only the last pages).
+        sync(writer, reader)?;
+        // Over every round so far.
         let bandwidth = sent.bytes.max(1) as f64 / began.elapsed().as_secs_f64().max(1e-6);
         pending = take(handle, taken)?;
         dirtied += pending.count();
@@ -633,8 +632,10 @@ fn copy_rounds<W: Write>(
     })
 }
 
-/// Pages of the first pass sent between two looks at what the guest writes meanwhile.
-const FIRST_PASS_PART: u64 = 32768;
+/// Pages of the first pass sent between two looks at what the guest writes meanwhile: 64 MiB,
+/// or a 64th of RAM when that is more (each look reads bitmaps of all of RAM).
+const FIRST_PASS_PART: u64 = 16384;
+const FIRST_PASS_LOOKS: u64 = 64;
 
 /// How the first pass went.
 enum FirstPass {
@@ -668,11 +669,15 @@ fn first_pass<W: Write>(
     throttling: &mut Throttling,
 ) -> anyhow::Result<FirstPass> {
     let total = pending.pages();
+    let part_pages = FIRST_PASS_PART.max(total / FIRST_PASS_LOOKS);
     let mut written = DirtyPages::new(total);
+    // What the guest wrote during the part before: pages it writes again and again (its
+    // working set) are not what makes a pass fall behind, pages it has not written lately are.
+    let mut before: Option<DirtyPages> = None;
     let mut dirtied = 0;
     let mut from = 0;
     while from < total {
-        let to = from.saturating_add(FIRST_PASS_PART).min(total);
+        let to = from.saturating_add(part_pages).min(total);
         let part = pending.within(from..to);
         send_pages(writer, pages_of, &part, sent)?;
         if to == total {
@@ -684,7 +689,9 @@ fn first_pass<W: Write>(
         dirtied += now.count();
         written.merge(&now.within(0..to));
         let told = options.switch_now.load(Ordering::Acquire);
-        match policy.during_first_pass(part.count(), now.count(), told, throttling.percent()) {
+        let fresh = before.as_ref().map(|b| now.count_outside(b));
+        before = Some(now);
+        match policy.during_first_pass(part.count(), fresh, told, throttling.percent()) {
             Next::End(why) => {
                 let mut left = written;
                 left.merge(&pending.within(to..total));
@@ -762,14 +769,19 @@ struct RoundPolicy {
 
 impl RoundPolicy {
     /// What follows a part of the first pass that sent `sent` pages while the guest wrote
-    /// `written` (some perhaps not sent yet), with the guest throttled by `throttled` percent;
-    /// `told` when a hybrid migration was told to switch. A guest that writes pages more than
-    /// half as fast as the pass sends them will not let the rounds halve what is left.
-    fn during_first_pass(&self, sent: u64, written: u64, told: bool, throttled: u8) -> Next {
+    /// `fresh` pages it had not written during the part before (`None` for the first part:
+    /// nothing to tell them from yet), with the guest throttled by `throttled` percent;
+    /// `told` when a hybrid migration was told to switch. A guest that keeps writing new
+    /// pages more than half as fast as the pass sends them will not let the rounds halve
+    /// what is left; one that rewrites the same pages only leaves those.
+    fn during_first_pass(&self, sent: u64, fresh: Option<u64>, told: bool, throttled: u8) -> Next {
         let hybrid = self.mode == Mode::Hybrid;
         if hybrid && told {
             return Next::End("told");
         }
+        let Some(written) = fresh else {
+            return Next::Round;
+        };
         let keeping_up = written * SHRINK_DENOMINATOR > sent * SHRINK_NUMERATOR;
         if !keeping_up {
             return Next::Round;
@@ -947,9 +959,6 @@ pub(super) struct PageReader<'a> {
     /// Whether a hole of RAM's memfd reads as zeros: not when a pager provides missing pages
     /// (a lazily restored VM's are in its snapshot).
     holes_are_zero: bool,
-    /// Whether pages are read where they are, not copied out first: only while nothing can
-    /// write guest RAM (see [`PageReader::frozen`]).
-    in_place: bool,
 }
 
 impl<'a> PageReader<'a> {
@@ -958,49 +967,31 @@ impl<'a> PageReader<'a> {
             ram,
             buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
             holes_are_zero,
-            in_place: false,
         }
     }
 
-    /// A reader for a VM that stays paused while it reads: pages with nothing behind them but
-    /// the memfd (no pager) are sent from guest RAM itself, checksummed and written to the
-    /// connection without a copy out first (a third of the source's time went to that copy).
-    ///
-    /// # Safety
-    ///
-    /// Nothing may write the guest RAM of `ram` while the reader exists: the VM is paused for
-    /// all of that time (and stays so: a migration that gave the VM to its destination never
-    /// resumes it, and one that failed drops its readers before it resumes it), and no pager
-    /// installs pages into it (`holes_are_zero`).
-    pub(super) unsafe fn frozen(ram: &'a vmm::GuestRam, holes_are_zero: bool) -> Self {
-        PageReader {
-            in_place: holes_are_zero,
-            ..PageReader::new(ram, holes_are_zero)
-        }
-    }
-
-    /// The `count` pages of guest RAM from `gpa`: where they are if the VM is frozen, else
-    /// read with a system call (a page that cannot be had is an error, not a signal).
+    /// The `count` pages of guest RAM from `gpa`, read with a system call: a page that
+    /// cannot be had (a poisoned one) is an error, not a signal. With every page in the memfd
+    /// (no pager) they are read from it, which costs a third less than reading the guest's
+    /// mapping through `process_vm_readv` (no pinning of each page); behind a pager a missing
+    /// page must be faulted in through the mapping.
     pub(super) fn read(&mut self, gpa: u64, count: u64) -> anyhow::Result<&[u8]> {
+        use std::os::unix::fs::FileExt;
         let len = count * PAGE_SIZE;
-        let host = self
+        let (_, region) = self
             .ram
-            .host_range(gpa, len)
+            .region_at(gpa, len)
             .context("a page to send is not RAM")?;
-        if self.in_place {
-            // SAFETY: `host_range` checked that the `len` bytes at `host` lie in one region
-            // of guest RAM, mapped for as long as `self.ram` lives; `frozen`'s caller
-            // promised that nothing writes them while this reader exists (so the shared
-            // slice is never aliased by a writer), and every page is in the memfd (no pager:
-            // a hole reads as zeros, never blocks or faults with a signal).
-            return Ok(unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) });
-        }
         if self.buffer.len() < len as usize {
             self.buffer.resize(len as usize, 0);
         }
         let data = &mut self.buffer[..len as usize];
-        vmm::memory::read_host(host as u64, data)
-            .with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
+        let read = if self.holes_are_zero {
+            region.memfd_file().read_exact_at(data, gpa - region.gpa())
+        } else {
+            vmm::memory::read_host((region.host_addr() as u64) + (gpa - region.gpa()), data)
+        };
+        read.with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
         Ok(data)
     }
 
@@ -1151,16 +1142,22 @@ mod tests {
     #[test]
     fn the_first_pass_tells_early_a_guest_that_writes_as_fast_as_it_sends() {
         let (pre, hybrid) = (policy(Mode::Pre), policy(Mode::Hybrid));
-        // A guest that writes fewer pages than half of those sent meanwhile: go on.
-        assert_eq!(pre.during_first_pass(1000, 500, false, 0), Next::Round);
-        assert_eq!(hybrid.during_first_pass(1000, 500, false, 0), Next::Round);
+        // A guest that writes fewer new pages than half of those sent meanwhile: go on.
+        assert_eq!(
+            pre.during_first_pass(1000, Some(500), false, 0),
+            Next::Round
+        );
+        assert_eq!(
+            hybrid.during_first_pass(1000, Some(500), false, 0),
+            Next::Round
+        );
         // One that writes as many: hybrid goes post-copy, pre-copy throttles it now.
         assert_eq!(
-            hybrid.during_first_pass(1000, 1000, false, 0),
+            hybrid.during_first_pass(1000, Some(1000), false, 0),
             Next::End("outpaced")
         );
         assert_eq!(
-            pre.during_first_pass(1000, 1000, false, 0),
+            pre.during_first_pass(1000, Some(1000), false, 0),
             Next::Throttle(75)
         );
         let unthrottled = RoundPolicy {
@@ -1168,15 +1165,17 @@ mod tests {
             ..policy(Mode::Pre)
         };
         assert_eq!(
-            unthrottled.during_first_pass(1000, 1000, false, 0),
+            unthrottled.during_first_pass(1000, Some(1000), false, 0),
             Next::Round
         );
+        // The first part has nothing to tell new pages from: go on.
+        assert_eq!(hybrid.during_first_pass(1000, None, false, 0), Next::Round);
         // Told to switch: a hybrid one does so at once.
         assert_eq!(
-            hybrid.during_first_pass(1000, 0, true, 0),
+            hybrid.during_first_pass(1000, None, true, 0),
             Next::End("told")
         );
-        assert_eq!(pre.during_first_pass(1000, 0, true, 0), Next::Round);
+        assert_eq!(pre.during_first_pass(1000, Some(0), true, 0), Next::Round);
     }
 
     #[test]
