@@ -566,7 +566,9 @@ fn copy_rounds(
                 &mut sent,
                 taken,
                 &mut throttling,
-            )? {
+            )
+            .context("cannot send the first pass to the destination")?
+            {
                 FirstPass::Whole {
                     written,
                     dirtied: during,
@@ -585,7 +587,9 @@ fn copy_rounds(
                 }
             }
         } else {
-            send_pages(writer, &mut pages_of, &pending, &mut sent)?;
+            send_pages(writer, &mut pages_of, &pending, &mut sent).with_context(|| {
+                format!("cannot send pre-copy round {rounds} to the destination")
+            })?;
             DirtyPages::new(pending.pages())
         };
         // The round ends when the destination has taken it: megabytes may still wait in the
