@@ -14,10 +14,10 @@
 //! writable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
+use crate::stats::LatencyRecorder;
 use serde::Serialize;
 
 use uffd::UffdError;
@@ -52,7 +52,7 @@ pub(crate) struct Protection {
     /// can still arrive just after a protection ended, and is only let through).
     ever: std::sync::atomic::AtomicBool,
     faults: AtomicU64,
-    stall_us: Mutex<Histogram<u64>>,
+    stall_us: LatencyRecorder,
 }
 
 impl Default for Protection {
@@ -61,9 +61,7 @@ impl Default for Protection {
             guard: RwLock::new(None),
             ever: std::sync::atomic::AtomicBool::new(false),
             faults: AtomicU64::new(0),
-            stall_us: Mutex::new(
-                Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
-            ),
+            stall_us: LatencyRecorder::new(600_000_000),
         }
     }
 }
@@ -72,10 +70,7 @@ impl Protection {
     /// Installs `guard` (replacing none: the caller checked) and resets the counters.
     pub(crate) fn begin(&self, guard: Arc<dyn WriteGuard>) {
         self.faults.store(0, Ordering::Relaxed);
-        self.stall_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reset();
+        self.stall_us.reset();
         self.ever.store(true, Ordering::Release);
         *self.guard.write().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     }
@@ -101,29 +96,18 @@ impl Protection {
     }
 
     pub(crate) fn stats(&self) -> ProtectStats {
-        let hist = self.stall_us.lock().unwrap_or_else(|e| e.into_inner());
-        let q = |quantile: f64| {
-            if hist.is_empty() {
-                0
-            } else {
-                hist.value_at_quantile(quantile)
-            }
-        };
+        let stall = self.stall_us.summary();
         ProtectStats {
             write_faults: self.faults.load(Ordering::Relaxed),
-            stall_p50_us: q(0.5),
-            stall_p99_us: q(0.99),
-            stall_max_us: hist.max(),
+            stall_p50_us: stall.p50,
+            stall_p99_us: stall.p99,
+            stall_max_us: stall.max,
         }
     }
 
     fn record(&self, stall: Duration) {
         self.faults.fetch_add(1, Ordering::Relaxed);
-        let us = (stall.as_nanos() as u64).div_ceil(1000).max(1);
-        self.stall_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(us);
+        self.stall_us.record(stall);
     }
 }
 

@@ -37,7 +37,53 @@ pub struct Counters {
     pub background_pending_pages: AtomicU64,
     /// Pages queued ahead of touchers by the predictor.
     pub pages_predicted: AtomicU64,
-    latency_us: Mutex<Histogram<u64>>,
+    latency_us: LatencyRecorder,
+}
+
+/// Durations (recorded in whole microseconds, at least 1) from any thread, and their summary.
+#[derive(Debug)]
+pub(crate) struct LatencyRecorder(Mutex<Histogram<u64>>);
+
+impl LatencyRecorder {
+    /// A recorder of durations up to `max_us` (longer ones count as that).
+    pub(crate) fn new(max_us: u64) -> Self {
+        LatencyRecorder(Mutex::new(
+            Histogram::new_with_bounds(1, max_us, 3).expect("valid bounds"),
+        ))
+    }
+
+    pub(crate) fn record(&self, took: Duration) {
+        let us = (took.as_nanos() as u64).div_ceil(1000).max(1);
+        self.histogram().saturating_record(us);
+    }
+
+    /// Forgets what was recorded.
+    pub(crate) fn reset(&self) {
+        self.histogram().reset();
+    }
+
+    /// What was recorded: count, p50, p90, p99, max (all 0 when nothing was).
+    pub(crate) fn summary(&self) -> Latency {
+        let hist = self.histogram();
+        let q = |quantile: f64| {
+            if hist.is_empty() {
+                0
+            } else {
+                hist.value_at_quantile(quantile)
+            }
+        };
+        Latency {
+            samples: hist.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            max: hist.max(),
+        }
+    }
+
+    fn histogram(&self) -> std::sync::MutexGuard<'_, Histogram<u64>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Default for Counters {
@@ -59,9 +105,7 @@ impl Default for Counters {
             max_event_batch: AtomicU64::new(0),
             background_pending_pages: AtomicU64::new(0),
             pages_predicted: AtomicU64::new(0),
-            latency_us: Mutex::new(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
-            ),
+            latency_us: LatencyRecorder::new(60_000_000),
         }
     }
 }
@@ -76,11 +120,7 @@ impl Counters {
             FaultOrigin::Vcpu => Self::add(&self.faults_vcpu, 1),
             FaultOrigin::OtherThread => Self::add(&self.faults_other, 1),
         }
-        let us = (service.as_nanos() as u64).div_ceil(1000).max(1);
-        self.latency_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(us);
+        self.latency_us.record(service);
     }
 
     pub(crate) fn note_batch(&self, size: u64) {
@@ -90,14 +130,6 @@ impl Counters {
     /// A consistent-enough copy for reporting.
     pub fn snapshot(&self, regions: Vec<RegionStats>) -> Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let hist = self.latency_us.lock().unwrap_or_else(|e| e.into_inner());
-        let q = |quantile: f64| {
-            if hist.is_empty() {
-                0
-            } else {
-                hist.value_at_quantile(quantile)
-            }
-        };
         let guest_bytes: u64 = regions.iter().map(|r| r.bytes).sum();
         let map_bytes: u64 = regions.iter().map(|r| r.presence_map_bytes).sum();
         Stats {
@@ -117,13 +149,7 @@ impl Counters {
             max_event_batch: get(&self.max_event_batch),
             background_pending_pages: get(&self.background_pending_pages),
             pages_predicted: get(&self.pages_predicted),
-            install_latency_us: Latency {
-                samples: hist.len(),
-                p50: q(0.5),
-                p90: q(0.9),
-                p99: q(0.99),
-                max: hist.max(),
-            },
+            install_latency_us: self.latency_us.summary(),
             presence_map_bytes_per_gib: (map_bytes * (1 << 30))
                 .checked_div(guest_bytes)
                 .unwrap_or(0),

@@ -26,10 +26,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
+use crate::stats::LatencyRecorder;
 use serde::Serialize;
 
 use crate::engine::Shared;
@@ -156,7 +155,7 @@ pub(crate) struct SwapCounters {
     pub zero_dropped: AtomicU64,
     pub swapped_in: AtomicU64,
     pub bytes_written: AtomicU64,
-    swap_in_us: Mutex<Histogram<u64>>,
+    swap_in_us: LatencyRecorder,
 }
 
 impl Default for SwapCounters {
@@ -167,9 +166,7 @@ impl Default for SwapCounters {
             zero_dropped: AtomicU64::new(0),
             swapped_in: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
-            swap_in_us: Mutex::new(
-                Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
-            ),
+            swap_in_us: LatencyRecorder::new(600_000_000),
         }
     }
 }
@@ -177,11 +174,7 @@ impl Default for SwapCounters {
 impl SwapCounters {
     /// A fault served from the swap file took `service`.
     pub(crate) fn record_swap_in(&self, service: Duration) {
-        let us = (service.as_nanos() as u64).div_ceil(1000).max(1);
-        self.swap_in_us
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .saturating_record(us);
+        self.swap_in_us.record(service);
     }
 
     /// The counters now, with the pages swapped out and resident now and the swap's own
@@ -196,14 +189,7 @@ impl SwapCounters {
     ) -> SwapStats {
         let (limit_bytes, limiter) = limit;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let hist = self.swap_in_us.lock().unwrap_or_else(|e| e.into_inner());
-        let q = |quantile: f64| {
-            if hist.is_empty() {
-                0
-            } else {
-                hist.value_at_quantile(quantile)
-            }
-        };
+        let swap_in = self.swap_in_us.summary();
         SwapStats {
             file,
             resident_bytes: resident_pages * PAGE as u64,
@@ -213,10 +199,10 @@ impl SwapCounters {
             zero_pages_dropped: get(&self.zero_dropped),
             pages_swapped_in: get(&self.swapped_in),
             bytes_written: get(&self.bytes_written),
-            swap_in_faults: hist.len(),
-            swap_in_p50_us: q(0.5),
-            swap_in_p99_us: q(0.99),
-            swap_in_max_us: hist.max(),
+            swap_in_faults: swap_in.samples,
+            swap_in_p50_us: swap_in.p50,
+            swap_in_p99_us: swap_in.p99,
+            swap_in_max_us: swap_in.max,
             metadata_bytes,
             limit_bytes,
             pages_evicted: get(&limiter.evicted),
