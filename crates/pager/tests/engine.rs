@@ -1452,3 +1452,28 @@ fn a_shutdown_stops_a_fetch_that_waits_on_a_silent_source() {
     );
     assert_eq!(toucher.join().unwrap(), Err(libc::EFAULT));
 }
+
+#[test]
+fn a_released_page_comes_from_its_source_again_even_once_marked_zero() {
+    // Page 1 was marked zero (a migration's zero range), then the guest wrote it; released
+    // (it will come again from the source), its next touch must fetch it, not give zero.
+    let Some(mut builder) = builder(unpredicted()) else {
+        return;
+    };
+    let shm = Shm::new(4);
+    serve(&mut builder, &shm, Arc::new(MemorySource::new(pattern(4))));
+    builder
+        .backing(0, Arc::new(shm._file.try_clone().unwrap()), 0)
+        .unwrap();
+    let pager = builder.start().unwrap();
+    pager.mark_zero(0, 1, 1).unwrap();
+    write_u64(shm.page(1), 77);
+    wait_until("page 1 present", || pager.is_present(0, 1));
+    pager.handle().release(0, 1, 1).unwrap();
+    assert_eq!(pager.settled_page_state(0, 1).unwrap(), PageState::InSource);
+    let expected = pattern(4);
+    assert_eq!(
+        read_u64(shm.page(1)),
+        u64::from_le_bytes(expected[PAGE..PAGE + 8].try_into().unwrap())
+    );
+}
