@@ -276,16 +276,16 @@ pub(crate) fn write_image_chunked(
         }
     };
     std::fs::rename(&tmp, &image_path).map_err(SnapshotError::io(&image_path))?;
-    container::sync_dir(dir)?;
-
-    let payload = encode_sums(
-        size,
-        kind,
-        chunk_size,
-        &written.sums,
-        written.bitmap.as_deref(),
-    );
-    container::write(&dir.join(SUMS_FILE), &SUMS_MAGIC, SUMS_VERSION, &payload)?;
+    publish_sums(
+        dir,
+        &encode_sums(
+            size,
+            kind,
+            chunk_size,
+            &written.sums,
+            written.bitmap.as_deref(),
+        ),
+    )?;
     tracing::debug!(
         "snapshot: wrote {} ({kind:?}): {:?}",
         image_path.display(),
@@ -491,24 +491,20 @@ impl PageImageWriter {
             let _ = std::fs::remove_file(&self.tmp);
             return Err(e);
         }
-        container::sync_dir(&self.dir)?;
         let sums: Vec<u32> = self
             .sums
             .iter()
             .map(|s| s.load(Ordering::Relaxed))
             .collect();
-        let payload = encode_sums(
-            self.size,
-            self.kind,
-            PAGE_SIZE,
-            &sums,
-            self.bitmap.as_deref(),
-        );
-        container::write(
-            &self.dir.join(SUMS_FILE),
-            &SUMS_MAGIC,
-            SUMS_VERSION,
-            &payload,
+        publish_sums(
+            &self.dir,
+            &encode_sums(
+                self.size,
+                self.kind,
+                PAGE_SIZE,
+                &sums,
+                self.bitmap.as_deref(),
+            ),
         )?;
         let data_pages = self.data_pages.load(Ordering::Relaxed);
         Ok(WriteSummary {
@@ -622,6 +618,13 @@ impl ChunkSums {
         }
         self.sums
     }
+}
+
+/// The end of writing an image renamed into `dir`: the directory synced (the rename is
+/// durable), then its checksums file written (`payload`, from `encode_sums`).
+fn publish_sums(dir: &Path, payload: &[u8]) -> Result<(), SnapshotError> {
+    container::sync_dir(dir)?;
+    container::write(&dir.join(SUMS_FILE), &SUMS_MAGIC, SUMS_VERSION, payload)
 }
 
 /// The `memory.sums` payload.
