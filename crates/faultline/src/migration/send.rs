@@ -555,6 +555,8 @@ fn copy_rounds(
     let ended_by = loop {
         options.progress.round(rounds, pending.count());
         let sent_now = pending.count();
+        // Pages the first pass sent and the guest wrote since (later rounds have none: the
+        // take after them has everything).
         let written = if rounds == 0 {
             match first_pass(
                 writer,
@@ -574,7 +576,7 @@ fn copy_rounds(
                     dirtied: during,
                 } => {
                     dirtied += during;
-                    written
+                    Some(written)
                 }
                 FirstPass::Cut {
                     why,
@@ -590,7 +592,7 @@ fn copy_rounds(
             send_pages(writer, &mut pages_of, &pending, &mut sent).with_context(|| {
                 format!("cannot send pre-copy round {rounds} to the destination")
             })?;
-            DirtyPages::new(pending.pages())
+            None
         };
         // The round ends when the destination has taken it: megabytes may still wait in the
         // sockets' buffers, and neither the bandwidth nor what is left would be true before
@@ -600,7 +602,9 @@ fn copy_rounds(
         let bandwidth = sent.bytes.max(1) as f64 / began.elapsed().as_secs_f64().max(1e-6);
         pending = take(handle, taken)?;
         dirtied += pending.count();
-        pending.merge(&written);
+        if let Some(written) = &written {
+            pending.merge(written);
+        }
         let round = RoundEnd {
             sent: sent_now,
             left: pending.count(),
@@ -623,7 +627,7 @@ fn copy_rounds(
             },
         )?;
     };
-    let throttle_percent = throttling.most;
+    let throttle_percent = throttling.percent();
     Ok(Rounds {
         pending,
         sent,
@@ -709,12 +713,11 @@ fn first_pass<W: Write>(
     Ok(FirstPass::Whole { written, dirtied })
 }
 
-/// The throttle a pre-copy put on the guest, if any.
+/// The throttle a pre-copy put on the guest, if any (it only ever grows: its percent is the
+/// most it took).
 #[derive(Default)]
 struct Throttling {
     throttle: Option<Throttle>,
-    /// The most it took, in percent.
-    most: u8,
 }
 
 impl Throttling {
@@ -734,7 +737,6 @@ impl Throttling {
             Some(t) => t.set(percent),
         }
         let now = self.percent();
-        self.most = self.most.max(now);
         options.progress.throttled(now);
         tracing::info!("pre-copy: not converging, the guest is throttled to {now}%");
         Ok(())
