@@ -694,11 +694,7 @@ impl PagerHandle {
 
     /// Pages present now, all regions together.
     pub fn resident_pages(&self) -> u64 {
-        self.shared
-            .regions
-            .iter()
-            .map(|r| r.present.count() as u64)
-            .sum()
+        self.shared.resident_now()
     }
 
     /// Swap figures now.

@@ -55,7 +55,8 @@ impl Shared {
             .map(|bytes| (bytes / uffd::PAGE_SIZE).max(1))
     }
 
-    fn resident_now(&self) -> u64 {
+    /// Pages present now, all regions together (a count of every present bit).
+    pub(crate) fn resident_now(&self) -> u64 {
         self.regions.iter().map(|r| r.present.count() as u64).sum()
     }
 
