@@ -697,6 +697,11 @@ impl PagerHandle {
         self.shared.resident_now()
     }
 
+    /// Whether the pager swaps (it has a swap file).
+    pub fn swaps(&self) -> bool {
+        self.shared.swap.is_some()
+    }
+
     /// Swap figures now.
     pub fn swap_stats(&self) -> SwapStats {
         let regions = &self.shared.regions;

@@ -335,7 +335,7 @@ impl Controller {
     /// The pager, if it has a swap file; a 409 saying how to get one otherwise.
     fn swapping_pager(&self) -> Result<&PagerHandle, Response> {
         match &self.pager {
-            Some(pager) if pager.swap_stats().file.is_some() => Ok(pager),
+            Some(pager) if pager.swaps() => Ok(pager),
             _ => Err(Response::error(
                 409,
                 "this VM has no swap file: start it with --swap-file PATH (or --mem-limit SIZE)",
