@@ -76,8 +76,6 @@ pub struct MicroVm {
     pub pager: Option<Pager>,
     /// Feeds the guest's writes to a resident limit's eviction.
     recency: Option<RecencyFeed>,
-    /// The swap file, removed when the VM goes.
-    swap_file: Option<std::path::PathBuf>,
     created: Instant,
 }
 
@@ -86,9 +84,6 @@ impl Drop for MicroVm {
         drop(self.recency.take());
         if let Some(pager) = self.pager.take() {
             pager.shutdown();
-        }
-        if let Some(path) = &self.swap_file {
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -240,7 +235,6 @@ impl MicroVm {
             arg,
             pager,
             recency,
-            swap_file: options.pager.swap_file.clone(),
             created,
         })
     }

@@ -141,8 +141,6 @@ pub struct RestoredVm {
     pub timings: RestoreTimings,
     /// Feeds the guest's writes to a resident limit's eviction.
     recency: Option<RecencyFeed>,
-    /// The swap file, removed when the VM goes.
-    swap_file: Option<PathBuf>,
 }
 
 impl Drop for RestoredVm {
@@ -154,9 +152,6 @@ impl Drop for RestoredVm {
         }
         if let Some(prefetch) = self.prefetch.take() {
             let _ = prefetch.join();
-        }
-        if let Some(path) = &self.swap_file {
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -478,7 +473,6 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
         started,
         timings,
         recency,
-        swap_file: options.pager.swap_file.clone(),
     })
 }
 

@@ -46,6 +46,14 @@ pub(crate) struct SwapFile {
     slots: u64,
 }
 
+/// The file was created by this swap (never an existing one): it goes with it, when the
+/// pager's last handle does.
+impl Drop for SwapFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 impl SwapFile {
     /// Creates the swap file at `path` for `slots` pages; a file already there is refused
     /// (never overwritten).
@@ -55,12 +63,14 @@ impl SwapFile {
             .write(true)
             .create_new(true)
             .open(path)?;
-        file.set_len(slots * (PAGE as u64 + 4))?;
-        Ok(SwapFile {
+        // From here on it is this swap's file: dropped (by an error below too), it goes.
+        let swap = SwapFile {
             path: path.to_path_buf(),
             file,
             slots,
-        })
+        };
+        swap.file.set_len(slots * (PAGE as u64 + 4))?;
+        Ok(swap)
     }
 
     pub(crate) fn path(&self) -> &Path {
