@@ -116,6 +116,16 @@ pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Resul
 /// Reads one message. A clean end of the stream before a frame is [`ProtocolError::PeerClosed`];
 /// anywhere else it is [`ProtocolError::Truncated`].
 pub fn read_message<R: Read>(reader: &mut R) -> Result<Message, ProtocolError> {
+    read_message_reusing(reader, None)
+}
+
+/// [`read_message`], reading a `Pages` message's data into `spare` (a buffer of pages already
+/// used, resized to fit) rather than a new one: a stream of megabyte runs then allocates no
+/// memory the kernel must zero for each. A message that is not pages drops `spare`.
+pub fn read_message_reusing<R: Read>(
+    reader: &mut R,
+    spare: Option<Vec<u8>>,
+) -> Result<Message, ProtocolError> {
     let mut header = [0u8; HEADER_BYTES];
     match fill(reader, &mut header)? {
         0 => return Err(ProtocolError::PeerClosed),
@@ -152,7 +162,9 @@ pub fn read_message<R: Read>(reader: &mut R) -> Result<Message, ProtocolError> {
     if kind == Message::PAGES_KIND && length >= 8 {
         // Pages are the bulk of a migration: read straight into their own buffer.
         let mut gpa = [0u8; 8];
-        let mut data = vec![0u8; length as usize - 8];
+        let mut data = spare.unwrap_or_default();
+        // Only a longer run than the buffer held is zeroed (in the part it adds).
+        data.resize(length as usize - 8, 0);
         let got = fill(reader, &mut gpa)?;
         let got = if got == gpa.len() {
             got + fill(reader, &mut data)?
@@ -292,6 +304,25 @@ mod tests {
         write_message(&mut written, &message).unwrap();
         assert_eq!(written, framed);
         assert_eq!(read_message(&mut direct.as_slice()).unwrap(), message);
+    }
+
+    #[test]
+    fn pages_read_into_a_used_buffer_are_exactly_the_pages_sent() {
+        let data: Vec<u8> = (0..2 * PAGE_SIZE as usize)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut stream = Vec::new();
+        write_pages(&mut stream, 0x20_0000, &data).unwrap();
+        let sent = Message::Pages {
+            gpa: 0x20_0000,
+            data,
+        };
+        // Longer and shorter than the run, and full of another run's bytes.
+        for spare_pages in [3, 2, 1, 0] {
+            let spare = vec![0xaa; spare_pages * PAGE_SIZE as usize];
+            let read = read_message_reusing(&mut stream.as_slice(), Some(spare)).unwrap();
+            assert_eq!(read, sent, "into a spare buffer of {spare_pages} pages");
+        }
     }
 
     #[test]

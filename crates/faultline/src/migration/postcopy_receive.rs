@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use migrate::{read_message, write_message, Layout, Message, VmIdentity};
+use migrate::{read_message, read_message_reusing, write_message, Layout, Message, VmIdentity};
 use pager::{Content, PageSource, SourceError};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
@@ -580,13 +580,17 @@ fn take_all(
     // installing (a new page of guest RAM, a copy into it) the rest.
     std::thread::scope(|scope| {
         let (queue, installs) = std::sync::mpsc::sync_channel::<Run>(INSTALL_QUEUE);
+        // Installed runs' buffers come back to be read into again.
+        let (used, spares) = std::sync::mpsc::channel::<Vec<u8>>();
         let installer = std::thread::Builder::new()
             .name("postcopy-install".into())
-            .spawn_scoped(scope, move || install_all(installs, ram, pager, incoming))
+            .spawn_scoped(scope, move || {
+                install_all(installs, used, ram, pager, incoming)
+            })
             .map_err(|e| {
                 Stop::Fatal(anyhow::Error::from(e).context("cannot start the installer"))
             })?;
-        let read = read_all(reader, &layout_of(ram), &queue);
+        let read = read_all(reader, &layout_of(ram), &queue, &spares);
         // The installer takes what is queued, then ends.
         drop(queue);
         let installed = installer
@@ -678,15 +682,17 @@ enum Run {
     Zero { gpa: u64, count: u64 },
 }
 
-/// Reads the page stream up to its `Done`, and queues its pages for the installer. Returns
-/// early, with no error, if the installer has stopped (its error says why).
+/// Reads the page stream up to its `Done` (into the buffers the installer gives back, when
+/// there are some), and queues its pages for the installer. Returns early, with no error, if
+/// the installer has stopped (its error says why).
 fn read_all(
     reader: &mut BufReader<Channel>,
     layout: &Layout,
     queue: &std::sync::mpsc::SyncSender<Run>,
+    spares: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), Stop> {
     loop {
-        let message = match read_message(reader) {
+        let message = match read_message_reusing(reader, spares.try_recv().ok()) {
             Ok(message) => message,
             Err(e) if e.is_connection_loss() => {
                 return Err(Stop::Broken(
@@ -716,9 +722,11 @@ fn read_all(
     }
 }
 
-/// Installs the pages `read_all` queues, in order, until it stops queuing.
+/// Installs the pages `read_all` queues, in order, until it stops queuing, and gives each
+/// run's buffer back to be read into again.
 fn install_all(
     installs: std::sync::mpsc::Receiver<Run>,
+    used: std::sync::mpsc::Sender<Vec<u8>>,
     ram: &GuestRam,
     pager: &pager::PagerHandle,
     incoming: &Incoming,
@@ -733,6 +741,8 @@ fn install_all(
                 incoming
                     .bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                // The reader may have finished and gone: the buffer is then dropped.
+                let _ = used.send(data);
             }
             Run::Zero { gpa, count } => {
                 mark_zeros(ram, pager, gpa, count)?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use migrate::{read_message, write_message, Message};
+use migrate::{read_message, read_message_reusing, write_message, Message};
 use serde::Serialize;
 use snapshot::state::SnapshotState;
 use vmm::{DirtyPages, GuestRam, Vm, VmConfig, PAGE_SIZE};
@@ -163,8 +163,11 @@ fn take(
     let mut state: Option<SnapshotState> = None;
     // Pages received as zero (their memfd blocks punched out) and not rewritten since.
     let mut zeroed = vec![false; layout.pages() as usize];
+    // The last run's buffer, read into again.
+    let mut spare = None;
     loop {
-        let message = read_message(reader).context("the migration stream failed")?;
+        let message =
+            read_message_reusing(reader, spare.take()).context("the migration stream failed")?;
         message.check(&layout)?;
         match message {
             Message::Pages { gpa, data } => {
@@ -173,6 +176,7 @@ fn take(
                 report.bytes += data.len() as u64;
                 write_pages(&ram, gpa, &data)?;
                 mark(&ram, &mut zeroed, gpa, count, false);
+                spare = Some(data);
             }
             Message::ZeroPages { gpa, count } => {
                 report.zero_pages += count;
