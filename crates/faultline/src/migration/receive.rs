@@ -196,10 +196,7 @@ fn take(
             }
             Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
             Message::State(bytes) => {
-                let decoded: SnapshotState = serde_json::from_slice(&bytes)
-                    .context("the VM state from the source does not decode")?;
-                snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
-                state = Some(decoded);
+                state = Some(decode_state(&bytes)?);
             }
             Message::Done => break,
             Message::Abort(reason) => bail!("the source gave up the migration: {reason}"),
@@ -328,12 +325,7 @@ fn post_copy(
     )?;
     accept_requests(listener, tls, ours, &source)?;
     let state = match read_message(reader).context("no state after the switch-over")? {
-        Message::State(bytes) => {
-            let decoded: SnapshotState = serde_json::from_slice(&bytes)
-                .context("the VM state from the source does not decode")?;
-            snapshot::state::validate(Path::new("the migration stream"), &decoded)?;
-            decoded
-        }
+        Message::State(bytes) => decode_state(&bytes)?,
         other => bail!("the source sent {} where the state belongs", other.name()),
     };
     let to_come = read_stale(reader, ours).context("no list of the pages to come")?;
@@ -447,6 +439,12 @@ fn zero(ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
     .map_err(std::io::Error::from)
     .with_context(|| format!("cannot zero {count} pages at {gpa:#x}"))?;
     Ok(())
+}
+
+/// The VM state a `State` message carries, decoded and checked as a state file's is.
+fn decode_state(payload: &[u8]) -> anyhow::Result<SnapshotState> {
+    snapshot::state::decode(Path::new("the migration stream"), payload)
+        .context("the VM state from the source does not decode")
 }
 
 #[cfg(test)]

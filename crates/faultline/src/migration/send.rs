@@ -2,6 +2,7 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -873,7 +874,8 @@ pub(super) fn state_message(
         MemoryKind::Full,
         None,
     );
-    Ok(Message::State(serde_json::to_vec(&state)?))
+    let payload = snapshot::state::encode(Path::new("the migration stream"), &state)?;
+    Ok(Message::State(payload))
 }
 
 /// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
