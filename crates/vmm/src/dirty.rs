@@ -144,22 +144,48 @@ impl DirtyPages {
     }
     /// Marks `count` pages from `first` dirty.
     pub fn mark_range(&mut self, first: u64, count: u64) {
+        self.set_range(first, count, true);
+    }
+    /// Takes `count` pages from `first` out of the set (pages beyond RAM are ignored).
+    pub fn unmark_range(&mut self, first: u64, count: u64) {
+        self.set_range(first, count, false);
+    }
+    fn set_range(&mut self, first: u64, count: u64, dirty: bool) {
         let end = first.saturating_add(count).min(self.pages);
+        let bit = |words: &mut [u64], page: u64| {
+            let (word, mask) = (&mut words[(page / 64) as usize], 1u64 << (page % 64));
+            *word = if dirty { *word | mask } else { *word & !mask };
+        };
         let mut page = first;
         // Bit by bit up to a word boundary, whole words, then bit by bit again: marking all of
         // RAM (an overflowed ring, a first pass) costs a word per 64 pages.
         while page < end && !page.is_multiple_of(64) {
-            self.mark(page);
+            bit(&mut self.words, page);
             page += 1;
         }
         while page + 64 <= end {
-            self.words[(page / 64) as usize] = u64::MAX;
+            self.words[(page / 64) as usize] = if dirty { u64::MAX } else { 0 };
             page += 64;
         }
         while page < end {
-            self.mark(page);
+            bit(&mut self.words, page);
             page += 1;
         }
+    }
+    /// The first page of the set at or after `from`, a word of 64 pages at a time.
+    pub fn first_from(&self, from: u64) -> Option<u64> {
+        if from >= self.pages {
+            return None;
+        }
+        let mut index = (from / 64) as usize;
+        let mut word = self.words[index] & (u64::MAX << (from % 64));
+        while word == 0 {
+            index += 1;
+            word = *self.words.get(index)?;
+        }
+        let page = index as u64 * 64 + u64::from(word.trailing_zeros());
+        // Bits past the last page are not pages.
+        (page < self.pages).then_some(page)
     }
     /// How many pages of this set `other` (over the same RAM) does not have.
     pub fn count_outside(&self, other: &DirtyPages) -> u64 {
@@ -687,6 +713,34 @@ mod tests {
         assert_eq!(some.count_outside(&other), 2);
         assert_eq!(other.count_outside(&some), 1);
         assert_eq!(some.count_outside(&some), 0);
+    }
+
+    #[test]
+    fn unmarking_a_range_takes_exactly_its_pages_and_first_from_finds_the_rest() {
+        for (first, count) in [(0, 300), (5, 200), (64, 64), (63, 2), (250, 400), (7, 0)] {
+            let mut left = DirtyPages::all(300);
+            left.unmark_range(first, count);
+            let wanted: Vec<u64> = (0..300)
+                .filter(|&p| !(first..first + count).contains(&p))
+                .collect();
+            assert_eq!(left.iter().collect::<Vec<_>>(), wanted, "{first}+{count}");
+            // first_from walks the same pages, from anywhere.
+            let mut walked = Vec::new();
+            let mut from = 0;
+            while let Some(page) = left.first_from(from) {
+                walked.push(page);
+                from = page + 1;
+            }
+            assert_eq!(walked, wanted, "walked after {first}+{count}");
+        }
+        let mut one = DirtyPages::new(300);
+        one.mark(299);
+        assert_eq!(one.first_from(0), Some(299));
+        assert_eq!(one.first_from(299), Some(299));
+        assert_eq!(one.first_from(300), None);
+        // A bitmap from KVM may have bits past the last page: they are not pages.
+        let past = DirtyPages::from_words(3, vec![0b1000]).unwrap();
+        assert_eq!(past.first_from(0), None);
     }
 
     #[test]

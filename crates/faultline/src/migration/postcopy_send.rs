@@ -244,9 +244,9 @@ impl Server {
         main: &Channel,
     ) -> anyhow::Result<Server> {
         let (urgent_writer, urgent_reader) = urgent;
-        let total = handle.ram().size() / PAGE_SIZE;
         let shared = Arc::new(Streaming {
-            sent: Mutex::new((0..total).map(|page| !to_come.contains(page)).collect()),
+            // A copy of the bitmap, not a walk over every page: this is inside the downtime.
+            unsent: Mutex::new(to_come.clone()),
             hint: AtomicU64::new(NO_HINT),
             requests: AtomicU64::new(0),
             answered_pages: AtomicU64::new(0),
@@ -317,12 +317,10 @@ fn complete(
     let handle = &handle;
     if let Some(progress) = &paused.sent.progress {
         let left = shared
-            .sent
+            .unsent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|&&sent| !sent)
-            .count() as u64;
+            .count();
         progress.phase("post-copy", left);
     }
     let main_channel = reader.get_ref().try_clone()?;
@@ -365,8 +363,8 @@ const NO_HINT: u64 = u64::MAX;
 
 /// What the stream and the request server share on the source.
 struct Streaming {
-    /// By page index (regions back to back): sent already, by either.
-    sent: Mutex<Vec<bool>>,
+    /// By page index (regions back to back): the pages neither has sent yet.
+    unsent: Mutex<DirtyPages>,
     /// The page index last asked for, where the stream goes on from.
     hint: AtomicU64,
     requests: AtomicU64,
@@ -397,26 +395,19 @@ fn stream_pages<W: Write>(
             next = hint;
         }
         let run = {
-            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
-            let total = done.len() as u64;
-            let Some(first) = (0..total)
-                .map(|i| (next + i) % total)
-                .find(|&page| !done[page as usize])
-            else {
+            let mut unsent = shared.unsent.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(first) = unsent.first_from(next).or_else(|| unsent.first_from(0)) else {
                 break;
             };
             let gpa = ram.gpa_of_page(first).context("a page past RAM")?;
             let mut count = 1;
             while count < RUN_PAGES
-                && first + count < total
-                && !done[(first + count) as usize]
+                && unsent.contains(first + count)
                 && ram.gpa_of_page(first + count) == Some(gpa + count * PAGE_SIZE)
             {
                 count += 1;
             }
-            for page in first..first + count {
-                done[page as usize] = true;
-            }
+            unsent.unmark_range(first, count);
             next = first + count;
             (gpa, count)
         };
@@ -464,12 +455,11 @@ fn serve_requests(
             progress.sent(u64::from(count), bytes);
         }
         if let Some(first) = ram.page_index(gpa) {
-            let mut done = shared.sent.lock().unwrap_or_else(|e| e.into_inner());
-            for page in first..first + u64::from(count) {
-                if let Some(slot) = done.get_mut(page as usize) {
-                    *slot = true;
-                }
-            }
+            shared
+                .unsent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unmark_range(first, u64::from(count));
             shared
                 .hint
                 .store(first + u64::from(count), Ordering::Release);
