@@ -499,7 +499,8 @@ enum BenchCommand {
     /// Live migration on loopback against QEMU (qemu-system-x86_64, its guest in
     /// bench/peers/) in the same run: a guest whose pages all hold data and one mostly zero
     /// (pre- and post-copy), a guest that never stops writing (pre-copy, hybrid, post-copy),
-    /// post-copy page request latency. Some minutes for 1 GiB per run.
+    /// post-copy page request latency, and the floor under a post-copy: RAM installed by
+    /// UFFDIO_COPY alone. Some minutes for 1 GiB per run.
     Migrate {
         /// Guest RAM on both sides.
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]

@@ -96,6 +96,14 @@ pub struct Report {
     pub runs: u32,
     pub qemu: String,
     pub cases: Vec<Case>,
+    /// What the destination's kernel alone needs for a data post-copy, measured before each
+    /// of faultline's runs of it: RAM's worth of pages put into fresh guest RAM by
+    /// UFFDIO_COPY in 1 MiB runs, on one thread, no network, no guest (ms, each run).
+    pub install_floor_runs: Vec<f64>,
+    /// Their median, and its ratio to QEMU's median data post-copy total: a faultline total
+    /// can be no lower (the destination's installing is on its path).
+    pub install_floor_ms: Option<f64>,
+    pub install_floor_ratio: Option<f64>,
 }
 
 /// The guest workload of a case.
@@ -131,6 +139,7 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
         ("dirtier", Workload::Dirtier, "post"),
     ];
     let mut out = Vec::new();
+    let mut install_floor_runs = Vec::new();
     for (index, (case, workload, mode)) in cases.into_iter().enumerate() {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
@@ -144,6 +153,10 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
             if qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
+            }
+            if matches!(workload, Workload::Data) && mode == "post" {
+                step(&format!("migrate: {of}: installing {mem} bytes alone"));
+                install_floor_runs.push(install_floor_ms(mem)?);
             }
             step(&format!("migrate: {of}: faultline"));
             ours.push(
@@ -188,13 +201,79 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
             downtime_ratio,
         });
     }
+    let install_floor_ms = {
+        let mut sorted = install_floor_runs.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len().saturating_sub(1) / 2).copied()
+    };
+    let qemu_data_post = out
+        .iter()
+        .find(|c| c.case == "data" && c.mode == "post")
+        .and_then(|c| c.qemu.as_ref().ok())
+        .filter(|q| q.status == "completed")
+        .map(|q| q.total_ms);
     Ok(Report {
         mem_bytes: mem,
         runs,
         qemu: qemu_name,
         cases: out,
+        install_floor_runs,
+        install_floor_ms,
+        install_floor_ratio: install_floor_ms
+            .zip(qemu_data_post)
+            .map(|(f, q)| ratio(f, q)),
     })
 }
+
+/// Milliseconds to put `mem` bytes of pages into fresh guest RAM through UFFDIO_COPY, in
+/// runs of 1 MiB on this thread: the kernel's share of a post-copy destination's work
+/// (allocating each page of the memfd, copying into it, mapping it), with nothing else.
+fn install_floor_ms(mem: u64) -> anyhow::Result<f64> {
+    let ram = vmm::GuestRam::new(mem).context("cannot make guest RAM to install into")?;
+    Ok(fill_by_copy(&ram)?.as_secs_f64() * 1e3)
+}
+
+/// Fills every page of `ram` (fresh, nothing touched yet) with [`FILL`] by UFFDIO_COPY in
+/// runs of 1 MiB: how long the copies took.
+fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
+    let uffd = uffd::Uffd::open(uffd::Features::MISSING_SHMEM)
+        .context("cannot open a userfaultfd to install with")?;
+    for region in ram.regions() {
+        // SAFETY: the RAM was made here for this measure: raw pages no Rust object refers to,
+        // that nothing touches while registered (every page is filled by COPY below).
+        unsafe {
+            uffd.register(
+                region.host_addr() as u64,
+                region.size(),
+                uffd::RegisterMode::MISSING,
+            )
+        }?;
+    }
+    let run = vec![FILL; 1 << 20];
+    let started = Instant::now();
+    for region in ram.regions() {
+        for offset in (0..region.size()).step_by(run.len()) {
+            let len = (region.size() - offset).min(run.len() as u64) as usize;
+            let mut at = 0;
+            while at < len {
+                let dst = region.host_addr() as u64 + offset + at as u64;
+                // SAFETY: a registered range of this RAM, its pages still missing.
+                match unsafe { uffd.copy(dst, &run[at..len], uffd::CopyMode::default()) }? {
+                    uffd::Outcome::Done => at = len,
+                    // Stopped part way: the rest again.
+                    uffd::Outcome::Again { done } => at += done as usize,
+                    uffd::Outcome::Exists { .. } => {
+                        bail!("a page of fresh RAM at {dst:#x} was there already")
+                    }
+                }
+            }
+        }
+    }
+    Ok(started.elapsed())
+}
+
+/// The byte [`fill_by_copy`] fills pages with.
+const FILL: u8 = 0x5a;
 
 /// QEMU's side of a case, or why there is none.
 fn qemu_case(
@@ -638,6 +717,26 @@ impl Qmp {
             }
             if let Some(error) = answer.get("error") {
                 bail!("QMP {command}: {error}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_install_floor_fills_every_page_of_ram() {
+        let ram = vmm::GuestRam::new(8 << 20).unwrap();
+        fill_by_copy(&ram).unwrap();
+        let mut page = vec![0u8; vmm::PAGE_SIZE as usize];
+        for region in ram.regions() {
+            for offset in (0..region.size()).step_by(page.len()) {
+                let gpa = region.gpa() + offset;
+                vm_memory::Bytes::read_slice(ram.memory(), &mut page, vm_memory::GuestAddress(gpa))
+                    .unwrap();
+                assert!(page.iter().all(|&b| b == FILL), "page at {gpa:#x}");
             }
         }
     }
