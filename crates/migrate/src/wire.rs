@@ -6,8 +6,9 @@ use crate::message::Message;
 
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FLMG";
-/// The protocol version this build speaks (and the only one it accepts).
-pub const VERSION: u16 = 2;
+/// The protocol version this build speaks (and the only one it accepts): 2 added the sync
+/// message, 3 carries the state as snapshot state format 3 (postcard, not JSON).
+pub const VERSION: u16 = 3;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -116,15 +117,16 @@ pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Resul
 /// Reads one message. A clean end of the stream before a frame is [`ProtocolError::PeerClosed`];
 /// anywhere else it is [`ProtocolError::Truncated`].
 pub fn read_message<R: Read>(reader: &mut R) -> Result<Message, ProtocolError> {
-    read_message_reusing(reader, None)
+    read_message_reusing(reader, &mut None)
 }
 
-/// [`read_message`], reading a `Pages` message's data into `spare` (a buffer of pages already
-/// used, resized to fit) rather than a new one: a stream of megabyte runs then allocates no
-/// memory the kernel must zero for each. A message that is not pages drops `spare`.
+/// [`read_message`], reading a `Pages` message's data into the buffer in `spare` (one of
+/// pages already used, resized to fit), if there is one, rather than a new one: a stream of
+/// megabyte runs then allocates no memory the kernel must zero for each. Any other message
+/// leaves `spare` as it was.
 pub fn read_message_reusing<R: Read>(
     reader: &mut R,
-    spare: Option<Vec<u8>>,
+    spare: &mut Option<Vec<u8>>,
 ) -> Result<Message, ProtocolError> {
     let mut header = [0u8; HEADER_BYTES];
     match fill(reader, &mut header)? {
@@ -162,9 +164,14 @@ pub fn read_message_reusing<R: Read>(
     if kind == Message::PAGES_KIND && length >= 8 {
         // Pages are the bulk of a migration: read straight into their own buffer.
         let mut gpa = [0u8; 8];
-        let mut data = spare.unwrap_or_default();
-        // Only a longer run than the buffer held is zeroed (in the part it adds).
-        data.resize(length as usize - 8, 0);
+        let mut data = match spare.take() {
+            Some(mut used) => {
+                // Only a longer run than the buffer held is zeroed (in the part it adds).
+                used.resize(length as usize - 8, 0);
+                used
+            }
+            None => vec![0u8; length as usize - 8],
+        };
         let got = fill(reader, &mut gpa)?;
         let got = if got == gpa.len() {
             got + fill(reader, &mut data)?
@@ -319,10 +326,17 @@ mod tests {
         };
         // Longer and shorter than the run, and full of another run's bytes.
         for spare_pages in [3, 2, 1, 0] {
-            let spare = vec![0xaa; spare_pages * PAGE_SIZE as usize];
-            let read = read_message_reusing(&mut stream.as_slice(), Some(spare)).unwrap();
+            let mut spare = Some(vec![0xaa; spare_pages * PAGE_SIZE as usize]);
+            let read = read_message_reusing(&mut stream.as_slice(), &mut spare).unwrap();
             assert_eq!(read, sent, "into a spare buffer of {spare_pages} pages");
+            assert!(spare.is_none(), "the buffer went into the message");
         }
+        // Another message leaves the buffer for the next pages.
+        let mut stream = Vec::new();
+        write_message(&mut stream, &Message::Sync).unwrap();
+        let mut spare = Some(vec![0xaa; 10]);
+        let read = read_message_reusing(&mut stream.as_slice(), &mut spare).unwrap();
+        assert_eq!((read, spare), (Message::Sync, Some(vec![0xaa; 10])));
     }
 
     #[test]
@@ -387,11 +401,11 @@ mod tests {
             .to_string()
             .contains("not a faultline migration stream"));
         let mut bad = good.clone();
-        // A version 1 peer (before the sync message).
-        bad[4..6].copy_from_slice(&1u16.to_le_bytes());
+        // A version 2 peer (its state was JSON): refused at its first frame, not at the state.
+        bad[4..6].copy_from_slice(&2u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 1; this faultline speaks 2"
+            "the peer speaks migration protocol version 2; this faultline speaks 3"
         );
         let mut bad = good.clone();
         bad[6] = 200;

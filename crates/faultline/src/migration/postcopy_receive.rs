@@ -691,8 +691,12 @@ fn read_all(
     queue: &std::sync::mpsc::SyncSender<Run>,
     spares: &std::sync::mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), Stop> {
+    let mut spare = None;
     loop {
-        let message = match read_message_reusing(reader, spares.try_recv().ok()) {
+        if spare.is_none() {
+            spare = spares.try_recv().ok();
+        }
+        let message = match read_message_reusing(reader, &mut spare) {
             Ok(message) => message,
             Err(e) if e.is_connection_loss() => {
                 return Err(Stop::Broken(

@@ -167,7 +167,7 @@ fn take(
     let mut spare = None;
     loop {
         let message =
-            read_message_reusing(reader, spare.take()).context("the migration stream failed")?;
+            read_message_reusing(reader, &mut spare).context("the migration stream failed")?;
         message.check(&layout)?;
         match message {
             Message::Pages { gpa, data } => {
@@ -444,7 +444,7 @@ fn zero(ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
 /// The VM state a `State` message carries, decoded and checked as a state file's is.
 fn decode_state(payload: &[u8]) -> anyhow::Result<SnapshotState> {
     snapshot::state::decode(Path::new("the migration stream"), payload)
-        .context("the VM state from the source does not decode")
+        .context("the VM state from the source was refused")
 }
 
 #[cfg(test)]
