@@ -20,9 +20,12 @@ use crate::{container, SnapshotError, STATE_FILE, SUMS_FILE};
 
 /// The state file's magic.
 pub const STATE_MAGIC: [u8; 8] = *b"FLTSTATE";
-/// The state format this build writes and reads (2: parents are relative paths with an
-/// identity; 3: the payload is postcard, not JSON).
+/// The state format this build writes (2: parents are relative paths with an identity; 3: the
+/// payload is postcard, not JSON). Postcard writes every field and names none, so a field
+/// added or changed means a new version.
 pub const STATE_VERSION: u32 = 3;
+/// The last format with a JSON payload, still read (snapshots taken before version 3).
+pub const JSON_STATE_VERSION: u32 = 2;
 /// The longest diff chain a restore follows (a guard against loops and runaway chains).
 pub const MAX_CHAIN: usize = 64;
 /// The most guest RAM a state file may describe: 1 TiB.
@@ -76,6 +79,7 @@ pub struct SnapshotState {
     /// Whether the VM logged dirty pages (a restore keeps doing so).
     pub track_dirty: bool,
     /// The pages the VM tracked, with their users (a restore tracks them again if asked).
+    /// (`default`: for state files of the JSON format written before there was tracking.)
     #[serde(default)]
     pub tracking: Vec<TrackedRange>,
     pub guest: Option<GuestInfo>,
@@ -98,11 +102,25 @@ pub fn write(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
     container::write(&path, &STATE_MAGIC, STATE_VERSION, &payload)
 }
 
-/// Reads and checks `dir/state`: the container, then the contents (see [`decode`]).
+/// Reads and checks `dir/state`: the container, then the contents (see [`decode`]). A state
+/// file of [`JSON_STATE_VERSION`] is read as the JSON it holds.
 pub fn read(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let payload = container::read(&path, &STATE_MAGIC, STATE_VERSION)?;
-    decode(&path, &payload)
+    match container::read(&path, &STATE_MAGIC, STATE_VERSION) {
+        Ok(payload) => decode(&path, &payload),
+        Err(SnapshotError::UnsupportedVersion {
+            found: JSON_STATE_VERSION,
+            ..
+        }) => {
+            let payload = container::read(&path, &STATE_MAGIC, JSON_STATE_VERSION)?;
+            let state = serde_json::from_slice(&payload).map_err(|e| {
+                SnapshotError::malformed(&path, format!("the state does not decode: {e}"))
+            })?;
+            validate(&path, &state)?;
+            Ok(state)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The state's payload, as a state file holds it and a migration stream carries it: postcard
@@ -596,6 +614,26 @@ mod tests {
                 "cut at {cut}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_state_file_of_the_json_format_still_reads() {
+        let dir = TempDir::new("state-json");
+        let mut state = snapshot_state(None);
+        state.machine.vcpus[0].regs.rip = 0xfeed;
+        let path = dir.path().join(STATE_FILE);
+        let json = serde_json::to_vec(&state).unwrap();
+        container::write(&path, &STATE_MAGIC, JSON_STATE_VERSION, &json).unwrap();
+        let back = read(dir.path()).unwrap();
+        let from = Path::new("state");
+        assert_eq!(encode(from, &back).unwrap(), encode(from, &state).unwrap());
+        // Other versions are refused, naming both.
+        container::write(&path, &STATE_MAGIC, 1, &json).unwrap();
+        let err = read(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("format version 1, but this build reads version 3"),
+            "{err}"
+        );
     }
 
     #[test]

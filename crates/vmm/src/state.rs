@@ -41,7 +41,8 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
     /// Set when the vCPU had finished its run (a micro-guest that exited) when the state was
     /// saved: how it ended. A restored VM does not run such a vCPU again (it would only halt
-    /// with interrupts off), it reports this outcome for it.
+    /// with interrupts off), it reports this outcome for it. (`default`: for states of a
+    /// self-describing format written before the field; postcard always writes it.)
     #[serde(default)]
     pub finished: Option<crate::vcpu::VcpuOutcome>,
 }
