@@ -46,6 +46,11 @@ const QEMU_GUEST_CONFIG: usize = 0x1f0;
 const DIRTIER_PATIENCE: Duration = Duration::from_secs(120);
 /// The passes of the dirtier moved in post-copy or hybrid (the last ones at the destination).
 const DIRTIER_PASSES: u64 = 30;
+/// The pause before each run. Hosts like these take memory freed by a guest's processes back
+/// a couple of seconds later (virtio-balloon free page reporting), and a run that overlaps
+/// that is slowed by it (a 1 GiB post-copy right after another took 0.7-1.6 s, 0.5-0.8 s
+/// after a pause like this): each run, on either side, starts with the host settled.
+const SETTLE: Duration = Duration::from_secs(5);
 /// How long any one step (a boot, a first pass, an idle migration) may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
 
@@ -152,19 +157,23 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
             let qemu_first = attempt % 2 == 0;
             if qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
+                std::thread::sleep(SETTLE);
                 theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
             }
             if matches!(workload, Workload::Data) && mode == "post" {
                 step(&format!("migrate: {of}: installing {mem} bytes alone"));
+                std::thread::sleep(SETTLE);
                 install_floor_runs.push(install_floor_ms(mem)?);
             }
             step(&format!("migrate: {of}: faultline"));
+            std::thread::sleep(SETTLE);
             ours.push(
                 faultline_case(&dir, mem, workload, mode)
                     .with_context(|| format!("faultline, {of}"))?,
             );
             if !qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
+                std::thread::sleep(SETTLE);
                 theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
             }
         }
