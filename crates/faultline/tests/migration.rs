@@ -484,6 +484,50 @@ fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
 }
 
 #[test]
+fn a_post_copy_destination_that_stays_paused_gets_every_page_from_the_stream() {
+    require_kvm!();
+    // Nothing runs at the destination until the migration is over, so no fault asks for a
+    // page: the stream alone must bring every one (a run it lost would never come).
+    let tmp = TempDir::new("migrate-post-paused");
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let destination =
+        Destination::spawn(&["--json", "--paused", "--api-sock", dsock.to_str().unwrap()]);
+    let source = spawn_mix(&sock, BIG);
+    let out = migrate_send_mode(&sock, &destination.addr, "post");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let migration = loop {
+        let status = faultline::api::http::call(
+            &dsock,
+            "GET",
+            "/migration",
+            None,
+            Some(Duration::from_secs(5)),
+        );
+        if let Ok((200, Some(migration))) = status {
+            if migration["status"] == "completed" || migration["status"] == "failed" {
+                break migration;
+            }
+        }
+        assert!(Instant::now() < deadline, "not over in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(migration["status"], "completed", "{migration}");
+    // Putting the state in may touch a page or two (a vCPU's kvmclock page), no more.
+    assert!(
+        migration["postcopy_requests"].as_u64().unwrap() <= 4,
+        "{migration}"
+    );
+    let streamed =
+        migration["normal_pages"].as_u64().unwrap() + migration["zero_pages"].as_u64().unwrap();
+    assert!(streamed >= BIG.pages, "{migration}");
+    api(&dsock, "PUT", "/vm/resume", None);
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    check_arrived(destination.child, BIG);
+}
+
+#[test]
 fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     require_kvm!();
     let tmp = TempDir::new("migrate-post-cut");
