@@ -337,6 +337,11 @@ enum MigrateCommand {
         /// limit ends them and the rest goes in a longer pause.
         #[arg(long)]
         no_throttle: bool,
+        /// Pre-copy: send pages at most SIZE a second while the guest runs (such as 100M: 100
+        /// MiB/s), to leave the link or the host's memory bandwidth to others. What goes in
+        /// the pause, and a post-copy's pages, are not held back. Default: no cap.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_bandwidth: Option<u64>,
         /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates
         /// come from), cert.pem and key.pem (this side's). Without it the channel is plain TCP.
         #[arg(long, value_name = "DIR")]
@@ -967,6 +972,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             tls_dir,
             resume,
             no_throttle,
+            max_bandwidth,
             json,
         } => {
             let tls_dir = tls_dir
@@ -976,6 +982,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             let body = serde_json::json!({
                 "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
                 "tls_dir": tls_dir, "resume": resume, "throttle": !no_throttle,
+                "max_bandwidth": max_bandwidth,
             });
             let channel = if tls_dir.is_some() {
                 "TLS, mutually authenticated"

@@ -38,13 +38,16 @@ pub struct SendRequest {
     /// Pre-copy: throttle the guest when rounds do not converge.
     #[serde(default = "yes")]
     throttle: bool,
+    /// Pre-copy: send at most this many bytes a second while the guest runs.
+    #[serde(default)]
+    max_bandwidth: Option<u64>,
 }
 
 fn yes() -> bool {
     true
 }
 
-pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL, "throttle": BOOL}"#;
+pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL, "throttle": BOOL, "max_bandwidth": BYTES_PER_S}"#;
 
 fn default_downtime_ms() -> u64 {
     300
@@ -219,6 +222,9 @@ impl Migrations {
         if let Err(e) = request.to.to_socket_addrs() {
             return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
         }
+        if request.max_bandwidth == Some(0) {
+            return Response::error(400, "max_bandwidth must be at least 1 byte a second");
+        }
         if let Some(incoming) = &self.incoming {
             let phase = incoming.phase();
             if phase != crate::migration::incoming::Phase::Completed {
@@ -270,6 +276,7 @@ impl Migrations {
             downtime: Duration::from_millis(request.downtime_ms),
             max_rounds: request.max_rounds,
             throttle: request.throttle,
+            max_bandwidth: request.max_bandwidth,
             progress: Arc::clone(&progress),
             holes_are_zero,
         };

@@ -19,6 +19,7 @@ use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::{read_within, Channel, REPLY_TIMEOUT};
 use super::identity;
+use super::pace::Pacer;
 use super::progress::Progress;
 
 /// A round that sends `n` pages must leave at most `n * SHRINK_NUMERATOR / SHRINK_DENOMINATOR`
@@ -77,6 +78,9 @@ pub struct SendOptions {
     pub holes_are_zero: bool,
     /// TLS with this side's certificate (`None`: plain TCP).
     pub tls: Option<super::channel::Tls>,
+    /// Pre-copy: send pages at most this many bytes a second while the guest runs (`None`:
+    /// as fast as the link takes them).
+    pub max_bandwidth: Option<u64>,
 }
 
 /// What a migration did, as QEMU's "info migrate" says it.
@@ -547,6 +551,7 @@ fn copy_rounds(
     pending.merge(&take(handle, taken)?);
     options.progress.phase("pre-copy", pending.count());
     let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
+    pages_of.pacer = Pacer::new(options.max_bandwidth);
     let policy = RoundPolicy {
         mode: options.mode,
         downtime: options.downtime,
@@ -967,6 +972,8 @@ pub(super) struct PageReader<'a> {
     /// Whether a hole of RAM's memfd reads as zeros: not when a pager provides missing pages
     /// (a lazily restored VM's are in its snapshot).
     holes_are_zero: bool,
+    /// Holds the pages sent through this reader to a cap (`--max-bandwidth`).
+    pacer: Option<Pacer>,
 }
 
 impl<'a> PageReader<'a> {
@@ -975,6 +982,7 @@ impl<'a> PageReader<'a> {
             ram,
             buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
             holes_are_zero,
+            pacer: None,
         }
     }
 
@@ -1017,6 +1025,9 @@ impl<'a> PageReader<'a> {
             write_message(writer, &message)?;
             sent.add(0, count, message.wire_len());
             return Ok(());
+        }
+        if let Some(pacer) = &self.pacer {
+            pacer.wait(sent.bytes);
         }
         let data = self.read(gpa, count)?;
         send_run(writer, sent, gpa, data)
