@@ -147,10 +147,14 @@ impl Migrations {
     /// `GET /migration`: the outgoing migration if there was one, else the one that brought
     /// the VM here.
     pub fn status(&self) -> serde_json::Value {
+        // Both under their locks at once (progress first, as `begin_outgoing` and
+        // `end_outgoing` take them): a migration is never seen active without its progress.
+        let progress = lock(&self.progress);
         let mut outgoing = lock(&self.outgoing).clone();
-        if let Some(progress) = lock(&self.progress).as_ref() {
+        if let Some(progress) = progress.as_ref() {
             outgoing["progress"] = progress.json();
         }
+        drop(progress);
         match &self.incoming {
             Some(incoming) if outgoing["status"] == "none" => incoming.status(),
             _ => outgoing,
@@ -203,6 +207,20 @@ impl Migrations {
                 Response::error(status, super::server::chain(&e))
             }
         }
+    }
+
+    /// An outgoing migration begins: its status and its progress, set together.
+    fn begin_outgoing(&self, status: serde_json::Value, progress: &Arc<Progress>) {
+        let mut current = lock(&self.progress);
+        *lock(&self.outgoing) = status;
+        *current = Some(Arc::clone(progress));
+    }
+
+    /// The outgoing migration has ended: its last status replaces the progress, together.
+    fn end_outgoing(&self, status: serde_json::Value) {
+        let mut progress = lock(&self.progress);
+        *lock(&self.outgoing) = status;
+        *progress = None;
     }
 
     /// `PUT /migration/send`: migrates the VM (or resumes a paused post-copy), answering when
@@ -265,8 +283,7 @@ impl Migrations {
             _ => {}
         }
         let progress = Arc::new(Progress::default());
-        *lock(&self.outgoing) = json!({ "status": "active", "to": request.to });
-        *lock(&self.progress) = Some(Arc::clone(&progress));
+        self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         self.switch_now.store(false, Ordering::Release);
         let options = SendOptions {
             switch_now: Arc::clone(&self.switch_now),
@@ -284,7 +301,6 @@ impl Migrations {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
             None => crate::migration::send::send(handle, guest, &options),
         };
-        *lock(&self.progress) = None;
         match result {
             Ok(report) => {
                 // Noted before the VM stops, so that the run ending here is known as a move.
@@ -293,12 +309,12 @@ impl Migrations {
                     .control()
                     .request_stop(vmm::control::StopReason::Requested);
                 let report = json!(report);
-                *lock(&self.outgoing) = report.clone();
+                self.end_outgoing(report.clone());
                 Response::ok(report)
             }
             Err(SendFailure::Here(e)) => {
                 let message = format!("{e:#}");
-                *lock(&self.outgoing) = json!({ "status": "failed", "error": message });
+                self.end_outgoing(json!({ "status": "failed", "error": message }));
                 let here = if handle.control().is_paused() {
                     "the VM stays paused here"
                 } else {
@@ -320,12 +336,12 @@ impl Migrations {
                      broke), so it stays paused here (if the destination surely does not run \
                      it, `faultline migrate cancel` runs it here again)"
                 };
-                *lock(&self.outgoing) = json!({
+                self.end_outgoing(json!({
                     "status": status,
                     "to": request.to,
                     "error": message,
                     "destination_confirmed": paused.confirmed,
-                });
+                }));
                 *lock(&self.paused) = Some(paused);
                 Response::error(
                     502,
