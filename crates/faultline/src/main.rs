@@ -338,8 +338,9 @@ enum MigrateCommand {
         #[arg(long)]
         no_throttle: bool,
         /// Pre-copy: send pages at most SIZE a second while the guest runs (such as 100M: 100
-        /// MiB/s), to leave the link or the host's memory bandwidth to others. What goes in
-        /// the pause, and a post-copy's pages, are not held back. Default: no cap.
+        /// MiB/s; 1M at least), to leave the link or the host's memory bandwidth to others,
+        /// with bursts of 100 ms at most. What goes in the pause, and a post-copy's pages, are
+        /// not held back. Default: no cap.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_bandwidth: Option<u64>,
         /// TLS with mutual authentication: DIR holds ca.pem (the CA both sides' certificates

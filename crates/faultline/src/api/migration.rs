@@ -240,8 +240,12 @@ impl Migrations {
         if let Err(e) = request.to.to_socket_addrs() {
             return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
         }
-        if request.max_bandwidth == Some(0) {
-            return Response::error(400, "max_bandwidth must be at least 1 byte a second");
+        use crate::migration::pace::MIN_CAP;
+        if request.max_bandwidth.is_some_and(|cap| cap < MIN_CAP) {
+            return Response::error(
+                400,
+                format!("max_bandwidth must be at least 1 MiB ({MIN_CAP} bytes) a second"),
+            );
         }
         if let Some(incoming) = &self.incoming {
             let phase = incoming.phase();

@@ -15,7 +15,7 @@ const READ_BUFFER: usize = 64 << 10;
 
 pub mod channel;
 pub mod incoming;
-mod pace;
+pub mod pace;
 mod postcopy_receive;
 pub mod postcopy_send;
 pub mod progress;

@@ -584,23 +584,35 @@ fn take_all(
     let turns = Mutex::new(Turns {
         reader,
         over: false,
+        failure: None,
     });
     let layout = layout_of(ram);
     std::thread::scope(|scope| {
-        let take = || take_turns(&turns, &layout, ram, pager, incoming);
+        let take = || {
+            // A panic ends the other's turns too, and counts as this thread's failure.
+            let _guard = EndOnPanic(&turns);
+            if let Err(stop) = take_turns(&turns, &layout, ram, pager, incoming) {
+                end_turns(&turns, stop);
+            }
+        };
         let other = std::thread::Builder::new()
             .name("postcopy-install".into())
             .spawn_scoped(scope, take)
             .map_err(|e| {
                 Stop::Fatal(anyhow::Error::from(e).context("cannot start the second reader"))
             })?;
-        let mine = take();
-        let theirs = other
-            .join()
-            .map_err(|_| Stop::Fatal(anyhow::anyhow!("a page stream reader panicked")))?;
-        // The first to fail stopped the other: its error is the cause.
-        mine.and(theirs)
+        // A panic on either thread was recorded by its guard.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(take));
+        let _ = other.join();
+        Ok::<(), Stop>(())
     })?;
+    if let Some(failure) = turns
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .failure
+    {
+        return Err(failure);
+    }
     // Every page is in, or on its way to a fault that asked for it: wait for those, so that
     // the source may go. A page missing with no request out for it is the source's mistake;
     // one asked for is waited for as any request is (a silent source pauses the migration).
@@ -679,10 +691,40 @@ struct Turns<'a> {
     reader: &'a mut BufReader<Channel>,
     /// The stream is over (its `Done` was read) or a thread failed: the other stops too.
     over: bool,
+    /// Why the turns ended early: the first failure, or a fatal one that came with a break.
+    failure: Option<Stop>,
+}
+
+/// Ends both threads' turns because of `stop`, and keeps it as the cause unless one is kept
+/// already (a fatal failure outranks a broken connection: it cannot be recovered).
+fn end_turns(turns: &Mutex<Turns<'_>>, stop: Stop) {
+    let mut turn = turns.lock().unwrap_or_else(|e| e.into_inner());
+    turn.over = true;
+    if matches!(
+        (&turn.failure, &stop),
+        (None, _) | (Some(Stop::Broken(_)), Stop::Fatal(_))
+    ) {
+        turn.failure = Some(stop);
+    }
+}
+
+/// Ends the turns as a failure if its thread unwinds (a panic in an install).
+struct EndOnPanic<'t, 'r>(&'t Mutex<Turns<'r>>);
+
+impl Drop for EndOnPanic<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            end_turns(
+                self.0,
+                Stop::Fatal(anyhow::anyhow!("a page stream reader panicked")),
+            );
+        }
+    }
 }
 
 /// Takes turns with the other thread at reading a message of the page stream, and installs
-/// the pages it read, until the stream's `Done` or a failure (which ends the other's turns).
+/// the pages it read, until the stream's `Done` or a failure (which the caller gives to
+/// [`end_turns`]).
 fn take_turns(
     turns: &Mutex<Turns<'_>>,
     layout: &Layout,
@@ -690,10 +732,6 @@ fn take_turns(
     pager: &pager::PagerHandle,
     incoming: &Incoming,
 ) -> Result<(), Stop> {
-    let failed = |stop: Stop| {
-        turns.lock().unwrap_or_else(|e| e.into_inner()).over = true;
-        stop
-    };
     // This thread's last run's buffer, read into again.
     let mut spare = None;
     loop {
@@ -716,12 +754,10 @@ fn take_turns(
             }
             Err(e) => return Err(Stop::Fatal(e.into())),
         };
-        message
-            .check(layout)
-            .map_err(|e| failed(Stop::Fatal(e.into())))?;
+        message.check(layout).map_err(|e| Stop::Fatal(e.into()))?;
         match message {
             Message::Pages { gpa, data } => {
-                install(ram, pager, gpa, &data).map_err(|e| failed(Stop::Fatal(e)))?;
+                install(ram, pager, gpa, &data).map_err(Stop::Fatal)?;
                 incoming
                     .normal_pages
                     .fetch_add(data.len() as u64 / PAGE_SIZE, Ordering::Relaxed);
@@ -731,7 +767,7 @@ fn take_turns(
                 spare = Some(data);
             }
             Message::ZeroPages { gpa, count } => {
-                mark_zeros(ram, pager, gpa, count).map_err(|e| failed(Stop::Fatal(e)))?;
+                mark_zeros(ram, pager, gpa, count).map_err(Stop::Fatal)?;
                 incoming.zero_pages.fetch_add(count, Ordering::Relaxed);
             }
             Message::Done => return Ok(()),
@@ -763,4 +799,79 @@ fn install(
         .install_pages(index, first, data)
         .context("cannot install streamed pages")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader over a real loopback connection, for turns that never read.
+    fn reader() -> (BufReader<Channel>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (BufReader::new(Channel::Tcp(server)), client)
+    }
+
+    fn failure(turns: Mutex<Turns<'_>>) -> (bool, String) {
+        let turns = turns.into_inner().unwrap();
+        let kind = match turns.failure {
+            Some(Stop::Fatal(e)) => format!("fatal: {e}"),
+            Some(Stop::Broken(e)) => format!("broken: {e}"),
+            None => "none".into(),
+        };
+        (turns.over, kind)
+    }
+
+    #[test]
+    fn a_failure_ends_both_turns_and_a_fatal_one_outranks_a_break() {
+        let (mut stream, _peer) = reader();
+        for (first, second, kept) in [
+            ("broken", "fatal", "fatal: b"),
+            ("fatal", "broken", "fatal: a"),
+            ("broken", "broken", "broken: a"),
+            ("fatal", "fatal", "fatal: a"),
+        ] {
+            let turns = Mutex::new(Turns {
+                reader: &mut stream,
+                over: false,
+                failure: None,
+            });
+            for (kind, name) in [(first, "a"), (second, "b")] {
+                let stop = match kind {
+                    "fatal" => Stop::Fatal(anyhow::anyhow!("{name}")),
+                    _ => Stop::Broken(anyhow::anyhow!("{name}")),
+                };
+                end_turns(&turns, stop);
+            }
+            assert_eq!(
+                failure(turns),
+                (true, kept.to_string()),
+                "{first}, {second}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_thread_that_panics_ends_the_turns_as_a_fatal_failure() {
+        let (mut stream, _peer) = reader();
+        let turns = Mutex::new(Turns {
+            reader: &mut stream,
+            over: false,
+            failure: None,
+        });
+        std::thread::scope(|scope| {
+            let panicked = scope
+                .spawn(|| {
+                    let _guard = EndOnPanic(&turns);
+                    panic!("an install went wrong");
+                })
+                .join();
+            assert!(panicked.is_err());
+        });
+        assert_eq!(
+            failure(turns),
+            (true, "fatal: a page stream reader panicked".to_string())
+        );
+    }
 }

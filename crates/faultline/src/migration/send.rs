@@ -1026,8 +1026,8 @@ impl<'a> PageReader<'a> {
             sent.add(0, count, message.wire_len());
             return Ok(());
         }
-        if let Some(pacer) = &self.pacer {
-            pacer.wait(sent.bytes);
+        if let Some(pacer) = &mut self.pacer {
+            pacer.take(count * PAGE_SIZE);
         }
         let data = self.read(gpa, count)?;
         send_run(writer, sent, gpa, data)
