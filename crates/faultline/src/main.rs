@@ -1298,27 +1298,31 @@ fn receive_migration(
     // ended.
     let finished = arrived.finish().context("the migration did not complete");
     let report = ran?;
-    let latencies = finished?;
+    // Post-copy: what came after the switch-over (the first report was printed before).
+    let post_copy = finished?;
     if let Some(report) = &report {
         print_micro_report(report, json)?;
     }
-    if !latencies.is_empty() {
-        let mut sorted = latencies;
-        sorted.sort_unstable();
-        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
-        let figures = serde_json::json!({
-            "postcopy_requests": sorted.len(),
-            "urgent_page_p50_us": at(0.5),
-            "urgent_page_p99_us": at(0.99),
-        });
+    if let Some(figures) = post_copy {
         if json {
             println!("{}", serde_json::to_string_pretty(&figures)?);
         } else {
+            let number = |key: &str| figures[key].as_u64().unwrap_or(0);
+            let answered = match (
+                figures["urgent_page_p50_us"].as_u64(),
+                figures["urgent_page_p99_us"].as_u64(),
+            ) {
+                (Some(p50), Some(p99)) => format!(", answered in {p50} µs (p50), {p99} µs (p99)"),
+                _ => String::new(),
+            };
             println!(
-                "faultline: {} pages asked of the source, answered in {} µs (p50), {} µs (p99)",
-                sorted.len(),
-                at(0.5),
-                at(0.99)
+                "faultline: post-copy {}: {} pages and {} zero pages streamed ({}); {} page \
+                 requests to the source{answered}",
+                figures["status"].as_str().unwrap_or("?"),
+                number("normal_pages"),
+                number("zero_pages"),
+                format_size(number("bytes")),
+                number("postcopy_requests"),
             );
         }
     }

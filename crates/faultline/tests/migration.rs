@@ -271,8 +271,8 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
 
 /// Waits for the destination: it ran the guest to its end and checked its memory (it exits 1
 /// if the guest's checksum and guest memory disagree), and the guest's results are those of an
-/// uninterrupted run.
-fn check_arrived(destination: Child, mix: Mix) {
+/// uninterrupted run. Returns what it printed.
+fn check_arrived(destination: Child, mix: Mix) -> String {
     let arrived = destination.wait_with_output().unwrap();
     assert!(arrived.status.success(), "{}", text(&arrived.stdout));
     if mix.guest == "counter" {
@@ -306,6 +306,7 @@ fn check_arrived(destination: Child, mix: Mix) {
         _ => mix.pages.wrapping_mul(mix.passes),
     };
     assert_eq!(sum, expected);
+    text(&arrived.stdout)
 }
 
 #[test]
@@ -569,7 +570,19 @@ fn a_post_copy_destination_that_stays_paused_gets_every_page_from_the_stream() {
     api(&dsock, "PUT", "/vm/resume", None);
     let source = source.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));
-    check_arrived(destination.child, BIG);
+    let stdout = check_arrived(destination.child, BIG);
+    // Its last words are the post-copy's figures, as GET /migration gave them.
+    let role = stdout
+        .rfind("\"role\": \"destination\"")
+        .expect("the post-copy's figures");
+    let at = stdout[..role].rfind('{').unwrap();
+    let last: serde_json::Value = serde_json::Deserializer::from_str(&stdout[at..])
+        .into_iter()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(last["normal_pages"], migration["normal_pages"], "{last}");
 }
 
 #[test]

@@ -435,7 +435,8 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
     } else {
         finished.success()
     };
-    // The destination prints its page requests' answer times once every page is in.
+    // After a post-copy the destination prints its figures (GET /migration's) once every page
+    // is in, its page requests' answer times among them.
     let figures = stdout
         .find("\"urgent_page_p50_us\"")
         .and_then(|at| stdout[..at].rfind('{'))

@@ -53,22 +53,24 @@ pub struct Arrived {
 impl Arrived {
     /// Post-copy: waits until every page has arrived and the source was told (the run may
     /// end before; a paused migration waits for its recovery, or for the VM's shutdown), then
-    /// stops the pager. Returns the page requests' answer times (µs).
-    pub fn finish(&mut self) -> anyhow::Result<Vec<u64>> {
-        let mut latencies = Vec::new();
+    /// stops the pager. Returns the post-copy's figures as `GET /migration` gives them here
+    /// (pages and bytes streamed, page requests and their answer times), or `None` if the VM
+    /// came by pre-copy alone.
+    pub fn finish(&mut self) -> anyhow::Result<Option<serde_json::Value>> {
+        let mut figures = None;
         if let Some(stream) = self.stream.take() {
             let taken = stream
                 .join()
                 .map_err(|_| anyhow::anyhow!("the page stream thread panicked"))?;
-            latencies = self.incoming.latencies_us();
             self.report.normal_pages += self.incoming.normal_pages.load(Ordering::Relaxed);
             self.report.zero_pages += self.incoming.zero_pages.load(Ordering::Relaxed);
             taken?;
+            figures = Some(self.incoming.status());
         }
         if let Some(pager) = self.pager.take() {
             pager.shutdown();
         }
-        Ok(latencies)
+        Ok(figures)
     }
 }
 
