@@ -443,12 +443,7 @@ impl PagerHandle {
 
     /// Queues pages `[first, first + count)` of `region` for background install, in order.
     pub fn prefetch(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
-        let pages = self
-            .shared
-            .regions
-            .get(region)
-            .ok_or(PagerError::NoRegion(region))?
-            .pages();
+        let pages = self.region(region)?.pages();
         let count = count.min(pages.saturating_sub(first));
         self.shared.queue(
             Job {
@@ -488,11 +483,17 @@ impl PagerHandle {
         Ok(self.shared.install_zero(region, first, count))
     }
 
+    /// Region `index`, or the error naming it.
+    fn region(&self, index: usize) -> Result<&Region, PagerError> {
+        self.shared
+            .regions
+            .get(index)
+            .ok_or(PagerError::NoRegion(index))
+    }
+
     /// Whether the caller may install into `region` now.
     fn check_install(&self, region: usize) -> Result<(), PagerError> {
-        if region >= self.shared.regions.len() {
-            return Err(PagerError::NoRegion(region));
-        }
+        self.region(region)?;
         if self.shared.stop.load(Ordering::Acquire) {
             return Err(PagerError::Stopped);
         }
@@ -524,11 +525,7 @@ impl PagerHandle {
     /// asking the source, and nothing is installed (or allocated) now. An install of one
     /// under way installs zero (it reads the discarded bit under the event gate).
     pub fn mark_zero(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
-        let r = self
-            .shared
-            .regions
-            .get(region)
-            .ok_or(PagerError::NoRegion(region))?;
+        let r = self.region(region)?;
         let _gate = self
             .shared
             .event_gate
@@ -576,11 +573,7 @@ impl PagerHandle {
     /// before the presence map says so, so a page in flight is waited for (up to
     /// [`SETTLE_LIMIT`]).
     pub fn settled_page_state(&self, region: usize, page: usize) -> Result<PageState, PagerError> {
-        let r = self
-            .shared
-            .regions
-            .get(region)
-            .ok_or(PagerError::NoRegion(region))?;
+        let r = self.region(region)?;
         let began = std::time::Instant::now();
         while r.inflight.get(page) {
             if self.shared.stop.load(Ordering::Acquire) {
@@ -669,11 +662,7 @@ impl PagerHandle {
     /// are the source's again. For pages nothing installs meanwhile (a migration destination
     /// before its VM runs and its stream starts).
     pub fn release(&self, region: usize, first: usize, count: usize) -> Result<(), PagerError> {
-        let r = self
-            .shared
-            .regions
-            .get(region)
-            .ok_or(PagerError::NoRegion(region))?;
+        let r = self.region(region)?;
         let backing = r.backing.as_ref().ok_or_else(|| {
             PagerError::Swap(format!(
                 "region {region} has no backing file to release pages from"
@@ -803,11 +792,8 @@ impl PagerHandle {
         count: usize,
         protect: bool,
     ) -> Result<(), PagerError> {
+        let r = self.region(region)?;
         let shared = &self.shared;
-        let r = shared
-            .regions
-            .get(region)
-            .ok_or(PagerError::NoRegion(region))?;
         if protect && !shared.protection.active() {
             return Err(PagerError::WriteProtect(
                 "no write protection was begun (begin_write_protect)".into(),
