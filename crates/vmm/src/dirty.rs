@@ -187,6 +187,36 @@ impl DirtyPages {
         // Bits past the last page are not pages.
         (page < self.pages).then_some(page)
     }
+    /// How many pages from `from` on, up to `end`, are all in the set: the length of the run
+    /// that starts there, a word of 64 pages at a time.
+    pub fn run_length(&self, from: u64, end: u64) -> u64 {
+        let end = end.min(self.pages);
+        if from >= end {
+            return 0;
+        }
+        let mut page = from;
+        while page < end {
+            let bit = page % 64;
+            // The shifted word has zeros above its 64 - bit pages: the count stops there.
+            let ones = u64::from((self.words[(page / 64) as usize] >> bit).trailing_ones());
+            page += ones;
+            if ones < 64 - bit {
+                break;
+            }
+        }
+        page.min(end) - from
+    }
+    /// Takes the pages of `other`, which must cover the same RAM, out of this set (false, and
+    /// nothing taken, if it does not).
+    pub fn remove(&mut self, other: &DirtyPages) -> bool {
+        if other.pages != self.pages {
+            return false;
+        }
+        for (word, gone) in self.words.iter_mut().zip(&other.words) {
+            *word &= !gone;
+        }
+        true
+    }
     /// How many pages of this set `other` (over the same RAM) does not have.
     pub fn count_outside(&self, other: &DirtyPages) -> u64 {
         self.words
@@ -741,6 +771,42 @@ mod tests {
         // A bitmap from KVM may have bits past the last page: they are not pages.
         let past = DirtyPages::from_words(3, vec![0b1000]).unwrap();
         assert_eq!(past.first_from(0), None);
+    }
+
+    #[test]
+    fn runs_are_measured_across_words_and_removed_pages_are_gone() {
+        let mut set = DirtyPages::new(300);
+        set.mark_range(10, 5);
+        set.mark_range(60, 140); // across words 0 to 3
+        set.mark(299);
+        assert_eq!(set.run_length(10, 300), 5);
+        assert_eq!(set.run_length(12, 300), 3);
+        assert_eq!(set.run_length(15, 300), 0);
+        assert_eq!(set.run_length(60, 300), 140);
+        assert_eq!(set.run_length(60, 100), 40, "stops at the end asked");
+        assert_eq!(set.run_length(127, 300), 73);
+        assert_eq!(set.run_length(299, 400), 1, "stops at the end of RAM");
+        assert_eq!(set.run_length(300, 400), 0);
+        // Bits past the last page are not pages.
+        let past = DirtyPages::from_words(3, vec![0b1111]).unwrap();
+        assert_eq!(past.run_length(0, 64), 3);
+        let all = DirtyPages::all(256);
+        assert_eq!(all.run_length(0, 256), 256);
+
+        let mut other = DirtyPages::new(300);
+        other.mark_range(100, 50);
+        other.mark(11);
+        assert!(set.remove(&other));
+        let left: Vec<u64> = set.iter().collect();
+        let wanted: Vec<u64> = [10]
+            .into_iter()
+            .chain(12..15)
+            .chain(60..100)
+            .chain(150..200)
+            .chain([299])
+            .collect();
+        assert_eq!(left, wanted);
+        assert!(!set.remove(&DirtyPages::new(10)), "other RAM");
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod receive;
 pub mod send;
 
 use migrate::{Layout, VmIdentity};
-use vmm::GuestRam;
+use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 /// The identity a VM with `ram` and `vcpus` vCPUs has on this host.
 pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
@@ -35,7 +35,61 @@ pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
     })
 }
 
+/// The runs `(gpa, pages)` of the pages of `pages` (by index, regions back to back), lowest
+/// first, each within one region and at most `max` pages long: found a word of 64 pages at
+/// a time, not page by page.
+pub(crate) fn page_runs(ram: &GuestRam, pages: &DirtyPages, max: u64) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut first = 0;
+    for region in ram.regions() {
+        let end = first + region.size() / PAGE_SIZE;
+        let mut page = first;
+        while let Some(start) = pages.first_from(page).filter(|&p| p < end) {
+            let count = pages.run_length(start, end.min(start.saturating_add(max)));
+            runs.push((region.gpa() + (start - first) * PAGE_SIZE, count));
+            page = start + count;
+        }
+        first = end;
+    }
+    runs
+}
+
 /// The RAM layout of `ram`, as the protocol says it.
 pub fn layout_of(ram: &GuestRam) -> Layout {
     Layout::new(ram.regions().iter().map(|r| (r.gpa(), r.size())).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_runs_end_at_regions_and_at_the_longest_run() {
+        // Above 3 GiB guest RAM has two regions, around the 32-bit hole (nothing is touched).
+        let ram = GuestRam::new(4 << 30).unwrap();
+        assert_eq!(ram.regions().len(), 2);
+        let total = ram.size() / PAGE_SIZE;
+        let low = ram.regions()[0].size() / PAGE_SIZE;
+        let high = ram.regions()[1].gpa();
+        let mut pages = DirtyPages::new(total);
+        pages.mark_range(3, 2);
+        pages.mark_range(low - 2, 5); // across the two regions
+        pages.mark(total - 1);
+        assert_eq!(
+            page_runs(&ram, &pages, u64::MAX),
+            [
+                (3 * PAGE_SIZE, 2),
+                ((low - 2) * PAGE_SIZE, 2),
+                (high, 3),
+                (high + (total - 1 - low) * PAGE_SIZE, 1)
+            ]
+        );
+        let mut ten = DirtyPages::new(total);
+        ten.mark_range(0, 10);
+        assert_eq!(
+            page_runs(&ram, &ten, 4),
+            [(0, 4), (4 * PAGE_SIZE, 4), (8 * PAGE_SIZE, 2)]
+        );
+        assert!(page_runs(&ram, &DirtyPages::new(total), 4).is_empty());
+    }
 }

@@ -125,7 +125,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         taken: None,
         paused_by_it: *paused_here,
     });
-    let server = match Server::start(handle, urgent, &to_come, options, reader.get_ref()) {
+    let server = match Server::start(handle, urgent, to_come, options, reader.get_ref()) {
         Ok(server) => server,
         Err(e) => {
             *paused_here = false;
@@ -192,16 +192,14 @@ pub fn resume(
         };
         // It answered: it runs the VM (it holds what the first connection built).
         paused.confirmed = true;
-        let mut to_come = DirtyPages::new(held.pages());
-        for page in (0..held.pages()).filter(|&page| !held.contains(page)) {
-            to_come.mark(page);
-        }
+        let mut to_come = DirtyPages::all(held.pages());
+        to_come.remove(&held);
         let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
             .context("cannot open the page-request connection again")?;
         Ok(((writer, reader), urgent, to_come))
     })();
     let completed = attempt.and_then(|(main, urgent, to_come)| {
-        let server = Server::start(handle, urgent, &to_come, options, main.1.get_ref())?;
+        let server = Server::start(handle, urgent, to_come, options, main.1.get_ref())?;
         complete(options, main, server, &mut paused)
     });
     paused.recoveries += 1;
@@ -239,14 +237,14 @@ impl Server {
     fn start(
         handle: &VmHandle,
         urgent: Link,
-        to_come: &DirtyPages,
+        to_come: DirtyPages,
         options: &SendOptions,
         main: &Channel,
     ) -> anyhow::Result<Server> {
         let (urgent_writer, urgent_reader) = urgent;
         let shared = Arc::new(Streaming {
-            // A copy of the bitmap, not a walk over every page: this is inside the downtime.
-            unsent: Mutex::new(to_come.clone()),
+            // The bitmap itself, not a walk over every page: this is inside the downtime.
+            unsent: Mutex::new(to_come),
             hint: AtomicU64::new(NO_HINT),
             requests: AtomicU64::new(0),
             answered_pages: AtomicU64::new(0),
@@ -400,13 +398,10 @@ fn stream_pages<W: Write>(
                 break;
             };
             let gpa = ram.gpa_of_page(first).context("a page past RAM")?;
-            let mut count = 1;
-            while count < RUN_PAGES
-                && unsent.contains(first + count)
-                && ram.gpa_of_page(first + count) == Some(gpa + count * PAGE_SIZE)
-            {
-                count += 1;
-            }
+            let (_, region) = ram.region_at(gpa, PAGE_SIZE).context("a page past RAM")?;
+            // A run ends where its region does.
+            let region_end = first + (region.gpa() + region.size() - gpa) / PAGE_SIZE;
+            let count = unsent.run_length(first, region_end.min(first + RUN_PAGES));
             unsent.unmark_range(first, count);
             next = first + count;
             (gpa, count)

@@ -20,7 +20,7 @@ use pager::{FailurePolicy, Pager, PagerConfig};
 use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
 use super::postcopy_receive::{accept_requests, mark_zeros, take_stream, NetworkSource, Stream};
-use super::{identity, READ_BUFFER};
+use super::{identity, page_runs, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{state_into, vm_for};
 
@@ -164,7 +164,7 @@ fn take(
     let mut switched_at = None;
     let mut state: Option<SnapshotState> = None;
     // Pages received as zero (their memfd blocks punched out) and not rewritten since.
-    let mut zeroed = vec![false; layout.pages() as usize];
+    let mut zeroed = DirtyPages::new(layout.pages());
     // The last run's buffer, read into again.
     let mut spare = None;
     loop {
@@ -264,12 +264,12 @@ fn write_pages(ram: &GuestRam, gpa: u64, data: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Marks `count` pages from `gpa` as received zero (or not).
-fn mark(ram: &GuestRam, zeroed: &mut [bool], gpa: u64, count: u64, zero: bool) {
+fn mark(ram: &GuestRam, zeroed: &mut DirtyPages, gpa: u64, count: u64, zero: bool) {
     if let Some(first) = ram.page_index(gpa) {
-        for page in first..first + count {
-            if let Some(slot) = zeroed.get_mut(page as usize) {
-                *slot = zero;
-            }
+        if zero {
+            zeroed.mark_range(first, count);
+        } else {
+            zeroed.unmark_range(first, count);
         }
     }
 }
@@ -287,7 +287,7 @@ fn post_copy(
     ours: &migrate::VmIdentity,
     link: PagerLink,
     mut report: ReceiveReport,
-    zeroed: &[bool],
+    zeroed: &DirtyPages,
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     let switched_at = Instant::now();
@@ -296,7 +296,7 @@ fn post_copy(
     // are punched out now, while the VM still runs there, not in the downtime.
     let early = read_stale(reader, ours).context("no list of the pages to come again")?;
     let ram = vm.ram().clone();
-    for (gpa, count) in runs(&ram, |page| early.contains(page)) {
+    for (gpa, count) in page_runs(&ram, &early, u64::MAX) {
         zero(&ram, gpa, count)?;
     }
     // The pager next, over a source whose page-request connection is not up yet (the source
@@ -335,7 +335,9 @@ fn post_copy(
     // are; with no rounds nothing was ever written).
     if report.normal_pages > 0 {
         let handle = pager.handle();
-        for (gpa, count) in runs(&ram, |page| to_come.contains(page) && !early.contains(page)) {
+        let mut dropped = to_come.clone();
+        dropped.remove(&early);
+        for (gpa, count) in page_runs(&ram, &dropped, u64::MAX) {
             let (index, region) = ram
                 .region_at(gpa, count * PAGE_SIZE)
                 .context("pages outside RAM")?;
@@ -353,8 +355,9 @@ fn post_copy(
     // nothing is left to ask the source for once it is gone.
     // (No zero pages came before the switch-over in a plain post-copy: nothing to look for.)
     if report.zero_pages > 0 {
-        let known_zero = |page: u64| zeroed[page as usize] && !to_come.contains(page);
-        for (gpa, count) in runs(vm.ram(), known_zero) {
+        let mut known_zero = zeroed.clone();
+        known_zero.remove(&to_come);
+        for (gpa, count) in page_runs(vm.ram(), &known_zero, u64::MAX) {
             mark_zeros(vm.ram(), &pager.handle(), gpa, count)?;
         }
     }
@@ -404,27 +407,6 @@ fn read_stale(
             other.name()
         ),
     }
-}
-
-/// The runs `(gpa, pages)` of the pages (by index, regions back to back) `chosen` picks, each
-/// within one region.
-fn runs(ram: &GuestRam, chosen: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut first = 0u64;
-    for region in ram.regions() {
-        let count = region.size() / PAGE_SIZE;
-        for page in 0..count {
-            if chosen(first + page) {
-                let gpa = region.gpa() + page * PAGE_SIZE;
-                match out.last_mut() {
-                    Some((start, n)) if *start + *n * PAGE_SIZE == gpa && page > 0 => *n += 1,
-                    _ => out.push((gpa, 1)),
-                }
-            }
-        }
-        first += count;
-    }
-    out
 }
 
 /// Makes `count` pages from `gpa` zero (a page sent in an earlier round may hold data): the

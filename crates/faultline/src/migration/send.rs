@@ -944,23 +944,8 @@ pub(super) fn send_pages<W: Write>(
     pages: &DirtyPages,
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
-    let ram = pages_of.ram;
-    let mut run: Option<(u64, u64)> = None; // (first gpa, pages)
-    for index in pages.iter() {
-        let gpa = ram.gpa_of_page(index).context("a dirty page past RAM")?;
-        run = match run {
-            Some((first, count)) if first + count * PAGE_SIZE == gpa && count < RUN_PAGES => {
-                Some((first, count + 1))
-            }
-            Some((first, count)) => {
-                pages_of.send(writer, first, count, sent)?;
-                Some((gpa, 1))
-            }
-            None => Some((gpa, 1)),
-        };
-    }
-    if let Some((first, count)) = run {
-        pages_of.send(writer, first, count, sent)?;
+    for (gpa, count) in super::page_runs(pages_of.ram, pages, RUN_PAGES) {
+        pages_of.send(writer, gpa, count, sent)?;
     }
     Ok(())
 }
