@@ -315,15 +315,10 @@ impl Incoming {
         lock(&self.latencies).push(us);
     }
 
-    /// The page requests' answer times so far, in µs.
-    pub fn latencies_us(&self) -> Vec<u64> {
-        lock(&self.latencies).clone()
-    }
-
     /// The status, as `GET /migration` on the destination says it.
     pub fn status(&self) -> serde_json::Value {
         let state = lock(&self.state);
-        let mut latencies = self.latencies_us();
+        let mut latencies = lock(&self.latencies).clone();
         latencies.sort_unstable();
         let at = |q: f64| {
             (!latencies.is_empty()).then(|| latencies[((latencies.len() - 1) as f64 * q) as usize])

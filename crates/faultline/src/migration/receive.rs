@@ -62,8 +62,6 @@ impl Arrived {
             let taken = stream
                 .join()
                 .map_err(|_| anyhow::anyhow!("the page stream thread panicked"))?;
-            self.report.normal_pages += self.incoming.normal_pages.load(Ordering::Relaxed);
-            self.report.zero_pages += self.incoming.zero_pages.load(Ordering::Relaxed);
             taken?;
             figures = Some(self.incoming.status());
         }

@@ -412,8 +412,8 @@ fn switch_over(
         dirtied,
         took,
         ended_by,
-        throttle,
-        throttle_percent,
+        throttling,
+        mut pages_of,
     } = rounds;
 
     // Switch-over: pause, the last pages, the state; the destination answers once it has
@@ -421,11 +421,13 @@ fn switch_over(
     let paused_at = Instant::now();
     pause_for_switch(handle, paused_here)?;
     // Paused: the throttle has nothing left to slow (and must not outlive a failure).
-    drop(throttle);
+    let throttle_percent = throttling.percent();
+    drop(throttling);
     pending.merge(&take(handle, taken)?);
     options.progress.phase("switch-over", pending.count());
     write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
-    let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
+    // The rounds' reader (its buffer in memory already), without their cap: the guest waits.
+    pages_of.pacer = None;
     send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
     write_message(&mut writer, &state_message(handle, guest)?)?;
     write_message(&mut writer, &Message::Done)?;
@@ -512,7 +514,7 @@ fn sync(writer: &mut BufWriter<Channel>, reader: &mut BufReader<Channel>) -> any
 }
 
 /// What the pre-copy rounds did.
-struct Rounds {
+struct Rounds<'a> {
     /// Pages written since the last round took them: still to send.
     pending: DirtyPages,
     sent: Sent,
@@ -522,20 +524,21 @@ struct Rounds {
     dirtied: u64,
     took: Duration,
     ended_by: &'static str,
-    /// The throttle in force when the rounds ended: it stays until the VM is paused.
-    throttle: Option<Throttle>,
-    /// The most the guest was throttled, in percent.
-    throttle_percent: u8,
+    /// The throttle in force when the rounds ended (the most the guest was throttled): it
+    /// stays until the VM is paused.
+    throttling: Throttling,
+    /// The reader the rounds sent with, for the last pages.
+    pages_of: PageReader<'a>,
 }
 
 /// Sends every page, then rounds of those written since, until what is left fits the downtime
 /// limit at the bandwidth measured, or the rounds end otherwise (`ended_by` says how).
-fn copy_rounds(
+fn copy_rounds<'a>(
     (writer, reader): (&mut BufWriter<Channel>, &mut BufReader<Channel>),
-    handle: &VmHandle,
+    handle: &'a VmHandle,
     options: &SendOptions,
     taken: &mut DirtyPages,
-) -> anyhow::Result<Rounds> {
+) -> anyhow::Result<Rounds<'a>> {
     handle.memory().set_dirty_logging(true)?;
     let began = Instant::now();
     let mut sent = Sent {
@@ -559,8 +562,8 @@ fn copy_rounds(
         throttle: options.throttle,
     };
     let ended_by = loop {
-        options.progress.round(rounds, pending.count());
         let sent_now = pending.count();
+        options.progress.round(rounds, sent_now);
         // Pages the first pass sent and the guest wrote since (later rounds have none: the
         // take after them has everything).
         let written = if rounds == 0 {
@@ -611,12 +614,11 @@ fn copy_rounds(
         if let Some(written) = &written {
             pending.merge(written);
         }
+        let left = pending.count();
         let round = RoundEnd {
             sent: sent_now,
-            left: pending.count(),
-            left_takes: Duration::from_secs_f64(
-                pending.count() as f64 * PAGE_SIZE as f64 / bandwidth,
-            ),
+            left,
+            left_takes: Duration::from_secs_f64(left as f64 * PAGE_SIZE as f64 / bandwidth),
         };
         let told = options.switch_now.load(Ordering::Acquire);
         match policy.after(rounds, &round, told, throttling.percent()) {
@@ -629,11 +631,10 @@ fn copy_rounds(
             writer,
             &Message::Round {
                 round: rounds,
-                pages: pending.count(),
+                pages: left,
             },
         )?;
     };
-    let throttle_percent = throttling.percent();
     Ok(Rounds {
         pending,
         sent,
@@ -641,8 +642,8 @@ fn copy_rounds(
         dirtied,
         took: began.elapsed(),
         ended_by,
-        throttle: throttling.throttle,
-        throttle_percent,
+        throttling,
+        pages_of,
     })
 }
 
