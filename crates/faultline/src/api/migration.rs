@@ -82,8 +82,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// The migrations of one VM: the one that brought it here, if any, and those that send it on.
 pub struct Migrations {
-    /// The last outgoing migration's report, status, or why it failed.
-    outgoing: Mutex<serde_json::Value>,
+    /// The last outgoing migration: its report, status, or why it failed, and while it runs
+    /// what it is doing (one lock: it is never seen active without its progress).
+    outgoing: Mutex<Outgoing>,
     /// Set by `PUT /migration/switchover`: a hybrid migration goes post-copy.
     switch_now: Arc<AtomicBool>,
     /// An outgoing post-copy paused by a broken connection: the VM is paused here and runs on
@@ -93,19 +94,25 @@ pub struct Migrations {
     migrated: AtomicBool,
     /// The migration that brought the VM here.
     incoming: Option<Arc<Incoming>>,
-    /// What the outgoing migration in progress is doing.
-    progress: Mutex<Option<Arc<Progress>>>,
+}
+
+/// The outgoing migration's status, and its progress while it runs.
+struct Outgoing {
+    status: serde_json::Value,
+    progress: Option<Arc<Progress>>,
 }
 
 impl Migrations {
     pub fn new(incoming: Option<Arc<Incoming>>) -> Self {
         Migrations {
-            outgoing: Mutex::new(json!({ "status": "none" })),
+            outgoing: Mutex::new(Outgoing {
+                status: json!({ "status": "none" }),
+                progress: None,
+            }),
             switch_now: Arc::new(AtomicBool::new(false)),
             paused: Mutex::new(None),
             migrated: AtomicBool::new(false),
             incoming,
-            progress: Mutex::new(None),
         }
     }
 
@@ -130,7 +137,7 @@ impl Migrations {
         }
         match crate::migration::send::cancel(handle, *paused) {
             Ok(()) => {
-                *lock(&self.outgoing) = json!({ "status": "cancelled" });
+                self.end_outgoing(json!({ "status": "cancelled" }));
                 Response::no_content()
             }
             Err(e) => Response::error(500, format!("{e:#}")),
@@ -147,14 +154,14 @@ impl Migrations {
     /// `GET /migration`: the outgoing migration if there was one, else the one that brought
     /// the VM here.
     pub fn status(&self) -> serde_json::Value {
-        // Both under their locks at once (progress first, as `begin_outgoing` and
-        // `end_outgoing` take them): a migration is never seen active without its progress.
-        let progress = lock(&self.progress);
-        let mut outgoing = lock(&self.outgoing).clone();
-        if let Some(progress) = progress.as_ref() {
-            outgoing["progress"] = progress.json();
-        }
-        drop(progress);
+        let outgoing = {
+            let current = lock(&self.outgoing);
+            let mut status = current.status.clone();
+            if let Some(progress) = &current.progress {
+                status["progress"] = progress.json();
+            }
+            status
+        };
         match &self.incoming {
             Some(incoming) if outgoing["status"] == "none" => incoming.status(),
             _ => outgoing,
@@ -180,7 +187,7 @@ impl Migrations {
 
     /// `PUT /migration/switchover`.
     pub fn switch_over(&self) -> Response {
-        if lock(&self.outgoing)["status"] == "active" {
+        if lock(&self.outgoing).status["status"] == "active" {
             self.switch_now.store(true, Ordering::Release);
             Response::no_content()
         } else {
@@ -209,18 +216,20 @@ impl Migrations {
         }
     }
 
-    /// An outgoing migration begins: its status and its progress, set together.
+    /// An outgoing migration begins: its status and its progress.
     fn begin_outgoing(&self, status: serde_json::Value, progress: &Arc<Progress>) {
-        let mut current = lock(&self.progress);
-        *lock(&self.outgoing) = status;
-        *current = Some(Arc::clone(progress));
+        *lock(&self.outgoing) = Outgoing {
+            status,
+            progress: Some(Arc::clone(progress)),
+        };
     }
 
-    /// The outgoing migration has ended: its last status replaces the progress, together.
+    /// The outgoing migration has ended (or was cancelled): its last status, no progress.
     fn end_outgoing(&self, status: serde_json::Value) {
-        let mut progress = lock(&self.progress);
-        *lock(&self.outgoing) = status;
-        *progress = None;
+        *lock(&self.outgoing) = Outgoing {
+            status,
+            progress: None,
+        };
     }
 
     /// `PUT /migration/send`: migrates the VM (or resumes a paused post-copy), answering when
