@@ -74,6 +74,12 @@ pub fn read(path: &Path, magic: &[u8; 8], version: u32) -> Result<Vec<u8>, Snaps
     Ok(bytes)
 }
 
+/// The format version a container's header says, if it is long enough to say one (nothing
+/// else is checked: [`check`] does that).
+pub fn version_of(bytes: &[u8]) -> Option<u32> {
+    bytes.get(8..12).map(|v| u32::from_le_bytes(array(v)))
+}
+
 /// Checks a whole container held in memory (read, or mapped) the way [`read`] does, and
 /// returns where its payload lies in `bytes`.
 pub fn check(

@@ -106,21 +106,22 @@ pub fn write(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
 /// file of [`JSON_STATE_VERSION`] is read as the JSON it holds.
 pub fn read(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    match container::read(&path, &STATE_MAGIC, STATE_VERSION) {
-        Ok(payload) => decode(&path, &payload),
-        Err(SnapshotError::UnsupportedVersion {
-            found: JSON_STATE_VERSION,
-            ..
-        }) => {
-            let payload = container::read(&path, &STATE_MAGIC, JSON_STATE_VERSION)?;
-            let state = serde_json::from_slice(&payload).map_err(|e| {
-                SnapshotError::malformed(&path, format!("the state does not decode: {e}"))
-            })?;
-            validate(&path, &state)?;
-            Ok(state)
-        }
-        Err(e) => Err(e),
+    let bytes = std::fs::read(&path).map_err(SnapshotError::io(&path))?;
+    // Read once, checked as the version it says if that is the JSON one, else as this one.
+    let json = container::version_of(&bytes) == Some(JSON_STATE_VERSION);
+    let version = if json {
+        JSON_STATE_VERSION
+    } else {
+        STATE_VERSION
+    };
+    let payload = &bytes[container::check(&path, &bytes, &STATE_MAGIC, version)?];
+    if !json {
+        return decode(&path, payload);
     }
+    let state = serde_json::from_slice(payload)
+        .map_err(|e| SnapshotError::malformed(&path, format!("the state does not decode: {e}")))?;
+    validate(&path, &state)?;
+    Ok(state)
 }
 
 /// The state's payload, as a state file holds it and a migration stream carries it: postcard
