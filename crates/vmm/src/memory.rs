@@ -180,6 +180,13 @@ impl GuestRam {
             .find(|(_, r)| r.contains(gpa, len))
     }
 
+    /// The region of `[gpa, gpa + len)`, if that is RAM within one region, and the index there
+    /// of its first page: how the pager names pages.
+    pub fn region_page(&self, gpa: u64, len: u64) -> Option<(usize, usize)> {
+        self.region_at(gpa, len)
+            .map(|(index, r)| (index, ((gpa - r.gpa) / PAGE_SIZE) as usize))
+    }
+
     /// Host address of guest-physical `gpa` if `[gpa, gpa + len)` is RAM within one region.
     pub fn host_range(&self, gpa: u64, len: u64) -> Option<usize> {
         self.region_at(gpa, len)
@@ -406,6 +413,13 @@ mod tests {
         assert_eq!(ram.gpa_of_page(3), Some(0x3000));
         assert_eq!(ram.gpa_of_page((8 << 20) / PAGE_SIZE), None);
         assert_eq!(ram.page_index(8 << 20), None);
+        // Pages as the pager names them: a region and the index there.
+        let two = GuestRam::new(4 << 30).unwrap();
+        let high = two.regions()[1].gpa();
+        assert_eq!(two.region_page(0x3000, 2 * PAGE_SIZE), Some((0, 3)));
+        assert_eq!(two.region_page(high + 0x5000, PAGE_SIZE), Some((1, 5)));
+        let low_end = two.regions()[0].size();
+        assert_eq!(two.region_page(low_end - PAGE_SIZE, 2 * PAGE_SIZE), None);
     }
 
     #[test]

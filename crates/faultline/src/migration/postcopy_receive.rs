@@ -676,10 +676,9 @@ pub(super) fn mark_zeros(
     gpa: u64,
     count: u64,
 ) -> anyhow::Result<()> {
-    let (index, region) = ram
-        .region_at(gpa, count * PAGE_SIZE)
+    let (index, first) = ram
+        .region_page(gpa, count * PAGE_SIZE)
         .context("streamed zero pages outside RAM")?;
-    let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
     pager
         .mark_zero(index, first, count as usize)
         .context("cannot mark streamed zero pages")?;
@@ -791,10 +790,9 @@ fn install(
     gpa: u64,
     data: &[u8],
 ) -> anyhow::Result<()> {
-    let (index, region) = ram
-        .region_at(gpa, data.len() as u64)
+    let (index, first) = ram
+        .region_page(gpa, data.len() as u64)
         .context("streamed pages outside RAM")?;
-    let first = ((gpa - region.gpa()) / PAGE_SIZE) as usize;
     pager
         .install_pages(index, first, data)
         .context("cannot install streamed pages")?;

@@ -336,15 +336,11 @@ fn post_copy(
         let mut dropped = to_come.clone();
         dropped.remove(&early);
         for (gpa, count) in page_runs(&ram, &dropped, u64::MAX) {
-            let (index, region) = ram
-                .region_at(gpa, count * PAGE_SIZE)
+            let (index, first) = ram
+                .region_page(gpa, count * PAGE_SIZE)
                 .context("pages outside RAM")?;
             handle
-                .release(
-                    index,
-                    ((gpa - region.gpa()) / PAGE_SIZE) as usize,
-                    count as usize,
-                )
+                .release(index, first, count as usize)
                 .context("cannot drop the pages still to come")?;
         }
     }
