@@ -787,6 +787,22 @@ fn a_peer_that_is_not_faultline_is_refused_and_the_vm_runs_on() {
 }
 
 #[test]
+fn a_destination_sent_something_else_than_a_hello_names_it_and_ends() {
+    require_kvm!();
+    let destination = Destination::spawn(&[]);
+    let mut peer = std::net::TcpStream::connect(&destination.addr).unwrap();
+    peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let out = destination.child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = destination.stderr.join().unwrap();
+    assert!(
+        err.contains("the source's hello was refused")
+            && err.contains("not a faultline migration stream"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_destination_that_is_not_there_is_an_error_and_the_vm_runs_on() {
     require_kvm!();
     // A port that was just free: nothing listens there.

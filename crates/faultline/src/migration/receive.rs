@@ -127,15 +127,21 @@ fn take(
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
     // A peer that connects and says nothing must not hold the destination forever.
-    let hello = read_within(reader, REPLY_TIMEOUT);
-    let theirs = match hello.with_context(|| {
-        format!(
-            "no hello from the source within {} s",
-            REPLY_TIMEOUT.as_secs()
-        )
-    })? {
-        Message::Hello(identity) => identity,
-        other => bail!("the source began with {}, not a hello", other.name()),
+    let theirs = match read_within(reader, REPLY_TIMEOUT) {
+        Ok(Message::Hello(identity)) => identity,
+        Ok(other) => bail!("the source began with {}, not a hello", other.name()),
+        Err(migrate::ProtocolError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!(
+                "no hello from the source within {} s",
+                REPLY_TIMEOUT.as_secs()
+            )
+        }
+        Err(e) => return Err(anyhow::Error::from(e).context("the source's hello was refused")),
     };
     let size = theirs.layout.pages() * PAGE_SIZE;
     let ram = GuestRam::new(size).context("cannot create guest RAM for the arriving VM")?;
