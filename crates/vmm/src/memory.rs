@@ -193,39 +193,22 @@ impl GuestRam {
             .map(|(_, r)| r.host_addr + (gpa - r.gpa) as usize)
     }
 
-    /// The first range `(start, end)` of guest RAM that holds data and starts within `[gpa,
-    /// gpa + len)` (RAM of one region), running on to the next hole or the region's end; `None`
-    /// if all of `[gpa, gpa + len)` is a hole of its memfd: never written, or punched out, so
-    /// it reads as zeros without being read (a migration sends it as a zero range). `[gpa,
-    /// gpa + len)` itself when unsure. Page-aligned for page-aligned arguments.
-    ///
-    /// Finding the end walks the memfd's pages to the next hole, however far that is: a caller
-    /// going through RAM in pieces keeps the range found rather than asking for each piece.
-    pub fn data_extent(&self, gpa: u64, len: u64) -> Option<(u64, u64)> {
-        use rustix::fs::{seek, SeekFrom};
+    /// Whether guest RAM `[gpa, gpa + len)` (within one region) is a hole of its memfd:
+    /// never written, or punched out, so it reads as zeros without being read (a migration
+    /// sends it as a zero range). False when unsure.
+    pub fn is_hole(&self, gpa: u64, len: u64) -> bool {
         let Some((_, region)) = self.region_at(gpa, len) else {
-            return Some((gpa, gpa + len));
+            return false;
         };
-        let offset = gpa - region.gpa;
+        let offset = gpa - region.gpa();
         // Only the descriptor's file offset moves, which nothing uses (guest RAM is read
         // through its mapping, files with positioned reads).
-        let start = match seek(region.memfd(), SeekFrom::Data(offset)) {
-            Ok(data) if data >= offset + len => return None,
-            Ok(data) => (data / PAGE_SIZE * PAGE_SIZE).max(offset),
+        match rustix::fs::seek(region.memfd(), rustix::fs::SeekFrom::Data(offset)) {
+            Ok(data) => data >= offset + len,
             // No data from `offset` to the end of the file.
-            Err(rustix::io::Errno::NXIO) => return None,
-            Err(_) => return Some((gpa, gpa + len)),
-        };
-        let end = match seek(region.memfd(), SeekFrom::Hole(start)) {
-            // At least the page found (it may be punched out meanwhile: then it reads as zeros).
-            Ok(hole) => hole
-                .div_ceil(PAGE_SIZE)
-                .saturating_mul(PAGE_SIZE)
-                .max(start + PAGE_SIZE)
-                .min(region.size),
-            Err(_) => offset + len,
-        };
-        Some((region.gpa + start, region.gpa + end))
+            Err(rustix::io::Errno::NXIO) => true,
+            Err(_) => false,
+        }
     }
 
     /// Index of the page holding `gpa` in the memory-image layout (regions back to back), if
@@ -372,43 +355,28 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     #[test]
-    fn data_extents_are_the_pages_written_and_holes_the_rest() {
+    fn holes_are_ram_never_written() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(4 << 20).unwrap();
-        assert_eq!(ram.data_extent(0, 4 << 20), None, "fresh RAM is all hole");
-        for gpa in [0x10_8008, 0x10_9ff0, 0x10_c000] {
-            ram.memory().write_obj(7u64, GuestAddress(gpa)).unwrap();
-        }
-        let page = PAGE_SIZE;
-        assert_eq!(
-            ram.data_extent(0x10_0000, 16 * page),
-            Some((0x10_8000, 0x10_a000)),
-            "the first run of written pages, whole pages"
+        assert!(ram.is_hole(0, 4 << 20), "fresh RAM is all hole");
+        ram.memory()
+            .write_obj(7u64, GuestAddress(0x10_8008))
+            .unwrap();
+        assert!(
+            !ram.is_hole(0x10_8000, PAGE_SIZE),
+            "a written page has data"
         );
-        assert_eq!(
-            ram.data_extent(0x10_9000, 2 * page),
-            Some((0x10_9000, 0x10_a000)),
-            "from inside a run, to its end"
+        assert!(
+            !ram.is_hole(0x10_0000, 16 * PAGE_SIZE),
+            "a run holding it has data"
         );
-        assert_eq!(
-            ram.data_extent(0x10_a000, 16 * page),
-            Some((0x10_c000, 0x10_d000)),
-            "the next run after a hole"
+        assert!(
+            ram.is_hole(0x10_0000, 8 * PAGE_SIZE),
+            "the pages before it do not"
         );
-        assert_eq!(
-            ram.data_extent(0x10_8000, page),
-            Some((0x10_8000, 0x10_a000)),
-            "on to the next hole, past the range asked about"
-        );
-        assert_eq!(
-            ram.data_extent(0x10_0000, 8 * page),
-            None,
-            "the pages before"
-        );
-        assert_eq!(ram.data_extent(0x10_d000, page), None, "and after");
-        assert_eq!(
-            ram.data_extent(4 << 20, page),
-            Some((4 << 20, (4 << 20) + page)),
+        assert!(ram.is_hole(0x10_9000, PAGE_SIZE), "nor the page after it");
+        assert!(
+            !ram.is_hole(4 << 20, PAGE_SIZE),
             "outside RAM: not known to be a hole"
         );
     }

@@ -385,9 +385,7 @@ fn stream_pages<W: Write>(
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
-    // SAFETY: the VM was paused for the switch-over and cannot run here again (it runs on the
-    // destination), so nothing writes its RAM while the stream reads it.
-    let mut pages_of = unsafe { PageReader::frozen(ram, options.holes_are_zero) };
+    let mut pages_of = PageReader::new(ram, options.holes_are_zero);
     let mut next = 0u64;
     loop {
         let hint = shared.hint.swap(NO_HINT, Ordering::AcqRel);
@@ -423,10 +421,7 @@ fn serve_requests(
 ) -> anyhow::Result<()> {
     let ram = handle.ram();
     let layout = layout_of(ram);
-    // SAFETY: the server starts after the VM was paused for the switch-over and marked as
-    // running elsewhere, and is stopped before the VM can run here again (when the
-    // destination refuses it), so nothing writes its RAM while requests are answered.
-    let mut pages_of = unsafe { PageReader::frozen(ram, holes_are_zero) };
+    let mut pages_of = PageReader::new(ram, holes_are_zero);
     loop {
         let message = match read_message(&mut reader) {
             Ok(message) => message,

@@ -954,66 +954,29 @@ pub(super) fn send_pages<W: Write>(
 /// Reads runs of guest pages and sends them.
 pub(super) struct PageReader<'a> {
     ram: &'a vmm::GuestRam,
-    /// Where pages are copied before they are sent (unused when they are sent in place).
     buffer: Vec<u8>,
     /// Whether a hole of RAM's memfd reads as zeros: not when a pager provides missing pages
     /// (a lazily restored VM's are in its snapshot).
     holes_are_zero: bool,
-    /// Whether pages are sent from the guest's mapping itself, not from a copy: only while
-    /// nothing writes guest RAM (see [`PageReader::frozen`]).
-    in_place: bool,
     /// Holds the pages sent through this reader to a cap (`--max-bandwidth`).
     pacer: Option<Pacer>,
-    /// The last range of RAM found holding data (`GuestRam::data_extent`), kept because
-    /// finding where it ends is a walk over it. A hole filled since costs nothing (it is found
-    /// again as data), and a page punched out since is read as zeros.
-    data: (u64, u64),
 }
 
 impl<'a> PageReader<'a> {
-    /// A reader that copies each run before it is checked and sent: the guest may be running
-    /// and change a page while it is read.
     pub(super) fn new(ram: &'a vmm::GuestRam, holes_are_zero: bool) -> Self {
         PageReader {
             ram,
             buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
             holes_are_zero,
-            in_place: false,
             pacer: None,
-            data: (0, 0),
         }
     }
 
-    /// A reader for a frozen VM, which sends pages straight from the guest's mapping: the copy
-    /// [`new`](Self::new)'s reader makes first was a third of a post-copy source's time. Only
-    /// when every page is in the memfd (no pager): behind a pager a missing page is still read
-    /// with a system call, which fetches it or reports it as an error. A page of the memfd
-    /// cannot be cut off (it is never truncated), so only a hardware memory error could stop
-    /// a read, by a SIGBUS, which ends the VMM with a message (`vmm::sigbus`).
-    ///
-    /// # Safety
-    /// Nothing may write the guest RAM of `ram` while the reader lives: the VM's vCPUs must not
-    /// run (it is paused, and may run elsewhere now), and nothing else writes it meanwhile.
-    pub(super) unsafe fn frozen(ram: &'a vmm::GuestRam, holes_are_zero: bool) -> Self {
-        if holes_are_zero {
-            PageReader {
-                ram,
-                buffer: Vec::new(),
-                holes_are_zero,
-                in_place: true,
-                pacer: None,
-                data: (0, 0),
-            }
-        } else {
-            Self::new(ram, holes_are_zero)
-        }
-    }
-
-    /// The `count` pages of guest RAM from `gpa`. Unless they are read in place, they are read
-    /// with a system call, so that a page that cannot be had (a poisoned one) is an error, not
-    /// a signal. With every page in the memfd (no pager) they are read from it, which costs a
-    /// third less than reading the guest's mapping through `process_vm_readv` (no pinning of
-    /// each page); behind a pager a missing page must be faulted in through the mapping.
+    /// The `count` pages of guest RAM from `gpa`, read with a system call: a page that
+    /// cannot be had (a poisoned one) is an error, not a signal. With every page in the memfd
+    /// (no pager) they are read from it, which costs a third less than reading the guest's
+    /// mapping through `process_vm_readv` (no pinning of each page); behind a pager a missing
+    /// page must be faulted in through the mapping.
     pub(super) fn read(&mut self, gpa: u64, count: u64) -> anyhow::Result<&[u8]> {
         use std::os::unix::fs::FileExt;
         let len = count * PAGE_SIZE;
@@ -1021,30 +984,20 @@ impl<'a> PageReader<'a> {
             .ram
             .region_at(gpa, len)
             .context("a page to send is not RAM")?;
-        let offset = gpa - region.gpa();
-        if self.in_place {
-            let at = region.host_addr() + offset as usize;
-            // SAFETY: `[at, at + len)` lies in the region's mapping, which lives as long as
-            // `self.ram`; nothing writes it while this reader lives (`frozen`'s contract), and
-            // the slice cannot outlive the reader.
-            return Ok(unsafe { std::slice::from_raw_parts(at as *const u8, len as usize) });
-        }
         if self.buffer.len() < len as usize {
             self.buffer.resize(len as usize, 0);
         }
         let data = &mut self.buffer[..len as usize];
         let read = if self.holes_are_zero {
-            region.memfd_file().read_exact_at(data, offset)
+            region.memfd_file().read_exact_at(data, gpa - region.gpa())
         } else {
-            vmm::memory::read_host((region.host_addr() as u64) + offset, data)
+            vmm::memory::read_host((region.host_addr() as u64) + (gpa - region.gpa()), data)
         };
         read.with_context(|| format!("cannot read guest RAM at {gpa:#x}"))?;
         Ok(data)
     }
 
-    /// Reads `count` pages of guest RAM from `gpa` and sends them: holes of the memfd (never
-    /// written, or punched out) as zero ranges, without reading a byte of them (read through
-    /// the mapping, a hole would be allocated), and the pages with data as runs.
+    /// Reads `count` pages of guest RAM from `gpa` and sends them.
     pub(super) fn send<W: Write>(
         &mut self,
         writer: &mut W,
@@ -1052,40 +1005,18 @@ impl<'a> PageReader<'a> {
         count: u64,
         sent: &mut Sent,
     ) -> anyhow::Result<()> {
-        let end = gpa + count * PAGE_SIZE;
-        let mut at = gpa;
-        while at < end {
-            let (data, data_end) = if !self.holes_are_zero {
-                (at, end)
-            } else if (self.data.0..self.data.1).contains(&at) {
-                (at, self.data.1.min(end))
-            } else {
-                match self.ram.data_extent(at, end - at) {
-                    Some(found) => {
-                        self.data = found;
-                        (found.0, found.1.min(end))
-                    }
-                    None => (end, end),
-                }
-            };
-            if data > at {
-                let message = Message::ZeroPages {
-                    gpa: at,
-                    count: (data - at) / PAGE_SIZE,
-                };
-                write_message(writer, &message)?;
-                sent.add(0, (data - at) / PAGE_SIZE, message.wire_len());
-            }
-            if data_end > data {
-                if let Some(pacer) = &mut self.pacer {
-                    pacer.take(data_end - data);
-                }
-                let pages = self.read(data, (data_end - data) / PAGE_SIZE)?;
-                send_run(writer, sent, data, pages)?;
-            }
-            at = data_end;
+        if self.holes_are_zero && self.ram.is_hole(gpa, count * PAGE_SIZE) {
+            // Never written (or punched out): zeros, without reading a byte.
+            let message = Message::ZeroPages { gpa, count };
+            write_message(writer, &message)?;
+            sent.add(0, count, message.wire_len());
+            return Ok(());
         }
-        Ok(())
+        if let Some(pacer) = &mut self.pacer {
+            pacer.take(count * PAGE_SIZE);
+        }
+        let data = self.read(gpa, count)?;
+        send_run(writer, sent, gpa, data)
     }
 }
 
@@ -1139,94 +1070,6 @@ mod tests {
             sent,
             left,
             left_takes: Duration::from_millis(left_ms),
-        }
-    }
-
-    /// Every page of RAM as a reader sends it: RAM's image rebuilt from the wire (each page
-    /// exactly once), and the pages sent as zero ranges.
-    fn sent_image(ram: &vmm::GuestRam, reader: &mut PageReader<'_>) -> (Vec<u8>, u64) {
-        let mut wire = Vec::new();
-        let mut sent = Sent::default();
-        let run = RUN_PAGES * PAGE_SIZE;
-        for gpa in (0..ram.size()).step_by(run as usize) {
-            reader.send(&mut wire, gpa, RUN_PAGES, &mut sent).unwrap();
-        }
-        let mut image = vec![0u8; ram.size() as usize];
-        let mut covered = vec![false; (ram.size() / PAGE_SIZE) as usize];
-        let mut cover = |gpa: u64, count: u64| {
-            for page in gpa / PAGE_SIZE..gpa / PAGE_SIZE + count {
-                assert!(!covered[page as usize], "page {page} sent twice");
-                covered[page as usize] = true;
-            }
-        };
-        let mut zero = 0;
-        let mut stream = wire.as_slice();
-        while !stream.is_empty() {
-            match migrate::read_message(&mut stream).unwrap() {
-                Message::Pages { gpa, data } => {
-                    cover(gpa, data.len() as u64 / PAGE_SIZE);
-                    image[gpa as usize..gpa as usize + data.len()].copy_from_slice(&data);
-                }
-                Message::ZeroPages { gpa, count } => {
-                    cover(gpa, count);
-                    zero += count;
-                }
-                other => panic!("unexpected {}", other.name()),
-            }
-        }
-        assert!(covered.iter().all(|&c| c), "every page is sent");
-        assert_eq!(sent.zero, zero);
-        (image, zero)
-    }
-
-    #[test]
-    fn a_reader_sends_every_page_right_and_holes_without_filling_them() {
-        use std::os::unix::fs::FileExt;
-        use vm_memory::{Bytes, GuestAddress};
-        let ram = vmm::GuestRam::new(8 << 20).unwrap();
-        let memory = ram.memory();
-        // Data from the end of one run across the whole next one into a third, a page of
-        // written zeros (data in the memfd, a zero page on the wire), and lone pages between
-        // holes.
-        let pattern: Vec<u8> = (0..(RUN_PAGES + 7) * PAGE_SIZE)
-            .map(|i| (i % 251) as u8 + 1)
-            .collect();
-        memory
-            .write_slice(&pattern, GuestAddress((2 << 20) - 3 * PAGE_SIZE))
-            .unwrap();
-        memory
-            .write_slice(&[0u8; PAGE_SIZE as usize], GuestAddress(0x50_0000))
-            .unwrap();
-        for gpa in [0x50_2000u64, 0x50_4000, 0x7f_f000] {
-            memory.write_obj(gpa, GuestAddress(gpa + 8)).unwrap();
-        }
-        let extents = |ram: &vmm::GuestRam| {
-            let mut found = Vec::new();
-            let mut at = 0;
-            while let Some((start, end)) = ram.data_extent(at, ram.size() - at) {
-                found.push((start, end));
-                at = end;
-                if at == ram.size() {
-                    break;
-                }
-            }
-            found
-        };
-        let before = extents(&ram);
-        let mut expected = vec![0u8; ram.size() as usize];
-        ram.regions()[0]
-            .memfd_file()
-            .read_exact_at(&mut expected, 0)
-            .unwrap();
-        let data_pages = RUN_PAGES + 7 + 3;
-        let zero_pages = ram.size() / PAGE_SIZE - data_pages;
-        // SAFETY: nothing writes this RAM while the reader lives.
-        let frozen = unsafe { PageReader::frozen(&ram, true) };
-        for (name, mut reader) in [("copying", PageReader::new(&ram, true)), ("frozen", frozen)] {
-            let (image, zero) = sent_image(&ram, &mut reader);
-            assert!(image == expected, "{name}: the pages sent are RAM's");
-            assert_eq!(zero, zero_pages, "{name}: zero pages are sent as ranges");
-            assert_eq!(extents(&ram), before, "{name}: no hole was filled");
         }
     }
 
