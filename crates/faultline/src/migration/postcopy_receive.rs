@@ -16,12 +16,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use migrate::{read_message, read_message_reusing, write_message, Layout, Message, VmIdentity};
+use migrate::{read_message, write_message, Layout, Message, ProtocolError, VmIdentity};
 use pager::{Content, PageSource, SourceError};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 use super::channel::{read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Offer, Phase};
+use super::turns::{take_pages_in_turns, Failure};
 use super::{layout_of, READ_BUFFER};
 
 /// How long a connected source may take to answer a page request before the connection
@@ -385,6 +386,25 @@ enum Stop {
     Fatal(anyhow::Error),
 }
 
+impl Failure for Stop {
+    fn read(error: ProtocolError) -> Self {
+        if error.is_connection_loss() {
+            Stop::Broken(anyhow::Error::from(error).context("the page stream broke"))
+        } else {
+            Stop::Fatal(error.into())
+        }
+    }
+
+    fn panicked() -> Self {
+        Stop::Fatal(anyhow::anyhow!("a page stream reader panicked"))
+    }
+
+    /// A fatal failure outranks a broken connection: it cannot be recovered.
+    fn outranks(&self, kept: &Self) -> bool {
+        matches!((kept, self), (Stop::Broken(_), Stop::Fatal(_)))
+    }
+}
+
 /// Takes the page stream into the pager until the source is done, waits until every page of
 /// RAM is in, then confirms it. A broken connection pauses the migration until it is
 /// recovered; any other failure is told to the source.
@@ -575,43 +595,39 @@ fn take_all(
     source: &NetworkSource,
     incoming: &Incoming,
 ) -> Result<(), Stop> {
-    // Two threads take turns to read a message and each installs what it read itself: one
-    // installs (a new page of guest RAM, a copy into it) while the other reads (a copy out of
-    // the socket, the checksum), and each run is copied into guest RAM by the core that has
-    // just written it. (Handing runs to an installer thread made that core fetch every byte
-    // from the other core's cache: on these hosts, in some placements of their two vCPUs,
-    // that doubled a 1 GiB post-copy.)
-    let turns = Mutex::new(Turns {
-        reader,
-        over: false,
-        failure: None,
-    });
+    // Two threads take turns at the stream, each installing what it read (`turns`).
     let layout = layout_of(ram);
-    std::thread::scope(|scope| {
-        let take = || {
-            // A panic ends the other's turns too, and counts as this thread's failure.
-            let _guard = EndOnPanic(&turns);
-            if let Err(stop) = take_turns(&turns, &layout, ram, pager, incoming) {
-                end_turns(&turns, stop);
+    let install = |message: &Message| -> Result<(), Stop> {
+        message.check(&layout).map_err(|e| Stop::Fatal(e.into()))?;
+        match message {
+            Message::Pages { gpa, data } => {
+                install(ram, pager, *gpa, data).map_err(Stop::Fatal)?;
+                incoming
+                    .normal_pages
+                    .fetch_add(data.len() as u64 / PAGE_SIZE, Ordering::Relaxed);
+                incoming
+                    .bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
-        };
-        let other = std::thread::Builder::new()
-            .name("postcopy-install".into())
-            .spawn_scoped(scope, take)
-            .map_err(|e| {
-                Stop::Fatal(anyhow::Error::from(e).context("cannot start the second reader"))
-            })?;
-        // A panic on either thread was recorded by its guard.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(take));
-        let _ = other.join();
-        Ok::<(), Stop>(())
-    })?;
-    if let Some(failure) = turns
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .failure
-    {
-        return Err(failure);
+            Message::ZeroPages { gpa, count } => {
+                mark_zeros(ram, pager, *gpa, *count).map_err(Stop::Fatal)?;
+                incoming.zero_pages.fetch_add(*count, Ordering::Relaxed);
+            }
+            _ => unreachable!("only page messages are installed"),
+        }
+        Ok(())
+    };
+    match take_pages_in_turns(reader, "postcopy-install", &install)? {
+        Message::Done => {}
+        Message::Abort(reason) => {
+            return Err(Stop::Fatal(anyhow::anyhow!("the source gave up: {reason}")))
+        }
+        other => {
+            return Err(Stop::Fatal(anyhow::anyhow!(
+                "unexpected {} in the page stream",
+                other.name()
+            )))
+        }
     }
     // Every page is in, or on its way to a fault that asked for it: wait for those, so that
     // the source may go. A page missing with no request out for it is the source's mistake;
@@ -685,104 +701,6 @@ pub(super) fn mark_zeros(
     Ok(())
 }
 
-/// The page stream, read a message at a time by whichever thread holds it.
-struct Turns<'a> {
-    reader: &'a mut BufReader<Channel>,
-    /// The stream is over (its `Done` was read) or a thread failed: the other stops too.
-    over: bool,
-    /// Why the turns ended early: the first failure, or a fatal one that came with a break.
-    failure: Option<Stop>,
-}
-
-/// Ends both threads' turns because of `stop`, and keeps it as the cause unless one is kept
-/// already (a fatal failure outranks a broken connection: it cannot be recovered).
-fn end_turns(turns: &Mutex<Turns<'_>>, stop: Stop) {
-    let mut turn = turns.lock().unwrap_or_else(|e| e.into_inner());
-    turn.over = true;
-    if matches!(
-        (&turn.failure, &stop),
-        (None, _) | (Some(Stop::Broken(_)), Stop::Fatal(_))
-    ) {
-        turn.failure = Some(stop);
-    }
-}
-
-/// Ends the turns as a failure if its thread unwinds (a panic in an install).
-struct EndOnPanic<'t, 'r>(&'t Mutex<Turns<'r>>);
-
-impl Drop for EndOnPanic<'_, '_> {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            end_turns(
-                self.0,
-                Stop::Fatal(anyhow::anyhow!("a page stream reader panicked")),
-            );
-        }
-    }
-}
-
-/// Takes turns with the other thread at reading a message of the page stream, and installs
-/// the pages it read, until the stream's `Done` or a failure (which the caller gives to
-/// [`end_turns`]).
-fn take_turns(
-    turns: &Mutex<Turns<'_>>,
-    layout: &Layout,
-    ram: &GuestRam,
-    pager: &pager::PagerHandle,
-    incoming: &Incoming,
-) -> Result<(), Stop> {
-    // This thread's last run's buffer, read into again.
-    let mut spare = None;
-    loop {
-        let message = {
-            let mut turn = turns.lock().unwrap_or_else(|e| e.into_inner());
-            if turn.over {
-                return Ok(());
-            }
-            let read = read_message_reusing(turn.reader, &mut spare);
-            // Whatever ends the stream ends it for both.
-            turn.over = !matches!(read, Ok(Message::Pages { .. } | Message::ZeroPages { .. }));
-            read
-        };
-        let message = match message {
-            Ok(message) => message,
-            Err(e) if e.is_connection_loss() => {
-                return Err(Stop::Broken(
-                    anyhow::Error::from(e).context("the page stream broke"),
-                ))
-            }
-            Err(e) => return Err(Stop::Fatal(e.into())),
-        };
-        message.check(layout).map_err(|e| Stop::Fatal(e.into()))?;
-        match message {
-            Message::Pages { gpa, data } => {
-                install(ram, pager, gpa, &data).map_err(Stop::Fatal)?;
-                incoming
-                    .normal_pages
-                    .fetch_add(data.len() as u64 / PAGE_SIZE, Ordering::Relaxed);
-                incoming
-                    .bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                spare = Some(data);
-            }
-            Message::ZeroPages { gpa, count } => {
-                mark_zeros(ram, pager, gpa, count).map_err(Stop::Fatal)?;
-                incoming.zero_pages.fetch_add(count, Ordering::Relaxed);
-            }
-            Message::Done => return Ok(()),
-            Message::Abort(reason) => {
-                return Err(Stop::Fatal(anyhow::anyhow!("the source gave up: {reason}")))
-            }
-            other => {
-                return Err(Stop::Fatal(anyhow::anyhow!(
-                    "unexpected {} in the page stream",
-                    other.name()
-                )))
-            }
-        }
-    }
-}
-
 /// Installs `data` at `gpa` through the pager (pages already there are left alone).
 fn install(
     ram: &GuestRam,
@@ -797,79 +715,4 @@ fn install(
         .install_pages(index, first, data)
         .context("cannot install streamed pages")?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A reader over a real loopback connection, for turns that never read.
-    fn reader() -> (BufReader<Channel>, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        (BufReader::new(Channel::Tcp(server)), client)
-    }
-
-    fn failure(turns: Mutex<Turns<'_>>) -> (bool, String) {
-        let turns = turns.into_inner().unwrap();
-        let kind = match turns.failure {
-            Some(Stop::Fatal(e)) => format!("fatal: {e}"),
-            Some(Stop::Broken(e)) => format!("broken: {e}"),
-            None => "none".into(),
-        };
-        (turns.over, kind)
-    }
-
-    #[test]
-    fn a_failure_ends_both_turns_and_a_fatal_one_outranks_a_break() {
-        let (mut stream, _peer) = reader();
-        for (first, second, kept) in [
-            ("broken", "fatal", "fatal: b"),
-            ("fatal", "broken", "fatal: a"),
-            ("broken", "broken", "broken: a"),
-            ("fatal", "fatal", "fatal: a"),
-        ] {
-            let turns = Mutex::new(Turns {
-                reader: &mut stream,
-                over: false,
-                failure: None,
-            });
-            for (kind, name) in [(first, "a"), (second, "b")] {
-                let stop = match kind {
-                    "fatal" => Stop::Fatal(anyhow::anyhow!("{name}")),
-                    _ => Stop::Broken(anyhow::anyhow!("{name}")),
-                };
-                end_turns(&turns, stop);
-            }
-            assert_eq!(
-                failure(turns),
-                (true, kept.to_string()),
-                "{first}, {second}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_thread_that_panics_ends_the_turns_as_a_fatal_failure() {
-        let (mut stream, _peer) = reader();
-        let turns = Mutex::new(Turns {
-            reader: &mut stream,
-            over: false,
-            failure: None,
-        });
-        std::thread::scope(|scope| {
-            let panicked = scope
-                .spawn(|| {
-                    let _guard = EndOnPanic(&turns);
-                    panic!("an install went wrong");
-                })
-                .join();
-            assert!(panicked.is_err());
-        });
-        assert_eq!(
-            failure(turns),
-            (true, "fatal: a page stream reader panicked".to_string())
-        );
-    }
 }

@@ -12,14 +12,15 @@ use serde::Serialize;
 use snapshot::state::SnapshotState;
 use vmm::{DirtyPages, GuestRam, Vm, VmConfig, PAGE_SIZE};
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
 use super::postcopy_receive::{accept_requests, mark_zeros, take_stream, NetworkSource, Stream};
+use super::turns::take_pages_in_turns;
 use super::{identity, page_runs, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
 use crate::restore::{state_into, vm_for};
@@ -169,11 +170,17 @@ fn take(
     let mut state: Option<SnapshotState> = None;
     // Pages received as zero (their memfd blocks punched out) and not rewritten since.
     let mut zeroed = DirtyPages::new(layout.pages());
+    // The first pass, on two threads; the first message after it is handled below.
+    let mut after_first_pass = Some(first_pass(reader, &ram, &layout, &mut report, &mut zeroed)?);
     // The last run's buffer, read into again.
     let mut spare = None;
     loop {
-        let message =
-            read_message_reusing(reader, &mut spare).context("the migration stream failed")?;
+        let message = match after_first_pass.take() {
+            Some(message) => message,
+            None => {
+                read_message_reusing(reader, &mut spare).context("the migration stream failed")?
+            }
+        };
         message.check(&layout)?;
         match message {
             Message::Pages { gpa, data } => {
@@ -251,6 +258,109 @@ fn take(
         incoming,
         stream: None,
     })
+}
+
+/// Takes the first pass of a migration (every page, the bulk of a pre-copy) on two threads
+/// taking turns at the stream (`turns`), and returns the first message after its pages.
+///
+/// Its pages go in by UFFDIO_COPY, while the pages of fresh RAM are missing: it allocates a
+/// page and copies into it without clearing it first, as a store through the mapping would,
+/// and without the memfd's inode lock, which makes two threads' `pwrite`s wait for each other.
+/// A page that is there already (sent twice) is written over. Nothing runs on guest RAM yet
+/// (the VM's state comes at the switch-over), and the userfaultfd is closed before anything
+/// does; a touch meanwhile would get SIGBUS, never wait for an answer that does not come.
+/// Without a userfaultfd to be had, pages are written with `pwrite` (`write_pages`).
+fn first_pass(
+    reader: &mut BufReader<Channel>,
+    ram: &GuestRam,
+    layout: &migrate::Layout,
+    report: &mut ReceiveReport,
+    zeroed: &mut DirtyPages,
+) -> anyhow::Result<Message> {
+    let uffd = registered(ram)
+        .inspect_err(|e| tracing::debug!("first pass by pwrite: {e:#}"))
+        .ok();
+    let (normal, zero_pages, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let marks = Mutex::new(std::mem::replace(zeroed, DirtyPages::new(0)));
+    let install = |message: &Message| -> anyhow::Result<()> {
+        message.check(layout)?;
+        match message {
+            Message::Pages { gpa, data } => {
+                let count = data.len() as u64 / PAGE_SIZE;
+                match &uffd {
+                    Some(uffd) => copy_pages(uffd, ram, *gpa, data)?,
+                    None => write_pages(ram, *gpa, data)?,
+                }
+                mark(ram, &mut lock(&marks), *gpa, count, false);
+                normal.fetch_add(count, Ordering::Relaxed);
+                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Message::ZeroPages { gpa, count } => {
+                zero(ram, *gpa, *count)?;
+                mark(ram, &mut lock(&marks), *gpa, *count, true);
+                zero_pages.fetch_add(*count, Ordering::Relaxed);
+            }
+            _ => unreachable!("only page messages are installed"),
+        }
+        Ok(())
+    };
+    let after = take_pages_in_turns(reader, "precopy-install", &install);
+    // Closed, and its ranges with it, before anything may touch guest RAM.
+    drop(uffd);
+    report.normal_pages += normal.into_inner();
+    report.zero_pages += zero_pages.into_inner();
+    report.bytes += bytes.into_inner();
+    *zeroed = marks.into_inner().unwrap_or_else(|e| e.into_inner());
+    after
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A userfaultfd with every region of (fresh) guest RAM registered for missing pages, whose
+/// touches get SIGBUS: for [`copy_pages`], while nothing else touches RAM.
+fn registered(ram: &GuestRam) -> anyhow::Result<uffd::Uffd> {
+    let uffd = uffd::Uffd::open(uffd::Features::MISSING_SHMEM | uffd::Features::SIGBUS)?;
+    for region in ram.regions() {
+        // SAFETY: guest RAM is raw memory that no Rust object owns, reached through addresses
+        // and system calls only; a touch of a missing page gets SIGBUS rather than waiting
+        // (UFFD_FEATURE_SIGBUS), so no one need serve faults.
+        unsafe {
+            uffd.register(
+                region.host_addr() as u64,
+                region.size(),
+                uffd::RegisterMode::MISSING,
+            )?;
+        }
+    }
+    Ok(uffd)
+}
+
+/// Puts arriving pages into guest RAM registered with `uffd` ([`registered`]): missing pages
+/// by UFFDIO_COPY, and from a page that is there already on, with `pwrite`.
+fn copy_pages(uffd: &uffd::Uffd, ram: &GuestRam, gpa: u64, data: &[u8]) -> anyhow::Result<()> {
+    let host = ram
+        .host_range(gpa, data.len() as u64)
+        .context("arriving pages outside RAM")? as u64;
+    let mut done = 0;
+    while done < data.len() {
+        // SAFETY: the destination is guest RAM registered with `uffd`, which no Rust reference
+        // covers; `data[done..]` is a live slice.
+        let outcome =
+            unsafe { uffd.copy(host + done as u64, &data[done..], uffd::CopyMode::default()) }
+                .with_context(|| format!("cannot put arriving pages into guest RAM at {gpa:#x}"))?;
+        match outcome {
+            uffd::Outcome::Done => return Ok(()),
+            uffd::Outcome::Again { done: more } if more > 0 => done += more as usize,
+            uffd::Outcome::Again { done: more } | uffd::Outcome::Exists { done: more } => {
+                done += more as usize;
+                let at = gpa + done as u64;
+                return write_pages(ram, at, &data[done..]);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes arriving pages into guest RAM through its memfd: a write of whole pages into a new
@@ -435,6 +545,25 @@ fn decode_state(payload: &[u8]) -> anyhow::Result<SnapshotState> {
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn first_pass_pages_go_in_by_copy_and_a_page_sent_again_is_written_over() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let uffd = registered(&ram).unwrap();
+        let run = |byte: u8, pages: usize| vec![byte; pages * 4096];
+        copy_pages(&uffd, &ram, 0x10000, &run(1, 4)).unwrap();
+        // Over the second half of that run and on past it: pages there already are written
+        // over, the others put in.
+        copy_pages(&uffd, &ram, 0x12000, &run(2, 4)).unwrap();
+        assert!(copy_pages(&uffd, &ram, 4 << 20, &run(3, 1)).is_err(), "outside RAM");
+        drop(uffd);
+        let ones = 0x0101_0101_0101_0101;
+        assert_eq!(ram.read_u64(0x10000), Some(ones));
+        assert_eq!(ram.read_u64(0x11ff8), Some(ones));
+        assert_eq!(ram.read_u64(0x12000), Some(ones * 2));
+        assert_eq!(ram.read_u64(0x15ff8), Some(ones * 2));
+        assert_eq!(ram.read_u64(0x16000), Some(0), "nothing past the runs");
+    }
 
     #[test]
     fn zero_pages_replace_what_an_earlier_round_sent() {

@@ -1,0 +1,293 @@
+//! Two threads taking turns at a stream of pages, as a destination reads it: each reads a
+//! message and installs the pages it read itself, so one installs (a new page of guest RAM, a
+//! copy into it) while the other reads (a copy out of the socket, the checksum), and each run
+//! is copied into guest RAM by the core that has just written it. (Handing runs to an
+//! installer thread made that core fetch every byte from the other core's cache: on these
+//! hosts, in some placements of their two vCPUs, that doubled a 1 GiB post-copy. A fresh page
+//! of guest RAM can also cost a fault in the host, which two threads take side by side.)
+//!
+//! The turns end at the first message that is not pages, which is returned once every page
+//! read before it is installed: the caller handles it, alone. Two installs in flight never
+//! hold the same page as long as the source sends a page at most once before such a message.
+
+use std::io::Read;
+use std::sync::{Mutex, MutexGuard};
+
+use migrate::{read_message_reusing, Message, ProtocolError};
+
+/// Why the turns stopped short.
+pub(super) trait Failure: Sized + Send {
+    /// Reading the stream failed.
+    fn read(error: ProtocolError) -> Self;
+    /// A thread panicked.
+    fn panicked() -> Self;
+    /// Whether `self`, coming after `kept`, is the failure to report instead (else the first
+    /// one is).
+    fn outranks(&self, _kept: &Self) -> bool {
+        false
+    }
+}
+
+impl Failure for anyhow::Error {
+    fn read(error: ProtocolError) -> Self {
+        anyhow::Error::from(error).context("the migration stream failed")
+    }
+
+    fn panicked() -> Self {
+        anyhow::anyhow!("a migration stream reader panicked")
+    }
+}
+
+/// The stream, read a message at a time by whichever thread holds it.
+struct Turns<'a, R, E> {
+    reader: &'a mut R,
+    /// The pages are over (a message that is not pages was read) or a thread failed: the
+    /// other stops too.
+    over: bool,
+    /// The message that ended the pages.
+    ended_by: Option<Message>,
+    failure: Option<E>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads `reader` on this thread and a second one (named `name`), each installing the pages
+/// of the `Pages` and `ZeroPages` messages it read with `install`, and returns the first other
+/// message, with every page before it installed. A failure ends both threads: the first
+/// failure is returned, unless a later one outranks it. With no second thread to be had,
+/// this one reads alone.
+pub(super) fn take_pages_in_turns<R, I, E>(
+    reader: &mut R,
+    name: &str,
+    install: &I,
+) -> Result<Message, E>
+where
+    R: Read + Send,
+    I: Fn(&Message) -> Result<(), E> + Sync,
+    E: Failure,
+{
+    let turns = Mutex::new(Turns {
+        reader,
+        over: false,
+        ended_by: None,
+        failure: None,
+    });
+    std::thread::scope(|scope| {
+        let take = || {
+            // A panic ends the other's turns too, and counts as this thread's failure.
+            let _guard = EndOnPanic(&turns);
+            if let Err(failure) = take_turns(&turns, install) {
+                end(&turns, failure);
+            }
+        };
+        let other = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(scope, take);
+        // A panic on either thread was recorded by its guard.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(take));
+        if let Ok(other) = other {
+            let _ = other.join();
+        }
+    });
+    // Both threads are done, and with them every install.
+    let turns = turns.into_inner().unwrap_or_else(|e| e.into_inner());
+    match (turns.failure, turns.ended_by) {
+        (Some(failure), _) => Err(failure),
+        (None, Some(message)) => Ok(message),
+        (None, None) => unreachable!("the turns end with a message or a failure"),
+    }
+}
+
+/// Ends both threads' turns because of `failure`, kept as the cause unless one is kept
+/// already that it does not outrank.
+fn end<R, E: Failure>(turns: &Mutex<Turns<'_, R, E>>, failure: E) {
+    let mut turn = lock(turns);
+    turn.over = true;
+    if turn
+        .failure
+        .as_ref()
+        .is_none_or(|kept| failure.outranks(kept))
+    {
+        turn.failure = Some(failure);
+    }
+}
+
+/// Ends the turns as a failure if its thread unwinds (a panic in an install).
+struct EndOnPanic<'t, 'a, R, E: Failure>(&'t Mutex<Turns<'a, R, E>>);
+
+impl<R, E: Failure> Drop for EndOnPanic<'_, '_, R, E> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            end(self.0, E::panicked());
+        }
+    }
+}
+
+/// Takes turns with the other thread at reading a message, and installs the pages it read,
+/// until the pages are over or a failure (which the caller gives to [`end`]).
+fn take_turns<R, I, E>(turns: &Mutex<Turns<'_, R, E>>, install: &I) -> Result<(), E>
+where
+    R: Read,
+    I: Fn(&Message) -> Result<(), E>,
+    E: Failure,
+{
+    // This thread's last run's buffer, read into again.
+    let mut spare = None;
+    loop {
+        let message = {
+            let mut turn = lock(turns);
+            if turn.over {
+                return Ok(());
+            }
+            match read_message_reusing(turn.reader, &mut spare) {
+                Ok(pages @ (Message::Pages { .. } | Message::ZeroPages { .. })) => pages,
+                Ok(other) => {
+                    turn.over = true;
+                    turn.ended_by = Some(other);
+                    return Ok(());
+                }
+                // The stream is unusable from here: the other thread must not read on.
+                Err(e) => {
+                    turn.over = true;
+                    return Err(E::read(e));
+                }
+            }
+        };
+        install(&message)?;
+        if let Message::Pages { data, .. } = message {
+            spare = Some(data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn frame(message: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        migrate::write_message(&mut out, message).unwrap();
+        out
+    }
+
+    fn pages(runs: u64) -> Vec<u8> {
+        (0..runs)
+            .flat_map(|run| {
+                frame(&Message::Pages {
+                    gpa: run * 4096,
+                    data: vec![run as u8; 4096 * (1 + run as usize % 3)],
+                })
+            })
+            .collect()
+    }
+
+    /// A failure that knows its rank, as post-copy's do.
+    #[derive(Debug, PartialEq)]
+    enum Ranked {
+        Minor(&'static str),
+        Major(&'static str),
+    }
+
+    impl Failure for Ranked {
+        fn read(_: ProtocolError) -> Self {
+            Ranked::Minor("read")
+        }
+
+        fn panicked() -> Self {
+            Ranked::Major("panicked")
+        }
+
+        fn outranks(&self, kept: &Self) -> bool {
+            matches!((kept, self), (Ranked::Minor(_), Ranked::Major(_)))
+        }
+    }
+
+    #[test]
+    fn every_page_is_in_when_the_message_after_them_is_returned() {
+        let mut stream = pages(200);
+        stream.extend(frame(&Message::ZeroPages {
+            gpa: 1 << 30,
+            count: 7,
+        }));
+        stream.extend(frame(&Message::Sync));
+        stream.extend(pages(3));
+        let installed = Mutex::new(HashMap::new());
+        let threads = Mutex::new(std::collections::HashSet::new());
+        let install = |message: &Message| -> anyhow::Result<()> {
+            // Installs take a while, so that the other thread reads meanwhile.
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            lock(&threads).insert(std::thread::current().id());
+            match message {
+                Message::Pages { gpa, data } => lock(&installed).insert(*gpa, data.clone()),
+                Message::ZeroPages { gpa, count } => {
+                    lock(&installed).insert(*gpa, vec![0; *count as usize])
+                }
+                _ => unreachable!(),
+            };
+            Ok(())
+        };
+        let mut reader = stream.as_slice();
+        let ended_by = take_pages_in_turns(&mut reader, "test", &install).unwrap();
+        assert_eq!(ended_by, Message::Sync);
+        let installed = installed.into_inner().unwrap();
+        assert_eq!(installed.len(), 201, "every run and the zero range");
+        for run in 0..200u64 {
+            let data = &installed[&(run * 4096)];
+            assert_eq!(data.len(), 4096 * (1 + run as usize % 3));
+            assert!(data.iter().all(|&b| b == run as u8), "run {run}");
+        }
+        assert_eq!(installed[&(1 << 30)].len(), 7);
+        assert_eq!(
+            threads.into_inner().unwrap().len(),
+            2,
+            "both threads installed"
+        );
+        // Nothing after the message was read.
+        assert_eq!(reader, &pages(3)[..]);
+    }
+
+    #[test]
+    fn a_failed_install_ends_both_turns_with_its_failure() {
+        let mut stream = pages(100);
+        stream.extend(frame(&Message::Done));
+        let install = |message: &Message| match message {
+            Message::Pages { gpa, .. } if *gpa == 30 * 4096 => Err(Ranked::Minor("install")),
+            _ => Ok(()),
+        };
+        let result = take_pages_in_turns(&mut stream.as_slice(), "test", &install);
+        assert_eq!(result, Err(Ranked::Minor("install")));
+    }
+
+    #[test]
+    fn a_failure_that_outranks_the_first_is_kept_and_a_panic_is_one() {
+        // A cut stream is a minor failure; a panic in the other thread's install, later, is
+        // kept over it.
+        let cut = || {
+            let mut stream = pages(2);
+            stream.truncate(stream.len() - 10);
+            stream
+        };
+        let slow_panic = |message: &Message| match message {
+            Message::Pages { gpa: 0, .. } => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                panic!("an install went wrong")
+            }
+            _ => Ok(()),
+        };
+        let result = take_pages_in_turns(&mut cut().as_slice(), "test", &slow_panic);
+        assert_eq!(result, Err(Ranked::Major("panicked")));
+        // Of two equal ones, the first is kept.
+        let slow_failure = |message: &Message| match message {
+            Message::Pages { gpa: 0, .. } => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                Err(Ranked::Minor("install"))
+            }
+            _ => Ok(()),
+        };
+        let result = take_pages_in_turns(&mut cut().as_slice(), "test", &slow_failure);
+        assert_eq!(result, Err(Ranked::Minor("read")));
+    }
+}
