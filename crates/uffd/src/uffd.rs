@@ -274,7 +274,8 @@ impl Uffd {
     /// blocks the toucher until this userfaultfd answers, and the install ioctls can change the
     /// range's contents. The range must be memory the caller manages as raw pages (guest RAM,
     /// a test mapping), never memory that Rust code owns as an ordinary object (a `Vec`, a
-    /// stack), and someone must serve its faults for as long as it is registered.
+    /// stack), and someone must serve its faults for as long as it is registered (unless the
+    /// userfaultfd has UFFD_FEATURE_SIGBUS: a touch then fails instead of waiting).
     pub unsafe fn register(
         &self,
         start: u64,

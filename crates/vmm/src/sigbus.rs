@@ -8,7 +8,9 @@
 //! address. (On instruction-emulating hosts the same access comes back as an MMIO exit inside
 //! RAM instead; see `vcpu.rs`.)
 //!
-//! A SIGBUS that is not KVM's report during KVM_RUN is a real crash of the VMM's own code:
+//! A SIGBUS that is not KVM's report during KVM_RUN is a real crash of the VMM's own code
+//! (a memory error, a file mapping that shrank, or a touch of guest RAM that a userfaultfd
+//! registered with UFFD_FEATURE_SIGBUS does not have yet, as during a migration's first pass):
 //! it is reported on stderr and the process exits with status 1 rather than by the signal.
 
 use std::cell::Cell;
@@ -70,7 +72,7 @@ extern "C" fn handler(
         POISONED.with(|cell| cell.set(address.max(1)));
         return;
     }
-    let message = b"faultline: fatal: SIGBUS outside guest execution (a memory error, or a file mapping that shrank); exiting\n";
+    let message = b"faultline: fatal: SIGBUS outside guest execution (a memory error, a file mapping that shrank, or a page a userfaultfd does not have yet); exiting\n";
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is a static string.
     unsafe {
         libc::write(2, message.as_ptr().cast(), message.len());

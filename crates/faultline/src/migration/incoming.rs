@@ -10,12 +10,13 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 
 use migrate::VmIdentity;
 use serde_json::json;
 
 use super::channel::{Channel, Tls};
+use super::lock;
 
 /// Where the migration stands on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +109,6 @@ pub struct Incoming {
     pub(super) bytes: AtomicU64,
     /// Page requests' answer times, in µs.
     latencies: Mutex<Vec<u64>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Incoming {

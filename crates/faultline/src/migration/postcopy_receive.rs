@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -22,6 +22,7 @@ use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 use super::channel::{read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Offer, Phase};
+use super::lock;
 use super::turns::{take_pages_in_turns, Failure};
 use super::{layout_of, READ_BUFFER};
 
@@ -31,10 +32,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination waits for the page-request connection, and, at the end, for every
 /// page to be in.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Accepts one connection on `listener`, until `deadline` (if any) or until `give_up` says so.
 fn accept_until(
@@ -387,7 +384,7 @@ enum Stop {
 }
 
 impl Failure for Stop {
-    fn read(error: ProtocolError) -> Self {
+    fn from_read(error: ProtocolError) -> Self {
         if error.is_connection_loss() {
             Stop::Broken(anyhow::Error::from(error).context("the page stream broke"))
         } else {
@@ -597,7 +594,7 @@ fn take_all(
 ) -> Result<(), Stop> {
     // Two threads take turns at the stream, each installing what it read (`turns`).
     let layout = layout_of(ram);
-    let install = |message: &Message| -> Result<(), Stop> {
+    let install_message = |message: &Message| -> Result<(), Stop> {
         message.check(&layout).map_err(|e| Stop::Fatal(e.into()))?;
         match message {
             Message::Pages { gpa, data } => {
@@ -617,7 +614,7 @@ fn take_all(
         }
         Ok(())
     };
-    match take_pages_in_turns(reader, "postcopy-install", &install)? {
+    match take_pages_in_turns(reader, "postcopy-install", &install_message)? {
         Message::Done => {}
         Message::Abort(reason) => {
             return Err(Stop::Fatal(anyhow::anyhow!("the source gave up: {reason}")))
@@ -715,4 +712,35 @@ fn install(
         .install_pages(index, first, data)
         .context("cannot install streamed pages")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(stop: &Stop) -> &'static str {
+        match stop {
+            Stop::Broken(_) => "broken",
+            Stop::Fatal(_) => "fatal",
+        }
+    }
+
+    #[test]
+    fn a_lost_connection_is_a_break_and_a_fatal_failure_outranks_one() {
+        let broken = Stop::from_read(ProtocolError::PeerClosed);
+        let fatal = Stop::from_read(ProtocolError::Checksum { kind: "pages" });
+        assert_eq!((kind(&broken), kind(&fatal)), ("broken", "fatal"));
+        assert_eq!(
+            kind(&Stop::panicked()),
+            "fatal",
+            "a panic cannot be recovered"
+        );
+        assert!(fatal.outranks(&broken));
+        assert!(!broken.outranks(&fatal));
+        assert!(
+            !fatal.outranks(&Stop::panicked()),
+            "of two fatal ones, the first"
+        );
+        assert!(!broken.outranks(&Stop::from_read(ProtocolError::PeerClosed)));
+    }
 }
