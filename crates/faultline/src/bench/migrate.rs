@@ -235,16 +235,21 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
 }
 
 /// Milliseconds to put `mem` bytes of pages into fresh guest RAM through UFFDIO_COPY, in
-/// runs of 1 MiB on this thread: the kernel's share of a post-copy destination's work
+/// runs of 1 MiB on [`FLOOR_THREADS`] threads: the kernel's share of a destination's work
 /// (allocating each page of the memfd, copying into it, mapping it), with nothing else.
 fn install_floor_ms(mem: u64) -> anyhow::Result<f64> {
     let ram = vmm::GuestRam::new(mem).context("cannot make guest RAM to install into")?;
     Ok(fill_by_copy(&ram)?.as_secs_f64() * 1e3)
 }
 
+/// The threads the floor installs on: as many as take turns at a destination's stream
+/// (`migration::turns`), each taking every other run.
+const FLOOR_THREADS: usize = 2;
+
 /// Fills every page of `ram` (fresh, nothing touched yet) with [`FILL`] by UFFDIO_COPY in
-/// runs of 1 MiB: how long the copies took.
+/// runs of 1 MiB, on [`FLOOR_THREADS`] threads: how long the copies took.
 fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
+    const RUN: u64 = 1 << 20;
     let uffd = uffd::Uffd::open(uffd::Features::MISSING_SHMEM)
         .context("cannot open a userfaultfd to install with")?;
     for region in ram.regions() {
@@ -258,26 +263,47 @@ fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
             )
         }?;
     }
-    let run = vec![FILL; 1 << 20];
-    let started = Instant::now();
-    for region in ram.regions() {
-        for offset in (0..region.size()).step_by(run.len()) {
-            let len = (region.size() - offset).min(run.len() as u64) as usize;
+    // Every run, as (host address, length).
+    let runs: Vec<(u64, usize)> = ram
+        .regions()
+        .iter()
+        .flat_map(|region| {
+            (0..region.size()).step_by(RUN as usize).map(|offset| {
+                let len = (region.size() - offset).min(RUN) as usize;
+                (region.host_addr() as u64 + offset, len)
+            })
+        })
+        .collect();
+    let fill = |first: usize| -> anyhow::Result<()> {
+        let run = vec![FILL; RUN as usize];
+        for &(dst, len) in runs.iter().skip(first).step_by(FLOOR_THREADS) {
             let mut at = 0;
             while at < len {
-                let dst = region.host_addr() as u64 + offset + at as u64;
+                let to = dst + at as u64;
                 // SAFETY: a registered range of this RAM, its pages still missing.
-                match unsafe { uffd.copy(dst, &run[at..len], uffd::CopyMode::default()) }? {
+                match unsafe { uffd.copy(to, &run[at..len], uffd::CopyMode::default()) }? {
                     uffd::Outcome::Done => at = len,
                     // Stopped part way: the rest again.
                     uffd::Outcome::Again { done } => at += done as usize,
                     uffd::Outcome::Exists { .. } => {
-                        bail!("a page of fresh RAM at {dst:#x} was there already")
+                        bail!("a page of fresh RAM at {to:#x} was there already")
                     }
                 }
             }
         }
-    }
+        Ok(())
+    };
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..FLOOR_THREADS)
+            .map(|first| scope.spawn(move || fill(first)))
+            .collect();
+        threads.into_iter().try_for_each(|thread| {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("an install floor thread panicked"))?
+        })
+    })?;
     Ok(started.elapsed())
 }
 
