@@ -7,8 +7,9 @@ use crate::message::Message;
 /// The first four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"FLMG";
 /// The protocol version this build speaks (and the only one it accepts): 2 added the sync
-/// message, 3 carries the state as snapshot state format 3 (postcard, not JSON).
-pub const VERSION: u16 = 3;
+/// message, 3 carries the state as snapshot state format 3 (postcard, not JSON), 4 has a
+/// hybrid's source send the pages written since its first stale list before it pauses.
+pub const VERSION: u16 = 4;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -401,11 +402,11 @@ mod tests {
             .to_string()
             .contains("not a faultline migration stream"));
         let mut bad = good.clone();
-        // A version 2 peer (its state was JSON): refused at its first frame, not at the state.
-        bad[4..6].copy_from_slice(&2u16.to_le_bytes());
+        // An older peer: refused at its first frame, not somewhere in the migration.
+        bad[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 2; this faultline speaks 3"
+            "the peer speaks migration protocol version 3; this faultline speaks 4"
         );
         let mut bad = good.clone();
         bad[6] = 200;

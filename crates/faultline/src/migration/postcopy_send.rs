@@ -86,6 +86,15 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         .context("cannot send the switch-over")?;
     let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
         .context("cannot open the page-request connection")?;
+    // A hybrid: the pages written since that list (while the destination got ready, some
+    // tens of milliseconds) go too, and are dropped there while the VM still runs here, so
+    // that the downtime drops only those of the next moment.
+    let mut stale = stale;
+    if let Some(stale) = &mut stale {
+        let since = super::send::take(handle, taken)?;
+        stale.merge(&since);
+        written_since(&mut writer, &mut reader, &since)?;
+    }
     let paused_at = Instant::now();
     super::send::pause_for_switch(handle, paused_here)?;
     let to_come = match stale {
@@ -165,6 +174,33 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     paused.downtime = paused_at.elapsed();
     let completed = complete(options, (writer, reader), server, &mut paused);
     finished(completed, paused)
+}
+
+/// Sends the pages written since the first stale list, and waits until the destination has
+/// dropped them (it answers with a sync).
+fn written_since(
+    writer: &mut BufWriter<Channel>,
+    reader: &mut BufReader<Channel>,
+    since: &DirtyPages,
+) -> anyhow::Result<()> {
+    write_message(
+        writer,
+        &Message::Stale {
+            pages: since.pages(),
+            bitmap: since.words().to_vec(),
+        },
+    )?;
+    writer.flush()?;
+    match read_within(reader, REPLY_TIMEOUT)
+        .context("the destination did not take the pages written since the switch-over")?
+    {
+        Message::Sync => Ok(()),
+        Message::Abort(reason) => bail!("the destination gave up the migration: {reason}"),
+        other => bail!(
+            "the destination answered the pages written since with {}",
+            other.name()
+        ),
+    }
 }
 
 /// Resumes a post-copy that `paused`: reconnects to the destination (whose `recover` listens

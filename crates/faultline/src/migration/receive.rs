@@ -479,25 +479,34 @@ fn post_copy(
         vm.control(),
     )?;
     accept_requests(listener, tls, ours, &source)?;
-    let state = match read_message(reader).context("no state after the switch-over")? {
+    // A hybrid's source sends the pages written since the first list before it pauses: they
+    // are dropped now, outside the downtime (1600 pages took a millisecond).
+    let mut dropped_early = early;
+    let mut message = read_message(reader).context("no state after the switch-over")?;
+    if let Message::Stale { .. } = message {
+        message.check(&ours.layout)?;
+        let Message::Stale { pages, bitmap } = message else {
+            unreachable!("matched above")
+        };
+        let since = DirtyPages::from_words(pages, bitmap)
+            .context("a list of pages written since of the wrong size")?;
+        release(&ram, &pager.handle(), &since)?;
+        dropped_early.merge(&since);
+        write_message(writer, &Message::Sync)?;
+        writer.flush()?;
+        message = read_message(reader).context("no state after the switch-over")?;
+    }
+    let state = match message {
         Message::State(bytes) => decode_state(&bytes)?,
         other => bail!("the source sent {} where the state belongs", other.name()),
     };
     let to_come = read_stale(reader, ours).context("no list of the pages to come")?;
-    // Pages to come must be missing, so that a touch asks for them (those punched early
+    // Pages to come must be missing, so that a touch asks for them (those dropped early
     // are; with no rounds nothing was ever written).
     if report.normal_pages > 0 {
-        let handle = pager.handle();
         let mut dropped = to_come.clone();
-        dropped.remove(&early);
-        for (gpa, count) in page_runs(&ram, &dropped, u64::MAX) {
-            let (index, first) = ram
-                .region_page(gpa, count * PAGE_SIZE)
-                .context("pages outside RAM")?;
-            handle
-                .release(index, first, count as usize)
-                .context("cannot drop the pages still to come")?;
-        }
+        dropped.remove(&dropped_early);
+        release(&ram, &pager.handle(), &dropped)?;
     }
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Zero pages the rounds sent and that stay zero are holes too: mark them zero now, so that
@@ -536,6 +545,20 @@ fn post_copy(
         incoming,
         stream: Some(stream),
     })
+}
+
+/// Drops `pages` from guest RAM through the pager: they are missing from now on, and a touch
+/// asks the source for them.
+fn release(ram: &GuestRam, pager: &pager::PagerHandle, pages: &DirtyPages) -> anyhow::Result<()> {
+    for (gpa, count) in page_runs(ram, pages, u64::MAX) {
+        let (index, first) = ram
+            .region_page(gpa, count * PAGE_SIZE)
+            .context("pages outside RAM")?;
+        pager
+            .release(index, first, count as usize)
+            .context("cannot drop the pages still to come")?;
+    }
+    Ok(())
 }
 
 /// A list of pages to come (a stale message), checked against the VM's layout.
