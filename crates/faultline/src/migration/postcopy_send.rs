@@ -90,10 +90,10 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // tens of milliseconds) go too, and are dropped there while the VM still runs here, so
     // that the downtime drops only those of the next moment.
     let mut stale = stale;
-    if let Some(stale) = &mut stale {
+    if let Some(to_come_again) = &mut stale {
         let since = super::send::take(handle, taken)?;
-        stale.merge(&since);
-        written_since(&mut writer, &mut reader, &since)?;
+        to_come_again.merge(&since);
+        send_written_since(&mut writer, &mut reader, &since)?;
     }
     let paused_at = Instant::now();
     super::send::pause_for_switch(handle, paused_here)?;
@@ -178,7 +178,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
 
 /// Sends the pages written since the first stale list, and waits until the destination has
 /// dropped them (it answers with a sync).
-fn written_since(
+fn send_written_since(
     writer: &mut BufWriter<Channel>,
     reader: &mut BufReader<Channel>,
     since: &DirtyPages,

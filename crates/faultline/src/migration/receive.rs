@@ -482,7 +482,8 @@ fn post_copy(
     // A hybrid's source sends the pages written since the first list before it pauses: they
     // are dropped now, outside the downtime (1600 pages took a millisecond).
     let mut dropped_early = early;
-    let mut message = read_message(reader).context("no state after the switch-over")?;
+    let mut message = read_message(reader)
+        .context("no state, nor the pages written since, after the switch-over")?;
     if let Message::Stale { .. } = message {
         message.check(&ours.layout)?;
         let Message::Stale { pages, bitmap } = message else {
@@ -490,7 +491,8 @@ fn post_copy(
         };
         let since = DirtyPages::from_words(pages, bitmap)
             .context("a list of pages written since of the wrong size")?;
-        release(&ram, &pager.handle(), &since)?;
+        release(&ram, &pager.handle(), &since)
+            .context("cannot drop the pages written since the switch-over")?;
         dropped_early.merge(&since);
         write_message(writer, &Message::Sync)?;
         writer.flush()?;
@@ -506,7 +508,7 @@ fn post_copy(
     if report.normal_pages > 0 {
         let mut dropped = to_come.clone();
         dropped.remove(&dropped_early);
-        release(&ram, &pager.handle(), &dropped)?;
+        release(&ram, &pager.handle(), &dropped).context("cannot drop the pages still to come")?;
     }
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Zero pages the rounds sent and that stay zero are holes too: mark them zero now, so that
@@ -514,7 +516,9 @@ fn post_copy(
     // (No zero pages came before the switch-over in a plain post-copy: nothing to look for.)
     if report.zero_pages > 0 {
         let mut known_zero = zeroed.clone();
+        // (`to_come` holds the pages dropped before the pause too; removed all the same.)
         known_zero.remove(&to_come);
+        known_zero.remove(&dropped_early);
         for (gpa, count) in page_runs(vm.ram(), &known_zero, u64::MAX) {
             mark_zeros(vm.ram(), &pager.handle(), gpa, count)?;
         }
@@ -556,7 +560,7 @@ fn release(ram: &GuestRam, pager: &pager::PagerHandle, pages: &DirtyPages) -> an
             .context("pages outside RAM")?;
         pager
             .release(index, first, count as usize)
-            .context("cannot drop the pages still to come")?;
+            .with_context(|| format!("cannot drop {count} pages at {gpa:#x}"))?;
     }
     Ok(())
 }
