@@ -419,22 +419,23 @@ fn a_pre_copy_that_does_not_converge_throttles_the_guest() {
     assert!(["round limit", "converged"].contains(&ended_by), "{report}");
 }
 
+/// A hybrid migration whose rounds cannot converge (no downtime allowed, few rounds): with a
+/// guest that keeps rewriting its pages, post-copy takes over.
+const HYBRID_GOING_POST_COPY: &[&str] = &[
+    "--mode",
+    "hybrid",
+    "--downtime-ms",
+    "0",
+    "--max-rounds",
+    "3",
+];
+
 #[test]
 fn a_hybrid_migration_whose_rounds_stop_shrinking_goes_post_copy() {
     require_kvm!();
     // The guest keeps rewriting its pages: a round soon stops being smaller than the one
     // before, so post-copy takes over (and brings the pages the rounds sent that changed).
-    let report = migrated_with(
-        BIG,
-        &[
-            "--mode",
-            "hybrid",
-            "--downtime-ms",
-            "0",
-            "--max-rounds",
-            "3",
-        ],
-    );
+    let report = migrated_with(BIG, HYBRID_GOING_POST_COPY);
     // Which of the two ends the rounds depends on the bandwidth against the guest's speed.
     let ended_by = report["ended_by"].as_str().unwrap();
     assert!(
@@ -541,14 +542,7 @@ fn a_hybrid_destination_that_stays_paused_gets_every_page_from_the_stream() {
     // The rounds end and post-copy takes over (the guest keeps rewriting its pages); the
     // pages written after the first stale list, dropped at the destination before the pause,
     // must come in the stream too: no fault would ask for them.
-    paused_destination_gets_every_page_from_the_stream(&[
-        "--mode",
-        "hybrid",
-        "--downtime-ms",
-        "0",
-        "--max-rounds",
-        "3",
-    ]);
+    paused_destination_gets_every_page_from_the_stream(HYBRID_GOING_POST_COPY);
 }
 
 /// Migrates a guest that rewrites its memory with `extra` (a post-copy, or a hybrid that
