@@ -562,23 +562,8 @@ fn paused_destination_gets_every_page_from_the_stream(extra: &[&str]) {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_ne!(report["mode"], "pre", "post-copy took over: {report}");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let migration = loop {
-        let status = faultline::api::http::call(
-            &dsock,
-            "GET",
-            "/migration",
-            None,
-            Some(Duration::from_secs(5)),
-        );
-        if let Ok((200, Some(migration))) = status {
-            if migration["status"] == "completed" || migration["status"] == "failed" {
-                break migration;
-            }
-        }
-        assert!(Instant::now() < deadline, "not over in 120 s");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let migration =
+        wait_for_migration_in(&dsock, &["completed", "failed"], Duration::from_secs(120));
     assert_eq!(migration["status"], "completed", "{migration}");
     // Putting the state in may touch a page or two (a vCPU's kvmclock page), no more.
     assert!(
@@ -1089,7 +1074,13 @@ fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {
 
 /// Polls `GET /migration` on `sock` until its status is `status`; the answer.
 fn wait_for_migration_status(sock: &Path, status: &str) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_for_migration_in(sock, &[status], Duration::from_secs(60))
+}
+
+/// Polls `GET /migration` on `sock` until its status is one of `statuses`, for at most
+/// `limit`; the answer.
+fn wait_for_migration_in(sock: &Path, statuses: &[&str], limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
     loop {
         // The API may not serve yet (a destination starts it once the VM is built).
         let answer = faultline::api::http::call(
@@ -1102,12 +1093,12 @@ fn wait_for_migration_status(sock: &Path, status: &str) -> serde_json::Value {
         .ok()
         .and_then(|(_, answer)| answer)
         .unwrap_or_default();
-        if answer["status"] == status {
+        if statuses.iter().any(|status| answer["status"] == *status) {
             return answer;
         }
         assert!(
             Instant::now() < deadline,
-            "the migration never became {status}: {answer}"
+            "the migration never became {statuses:?}: {answer}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
