@@ -12,7 +12,7 @@ use serde::Serialize;
 use snapshot::state::SnapshotState;
 use vmm::{DirtyPages, GuestRam, Vm, VmConfig, PAGE_SIZE};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use pager::{FailurePolicy, Pager, PagerConfig};
@@ -282,37 +282,33 @@ fn first_pass<R: std::io::Read + Send>(
     zeroed: &mut DirtyPages,
 ) -> anyhow::Result<Message> {
     // A post-copy has no first pass: its switch-over comes first, and goes on at once.
-    let mut spare = None;
-    let first =
-        read_message_reusing(reader, &mut spare).map_err(<anyhow::Error as Failure>::from_read)?;
+    let first = read_message(reader).map_err(<anyhow::Error as Failure>::from_read)?;
     if !matches!(first, Message::Pages { .. } | Message::ZeroPages { .. }) {
         return Ok(first);
     }
     let uffd = register_fresh_ram(ram)
         .inspect_err(|e| tracing::debug!("the first pass goes in by pwrite: {e:#}"))
         .ok();
-    let (normal, zero_pages, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let pass = Mutex::new(FirstPass {
         zeroed,
         seen: DirtyPages::new(layout.pages()),
+        normal_pages: 0,
+        zero_pages: 0,
+        bytes: 0,
     });
     let install = |message: &Message| -> anyhow::Result<()> {
         message.check(layout)?;
         match message {
             Message::Pages { gpa, data } => {
-                let count = data.len() as u64 / PAGE_SIZE;
-                lock(&pass).take(ram, *gpa, count, false)?;
+                lock(&pass).take_pages(ram, *gpa, data.len() as u64)?;
                 match &uffd {
                     Some(uffd) => copy_pages(uffd, ram, *gpa, data)?,
                     None => write_pages(ram, *gpa, data)?,
                 }
-                normal.fetch_add(count, Ordering::Relaxed);
-                bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Message::ZeroPages { gpa, count } => {
-                lock(&pass).take(ram, *gpa, *count, true)?;
+                lock(&pass).take_zeros(ram, *gpa, *count)?;
                 zero(ram, *gpa, *count)?;
-                zero_pages.fetch_add(*count, Ordering::Relaxed);
             }
             _ => unreachable!("only page messages are installed"),
         }
@@ -322,22 +318,43 @@ fn first_pass<R: std::io::Read + Send>(
         install(&first).and_then(|()| take_pages_in_turns(reader, "precopy-install", &install));
     // Closed, and its ranges with it, before anything may touch guest RAM.
     drop(uffd);
-    report.normal_pages += normal.into_inner();
-    report.zero_pages += zero_pages.into_inner();
-    report.bytes += bytes.into_inner();
+    let pass = pass.into_inner().unwrap_or_else(|e| e.into_inner());
+    report.normal_pages += pass.normal_pages;
+    report.zero_pages += pass.zero_pages;
+    report.bytes += pass.bytes;
     after
 }
 
-/// The pages a first pass brought so far.
+/// What a first pass brought so far.
 struct FirstPass<'a> {
-    /// Pages received as zero (see `take`).
+    /// Pages received as zero.
     zeroed: &'a mut DirtyPages,
     seen: DirtyPages,
+    normal_pages: u64,
+    zero_pages: u64,
+    bytes: u64,
 }
 
 impl FirstPass<'_> {
-    /// `count` pages from `gpa` came (as zero, or not), unless one of them came already.
-    fn take(&mut self, ram: &GuestRam, gpa: u64, count: u64, zero: bool) -> anyhow::Result<()> {
+    /// `len` bytes of pages from `gpa` came, unless one of them came already.
+    fn take_pages(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> anyhow::Result<()> {
+        self.first_time(ram, gpa, len / PAGE_SIZE)?;
+        self.normal_pages += len / PAGE_SIZE;
+        self.bytes += len;
+        Ok(())
+    }
+
+    /// `count` zero pages from `gpa` came, unless one of them came already.
+    fn take_zeros(&mut self, ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
+        let first = self.first_time(ram, gpa, count)?;
+        self.zeroed.mark_range(first, count);
+        self.zero_pages += count;
+        Ok(())
+    }
+
+    /// The index of the page at `gpa`, if none of the `count` from it came before (they have
+    /// now).
+    fn first_time(&mut self, ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<u64> {
         let first = ram.page_index(gpa).context("arriving pages outside RAM")?;
         if self
             .seen
@@ -347,8 +364,7 @@ impl FirstPass<'_> {
             bail!("the source sent a page of {count} at {gpa:#x} twice in its first pass");
         }
         self.seen.mark_range(first, count);
-        mark(ram, self.zeroed, gpa, count, zero);
-        Ok(())
+        Ok(first)
     }
 }
 
@@ -485,12 +501,7 @@ fn post_copy(
     let mut message = read_message(reader)
         .context("no state, nor the pages written since, after the switch-over")?;
     if let Message::Stale { .. } = message {
-        message.check(&ours.layout)?;
-        let Message::Stale { pages, bitmap } = message else {
-            unreachable!("matched above")
-        };
-        let since = DirtyPages::from_words(pages, bitmap)
-            .context("a list of pages written since of the wrong size")?;
+        let since = stale_pages(message, ours).context("a list of pages written since")?;
         release(&ram, &pager.handle(), &since)
             .context("cannot drop the pages written since the switch-over")?;
         dropped_early.merge(&since);
@@ -571,18 +582,24 @@ fn read_stale(
     ours: &migrate::VmIdentity,
 ) -> anyhow::Result<DirtyPages> {
     match read_message(reader)? {
-        message @ Message::Stale { .. } => {
-            message.check(&ours.layout)?;
-            let Message::Stale { pages, bitmap } = message else {
-                unreachable!("matched above")
-            };
-            Ok(DirtyPages::from_words(pages, bitmap).context("a stale list of the wrong size")?)
-        }
+        message @ Message::Stale { .. } => stale_pages(message, ours),
         other => bail!(
             "the source sent {} where the stale pages belong",
             other.name()
         ),
     }
+}
+
+/// The pages of a `Stale` message, checked against the VM's layout.
+fn stale_pages(message: Message, ours: &migrate::VmIdentity) -> anyhow::Result<DirtyPages> {
+    message.check(&ours.layout)?;
+    let Message::Stale { pages, bitmap } = message else {
+        bail!(
+            "the source sent {} where stale pages belong",
+            message.name()
+        )
+    };
+    DirtyPages::from_words(pages, bitmap).context("a stale list of the wrong size")
 }
 
 /// Makes `count` pages from `gpa` zero (a page sent in an earlier round may hold data): the
