@@ -103,7 +103,8 @@ pub struct Report {
     pub cases: Vec<Case>,
     /// What the destination's kernel alone needs for a data post-copy, measured before each
     /// of faultline's runs of it: RAM's worth of pages put into fresh guest RAM by
-    /// UFFDIO_COPY in 1 MiB runs, on one thread, no network, no guest (ms, each run).
+    /// UFFDIO_COPY in 1 MiB runs, on two threads as a destination installs, no network, no
+    /// guest (ms, each run).
     pub install_floor_runs: Vec<f64>,
     /// Their median, and its ratio to QEMU's median data post-copy total: a faultline total
     /// can be no lower (the destination's installing is on its path).
@@ -247,49 +248,27 @@ fn install_floor_ms(mem: u64) -> anyhow::Result<f64> {
 const FLOOR_THREADS: usize = 2;
 
 /// Fills every page of `ram` (fresh, nothing touched yet) with [`FILL`] by UFFDIO_COPY in
-/// runs of 1 MiB, on [`FLOOR_THREADS`] threads: how long the copies took.
+/// runs of 1 MiB, on [`FLOOR_THREADS`] threads, through the destination's own first-pass
+/// install (`migration::receive::copy_pages`): how long the copies took.
 fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
     const RUN: u64 = 1 << 20;
-    let uffd = uffd::Uffd::open(uffd::Features::MISSING_SHMEM)
+    let uffd = crate::migration::receive::register_fresh_ram(ram)
         .context("cannot open a userfaultfd to install with")?;
-    for region in ram.regions() {
-        // SAFETY: the RAM was made here for this measure: raw pages no Rust object refers to,
-        // that nothing touches while registered (every page is filled by COPY below).
-        unsafe {
-            uffd.register(
-                region.host_addr() as u64,
-                region.size(),
-                uffd::RegisterMode::MISSING,
-            )
-        }?;
-    }
-    // Every run, as (host address, length).
+    // Every run, as (guest address, length).
     let runs: Vec<(u64, usize)> = ram
         .regions()
         .iter()
         .flat_map(|region| {
             (0..region.size()).step_by(RUN as usize).map(|offset| {
                 let len = (region.size() - offset).min(RUN) as usize;
-                (region.host_addr() as u64 + offset, len)
+                (region.gpa() + offset, len)
             })
         })
         .collect();
     let fill = |first: usize| -> anyhow::Result<()> {
         let run = vec![FILL; RUN as usize];
-        for &(dst, len) in runs.iter().skip(first).step_by(FLOOR_THREADS) {
-            let mut at = 0;
-            while at < len {
-                let to = dst + at as u64;
-                // SAFETY: a registered range of this RAM, its pages still missing.
-                match unsafe { uffd.copy(to, &run[at..len], uffd::CopyMode::default()) }? {
-                    uffd::Outcome::Done => at = len,
-                    // Stopped part way: the rest again.
-                    uffd::Outcome::Again { done } => at += done as usize,
-                    uffd::Outcome::Exists { .. } => {
-                        bail!("a page of fresh RAM at {to:#x} was there already")
-                    }
-                }
-            }
+        for &(gpa, len) in runs.iter().skip(first).step_by(FLOOR_THREADS) {
+            crate::migration::receive::copy_pages(&uffd, ram, gpa, &run[..len])?;
         }
         Ok(())
     };

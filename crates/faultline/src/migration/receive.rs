@@ -370,7 +370,7 @@ impl FirstPass<'_> {
 
 /// A userfaultfd with every region of (fresh) guest RAM registered for missing pages, on
 /// which a touch fails instead of waiting: for [`copy_pages`], while nothing else touches RAM.
-fn register_fresh_ram(ram: &GuestRam) -> anyhow::Result<uffd::Uffd> {
+pub(crate) fn register_fresh_ram(ram: &GuestRam) -> anyhow::Result<uffd::Uffd> {
     let uffd = uffd::Uffd::open(uffd::Features::MISSING_SHMEM | uffd::Features::SIGBUS)?;
     for region in ram.regions() {
         // SAFETY: guest RAM is memory this VMM manages as raw pages (the `GuestRam` mappings,
@@ -394,7 +394,12 @@ fn register_fresh_ram(ram: &GuestRam) -> anyhow::Result<uffd::Uffd> {
 /// Puts arriving pages into guest RAM registered with `uffd` ([`register_fresh_ram`]): missing
 /// pages by UFFDIO_COPY, and from a page that is there already on, with `pwrite` (none is in a
 /// first pass, but a partial copy must end somewhere right).
-fn copy_pages(uffd: &uffd::Uffd, ram: &GuestRam, gpa: u64, data: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn copy_pages(
+    uffd: &uffd::Uffd,
+    ram: &GuestRam,
+    gpa: u64,
+    data: &[u8],
+) -> anyhow::Result<()> {
     let host = ram
         .host_range(gpa, data.len() as u64)
         .context("arriving pages outside RAM")? as u64;
