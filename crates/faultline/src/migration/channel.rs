@@ -15,6 +15,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
+
+use super::lock;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -70,7 +72,7 @@ impl Channel {
     pub fn failure(&self) -> Option<String> {
         match self {
             Channel::Tcp(_) => None,
-            Channel::Tls(_, failure) => failure.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            Channel::Tls(_, failure) => lock(failure).clone(),
         }
     }
 
@@ -276,7 +278,7 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
             let mut local = theirs;
             if let Err(e) = carry(tcp, conn, &mut local) {
                 tracing::debug!("migration TLS session ended: {e}");
-                *record.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                *lock(&record) = Some(e.to_string());
             }
         })?;
     Ok(Channel::Tls(ours, failure))

@@ -21,11 +21,11 @@ use snapshot::state::GuestInfo;
 use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 
 use super::channel::{read_within, Channel, REPLY_TIMEOUT};
-use super::layout_of;
 use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
+use super::{layout_of, lock};
 
 /// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
 /// pre-copy rounds).
@@ -350,11 +350,7 @@ fn complete(
     } = server;
     let handle = &handle;
     if let Some(progress) = &paused.sent.progress {
-        let left = shared
-            .unsent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .count();
+        let left = lock(&shared.unsent).count();
         progress.phase("post-copy", left);
     }
     let main_channel = reader.get_ref().try_clone()?;
@@ -429,7 +425,7 @@ fn stream_pages<W: Write>(
             next = hint;
         }
         let run = {
-            let mut unsent = shared.unsent.lock().unwrap_or_else(|e| e.into_inner());
+            let mut unsent = lock(&shared.unsent);
             let Some(first) = unsent.first_from(next).or_else(|| unsent.first_from(0)) else {
                 break;
             };
@@ -486,11 +482,7 @@ fn serve_requests(
             progress.sent(u64::from(count), bytes);
         }
         if let Some(first) = ram.page_index(gpa) {
-            shared
-                .unsent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .unmark_range(first, u64::from(count));
+            lock(&shared.unsent).unmark_range(first, u64::from(count));
             shared
                 .hint
                 .store(first + u64::from(count), Ordering::Release);

@@ -6,6 +6,8 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
+use super::lock;
+
 /// Counters of a migration in progress.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -21,7 +23,7 @@ pub struct Progress {
 impl Progress {
     /// A new phase ("pre-copy", "switch-over", "post-copy") with `remaining` pages to send.
     pub fn phase(&self, phase: &'static str, remaining: u64) {
-        *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        *lock(&self.phase) = phase;
         self.remaining.store(remaining, Ordering::Relaxed);
     }
 
@@ -49,7 +51,7 @@ impl Progress {
     /// The counters as JSON.
     pub fn json(&self) -> serde_json::Value {
         json!({
-            "phase": *self.phase.lock().unwrap_or_else(|e| e.into_inner()),
+            "phase": *lock(&self.phase),
             "round": self.round.load(Ordering::Relaxed),
             "bytes": self.bytes.load(Ordering::Relaxed),
             "pages_sent": self.pages.load(Ordering::Relaxed),
