@@ -59,6 +59,16 @@ impl ProtocolError {
             ProtocolError::PeerClosed | ProtocolError::Io(_) | ProtocolError::Truncated { .. }
         )
     }
+
+    /// Whether a read with a timeout (`SO_RCVTIMEO`) ran out of time before a whole message
+    /// came: a silent peer, as opposed to a broken or a wrong one.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::Io(e)
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+        )
+    }
 }
 
 /// The header's length field for a `kind` payload of `len` bytes, if it may be sent.
@@ -390,6 +400,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_a_read_that_ran_out_of_time_is_a_timeout() {
+        for kind in [io::ErrorKind::WouldBlock, io::ErrorKind::TimedOut] {
+            assert!(ProtocolError::Io(io::Error::from(kind)).is_timeout());
+        }
+        assert!(!ProtocolError::Io(io::Error::from(io::ErrorKind::ConnectionReset)).is_timeout());
+        assert!(!ProtocolError::PeerClosed.is_timeout());
+        assert!(!ProtocolError::Checksum { kind: "pages" }.is_timeout());
     }
 
     #[test]

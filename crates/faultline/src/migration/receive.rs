@@ -132,12 +132,7 @@ fn take(
     let theirs = match read_within(reader, REPLY_TIMEOUT) {
         Ok(Message::Hello(identity)) => identity,
         Ok(other) => bail!("the source began with {}, not a hello", other.name()),
-        Err(migrate::ProtocolError::Io(e))
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
+        Err(e) if e.is_timeout() => {
             bail!(
                 "no hello from the source within {} s",
                 REPLY_TIMEOUT.as_secs()
