@@ -762,19 +762,31 @@ fn a_failed_migration_leaves_the_source_running_with(
     let sock = tmp.join("src.sock");
     // Every page written: the first pass is 128 pages of data, whatever the timing.
     let source = spawn_mix_written(&sock, SMALL);
-    let out = migrate_send_with(&sock, to, extra);
+    a_failed_migration_of_leaves_it_running(&sock, source, to, extra, says);
+}
+
+/// A migration of the small `mix` run `source` (serving the API on `sock`) to `to` fails
+/// with a message saying `says`, and the VM runs on and finishes with the right result.
+fn a_failed_migration_of_leaves_it_running(
+    sock: &Path,
+    source: Child,
+    to: &str,
+    extra: &[&str],
+    says: &str,
+) {
+    let out = migrate_send_with(sock, to, extra);
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(
         err.contains(says) && err.contains("the VM runs on here"),
         "{err}"
     );
-    let (status, info) = api(&sock, "GET", "/vm", None);
+    let (status, info) = api(sock, "GET", "/vm", None);
     assert_eq!((status, info["state"].as_str()), (200, Some("running")));
-    let (_, migration) = api(&sock, "GET", "/migration", None);
+    let (_, migration) = api(sock, "GET", "/migration", None);
     assert_eq!(migration["status"], "failed");
     // Let it finish: release the hold point.
-    set_hold(&sock, None);
+    set_hold(sock, None);
     finishes_right(source);
 }
 
@@ -911,6 +923,62 @@ fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() 
         &addr,
         &["--mode", "post"],
         "the destination could not take the VM: no memory for the VM",
+    );
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_the_source_running()
+{
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let tmp = TempDir::new("migrate-hybrid-refused");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, SMALL);
+    // Takes the first pass; before it answers the sync after it, tells the source to go
+    // post-copy; takes the switch-over, the first stale list and the page-request connection;
+    // then gives up at the second stale list (the pages written since the first), which
+    // comes while the VM still runs at the source.
+    let told = sock.clone();
+    let (addr, fake) = fake_peer_with_listener(move |stream, listener| {
+        let (mut reader, mut writer) = greeted(stream);
+        loop {
+            match read_message(&mut reader).unwrap() {
+                Message::Pages { .. } | Message::ZeroPages { .. } => {}
+                Message::Sync => break,
+                other => panic!("{} in the first pass", other.name()),
+            }
+        }
+        let (status, _) = api(&told, "PUT", "/migration/switchover", None);
+        assert_eq!(status, 204);
+        write_message(&mut writer, &Message::Sync).unwrap();
+        assert_eq!(
+            read_message(&mut reader).unwrap(),
+            Message::SwitchOver { post_copy: true }
+        );
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::Stale { .. }
+        ));
+        let _requests = greeted(listener.accept().unwrap().0);
+        assert!(matches!(
+            read_message(&mut reader).unwrap(),
+            Message::Stale { .. }
+        ));
+        write_message(
+            &mut writer,
+            &Message::Abort("cannot drop those pages".into()),
+        )
+        .unwrap();
+        // Held open until the source has read it.
+        let _ = reader.read(&mut [0u8; 1]);
+    });
+    a_failed_migration_of_leaves_it_running(
+        &sock,
+        source,
+        &addr,
+        &["--mode", "hybrid"],
+        "the destination gave up the migration: cannot drop those pages",
     );
     fake.join().unwrap();
 }
