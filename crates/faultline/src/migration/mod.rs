@@ -49,18 +49,33 @@ pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
 /// a time, not page by page.
 pub(crate) fn page_runs(ram: &GuestRam, pages: &DirtyPages, max: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
-    let mut first = 0;
-    for region in ram.regions() {
-        let end = first + region.size() / PAGE_SIZE;
-        let mut page = first;
-        while let Some(start) = pages.first_from(page).filter(|&p| p < end) {
-            let count = pages.run_length(start, end.min(start.saturating_add(max)));
-            runs.push((region.gpa() + (start - first) * PAGE_SIZE, count));
-            page = start + count;
-        }
-        first = end;
+    let mut page = 0;
+    while let Some(run) = run_from(ram, pages, page, max) {
+        runs.push((run.gpa, run.count));
+        page = run.first + run.count;
     }
     runs
+}
+
+/// A run of pages of RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageRun {
+    /// Its first page's index (regions back to back).
+    pub first: u64,
+    /// Its first page's guest physical address.
+    pub gpa: u64,
+    pub count: u64,
+}
+
+/// The first run of the pages of `pages` at or after the page of index `from`, within one
+/// region and at most `max` pages long.
+pub(crate) fn run_from(ram: &GuestRam, pages: &DirtyPages, from: u64, max: u64) -> Option<PageRun> {
+    let first = pages.first_from(from)?;
+    let gpa = ram.gpa_of_page(first)?;
+    let (_, region) = ram.region_at(gpa, PAGE_SIZE)?;
+    let region_end = first + (region.gpa() + region.size() - gpa) / PAGE_SIZE;
+    let count = pages.run_length(first, region_end.min(first.saturating_add(max)));
+    Some(PageRun { first, gpa, count })
 }
 
 /// The RAM layout of `ram`, as the protocol says it.

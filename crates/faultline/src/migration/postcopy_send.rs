@@ -25,7 +25,7 @@ use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
-use super::{layout_of, lock};
+use super::{layout_of, lock, run_from};
 
 /// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
 /// pre-copy rounds).
@@ -426,19 +426,16 @@ fn stream_pages<W: Write>(
         }
         let run = {
             let mut unsent = lock(&shared.unsent);
-            let Some(first) = unsent.first_from(next).or_else(|| unsent.first_from(0)) else {
+            let Some(run) = run_from(ram, &unsent, next, RUN_PAGES)
+                .or_else(|| run_from(ram, &unsent, 0, RUN_PAGES))
+            else {
                 break;
             };
-            let gpa = ram.gpa_of_page(first).context("a page past RAM")?;
-            let (_, region) = ram.region_at(gpa, PAGE_SIZE).context("a page past RAM")?;
-            // A run ends where its region does.
-            let region_end = first + (region.gpa() + region.size() - gpa) / PAGE_SIZE;
-            let count = unsent.run_length(first, region_end.min(first + RUN_PAGES));
-            unsent.unmark_range(first, count);
-            next = first + count;
-            (gpa, count)
+            unsent.unmark_range(run.first, run.count);
+            next = run.first + run.count;
+            run
         };
-        pages_of.send(writer, run.0, run.1, sent)?;
+        pages_of.send(writer, run.gpa, run.count, sent)?;
     }
     Ok(())
 }
