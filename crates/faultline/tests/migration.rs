@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::message_gate::MessageGate;
 use common::pki::make_pki;
 use common::{api, faultline, json_report, set_hold, spawn, text, wait_until_held, TempDir};
 use vmm::boot::layout::BOOT_AREA_END;
@@ -244,6 +245,81 @@ fn migrated_finishes_right(mix: Mix, mode: &str) -> serde_json::Value {
 /// Moves the guest with `migrate send` and `extra`; checks that it finishes right at the
 /// destination; returns the migration's report.
 fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
+    migrated_as(mix, extra, Rounds::Free)
+}
+
+/// How the guest runs while a test's migration runs. Except when free, the test holds the
+/// source's messages on their way to the destination until the guest has done what it must
+/// (it waits at a hold point otherwise), so the outcome does not depend on the speeds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rounds {
+    /// As fast as it goes: how the rounds end depends on its speed against theirs.
+    Free,
+    /// Exactly one whole pass at the end of each round: every round leaves every page of its
+    /// range, so the rounds neither converge nor shrink.
+    OnePassEach,
+    /// One whole pass at the end of the first pass (so that a hybrid's rounds do not shrink
+    /// and post-copy takes over), then as fast as it goes, up to its hold point.
+    OnePassThenFree,
+    /// A hybrid told to go post-copy as its first pass begins (it cuts the pass after its
+    /// first part, while the guest waits), then one whole pass as the switch-over goes out:
+    /// the pages written after the first stale list are more than those on it.
+    ToldThenOnePassAtTheSwitch,
+}
+
+/// Starts the `mix` guest for a migration to `destination` that goes as `rounds` says: the
+/// source, and where to send it (`destination`, or a gate in front of it).
+fn source_for(sock: &Path, mix: Mix, rounds: Rounds, destination: &str) -> (Child, String) {
+    source_watched(sock, mix, rounds, destination, |_| {})
+}
+
+/// Like [`source_for`], `watch` seeing each of the source's messages (with a gate, also when
+/// `rounds` is free) before the guest acts on it.
+fn source_watched(
+    sock: &Path,
+    mix: Mix,
+    rounds: Rounds,
+    destination: &str,
+    mut watch: impl FnMut(&migrate::Message) + Send + 'static,
+) -> (Child, String) {
+    if rounds == Rounds::Free {
+        return (spawn_mix(sock, mix), destination.to_string());
+    }
+    // Held after two passes: every page of its range written, nothing written meanwhile.
+    let source = spawn_mix(sock, Mix { hold: 2, ..mix });
+    wait_until_held(sock, 2, mix.cpus);
+    let sock = sock.to_path_buf();
+    let (mut pass, mut syncs, mut told) = (2, 0, false);
+    let gate = MessageGate::start(destination, move |message| {
+        watch(message);
+        let mut one_pass = || {
+            pass += 1;
+            set_hold(&sock, Some(pass));
+            wait_until_held(&sock, pass, mix.cpus);
+        };
+        match (rounds, message) {
+            (Rounds::OnePassEach, migrate::Message::Sync) => one_pass(),
+            (Rounds::OnePassThenFree, migrate::Message::Sync) => {
+                syncs += 1;
+                if syncs == 1 {
+                    one_pass();
+                    set_hold(&sock, Some(mix.hold));
+                }
+            }
+            (Rounds::ToldThenOnePassAtTheSwitch, migrate::Message::Pages { .. }) if !told => {
+                told = true;
+                let (status, _) = api(&sock, "PUT", "/migration/switchover", None);
+                assert_eq!(status, 204);
+            }
+            (Rounds::ToldThenOnePassAtTheSwitch, migrate::Message::SwitchOver { .. }) => one_pass(),
+            _ => {}
+        }
+    });
+    (source, gate.addr)
+}
+
+/// Like [`migrated_with`], the guest running as `rounds` says.
+fn migrated_as(mix: Mix, extra: &[&str], rounds: Rounds) -> serde_json::Value {
     let name = extra.concat().replace('-', "");
     let tmp = TempDir::new(&format!("migrate-{name}-{}-{}", mix.cpus, mix.pages));
     let sock = tmp.join("src.sock");
@@ -254,8 +330,8 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
     };
     let destination = Destination::spawn(verify);
     let (destination, addr) = (destination.child, destination.addr);
-    let source = spawn_mix(&sock, mix);
-    let out = migrate_send_with(&sock, &addr, extra);
+    let (source, to) = source_for(&sock, mix, rounds, &addr);
+    let out = migrate_send_with(&sock, &to, extra);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
@@ -367,24 +443,26 @@ fn the_counter_guest_arrives_consistent_and_finishes_right_post_copy() {
 #[test]
 fn the_counter_guest_arrives_consistent_and_finishes_right_hybrid() {
     require_kvm!();
-    // The big guest: still counting all the time the rounds run.
+    // The big guest: counting still when post-copy takes over.
     let big = Mix {
         guest: "counter",
         ..BIG
     };
     for mix in [big, Mix { cpus: 2, ..big }] {
-        // No downtime allowed: the rounds never fit, so post-copy takes over.
-        let report = migrated_with(mix, &["--mode", "hybrid", "--downtime-ms", "0"]);
+        // It rewrites every page during the first pass: the rounds do not shrink, so
+        // post-copy takes over.
+        let report = migrated_as(mix, &["--mode", "hybrid"], Rounds::OnePassThenFree);
         assert_eq!(report["mode"], "hybrid", "{report}");
+        assert_eq!(report["ended_by"], "not shrinking", "{report}");
     }
 }
 
 #[test]
 fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
     require_kvm!();
-    // With no downtime allowed, what is left never fits (the guest writes pages all the time
-    // a round takes): the round limit ends the rounds and the rest goes in the pause.
-    let report = migrated_with(
+    // With no downtime allowed, what is left never fits (the guest rewrites every page in
+    // each round): the round limit ends the rounds and the rest goes in the pause.
+    let report = migrated_as(
         BIG,
         &[
             "--mode",
@@ -395,6 +473,7 @@ fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
             "3",
             "--no-throttle",
         ],
+        Rounds::OnePassEach,
     );
     assert_eq!(report["ended_by"], "round limit", "{report}");
     assert_eq!(report["dirty_rounds"], 3, "{report}");
@@ -404,13 +483,15 @@ fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
 #[test]
 fn a_pre_copy_that_does_not_converge_throttles_the_guest() {
     require_kvm!();
-    // With no downtime allowed nothing fits while the guest writes: from the second round
-    // on at the latest its vCPUs are throttled, 10% more each round at least (more when a
-    // round leaves more than half of what it sent), and it still finishes right at the
-    // destination.
-    let report = migrated_with(
+    // With no downtime allowed nothing fits while the guest writes: its vCPUs are
+    // throttled, 10% more each round at least (more when a round leaves more than half of
+    // what it sent), and it still finishes right at the destination.
+    // The guest rewrites every page during the first pass, so the first round does not
+    // shrink: it is throttled from then on.
+    let report = migrated_as(
         BIG,
         &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "6"],
+        Rounds::OnePassThenFree,
     );
     let throttled = report["throttle_percent"].as_u64().unwrap();
     assert!((60..=99).contains(&throttled), "{report}");
@@ -433,15 +514,11 @@ const HYBRID_GOING_POST_COPY: &[&str] = &[
 #[test]
 fn a_hybrid_migration_whose_rounds_stop_shrinking_goes_post_copy() {
     require_kvm!();
-    // The guest keeps rewriting its pages: a round soon stops being smaller than the one
-    // before, so post-copy takes over (and brings the pages the rounds sent that changed).
-    let report = migrated_with(BIG, HYBRID_GOING_POST_COPY);
-    // Which of the two ends the rounds depends on the bandwidth against the guest's speed.
-    let ended_by = report["ended_by"].as_str().unwrap();
-    assert!(
-        ["not shrinking", "round limit"].contains(&ended_by),
-        "{report}"
-    );
+    // The guest rewrites every page during the first pass: what is left is no smaller than
+    // what it sent, so post-copy takes over (and brings the pages the rounds sent that
+    // changed).
+    let report = migrated_as(BIG, HYBRID_GOING_POST_COPY, Rounds::OnePassThenFree);
+    assert_eq!(report["ended_by"], "not shrinking", "{report}");
     assert_eq!(report["mode"], "hybrid", "post-copy took over: {report}");
 }
 
@@ -464,12 +541,18 @@ fn a_hybrid_migration_of_a_guest_sweeping_its_memory_through_the_first_pass_arri
         ..BIG
     };
     let report = migrated_with(mix, &["--mode", "hybrid"]);
-    assert_eq!(report["mode"], "hybrid", "{report}");
     let ended_by = report["ended_by"].as_str().unwrap();
     assert!(
         ["outpaced", "not shrinking", "converged", "round limit"].contains(&ended_by),
         "{report}"
     );
+    // Converged, it finished in pre-copy; otherwise post-copy took over.
+    let mode = if ended_by == "converged" {
+        "pre"
+    } else {
+        "hybrid"
+    };
+    assert_eq!(report["mode"], mode, "{report}");
 }
 
 #[test]
@@ -533,21 +616,26 @@ fn post_copy_of_a_guest_whose_pages_mostly_arrive_by_the_stream() {
 #[test]
 fn a_post_copy_destination_that_stays_paused_gets_every_page_from_the_stream() {
     require_kvm!();
-    paused_destination_gets_every_page_from_the_stream(&["--mode", "post"]);
+    paused_destination_gets_every_page_from_the_stream(&["--mode", "post"], Rounds::Free);
 }
 
 #[test]
 fn a_hybrid_destination_that_stays_paused_gets_every_page_from_the_stream() {
     require_kvm!();
-    // The rounds end and post-copy takes over (the guest keeps rewriting its pages); the
-    // pages written after the first stale list, dropped at the destination before the pause,
-    // must come in the stream too: no fault would ask for them.
-    paused_destination_gets_every_page_from_the_stream(HYBRID_GOING_POST_COPY);
+    // Post-copy takes over part way through the first pass, and the guest then rewrites its
+    // pages as it switches: the pages written after the first stale list (most of them not
+    // on it), dropped at the destination before the pause, must come in the stream too: no
+    // fault would ask for them.
+    paused_destination_gets_every_page_from_the_stream(
+        &["--mode", "hybrid"],
+        Rounds::ToldThenOnePassAtTheSwitch,
+    );
 }
 
-/// Migrates a guest that rewrites its memory with `extra` (a post-copy, or a hybrid that
-/// goes post-copy) to a destination that does not run it until every page is in.
-fn paused_destination_gets_every_page_from_the_stream(extra: &[&str]) {
+/// Migrates a guest that rewrites its memory, running as `rounds` says, with `extra` (a
+/// post-copy, or a hybrid that goes post-copy) to a destination that does not run it until
+/// every page is in.
+fn paused_destination_gets_every_page_from_the_stream(extra: &[&str], rounds: Rounds) {
     // Nothing runs at the destination until the migration is over, so no fault asks for a
     // page: the stream alone must bring every one (a run it lost would never come).
     let tmp = TempDir::new(&format!(
@@ -557,11 +645,14 @@ fn paused_destination_gets_every_page_from_the_stream(extra: &[&str]) {
     let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
     let destination =
         Destination::spawn(&["--json", "--paused", "--api-sock", dsock.to_str().unwrap()]);
-    let source = spawn_mix(&sock, BIG);
-    let out = migrate_send_with(&sock, &destination.addr, extra);
+    let (source, to) = source_for(&sock, BIG, rounds, &destination.addr);
+    let out = migrate_send_with(&sock, &to, extra);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_ne!(report["mode"], "pre", "post-copy took over: {report}");
+    if rounds == Rounds::ToldThenOnePassAtTheSwitch {
+        assert_eq!(report["ended_by"], "told", "{report}");
+    }
     let migration =
         wait_for_migration_in(&dsock, &["completed", "failed"], Duration::from_secs(120));
     assert_eq!(migration["status"], "completed", "{migration}");
@@ -934,11 +1025,14 @@ fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_t
     use migrate::{read_message, write_message, Message};
     let tmp = TempDir::new("migrate-hybrid-refused");
     let sock = tmp.join("src.sock");
-    let source = spawn_mix_written(&sock, SMALL);
-    // Takes the first pass; before it answers the sync after it, tells the source to go
-    // post-copy; takes the switch-over, the first stale list and the page-request connection;
-    // then gives up at the second stale list (the pages written since the first), which
-    // comes while the VM still runs at the source.
+    // Held after two passes: every page written, and nothing more until it is let go.
+    let source = spawn_mix(&sock, Mix { hold: 2, ..SMALL });
+    wait_until_held(&sock, 2, 1);
+    // Takes the first pass; before it answers the sync after it, lets the guest rewrite its
+    // pages (so that the rounds cannot converge) and tells the source to go post-copy; takes
+    // the switch-over, the first stale list and the page-request connection; then gives up
+    // at the second stale list (the pages written since the first), which comes while the
+    // VM still runs at the source.
     let told = sock.clone();
     let (addr, fake) = fake_peer_with_listener(move |stream, listener| {
         let (mut reader, mut writer) = greeted(stream);
@@ -949,6 +1043,8 @@ fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_t
                 other => panic!("{} in the first pass", other.name()),
             }
         }
+        set_hold(&told, Some(3));
+        wait_until_held(&told, 3, 1);
         let (status, _) = api(&told, "PUT", "/migration/switchover", None);
         assert_eq!(status, 204);
         write_message(&mut writer, &Message::Sync).unwrap();
@@ -977,7 +1073,7 @@ fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_t
         &sock,
         source,
         &addr,
-        &["--mode", "hybrid"],
+        &["--mode", "hybrid", "--downtime-ms", "0"],
         "the destination gave up the migration: cannot drop those pages",
     );
     fake.join().unwrap();
@@ -1404,50 +1500,41 @@ fn get_migration_shows_the_rounds_as_they_go() {
     let tmp = TempDir::new("migrate-progress");
     let sock = tmp.join("src.sock");
     let (destination, addr) = spawn_destination();
-    let source = spawn_mix(&sock, BIG);
-    // What GET /migration says while the send runs (it never waits for the migration).
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let (sock, done) = (sock.clone(), std::sync::Arc::clone(&done));
-        std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            while !done.load(std::sync::atomic::Ordering::Acquire) {
-                let answer = faultline::api::http::call(
-                    &sock,
-                    "GET",
-                    "/migration",
-                    None,
-                    Some(Duration::from_secs(5)),
-                );
-                if let Ok((200, Some(status))) = answer {
-                    if status["status"] == "active" {
-                        seen.push(status["progress"].clone());
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
+    // What GET /migration says at the end of each round, while the source waits for the
+    // destination (it never waits for the migration). The guest rewrites every page during
+    // the first pass, so the first round does not shrink and the guest is throttled.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watch = {
+        let (sock, seen) = (sock.clone(), std::sync::Arc::clone(&seen));
+        move |message: &migrate::Message| {
+            if *message == migrate::Message::Sync {
+                let (_, status) = api(&sock, "GET", "/migration", None);
+                assert_eq!(status["status"], "active", "{status}");
+                seen.lock().unwrap().push(status["progress"].clone());
             }
-            seen
-        })
+        }
     };
+    let (source, to) = source_watched(&sock, BIG, Rounds::OnePassThenFree, &addr, watch);
     let out = migrate_send_with(
         &sock,
-        &addr,
+        &to,
         &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "4"],
     );
-    done.store(true, std::sync::atomic::Ordering::Release);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let seen = watcher.join().unwrap();
-    assert!(!seen.is_empty(), "GET /migration answered while it ran");
-    assert!(seen.iter().all(|p| p["phase"].is_string()), "{seen:?}");
-    // The rounds and the bytes only grow, and the later rounds throttle the guest.
+    let seen = seen.lock().unwrap().clone();
+    // The first pass, and at least the round after it (the first did not shrink).
+    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.iter().all(|p| p["phase"] == "pre-copy"), "{seen:?}");
+    // The rounds and the bytes only grow, and the rounds after the first throttle the guest.
     let rounds: Vec<u64> = seen.iter().map(|p| p["round"].as_u64().unwrap()).collect();
     let bytes: Vec<u64> = seen.iter().map(|p| p["bytes"].as_u64().unwrap()).collect();
-    assert!(rounds.windows(2).all(|w| w[0] <= w[1]), "{rounds:?}");
-    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
-    assert!(bytes.last().unwrap() > &0);
+    assert!(rounds.windows(2).all(|w| w[0] < w[1]), "{rounds:?}");
+    assert!(bytes.windows(2).all(|w| w[0] < w[1]), "{bytes:?}");
+    assert!(bytes[0] >= BIG.pages * 4096, "{bytes:?}");
     assert!(
-        seen.iter()
-            .any(|p| p["throttle_percent"].as_u64() > Some(0)),
+        seen[1..]
+            .iter()
+            .all(|p| p["throttle_percent"].as_u64() > Some(0)),
         "{seen:?}"
     );
     source.wait_with_output().unwrap();

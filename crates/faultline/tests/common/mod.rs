@@ -1,6 +1,7 @@
 //! Shared by the end-to-end tests: the KVM check and quiet micro-guest runs.
 #![allow(dead_code)]
 
+pub mod message_gate;
 pub mod pki;
 pub mod proxy;
 

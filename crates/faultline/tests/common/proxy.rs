@@ -98,6 +98,11 @@ impl Drop for CuttingProxy {
     }
 }
 
+/// Copies `from` to `to` until either ends.
+pub fn forward(from: TcpStream, to: TcpStream) {
+    pump(from, to, None);
+}
+
 /// Copies `from` to `to` until either ends; counting against the cut when `counted`.
 fn pump(mut from: TcpStream, mut to: TcpStream, counted: Option<&Shared>) {
     let mut buf = vec![0u8; 64 << 10];
