@@ -12,6 +12,7 @@
 //! requests during post-copy, recovery) is the migration engine's business.
 
 mod message;
+mod page_set;
 mod wire;
 
 pub use message::{Layout, Message, VmIdentity, MAX_REQUEST_PAGES, PAGE_SIZE};

@@ -1,5 +1,6 @@
 //! The messages and their payloads.
 
+use crate::page_set;
 use crate::wire::ProtocolError;
 
 /// Bytes of a guest page as the protocol counts them.
@@ -279,9 +280,7 @@ impl Message {
             }
             Message::Received { pages, bitmap } | Message::Stale { pages, bitmap } => {
                 put_u64(&mut out, *pages);
-                for word in bitmap {
-                    put_u64(&mut out, *word);
-                }
+                page_set::encode(&mut out, bitmap);
             }
             Message::Abort(reason) => out.extend_from_slice(reason.as_bytes()),
         }
@@ -347,14 +346,7 @@ impl Message {
             },
             8 | 11 => {
                 let pages = p.u64()?;
-                let words = pages.div_ceil(64);
-                if p.bytes.len() as u64 != words * 8 {
-                    return Err(malformed(format!(
-                        "a bitmap of {} bytes for {pages} pages",
-                        p.bytes.len()
-                    )));
-                }
-                let bitmap = (0..words).map(|_| p.u64()).collect::<Result<_, _>>()?;
+                let bitmap = page_set::decode(pages, p.rest()).map_err(malformed)?;
                 if kind == 8 {
                     Message::Received { pages, bitmap }
                 } else {
@@ -491,7 +483,7 @@ mod tests {
             ),
             (
                 8,
-                [130u64.to_le_bytes(), 0u64.to_le_bytes()].concat(),
+                [130u64.to_le_bytes().as_slice(), &[0], &0u64.to_le_bytes()].concat(),
                 "a bitmap of 8 bytes",
             ),
             (10, vec![0xff, 0xfe], "not UTF-8"),

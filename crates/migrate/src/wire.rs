@@ -8,8 +8,9 @@ use crate::message::Message;
 pub const MAGIC: [u8; 4] = *b"FLMG";
 /// The protocol version this build speaks (and the only one it accepts): 2 added the sync
 /// message, 3 carries the state as snapshot state format 3 (postcard, not JSON), 4 has a
-/// hybrid's source send the pages written since its first stale list before it pauses.
-pub const VERSION: u16 = 4;
+/// hybrid's source send the pages written since its first stale list before it pauses, 5
+/// sends page sets (stale, received) as runs when that is shorter than their bitmap.
+pub const VERSION: u16 = 5;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -285,6 +286,11 @@ mod tests {
                 pages: 70,
                 bitmap: vec![1, 1 << 5],
             },
+            // Every page of 1 GiB: as one run.
+            Message::Stale {
+                pages: 1 << 18,
+                bitmap: vec![u64::MAX; 4096],
+            },
             Message::Built,
             Message::Resume,
             Message::Sync,
@@ -426,7 +432,7 @@ mod tests {
         bad[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 3; this faultline speaks 4"
+            "the peer speaks migration protocol version 3; this faultline speaks 5"
         );
         let mut bad = good.clone();
         bad[6] = 200;
