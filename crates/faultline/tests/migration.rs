@@ -267,31 +267,62 @@ enum Rounds {
     ToldThenOnePassAtTheSwitch,
 }
 
-/// Starts the `mix` guest for a migration to `destination` that goes as `rounds` says: the
-/// source, and where to send it (`destination`, or a gate in front of it).
-fn source_for(sock: &Path, mix: Mix, rounds: Rounds, destination: &str) -> (Child, String) {
-    source_watched(sock, mix, rounds, destination, |_| {})
+/// A source started for a test's migration, and where to send it.
+struct Source {
+    child: Child,
+    /// The destination, or a gate in front of it.
+    to: String,
+    gate: Option<MessageGate>,
 }
 
-/// Like [`source_for`], `watch` seeing each of the source's messages (with a gate, also when
-/// `rounds` is free) before the guest acts on it.
+impl Source {
+    /// Fails the test with the gate's own failure, if its callback failed: that is what made
+    /// the migration fail, so it is looked at first.
+    fn check_gate(&self) {
+        if let Some(gate) = &self.gate {
+            gate.check();
+        }
+    }
+}
+
+/// Starts the `mix` guest for a migration to `destination` that goes as `rounds` says.
+fn source_for(sock: &Path, mix: Mix, rounds: Rounds, destination: &str) -> Source {
+    source_watched(sock, mix, rounds, destination, None)
+}
+
+/// Sees each of the source's messages on its way through a gate.
+type Watch = Box<dyn FnMut(&migrate::Message) + Send>;
+
+/// Like [`source_for`], `watch` (if any) seeing each of the source's messages on its main
+/// connection before the guest acts on it.
 fn source_watched(
     sock: &Path,
     mix: Mix,
     rounds: Rounds,
     destination: &str,
-    mut watch: impl FnMut(&migrate::Message) + Send + 'static,
-) -> (Child, String) {
-    if rounds == Rounds::Free {
-        return (spawn_mix(sock, mix), destination.to_string());
-    }
-    // Held after two passes: every page of its range written, nothing written meanwhile.
-    let source = spawn_mix(sock, Mix { hold: 2, ..mix });
-    wait_until_held(sock, 2, mix.cpus);
+    mut watch: Option<Watch>,
+) -> Source {
+    let child = if rounds == Rounds::Free {
+        if watch.is_none() {
+            return Source {
+                child: spawn_mix(sock, mix),
+                to: destination.to_string(),
+                gate: None,
+            };
+        }
+        spawn_mix(sock, mix)
+    } else {
+        // Held after two passes: every page of its range written, nothing written meanwhile.
+        let child = spawn_mix(sock, Mix { hold: 2, ..mix });
+        wait_until_held(sock, 2, mix.cpus);
+        child
+    };
     let sock = sock.to_path_buf();
-    let (mut pass, mut syncs, mut told) = (2, 0, false);
+    let (mut pass, mut syncs) = (2, 0);
     let gate = MessageGate::start(destination, move |message| {
-        watch(message);
+        if let Some(watch) = &mut watch {
+            watch(message);
+        }
         let mut one_pass = || {
             pass += 1;
             set_hold(&sock, Some(pass));
@@ -306,8 +337,9 @@ fn source_watched(
                     set_hold(&sock, Some(mix.hold));
                 }
             }
-            (Rounds::ToldThenOnePassAtTheSwitch, migrate::Message::Pages { .. }) if !told => {
-                told = true;
+            // Before any page has left: the first look at the pass, after its first part,
+            // sees it whatever the sockets buffer.
+            (Rounds::ToldThenOnePassAtTheSwitch, migrate::Message::Hello(_)) => {
                 let (status, _) = api(&sock, "PUT", "/migration/switchover", None);
                 assert_eq!(status, 204);
             }
@@ -315,7 +347,11 @@ fn source_watched(
             _ => {}
         }
     });
-    (source, gate.addr)
+    Source {
+        child,
+        to: gate.addr.clone(),
+        gate: Some(gate),
+    }
 }
 
 /// Like [`migrated_with`], the guest running as `rounds` says.
@@ -330,14 +366,15 @@ fn migrated_as(mix: Mix, extra: &[&str], rounds: Rounds) -> serde_json::Value {
     };
     let destination = Destination::spawn(verify);
     let (destination, addr) = (destination.child, destination.addr);
-    let (source, to) = source_for(&sock, mix, rounds, &addr);
-    let out = migrate_send_with(&sock, &to, extra);
+    let source = source_for(&sock, mix, rounds, &addr);
+    let out = migrate_send_with(&sock, &source.to, extra);
+    source.check_gate();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
     assert!(report["normal_pages"].as_u64().unwrap() > 0);
 
-    let source = source.wait_with_output().unwrap();
+    let source = source.child.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));
     assert!(text(&source.stderr).contains("migrated to another faultline"));
 
@@ -645,8 +682,9 @@ fn paused_destination_gets_every_page_from_the_stream(extra: &[&str], rounds: Ro
     let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
     let destination =
         Destination::spawn(&["--json", "--paused", "--api-sock", dsock.to_str().unwrap()]);
-    let (source, to) = source_for(&sock, BIG, rounds, &destination.addr);
-    let out = migrate_send_with(&sock, &to, extra);
+    let source = source_for(&sock, BIG, rounds, &destination.addr);
+    let out = migrate_send_with(&sock, &source.to, extra);
+    source.check_gate();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report = json_report(&text(&out.stdout));
     assert_ne!(report["mode"], "pre", "post-copy took over: {report}");
@@ -667,7 +705,7 @@ fn paused_destination_gets_every_page_from_the_stream(extra: &[&str], rounds: Ro
         assert!(streamed >= BIG.pages, "{migration}");
     }
     api(&dsock, "PUT", "/vm/resume", None);
-    let source = source.wait_with_output().unwrap();
+    let source = source.child.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));
     let stdout = check_arrived(destination.child, BIG);
     // Its last words are the post-copy's figures, as GET /migration gave them.
@@ -1514,12 +1552,19 @@ fn get_migration_shows_the_rounds_as_they_go() {
             }
         }
     };
-    let (source, to) = source_watched(&sock, BIG, Rounds::OnePassThenFree, &addr, watch);
+    let source = source_watched(
+        &sock,
+        BIG,
+        Rounds::OnePassThenFree,
+        &addr,
+        Some(Box::new(watch)),
+    );
     let out = migrate_send_with(
         &sock,
-        &to,
+        &source.to,
         &["--mode", "pre", "--downtime-ms", "0", "--max-rounds", "4"],
     );
+    source.check_gate();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let seen = seen.lock().unwrap().clone();
     // The first pass, and at least the round after it (the first did not shrink).
@@ -1537,7 +1582,7 @@ fn get_migration_shows_the_rounds_as_they_go() {
             .all(|p| p["throttle_percent"].as_u64() > Some(0)),
         "{seen:?}"
     );
-    source.wait_with_output().unwrap();
+    source.child.wait_with_output().unwrap();
     check_arrived(destination, BIG);
 }
 

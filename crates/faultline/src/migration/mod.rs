@@ -116,4 +116,26 @@ mod tests {
         );
         assert!(page_runs(&ram, &DirtyPages::new(total), 4).is_empty());
     }
+
+    #[test]
+    fn a_run_from_a_page_starts_there_and_ends_at_its_region() {
+        let ram = GuestRam::new(4 << 30).unwrap();
+        let total = ram.size() / PAGE_SIZE;
+        let low = ram.regions()[0].size() / PAGE_SIZE;
+        let high = ram.regions()[1].gpa();
+        let mut pages = DirtyPages::new(total);
+        pages.mark_range(3, 4);
+        pages.mark_range(low - 2, 5);
+        let run = |from, max| run_from(&ram, &pages, from, max);
+        // From inside a run: the rest of it, at most `max`.
+        let expect = |first: u64, gpa: u64, count| Some(PageRun { first, gpa, count });
+        assert_eq!(run(4, 100), expect(4, 4 * PAGE_SIZE, 3));
+        assert_eq!(run(4, 2), expect(4, 4 * PAGE_SIZE, 2));
+        // From before one: the next, cut at its region's end; the rest from the next region.
+        assert_eq!(run(7, 100), expect(low - 2, (low - 2) * PAGE_SIZE, 2));
+        assert_eq!(run(low, 100), expect(low, high, 3));
+        // Past the last page marked, and past RAM: none.
+        assert_eq!(run(low + 3, 100), None);
+        assert_eq!(run(total, 100), None);
+    }
 }
