@@ -120,6 +120,24 @@ fn idle_connections(sock: &Path, count: usize) -> Vec<UnixStream> {
         .collect()
 }
 
+/// Whether the server has answered on `stream` already (refused it), looked at without
+/// waiting.
+fn answered(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a one-byte receive into a byte this function owns, on a socket it borrows;
+    // MSG_PEEK leaves what is there in place, MSG_DONTWAIT returns at once.
+    let got = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    !(got < 0 && std::io::Error::last_os_error().kind() == ErrorKind::WouldBlock)
+}
+
 /// Shuts the VM down through the API and checks that faultline exits cleanly.
 fn shut_down(sock: &Path, mut faultline: Faultline) {
     let (status, body) = call(sock, "PUT", "/vm/shutdown", 3);
@@ -147,7 +165,7 @@ fn idle_and_stalled_clients_do_not_delay_others() {
 
     // One connection served at a time with a 10 s read timeout would keep this waiting for
     // 10 s per client ahead of it.
-    let (status, info) = call(&sock, "GET", "/vm", 3);
+    let (status, info) = call(&sock, "GET", "/vm", 10);
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["state"], "running");
     // Shutting down with all of them still open: the server ends their connections.
@@ -162,13 +180,24 @@ fn over_the_limit_is_refused_clearly() {
     let sock = tmp.join("api.sock");
     let mut faultline = Faultline::run_forever(&sock, &tmp);
     faultline.wait_running(&sock);
-    // The thread that answered the last GET counts until it has ended (just after answering):
-    // let it go, so that the idle connections below fill every place.
-    std::thread::sleep(Duration::from_millis(500));
-
+    let deadline = Instant::now() + DEADLINE;
     let mut idle = idle_connections(&sock, MAX_CONNECTIONS);
-    let (status, body) = call(&sock, "GET", "/vm", 10);
-    assert_eq!(status, 503, "{body}");
+    let body = loop {
+        // Answered only once every connection made before it was taken or refused.
+        let (status, body) = call(&sock, "GET", "/vm", 10);
+        idle.retain(|stream| !answered(stream));
+        if status == 503 && idle.len() == MAX_CONNECTIONS {
+            break body;
+        }
+        assert!(
+            idle.len() < MAX_CONNECTIONS,
+            "a GET got in with {MAX_CONNECTIONS} idle connections open: {body}"
+        );
+        // The thread that answered a GET before counts until it has ended (just after
+        // answering), so an idle connection was refused meanwhile: replaced, and again.
+        assert!(Instant::now() < deadline, "the connections never filled up");
+        idle.extend(idle_connections(&sock, MAX_CONNECTIONS - idle.len()));
+    };
     let error = body["error"].as_str().unwrap_or_default();
     assert!(error.contains("too many API connections"), "{body}");
 

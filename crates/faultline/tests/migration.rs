@@ -255,6 +255,8 @@ fn migrated_with(mix: Mix, extra: &[&str]) -> serde_json::Value {
 enum Rounds {
     /// As fast as it goes: how the rounds end depends on its speed against theirs.
     Free,
+    /// Not at all: held after two passes (every page written) until it has moved.
+    Held,
     /// Exactly one whole pass at the end of each round: every round leaves every page of its
     /// range, so the rounds neither converge nor shrink.
     OnePassEach,
@@ -302,21 +304,17 @@ fn source_watched(
     destination: &str,
     mut watch: Option<Watch>,
 ) -> Source {
-    let child = if rounds == Rounds::Free {
-        if watch.is_none() {
-            return Source {
-                child: spawn_mix(sock, mix),
-                to: destination.to_string(),
-                gate: None,
-            };
-        }
-        spawn_mix(sock, mix)
-    } else {
-        // Held after two passes: every page of its range written, nothing written meanwhile.
-        let child = spawn_mix(sock, Mix { hold: 2, ..mix });
-        wait_until_held(sock, 2, mix.cpus);
-        child
+    let child = match rounds {
+        Rounds::Free => spawn_mix(sock, mix),
+        _ => spawn_mix_held(sock, mix),
     };
+    if watch.is_none() && matches!(rounds, Rounds::Free | Rounds::Held) {
+        return Source {
+            child,
+            to: destination.to_string(),
+            gate: None,
+        };
+    }
     let sock = sock.to_path_buf();
     let (mut pass, mut syncs) = (2, 0);
     let gate = MessageGate::start(destination, move |message| {
@@ -595,12 +593,13 @@ fn a_hybrid_migration_of_a_guest_sweeping_its_memory_through_the_first_pass_arri
 #[test]
 fn a_pre_copy_with_a_bandwidth_cap_keeps_under_it_and_finishes_right() {
     require_kvm!();
-    // 64 MiB at 32 MiB/s: the cap holds the pages sent while the guest runs (a slower host
-    // only sends slower); the pause, with the guest held, has next to nothing left.
+    // 64 MiB at 32 MiB/s: the cap holds the pages sent while the VM runs (a slower host
+    // only sends slower); the guest is held, so the pause has nothing left to send uncapped.
     let cap = 32u64 << 20;
-    let report = migrated_with(
-        Mix { hold: 2, ..BIG },
+    let report = migrated_as(
+        BIG,
         &["--mode", "pre", "--max-bandwidth", "32M"],
+        Rounds::Held,
     );
     let rate = report["throughput_mbit_per_s"].as_f64().unwrap() * 1e6 / 8.0;
     assert!(
@@ -1064,8 +1063,7 @@ fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_t
     let tmp = TempDir::new("migrate-hybrid-refused");
     let sock = tmp.join("src.sock");
     // Held after two passes: every page written, and nothing more until it is let go.
-    let source = spawn_mix(&sock, Mix { hold: 2, ..SMALL });
-    wait_until_held(&sock, 2, 1);
+    let source = spawn_mix_held(&sock, SMALL);
     // Takes the first pass; before it answers the sync after it, lets the guest rewrite its
     // pages (so that the rounds cannot converge) and tells the source to go post-copy; takes
     // the switch-over, the first stale list and the page-request connection; then gives up
@@ -1235,7 +1233,15 @@ fn a_post_copy_destination_that_drops_its_request_connection_then_gives_up_is_he
             Message::Stale { .. }
         ));
         drop(requests);
-        std::thread::sleep(Duration::from_millis(300));
+        // The source, its request connection gone, stops writing on the main one too: the
+        // refusal goes after that (bounded: a source that never stops fails the test).
+        reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} bytes after the state", rest.len());
         write_message(&mut writer, &Message::Abort("changed its mind".into())).unwrap();
         // Held open until the source has read it.
         let _ = reader.read(&mut [0u8; 1]);
@@ -1360,6 +1366,14 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
 
 /// A `mix` run that has written every page of its range (it was held at pass 2, then let go
 /// on to `mix.hold`): its memory is all data, whenever the test moves it.
+/// A `mix` run held after two passes: every page of its range written, and nothing more
+/// until the hold point moves.
+fn spawn_mix_held(sock: &Path, mix: Mix) -> Child {
+    let child = spawn_mix(sock, Mix { hold: 2, ..mix });
+    wait_until_held(sock, 2, mix.cpus);
+    child
+}
+
 fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
     let child = spawn_mix(sock, Mix { hold: 2, ..mix });
     wait_until_held(sock, 2, mix.cpus);
@@ -1504,7 +1518,9 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
         + frame_len(&migrate::Message::Sync)
         + frame_len(&migrate::Message::Built);
     let proxy = common::proxy::CuttingProxy::start_back(&destination.addr, before_the_last_word);
-    let source = spawn_mix_written(&sock, SMALL);
+    // Held, it writes nothing while the first pass goes: the rounds end after it, with one
+    // sync, whatever the speeds.
+    let source = spawn_mix_held(&sock, SMALL);
     let out = migrate_send_mode(&sock, &proxy.addr, "pre");
     assert!(proxy.has_cut());
     assert!(!out.status.success());
