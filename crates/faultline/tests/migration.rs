@@ -145,21 +145,31 @@ fn post_copy_state(
 ) {
     use migrate::{read_message, Message};
     let (mut reader, writer) = greeted(stream);
-    assert_eq!(
-        read_message(&mut reader).unwrap(),
-        Message::SwitchOver { post_copy: true }
-    );
-    // The pages that will come again (none: nothing was sent before).
-    assert!(matches!(
-        read_message(&mut reader).unwrap(),
-        Message::Stale { .. }
-    ));
-    let requests = greeted(listener.accept().unwrap().0);
+    // The pages that will come again are none: nothing was sent before.
+    let requests = switched_to_post_copy(&mut reader, listener);
     assert!(matches!(
         read_message(&mut reader).unwrap(),
         Message::State(_)
     ));
     (reader, writer, requests)
+}
+
+/// Takes the switch-over to post-copy and the first stale list on `reader`, and the
+/// page-request connection on `listener`: that connection's halves.
+fn switched_to_post_copy(
+    reader: &mut BufReader<std::net::TcpStream>,
+    listener: &TcpListener,
+) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
+    use migrate::{read_message, Message};
+    assert_eq!(
+        read_message(reader).unwrap(),
+        Message::SwitchOver { post_copy: true }
+    );
+    assert!(matches!(
+        read_message(reader).unwrap(),
+        Message::Stale { .. }
+    ));
+    greeted(listener.accept().unwrap().0)
 }
 
 /// A `migrate receive` on a free loopback port, and that port.
@@ -1084,15 +1094,7 @@ fn a_hybrid_destination_that_refuses_the_pages_written_since_the_switch_leaves_t
         let (status, _) = api(&told, "PUT", "/migration/switchover", None);
         assert_eq!(status, 204);
         write_message(&mut writer, &Message::Sync).unwrap();
-        assert_eq!(
-            read_message(&mut reader).unwrap(),
-            Message::SwitchOver { post_copy: true }
-        );
-        assert!(matches!(
-            read_message(&mut reader).unwrap(),
-            Message::Stale { .. }
-        ));
-        let _requests = greeted(listener.accept().unwrap().0);
+        let _requests = switched_to_post_copy(&mut reader, listener);
         assert!(matches!(
             read_message(&mut reader).unwrap(),
             Message::Stale { .. }
