@@ -7,6 +7,7 @@ pub mod bench;
 pub mod duration;
 pub mod lazy;
 pub mod linux;
+mod locking;
 pub mod micro;
 pub mod migration;
 pub mod restore;

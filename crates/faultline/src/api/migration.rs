@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::locking::lock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -75,10 +77,6 @@ pub struct RecoverRequest {
 }
 
 pub const RECOVER_SHAPE: &str = r#"{"listen": "HOST:PORT", "tls_dir": DIR}"#;
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The migrations of one VM: the one that brought it here, if any, and those that send it on.
 pub struct Migrations {

@@ -14,6 +14,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+
+use crate::locking::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -180,11 +182,6 @@ fn busy() -> Response {
         409,
         "another operation is in progress (a snapshot, pause or resume): try again when it ends",
     )
-}
-
-/// Locks `mutex`, also after a panic elsewhere (what it guards stays consistent).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Controller {

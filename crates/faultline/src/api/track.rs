@@ -7,6 +7,8 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Condvar, Mutex};
+
+use crate::locking::lock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -44,7 +46,7 @@ struct QueueState {
 
 impl TrackNotifier for EventQueue {
     fn notify(&self, event: &TrackEvent) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = lock(&self.state);
         if state.events.len() >= EVENT_QUEUE_CAPACITY {
             state.lost += 1;
         } else {
@@ -58,7 +60,7 @@ impl EventQueue {
     /// What is queued (and how many were lost since the last call), waiting up to `wait`
     /// for something.
     fn drain(&self, wait: Duration) -> (Vec<TrackEvent>, u64) {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = lock(&self.state);
         let (mut state, _) = self
             .ready
             .wait_timeout_while(state, wait, |s| s.events.is_empty() && s.lost == 0)

@@ -17,6 +17,8 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::locking::lock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -80,7 +82,7 @@ static MOUNTED: Mutex<Vec<CString>> = Mutex::new(Vec::new());
 /// Detaches every file system still mounted (each goes once nothing uses it any more): for a
 /// process about to end without dropping them, which would leave them mounted with no server.
 pub fn detach_all() {
-    for target in MOUNTED.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for target in lock(&MOUNTED).iter() {
         // SAFETY: `target` is a NUL-terminated string that outlives the call.
         unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     }

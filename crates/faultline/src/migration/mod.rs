@@ -23,16 +23,10 @@ pub mod receive;
 pub mod send;
 mod turns;
 
-use std::sync::{Mutex, MutexGuard};
+use crate::locking::lock;
 
 use migrate::{Layout, VmIdentity};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
-
-/// Locks `mutex`, whose holder may have panicked: the migration's shared state stays usable
-/// (a panic is reported as a failure where it happens).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The identity a VM with `ram` and `vcpus` vCPUs has on this host.
 pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
