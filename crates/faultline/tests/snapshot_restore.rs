@@ -212,7 +212,10 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
         ("lazy", &["--no-predict"][..]),
         ("prefetch", &["--source-latency", "200us"][..]),
     ] {
-        let out = if mode == "prefetch" {
+        // One prefetch restore runs only once pages are in (so that they are, however slowly
+        // its thread runs); the other races the guest's faults from its first instruction.
+        let prefetched_first = mode == "prefetch" && extra.is_empty();
+        let out = if prefetched_first {
             restore_prefetched_before_it_runs(&snap, extra, &tmp.join("prefetch.sock"))
         } else {
             restore(&snap, mode, extra)
@@ -234,10 +237,11 @@ fn a_snapshot_taken_mid_run_finishes_like_an_uninterrupted_run_in_every_mode() {
                 pager["faults_vcpu"].as_u64().unwrap() > 0,
                 "a lazy restore faults pages in: {pager}"
             ),
-            "prefetch" => assert!(
+            "prefetch" if prefetched_first => assert!(
                 pager["pages_installed_background"].as_u64().unwrap() > 0,
                 "a prefetch restore installs the working set: {pager}"
             ),
+            "prefetch" => assert!(pager.is_object(), "a prefetch restore has a pager"),
             _ => assert!(pager.is_null(), "an eager restore has no pager"),
         }
         if mode == "lazy" {

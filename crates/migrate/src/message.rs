@@ -56,6 +56,13 @@ impl Layout {
             }
             end = gpa + size;
         }
+        let pages = self.pages();
+        if pages > page_set::MAX_SET_PAGES {
+            return Some(format!(
+                "{pages} pages of RAM, more than a migration can move ({})",
+                page_set::MAX_SET_PAGES
+            ));
+        }
         None
     }
 }
@@ -280,7 +287,7 @@ impl Message {
             }
             Message::Received { pages, bitmap } | Message::Stale { pages, bitmap } => {
                 put_u64(&mut out, *pages);
-                page_set::encode(&mut out, bitmap);
+                page_set::encode(&mut out, *pages, bitmap);
             }
             Message::Abort(reason) => out.extend_from_slice(reason.as_bytes()),
         }
@@ -468,7 +475,7 @@ mod tests {
 
     #[test]
     fn payloads_that_do_not_parse_are_refused() {
-        let cases: [(u8, Vec<u8>, &str); 7] = [
+        let cases: [(u8, Vec<u8>, &str); 8] = [
             (
                 2,
                 0x1000u64.to_le_bytes().to_vec(),
@@ -496,6 +503,18 @@ mod tests {
                 ]
                 .concat(),
                 "0 RAM regions",
+            ),
+            (
+                1,
+                [
+                    vec![1u8],
+                    0u32.to_le_bytes().to_vec(),
+                    1u32.to_le_bytes().to_vec(),
+                    0u64.to_le_bytes().to_vec(),
+                    (1u64 << 40).to_le_bytes().to_vec(),
+                ]
+                .concat(),
+                "more than a migration can move",
             ),
         ];
         for (kind, payload, says) in cases {

@@ -7,17 +7,31 @@
 //! The payload is a form byte, then either the bitmap's words ([`BITMAP`]) or the runs
 //! ([`RUNS`]: first page and count, ascending, not overlapping, none empty).
 
+use std::borrow::Cow;
+
 use crate::wire::MAX_PAYLOAD;
 
-/// The bitmap's 64-bit words follow, as many as the pages need.
+/// The bitmap's 64-bit words follow, as many as the pages need; bits past the last page are
+/// clear.
 const BITMAP: u8 = 0;
 /// Runs follow: first page and count, 8 bytes each.
 const RUNS: u8 = 1;
 
-/// Appends the set `bitmap` in its shorter form.
-pub(crate) fn encode(out: &mut Vec<u8>, bitmap: &[u64]) {
+/// The most pages a set may have: as many as a bitmap in one frame can hold (after the page
+/// count and the form byte), 512 GiB of RAM.
+pub(crate) const MAX_SET_PAGES: u64 = (MAX_PAYLOAD as u64 - 9) / 8 * 64;
+
+/// Appends the set of `pages` pages `bitmap` (a word per 64 pages) in its shorter form. Bits
+/// past the last page are not part of the set, and do not travel.
+pub(crate) fn encode(out: &mut Vec<u8>, pages: u64, bitmap: &[u64]) {
+    debug_assert_eq!(
+        bitmap.len() as u64,
+        pages.div_ceil(64),
+        "a bitmap for {pages} pages"
+    );
+    let bitmap = without_bits_past(pages, bitmap);
     // A run costs two words: runs win while there are fewer than half as many as words.
-    match runs_of(bitmap, bitmap.len().div_ceil(2).saturating_sub(1)) {
+    match runs_of(&bitmap, bitmap.len().div_ceil(2).saturating_sub(1)) {
         Some(runs) => {
             out.push(RUNS);
             for (first, count) in runs {
@@ -27,10 +41,31 @@ pub(crate) fn encode(out: &mut Vec<u8>, bitmap: &[u64]) {
         }
         None => {
             out.push(BITMAP);
-            for word in bitmap {
+            for word in bitmap.iter() {
                 out.extend_from_slice(&word.to_le_bytes());
             }
         }
+    }
+}
+
+/// The bits of the last word of `bitmap` that stand for pages, for a set of `pages` pages.
+fn last_word_mask(pages: u64) -> u64 {
+    match pages % 64 {
+        0 => u64::MAX,
+        used => (1u64 << used) - 1,
+    }
+}
+
+/// `bitmap` with any bit past page `pages` cleared (copied only if there is one).
+fn without_bits_past(pages: u64, bitmap: &[u64]) -> Cow<'_, [u64]> {
+    let mask = last_word_mask(pages);
+    match bitmap.last() {
+        Some(&last) if last & !mask != 0 => {
+            let mut clean = bitmap.to_vec();
+            *clean.last_mut().expect("not empty") &= mask;
+            Cow::Owned(clean)
+        }
+        _ => Cow::Borrowed(bitmap),
     }
 }
 
@@ -63,13 +98,15 @@ fn runs_of(bitmap: &[u64], most: usize) -> Option<Vec<(u64, u64)>> {
 }
 
 /// The bitmap of the set of `pages` pages that `payload` holds (after the page count), or
-/// why it is malformed. `pages` must be at most what a bitmap payload could carry, so that a
-/// hostile count cannot make the bitmap huge.
+/// why it is malformed. `pages` must be at most [`MAX_SET_PAGES`], so that a hostile count
+/// cannot make the bitmap larger than a frame could have carried.
 pub(crate) fn decode(pages: u64, payload: &[u8]) -> Result<Vec<u64>, String> {
-    let words = pages.div_ceil(64);
-    if words * 8 > u64::from(MAX_PAYLOAD) {
-        return Err(format!("a set of {pages} pages, more than any VM's"));
+    if pages > MAX_SET_PAGES {
+        return Err(format!(
+            "a set of {pages} pages, more than a set may have ({MAX_SET_PAGES})"
+        ));
     }
+    let words = pages.div_ceil(64);
     let (&form, rest) = payload
         .split_first()
         .ok_or_else(|| "no form byte".to_string())?;
@@ -82,7 +119,14 @@ pub(crate) fn decode(pages: u64, payload: &[u8]) -> Result<Vec<u64>, String> {
                     rest.len()
                 ));
             }
-            Ok(rest.chunks_exact(8).map(le).collect())
+            let bitmap: Vec<u64> = rest.chunks_exact(8).map(le).collect();
+            if bitmap
+                .last()
+                .is_some_and(|&last| last & !last_word_mask(pages) != 0)
+            {
+                return Err(format!("a bitmap with bits past its last page, {pages}"));
+            }
+            Ok(bitmap)
         }
         RUNS => {
             if rest.len() % 16 != 0 {
@@ -132,7 +176,7 @@ mod tests {
 
     fn round_trip(pages: u64, bitmap: &[u64]) -> (u8, usize) {
         let mut out = Vec::new();
-        encode(&mut out, bitmap);
+        encode(&mut out, pages, bitmap);
         assert_eq!(decode(pages, &out).unwrap(), bitmap);
         (out[0], out.len())
     }
@@ -160,6 +204,67 @@ mod tests {
         even[0] = 1;
         even[2] = 1;
         assert_eq!(round_trip(256, &even).0, BITMAP);
+        // One fewer than that: runs.
+        let mut two = vec![0u64; 6];
+        two[0] = 1;
+        two[4] = 1;
+        assert_eq!(round_trip(384, &two), (RUNS, 1 + 2 * 16));
+    }
+
+    #[test]
+    fn bits_past_the_last_page_neither_travel_nor_come() {
+        // 70 pages: bits 6 to 63 of the second word are no pages.
+        for stray in [vec![1, (1 << 5) | (1 << 63)], vec![0x5555, 0xffff_0015]] {
+            let mut out = Vec::new();
+            encode(&mut out, 70, &stray);
+            let mut clean = stray.clone();
+            clean[1] &= (1 << 6) - 1;
+            assert_eq!(decode(70, &out).unwrap(), clean);
+        }
+        let mut bitmap = vec![BITMAP];
+        bitmap.extend_from_slice(&1u64.to_le_bytes());
+        bitmap.extend_from_slice(&(1u64 << 6).to_le_bytes());
+        assert!(decode(70, &bitmap)
+            .unwrap_err()
+            .contains("bits past its last page"));
+    }
+
+    #[test]
+    fn random_sets_come_back_bit_for_bit() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..500 {
+            let pages = next() % 5000;
+            let words = pages.div_ceil(64) as usize;
+            // Runs of set and clear pages, their lengths from 1 to 1, 8 or 300.
+            let longest = [1, 8, 300][(next() % 3) as usize];
+            let mut bits = Vec::new();
+            while (bits.len() as u64) < pages {
+                let set = next() % 2 == 0;
+                bits.extend(std::iter::repeat_n(set, 1 + (next() % longest) as usize));
+            }
+            bits.truncate(pages as usize);
+            let mut bitmap = vec![0u64; words];
+            for (page, _) in bits.iter().enumerate().filter(|(_, &set)| set) {
+                bitmap[page / 64] |= 1 << (page % 64);
+            }
+            let mut out = Vec::new();
+            encode(&mut out, pages, &bitmap);
+            let back = decode(pages, &out).unwrap();
+            for (page, &set) in bits.iter().enumerate() {
+                assert_eq!(
+                    back[page / 64] >> (page % 64) & 1 == 1,
+                    set,
+                    "page {page} of {pages}"
+                );
+            }
+            assert_eq!(back, bitmap);
+        }
     }
 
     #[test]
@@ -183,7 +288,7 @@ mod tests {
             (100, runs(&[(u64::MAX, 2)]), "a run of 2 pages"),
             (100, vec![RUNS, 0, 0, 0], "runs of 3 bytes"),
             (100, vec![7], "page set form 7"),
-            (1 << 40, runs(&[]), "more than any VM's"),
+            (MAX_SET_PAGES + 1, runs(&[]), "more than a set may have"),
         ];
         for (pages, payload, says) in cases {
             let error = decode(pages, &payload).unwrap_err();
