@@ -1257,6 +1257,14 @@ fn a_post_copy_destination_that_drops_its_request_connection_then_gives_up_is_he
     fake.join().unwrap();
 }
 
+/// How many runs a cut test makes: 3, or FAULTLINE_CUT_RUNS (to soak).
+fn cut_runs() -> usize {
+    std::env::var("FAULTLINE_CUT_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+}
+
 /// `runs` cut points (bytes) in `[low, high)`, from FAULTLINE_CUT_SEED or the clock; the seed
 /// is printed, so that a failing run can be replayed.
 fn cut_points(runs: usize, low: u64, high: u64) -> Vec<u64> {
@@ -1397,7 +1405,7 @@ const MID: Mix = Mix {
 fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
     require_kvm!();
     // The first cut of each run comes after the state (a few KiB): in the page stream.
-    let cuts = cut_points(3, 1 << 20, 8 << 20);
+    let cuts = cut_points(cut_runs(), 1 << 20, 8 << 20);
     for (run, &cut) in cuts.iter().enumerate() {
         let tmp = TempDir::new(&format!("migrate-recover-{run}"));
         let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
@@ -1439,7 +1447,10 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
 fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
     require_kvm!();
     // Within the first pass (the small guest's is some 512 KiB).
-    for (run, cut) in cut_points(3, 4 << 10, 400 << 10).into_iter().enumerate() {
+    for (run, cut) in cut_points(cut_runs(), 4 << 10, 400 << 10)
+        .into_iter()
+        .enumerate()
+    {
         let destination = Destination::spawn(&["--json"]);
         let proxy = common::proxy::CuttingProxy::start(&destination.addr, cut);
         a_failed_migration_leaves_the_source_running_with(
