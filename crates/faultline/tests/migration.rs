@@ -1257,12 +1257,12 @@ fn a_post_copy_destination_that_drops_its_request_connection_then_gives_up_is_he
     fake.join().unwrap();
 }
 
-/// How many runs a cut test makes: 3, or FAULTLINE_CUT_RUNS (to soak).
+/// How many runs a cut test makes: 8, or FAULTLINE_CUT_RUNS (more, to soak).
 fn cut_runs() -> usize {
     std::env::var("FAULTLINE_CUT_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(8)
 }
 
 /// `runs` cut points (bytes) in `[low, high)`, from FAULTLINE_CUT_SEED or the clock; the seed
