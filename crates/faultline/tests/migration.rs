@@ -1507,9 +1507,7 @@ fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
 
 /// The bytes a frame of `message` takes on the wire.
 fn frame_len(message: &migrate::Message) -> u64 {
-    let mut frame = Vec::new();
-    migrate::write_message(&mut frame, message).unwrap();
-    frame.len() as u64
+    migrate::frame(message).unwrap().len() as u64
 }
 
 #[test]

@@ -104,6 +104,13 @@ pub fn write_message<W: Write>(writer: &mut W, message: &Message) -> io::Result<
     Ok(())
 }
 
+/// The bytes [`write_message`] writes for `message`: its whole frame.
+pub fn frame(message: &Message) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_message(&mut out, message)?;
+    Ok(out)
+}
+
 /// Writes a pages message for `data` (whole pages) at `gpa` as one frame, straight from the
 /// caller's bytes: the same frame as `write_message(&Message::Pages { gpa, data })`, without
 /// copying the pages into a message first (a migration's main cost is copying bytes). Returns
@@ -298,9 +305,7 @@ mod tests {
     }
 
     fn frame(message: &Message) -> Vec<u8> {
-        let mut out = Vec::new();
-        write_message(&mut out, message).unwrap();
-        out
+        super::frame(message).unwrap()
     }
 
     #[test]

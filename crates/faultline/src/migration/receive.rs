@@ -645,9 +645,7 @@ mod tests {
     }
 
     fn frame(message: &Message) -> Vec<u8> {
-        let mut out = Vec::new();
-        write_message(&mut out, message).unwrap();
-        out
+        migrate::frame(message).unwrap()
     }
 
     #[test]

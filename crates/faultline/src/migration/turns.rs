@@ -167,9 +167,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn frame(message: &Message) -> Vec<u8> {
-        let mut out = Vec::new();
-        migrate::write_message(&mut out, message).unwrap();
-        out
+        migrate::frame(message).unwrap()
     }
 
     fn pages(runs: u64) -> Vec<u8> {
