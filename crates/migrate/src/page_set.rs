@@ -241,12 +241,17 @@ mod tests {
         for _ in 0..500 {
             let pages = next() % 5000;
             let words = pages.div_ceil(64) as usize;
-            // Runs of set and clear pages, their lengths from 1 to 1, 8 or 300.
-            let longest = [1, 8, 300][(next() % 3) as usize];
+            // Runs of set pages and gaps, each from 1 to 1, 3, 8 or 300 pages long (long runs
+            // with holes of a page or two as well as scattered pages).
+            let lengths = [1, 3, 8, 300];
+            let longest_run = lengths[(next() % 4) as usize];
+            let longest_gap = lengths[(next() % 4) as usize];
             let mut bits = Vec::new();
+            let mut set = next() % 2 == 0;
             while (bits.len() as u64) < pages {
-                let set = next() % 2 == 0;
+                let longest = if set { longest_run } else { longest_gap };
                 bits.extend(std::iter::repeat_n(set, 1 + (next() % longest) as usize));
+                set = !set;
             }
             bits.truncate(pages as usize);
             let mut bitmap = vec![0u64; words];

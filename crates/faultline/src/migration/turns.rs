@@ -254,8 +254,16 @@ mod tests {
             Message::Pages { gpa, .. } if *gpa == 30 * 3 * 4096 => Err(Ranked::Minor("install")),
             _ => Ok(()),
         };
-        let result = take_pages_in_turns(&mut stream.as_slice(), "test", &install);
+        let mut rest = stream.as_slice();
+        let result = take_pages_in_turns(&mut rest, "test", &install);
         assert_eq!(result, Err(Ranked::Minor("install")));
+        // The other thread stopped too (after a run or two more at most), not read to the end.
+        assert!(
+            rest.len() >= stream.len() - pages(34).len(),
+            "{} of {} bytes left",
+            rest.len(),
+            stream.len()
+        );
     }
 
     #[test]
