@@ -285,11 +285,9 @@ fn first_pass<R: std::io::Read + Send>(
         .inspect_err(|e| tracing::debug!("the first pass goes in by pwrite: {e:#}"))
         .ok();
     let pass = Mutex::new(FirstPass {
+        report,
         zeroed,
         seen: DirtyPages::new(layout.pages()),
-        normal_pages: 0,
-        zero_pages: 0,
-        bytes: 0,
     });
     let install = |message: &Message| -> anyhow::Result<()> {
         message.check(layout)?;
@@ -301,10 +299,8 @@ fn first_pass<R: std::io::Read + Send>(
                     None => write_pages(ram, *gpa, data)?,
                 }
             }
-            Message::ZeroPages { gpa, count } => {
-                lock(&pass).take_zeros(ram, *gpa, *count)?;
-                zero(ram, *gpa, *count)?;
-            }
+            // Fresh RAM, and none of it came before: these pages read as zero already.
+            Message::ZeroPages { gpa, count } => lock(&pass).take_zeros(ram, *gpa, *count)?,
             _ => unreachable!("only page messages are installed"),
         }
         Ok(())
@@ -313,29 +309,24 @@ fn first_pass<R: std::io::Read + Send>(
         install(&first).and_then(|()| take_pages_in_turns(reader, "precopy-install", &install));
     // Closed, and its ranges with it, before anything may touch guest RAM.
     drop(uffd);
-    let pass = pass.into_inner().unwrap_or_else(|e| e.into_inner());
-    report.normal_pages += pass.normal_pages;
-    report.zero_pages += pass.zero_pages;
-    report.bytes += pass.bytes;
     after
 }
 
 /// What a first pass brought so far.
 struct FirstPass<'a> {
+    /// Its pages and bytes are counted in the migration's report.
+    report: &'a mut ReceiveReport,
     /// Pages received as zero.
     zeroed: &'a mut DirtyPages,
     seen: DirtyPages,
-    normal_pages: u64,
-    zero_pages: u64,
-    bytes: u64,
 }
 
 impl FirstPass<'_> {
     /// `len` bytes of pages from `gpa` came, unless one of them came already.
     fn take_pages(&mut self, ram: &GuestRam, gpa: u64, len: u64) -> anyhow::Result<()> {
         self.first_time(ram, gpa, len / PAGE_SIZE)?;
-        self.normal_pages += len / PAGE_SIZE;
-        self.bytes += len;
+        self.report.normal_pages += len / PAGE_SIZE;
+        self.report.bytes += len;
         Ok(())
     }
 
@@ -343,7 +334,7 @@ impl FirstPass<'_> {
     fn take_zeros(&mut self, ram: &GuestRam, gpa: u64, count: u64) -> anyhow::Result<()> {
         let first = self.first_time(ram, gpa, count)?;
         self.zeroed.mark_range(first, count);
-        self.zero_pages += count;
+        self.report.zero_pages += count;
         Ok(())
     }
 
@@ -581,13 +572,7 @@ fn read_stale(
     reader: &mut BufReader<Channel>,
     ours: &migrate::VmIdentity,
 ) -> anyhow::Result<DirtyPages> {
-    match read_message(reader)? {
-        message @ Message::Stale { .. } => stale_pages(message, ours),
-        other => bail!(
-            "the source sent {} where the stale pages belong",
-            other.name()
-        ),
-    }
+    stale_pages(read_message(reader)?, ours)
 }
 
 /// The pages of a `Stale` message, checked against the VM's layout.
