@@ -60,7 +60,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         mut writer,
         mut reader,
         paused_here,
-        stale,
+        mut stale,
         taken,
         ended_by,
         before,
@@ -73,15 +73,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     let total = ram.size() / PAGE_SIZE;
     let early = stale.clone().unwrap_or_else(|| DirtyPages::new(total));
     write_message(&mut writer, &Message::SwitchOver { post_copy: true })
-        .and_then(|()| {
-            write_message(
-                &mut writer,
-                &Message::Stale {
-                    pages: total,
-                    bitmap: early.words().to_vec(),
-                },
-            )
-        })
+        .and_then(|()| write_message(&mut writer, &stale_message(&early)))
         .and_then(|()| writer.flush())
         .context("cannot send the switch-over")?;
     let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
@@ -89,7 +81,6 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // A hybrid: the pages written since that list (while the destination got ready, some
     // tens of milliseconds) go too, and are dropped there while the VM still runs here, so
     // that the downtime drops only those of the next moment.
-    let mut stale = stale;
     if let Some(to_come_again) = &mut stale {
         let since = super::send::take(handle, taken)?;
         to_come_again.merge(&since);
@@ -106,13 +97,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     };
     let state = super::send::state_message(handle, guest)?;
     write_message(&mut writer, &state)?;
-    write_message(
-        &mut writer,
-        &Message::Stale {
-            pages: total,
-            bitmap: to_come.words().to_vec(),
-        },
-    )?;
+    write_message(&mut writer, &stale_message(&to_come))?;
     writer.flush().context("cannot send the state")?;
     // The destination may run the VM from now on: it must not run here again unless the
     // destination says it does not.
@@ -176,6 +161,14 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     finished(completed, paused)
 }
 
+/// A stale list of `pages` (pages sent before that will come again).
+fn stale_message(pages: &DirtyPages) -> Message {
+    Message::Stale {
+        pages: pages.pages(),
+        bitmap: pages.words().to_vec(),
+    }
+}
+
 /// Sends the pages written since the first stale list, and waits until the destination has
 /// dropped them (it answers with a sync).
 fn send_written_since(
@@ -183,13 +176,7 @@ fn send_written_since(
     reader: &mut BufReader<Channel>,
     since: &DirtyPages,
 ) -> anyhow::Result<()> {
-    write_message(
-        writer,
-        &Message::Stale {
-            pages: since.pages(),
-            bitmap: since.words().to_vec(),
-        },
-    )?;
+    write_message(writer, &stale_message(since))?;
     writer.flush()?;
     match read_within(reader, REPLY_TIMEOUT)
         .context("the destination did not take the pages written since the switch-over")?
