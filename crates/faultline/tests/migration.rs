@@ -1374,8 +1374,6 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
     assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
 }
 
-/// A `mix` run that has written every page of its range (it was held at pass 2, then let go
-/// on to `mix.hold`): its memory is all data, whenever the test moves it.
 /// A `mix` run held after two passes: every page of its range written, and nothing more
 /// until the hold point moves.
 fn spawn_mix_held(sock: &Path, mix: Mix) -> Child {
@@ -1384,9 +1382,10 @@ fn spawn_mix_held(sock: &Path, mix: Mix) -> Child {
     child
 }
 
+/// A `mix` run that has written every page of its range (it was held at pass 2, then let go
+/// on to `mix.hold`): its memory is all data, whenever the test moves it.
 fn spawn_mix_written(sock: &Path, mix: Mix) -> Child {
-    let child = spawn_mix(sock, Mix { hold: 2, ..mix });
-    wait_until_held(sock, 2, mix.cpus);
+    let child = spawn_mix_held(sock, mix);
     set_hold(sock, Some(mix.hold));
     child
 }

@@ -5,8 +5,6 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-
-use crate::locking::lock;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -15,6 +13,7 @@ use snapshot::state::GuestInfo;
 use vmm::VmHandle;
 
 use super::http::Response;
+use crate::locking::lock;
 use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
 use crate::migration::send::{PausedMigration, SendFailure, SendOptions};

@@ -14,8 +14,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-
-use crate::locking::lock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +29,7 @@ use vmm::{VmError, VmHandle};
 use super::http::{self, HttpError, Request, Response};
 use super::migration::{self, Migrations};
 use super::track::{self, EventQueue, TrackRequest};
+use crate::locking::lock;
 
 /// Most connections served at once; the accept thread answers any beyond with 503.
 pub const MAX_CONNECTIONS: usize = 256;

@@ -7,13 +7,13 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Condvar, Mutex};
-
-use crate::locking::lock;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
 use vmm::{TrackEvent, TrackMode, TrackNotifier};
+
+use crate::locking::lock;
 
 /// Events a stream holds for its reader before it starts dropping them.
 pub const EVENT_QUEUE_CAPACITY: usize = 65536;

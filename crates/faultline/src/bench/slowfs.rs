@@ -17,13 +17,13 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use crate::locking::lock;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
+
+use crate::locking::lock;
 
 /// The protocol major version; INIT is answered with this one only.
 const MAJOR: u32 = 7;
