@@ -164,10 +164,7 @@ impl SlowFs {
                 )
             });
         }
-        MOUNTED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(target.clone());
+        lock(&MOUNTED).push(target.clone());
         // From here on, dropping `fs` unmounts, whatever fails.
         let mut fs = SlowFs {
             mountpoint: mountpoint.to_path_buf(),
@@ -210,10 +207,7 @@ impl SlowFs {
 
 impl Drop for SlowFs {
     fn drop(&mut self) {
-        MOUNTED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|target| *target != self.target);
+        lock(&MOUNTED).retain(|target| *target != self.target);
         // SAFETY: `target` is a NUL-terminated string that outlives the call.
         if unsafe { libc::umount2(self.target.as_ptr(), libc::MNT_DETACH) } != 0 {
             tracing::warn!(

@@ -16,7 +16,7 @@ use migrate::VmIdentity;
 use serde_json::json;
 
 use super::channel::{Channel, Tls};
-use super::lock;
+use crate::locking::{lock, wait};
 
 /// Where the migration stands on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,7 +262,7 @@ impl Incoming {
             if let Some(offer) = &state.offer {
                 return Some(offer.clone());
             }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+            state = wait(&self.changed, state);
         }
     }
 

@@ -22,9 +22,9 @@ use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
 use super::channel::{read_within, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Offer, Phase};
-use super::lock;
 use super::turns::{take_pages_in_turns, Failure};
 use super::{layout_of, READ_BUFFER};
+use crate::locking::{lock, wait, wait_timeout};
 
 /// How long a connected source may take to answer a page request before the connection
 /// counts as broken (it is then shut down, and the migration waits for recovery).
@@ -297,10 +297,7 @@ impl PageSource for NetworkSource {
                 }
                 if !answers.connected {
                     // Paused: the request is asked again once the source is back.
-                    answers = self
-                        .arrived
-                        .wait(answers)
-                        .unwrap_or_else(|e| e.into_inner());
+                    answers = wait(&self.arrived, answers);
                     deadline = Instant::now() + ANSWER_TIMEOUT;
                     continue;
                 }
@@ -319,11 +316,7 @@ impl PageSource for NetworkSource {
                     answers = lock(&self.answers);
                     continue;
                 }
-                answers = self
-                    .arrived
-                    .wait_timeout(answers, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                answers = wait_timeout(&self.arrived, answers, left);
             }
         })();
         self.incoming

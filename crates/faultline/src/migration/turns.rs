@@ -102,14 +102,20 @@ where
 /// Ends both threads' turns because of `failure`, kept as the cause unless one is kept
 /// already that it does not outrank.
 fn end<R, E: Failure>(turns: &Mutex<Turns<'_, R, E>>, failure: E) {
-    let mut turn = lock(turns);
-    turn.over = true;
-    if turn
-        .failure
-        .as_ref()
-        .is_none_or(|kept| failure.outranks(kept))
-    {
-        turn.failure = Some(failure);
+    lock(turns).fail(failure);
+}
+
+impl<R, E: Failure> Turns<'_, R, E> {
+    /// Ends both threads' turns because of `failure` (see [`end`]).
+    fn fail(&mut self, failure: E) {
+        self.over = true;
+        if self
+            .failure
+            .as_ref()
+            .is_none_or(|kept| failure.outranks(kept))
+        {
+            self.failure = Some(failure);
+        }
     }
 }
 
@@ -125,7 +131,8 @@ impl<R, E: Failure> Drop for EndOnPanic<'_, '_, R, E> {
 }
 
 /// Takes turns with the other thread at reading a message, and installs the pages it read,
-/// until the pages are over or a failure (which the caller gives to [`end`]).
+/// until the pages are over, the stream fails (which ends the turns), or an install fails
+/// (which the caller gives to [`end`]).
 fn take_turns<R, I, E>(turns: &Mutex<Turns<'_, R, E>>, install: &I) -> Result<(), E>
 where
     R: Read,
@@ -147,10 +154,11 @@ where
                     turn.ended_by = Some(other);
                     return Ok(());
                 }
-                // The stream is unusable from here: the other thread must not read on.
+                // The stream is unusable from here: the other thread must not read on, so
+                // the turns end before the lock is let go.
                 Err(e) => {
-                    turn.over = true;
-                    return Err(E::from_read(e));
+                    turn.fail(E::from_read(e));
+                    return Ok(());
                 }
             }
         };
@@ -264,6 +272,20 @@ mod tests {
             rest.len(),
             stream.len()
         );
+    }
+
+    #[test]
+    fn a_stream_cut_short_is_the_failure_and_every_page_before_the_cut_is_in() {
+        let mut stream = pages(20);
+        stream.truncate(stream.len() - 10);
+        let installed = Mutex::new(0u32);
+        let install = |_: &Message| {
+            *installed.lock().unwrap() += 1;
+            Ok(())
+        };
+        let result = take_pages_in_turns(&mut stream.as_slice(), "test", &install);
+        assert_eq!(result, Err(Ranked::Minor("read")));
+        assert_eq!(*installed.lock().unwrap(), 19, "the runs before the cut");
     }
 
     #[test]
