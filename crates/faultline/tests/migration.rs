@@ -31,6 +31,8 @@ struct Mix {
     hold: u64,
     /// More arguments for `faultline run`.
     run_args: &'static [&'static str],
+    /// Its environment's additions.
+    env: &'static [(&'static str, &'static str)],
 }
 
 /// The small guest: every pass rewrites all its pages (in 1 ms or so).
@@ -41,6 +43,7 @@ const SMALL: Mix = Mix {
     passes: PASSES,
     hold: 2500,
     run_args: &[],
+    env: &[],
 };
 
 /// The big guest: 64 MiB swept pass after pass, a pass (about 80 ms here) longer than a copy
@@ -53,6 +56,7 @@ const BIG: Mix = Mix {
     passes: 60,
     hold: 55,
     run_args: &[],
+    env: &[],
 };
 
 /// A `mix` run serving the API on `sock`; waits until it runs.
@@ -62,8 +66,8 @@ fn spawn_source(sock: &Path, cpus: u8) -> Child {
 
 fn spawn_mix(sock: &Path, mix: Mix) -> Child {
     let mem = format!("{}M", 4 + mix.pages * 4096 / (1 << 20));
-    let mut child = spawn(
-        &[
+    let mut child = common::command()
+        .args([
             "run",
             "--guest",
             mix.guest,
@@ -80,11 +84,13 @@ fn spawn_mix(sock: &Path, mix: Mix) -> Child {
             "--api-sock",
             sock.to_str().unwrap(),
             "--json",
-        ]
-        .into_iter()
-        .chain(mix.run_args.iter().copied())
-        .collect::<Vec<_>>(),
-    );
+        ])
+        .args(mix.run_args)
+        .envs(mix.env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("faultline starts");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok((200, Some(info))) =
@@ -450,6 +456,7 @@ fn pre_copy_of_a_vm_that_logged_dirty_pages_already_sends_every_page() {
     migrated_with(
         Mix {
             run_args: &["--track-dirty"],
+            env: &[],
             ..SMALL
         },
         &["--mode", "pre"],
@@ -1398,6 +1405,7 @@ const MID: Mix = Mix {
     passes: 40,
     hold: 35,
     run_args: &[],
+    env: &[],
 };
 
 #[test]
@@ -1443,6 +1451,39 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
 }
 
 #[test]
+fn a_post_copy_stream_damaged_on_the_way_pauses_and_is_recovered() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-damaged");
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
+    let source = spawn_mix_written(&sock, MID);
+    // A byte in the page stream (after the state's few KiB), nearly always in a page.
+    let at = cut_points(1, 1 << 20, 8 << 20)[0];
+    let proxy = common::proxy::CuttingProxy::start_damaging(&destination.addr, at);
+    let out = migrate_send_with(&sock, &proxy.addr, &["--mode", "post"]);
+    assert!(proxy.has_cut(), "the migration ended before byte {at}");
+    assert!(!out.status.success(), "a damaged migration succeeded");
+    let err = text(&out.stderr);
+    assert!(err.contains("post-copy is paused"), "{err}");
+    // Nothing damaged went in: the destination waits for the source, as after a cut.
+    let paused = wait_for_migration_status(&dsock, "postcopy-paused");
+    assert!(
+        paused["why"]
+            .as_str()
+            .is_some_and(|why| why.contains("damaged")
+                || why.contains("magic")
+                || why.contains("message")),
+        "{paused}"
+    );
+    let at = recover(&dsock);
+    let out = migrate_send_with(&sock, &at, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    check_arrived(destination.child, MID);
+}
+
+#[test]
 fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
     require_kvm!();
     // Within the first pass (the small guest's is some 512 KiB).
@@ -1465,6 +1506,106 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
             "the destination of a cut migration succeeded"
         );
     }
+}
+
+#[test]
+fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let destination = Destination::spawn(&["--json"]);
+    let ram = vmm::GuestRam::new(8 << 20).unwrap();
+    let identity = faultline::migration::identity(&ram, 1).unwrap();
+    let stream = std::net::TcpStream::connect(&destination.addr).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    write_message(&mut writer, &Message::Hello(identity)).unwrap();
+    assert!(matches!(read_message(&mut reader), Ok(Message::Hello(_))));
+    // Every page but one (0x5000), then the end of a pre-copy.
+    let pages = (8 << 20) / 4096;
+    for (gpa, count) in [(0, 5), (0x6000, pages - 6)] {
+        write_message(&mut writer, &Message::ZeroPages { gpa, count }).unwrap();
+    }
+    for message in [Message::SwitchOver { post_copy: false }, Message::Done] {
+        write_message(&mut writer, &message).unwrap();
+    }
+    let status = destination.child.wait_with_output().unwrap().status;
+    let err = destination.stderr.join().unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("the source finished without sending every page of RAM: 1 never came, the first at 0x5000"),
+        "{err}"
+    );
+}
+
+/// Reads `reader` to its end, saying nothing, for a minute at most.
+fn silent_until_closed(mut reader: BufReader<std::net::TcpStream>) {
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let _ = reader.read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_running() {
+    require_kvm!();
+    // Takes everything, then says nothing (the connection open) until the source gives up on
+    // it: it never got the go-ahead, so the VM runs on here. (It gives up itself after a
+    // minute, so that a source that waits for ever fails this test rather than hangs it.)
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        assert!(take_until_done(&mut reader, &mut writer));
+        silent_until_closed(reader);
+    });
+    let tmp = TempDir::new("migrate-silent");
+    let sock = tmp.join("src.sock");
+    let impatient = Mix {
+        env: &[("FAULTLINE_BUILD_TIMEOUT_S", "2")],
+        ..SMALL
+    };
+    let source = spawn_mix_written(&sock, impatient);
+    a_failed_migration_of_leaves_it_running(
+        &sock,
+        source,
+        &addr,
+        &[],
+        "the destination did not say it built the VM within 2 s",
+    );
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_until_cancelled() {
+    require_kvm!();
+    // It may be building the VM: the source must not run it, and must not wait for ever.
+    let (addr, fake) = fake_peer_with_listener(|stream, listener| {
+        let (reader, _writer, _requests) = post_copy_state(stream, listener);
+        silent_until_closed(reader);
+    });
+    let tmp = TempDir::new("migrate-silent-post");
+    let sock = tmp.join("src.sock");
+    let impatient = Mix {
+        env: &[("FAULTLINE_BUILD_TIMEOUT_S", "2")],
+        ..SMALL
+    };
+    let source = spawn_mix_written(&sock, impatient);
+    let out = migrate_send_mode(&sock, &addr, "post");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the destination did not say whether it runs the VM")
+            && err.contains("said nothing more in time"),
+        "{err}"
+    );
+    fake.join().unwrap();
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "paused", "{info}");
+    let out = faultline(&["migrate", "cancel", "--api-sock", sock.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    set_hold(&sock, None);
+    finishes_right(source);
 }
 
 #[test]

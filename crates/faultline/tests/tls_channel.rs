@@ -1,5 +1,5 @@
-//! The TLS migration channel on real loopback TCP, byte for byte, with the timing pinned down
-//! that end-to-end migrations only hit now and then.
+//! The migration channel on real loopback TCP (TLS, and the bounded reads of plain TCP), byte
+//! for byte, with the timing pinned down that end-to-end migrations only hit now and then.
 
 mod common;
 
@@ -79,4 +79,87 @@ fn data_that_came_with_the_handshake_is_delivered() {
     assert_eq!(got, b"hello, straight after the handshake");
     channel.write_all(b"later").unwrap();
     client.join().unwrap();
+}
+
+/// A connected pair of channels over loopback: (client, server), TLS with `tls` (the
+/// source's and destination's directories).
+fn channel_pair(
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> (channel::Channel, channel::Channel) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_tls = tls.map(|(_, server)| Tls::server(server).unwrap());
+    let accepting = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        channel::open(tcp, server_tls.as_ref(), "").unwrap()
+    });
+    let client_tls = tls.map(|(client, _)| Tls::client(client).unwrap());
+    let client = channel::open(
+        TcpStream::connect(addr).unwrap(),
+        client_tls.as_ref(),
+        "127.0.0.1",
+    )
+    .unwrap();
+    (client, accepting.join().unwrap())
+}
+
+#[test]
+fn a_tls_peer_that_sends_faster_than_it_is_read_is_held_by_flow_control() {
+    let tmp = TempDir::new("tls-backlog");
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    let (mut reader, mut writer) =
+        channel_pair(Some((&tmp.join("source"), &tmp.join("destination"))));
+    // Far more than every buffer on the way holds (the sockets' and the TLS thread's).
+    const SENT: usize = 64 << 20;
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let sending = std::thread::spawn(move || {
+        let block: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+        for _ in 0..SENT / block.len() {
+            writer.write_all(&block).unwrap();
+        }
+        done_tx.send(()).unwrap();
+        writer
+    });
+    // Nothing is read yet: the sender must still be held. (A receiving side that took all it
+    // was sent into its memory let it finish in well under this.)
+    assert!(
+        done_rx.recv_timeout(Duration::from_secs(2)).is_err(),
+        "{SENT} bytes went into a channel nobody read: the receiving side buffered them"
+    );
+    // Then everything comes, in order.
+    let mut got = vec![0u8; 1 << 20];
+    for block in 0..SENT / got.len() {
+        reader.read_exact(&mut got).unwrap();
+        assert!(
+            got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+            "block {block} differs"
+        );
+    }
+    drop(sending.join().unwrap());
+}
+
+#[test]
+fn a_reply_that_trickles_in_is_as_late_as_one_that_never_comes() {
+    let (client, mut server) = channel_pair(None);
+    let frame = migrate::frame(&migrate::Message::Done).unwrap();
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    // A byte every 50 ms: each read finds something well within its timeout, and the whole
+    // frame takes 750 ms, longer than the reply may.
+    let trickling = std::thread::spawn(move || {
+        for byte in frame {
+            if stop_rx.try_recv().is_ok() {
+                return;
+            }
+            let _ = server.write_all(&[byte]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut reader = std::io::BufReader::new(client);
+    let result = channel::read_within(&mut reader, Duration::from_millis(200));
+    let _ = stop_tx.send(());
+    trickling.join().unwrap();
+    assert!(
+        result.as_ref().is_err_and(|e| e.is_timeout()),
+        "a reply that took 750 ms came within 200: {result:?}"
+    );
 }

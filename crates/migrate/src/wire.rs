@@ -61,6 +61,20 @@ impl ProtocolError {
         )
     }
 
+    /// Whether the bytes were damaged on the way, or the stream lost its place in them (a
+    /// header or a checksum that fails): what a new connection mends, as opposed to a whole,
+    /// checksummed message that says something wrong.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            ProtocolError::BadMagic { .. }
+                | ProtocolError::Version { .. }
+                | ProtocolError::UnknownKind(_)
+                | ProtocolError::TooLarge { .. }
+                | ProtocolError::Checksum { .. }
+        )
+    }
+
     /// Whether a read with a timeout (`SO_RCVTIMEO`) ran out of time before a whole message
     /// came: a silent peer, as opposed to a broken or a wrong one.
     pub fn is_timeout(&self) -> bool {
@@ -169,12 +183,6 @@ pub fn read_message_reusing<R: Read>(
     }
     let kind = header[6];
     let name = Message::kind_name(kind).ok_or(ProtocolError::UnknownKind(kind))?;
-    if header[7] != 0 {
-        return Err(ProtocolError::Malformed {
-            kind: name,
-            why: format!("reserved header byte is {:#x}, not 0", header[7]),
-        });
-    }
     let length = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
     if length > MAX_PAYLOAD {
         return Err(ProtocolError::TooLarge { kind: name, length });
@@ -211,6 +219,7 @@ pub fn read_message_reusing<R: Read>(
         if crc != hasher.finalize() {
             return Err(ProtocolError::Checksum { kind: name });
         }
+        reserved_is_clear(&header, name)?;
         return Message::pages(u64::from_le_bytes(gpa), data);
     }
     let mut payload = vec![0u8; length as usize];
@@ -225,7 +234,20 @@ pub fn read_message_reusing<R: Read>(
     if crc != checksum(&header[..12], &payload) {
         return Err(ProtocolError::Checksum { kind: name });
     }
+    reserved_is_clear(&header, name)?;
     Message::decode(kind, &payload)
+}
+
+/// Refuses a frame whose reserved header byte is set. Looked at once the checksum holds, so
+/// that a byte damaged on the way is told as damage, and a set one as the peer's doing.
+fn reserved_is_clear(header: &[u8; HEADER_BYTES], kind: &'static str) -> Result<(), ProtocolError> {
+    match header[7] {
+        0 => Ok(()),
+        set => Err(ProtocolError::Malformed {
+            kind,
+            why: format!("reserved header byte is {set:#x}, not 0"),
+        }),
+    }
 }
 
 fn checksum(head: &[u8], payload: &[u8]) -> u32 {
@@ -403,9 +425,13 @@ mod tests {
                     let mut damaged = bytes.clone();
                     damaged[byte] ^= 1 << bit;
                     let result = read_message(&mut &damaged[..]);
+                    // Seen as damage, or (a length grown past the frame) as a frame that
+                    // did not all come: a new connection mends either.
                     assert!(
-                        result.is_err(),
-                        "{} with bit {bit} of byte {byte} flipped was accepted",
+                        result.as_ref().is_err_and(
+                            |e| e.is_damage() || matches!(e, ProtocolError::Truncated { .. })
+                        ),
+                        "{} with bit {bit} of byte {byte} flipped: {result:?}",
                         message.name()
                     );
                 }
@@ -421,6 +447,24 @@ mod tests {
         assert!(!ProtocolError::Io(io::Error::from(io::ErrorKind::ConnectionReset)).is_timeout());
         assert!(!ProtocolError::PeerClosed.is_timeout());
         assert!(!ProtocolError::Checksum { kind: "pages" }.is_timeout());
+    }
+
+    #[test]
+    fn damage_is_told_apart_from_a_message_that_says_something_wrong() {
+        assert!(ProtocolError::Checksum { kind: "pages" }.is_damage());
+        assert!(ProtocolError::BadMagic { found: *b"HTTP" }.is_damage());
+        assert!(!ProtocolError::PeerClosed.is_damage());
+        let wrong = ProtocolError::OutsideLayout {
+            kind: "pages",
+            gpa: 0,
+            count: 1,
+        };
+        assert!(!wrong.is_damage());
+        let malformed = ProtocolError::Malformed {
+            kind: "pages",
+            why: "a page count of 0".into(),
+        };
+        assert!(!malformed.is_damage());
     }
 
     #[test]
@@ -445,6 +489,13 @@ mod tests {
             read_message(&mut &bad[..]),
             Err(ProtocolError::UnknownKind(200))
         ));
+        // A reserved byte set by the peer (its checksum holds) is its doing, not damage.
+        let mut bad = good.clone();
+        bad[7] = 1;
+        let crc = checksum(&bad[..12], &[]);
+        bad[12..16].copy_from_slice(&crc.to_le_bytes());
+        let error = read_message(&mut &bad[..]).unwrap_err();
+        assert!(!error.is_damage() && error.to_string().contains("reserved header byte"));
         let mut bad = good;
         bad[8..12].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert!(matches!(

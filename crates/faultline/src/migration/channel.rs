@@ -26,15 +26,63 @@ use super::lock;
 /// go-ahead): one that says nothing must not hold the other side forever.
 pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reads the next message on `reader`, waiting at most `timeout` for it.
+/// How long a destination may take to say it built the VM once the switch-over is written
+/// (and, after a post-copy's stream, that it holds every page): to take what is still in the
+/// connection's buffers (megabytes) and build it. One that says nothing for longer counts as
+/// stalled. `FAULTLINE_BUILD_TIMEOUT_S` sets another (a slow link's, or a test's).
+pub fn build_timeout() -> std::time::Duration {
+    const DEFAULT: u64 = 120;
+    let seconds = match std::env::var("FAULTLINE_BUILD_TIMEOUT_S") {
+        Ok(text) => text.parse::<u64>().ok().filter(|&s| s > 0).unwrap_or_else(|| {
+            tracing::warn!("FAULTLINE_BUILD_TIMEOUT_S={text:?} is not a number of seconds; {DEFAULT} it is");
+            DEFAULT
+        }),
+        Err(_) => DEFAULT,
+    };
+    std::time::Duration::from_secs(seconds)
+}
+
+/// Reads the next message on `reader`, the whole of it within `timeout` (a peer that sends a
+/// byte now and then takes no longer than one that sends nothing).
 pub fn read_within(
     reader: &mut std::io::BufReader<Channel>,
     timeout: std::time::Duration,
 ) -> Result<migrate::Message, migrate::ProtocolError> {
-    reader.get_ref().set_read_timeout(Some(timeout))?;
-    let message = migrate::read_message(reader);
-    reader.get_ref().set_read_timeout(None)?;
+    let mut within = Within {
+        reader,
+        until: std::time::Instant::now() + timeout,
+    };
+    let message = migrate::read_message(&mut within);
+    within.reader.get_ref().set_read_timeout(None)?;
     message
+}
+
+/// A reader whose every read waits only for the time left until `until`.
+struct Within<'a> {
+    reader: &'a mut std::io::BufReader<Channel>,
+    until: std::time::Instant,
+}
+
+impl Read for Within<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.reader.buffer().is_empty() {
+            let left = self
+                .until
+                .saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+        }
+        match self.reader.read(buf) {
+            // What the socket says when its timeout runs out.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer said nothing more in time",
+            )),
+            read => read,
+        }
+    }
 }
 
 /// The files a `--tls-dir` holds.
@@ -284,6 +332,10 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
     Ok(Channel::Tls(ours, failure))
 }
 
+/// The most decrypted bytes the TLS thread holds for the plaintext socket before it stops
+/// reading the peer.
+const LOCAL_BACKLOG: usize = 256 << 10;
+
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
 /// directions have ended.
 fn carry(
@@ -300,10 +352,19 @@ fn carry(
     let mut tcp_done = take_plaintext(&mut conn, &mut to_local, &mut buf)?;
     let mut local_done = false;
     loop {
+        // The peer's bytes are read only while this side keeps up with them: past a backlog,
+        // TCP's flow control holds the peer, instead of this side's memory growing.
+        let reading_tcp = !tcp_done && to_local.len() < LOCAL_BACKLOG;
         let mut fds = [
             libc::pollfd {
-                fd: tcp.as_raw_fd(),
-                events: if tcp_done { 0 } else { libc::POLLIN }
+                // Not polled at all when nothing is wanted of it (a hang-up would wake the
+                // poll at once, again and again).
+                fd: if reading_tcp || conn.wants_write() {
+                    tcp.as_raw_fd()
+                } else {
+                    -1
+                },
+                events: if reading_tcp { libc::POLLIN } else { 0 }
                     | if conn.wants_write() { libc::POLLOUT } else { 0 },
                 revents: 0,
             },
@@ -336,7 +397,7 @@ fn carry(
             return Err(e);
         }
         let hung_up = libc::POLLHUP | libc::POLLERR;
-        if fds[0].revents & (libc::POLLIN | hung_up) != 0 && !tcp_done {
+        if fds[0].revents & (libc::POLLIN | hung_up) != 0 && reading_tcp {
             match conn.read_tls(&mut tcp) {
                 Ok(0) => tcp_done = true,
                 Ok(_) => {

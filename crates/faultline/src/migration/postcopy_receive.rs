@@ -167,20 +167,23 @@ impl NetworkSource {
     ) -> anyhow::Result<()> {
         self.incoming.add_link(reader.get_ref().try_clone()?);
         let mut slot = lock(&self.writer);
-        let connection = lock(&self.answers).connection + 1;
-        {
-            let answers = Arc::clone(self);
-            std::thread::Builder::new()
-                .name("postcopy-answers".into())
-                .spawn(move || answers.take_answers(reader, connection))?;
-        }
-        let asked = {
+        // The connection is the one in use before its answers thread starts, so that a break
+        // the thread finds at once is this connection's, not an older one's.
+        let (connection, asked) = {
             let mut answers = lock(&self.answers);
-            answers.connection = connection;
+            answers.connection += 1;
             answers.connected = true;
             let asked: Vec<(u64, u32)> = answers.asked.iter().map(|(&g, &n)| (g, n)).collect();
-            asked
+            (answers.connection, asked)
         };
+        let answers = Arc::clone(self);
+        let started = std::thread::Builder::new()
+            .name("postcopy-answers".into())
+            .spawn(move || answers.take_answers(reader, connection));
+        if let Err(e) = started {
+            lock(&self.answers).connected = false;
+            return Err(e.into());
+        }
         let writer = slot.insert(writer);
         let resent = asked
             .into_iter()
@@ -377,8 +380,11 @@ enum Stop {
 }
 
 impl Failure for Stop {
+    /// A lost connection, or bytes damaged on the way (never installed: a page goes in only
+    /// once its message's checksum holds): a new connection mends both, and the source's
+    /// memory waits, frozen, for it.
     fn from_read(error: ProtocolError) -> Self {
-        if error.is_connection_loss() {
+        if error.is_connection_loss() || error.is_damage() {
             Stop::Broken(anyhow::Error::from(error).context("the page stream broke"))
         } else {
             Stop::Fatal(error.into())
@@ -537,7 +543,9 @@ pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
         let all = || DirtyPages::all(ours.layout.pages());
         let confirmed =
             resume_from(&offer, incoming, &ours, all, None).and_then(|(mut reader, mut writer)| {
-                match read_message(&mut reader).context("no end from the source")? {
+                // It has nothing left to send: its end comes at once, or the attempt is
+                // over (and the next `recover` is waited for).
+                match read_within(&mut reader, REPLY_TIMEOUT).context("no end from the source")? {
                     Message::Done => {}
                     other => bail!("the source sent {} where its end belongs", other.name()),
                 }
@@ -719,9 +727,12 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_connection_is_a_break_and_a_fatal_failure_outranks_one() {
+    fn a_lost_connection_or_damaged_bytes_are_a_break_and_a_fatal_failure_outranks_one() {
         let broken = Stop::from_read(ProtocolError::PeerClosed);
-        let fatal = Stop::from_read(ProtocolError::Checksum { kind: "pages" });
+        let fatal = Stop::from_read(ProtocolError::Malformed {
+            kind: "pages",
+            why: "a page count of 0".into(),
+        });
         assert_eq!((kind(&broken), kind(&fatal)), ("broken", "fatal"));
         assert_eq!(
             kind(&Stop::panicked()),
@@ -735,5 +746,10 @@ mod tests {
             "of two fatal ones, the first"
         );
         assert!(!broken.outranks(&Stop::from_read(ProtocolError::PeerClosed)));
+        assert_eq!(
+            kind(&Stop::from_read(ProtocolError::Checksum { kind: "pages" })),
+            "broken",
+            "damaged on the way: a new connection mends it"
+        );
     }
 }

@@ -20,7 +20,7 @@ use migrate::{read_message, write_message, Message, ProtocolError};
 use snapshot::state::GuestInfo;
 use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 
-use super::channel::{read_within, Channel, REPLY_TIMEOUT};
+use super::channel::{build_timeout, read_within, Channel, REPLY_TIMEOUT};
 use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
@@ -131,8 +131,8 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     };
     // Once the destination has built the VM it runs it there, and it must never run here
     // again. Until then only its refusal is sure to leave it unbuilt: any other outcome
-    // leaves the VM paused here, for a recovery to settle.
-    match read_message(&mut reader) {
+    // (silence too) leaves the VM paused here, for a recovery or a cancel to settle.
+    match read_within(&mut reader, build_timeout()) {
         Ok(Message::Built) => {
             *paused_here = false;
             paused.confirmed = true;
@@ -352,7 +352,12 @@ fn complete(
         shared.streamed.store(true, Ordering::Release);
         write_message(&mut writer, &Message::Done)?;
         writer.flush()?;
-        match read_message(&mut reader).context("the destination did not confirm the migration")? {
+        // It confirms once every page is in: what the connection's buffers hold, and the pages
+        // its faults asked for (answered by now). A silent one pauses the migration here, to
+        // be resumed, never waited for without end.
+        match read_within(&mut reader, build_timeout())
+            .context("the destination did not confirm the migration")?
+        {
             Message::Done => Ok(()),
             Message::Abort(reason) => bail!("the destination gave up: {reason}"),
             other => bail!("the destination answered with {}", other.name()),

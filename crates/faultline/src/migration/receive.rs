@@ -166,8 +166,16 @@ fn take(
     let mut state: Option<SnapshotState> = None;
     // Pages received as zero (their memfd blocks punched out) and not rewritten since.
     let mut zeroed = DirtyPages::new(layout.pages());
+    // Pages received at all: every one must have come before the VM may run here.
+    let mut received = DirtyPages::new(layout.pages());
     // The first pass, on two threads; the first message after it is handled below.
-    let mut after_first_pass = Some(first_pass(reader, &ram, &layout, &mut report, &mut zeroed)?);
+    let mut after_first_pass = Some(first_pass(
+        reader,
+        &ram,
+        &layout,
+        &mut report,
+        (&mut zeroed, &mut received),
+    )?);
     // The last run's buffer, read into again.
     let mut spare = None;
     loop {
@@ -185,12 +193,14 @@ fn take(
                 report.bytes += data.len() as u64;
                 write_pages(&ram, gpa, &data)?;
                 mark(&ram, &mut zeroed, gpa, count, false);
+                mark(&ram, &mut received, gpa, count, true);
                 spare = Some(data);
             }
             Message::ZeroPages { gpa, count } => {
                 report.zero_pages += count;
                 zero(&ram, gpa, count)?;
                 mark(&ram, &mut zeroed, gpa, count, true);
+                mark(&ram, &mut received, gpa, count, true);
             }
             Message::Round { round, .. } => report.dirty_rounds = round,
             // Everything before it is in guest RAM: say so.
@@ -212,10 +222,20 @@ fn take(
             other => bail!("unexpected {} message from the source", other.name()),
         }
     }
-    let state = state.context("the source finished without sending the VM's state")?;
     if switched_at.is_none() {
         bail!("the source finished without a switch-over");
     }
+    // A page never sent would run as zeros here: the VM must not run on it.
+    let mut never_came = DirtyPages::all(layout.pages());
+    never_came.remove(&received);
+    if let Some(first) = never_came.first_from(0) {
+        bail!(
+            "the source finished without sending every page of RAM: {} never came, the first at {:#x}",
+            never_came.count(),
+            ram.gpa_of_page(first).unwrap_or(u64::MAX)
+        );
+    }
+    let state = state.context("the source finished without sending the VM's state")?;
     // The state's layout must be the one the pages came in.
     state_into(&mut vm, &state).context("the state does not fit the VM the hello described")?;
     // Built, not run: the VM runs here only once the source knows, so that a connection that
@@ -274,7 +294,7 @@ fn first_pass<R: std::io::Read + Send>(
     ram: &GuestRam,
     layout: &migrate::Layout,
     report: &mut ReceiveReport,
-    zeroed: &mut DirtyPages,
+    (zeroed, received): (&mut DirtyPages, &mut DirtyPages),
 ) -> anyhow::Result<Message> {
     // A post-copy has no first pass: its switch-over comes first, and goes on at once.
     let first = read_message(reader).map_err(<anyhow::Error as Failure>::from_read)?;
@@ -287,7 +307,7 @@ fn first_pass<R: std::io::Read + Send>(
     let pass = Mutex::new(FirstPass {
         report,
         zeroed,
-        seen: DirtyPages::new(layout.pages()),
+        seen: received,
     });
     let install = |message: &Message| -> anyhow::Result<()> {
         message.check(layout)?;
@@ -318,7 +338,8 @@ struct FirstPass<'a> {
     report: &'a mut ReceiveReport,
     /// Pages received as zero.
     zeroed: &'a mut DirtyPages,
-    seen: DirtyPages,
+    /// Pages received (none was before the pass).
+    seen: &'a mut DirtyPages,
 }
 
 impl FirstPass<'_> {
@@ -423,13 +444,13 @@ fn write_pages(ram: &GuestRam, gpa: u64, data: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write arriving pages into guest RAM at {gpa:#x}"))
 }
 
-/// Marks `count` pages from `gpa` as received zero (or not).
-fn mark(ram: &GuestRam, zeroed: &mut DirtyPages, gpa: u64, count: u64, zero: bool) {
+/// Marks `count` pages from `gpa` in `pages` (or unmarks them).
+fn mark(ram: &GuestRam, pages: &mut DirtyPages, gpa: u64, count: u64, marked: bool) {
     if let Some(first) = ram.page_index(gpa) {
-        if zero {
-            zeroed.mark_range(first, count);
+        if marked {
+            pages.mark_range(first, count);
         } else {
-            zeroed.unmark_range(first, count);
+            pages.unmark_range(first, count);
         }
     }
 }
@@ -699,8 +720,16 @@ mod tests {
         stream.extend(frame(&Message::Sync));
         let mut report = ReceiveReport::default();
         let mut zeroed = DirtyPages::new(layout.pages());
+        let mut received = DirtyPages::new(layout.pages());
         let mut reader = stream.as_slice();
-        let after = first_pass(&mut reader, &ram, &layout, &mut report, &mut zeroed).unwrap();
+        let after = first_pass(
+            &mut reader,
+            &ram,
+            &layout,
+            &mut report,
+            (&mut zeroed, &mut received),
+        )
+        .unwrap();
         assert_eq!(after, Message::Sync);
         assert!(reader.is_empty());
         let mut image = vec![0u8; 8 << 20];
@@ -713,6 +742,11 @@ mod tests {
         assert_eq!(report.normal_pages, normal_pages);
         assert_eq!(zeroed.count(), zero_pages);
         assert_eq!(zeroed.first_from(0), first_zero);
+        assert_eq!(
+            received.count(),
+            normal_pages + zero_pages,
+            "every page sent"
+        );
         // The userfaultfd is gone: a page never sent reads (as zero) through the mapping.
         assert_eq!(ram.read_u64(0x7f_f000), Some(0));
     }
@@ -737,13 +771,16 @@ mod tests {
             });
             stream.extend(frame(&again));
             stream.extend(frame(&Message::Sync));
-            let mut zeroed = DirtyPages::new(layout.pages());
+            let (mut zeroed, mut received) = (
+                DirtyPages::new(layout.pages()),
+                DirtyPages::new(layout.pages()),
+            );
             let result = first_pass(
                 &mut stream.as_slice(),
                 &ram,
                 &layout,
                 &mut ReceiveReport::default(),
-                &mut zeroed,
+                (&mut zeroed, &mut received),
             );
             let error = format!("{:#}", result.unwrap_err());
             assert!(error.contains("twice in its first pass"), "{error}");

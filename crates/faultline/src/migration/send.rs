@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use migrate::{read_message, write_message, Message, ProtocolError};
+use migrate::{write_message, Message, ProtocolError};
 use serde::Serialize;
 use snapshot::create::{state_of, Watch};
 use snapshot::memory::is_zero_page;
@@ -17,7 +17,7 @@ use vmm::control::PauseError;
 use vmm::throttle::Throttle;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
-use super::channel::{read_within, Channel, REPLY_TIMEOUT};
+use super::channel::{build_timeout, read_within, Channel, REPLY_TIMEOUT};
 use super::identity;
 use super::pace::Pacer;
 use super::progress::Progress;
@@ -433,8 +433,20 @@ fn switch_over(
     write_message(&mut writer, &Message::Done)?;
     writer.flush()?;
     // The destination builds the VM and waits for the go-ahead before it runs it: until this
-    // side gives it, a failure leaves the VM here only.
-    match read_message(&mut reader).context("the destination did not say it built the VM")? {
+    // side gives it, a failure leaves the VM here only, and a destination that says nothing
+    // (stalled, or hostile) must not keep it paused here.
+    let patience = build_timeout();
+    let built = read_within(&mut reader, patience).map_err(|e| {
+        if e.is_timeout() {
+            anyhow::anyhow!(
+                "the destination did not say it built the VM within {} s",
+                patience.as_secs()
+            )
+        } else {
+            anyhow::Error::from(e).context("the destination did not say it built the VM")
+        }
+    })?;
+    match built {
         Message::Built => {}
         Message::Abort(reason) => {
             return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into())
@@ -468,7 +480,9 @@ fn switch_over(
     // A go-ahead that could not be written may meet the destination's refusal (it gave up
     // waiting for it): then nothing runs the VM there.
     let answer = match go {
-        Ok(()) => read_message(&mut reader),
+        // Its answer settles where the VM runs; a silent destination leaves that open (paused
+        // here), for a cancel or a resume to settle, not for ever.
+        Ok(()) => read_within(&mut reader, REPLY_TIMEOUT),
         Err(e) => match abort_reason(&mut reader) {
             Some(reason) => Ok(Message::Abort(reason)),
             None => Err(ProtocolError::from(e)),

@@ -1,7 +1,7 @@
 //! A TCP proxy on loopback that plays a network failing: it forwards every connection it
 //! accepts to a target, and once a chosen number of bytes went one way on the first of them,
 //! it cuts every connection, both ways, at that byte (and refuses new ones: the network is
-//! down).
+//! down), or damages that byte (a bit flipped that TCP's own checksum missed) and goes on.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -18,8 +18,10 @@ pub struct CuttingProxy {
 
 struct Shared {
     /// Bytes on the first connection (from the client, or back to it) after which everything
-    /// is cut.
+    /// is cut (or the byte after which is damaged).
     cut_after: u64,
+    /// Damage the byte instead of cutting.
+    damage: bool,
     forwarded: AtomicU64,
     cut: AtomicBool,
     /// Every socket of every connection, to shut down at the cut.
@@ -47,10 +49,15 @@ impl CuttingProxy {
     }
 
     fn start_counting(target: &str, cut_after: u64, back: bool) -> CuttingProxy {
+        CuttingProxy::start_with(target, cut_after, back, false)
+    }
+
+    fn start_with(target: &str, cut_after: u64, back: bool, damage: bool) -> CuttingProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let shared = Arc::new(Shared {
             cut_after,
+            damage,
             forwarded: AtomicU64::new(0),
             cut: AtomicBool::new(false),
             sockets: Mutex::new(Vec::new()),
@@ -86,7 +93,13 @@ impl CuttingProxy {
         CuttingProxy { addr, shared }
     }
 
-    /// Whether the cut happened.
+    /// Forwards to `target`, damaging the byte after `at` bytes from the first client (and
+    /// refusing new connections from then on).
+    pub fn start_damaging(target: &str, at: u64) -> CuttingProxy {
+        CuttingProxy::start_with(target, at, false, true)
+    }
+
+    /// Whether the cut (or the damage) happened.
     pub fn has_cut(&self) -> bool {
         self.shared.cut.load(Ordering::Acquire)
     }
@@ -114,8 +127,14 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counted: Option<&Shared>) {
         };
         if let Some(shared) = counted {
             let before = shared.forwarded.fetch_add(n as u64, Ordering::AcqRel);
-            // The first `cut_after` bytes go through; the cut comes with the next one.
-            if before + n as u64 > shared.cut_after {
+            // The first `cut_after` bytes go through; the cut (or the damage) comes with the
+            // next one.
+            if shared.damage {
+                if (before..before + n as u64).contains(&shared.cut_after) {
+                    buf[(shared.cut_after - before) as usize] ^= 0x55;
+                    shared.cut.store(true, Ordering::Release);
+                }
+            } else if before + n as u64 > shared.cut_after {
                 let keep = shared.cut_after.saturating_sub(before) as usize;
                 let _ = to.write_all(&buf[..keep.min(n)]);
                 shared.cut_everything();
