@@ -1508,18 +1508,71 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
     }
 }
 
-#[test]
-fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
-    require_kvm!();
+/// Plays a source of an 8 MiB, one-vCPU VM to `destination` up to the hellos: the
+/// connection's halves.
+fn greeting(destination: &str) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
     use migrate::{read_message, write_message, Message};
-    let destination = Destination::spawn(&["--json"]);
     let ram = vmm::GuestRam::new(8 << 20).unwrap();
     let identity = faultline::migration::identity(&ram, 1).unwrap();
-    let stream = std::net::TcpStream::connect(&destination.addr).unwrap();
+    let stream = std::net::TcpStream::connect(destination).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     write_message(&mut writer, &Message::Hello(identity)).unwrap();
     assert!(matches!(read_message(&mut reader), Ok(Message::Hello(_))));
+    (reader, writer)
+}
+
+#[test]
+fn a_source_that_stops_sending_mid_stream_is_given_up_on() {
+    require_kvm!();
+    use migrate::{write_message, Message};
+    let mut receive = common::command();
+    receive
+        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--json"])
+        .env("FAULTLINE_PEER_TIMEOUT_S", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut destination = receive.spawn().unwrap();
+    let mut stderr = BufReader::new(destination.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let (_reader, mut writer) = greeting(&addr);
+    // Some of the first pass, then nothing, the connection open (for a minute at most, so
+    // that a destination that waits for ever fails this test rather than hangs it).
+    write_message(&mut writer, &Message::ZeroPages { gpa: 0, count: 5 }).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = destination.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = destination.kill();
+            panic!("the destination still waits for a source silent for a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("the migration stream failed")
+            && err.contains("said nothing in the time allowed"),
+        "{err}"
+    );
+    drop(writer);
+}
+
+#[test]
+fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
+    require_kvm!();
+    use migrate::{write_message, Message};
+    let destination = Destination::spawn(&["--json"]);
+    let (_reader, mut writer) = greeting(&destination.addr);
     // Every page but one (0x5000), then the end of a pre-copy.
     let pages = (8 << 20) / 4096;
     for (gpa, count) in [(0, 5), (0x6000, pages - 6)] {
@@ -1560,7 +1613,7 @@ fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_runni
     let tmp = TempDir::new("migrate-silent");
     let sock = tmp.join("src.sock");
     let impatient = Mix {
-        env: &[("FAULTLINE_BUILD_TIMEOUT_S", "2")],
+        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
         ..SMALL
     };
     let source = spawn_mix_written(&sock, impatient);
@@ -1585,7 +1638,7 @@ fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_un
     let tmp = TempDir::new("migrate-silent-post");
     let sock = tmp.join("src.sock");
     let impatient = Mix {
-        env: &[("FAULTLINE_BUILD_TIMEOUT_S", "2")],
+        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
         ..SMALL
     };
     let source = spawn_mix_written(&sock, impatient);
@@ -1594,7 +1647,7 @@ fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_un
     let err = text(&out.stderr);
     assert!(
         err.contains("the destination did not say whether it runs the VM")
-            && err.contains("said nothing more in time"),
+            && err.contains("said nothing in the time allowed"),
         "{err}"
     );
     fake.join().unwrap();

@@ -29,15 +29,33 @@ pub const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// How long a destination may take to say it built the VM once the switch-over is written
 /// (and, after a post-copy's stream, that it holds every page): to take what is still in the
 /// connection's buffers (megabytes) and build it. One that says nothing for longer counts as
-/// stalled. `FAULTLINE_BUILD_TIMEOUT_S` sets another (a slow link's, or a test's).
+/// stalled.
 pub fn build_timeout() -> std::time::Duration {
-    const DEFAULT: u64 = 120;
-    let seconds = match std::env::var("FAULTLINE_BUILD_TIMEOUT_S") {
-        Ok(text) => text.parse::<u64>().ok().filter(|&s| s > 0).unwrap_or_else(|| {
-            tracing::warn!("FAULTLINE_BUILD_TIMEOUT_S={text:?} is not a number of seconds; {DEFAULT} it is");
-            DEFAULT
-        }),
-        Err(_) => DEFAULT,
+    patience(120)
+}
+
+/// How long a destination waits for the next message of a source's stream (of pages, rounds,
+/// the switch-over): a source sends without a break, so one silent for longer counts as
+/// stalled (a pre-copy fails, the source VM running on; a post-copy pauses for recovery).
+pub fn stream_silence() -> std::time::Duration {
+    patience(60)
+}
+
+/// `default` seconds, or what `FAULTLINE_PEER_TIMEOUT_S` says instead: how long a silent peer
+/// is waited for where it owes a message (a slow link's setting, or a test's).
+fn patience(default: u64) -> std::time::Duration {
+    let seconds = match std::env::var("FAULTLINE_PEER_TIMEOUT_S") {
+        Ok(text) => text
+            .parse::<u64>()
+            .ok()
+            .filter(|&s| s > 0)
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                "FAULTLINE_PEER_TIMEOUT_S={text:?} is not a number of seconds: {default} s it is"
+            );
+                default
+            }),
+        Err(_) => default,
     };
     std::time::Duration::from_secs(seconds)
 }
@@ -52,8 +70,9 @@ pub fn read_within(
         reader,
         until: std::time::Instant::now() + timeout,
     };
+    let before = within.reader.get_ref().read_timeout()?;
     let message = migrate::read_message(&mut within);
-    within.reader.get_ref().set_read_timeout(None)?;
+    within.reader.get_ref().set_read_timeout(before)?;
     message
 }
 
@@ -74,14 +93,7 @@ impl Read for Within<'_> {
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
         }
-        match self.reader.read(buf) {
-            // What the socket says when its timeout runs out.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer said nothing more in time",
-            )),
-            read => read,
-        }
+        self.reader.read(buf)
     }
 }
 
@@ -107,11 +119,20 @@ impl Channel {
         })
     }
 
-    /// Bounds every read (`None`: reads wait as long as it takes).
+    /// Bounds every read (`None`: reads wait as long as it takes); a read that runs out of
+    /// time fails with `TimedOut`.
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         match self {
             Channel::Tcp(s) => s.set_read_timeout(timeout),
             Channel::Tls(s, _) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// The bound on every read.
+    pub fn read_timeout(&self) -> io::Result<Option<std::time::Duration>> {
+        match self {
+            Channel::Tcp(s) => s.read_timeout(),
+            Channel::Tls(s, _) => s.read_timeout(),
         }
     }
 
@@ -145,9 +166,17 @@ impl Channel {
 
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let read = match self {
             Channel::Tcp(s) => s.read(buf),
             Channel::Tls(s, _) => s.read(buf),
+        };
+        match read {
+            // What a blocking socket says when its read timeout runs out.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer said nothing in the time allowed",
+            )),
+            read => read,
         }
     }
 }

@@ -20,7 +20,7 @@ use migrate::{read_message, write_message, Layout, Message, ProtocolError, VmIde
 use pager::{Content, PageSource, SourceError};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
-use super::channel::{read_within, Channel, Tls, REPLY_TIMEOUT};
+use super::channel::{read_within, stream_silence, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Offer, Phase};
 use super::turns::{take_pages_in_turns, Failure};
 use super::{layout_of, READ_BUFFER};
@@ -416,6 +416,11 @@ pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
     } = stream;
     incoming.add_link(reader.get_ref().try_clone()?);
     loop {
+        // The source streams without a break: one silent for longer has stalled, which
+        // pauses the migration as a cut does.
+        if let Err(e) = reader.get_ref().set_read_timeout(Some(stream_silence())) {
+            tracing::warn!("the page stream waits for its source without a bound: {e}");
+        }
         match take_all(&mut reader, &ram, &pager, &source, &incoming) {
             Ok(()) => {
                 incoming.finish(Phase::Completed, None);

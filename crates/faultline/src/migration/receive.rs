@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use pager::{FailurePolicy, Pager, PagerConfig};
 
-use super::channel::{open, read_within, Channel, Tls, REPLY_TIMEOUT};
+use super::channel::{open, read_within, stream_silence, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
 use super::lock;
 use super::postcopy_receive::{accept_requests, mark_zeros, take_stream, NetworkSource, Stream};
@@ -147,6 +147,8 @@ fn take(
         .context("this host cannot take the VM")?;
     write_message(writer, &Message::Hello(ours.clone()))?;
     writer.flush()?;
+    // From here the source streams without a break: a silent one has stalled.
+    reader.get_ref().set_read_timeout(Some(stream_silence()))?;
     // The VM is built now, while the pages come, not in the downtime; its state goes in when
     // it arrives. (Its vCPU threads tell a pager, if post-copy starts one, who they are.)
     let link = PagerLink::default();
