@@ -1050,6 +1050,52 @@ fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
 }
 
 #[test]
+fn a_tls_handshake_that_trickles_in_is_given_up_on() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-tls-trickle");
+    make_pki(tmp.path(), "ca", &["destination"]);
+    let mut receive = common::command();
+    receive
+        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--tls-dir"])
+        .arg(tmp.join("destination"))
+        .env("FAULTLINE_PEER_TIMEOUT_S", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut destination = receive.spawn().unwrap();
+    let mut stderr = BufReader::new(destination.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    // A handshake record's header, then its body a byte every 100 ms (for a minute at most):
+    // every read finds something, and the handshake never ends.
+    let mut client = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = client.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = destination.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = destination.kill();
+            panic!("the destination still waits for a handshake trickling in for a minute");
+        }
+        let _ = client.write_all(&[0x01]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    stderr.read_to_string(&mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("the TLS handshake did not finish within 2 s"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_post_copy_destination_that_cannot_build_the_vm_leaves_the_source_running() {
     require_kvm!();
     use migrate::{read_message, write_message, Message};

@@ -330,17 +330,57 @@ fn detect_dead_peers(tcp: &TcpStream) -> std::io::Result<()> {
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000)
 }
 
-/// How long a TLS handshake may take: a peer that connects and stays silent must not hold
-/// the side waiting for it.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a TLS handshake may take, all of it: a peer that connects and stays silent, or
+/// sends a byte now and then, must not hold the side waiting for it (a destination takes one
+/// connection at a time, and this is before the peer is known).
+fn handshake_timeout() -> std::time::Duration {
+    patience(30)
+}
+
+/// What a failed handshake most likely means.
+const HANDSHAKE_FAILED: &str =
+    "the TLS handshake failed (is the peer's certificate from the same CA?)";
 
 /// Completes the handshake, then starts the thread that carries the session.
 fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Channel> {
-    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut tcp)
-            .context("the TLS handshake failed (is the peer's certificate from the same CA?)")?;
+    let limit = handshake_timeout();
+    let deadline = std::time::Instant::now() + limit;
+    // A flight at a time, each read and write bounded by the time left.
+    while conn.is_handshaking() || conn.wants_write() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the TLS handshake did not finish within {} s",
+                limit.as_secs()
+            );
+        }
+        tcp.set_read_timeout(Some(left))?;
+        tcp.set_write_timeout(Some(left))?;
+        if conn.wants_write() {
+            conn.write_tls(&mut tcp).context(HANDSHAKE_FAILED)?;
+        } else {
+            match conn.read_tls(&mut tcp) {
+                Ok(0) => bail!("the peer closed the connection during the TLS handshake"),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    bail!(
+                        "the TLS handshake did not finish within {} s",
+                        limit.as_secs()
+                    )
+                }
+                Err(e) => return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED)),
+            }
+            if let Err(e) = conn.process_new_packets() {
+                // The peer learns why (a certificate refused is an alert it reports).
+                let _ = conn.write_tls(&mut tcp);
+                return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED));
+            }
+        }
     }
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
