@@ -342,8 +342,8 @@ impl Migrations {
                     "the VM runs on the destination, and stays paused here, never to run here \
                      again"
                 } else {
-                    "the destination may run the VM (it did not say before the connection \
-                     broke), so it stays paused here (if the destination surely does not run \
+                    "the destination may run the VM (it did not say whether it does before \
+                     the connection broke or the wait ran out), so it stays paused here (if the destination surely does not run \
                      it, `faultline migrate cancel` runs it here again)"
                 };
                 self.end_outgoing(json!({

@@ -34,21 +34,26 @@ pub fn build_timeout() -> std::time::Duration {
     patience(120)
 }
 
-/// How long a destination waits for the next message of a source's stream (of pages, rounds,
+/// How long a destination waits for the next bytes of a source's stream (of pages, rounds,
 /// the switch-over): a source sends without a break, so one silent for longer counts as
-/// stalled (a pre-copy fails, the source VM running on; a post-copy pauses for recovery).
+/// stalled (a pre-copy fails, the source VM running on; a post-copy pauses for recovery). A
+/// bound on each read, not on a message: a source that sends a byte now and then is not
+/// caught by it (it can do worse to a VM it migrates).
 pub fn stream_silence() -> std::time::Duration {
     patience(60)
 }
 
-/// `default` seconds, or what `FAULTLINE_PEER_TIMEOUT_S` says instead: how long a silent peer
-/// is waited for where it owes a message (a slow link's setting, or a test's).
+/// `default` seconds, or what `FAULTLINE_PEER_TIMEOUT_S` says instead (at most a year): how
+/// long a silent peer is waited for where it owes a message (a slow link's setting, or a
+/// test's).
 fn patience(default: u64) -> std::time::Duration {
+    const MOST: u64 = 365 * 24 * 3600;
     let seconds = match std::env::var("FAULTLINE_PEER_TIMEOUT_S") {
         Ok(text) => text
             .parse::<u64>()
             .ok()
             .filter(|&s| s > 0)
+            .map(|s| s.min(MOST))
             .unwrap_or_else(|| {
                 tracing::warn!(
                 "FAULTLINE_PEER_TIMEOUT_S={text:?} is not a number of seconds: {default} s it is"
@@ -89,7 +94,7 @@ impl Read for Within<'_> {
                 .until
                 .saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
+                return Err(nothing_in_time());
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
         }
@@ -172,13 +177,18 @@ impl Read for Channel {
         };
         match read {
             // What a blocking socket says when its read timeout runs out.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer said nothing in the time allowed",
-            )),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(nothing_in_time()),
             read => read,
         }
     }
+}
+
+/// A read that ran out of time.
+fn nothing_in_time() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the peer said nothing in the time allowed",
+    )
 }
 
 impl Write for Channel {
@@ -332,9 +342,10 @@ fn detect_dead_peers(tcp: &TcpStream) -> std::io::Result<()> {
 
 /// How long a TLS handshake may take, all of it: a peer that connects and stays silent, or
 /// sends a byte now and then, must not hold the side waiting for it (a destination takes one
-/// connection at a time, and this is before the peer is known).
+/// connection at a time, and this is before the peer is known). `FAULTLINE_PEER_TIMEOUT_S`
+/// may shorten it, never lengthen it.
 fn handshake_timeout() -> std::time::Duration {
-    patience(30)
+    patience(30).min(std::time::Duration::from_secs(30))
 }
 
 /// What a failed handshake most likely means.
@@ -356,23 +367,29 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
         }
         tcp.set_read_timeout(Some(left))?;
         tcp.set_write_timeout(Some(left))?;
+        let timed_out = |e: &io::Error| {
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            )
+        };
+        let late = || {
+            anyhow::anyhow!(
+                "the TLS handshake did not finish within {} s",
+                limit.as_secs()
+            )
+        };
         if conn.wants_write() {
-            conn.write_tls(&mut tcp).context(HANDSHAKE_FAILED)?;
+            match conn.write_tls(&mut tcp) {
+                Ok(_) => {}
+                Err(e) if timed_out(&e) => return Err(late()),
+                Err(e) => return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED)),
+            }
         } else {
             match conn.read_tls(&mut tcp) {
                 Ok(0) => bail!("the peer closed the connection during the TLS handshake"),
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    bail!(
-                        "the TLS handshake did not finish within {} s",
-                        limit.as_secs()
-                    )
-                }
+                Err(e) if timed_out(&e) => return Err(late()),
                 Err(e) => return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED)),
             }
             if let Err(e) = conn.process_new_packets() {
@@ -401,8 +418,8 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
     Ok(Channel::Tls(ours, failure))
 }
 
-/// The most decrypted bytes the TLS thread holds for the plaintext socket before it stops
-/// reading the peer.
+/// Decrypted bytes held for the plaintext socket past which the TLS thread stops reading the
+/// peer (one read may take it a little past).
 const LOCAL_BACKLOG: usize = 256 << 10;
 
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
@@ -426,13 +443,7 @@ fn carry(
         let reading_tcp = !tcp_done && to_local.len() < LOCAL_BACKLOG;
         let mut fds = [
             libc::pollfd {
-                // Not polled at all when nothing is wanted of it (a hang-up would wake the
-                // poll at once, again and again).
-                fd: if reading_tcp || conn.wants_write() {
-                    tcp.as_raw_fd()
-                } else {
-                    -1
-                },
+                fd: tcp.as_raw_fd(),
                 events: if reading_tcp { libc::POLLIN } else { 0 }
                     | if conn.wants_write() { libc::POLLOUT } else { 0 },
                 revents: 0,
@@ -451,6 +462,14 @@ fn carry(
                 revents: 0,
             },
         ];
+        // A socket nothing is wanted of is not polled: a hung-up one would wake the poll at
+        // once, again and again (the local end is hung up once every clone of the migration
+        // code's end is closed, and the session may run on till TCP ends).
+        for fd in &mut fds {
+            if fd.events == 0 {
+                fd.fd = -1;
+            }
+        }
         if tcp_done && to_local.is_empty() {
             let _ = local.shutdown(Shutdown::Write);
         }

@@ -355,7 +355,7 @@ fn complete(
         // It confirms once every page is in: what the connection's buffers hold, and the pages
         // its faults asked for (answered by now). A silent one pauses the migration here, to
         // be resumed, never waited for without end.
-        match read_within(&mut reader, build_timeout())
+        match read_within(&mut reader, build_timeout().max(CONFIRM_AT_LEAST))
             .context("the destination did not confirm the migration")?
         {
             Message::Done => Ok(()),
@@ -382,6 +382,12 @@ fn complete(
 }
 
 const NO_HINT: u64 = u64::MAX;
+
+/// The least time the source waits, once its stream has ended, for the destination to say
+/// it holds every page: no less than the destination may wait itself for its last pages (an
+/// answer to a fetch, 60 s, then any page still missing, 30 s), whatever
+/// `FAULTLINE_PEER_TIMEOUT_S` says.
+const CONFIRM_AT_LEAST: Duration = Duration::from_secs(120);
 
 /// What the stream and the request server share on the source.
 struct Streaming {

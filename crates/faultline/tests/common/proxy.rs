@@ -1,6 +1,6 @@
 //! A TCP proxy on loopback that plays a network failing: it forwards every connection it
 //! accepts to a target, and once a chosen number of bytes went one way on the first of them,
-//! it cuts every connection, both ways, at that byte (and refuses new ones: the network is
+//! it cuts every connection, both ways, at that byte (and drops new ones: the network is
 //! down), or damages that byte (a bit flipped that TCP's own checksum missed) and goes on.
 
 use std::io::{Read, Write};
@@ -94,7 +94,7 @@ impl CuttingProxy {
     }
 
     /// Forwards to `target`, damaging the byte after `at` bytes from the first client (and
-    /// refusing new connections from then on).
+    /// dropping new connections from then on).
     pub fn start_damaging(target: &str, at: u64) -> CuttingProxy {
         CuttingProxy::start_with(target, at, false, true)
     }
