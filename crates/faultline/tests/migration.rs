@@ -204,9 +204,19 @@ impl Destination {
     }
 
     fn spawn(extra: &[&str]) -> Destination {
-        let mut args = vec!["migrate", "receive", "--listen", "127.0.0.1:0"];
-        args.extend(extra);
-        let mut child = spawn(&args);
+        Destination::spawn_with(extra, &[])
+    }
+
+    /// One with `extra` arguments and `env` added to its environment.
+    fn spawn_with(extra: &[&str], env: &[(&str, &str)]) -> Destination {
+        let mut child = common::command()
+            .args(["migrate", "receive", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("faultline starts");
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
@@ -1054,40 +1064,18 @@ fn a_tls_handshake_that_trickles_in_is_given_up_on() {
     require_kvm!();
     let tmp = TempDir::new("migrate-tls-trickle");
     make_pki(tmp.path(), "ca", &["destination"]);
-    let mut receive = common::command();
-    receive
-        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--tls-dir"])
-        .arg(tmp.join("destination"))
-        .env("FAULTLINE_PEER_TIMEOUT_S", "2")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut destination = receive.spawn().unwrap();
-    let mut stderr = BufReader::new(destination.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let tls_dir = tmp.join("destination");
+    let destination = Destination::spawn_with(
+        &["--tls-dir", tls_dir.to_str().unwrap()],
+        &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
+    );
     // A handshake record's header, then its body a byte every 100 ms (for a minute at most):
     // every read finds something, and the handshake never ends.
-    let mut client = std::net::TcpStream::connect(&addr).unwrap();
+    let mut client = std::net::TcpStream::connect(&destination.addr).unwrap();
     let _ = client.write_all(&[0x16, 0x03, 0x01, 0x40, 0x00]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = destination.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = destination.kill();
-            panic!("the destination still waits for a handshake trickling in for a minute");
-        }
+    let (status, err) = ended_within_a_minute(destination, "a handshake trickling in", || {
         let _ = client.write_all(&[0x01]);
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    stderr.read_to_string(&mut err).unwrap();
+    });
     assert!(!status.success());
     assert!(
         err.contains("the TLS handshake did not finish within 2 s"),
@@ -1554,6 +1542,29 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
     }
 }
 
+/// Waits until `destination` ends, doing `meanwhile` every 100 ms: its exit status and what it
+/// said. After a minute it is killed and the test fails (a destination that waits for ever
+/// fails the test rather than hangs it).
+fn ended_within_a_minute(
+    mut destination: Destination,
+    waiting_for: &str,
+    mut meanwhile: impl FnMut(),
+) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = destination.child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = destination.child.kill();
+            panic!("the destination still waits for {waiting_for} after a minute");
+        }
+        meanwhile();
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    (status, destination.stderr.join().unwrap())
+}
+
 /// Plays a source of an 8 MiB, one-vCPU VM to `destination` up to the hellos: the
 /// connection's halves.
 fn greeting(destination: &str) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
@@ -1572,38 +1583,11 @@ fn greeting(destination: &str) -> (BufReader<std::net::TcpStream>, std::net::Tcp
 fn a_source_that_stops_sending_mid_stream_is_given_up_on() {
     require_kvm!();
     use migrate::{write_message, Message};
-    let mut receive = common::command();
-    receive
-        .args(["migrate", "receive", "--listen", "127.0.0.1:0", "--json"])
-        .env("FAULTLINE_PEER_TIMEOUT_S", "2")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    let mut destination = receive.spawn().unwrap();
-    let mut stderr = BufReader::new(destination.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    let (_reader, mut writer) = greeting(&addr);
-    // Some of the first pass, then nothing, the connection open (for a minute at most, so
-    // that a destination that waits for ever fails this test rather than hangs it).
+    let destination = Destination::spawn_with(&["--json"], &[("FAULTLINE_PEER_TIMEOUT_S", "2")]);
+    let (_reader, mut writer) = greeting(&destination.addr);
+    // Some of the first pass, then nothing, the connection open.
     write_message(&mut writer, &Message::ZeroPages { gpa: 0, count: 5 }).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = destination.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = destination.kill();
-            panic!("the destination still waits for a source silent for a minute");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    stderr.read_to_string(&mut err).unwrap();
+    let (status, err) = ended_within_a_minute(destination, "a source silent", || {});
     assert!(!status.success());
     assert!(
         err.contains("the migration stream failed")
