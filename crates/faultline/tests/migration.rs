@@ -1620,6 +1620,12 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
     );
 }
 
+/// The small guest, whose source waits 2 s for a silent destination where it owes an answer.
+const IMPATIENT: Mix = Mix {
+    env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
+    ..SMALL
+};
+
 /// Reads `reader` to its end, saying nothing, for a minute at most.
 fn silent_until_closed(mut reader: BufReader<std::net::TcpStream>) {
     reader
@@ -1642,11 +1648,7 @@ fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_runni
     });
     let tmp = TempDir::new("migrate-silent");
     let sock = tmp.join("src.sock");
-    let impatient = Mix {
-        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
-        ..SMALL
-    };
-    let source = spawn_mix_written(&sock, impatient);
+    let source = spawn_mix_written(&sock, IMPATIENT);
     a_failed_migration_of_leaves_it_running(
         &sock,
         source,
@@ -1667,11 +1669,7 @@ fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_un
     });
     let tmp = TempDir::new("migrate-silent-post");
     let sock = tmp.join("src.sock");
-    let impatient = Mix {
-        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
-        ..SMALL
-    };
-    let source = spawn_mix_written(&sock, impatient);
+    let source = spawn_mix_written(&sock, IMPATIENT);
     let out = migrate_send_mode(&sock, &addr, "post");
     assert!(!out.status.success());
     let err = text(&out.stderr);
