@@ -1764,8 +1764,19 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
         "the source must not run what the destination may run"
     );
 
-    // The destination runs it; resuming, the source learns so, and is done.
+    // The destination runs it; resuming, the source learns so, and is done. The first resume
+    // is cut too, once the destination has said it holds every page: a second `recover` is
+    // answered as well.
     wait_for_migration_status(&dsock, "completed");
+    let at = recover(&dsock);
+    let held = migrate::Message::Received {
+        pages: 1024,
+        bitmap: vec![u64::MAX; 16],
+    };
+    let proxy = common::proxy::CuttingProxy::start_back(&at, frame_len(&hello) + frame_len(&held));
+    let out = migrate_send_with(&sock, &proxy.addr, &["--resume"]);
+    assert!(proxy.has_cut());
+    assert!(!out.status.success(), "{}", text(&out.stdout));
     let at = recover(&dsock);
     let out = migrate_send_with(&sock, &at, &["--resume"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

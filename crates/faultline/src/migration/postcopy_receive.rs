@@ -538,8 +538,8 @@ fn resume_from(
 }
 
 /// A completed migration whose source missed the end (its last Done was lost to a cut) and
-/// resumes: it is told that every page is here, and done. Runs until that worked, `recover`
-/// is asked again, or the VM is shut down.
+/// resumes: it is told that every page is here, and done. Serves every `recover` asked of
+/// it (a resume cut again is answered again), until the VM is shut down.
 pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
     let Some(ours) = incoming.identity() else {
         return;
@@ -560,10 +560,8 @@ pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
             });
         incoming.shut_links();
         match confirmed {
-            Ok(()) => {
-                incoming.finish(Phase::Completed, None);
-                return;
-            }
+            // The offer is spent: the next `recover` gives the next one.
+            Ok(()) => incoming.finish(Phase::Completed, None),
             Err(e) => {
                 if incoming.abandoned() {
                     return;
