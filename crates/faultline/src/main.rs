@@ -276,8 +276,10 @@ enum VmCommand {
     Stats(ApiSock),
     /// Print the VM's state (JSON).
     Info(ApiSock),
-    /// Stop the VM; its faultline process exits.
-    Shutdown(ApiSock),
+    /// Stop the VM; its faultline process exits. Refused while a migration paused here may
+    /// still need this side (its destination may lack pages only this side has), unless
+    /// --force.
+    Shutdown(ShutdownArgs),
     /// Host swap: move guest memory out to the VM's swap file, or bring it back.
     Swap {
         #[command(subcommand)]
@@ -440,6 +442,17 @@ struct TrackRange {
     /// "write": the guest's writes are reported with their bytes; "access": its reads too.
     #[arg(long, value_name = "MODE", default_value = "write", value_parser = ["write", "access"])]
     mode: String,
+}
+
+#[derive(Args)]
+struct ShutdownArgs {
+    /// The API socket of the running faultline.
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Shut down even a source that a paused migration may still need (its VM may then be
+    /// lost: pages only this side has are gone).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -931,16 +944,15 @@ fn api_call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    // A snapshot or a migration of a large guest takes a while; everything else answers at
-    // once.
-    let timeout = Duration::from_secs(
-        if path.starts_with("/snapshot") || path == "/migration/send" {
-            1800
-        } else {
-            30
-        },
-    );
-    let (status, answer) = http::call(socket, method, path, body, Some(timeout))?;
+    // A snapshot or a migration takes as long as its guest's memory does (a migration capped
+    // at 1 MiB/s, hours): it is waited for to its end, which the VMM always answers (its own
+    // waits on a peer are bounded). Everything else answers at once.
+    let timeout = if path.starts_with("/snapshot") || path == "/migration/send" {
+        None
+    } else {
+        Some(Duration::from_secs(30))
+    };
+    let (status, answer) = http::call(socket, method, path, body, timeout)?;
     if !(200..300).contains(&status) {
         return Err(refusal(method, path, status, answer.as_ref()));
     }
@@ -1456,15 +1468,20 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             if let VmCommand::Swap { action } = &action {
                 return swap_command(action);
             }
-            let (method, path, socket) = match &action {
+            let (method, path, socket, body) = match &action {
                 VmCommand::Swap { .. } => unreachable!("handled above"),
-                VmCommand::Pause(s) => ("PUT", "/vm/pause", &s.api_sock),
-                VmCommand::Resume(s) => ("PUT", "/vm/resume", &s.api_sock),
-                VmCommand::Shutdown(s) => ("PUT", "/vm/shutdown", &s.api_sock),
-                VmCommand::Stats(s) => ("GET", "/vm/stats", &s.api_sock),
-                VmCommand::Info(s) => ("GET", "/vm", &s.api_sock),
+                VmCommand::Pause(s) => ("PUT", "/vm/pause", &s.api_sock, None),
+                VmCommand::Resume(s) => ("PUT", "/vm/resume", &s.api_sock, None),
+                VmCommand::Shutdown(s) => (
+                    "PUT",
+                    "/vm/shutdown",
+                    &s.api_sock,
+                    s.force.then(|| serde_json::json!({ "force": true })),
+                ),
+                VmCommand::Stats(s) => ("GET", "/vm/stats", &s.api_sock, None),
+                VmCommand::Info(s) => ("GET", "/vm", &s.api_sock, None),
             };
-            match api_call(socket, method, path, None)? {
+            match api_call(socket, method, path, body.as_ref())? {
                 Some(answer) => print_answer(&answer)?,
                 None => println!("faultline: {} done", &path[4..]),
             }

@@ -770,7 +770,25 @@ fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     // It may run at the destination now: it must not run here too.
     let (_, info) = api(&sock, "GET", "/vm", None);
     assert_eq!(info["state"], "paused", "{info}");
-    api(&sock, "PUT", "/vm/shutdown", None);
+    // Nor may it go without a word: the destination may need pages only it has.
+    let (status, refusal) = api(&sock, "PUT", "/vm/shutdown", None);
+    assert_eq!(status, 409, "{refusal}");
+    assert!(
+        refusal["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("a post-copy is paused here")),
+        "{refusal}"
+    );
+    let out = faultline(&["vm", "shutdown", "--api-sock", sock.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let out = faultline(&[
+        "vm",
+        "shutdown",
+        "--force",
+        "--api-sock",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     source.wait_with_output().unwrap();
 }
 

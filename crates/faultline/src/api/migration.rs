@@ -141,6 +141,24 @@ impl Migrations {
         }
     }
 
+    /// Why shutting this VM down would lose what a paused outgoing migration still needs:
+    /// its destination may run the VM, and (post-copy) fault on pages only this side has, or
+    /// (an unconfirmed pre-copy) only this side can learn whether it does. `None` when none
+    /// is paused.
+    pub fn paused_needs_this_side(&self) -> Option<&'static str> {
+        let paused = lock(&self.paused);
+        paused.as_ref().map(|paused| match paused.mode {
+            "pre" => {
+                "an unconfirmed switch-over is paused here: only this side can learn (by \
+                 resuming) whether the destination runs the VM"
+            }
+            _ => {
+                "a post-copy is paused here: the destination may run the VM and need pages \
+                 that only this side has"
+            }
+        })
+    }
+
     /// The VM is shutting down: a paused incoming migration stops waiting for recovery.
     pub fn shutting_down(&self) {
         if let Some(incoming) = &self.incoming {

@@ -8,7 +8,7 @@
 //! | GET | /vm/stats | | the above, pager counters, dirty tracking, last snapshot |
 //! | PUT | /vm/pause | | 204; 409 if not running or already paused |
 //! | PUT | /vm/resume | | 204; 409 if not paused |
-//! | PUT | /vm/shutdown | | 204; the VMM stops the VM and exits |
+//! | PUT | /vm/shutdown | `{"force": BOOL}` (optional) | 204; the VMM stops the VM and exits. 409 while an outgoing migration is paused here (its destination may need this side), unless `force` |
 //! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
 //! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
 //! | PUT | /track | `{"gpa": N, "len": N, "mode": "write"\|"access"}` | 204; one more user tracks those frames |

@@ -89,6 +89,14 @@ pub struct Controller {
     migrations: Migrations,
 }
 
+/// `PUT /vm/shutdown`: `force` shuts down also a source a paused migration still needs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownRequest {
+    #[serde(default)]
+    force: bool,
+}
+
 /// `PUT /vm/hold`: the micro-guest hold point vCPUs wait at (null: none, releasing them).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -464,6 +472,20 @@ impl Controller {
             }),
             // Never waits: it only sets a flag and asks the vCPUs to stop.
             ("PUT", "/vm/shutdown") => {
+                let body = match json_body::<ShutdownRequest>(request, r#"{"force": BOOL}"#) {
+                    Ok(body) => body,
+                    Err(refusal) => return refusal,
+                };
+                if let (Some(why), false) = (self.migrations.paused_needs_this_side(), body.force) {
+                    return Response::error(
+                        409,
+                        format!(
+                            "not shut down: {why}; resume the migration (`faultline migrate \
+                             send --resume`) or cancel it, or shut down anyway with \
+                             {{\"force\": true}} (`faultline vm shutdown --force`)"
+                        ),
+                    );
+                }
                 self.shutdown.store(true, Ordering::Release);
                 self.migrations.shutting_down();
                 self.handle
