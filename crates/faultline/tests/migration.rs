@@ -167,10 +167,13 @@ fn switched_to_post_copy(
     listener: &TcpListener,
 ) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
     use migrate::{read_message, Message};
-    assert_eq!(
+    assert!(matches!(
         read_message(reader).unwrap(),
-        Message::SwitchOver { post_copy: true }
-    );
+        Message::SwitchOver {
+            post_copy: true,
+            ..
+        }
+    ));
     assert!(matches!(
         read_message(reader).unwrap(),
         Message::Stale { .. }
@@ -1257,7 +1260,9 @@ fn a_pre_copy_source_pauses_only_once_the_destination_has_taken_the_rounds() {
             match read_message(&mut reader).unwrap() {
                 Message::Pages { .. } | Message::ZeroPages { .. } | Message::Round { .. } => {}
                 Message::Sync => write_message(&mut writer, &Message::Sync).unwrap(),
-                Message::SwitchOver { post_copy: false } => break,
+                Message::SwitchOver {
+                    post_copy: false, ..
+                } => break,
                 other => panic!("{} before the switch-over", other.name()),
             }
         }
@@ -1586,8 +1591,16 @@ fn ended_within_a_minute(
 /// Plays a source of an 8 MiB, one-vCPU VM to `destination` up to the hellos: the
 /// connection's halves.
 fn greeting(destination: &str) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
+    greeting_vm(destination, 8 << 20)
+}
+
+/// Plays a source of a one-vCPU VM with `mem` bytes of RAM to `destination` up to the hellos.
+fn greeting_vm(
+    destination: &str,
+    mem: u64,
+) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
     use migrate::{read_message, write_message, Message};
-    let ram = vmm::GuestRam::new(8 << 20).unwrap();
+    let ram = vmm::GuestRam::new(mem).unwrap();
     let identity = faultline::migration::identity(&ram, 1).unwrap();
     let stream = std::net::TcpStream::connect(destination).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -1626,7 +1639,11 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
     for (gpa, count) in [(0, 5), (0x6000, pages - 6)] {
         write_message(&mut writer, &Message::ZeroPages { gpa, count }).unwrap();
     }
-    for message in [Message::SwitchOver { post_copy: false }, Message::Done] {
+    let switch_over = Message::SwitchOver {
+        post_copy: false,
+        migration: 1,
+    };
+    for message in [switch_over, Message::Done] {
         write_message(&mut writer, &message).unwrap();
     }
     let status = destination.child.wait_with_output().unwrap().status;
@@ -1787,6 +1804,19 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     // answered as well.
     wait_for_migration_status(&dsock, "completed");
     let at = recover(&dsock);
+    // A resume of another migration (of a VM of the same shape) is refused, naming both.
+    {
+        use migrate::{read_message, write_message, Message};
+        let (mut reader, mut writer) = greeting_vm(&at, 4 << 20);
+        write_message(&mut writer, &Message::Resume { migration: 42 }).unwrap();
+        match read_message(&mut reader) {
+            Ok(Message::Abort(why)) => assert!(
+                why.contains("the resume names migration 000000000000002a; the one paused here is"),
+                "{why}"
+            ),
+            other => panic!("a resume of another migration was answered {other:?}"),
+        }
+    }
     let held = migrate::Message::Received {
         pages: 1024,
         bitmap: vec![u64::MAX; 16],

@@ -117,7 +117,8 @@ pub enum Message {
     State(Vec<u8>),
     /// The source has paused the VM: what follows finishes the migration. In post-copy, the
     /// state comes next and the destination runs the VM at once, fetching what it lacks.
-    SwitchOver { post_copy: bool },
+    /// `migration` names this migration (a random number the source drew), for a resume.
+    SwitchOver { post_copy: bool, migration: u64 },
     /// Post-copy: the destination needs `count` pages from `gpa` now.
     PageRequest { gpa: u64, count: u32 },
     /// Recovery: the pages the destination holds, one bit each, regions back to back.
@@ -131,8 +132,9 @@ pub enum Message {
     /// Everything was sent (source) or received (destination).
     Done,
     /// Recovery: the source reconnects to a post-copy broken by a network failure (first
-    /// after the hello); the destination answers with what it holds (`Received`).
-    Resume,
+    /// after the hello); the destination answers with what it holds (`Received`), if
+    /// `migration` is the one its switch-over named.
+    Resume { migration: u64 },
     /// Pre-copy, before the pause: the source asks the destination to answer (with the same)
     /// once it has taken everything sent before, so that no backlog is left for the pause.
     Sync,
@@ -199,7 +201,7 @@ impl Message {
             Message::Abort(_) => 9,
             Message::Stale { .. } => 10,
             Message::Built => 11,
-            Message::Resume => 12,
+            Message::Resume { .. } => 12,
             Message::Sync => 13,
         }
     }
@@ -279,8 +281,15 @@ impl Message {
                 put_u64(&mut out, *pages);
             }
             Message::State(state) => out.extend_from_slice(state),
-            Message::SwitchOver { post_copy } => out.push(u8::from(*post_copy)),
-            Message::Done | Message::Built | Message::Resume | Message::Sync => {}
+            Message::SwitchOver {
+                post_copy,
+                migration,
+            } => {
+                out.push(u8::from(*post_copy));
+                put_u64(&mut out, *migration);
+            }
+            Message::Resume { migration } => put_u64(&mut out, *migration),
+            Message::Done | Message::Built | Message::Sync => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
                 put_u32(&mut out, *count);
@@ -346,6 +355,7 @@ impl Message {
                     1 => true,
                     other => return Err(malformed(format!("post-copy flag {other}"))),
                 },
+                migration: p.u64()?,
             },
             7 => Message::PageRequest {
                 gpa: p.u64()?,
@@ -362,7 +372,9 @@ impl Message {
             }
             9 => Message::Done,
             12 => Message::Built,
-            13 => Message::Resume,
+            13 => Message::Resume {
+                migration: p.u64()?,
+            },
             14 => Message::Sync,
             10 => Message::Abort(
                 String::from_utf8(p.rest().to_vec())

@@ -9,8 +9,9 @@ pub const MAGIC: [u8; 4] = *b"FLMG";
 /// The protocol version this build speaks (and the only one it accepts): 2 added the sync
 /// message, 3 carries the state as snapshot state format 3 (postcard, not JSON), 4 has a
 /// hybrid's source send the pages written since its first stale list before it pauses, 5
-/// sends page sets (stale, received) as runs when that is shorter than their bitmap.
-pub const VERSION: u16 = 5;
+/// sends page sets (stale, received) as runs when that is shorter than their bitmap, 6 names
+/// the migration at the switch-over and in a resume.
+pub const VERSION: u16 = 6;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -299,8 +300,14 @@ mod tests {
                 pages: 4242,
             },
             Message::State(b"{\"machine\": {}}".to_vec()),
-            Message::SwitchOver { post_copy: false },
-            Message::SwitchOver { post_copy: true },
+            Message::SwitchOver {
+                post_copy: false,
+                migration: 0x0123_4567_89ab_cdef,
+            },
+            Message::SwitchOver {
+                post_copy: true,
+                migration: u64::MAX,
+            },
             Message::PageRequest {
                 gpa: 0x40_0000,
                 count: 16,
@@ -321,7 +328,7 @@ mod tests {
                 bitmap: vec![u64::MAX; 4096],
             },
             Message::Built,
-            Message::Resume,
+            Message::Resume { migration: 7 },
             Message::Sync,
         ]
     }
@@ -481,7 +488,7 @@ mod tests {
         bad[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 3; this faultline speaks 5"
+            "the peer speaks migration protocol version 3; this faultline speaks 6"
         );
         let mut bad = good.clone();
         bad[6] = 200;

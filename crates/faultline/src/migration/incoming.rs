@@ -100,6 +100,9 @@ pub struct Incoming {
     recoverable: bool,
     /// The VM's identity (layout), once it is known.
     identity: Mutex<Option<VmIdentity>>,
+    /// The migration's name, once its switch-over said it: only a resume naming it is
+    /// answered.
+    migration: Mutex<Option<u64>>,
     state: Mutex<State>,
     changed: Condvar,
     /// The connections in use, shut down together when one breaks.
@@ -119,6 +122,7 @@ impl Incoming {
             tls,
             recoverable,
             identity: Mutex::new(None),
+            migration: Mutex::new(None),
             state: Mutex::new(State {
                 phase: Phase::PostcopyActive,
                 why: None,
@@ -135,6 +139,16 @@ impl Incoming {
             bytes: AtomicU64::new(0),
             latencies: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The migration's name, as its switch-over said it.
+    pub(super) fn set_migration(&self, migration: u64) {
+        *lock(&self.migration) = Some(migration);
+    }
+
+    /// The migration's name, if its switch-over came.
+    pub(super) fn migration(&self) -> Option<u64> {
+        *lock(&self.migration)
     }
 
     /// The source's address.

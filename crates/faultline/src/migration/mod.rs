@@ -72,6 +72,15 @@ pub(crate) fn run_from(ram: &GuestRam, pages: &DirtyPages, from: u64, max: u64) 
     Some(PageRun { first, gpa, count })
 }
 
+/// A new migration's name: a random number, so that a resume reaches the migration it
+/// continues and no other (`std`'s hasher keys are drawn from the system's randomness).
+pub(crate) fn new_migration_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
 /// The RAM layout of `ram`, as the protocol says it.
 pub fn layout_of(ram: &GuestRam) -> Layout {
     Layout::new(ram.regions().iter().map(|r| (r.gpa(), r.size())).collect())

@@ -511,8 +511,21 @@ fn resume_from(
         .context("cannot take the source's reconnection")?;
     incoming.add_link(reader.get_ref().try_clone()?);
     let first = read_within(&mut reader, REPLY_TIMEOUT).context("no resume after the hello")?;
-    if first != Message::Resume {
+    let Message::Resume { migration } = first else {
         bail!("the reconnection began with {}, not a resume", first.name());
+    };
+    // A source of another migration (of a VM of the same shape) must not fill this VM with
+    // its pages, nor learn that its own migration completed.
+    if incoming.migration() != Some(migration) {
+        let refusal = format!(
+            "the resume names migration {migration:016x}; the one paused here is {}",
+            incoming
+                .migration()
+                .map_or_else(|| "unnamed".to_string(), |m| format!("{m:016x}"))
+        );
+        let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
+        let _ = writer.flush();
+        bail!("{refusal}");
     }
     if source.is_some() {
         incoming.recovering();

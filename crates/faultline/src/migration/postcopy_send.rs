@@ -46,6 +46,8 @@ pub(super) struct Switch<'a> {
     /// What the rounds sent.
     pub before: Sent,
     pub rounds: u32,
+    /// The migration's name (for a resume).
+    pub migration: u64,
 }
 
 /// The source side: pause, the state, then the pages that are still to come, streamed and on
@@ -65,6 +67,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         ended_by,
         before,
         rounds,
+        migration,
     } = switch;
     let ram = handle.ram();
     // Post-copy begins: the destination makes the pages the rounds sent that changed since
@@ -72,10 +75,16 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // the VM still runs here.
     let total = ram.size() / PAGE_SIZE;
     let early = stale.clone().unwrap_or_else(|| DirtyPages::new(total));
-    write_message(&mut writer, &Message::SwitchOver { post_copy: true })
-        .and_then(|()| write_message(&mut writer, &stale_message(&early)))
-        .and_then(|()| writer.flush())
-        .context("cannot send the switch-over")?;
+    write_message(
+        &mut writer,
+        &Message::SwitchOver {
+            post_copy: true,
+            migration,
+        },
+    )
+    .and_then(|()| write_message(&mut writer, &stale_message(&early)))
+    .and_then(|()| writer.flush())
+    .context("cannot send the switch-over")?;
     let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
         .context("cannot open the page-request connection")?;
     // A hybrid: the pages written since that list (while the destination got ready, some
@@ -118,6 +127,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         recoveries: 0,
         taken: None,
         paused_by_it: *paused_here,
+        migration,
     });
     let server = match Server::start(handle, urgent, to_come, options, reader.get_ref()) {
         Ok(server) => server,
@@ -201,7 +211,12 @@ pub fn resume(
     let attempt = (|| {
         let (mut writer, mut reader) =
             super::send::connect(handle, &options.to, options.tls.as_ref())?;
-        write_message(&mut writer, &Message::Resume)?;
+        write_message(
+            &mut writer,
+            &Message::Resume {
+                migration: paused.migration,
+            },
+        )?;
         writer.flush()?;
         let answer = read_within(&mut reader, REPLY_TIMEOUT)
             .context("the destination did not say what it holds")?;

@@ -210,12 +210,22 @@ fn take(
                 write_message(writer, &Message::Sync)?;
                 writer.flush()?;
             }
-            Message::SwitchOver { post_copy: true } => {
+            Message::SwitchOver {
+                post_copy: true,
+                migration,
+            } => {
+                incoming.set_migration(migration);
                 return post_copy(
                     listener, tls, reader, writer, vm, &ours, link, report, &zeroed, incoming,
                 );
             }
-            Message::SwitchOver { post_copy: false } => switched_at = Some(Instant::now()),
+            Message::SwitchOver {
+                post_copy: false,
+                migration,
+            } => {
+                incoming.set_migration(migration);
+                switched_at = Some(Instant::now());
+            }
             Message::State(bytes) => {
                 state = Some(decode_state(&bytes)?);
             }

@@ -227,6 +227,8 @@ pub struct PausedMigration {
     pub(super) taken: Option<(DirtyPages, bool)>,
     /// Whether the migration paused the VM (a cancel resumes it only then).
     pub(super) paused_by_it: bool,
+    /// The migration's name, which a resume gives the destination.
+    pub(super) migration: u64,
 }
 
 impl PausedMigration {
@@ -338,6 +340,7 @@ fn run(
 ) -> Result<SendReport, SendFailure> {
     let (mut writer, mut reader) = connect(handle, &options.to, options.tls.as_ref())?;
     let setup = started.elapsed();
+    let migration = super::new_migration_id();
     let copied = match options.mode {
         Mode::Post => None,
         Mode::Pre | Mode::Hybrid => Some(copy_rounds(
@@ -377,6 +380,7 @@ fn run(
             ended_by,
             before,
             rounds,
+            migration,
         });
     }
     let rounds = copied.expect("pre-copy rounds ran");
@@ -386,7 +390,7 @@ fn run(
         options,
         (writer, reader),
         rounds,
-        (started, setup),
+        (started, setup, migration),
         taken,
         paused_here,
     )
@@ -401,7 +405,7 @@ fn switch_over(
     options: &SendOptions,
     (mut writer, mut reader): (BufWriter<Channel>, BufReader<Channel>),
     rounds: Rounds,
-    (started, setup): (Instant, Duration),
+    (started, setup, migration): (Instant, Duration, u64),
     taken: &mut DirtyPages,
     paused_here: &mut bool,
 ) -> Result<SendReport, SendFailure> {
@@ -425,7 +429,13 @@ fn switch_over(
     drop(throttling);
     pending.merge(&take(handle, taken)?);
     options.progress.phase("switch-over", pending.count());
-    write_message(&mut writer, &Message::SwitchOver { post_copy: false })?;
+    write_message(
+        &mut writer,
+        &Message::SwitchOver {
+            post_copy: false,
+            migration,
+        },
+    )?;
     // The rounds' reader (its buffer in memory already), without their cap: the guest waits.
     pages_of.pacer = None;
     send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
@@ -476,6 +486,7 @@ fn switch_over(
         recoveries: 0,
         taken: None,
         paused_by_it: *paused_here,
+        migration,
     });
     // A go-ahead that could not be written may meet the destination's refusal (it gave up
     // waiting for it): then nothing runs the VM there.
