@@ -359,9 +359,10 @@ enum MigrateCommand {
     /// Print the migration status of the VM served on --api-sock (JSON): a source's progress
     /// or report, a destination's phase (postcopy-active, postcopy-paused, completed, ...).
     Status(ApiSock),
-    /// Give up a migration whose connection broke before the destination confirmed it runs
-    /// the VM, and run the VM here again. Only for a destination that surely does not run it
-    /// (its process ended, say): two copies of one VM running corrupt what it works on.
+    /// Give up the migration in progress before its switch-over (the VM runs on here), or one
+    /// whose connection broke before the destination confirmed it runs the VM, and run the
+    /// VM here again: the latter only for a destination that surely does not run it (its
+    /// process ended, say), as two copies of one VM running corrupt what it works on.
     Cancel(ApiSock),
     /// On the destination of a post-copy paused by a broken connection (its VM served on
     /// --api-sock): listen on --listen for the source's `faultline migrate send --resume`.
@@ -1062,8 +1063,14 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             print_answer(&status)
         }
         MigrateCommand::Cancel(api) => {
-            api_call(&api.api_sock, "PUT", "/migration/cancel", None)?;
-            eprintln!("faultline: the migration is cancelled; the VM runs here again");
+            match api_call(&api.api_sock, "PUT", "/migration/cancel", None)? {
+                // A migration in progress: it gives up before its next pages.
+                Some(answer) if answer["status"] == "cancelling" => eprintln!(
+                    "faultline: the migration in progress gives up before its next pages; the \
+                     VM runs on here"
+                ),
+                _ => eprintln!("faultline: the migration is cancelled; the VM runs here again"),
+            }
             Ok(())
         }
         MigrateCommand::Switchover(api) => {

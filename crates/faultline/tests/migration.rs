@@ -523,6 +523,66 @@ fn the_counter_guest_arrives_consistent_and_finishes_right_hybrid() {
 }
 
 #[test]
+fn a_migration_cancelled_while_it_runs_gives_up_and_the_vm_runs_on() {
+    require_kvm!();
+    // 32 MiB at 1 MiB/s: it gives up at its next run of pages, long before the first pass
+    // ends (no sync ever follows it).
+    let syncs =
+        cancelled_as_its_first_pages_go("migrate-cancel-running", MID, &["--max-bandwidth", "1M"]);
+    assert_eq!(syncs, 0, "the first pass went on to its end");
+    // 512 KiB: the whole first pass may be in the sockets' buffers when the cancel comes; it
+    // gives up at the switch-over.
+    cancelled_as_its_first_pages_go("migrate-cancel-small", SMALL, &[]);
+}
+
+/// A migration of the held `mix` run `mix` (with `extra` arguments) cancelled as its first
+/// pages go: it fails saying so, the VM runs on and finishes right. The syncs it sent.
+fn cancelled_as_its_first_pages_go(name: &str, mix: Mix, extra: &[&str]) -> u32 {
+    let tmp = TempDir::new(name);
+    let sock = tmp.join("src.sock");
+    let (mut destination, addr) = spawn_destination();
+    let syncs = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let watch: Watch = {
+        let (sock, syncs) = (sock.clone(), std::sync::Arc::clone(&syncs));
+        let mut asked = false;
+        Box::new(move |message| match message {
+            migrate::Message::Pages { .. } if !asked => {
+                asked = true;
+                let (status, answer) = api(&sock, "PUT", "/migration/cancel", None);
+                assert_eq!(status, 202, "{answer}");
+                assert_eq!(answer["status"], "cancelling", "{answer}");
+            }
+            migrate::Message::Sync => {
+                syncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            _ => {}
+        })
+    };
+    let source = source_watched(&sock, mix, Rounds::Held, &addr, Some(watch));
+    let out = migrate_send_with(&sock, &source.to, extra);
+    source.check_gate();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the migration was given up: cancelled by the operator")
+            && err.contains("the VM runs on here"),
+        "{err}"
+    );
+    let (_, info) = api(&sock, "GET", "/vm", None);
+    assert_eq!(info["state"], "running", "{info}");
+    let (_, migration) = api(&sock, "GET", "/migration", None);
+    assert_eq!(migration["status"], "failed", "{migration}");
+    // Nothing runs or is paused any more: a second cancel has nothing to do.
+    let (status, _) = api(&sock, "PUT", "/migration/cancel", None);
+    assert_eq!(status, 409);
+    let _ = destination.kill();
+    let _ = destination.wait();
+    set_hold(&sock, None);
+    finishes_right_as(source.child, mix);
+    syncs.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
 fn a_pre_copy_that_never_converges_ends_at_its_round_limit() {
     require_kvm!();
     // With no downtime allowed, what is left never fits (the guest rewrites every page in
@@ -912,13 +972,19 @@ fn vanishing_after_the_go_ahead() -> (String, std::thread::JoinHandle<()>) {
 
 /// The small `mix` run `source` ends well, with the result of an uninterrupted run.
 fn finishes_right(source: Child) {
+    finishes_right_as(source, SMALL);
+}
+
+/// The one-vCPU `mix` run `source` of `mix` ends well, with the result of an uninterrupted
+/// run.
+fn finishes_right_as(source: Child, mix: Mix) {
     let source = source.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));
     let report = json_report(&text(&source.stdout));
-    assert_eq!(report["vcpus"][0]["reports"][0], PASSES);
+    assert_eq!(report["vcpus"][0]["reports"][0], mix.passes);
     assert_eq!(
         report["vcpus"][0]["reports"][1],
-        guests::mix_checksum(BOOT_AREA_END, PAGES, PASSES)
+        guests::mix_checksum(BOOT_AREA_END, mix.pages, mix.passes)
     );
 }
 

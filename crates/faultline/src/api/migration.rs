@@ -16,7 +16,7 @@ use super::http::Response;
 use crate::locking::lock;
 use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
-use crate::migration::send::{PausedMigration, SendFailure, SendOptions};
+use crate::migration::send::{GiveUp, PausedMigration, SendFailure, SendOptions};
 
 /// `PUT /migration/send`.
 #[derive(Deserialize)]
@@ -91,6 +91,8 @@ pub struct Migrations {
     migrated: AtomicBool,
     /// The migration that brought the VM here.
     incoming: Option<Arc<Incoming>>,
+    /// The outgoing migration in progress, to give up (before its switch-over).
+    in_progress: Mutex<Option<GiveUp>>,
 }
 
 /// The outgoing migration's status, and its progress while it runs.
@@ -110,12 +112,35 @@ impl Migrations {
             paused: Mutex::new(None),
             migrated: AtomicBool::new(false),
             incoming,
+            in_progress: Mutex::new(None),
         }
     }
 
     /// Whether the VM was migrated away.
     pub fn migrated(&self) -> bool {
         self.migrated.load(Ordering::Acquire)
+    }
+
+    /// `PUT /migration/cancel` while a migration runs: it is asked to give up, which it does
+    /// before its next run of pages (the VM running on here); `None` when none runs.
+    pub fn give_up_in_progress(&self) -> Option<Response> {
+        let in_progress = lock(&self.in_progress);
+        let give_up = in_progress.as_ref()?;
+        Some(if give_up.ask("cancelled by the operator") {
+            Response {
+                status: 202,
+                body: Some(json!({
+                    "status": "cancelling",
+                    "detail": "the migration gives up before its next pages; the VM runs on here",
+                })),
+            }
+        } else {
+            Response::error(
+                409,
+                "the migration in progress is past its switch-over (the VM may run on its \
+                 destination): it is not cancelled now",
+            )
+        })
     }
 
     /// `PUT /migration/cancel`: gives up a migration paused before the destination
@@ -159,8 +184,12 @@ impl Migrations {
         })
     }
 
-    /// The VM is shutting down: a paused incoming migration stops waiting for recovery.
+    /// The VM is shutting down: an outgoing migration before its switch-over gives up, a
+    /// paused incoming one stops waiting for recovery.
     pub fn shutting_down(&self) {
+        if let Some(give_up) = lock(&self.in_progress).as_ref() {
+            give_up.ask("the VM is shutting down");
+        }
         if let Some(incoming) = &self.incoming {
             incoming.abandon();
         }
@@ -311,9 +340,16 @@ impl Migrations {
             _ => {}
         }
         let progress = Arc::new(Progress::default());
-        self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         self.switch_now.store(false, Ordering::Release);
+        let give_up = GiveUp::default();
+        if paused.is_some() {
+            // A resume is past its switch-over already.
+            let _ = give_up.close();
+        }
+        *lock(&self.in_progress) = Some(give_up.clone());
+        self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
+            give_up,
             switch_now: Arc::clone(&self.switch_now),
             tls,
             to: request.to.clone(),
@@ -329,6 +365,7 @@ impl Migrations {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
             None => crate::migration::send::send(handle, guest, &options),
         };
+        *lock(&self.in_progress) = None;
         match result {
             Ok(report) => {
                 // Noted before the VM stops, so that the run ending here is known as a move.

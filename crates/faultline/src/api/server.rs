@@ -187,7 +187,8 @@ fn vm_error(error: VmError) -> Response {
 fn busy() -> Response {
     Response::error(
         409,
-        "another operation is in progress (a snapshot, pause or resume): try again when it ends",
+        "another operation is in progress (a snapshot, a migration, a pause or a resume): try \
+         again when it ends",
     )
 }
 
@@ -525,9 +526,12 @@ impl Controller {
             ("GET", "/migration") => Response::ok(self.migrations.status()),
             // Never waits: it only tells the migration in progress.
             ("PUT", "/migration/switchover") => self.migrations.switch_over(),
-            ("PUT", "/migration/cancel") => {
-                self.exclusively(|| self.migrations.cancel(&self.handle))
-            }
+            // A migration in progress is only asked to give up (it holds the VM meanwhile);
+            // a paused one is cancelled here.
+            ("PUT", "/migration/cancel") => match self.migrations.give_up_in_progress() {
+                Some(answer) => answer,
+                None => self.exclusively(|| self.migrations.cancel(&self.handle)),
+            },
             // Never waits: it only opens the listener the paused migration takes.
             ("PUT", "/migration/recover") => {
                 match json_body::<migration::RecoverRequest>(request, migration::RECOVER_SHAPE) {

@@ -70,6 +70,8 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         migration,
     } = switch;
     let ram = handle.ram();
+    // A give-up asked before is taken now; from here it is not (the VM may soon run there).
+    options.give_up.close()?;
     // Post-copy begins: the destination makes the pages the rounds sent that changed since
     // missing (it has none in a plain post-copy) and takes the page-request connection, while
     // the VM still runs here.

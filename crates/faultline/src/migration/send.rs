@@ -4,7 +4,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -18,9 +18,9 @@ use vmm::throttle::Throttle;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::{build_timeout, read_within, Channel, REPLY_TIMEOUT};
-use super::identity;
 use super::pace::Pacer;
 use super::progress::Progress;
+use super::{identity, lock};
 
 /// A round that sends `n` pages must leave at most `n * SHRINK_NUMERATOR / SHRINK_DENOMINATOR`
 /// written again for the rounds to be worth going on unchanged: one that does not halve what
@@ -81,6 +81,53 @@ pub struct SendOptions {
     /// Pre-copy: send pages at most this many bytes a second while the guest runs (`None`:
     /// as fast as the link takes them).
     pub max_bandwidth: Option<u64>,
+    /// Asked to give the migration up before its switch-over.
+    pub give_up: GiveUp,
+}
+
+/// A request to give a migration up while that is still safe: before its switch-over, when
+/// the VM runs only here (an operator's cancel, or the VM shutting down). Looked at before
+/// each run of pages the rounds send, and once more at the switch-over, which closes it.
+#[derive(Debug, Clone, Default)]
+pub struct GiveUp(Arc<Mutex<GiveUpState>>);
+
+#[derive(Debug, Default)]
+struct GiveUpState {
+    /// Why it was asked.
+    asked: Option<&'static str>,
+    /// The switch-over began: too late.
+    closed: bool,
+}
+
+impl GiveUp {
+    /// Asks the migration to give up (`why`, for its error); false when it is past its
+    /// switch-over, too late for that.
+    pub fn ask(&self, why: &'static str) -> bool {
+        let mut state = lock(&self.0);
+        if !state.closed {
+            state.asked.get_or_insert(why);
+        }
+        !state.closed
+    }
+
+    /// An error if it was asked to give up.
+    fn check(&self) -> anyhow::Result<()> {
+        match lock(&self.0).asked {
+            Some(why) => bail!("the migration was given up: {why}"),
+            None => Ok(()),
+        }
+    }
+
+    /// The switch-over begins: from here the migration is not given up (an error if it was
+    /// asked before).
+    pub fn close(&self) -> anyhow::Result<()> {
+        let mut state = lock(&self.0);
+        state.closed = true;
+        match state.asked {
+            Some(why) => bail!("the migration was given up: {why}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What a migration did, as QEMU's "info migrate" says it.
@@ -421,7 +468,9 @@ fn switch_over(
     } = rounds;
 
     // Switch-over: pause, the last pages, the state; the destination answers once it has
-    // built the VM.
+    // built the VM. A give-up asked before is taken now; from here it is not.
+    options.give_up.close()?;
+    pages_of.give_up = None;
     let paused_at = Instant::now();
     pause_for_switch(handle, paused_here)?;
     // Paused: the throttle has nothing left to slow (and must not outlive a failure).
@@ -580,6 +629,7 @@ fn copy_rounds<'a>(
     options.progress.phase("pre-copy", pending.count());
     let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
     pages_of.pacer = Pacer::new(options.max_bandwidth);
+    pages_of.give_up = Some(options.give_up.clone());
     let policy = RoundPolicy {
         mode: options.mode,
         downtime: options.downtime,
@@ -985,6 +1035,8 @@ pub(super) struct PageReader<'a> {
     holes_are_zero: bool,
     /// Holds the pages sent through this reader to a cap (`--max-bandwidth`).
     pacer: Option<Pacer>,
+    /// Looked at before each run (the rounds' reader: a give-up is still safe while it sends).
+    give_up: Option<GiveUp>,
 }
 
 impl<'a> PageReader<'a> {
@@ -994,6 +1046,7 @@ impl<'a> PageReader<'a> {
             buffer: vec![0u8; (RUN_PAGES * PAGE_SIZE) as usize],
             holes_are_zero,
             pacer: None,
+            give_up: None,
         }
     }
 
@@ -1030,6 +1083,9 @@ impl<'a> PageReader<'a> {
         count: u64,
         sent: &mut Sent,
     ) -> anyhow::Result<()> {
+        if let Some(give_up) = &self.give_up {
+            give_up.check()?;
+        }
         if self.holes_are_zero && self.ram.is_hole(gpa, count * PAGE_SIZE) {
             // Never written (or punched out): zeros, without reading a byte.
             let message = Message::ZeroPages { gpa, count };
