@@ -1144,6 +1144,16 @@ fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
     );
     let _ = destination.child.kill();
     let _ = destination.child.wait();
+
+    // A source without TLS to a destination with it: told so, and the VM runs on.
+    let mut destination = Destination::spawn(&["--tls-dir", &tls("destination")]);
+    a_failed_migration_leaves_the_source_running(
+        "migrate-tls-plain-source",
+        &destination.addr,
+        "the destination speaks TLS: give this side --tls-dir too",
+    );
+    let _ = destination.child.kill();
+    let _ = destination.child.wait();
 }
 
 #[test]

@@ -960,12 +960,41 @@ pub(super) fn state_message(
 }
 
 /// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
+/// How long connecting to a destination may take (an address nothing answers at would
+/// otherwise take the kernel's SYN retries, about two minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP connection to `to` (`HOST:PORT`), trying each address it names for `timeout`.
+fn connect_within(to: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = None;
+    for addr in to.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the name has no address")))
+}
+
+/// What went wrong in the hello exchange: a silence is named as such.
+fn hello_failure(error: anyhow::Error) -> anyhow::Error {
+    match error.downcast_ref::<ProtocolError>() {
+        Some(e) if e.is_timeout() => error.context(format!(
+            "the destination did not answer the hello within {} s",
+            REPLY_TIMEOUT.as_secs()
+        )),
+        Some(_) => error.context("the hello exchange with the destination failed"),
+        None => error,
+    }
+}
+
 pub(super) fn connect(
     handle: &VmHandle,
     to: &str,
     tls: Option<&super::channel::Tls>,
 ) -> anyhow::Result<(BufWriter<Channel>, BufReader<Channel>)> {
-    let tcp = TcpStream::connect(to)
+    let tcp = connect_within(to, CONNECT_TIMEOUT)
         .with_context(|| format!("cannot connect to the destination {to}"))?;
     let host = to
         .rsplit_once(':')
@@ -982,20 +1011,25 @@ pub(super) fn connect(
     let mut exchange = || -> anyhow::Result<Message> {
         write_message(&mut writer, &Message::Hello(ours.clone()))?;
         writer.flush()?;
+        if tls.is_none() {
+            // A destination that speaks TLS answers a plain hello with an alert record (7
+            // bytes, shorter than a frame's header): seen in the first bytes, it is named.
+            reader.get_ref().set_read_timeout(Some(REPLY_TIMEOUT))?;
+            let first = std::io::BufRead::fill_buf(&mut reader).map(<[u8]>::to_vec);
+            reader.get_ref().set_read_timeout(None)?;
+            if let [0x15 | 0x16, 0x03, ..] = first.map_err(ProtocolError::from)?[..] {
+                bail!("the destination speaks TLS: give this side --tls-dir too");
+            }
+        }
         // A destination that does not answer must not hold the VM (or the API) forever.
         Ok(read_within(&mut reader, REPLY_TIMEOUT)?)
     };
     // A TLS session that failed says why better than the end of the channel it leaves.
     let answer = exchange().map_err(|e| match reader.get_ref().failure() {
         Some(why) => anyhow::anyhow!(why),
-        None => e,
+        None => hello_failure(e),
     });
-    match answer.with_context(|| {
-        format!(
-            "the destination did not answer the hello within {} s",
-            REPLY_TIMEOUT.as_secs()
-        )
-    })? {
+    match answer? {
         Message::Hello(theirs) => ours
             .check_matches(&theirs)
             .context("the destination cannot take this VM")?,
