@@ -548,6 +548,15 @@ fn cancelled_as_its_first_pages_go(name: &str, mix: Mix, extra: &[&str]) -> u32 
         Box::new(move |message| match message {
             migrate::Message::Pages { .. } if !asked => {
                 asked = true;
+                // Only a hybrid migration switches when told: this one says so.
+                let (status, answer) = api(&sock, "PUT", "/migration/switchover", None);
+                assert_eq!(status, 409, "{answer}");
+                assert!(
+                    answer["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("is a pre one: only a hybrid")),
+                    "{answer}"
+                );
                 let (status, answer) = api(&sock, "PUT", "/migration/cancel", None);
                 assert_eq!(status, 202, "{answer}");
                 assert_eq!(answer["status"], "cancelling", "{answer}");

@@ -16,7 +16,7 @@ use super::http::Response;
 use crate::locking::lock;
 use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
-use crate::migration::send::{GiveUp, PausedMigration, SendFailure, SendOptions};
+use crate::migration::send::{GiveUp, Mode, PausedMigration, SendFailure, SendOptions};
 
 /// `PUT /migration/send`.
 #[derive(Deserialize)]
@@ -92,7 +92,7 @@ pub struct Migrations {
     /// The migration that brought the VM here.
     incoming: Option<Arc<Incoming>>,
     /// The outgoing migration in progress, to give up (before its switch-over).
-    in_progress: Mutex<Option<GiveUp>>,
+    in_progress: Mutex<Option<(GiveUp, Mode)>>,
 }
 
 /// The outgoing migration's status, and its progress while it runs.
@@ -125,7 +125,7 @@ impl Migrations {
     /// before its next run of pages (the VM running on here); `None` when none runs.
     pub fn give_up_in_progress(&self) -> Option<Response> {
         let in_progress = lock(&self.in_progress);
-        let give_up = in_progress.as_ref()?;
+        let (give_up, _) = in_progress.as_ref()?;
         Some(if give_up.ask("cancelled by the operator") {
             Response {
                 status: 202,
@@ -187,7 +187,7 @@ impl Migrations {
     /// The VM is shutting down: an outgoing migration before its switch-over gives up, a
     /// paused incoming one stops waiting for recovery.
     pub fn shutting_down(&self) {
-        if let Some(give_up) = lock(&self.in_progress).as_ref() {
+        if let Some((give_up, _)) = lock(&self.in_progress).as_ref() {
             give_up.ask("the VM is shutting down");
         }
         if let Some(incoming) = &self.incoming {
@@ -231,11 +231,23 @@ impl Migrations {
 
     /// `PUT /migration/switchover`.
     pub fn switch_over(&self) -> Response {
-        if lock(&self.outgoing).status["status"] == "active" {
-            self.switch_now.store(true, Ordering::Release);
-            Response::no_content()
-        } else {
-            Response::error(409, "no migration is in progress")
+        match lock(&self.in_progress).as_ref() {
+            None => Response::error(409, "no migration is in progress"),
+            Some((_, mode)) if *mode != Mode::Hybrid => Response::error(
+                409,
+                format!(
+                    "the migration in progress is a {} one: only a hybrid migration goes \
+                     post-copy when told",
+                    mode.name()
+                ),
+            ),
+            Some((give_up, _)) if !give_up.before_switch_over() => {
+                Response::error(409, "the migration in progress is past its rounds already")
+            }
+            Some(_) => {
+                self.switch_now.store(true, Ordering::Release);
+                Response::no_content()
+            }
         }
     }
 
@@ -346,7 +358,7 @@ impl Migrations {
             // A resume is past its switch-over already.
             let _ = give_up.close();
         }
-        *lock(&self.in_progress) = Some(give_up.clone());
+        *lock(&self.in_progress) = Some((give_up.clone(), request.mode));
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
             give_up,

@@ -17,7 +17,7 @@
 //! | GET | /track/events | | 200, then one JSON line per event until the client or VM goes |
 //! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N, "throttle": BOOL, "tls_dir": DIR, "resume": BOOL}` | the migration's report once done; 502 if it failed (saying whether the VM runs on here or is paused, waiting for a resume); `"resume": true` resumes a paused one |
 //! | GET | /migration | | the migration's status: a source's report, or its progress while it runs; a destination's phase, pages and answer times |
-//! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 if none runs |
+//! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 (saying why) if none runs, it is not hybrid, or its rounds are over |
 //! | PUT | /migration/recover | `{"listen": "HOST:PORT", "tls_dir": DIR}` | a destination whose migration paused (or completed): `{"listening": ADDR}`, where the source may resume it; 409 otherwise |
 //! | PUT | /migration/cancel | | 202 `{"status": "cancelling"}`: the migration in progress gives up before its next pages (or at its switch-over), the VM running on here; 204: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again; 409 if the migration in progress is past its switch-over, or the destination confirmed |
 //!

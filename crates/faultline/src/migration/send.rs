@@ -56,6 +56,17 @@ pub enum Mode {
     Hybrid,
 }
 
+impl Mode {
+    /// As `--mode` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Pre => "pre",
+            Mode::Post => "post",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
@@ -108,6 +119,11 @@ impl GiveUp {
             state.asked.get_or_insert(why);
         }
         !state.closed
+    }
+
+    /// Whether the migration is still before its switch-over.
+    pub fn before_switch_over(&self) -> bool {
+        !lock(&self.0).closed
     }
 
     /// An error if it was asked to give up.
