@@ -1069,6 +1069,10 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                     "faultline: the migration in progress gives up before its next pages; the \
                      VM runs on here"
                 ),
+                Some(answer) if answer["vm"] == "paused" => eprintln!(
+                    "faultline: the migration is cancelled; the VM stays paused here, as it was \
+                     before it"
+                ),
                 _ => eprintln!("faultline: the migration is cancelled; the VM runs here again"),
             }
             Ok(())

@@ -722,6 +722,16 @@ fn a_bandwidth_cap_under_a_mib_a_second_is_refused_and_the_vm_runs_on() {
             "{err}"
         );
     }
+    // Nor is an address that names no destination tried.
+    for (to, says) in [
+        ("127.0.0.1:0", "port 0 names no destination"),
+        ("127.0.0.1", "is not HOST:PORT"),
+    ] {
+        let out = migrate_send_with(&sock, to, &[]);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains(says) && err.contains("HTTP 400"), "{err}");
+    }
     let (status, info) = api(&sock, "GET", "/vm", None);
     assert_eq!((status, info["state"].as_str()), (200, Some("running")));
     set_hold(&sock, None);
@@ -1991,6 +2001,11 @@ fn a_vm_paused_before_an_unconfirmed_migration_stays_paused_when_cancelled() {
     assert!(!out.status.success());
     let out = faultline(&["migrate", "cancel", "--api-sock", sock.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the VM stays paused here"),
+        "{}",
+        text(&out.stderr)
+    );
     // Cancelled, it is as it was before the migration: paused, until resumed.
     let (_, info) = api(&sock, "GET", "/vm", None);
     assert_eq!(info["state"], "paused", "{info}");

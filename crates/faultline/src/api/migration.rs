@@ -157,12 +157,29 @@ impl Migrations {
                  (resume the migration instead)",
             );
         }
-        match crate::migration::send::cancel(handle, *paused) {
+        // Given up either way: the paused migration is gone, and the status says so.
+        let cancelled = crate::migration::send::cancel(handle, *paused);
+        let vm = if handle.control().is_paused() {
+            "paused"
+        } else {
+            "running"
+        };
+        match cancelled {
             Ok(()) => {
-                self.end_outgoing(json!({ "status": "cancelled" }));
-                Response::no_content()
+                self.end_outgoing(json!({ "status": "cancelled", "vm": vm }));
+                Response::ok(json!({ "status": "cancelled", "vm": vm }))
             }
-            Err(e) => Response::error(500, format!("{e:#}")),
+            Err(e) => {
+                let message = format!("{e:#}");
+                self.end_outgoing(json!({ "status": "cancelled", "vm": vm, "error": message }));
+                Response::error(
+                    500,
+                    format!(
+                        "the migration is cancelled, but the VM did not run again here \
+                         (`faultline vm resume` may): {message}"
+                    ),
+                )
+            }
         }
     }
 
@@ -302,8 +319,17 @@ impl Migrations {
             holes_are_zero,
         } = memory;
         use std::net::ToSocketAddrs;
-        if let Err(e) = request.to.to_socket_addrs() {
-            return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to));
+        let addrs: Vec<_> = match request.to.to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => {
+                return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to))
+            }
+        };
+        if addrs.iter().any(|addr| addr.port() == 0) {
+            return Response::error(
+                400,
+                format!("{:?}: port 0 names no destination", request.to),
+            );
         }
         use crate::migration::pace::MIN_CAP;
         if request.max_bandwidth.is_some_and(|cap| cap < MIN_CAP) {

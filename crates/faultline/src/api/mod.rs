@@ -19,7 +19,7 @@
 //! | GET | /migration | | the migration's status: a source's report, or its progress while it runs; a destination's phase, pages and answer times |
 //! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 (saying why) if none runs, it is not hybrid, or its rounds are over |
 //! | PUT | /migration/recover | `{"listen": "HOST:PORT", "tls_dir": DIR}` | a destination whose migration paused (or completed): `{"listening": ADDR}`, where the source may resume it; 409 otherwise |
-//! | PUT | /migration/cancel | | 202 `{"status": "cancelling"}`: the migration in progress gives up before its next pages (or at its switch-over), the VM running on here; 204: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again; 409 if the migration in progress is past its switch-over, or the destination confirmed |
+//! | PUT | /migration/cancel | | 202 `{"status": "cancelling"}`: the migration in progress gives up before its next pages (or at its switch-over), the VM running on here; 200 `{"status": "cancelled", "vm": "running"|"paused"}`: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again (or stays paused, if it was before the migration); 409 if the migration in progress is past its switch-over, or the destination confirmed |
 //!
 //! Tracking requests are refused whole (400) for ranges that are empty, not page aligned, not
 //! guest RAM, or would need more memslots than KVM allows. The event stream is fed from a
