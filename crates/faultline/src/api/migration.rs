@@ -418,8 +418,13 @@ impl Migrations {
             Err(SendFailure::Here(e)) => {
                 let message = format!("{e:#}");
                 self.end_outgoing(json!({ "status": "failed", "error": message }));
-                let here = if handle.control().is_paused() {
+                let control = handle.control();
+                let here = if control.should_stop() {
+                    "the VM is shutting down here"
+                } else if control.is_paused() {
                     "the VM stays paused here"
+                } else if !control.is_running() {
+                    "the VM stays here (its vCPUs have finished)"
                 } else {
                     "the VM runs on here"
                 };

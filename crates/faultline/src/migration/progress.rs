@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::lock;
 
-/// Counters of a migration in progress.
-#[derive(Debug, Default)]
+/// Counters of a migration in progress (its phase "connecting" until its first).
+#[derive(Debug)]
 pub struct Progress {
     phase: Mutex<&'static str>,
     round: AtomicU32,
@@ -18,6 +18,19 @@ pub struct Progress {
     /// Pages still to send in the current pass (pre-copy round, or post-copy stream).
     remaining: AtomicU64,
     throttle: AtomicU8,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            phase: Mutex::new("connecting"),
+            round: AtomicU32::new(0),
+            bytes: AtomicU64::new(0),
+            pages: AtomicU64::new(0),
+            remaining: AtomicU64::new(0),
+            throttle: AtomicU8::new(0),
+        }
+    }
 }
 
 impl Progress {
@@ -68,6 +81,11 @@ mod tests {
     #[test]
     fn counts_what_went_and_what_is_left() {
         let progress = Progress::default();
+        assert_eq!(
+            progress.json()["phase"],
+            "connecting",
+            "named before its first phase"
+        );
         progress.phase("pre-copy", 10);
         progress.sent(4, 4 * 4112);
         progress.round(1, 3);
