@@ -1790,15 +1790,61 @@ fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_runni
 }
 
 #[test]
+fn a_destination_that_stops_taking_pages_is_given_up_on_and_the_vm_runs_on() {
+    require_kvm!();
+    // Greets, then reads nothing more (its kernel still answers TCP's probes), until the
+    // test is done with it (a minute at most, so that a source writing into it for ever
+    // fails the test rather than hangs it).
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let (addr, fake) = fake_peer(move |stream| {
+        let _halves = greeted(stream);
+        let _ = finished.recv_timeout(Duration::from_secs(60));
+    });
+    let tmp = TempDir::new("migrate-stops-taking");
+    let sock = tmp.join("src.sock");
+    // 32 MiB of first pass: far more than the sockets' buffers hold.
+    let impatient = Mix {
+        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
+        ..MID
+    };
+    let source = spawn_mix_written(&sock, impatient);
+    let out = migrate_send_with(&sock, &addr, &[]);
+    let _ = done.send(());
+    fake.join().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("the peer took nothing in the time allowed")
+            && err.contains("the VM runs on here"),
+        "{err}"
+    );
+    set_hold(&sock, None);
+    finishes_right_as(source, MID);
+}
+
+#[test]
 fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_until_cancelled() {
     require_kvm!();
     // It may be building the VM: the source must not run it, and must not wait for ever.
-    let (addr, fake) = fake_peer_with_listener(|stream, listener| {
-        let (reader, _writer, _requests) = post_copy_state(stream, listener);
-        silent_until_closed(reader);
-    });
     let tmp = TempDir::new("migrate-silent-post");
     let sock = tmp.join("src.sock");
+    let (addr, fake) = {
+        let sock = sock.clone();
+        fake_peer_with_listener(move |stream, listener| {
+            let (reader, _writer, _requests) = post_copy_state(stream, listener);
+            // Past its switch-over, the source may hold what the VM needs: it is not shut
+            // down without a word.
+            let (status, refusal) = api(&sock, "PUT", "/vm/shutdown", None);
+            assert_eq!(status, 409, "{refusal}");
+            assert!(
+                refusal["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("past its switch-over is in progress")),
+                "{refusal}"
+            );
+            silent_until_closed(reader);
+        })
+    };
     let source = spawn_mix_written(&sock, IMPATIENT);
     let out = migrate_send_mode(&sock, &addr, "post");
     assert!(!out.status.success());
@@ -1906,7 +1952,7 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
         write_message(&mut writer, &Message::Resume { migration: 42 }).unwrap();
         match read_message(&mut reader) {
             Ok(Message::Abort(why)) => assert!(
-                why.contains("the resume names migration 000000000000002a; the one paused here is"),
+                why.contains("the resume names migration 000000000000002a; the one here is"),
                 "{why}"
             ),
             other => panic!("a resume of another migration was answered {other:?}"),

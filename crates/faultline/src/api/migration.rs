@@ -93,6 +93,8 @@ pub struct Migrations {
     incoming: Option<Arc<Incoming>>,
     /// The outgoing migration in progress, to give up (before its switch-over).
     in_progress: Mutex<Option<(GiveUp, Mode)>>,
+    /// The VM is shutting down: no migration starts (set under `in_progress`'s lock).
+    shutting_down: AtomicBool,
 }
 
 /// The outgoing migration's status, and its progress while it runs.
@@ -113,6 +115,7 @@ impl Migrations {
             migrated: AtomicBool::new(false),
             incoming,
             in_progress: Mutex::new(None),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -188,25 +191,42 @@ impl Migrations {
     /// (an unconfirmed pre-copy) only this side can learn whether it does. `None` when none
     /// is paused.
     pub fn paused_needs_this_side(&self) -> Option<&'static str> {
+        // One past its switch-over, a resume among them, needs this side to its end.
+        if let Some((give_up, _)) = lock(&self.in_progress).as_ref() {
+            if !give_up.before_switch_over() {
+                return Some(
+                    "a migration past its switch-over is in progress: the destination may run \
+                     the VM and need pages, or an answer, that only this side has",
+                );
+            }
+        }
         let paused = lock(&self.paused);
-        paused.as_ref().map(|paused| match paused.mode {
-            "pre" => {
-                "an unconfirmed switch-over is paused here: only this side can learn (by \
+        paused
+            .as_ref()
+            .map(|paused| match (paused.mode, paused.confirmed) {
+                ("pre", false) => {
+                    "an unconfirmed switch-over is paused here: only this side can learn (by \
                  resuming) whether the destination runs the VM"
-            }
-            _ => {
-                "a post-copy is paused here: the destination may run the VM and need pages \
+                }
+                ("pre", true) => {
+                    "a migration is paused here before its last word: resuming ends it"
+                }
+                _ => {
+                    "a post-copy is paused here: the destination may run the VM and need pages \
                  that only this side has"
-            }
-        })
+                }
+            })
     }
 
     /// The VM is shutting down: an outgoing migration before its switch-over gives up, a
     /// paused incoming one stops waiting for recovery.
     pub fn shutting_down(&self) {
-        if let Some((give_up, _)) = lock(&self.in_progress).as_ref() {
+        let in_progress = lock(&self.in_progress);
+        self.shutting_down.store(true, Ordering::Release);
+        if let Some((give_up, _)) = in_progress.as_ref() {
             give_up.ask("the VM is shutting down");
         }
+        drop(in_progress);
         if let Some(incoming) = &self.incoming {
             incoming.abandon();
         }
@@ -250,6 +270,9 @@ impl Migrations {
     pub fn switch_over(&self) -> Response {
         match lock(&self.in_progress).as_ref() {
             None => Response::error(409, "no migration is in progress"),
+            Some((give_up, _)) if !give_up.before_switch_over() => {
+                Response::error(409, "the migration in progress is past its rounds already")
+            }
             Some((_, mode)) if *mode != Mode::Hybrid => Response::error(
                 409,
                 format!(
@@ -258,9 +281,6 @@ impl Migrations {
                     mode.name()
                 ),
             ),
-            Some((give_up, _)) if !give_up.before_switch_over() => {
-                Response::error(409, "the migration in progress is past its rounds already")
-            }
             Some(_) => {
                 self.switch_now.store(true, Ordering::Release);
                 Response::no_content()
@@ -384,7 +404,15 @@ impl Migrations {
             // A resume is past its switch-over already.
             let _ = give_up.close();
         }
-        *lock(&self.in_progress) = Some((give_up.clone(), request.mode));
+        {
+            let mut in_progress = lock(&self.in_progress);
+            if self.shutting_down.load(Ordering::Acquire) {
+                drop(in_progress);
+                *lock(&self.paused) = paused;
+                return Response::error(409, "the VM is shutting down: it migrates nowhere");
+            }
+            *in_progress = Some((give_up.clone(), request.mode));
+        }
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
             give_up,

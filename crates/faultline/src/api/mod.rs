@@ -8,7 +8,7 @@
 //! | GET | /vm/stats | | the above, pager counters, dirty tracking, last snapshot |
 //! | PUT | /vm/pause | | 204; 409 if not running or already paused |
 //! | PUT | /vm/resume | | 204; 409 if not paused |
-//! | PUT | /vm/shutdown | `{"force": BOOL}` (optional) | 204; the VMM stops the VM and exits. 409 while an outgoing migration is paused here (its destination may need this side), unless `force` |
+//! | PUT | /vm/shutdown | `{"force": BOOL}` (optional) | 204; the VMM stops the VM and exits. 409 while an outgoing migration past its switch-over runs or is paused here (its destination may need this side), unless `force` |
 //! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
 //! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
 //! | PUT | /track | `{"gpa": N, "len": N, "mode": "write"\|"access"}` | 204; one more user tracks those frames |
@@ -19,7 +19,7 @@
 //! | GET | /migration | | the migration's status: a source's report, or its progress while it runs; a destination's phase, pages and answer times |
 //! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 (saying why) if none runs, it is not hybrid, or its rounds are over |
 //! | PUT | /migration/recover | `{"listen": "HOST:PORT", "tls_dir": DIR}` | a destination whose migration paused (or completed): `{"listening": ADDR}`, where the source may resume it; 409 otherwise |
-//! | PUT | /migration/cancel | | 202 `{"status": "cancelling"}`: the migration in progress gives up before its next pages (or at its switch-over), the VM running on here; 200 `{"status": "cancelled", "vm": "running"|"paused"}`: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again (or stays paused, if it was before the migration); 409 if the migration in progress is past its switch-over, or the destination confirmed |
+//! | PUT | /migration/cancel | | 202 `{"status": "cancelling"}`: the migration in progress gives up before its next pages (or at its switch-over), the VM running on here; 200 `{"status": "cancelled", "vm": "running"\|"paused"}`: a migration paused before the destination confirmed it runs the VM is given up, and the VM runs here again (or stays paused, if it was before the migration); 409 if none runs or is paused, the migration in progress is past its switch-over, or the destination confirmed; 500 if it is cancelled but the VM could not run again |
 //!
 //! Tracking requests are refused whole (400) for ranges that are empty, not page aligned, not
 //! guest RAM, or would need more memslots than KVM allows. The event stream is fed from a

@@ -133,6 +133,15 @@ impl Channel {
         }
     }
 
+    /// Bounds every write (`None`: writes wait as long as it takes); a write that runs out of
+    /// time fails with `TimedOut`.
+    pub fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Channel::Tcp(s) => s.set_write_timeout(timeout),
+            Channel::Tls(s, _) => s.set_write_timeout(timeout),
+        }
+    }
+
     /// The bound on every read.
     pub fn read_timeout(&self) -> io::Result<Option<std::time::Duration>> {
         match self {
@@ -193,9 +202,17 @@ fn nothing_in_time() -> io::Error {
 
 impl Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
+        let written = match self {
             Channel::Tcp(s) => s.write(buf),
             Channel::Tls(s, _) => s.write(buf),
+        };
+        match written {
+            // What a blocking socket says when its write timeout runs out.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took nothing in the time allowed",
+            )),
+            written => written,
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -294,9 +311,18 @@ impl Tls {
 pub fn open(tcp: TcpStream, tls: Option<&Tls>, host: &str) -> anyhow::Result<Channel> {
     tcp.set_nodelay(true)?;
     detect_dead_peers(&tcp)?;
-    let Some(tls) = tls else {
-        return Ok(Channel::Tcp(tcp));
+    let channel = match tls {
+        None => Channel::Tcp(tcp),
+        Some(tls) => handshake(tcp, tls, host)?,
     };
+    // A peer that takes nothing for this long (alive: its kernel answers TCP's probes) has
+    // stalled; a write to it must not wait for ever (TCP_USER_TIMEOUT does not end it).
+    channel.set_write_timeout(Some(stream_silence()))?;
+    Ok(channel)
+}
+
+/// The TLS session over `tcp`, its handshake done.
+fn handshake(tcp: TcpStream, tls: &Tls, host: &str) -> anyhow::Result<Channel> {
     match tls {
         Tls::Client(config) => {
             let name = ServerName::try_from(host.to_string())

@@ -179,6 +179,20 @@ impl Incoming {
         self.changed.notify_all();
     }
 
+    /// The offer `generation` was used up (a source told the migration completed): it goes,
+    /// unless `recover` gave a newer one meanwhile, which stands.
+    pub(super) fn spend_offer(&self, generation: u64) {
+        let mut state = lock(&self.state);
+        if state
+            .offer
+            .as_ref()
+            .is_some_and(|offer| offer.generation == generation)
+        {
+            state.offer = None;
+        }
+        self.changed.notify_all();
+    }
+
     /// A connection of the migration, to shut down if another one breaks.
     pub(super) fn add_link(&self, channel: Channel) {
         lock(&self.links).push(channel);

@@ -518,7 +518,7 @@ fn resume_from(
     // its pages, nor learn that its own migration completed.
     if incoming.migration() != Some(migration) {
         let refusal = format!(
-            "the resume names migration {migration:016x}; the one paused here is {}",
+            "the resume names migration {migration:016x}; the one here is {}",
             incoming
                 .migration()
                 .map_or_else(|| "unnamed".to_string(), |m| format!("{m:016x}"))
@@ -573,8 +573,8 @@ pub(super) fn confirm_completed(incoming: &Arc<Incoming>) {
             });
         incoming.shut_links();
         match confirmed {
-            // The offer is spent: the next `recover` gives the next one.
-            Ok(()) => incoming.finish(Phase::Completed, None),
+            // The offer is spent: the next `recover` gives the next one (or has already).
+            Ok(()) => incoming.spend_offer(offer.generation),
             Err(e) => {
                 if incoming.abandoned() {
                     return;
