@@ -330,7 +330,8 @@ enum MigrateCommand {
         max_rounds: u32,
         /// Resume a post-copy paused by a broken connection: --to is where the destination's
         /// `faultline migrate recover` listens. The pages it lacks are sent, and it completes.
-        #[arg(long)]
+        /// It goes on as the migration began: the settings of a new one do not go with it.
+        #[arg(long, conflicts_with_all = ["mode", "downtime_ms", "max_rounds", "no_throttle", "max_bandwidth"])]
         resume: bool,
         /// Pre-copy: never throttle the guest. By default, rounds that do not converge slow
         /// the guest's vCPUs (from the first round that does not halve what is left, after

@@ -65,6 +65,20 @@ fn bad_input_is_named() {
         (&["run"], "required"),
         (
             &[
+                "migrate",
+                "send",
+                "--api-sock",
+                "/nonexistent.sock",
+                "--to",
+                "127.0.0.1:1",
+                "--resume",
+                "--mode",
+                "post",
+            ],
+            "the argument '--resume' cannot be used with '--mode <MODE>'",
+        ),
+        (
+            &[
                 "run",
                 "--guest",
                 "touch",
