@@ -448,9 +448,8 @@ struct TrackRange {
 
 #[derive(Args)]
 struct ShutdownArgs {
-    /// The API socket of the running faultline.
-    #[arg(long, value_name = "PATH")]
-    api_sock: PathBuf,
+    #[command(flatten)]
+    api: ApiSock,
     /// Shut down even a source that a paused migration may still need (its VM may then be
     /// lost: pages only this side has are gone).
     #[arg(long)]
@@ -1487,7 +1486,7 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 VmCommand::Shutdown(s) => (
                     "PUT",
                     "/vm/shutdown",
-                    &s.api_sock,
+                    &s.api.api_sock,
                     s.force.then(|| serde_json::json!({ "force": true })),
                 ),
                 VmCommand::Stats(s) => ("GET", "/vm/stats", &s.api_sock, None),

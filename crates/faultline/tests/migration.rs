@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::message_gate::MessageGate;
 use common::pki::make_pki;
-use common::{api, faultline, json_report, set_hold, spawn, text, wait_until_held, TempDir};
+use common::{
+    api, faultline, json_report, set_hold, spawn, spawn_env, text, wait_until_held, TempDir,
+};
 use vmm::boot::layout::BOOT_AREA_END;
 
 const PAGES: u64 = 128;
@@ -66,31 +68,35 @@ fn spawn_source(sock: &Path, cpus: u8) -> Child {
 
 fn spawn_mix(sock: &Path, mix: Mix) -> Child {
     let mem = format!("{}M", 4 + mix.pages * 4096 / (1 << 20));
-    let mut child = common::command()
-        .args([
-            "run",
-            "--guest",
-            mix.guest,
-            "--mem",
-            &mem,
-            "--cpus",
-            &mix.cpus.to_string(),
-            "--range-pages",
-            &mix.pages.to_string(),
-            "--arg",
-            &mix.passes.to_string(),
-            "--hold-at",
-            &mix.hold.to_string(),
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--json",
-        ])
-        .args(mix.run_args)
-        .envs(mix.env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("faultline starts");
+    let (passes, hold, cpus, pages) = (
+        mix.passes.to_string(),
+        mix.hold.to_string(),
+        mix.cpus.to_string(),
+        mix.pages.to_string(),
+    );
+    let args = [
+        "run",
+        "--guest",
+        mix.guest,
+        "--mem",
+        &mem,
+        "--cpus",
+        &cpus,
+        "--range-pages",
+        &pages,
+        "--arg",
+        &passes,
+        "--hold-at",
+        &hold,
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--json",
+    ];
+    let args: Vec<&str> = args
+        .into_iter()
+        .chain(mix.run_args.iter().copied())
+        .collect();
+    let mut child = spawn_env(&args, mix.env);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok((200, Some(info))) =
@@ -212,14 +218,9 @@ impl Destination {
 
     /// One with `extra` arguments and `env` added to its environment.
     fn spawn_with(extra: &[&str], env: &[(&str, &str)]) -> Destination {
-        let mut child = common::command()
-            .args(["migrate", "receive", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("faultline starts");
+        let mut args = vec!["migrate", "receive", "--listen", "127.0.0.1:0"];
+        args.extend(extra);
+        let mut child = spawn_env(&args, env);
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         stderr.read_line(&mut line).unwrap();
@@ -469,7 +470,6 @@ fn pre_copy_of_a_vm_that_logged_dirty_pages_already_sends_every_page() {
     migrated_with(
         Mix {
             run_args: &["--track-dirty"],
-            env: &[],
             ..SMALL
         },
         &["--mode", "pre"],
@@ -1181,10 +1181,8 @@ fn a_tls_handshake_that_trickles_in_is_given_up_on() {
     let tmp = TempDir::new("migrate-tls-trickle");
     make_pki(tmp.path(), "ca", &["destination"]);
     let tls_dir = tmp.join("destination");
-    let destination = Destination::spawn_with(
-        &["--tls-dir", tls_dir.to_str().unwrap()],
-        &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
-    );
+    let destination =
+        Destination::spawn_with(&["--tls-dir", tls_dir.to_str().unwrap()], PEER_TIMEOUT_2S);
     // A handshake record's header, then its body a byte every 100 ms (for a minute at most):
     // every read finds something, and the handshake never ends.
     let mut client = std::net::TcpStream::connect(&destination.addr).unwrap();
@@ -1709,7 +1707,7 @@ fn greeting_vm(
 fn a_source_that_stops_sending_mid_stream_is_given_up_on() {
     require_kvm!();
     use migrate::{write_message, Message};
-    let destination = Destination::spawn_with(&["--json"], &[("FAULTLINE_PEER_TIMEOUT_S", "2")]);
+    let destination = Destination::spawn_with(&["--json"], PEER_TIMEOUT_2S);
     let (_reader, mut writer) = greeting(&destination.addr);
     // Some of the first pass, then nothing, the connection open.
     write_message(&mut writer, &Message::ZeroPages { gpa: 0, count: 5 }).unwrap();
@@ -1750,9 +1748,12 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
     );
 }
 
+/// A peer waited for 2 s where it owes a message, not a minute or two.
+const PEER_TIMEOUT_2S: &[(&str, &str)] = &[("FAULTLINE_PEER_TIMEOUT_S", "2")];
+
 /// The small guest, whose source waits 2 s for a silent destination where it owes an answer.
 const IMPATIENT: Mix = Mix {
-    env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
+    env: PEER_TIMEOUT_2S,
     ..SMALL
 };
 
@@ -1804,7 +1805,7 @@ fn a_destination_that_stops_taking_pages_is_given_up_on_and_the_vm_runs_on() {
     let sock = tmp.join("src.sock");
     // 32 MiB of first pass: far more than the sockets' buffers hold.
     let impatient = Mix {
-        env: &[("FAULTLINE_PEER_TIMEOUT_S", "2")],
+        env: PEER_TIMEOUT_2S,
         ..MID
     };
     let source = spawn_mix_written(&sock, impatient);

@@ -169,8 +169,9 @@ impl Migrations {
         };
         match cancelled {
             Ok(()) => {
-                self.end_outgoing(json!({ "status": "cancelled", "vm": vm }));
-                Response::ok(json!({ "status": "cancelled", "vm": vm }))
+                let cancelled = json!({ "status": "cancelled", "vm": vm });
+                self.end_outgoing(cancelled.clone());
+                Response::ok(cancelled)
             }
             Err(e) => {
                 let message = format!("{e:#}");
@@ -339,13 +340,13 @@ impl Migrations {
             holes_are_zero,
         } = memory;
         use std::net::ToSocketAddrs;
-        let addrs: Vec<_> = match request.to.to_socket_addrs() {
-            Ok(addrs) => addrs.collect(),
+        let mut addrs = match request.to.to_socket_addrs() {
+            Ok(addrs) => addrs,
             Err(e) => {
                 return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to))
             }
         };
-        if addrs.iter().any(|addr| addr.port() == 0) {
+        if addrs.any(|addr| addr.port() == 0) {
             return Response::error(
                 400,
                 format!("{:?}: port 0 names no destination", request.to),

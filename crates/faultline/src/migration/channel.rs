@@ -94,7 +94,7 @@ impl Read for Within<'_> {
                 .until
                 .saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return Err(nothing_in_time());
+                return Err(io::Error::new(io::ErrorKind::TimedOut, NOTHING_SAID));
             }
             self.reader.get_ref().set_read_timeout(Some(left))?;
         }
@@ -184,20 +184,21 @@ impl Read for Channel {
             Channel::Tcp(s) => s.read(buf),
             Channel::Tls(s, _) => s.read(buf),
         };
-        match read {
-            // What a blocking socket says when its read timeout runs out.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(nothing_in_time()),
-            read => read,
-        }
+        read.map_err(|e| out_of_time(e, NOTHING_SAID))
     }
 }
 
-/// A read that ran out of time.
-fn nothing_in_time() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::TimedOut,
-        "the peer said nothing in the time allowed",
-    )
+/// What a read or a write that ran out of time says.
+const NOTHING_SAID: &str = "the peer said nothing in the time allowed";
+const NOTHING_TAKEN: &str = "the peer took nothing in the time allowed";
+
+/// `error`, said as `what` (`TimedOut`) if it is what a blocking socket says when its
+/// timeout runs out.
+fn out_of_time(error: io::Error, what: &'static str) -> io::Error {
+    match error.kind() {
+        io::ErrorKind::WouldBlock => io::Error::new(io::ErrorKind::TimedOut, what),
+        _ => error,
+    }
 }
 
 impl Write for Channel {
@@ -206,14 +207,7 @@ impl Write for Channel {
             Channel::Tcp(s) => s.write(buf),
             Channel::Tls(s, _) => s.write(buf),
         };
-        match written {
-            // What a blocking socket says when its write timeout runs out.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer took nothing in the time allowed",
-            )),
-            written => written,
-        }
+        written.map_err(|e| out_of_time(e, NOTHING_TAKEN))
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
@@ -382,41 +376,29 @@ const HANDSHAKE_FAILED: &str =
 fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Channel> {
     let limit = handshake_timeout();
     let deadline = std::time::Instant::now() + limit;
+    let late = || {
+        anyhow::anyhow!(
+            "the TLS handshake did not finish within {} s",
+            limit.as_secs()
+        )
+    };
+    let failed = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => late(),
+        _ => anyhow::Error::from(e).context(HANDSHAKE_FAILED),
+    };
     // A flight at a time, each read and write bounded by the time left.
     while conn.is_handshaking() || conn.wants_write() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            bail!(
-                "the TLS handshake did not finish within {} s",
-                limit.as_secs()
-            );
+            return Err(late());
         }
         tcp.set_read_timeout(Some(left))?;
         tcp.set_write_timeout(Some(left))?;
-        let timed_out = |e: &io::Error| {
-            matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            )
-        };
-        let late = || {
-            anyhow::anyhow!(
-                "the TLS handshake did not finish within {} s",
-                limit.as_secs()
-            )
-        };
         if conn.wants_write() {
-            match conn.write_tls(&mut tcp) {
-                Ok(_) => {}
-                Err(e) if timed_out(&e) => return Err(late()),
-                Err(e) => return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED)),
-            }
+            conn.write_tls(&mut tcp).map_err(failed)?;
         } else {
-            match conn.read_tls(&mut tcp) {
-                Ok(0) => bail!("the peer closed the connection during the TLS handshake"),
-                Ok(_) => {}
-                Err(e) if timed_out(&e) => return Err(late()),
-                Err(e) => return Err(anyhow::Error::from(e).context(HANDSHAKE_FAILED)),
+            if conn.read_tls(&mut tcp).map_err(failed)? == 0 {
+                bail!("the peer closed the connection during the TLS handshake");
             }
             if let Err(e) = conn.process_new_packets() {
                 // The peer learns why (a certificate refused is an alert it reports).

@@ -516,12 +516,11 @@ fn resume_from(
     };
     // A source of another migration (of a VM of the same shape) must not fill this VM with
     // its pages, nor learn that its own migration completed.
-    if incoming.migration() != Some(migration) {
+    let named_here = incoming.migration();
+    if named_here != Some(migration) {
         let refusal = format!(
             "the resume names migration {migration:016x}; the one here is {}",
-            incoming
-                .migration()
-                .map_or_else(|| "unnamed".to_string(), |m| format!("{m:016x}"))
+            named_here.map_or_else(|| "unnamed".to_string(), |m| format!("{m:016x}"))
         );
         let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
         let _ = writer.flush();

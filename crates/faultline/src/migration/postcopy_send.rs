@@ -76,7 +76,8 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     // missing (it has none in a plain post-copy) and takes the page-request connection, while
     // the VM still runs here.
     let total = ram.size() / PAGE_SIZE;
-    let early = stale.clone().unwrap_or_else(|| DirtyPages::new(total));
+    let none_sent = DirtyPages::new(total);
+    let early = stale.as_ref().unwrap_or(&none_sent);
     write_message(
         &mut writer,
         &Message::SwitchOver {
@@ -84,7 +85,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
             migration,
         },
     )
-    .and_then(|()| write_message(&mut writer, &stale_message(&early)))
+    .and_then(|()| write_message(&mut writer, &stale_message(early)))
     .and_then(|()| writer.flush())
     .context("cannot send the switch-over")?;
     let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())

@@ -211,19 +211,15 @@ fn take(
                 writer.flush()?;
             }
             Message::SwitchOver {
-                post_copy: true,
+                post_copy: goes_post,
                 migration,
             } => {
                 incoming.set_migration(migration);
-                return post_copy(
-                    listener, tls, reader, writer, vm, &ours, link, report, &zeroed, incoming,
-                );
-            }
-            Message::SwitchOver {
-                post_copy: false,
-                migration,
-            } => {
-                incoming.set_migration(migration);
+                if goes_post {
+                    return post_copy(
+                        listener, tls, reader, writer, vm, &ours, link, report, &zeroed, incoming,
+                    );
+                }
                 switched_at = Some(Instant::now());
             }
             Message::State(bytes) => {
@@ -237,10 +233,12 @@ fn take(
     if switched_at.is_none() {
         bail!("the source finished without a switch-over");
     }
-    // A page never sent would run as zeros here: the VM must not run on it.
-    let mut never_came = DirtyPages::all(layout.pages());
-    never_came.remove(&received);
-    if let Some(first) = never_came.first_from(0) {
+    // A page never sent would run as zeros here: the VM must not run on it. (Counted first:
+    // this is inside the downtime, and the pages are looked for only when one is missing.)
+    if received.count() != layout.pages() {
+        let mut never_came = DirtyPages::all(layout.pages());
+        never_came.remove(&received);
+        let first = never_came.first_from(0).unwrap_or(0);
         bail!(
             "the source finished without sending every page of RAM: {} never came, the first at {:#x}",
             never_came.count(),

@@ -110,6 +110,15 @@ struct GiveUpState {
     closed: bool,
 }
 
+impl GiveUpState {
+    fn check(&self) -> anyhow::Result<()> {
+        match self.asked {
+            Some(why) => bail!("the migration was given up: {why}"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl GiveUp {
     /// Asks the migration to give up (`why`, for its error); false when it is past its
     /// switch-over, too late for that.
@@ -128,10 +137,7 @@ impl GiveUp {
 
     /// An error if it was asked to give up.
     fn check(&self) -> anyhow::Result<()> {
-        match lock(&self.0).asked {
-            Some(why) => bail!("the migration was given up: {why}"),
-            None => Ok(()),
-        }
+        lock(&self.0).check()
     }
 
     /// The switch-over begins: from here the migration is not given up (an error if it was
@@ -139,10 +145,7 @@ impl GiveUp {
     pub fn close(&self) -> anyhow::Result<()> {
         let mut state = lock(&self.0);
         state.closed = true;
-        match state.asked {
-            Some(why) => bail!("the migration was given up: {why}"),
-            None => Ok(()),
-        }
+        state.check()
     }
 }
 
@@ -975,7 +978,6 @@ pub(super) fn state_message(
     Ok(Message::State(payload))
 }
 
-/// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
 /// How long connecting to a destination may take (an address nothing answers at would
 /// otherwise take the kernel's SYN retries, about two minutes).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1005,6 +1007,7 @@ fn hello_failure(error: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Connects to the destination at `to` and exchanges hellos: the connection's two halves.
 pub(super) fn connect(
     handle: &VmHandle,
     to: &str,

@@ -115,8 +115,18 @@ pub fn restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
 
 /// Starts the faultline binary with `args`, its stdout and stderr piped.
 pub fn spawn(args: &[&str]) -> std::process::Child {
+    spawn_env::<_, &str>(args, &[])
+}
+
+/// Starts the faultline binary with `args` and `env` added to its environment, its stdout
+/// and stderr piped.
+pub fn spawn_env<S: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    env: &[(&str, V)],
+) -> std::process::Child {
     command()
         .args(args)
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -170,13 +180,7 @@ pub fn json_report(stdout: &str) -> serde_json::Value {
 /// Starts `faultline ARGS` with the live-snapshot writer gated on `gate` (the writer waits for
 /// that file before it copies a page: see `snapshot::live`), its output piped.
 pub fn spawn_gated(args: &[String], gate: &Path) -> std::process::Child {
-    command()
-        .args(args)
-        .env("FAULTLINE_LIVE_WRITER_GATE", gate)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("faultline starts")
+    spawn_env(args, &[("FAULTLINE_LIVE_WRITER_GATE", gate)])
 }
 
 /// Starts the micro-guest run `args` held at hold point `hold`, serving the API on `sock`,

@@ -40,16 +40,12 @@ impl Shared {
 impl CuttingProxy {
     /// Forwards to `target`, cutting after `cut_after` bytes from the first client.
     pub fn start(target: &str, cut_after: u64) -> CuttingProxy {
-        CuttingProxy::start_counting(target, cut_after, false)
+        CuttingProxy::start_with(target, cut_after, false, false)
     }
 
     /// Forwards to `target`, cutting after `cut_after` bytes back to the first client.
     pub fn start_back(target: &str, cut_after: u64) -> CuttingProxy {
-        CuttingProxy::start_counting(target, cut_after, true)
-    }
-
-    fn start_counting(target: &str, cut_after: u64, back: bool) -> CuttingProxy {
-        CuttingProxy::start_with(target, cut_after, back, false)
+        CuttingProxy::start_with(target, cut_after, true, false)
     }
 
     fn start_with(target: &str, cut_after: u64, back: bool, damage: bool) -> CuttingProxy {
