@@ -92,9 +92,17 @@ pub struct Migrations {
     /// The migration that brought the VM here.
     incoming: Option<Arc<Incoming>>,
     /// The outgoing migration in progress, to give up (before its switch-over).
-    in_progress: Mutex<Option<(GiveUp, Mode)>>,
-    /// The VM is shutting down: no migration starts (set under `in_progress`'s lock).
-    shutting_down: AtomicBool,
+    in_progress: Mutex<InProgress>,
+}
+
+/// The outgoing migration in progress, and whether the VM is shutting down (one lock: a
+/// shutdown and a migration that starts see each other).
+#[derive(Default)]
+struct InProgress {
+    /// To give up (before its switch-over), and its mode.
+    current: Option<(GiveUp, Mode)>,
+    /// No migration starts any more.
+    shutting_down: bool,
 }
 
 /// The outgoing migration's status, and its progress while it runs.
@@ -114,8 +122,7 @@ impl Migrations {
             paused: Mutex::new(None),
             migrated: AtomicBool::new(false),
             incoming,
-            in_progress: Mutex::new(None),
-            shutting_down: AtomicBool::new(false),
+            in_progress: Mutex::default(),
         }
     }
 
@@ -128,7 +135,7 @@ impl Migrations {
     /// before its next run of pages (the VM running on here); `None` when none runs.
     pub fn give_up_in_progress(&self) -> Option<Response> {
         let in_progress = lock(&self.in_progress);
-        let (give_up, _) = in_progress.as_ref()?;
+        let (give_up, _) = in_progress.current.as_ref()?;
         Some(if give_up.ask("cancelled by the operator") {
             Response {
                 status: 202,
@@ -187,50 +194,45 @@ impl Migrations {
         }
     }
 
-    /// Why shutting this VM down would lose what a paused outgoing migration still needs:
-    /// its destination may run the VM, and (post-copy) fault on pages only this side has, or
-    /// (an unconfirmed pre-copy) only this side can learn whether it does. `None` when none
-    /// is paused.
-    pub fn paused_needs_this_side(&self) -> Option<&'static str> {
-        // One past its switch-over, a resume among them, needs this side to its end.
-        if let Some((give_up, _)) = lock(&self.in_progress).as_ref() {
-            if !give_up.before_switch_over() {
-                return Some(
+    /// `PUT /vm/shutdown`: decides, at once with what it sees, whether the VM may go. An
+    /// outgoing migration before its switch-over gives up; one past it (a resume among them)
+    /// or one paused here refuses, with why (its destination may run the VM and need pages,
+    /// or an answer, that only this side has), unless `force`. Once it may go, no migration
+    /// starts, and a paused incoming one stops waiting for recovery.
+    pub fn shut_down(&self, force: bool) -> Result<(), &'static str> {
+        let mut in_progress = lock(&self.in_progress);
+        if let Some((give_up, _)) = in_progress.current.as_ref() {
+            // Asked and closed under one lock: it gives up, or it is past its switch-over.
+            if !give_up.ask("the VM is shutting down") && !force {
+                return Err(
                     "a migration past its switch-over is in progress: the destination may run \
                      the VM and need pages, or an answer, that only this side has",
                 );
             }
         }
-        let paused = lock(&self.paused);
-        paused
-            .as_ref()
-            .map(|paused| match (paused.mode, paused.confirmed) {
-                ("pre", false) => {
-                    "an unconfirmed switch-over is paused here: only this side can learn (by \
-                 resuming) whether the destination runs the VM"
-                }
-                ("pre", true) => {
-                    "a migration is paused here before its last word: resuming ends it"
-                }
-                _ => {
-                    "a post-copy is paused here: the destination may run the VM and need pages \
-                 that only this side has"
-                }
-            })
-    }
-
-    /// The VM is shutting down: an outgoing migration before its switch-over gives up, a
-    /// paused incoming one stops waiting for recovery.
-    pub fn shutting_down(&self) {
-        let in_progress = lock(&self.in_progress);
-        self.shutting_down.store(true, Ordering::Release);
-        if let Some((give_up, _)) = in_progress.as_ref() {
-            give_up.ask("the VM is shutting down");
+        if !force {
+            if let Some(paused) = lock(&self.paused).as_ref() {
+                return Err(match (paused.mode, paused.confirmed) {
+                    ("pre", false) => {
+                        "an unconfirmed switch-over is paused here: only this side can learn \
+                         (by resuming) whether the destination runs the VM"
+                    }
+                    ("pre", true) => {
+                        "a migration is paused here before its last word: resuming ends it"
+                    }
+                    _ => {
+                        "a post-copy is paused here: the destination may run the VM and need \
+                         pages that only this side has"
+                    }
+                });
+            }
         }
+        in_progress.shutting_down = true;
         drop(in_progress);
         if let Some(incoming) = &self.incoming {
             incoming.abandon();
         }
+        Ok(())
     }
 
     /// `GET /migration`: the outgoing migration if there was one, else the one that brought
@@ -269,7 +271,7 @@ impl Migrations {
 
     /// `PUT /migration/switchover`.
     pub fn switch_over(&self) -> Response {
-        match lock(&self.in_progress).as_ref() {
+        match lock(&self.in_progress).current.as_ref() {
             None => Response::error(409, "no migration is in progress"),
             Some((give_up, _)) if !give_up.before_switch_over() => {
                 Response::error(409, "the migration in progress is past its rounds already")
@@ -407,12 +409,12 @@ impl Migrations {
         }
         {
             let mut in_progress = lock(&self.in_progress);
-            if self.shutting_down.load(Ordering::Acquire) {
+            if in_progress.shutting_down {
                 drop(in_progress);
                 *lock(&self.paused) = paused;
                 return Response::error(409, "the VM is shutting down: it migrates nowhere");
             }
-            *in_progress = Some((give_up.clone(), request.mode));
+            in_progress.current = Some((give_up.clone(), request.mode));
         }
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
@@ -432,7 +434,20 @@ impl Migrations {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
             None => crate::migration::send::send(handle, guest, &options),
         };
-        *lock(&self.in_progress) = None;
+        // Done with it only once a paused migration is in its slot, so that a shutdown meanwhile
+        // sees one or the other.
+        let answer = self.answer_send(handle, &request.to, result);
+        lock(&self.in_progress).current = None;
+        answer
+    }
+
+    /// The answer to `PUT /migration/send` whose migration ended with `result`.
+    fn answer_send(
+        &self,
+        handle: &VmHandle,
+        to: &str,
+        result: Result<crate::migration::send::SendReport, SendFailure>,
+    ) -> Response {
         match result {
             Ok(report) => {
                 // Noted before the VM stops, so that the run ending here is known as a move.
@@ -475,7 +490,7 @@ impl Migrations {
                 };
                 self.end_outgoing(json!({
                     "status": status,
-                    "to": request.to,
+                    "to": to,
                     "error": message,
                     "destination_confirmed": paused.confirmed,
                 }));

@@ -477,7 +477,7 @@ impl Controller {
                     Ok(body) => body,
                     Err(refusal) => return refusal,
                 };
-                if let (Some(why), false) = (self.migrations.paused_needs_this_side(), body.force) {
+                if let Err(why) = self.migrations.shut_down(body.force) {
                     return Response::error(
                         409,
                         format!(
@@ -488,7 +488,6 @@ impl Controller {
                     );
                 }
                 self.shutdown.store(true, Ordering::Release);
-                self.migrations.shutting_down();
                 self.handle
                     .control()
                     .request_stop(vmm::control::StopReason::Requested);
