@@ -1073,9 +1073,8 @@ fn a_destination_sent_something_else_than_a_hello_names_it_and_ends() {
     let destination = Destination::spawn(&[]);
     let mut peer = std::net::TcpStream::connect(&destination.addr).unwrap();
     peer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let out = destination.child.wait_with_output().unwrap();
-    assert!(!out.status.success());
-    let err = destination.stderr.join().unwrap();
+    let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
+    assert!(!status.success());
     assert!(
         err.contains("the source's hello was refused")
             && err.contains("not a faultline migration stream"),
@@ -1147,9 +1146,8 @@ fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
         &["--tls-dir", &stranger],
         "TLS handshake failed",
     );
-    let refused = destination.child.wait_with_output().unwrap();
-    let said = destination.stderr.join().unwrap();
-    assert!(!refused.status.success());
+    let (refused, said) = ended_within_a_minute(destination, "its refusal", || {});
+    assert!(!refused.success());
     assert!(said.contains("TLS handshake failed"), "{said}");
 
     // A destination whose certificate comes from another CA: the source refuses it.
