@@ -17,6 +17,6 @@ mod wire;
 
 pub use message::{Layout, Message, VmIdentity, MAX_REQUEST_PAGES, PAGE_SIZE};
 pub use wire::{
-    frame, read_message, read_message_reusing, write_message, write_pages, ProtocolError, MAGIC,
-    MAX_PAYLOAD, VERSION,
+    frame, pages_header, read_message, read_message_reusing, write_message, write_pages,
+    ProtocolError, MAGIC, MAX_PAYLOAD, PAGES_HEADER_BYTES, VERSION,
 };

@@ -131,8 +131,18 @@ pub fn frame(message: &Message) -> io::Result<Vec<u8>> {
 /// copying the pages into a message first (a migration's main cost is copying bytes). Returns
 /// the bytes the frame took on the wire.
 pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Result<u64> {
+    let header = pages_header(gpa, data)?;
+    writer.write_all(&header)?;
+    writer.write_all(data)?;
+    Ok((header.len() + data.len()) as u64)
+}
+
+/// The bytes of a pages frame for `data` at `gpa` that come before `data` itself (its
+/// checksum included), for a writer that sends `data` from elsewhere: the frame is these
+/// bytes, then exactly `data`.
+pub fn pages_header(gpa: u64, data: &[u8]) -> io::Result<[u8; PAGES_HEADER_BYTES]> {
     let length = payload_length("pages", 8 + data.len())?;
-    let mut header = [0u8; HEADER_BYTES + 8];
+    let mut header = [0u8; PAGES_HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC);
     header[4..6].copy_from_slice(&VERSION.to_le_bytes());
     header[6] = Message::PAGES_KIND;
@@ -143,10 +153,11 @@ pub fn write_pages<W: Write>(writer: &mut W, gpa: u64, data: &[u8]) -> io::Resul
     hasher.update(&header[HEADER_BYTES..]);
     hasher.update(data);
     header[12..16].copy_from_slice(&hasher.finalize().to_le_bytes());
-    writer.write_all(&header)?;
-    writer.write_all(data)?;
-    Ok((header.len() + data.len()) as u64)
+    Ok(header)
 }
+
+/// How many bytes of a pages frame come before its pages: the frame header and the address.
+pub const PAGES_HEADER_BYTES: usize = HEADER_BYTES + 8;
 
 /// Reads one message. A clean end of the stream before a frame is [`ProtocolError::PeerClosed`];
 /// anywhere else it is [`ProtocolError::Truncated`].

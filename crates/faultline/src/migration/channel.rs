@@ -159,6 +159,34 @@ impl Channel {
         }
     }
 
+    /// Sends `len` bytes of `file` from `offset` straight from its page cache with
+    /// sendfile(2), where this is a plain TCP channel: the bytes are never copied through this
+    /// process (nor, on loopback, on this side at all). Returns false, having sent nothing, on
+    /// a TLS channel, whose bytes must be encrypted here. Bounded like a write.
+    pub fn send_file(&self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<bool> {
+        let Channel::Tcp(socket) = self else {
+            return Ok(false);
+        };
+        let (mut at, end) = (offset, offset + len);
+        while at < end {
+            let chunk = usize::try_from(end - at).unwrap_or(usize::MAX);
+            match rustix::fs::sendfile(socket, file, Some(&mut at), chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ends at {at:#x}, before the {len:#x} bytes from {offset:#x}"
+                        ),
+                    ))
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(out_of_time(e.into(), NOTHING_TAKEN)),
+            }
+        }
+        Ok(true)
+    }
+
     /// Ends the connection both ways (a reader blocked on it returns).
     pub fn shutdown(&self) {
         self.shutdown_how(Shutdown::Both);

@@ -425,10 +425,10 @@ struct Streaming {
 }
 
 /// Sends every page not sent yet, in runs, moving to the last page asked for when there is one.
-fn stream_pages<W: Write>(
+fn stream_pages(
     handle: &VmHandle,
     options: &SendOptions,
-    writer: &mut W,
+    writer: &mut BufWriter<Channel>,
     shared: &Streaming,
     sent: &mut Sent,
 ) -> anyhow::Result<()> {
@@ -451,7 +451,7 @@ fn stream_pages<W: Write>(
             next = run.first + run.count;
             run
         };
-        pages_of.send(writer, run.gpa, run.count, sent)?;
+        pages_of.send_paused(writer, run.gpa, run.count, sent)?;
     }
     Ok(())
 }

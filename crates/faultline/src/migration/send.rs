@@ -1090,6 +1090,9 @@ pub(super) struct PageReader<'a> {
     pacer: Option<Pacer>,
     /// Looked at before each run (the rounds' reader: a give-up is still safe while it sends).
     give_up: Option<GiveUp>,
+    /// Each region's memfd data extents, found by the first [`send_paused`](Self::send_paused)
+    /// run in it.
+    data_extents: std::collections::HashMap<usize, Vec<(u64, u64)>>,
 }
 
 impl<'a> PageReader<'a> {
@@ -1100,6 +1103,7 @@ impl<'a> PageReader<'a> {
             holes_are_zero,
             pacer: None,
             give_up: None,
+            data_extents: std::collections::HashMap::new(),
         }
     }
 
@@ -1152,6 +1156,141 @@ impl<'a> PageReader<'a> {
         let data = self.read(gpa, count)?;
         send_run(writer, sent, gpa, data)
     }
+}
+
+impl PageReader<'_> {
+    /// [`send`](Self::send) for a VM paused until the migration ends (a post-copy's stream):
+    /// on a plain TCP channel with every page in the memfd, pages are checked for zeros and
+    /// checksummed where they lie and sent from the memfd's page cache (sendfile), so that
+    /// this side copies none of them; otherwise as `send`. (A running guest could change a
+    /// page between its checksum and its sending: the rounds never come here.)
+    pub(super) fn send_paused(
+        &mut self,
+        writer: &mut BufWriter<Channel>,
+        gpa: u64,
+        count: u64,
+        sent: &mut Sent,
+    ) -> anyhow::Result<()> {
+        if !self.holes_are_zero || !matches!(writer.get_ref(), Channel::Tcp(_)) {
+            return self.send(writer, gpa, count, sent);
+        }
+        let len = count * PAGE_SIZE;
+        let (index, region) = self
+            .ram
+            .region_at(gpa, len)
+            .context("a page to send is not RAM")?;
+        if let Some(pacer) = &mut self.pacer {
+            pacer.take(len);
+        }
+        let memfd = region.memfd_file();
+        let data_extents = match self.data_extents.entry(index) {
+            std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+            // Once per region: the VM is paused, so its memfd's holes stay where they are.
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert(
+                pager::data_extents(&*memfd, region.size())
+                    .context("cannot find guest RAM's data")?,
+            ),
+        };
+        for (at, extent, data) in extents_within(data_extents, gpa - region.gpa(), len) {
+            let extent_gpa = region.gpa() + at;
+            if !data {
+                // A hole: zeros, without reading a byte (nor allocating one, as a read of
+                // the mapping would).
+                let message = Message::ZeroPages {
+                    gpa: extent_gpa,
+                    count: extent / PAGE_SIZE,
+                };
+                write_message(writer, &message)?;
+                sent.add(0, extent / PAGE_SIZE, message.wire_len());
+                continue;
+            }
+            // SAFETY: `[at, at + extent)` is memfd data that guest RAM's mapping maps at
+            // `host_addr() + at` for as long as `self.ram` lives; the VM is paused until the
+            // migration ends (this method's contract), so nothing writes it while the slice
+            // is read, and with no pager behind it (`holes_are_zero`) no read of it faults
+            // to a pager or is poisoned.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    (region.host_addr() + at as usize) as *const u8,
+                    extent as usize,
+                )
+            };
+            for (first, pages, zero) in zero_runs(bytes) {
+                let run_gpa = extent_gpa + first * PAGE_SIZE;
+                if zero {
+                    let message = Message::ZeroPages {
+                        gpa: run_gpa,
+                        count: pages,
+                    };
+                    write_message(writer, &message)?;
+                    sent.add(0, pages, message.wire_len());
+                    continue;
+                }
+                let data =
+                    &bytes[(first * PAGE_SIZE) as usize..((first + pages) * PAGE_SIZE) as usize];
+                let header = migrate::pages_header(run_gpa, data)?;
+                writer.write_all(&header)?;
+                writer.flush()?;
+                let sent_in_place = writer.get_ref().send_file(
+                    &memfd,
+                    at + first * PAGE_SIZE,
+                    pages * PAGE_SIZE,
+                )?;
+                if !sent_in_place {
+                    writer.write_all(data)?;
+                }
+                sent.add(pages, 0, (header.len() + data.len()) as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The runs of zero and of other pages in `data` (whole pages): (first page, pages, zero).
+fn zero_runs(data: &[u8]) -> Vec<(u64, u64, bool)> {
+    let page = PAGE_SIZE as usize;
+    let pages = data.len() / page;
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < pages {
+        let zero = is_zero_page(&data[i * page..(i + 1) * page]);
+        let mut j = i + 1;
+        while j < pages && is_zero_page(&data[j * page..(j + 1) * page]) == zero {
+            j += 1;
+        }
+        runs.push((i as u64, (j - i) as u64, zero));
+        i = j;
+    }
+    runs
+}
+
+/// The data extents and holes of `[offset, offset + len)` (page aligned), in order, given
+/// the file's data extents `data` (sorted `[start, end)`): (offset, length, whether data).
+fn extents_within(data: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset + len;
+    let mut extents = Vec::new();
+    let mut at = offset;
+    // The first data extent that ends past `offset`.
+    let first = data.partition_point(|&(_, data_end)| data_end <= offset);
+    for &(start, data_end) in &data[first..] {
+        if at >= end {
+            break;
+        }
+        // Data is found a page at a time at least: a partial page reads as data.
+        let start = (start - start % PAGE_SIZE).clamp(at, end);
+        let data_end = data_end.next_multiple_of(PAGE_SIZE).min(end);
+        if start > at {
+            extents.push((at, start - at, false));
+        }
+        if data_end > start {
+            extents.push((start, data_end - start, true));
+        }
+        at = at.max(data_end);
+    }
+    if at < end {
+        extents.push((at, end - at, false));
+    }
+    extents
 }
 
 /// Sends the pages of `data` (read from `gpa` on): zero pages as ranges, the others as runs.
@@ -1315,6 +1454,108 @@ mod tests {
             Next::End("told")
         );
         assert_eq!(pre.during_first_pass(1000, Some(0), true, 0), Next::Round);
+    }
+
+    #[test]
+    fn extents_within_a_range_are_cut_to_it_and_to_whole_pages() {
+        let page = PAGE_SIZE;
+        let data = [
+            (2 * page, 4 * page),
+            (6 * page + 100, 8 * page),
+            (20 * page, 30 * page),
+        ];
+        // Holes, data, a hole, data from a partial page on, to the end of the range.
+        assert_eq!(
+            extents_within(&data, 0, 10 * page),
+            vec![
+                (0, 2 * page, false),
+                (2 * page, 2 * page, true),
+                (4 * page, 2 * page, false),
+                (6 * page, 2 * page, true),
+                (8 * page, 2 * page, false),
+            ]
+        );
+        // Inside one extent; inside one hole; one that starts in data and ends in a hole.
+        assert_eq!(
+            extents_within(&data, 21 * page, 3 * page),
+            vec![(21 * page, 3 * page, true)]
+        );
+        assert_eq!(
+            extents_within(&data, 10 * page, 4 * page),
+            vec![(10 * page, 4 * page, false)]
+        );
+        assert_eq!(
+            extents_within(&data, 3 * page, 2 * page),
+            vec![(3 * page, page, true), (4 * page, page, false)]
+        );
+        assert_eq!(extents_within(&[], 0, page), vec![(0, page, false)]);
+    }
+
+    #[test]
+    fn a_paused_vm_s_pages_go_from_the_page_cache_each_as_it_is() {
+        use std::net::{TcpListener, TcpStream};
+        use std::os::unix::fs::FileExt;
+        let size = 4 << 20;
+        let ram = vmm::GuestRam::new(size).unwrap();
+        let memfd = ram.regions()[0].memfd_file();
+        let page = PAGE_SIZE;
+        // Data, a page written as zeros (data to the file, zero to the wire), holes; runs
+        // of 256 pages that mix them, and a data extent across two runs.
+        let mut data_pages = 0;
+        for index in (1..4).chain(250..270).chain([300, 1023]) {
+            memfd
+                .write_all_at(&[index as u8 | 1; 4096], index * page)
+                .unwrap();
+            data_pages += 1;
+        }
+        // Zeros after data, and before it in the same extent.
+        memfd.write_all_at(&[0; 4096], 4 * page).unwrap();
+        memfd.write_all_at(&[0; 4096], 249 * page).unwrap();
+        memfd.write_all_at(&[7], 600 * page + 4095).unwrap();
+        data_pages += 1;
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let arrived = std::thread::spawn(move || {
+            let mut image = vec![0xeeu8; size as usize];
+            let mut reader = std::io::BufReader::new(server);
+            loop {
+                match migrate::read_message(&mut reader) {
+                    Ok(Message::Pages { gpa, data }) => {
+                        image[gpa as usize..gpa as usize + data.len()].copy_from_slice(&data)
+                    }
+                    Ok(Message::ZeroPages { gpa, count }) => {
+                        image[gpa as usize..(gpa + count * PAGE_SIZE) as usize].fill(0)
+                    }
+                    Ok(other) => panic!("{} in a page stream", other.name()),
+                    Err(ProtocolError::PeerClosed) => return image,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        });
+        let mut writer = BufWriter::new(Channel::Tcp(client));
+        let mut pages_of = PageReader::new(&ram, true);
+        let mut sent = Sent::default();
+        for first in (0..size / page).step_by(RUN_PAGES as usize) {
+            pages_of
+                .send_paused(&mut writer, first * page, RUN_PAGES, &mut sent)
+                .unwrap();
+        }
+        writer.flush().unwrap();
+        drop(writer);
+        let image = arrived.join().unwrap();
+        let mut expected = vec![0u8; size as usize];
+        memfd.read_exact_at(&mut expected, 0).unwrap();
+        assert!(image == expected, "the pages that came differ from RAM's");
+        assert_eq!(sent.normal, data_pages);
+        assert_eq!(sent.zero, size / page - data_pages);
+        // Nothing was allocated for the holes.
+        assert_eq!(
+            pager::data_extents(&*memfd, size).unwrap().len(),
+            5,
+            "the holes were read"
+        );
     }
 
     #[test]
