@@ -993,11 +993,15 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 .map(|dir| std::path::absolute(&dir))
                 .transpose()
                 .context("cannot resolve --tls-dir")?;
-            let body = serde_json::json!({
-                "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                "tls_dir": tls_dir, "resume": resume, "throttle": !no_throttle,
-                "max_bandwidth": max_bandwidth,
-            });
+            // A resume goes on as its migration began: the API refuses a new one's settings.
+            let body = if resume {
+                serde_json::json!({ "to": to, "tls_dir": tls_dir, "resume": true })
+            } else {
+                serde_json::json!({
+                    "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
+                    "tls_dir": tls_dir, "throttle": !no_throttle, "max_bandwidth": max_bandwidth,
+                })
+            };
             let channel = if tls_dir.is_some() {
                 "TLS, mutually authenticated"
             } else {

@@ -708,7 +708,7 @@ fn a_pre_copy_with_a_bandwidth_cap_keeps_under_it_and_finishes_right() {
 }
 
 #[test]
-fn a_bandwidth_cap_under_a_mib_a_second_is_refused_and_the_vm_runs_on() {
+fn send_requests_that_cannot_be_right_are_refused_by_name_and_the_vm_runs_on() {
     require_kvm!();
     let tmp = TempDir::new("migrate-cap-zero");
     let sock = tmp.join("src.sock");
@@ -732,6 +732,22 @@ fn a_bandwidth_cap_under_a_mib_a_second_is_refused_and_the_vm_runs_on() {
         let err = text(&out.stderr);
         assert!(err.contains(says) && err.contains("HTTP 400"), "{err}");
     }
+    // A resume goes on as its migration began: a new one's settings are refused, not ignored.
+    let (status, answer) = api(
+        &sock,
+        "PUT",
+        "/migration/send",
+        Some(
+            serde_json::json!({ "to": "127.0.0.1:9", "resume": true, "mode": "pre", "max_rounds": 3 }),
+        ),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer
+            .to_string()
+            .contains("a resume goes on as its migration began: mode, max_rounds cannot be given"),
+        "{answer}"
+    );
     let (status, info) = api(&sock, "GET", "/vm", None);
     assert_eq!((status, info["state"].as_str()), (200, Some("running")));
     set_hold(&sock, None);

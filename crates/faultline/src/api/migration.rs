@@ -26,37 +26,49 @@ pub struct SendRequest {
     /// A directory with `ca.pem`, `cert.pem` and `key.pem`: TLS with mutual authentication.
     #[serde(default)]
     tls_dir: Option<PathBuf>,
+    /// The settings of a new migration (absent: the defaults). A resume goes on as its
+    /// migration began, so it refuses them.
     #[serde(default)]
-    mode: crate::migration::send::Mode,
-    #[serde(default = "default_downtime_ms")]
-    downtime_ms: u64,
-    #[serde(default = "default_max_rounds")]
-    max_rounds: u32,
+    mode: Option<Mode>,
+    /// At most 300 ms when absent.
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    /// 30 when absent.
+    #[serde(default)]
+    max_rounds: Option<u32>,
     /// Resume a post-copy paused by a broken connection (`to`: where the destination's
     /// `recover` listens).
     #[serde(default)]
     resume: bool,
-    /// Pre-copy: throttle the guest when rounds do not converge.
-    #[serde(default = "yes")]
-    throttle: bool,
+    /// Pre-copy: throttle the guest when rounds do not converge (yes when absent).
+    #[serde(default)]
+    throttle: Option<bool>,
     /// Pre-copy: send at most this many bytes a second while the guest runs.
     #[serde(default)]
     max_bandwidth: Option<u64>,
 }
 
-fn yes() -> bool {
-    true
+impl SendRequest {
+    /// The settings of a new migration given with it.
+    fn settings_given(&self) -> Vec<&'static str> {
+        [
+            ("mode", self.mode.is_some()),
+            ("downtime_ms", self.downtime_ms.is_some()),
+            ("max_rounds", self.max_rounds.is_some()),
+            ("throttle", self.throttle.is_some()),
+            ("max_bandwidth", self.max_bandwidth.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
 }
 
 pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL, "throttle": BOOL, "max_bandwidth": BYTES_PER_S}"#;
 
-fn default_downtime_ms() -> u64 {
-    300
-}
-
-fn default_max_rounds() -> u32 {
-    30
-}
+/// A migration's settings where its request does not give them.
+const DEFAULT_DOWNTIME_MS: u64 = 300;
+const DEFAULT_MAX_ROUNDS: u32 = 30;
 
 /// What the migration must know of guest memory.
 pub struct MemoryState {
@@ -354,6 +366,19 @@ impl Migrations {
                 format!("{:?}: port 0 names no destination", request.to),
             );
         }
+        if request.resume {
+            let given = request.settings_given();
+            if !given.is_empty() {
+                return Response::error(
+                    400,
+                    format!(
+                        "a resume goes on as its migration began: {} cannot be given with \
+                         \"resume\"",
+                        given.join(", ")
+                    ),
+                );
+            }
+        }
         use crate::migration::pace::MIN_CAP;
         if request.max_bandwidth.is_some_and(|cap| cap < MIN_CAP) {
             return Response::error(
@@ -414,7 +439,7 @@ impl Migrations {
                 *lock(&self.paused) = paused;
                 return Response::error(409, "the VM is shutting down: it migrates nowhere");
             }
-            in_progress.current = Some((give_up.clone(), request.mode));
+            in_progress.current = Some((give_up.clone(), request.mode.unwrap_or_default()));
         }
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
@@ -422,10 +447,10 @@ impl Migrations {
             switch_now: Arc::clone(&self.switch_now),
             tls,
             to: request.to.clone(),
-            mode: request.mode,
-            downtime: Duration::from_millis(request.downtime_ms),
-            max_rounds: request.max_rounds,
-            throttle: request.throttle,
+            mode: request.mode.unwrap_or_default(),
+            downtime: Duration::from_millis(request.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
+            max_rounds: request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+            throttle: request.throttle.unwrap_or(true),
             max_bandwidth: request.max_bandwidth,
             progress: Arc::clone(&progress),
             holes_are_zero,
