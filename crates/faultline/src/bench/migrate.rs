@@ -103,7 +103,7 @@ pub struct Report {
     pub cases: Vec<Case>,
     /// What the destination's kernel alone needs for a data post-copy, measured before each
     /// of faultline's runs of it: RAM's worth of pages put into fresh guest RAM by
-    /// UFFDIO_COPY in 1 MiB runs, on two threads as a destination installs, no network, no
+    /// UFFDIO_COPY in 1 MiB runs, on as many threads as a destination installs on, no network, no
     /// guest (ms, each run).
     pub install_floor_runs: Vec<f64>,
     /// Their median, and its ratio to QEMU's median data post-copy total: a faultline total
@@ -244,8 +244,8 @@ fn install_floor_ms(mem: u64) -> anyhow::Result<f64> {
 }
 
 /// The threads the floor installs on: as many as take turns at a destination's stream
-/// (`migration::turns`), each taking every other run.
-const FLOOR_THREADS: usize = 2;
+/// (`migration::turns`), each taking every n-th run.
+const FLOOR_THREADS: usize = crate::migration::turns::THREADS;
 
 /// Fills every page of `ram` (fresh, nothing touched yet) with [`FILL`] by UFFDIO_COPY in
 /// runs of 1 MiB, on [`FLOOR_THREADS`] threads, through the destination's own first-pass

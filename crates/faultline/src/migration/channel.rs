@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 
-use super::lock;
+use crate::locking::lock;
 
 /// How long a peer may take to answer what asks for an answer (a hello, a resume, the
 /// go-ahead): one that says nothing must not hold the other side forever.

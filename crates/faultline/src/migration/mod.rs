@@ -21,9 +21,7 @@ pub mod postcopy_send;
 pub mod progress;
 pub mod receive;
 pub mod send;
-mod turns;
-
-use crate::locking::lock;
+pub(crate) mod turns;
 
 use migrate::{Layout, VmIdentity};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};

@@ -25,7 +25,8 @@ use super::progress::Progress;
 use super::send::{
     PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
-use super::{layout_of, lock, run_from};
+use super::{layout_of, run_from};
+use crate::locking::lock;
 
 /// A switch to post-copy on the source, after the hello (and, in a hybrid migration, the
 /// pre-copy rounds).

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
-use super::lock;
+use crate::locking::lock;
 
 /// Counters of a migration in progress (its phase "connecting" until its first).
 #[derive(Debug)]

@@ -19,11 +19,11 @@ use pager::{FailurePolicy, Pager, PagerConfig};
 
 use super::channel::{open, read_within, stream_silence, Channel, Tls, REPLY_TIMEOUT};
 use super::incoming::{Incoming, Phase};
-use super::lock;
 use super::postcopy_receive::{accept_requests, mark_zeros, take_stream, NetworkSource, Stream};
 use super::turns::{take_pages_in_turns, Failure};
 use super::{identity, page_runs, READ_BUFFER};
 use crate::lazy::{start_pager, LazySpec, PagerLink, RamState};
+use crate::locking::lock;
 use crate::restore::{state_into, vm_for};
 
 /// What the destination received.
@@ -170,7 +170,7 @@ fn take(
     let mut zeroed = DirtyPages::new(layout.pages());
     // Pages received at all: every one must have come before the VM may run here.
     let mut received = DirtyPages::new(layout.pages());
-    // The first pass, on two threads; the first message after it is handled below.
+    // The first pass, on threads taking turns; the first message after it is handled below.
     let mut after_first_pass = Some(first_pass(
         reader,
         &ram,
@@ -286,8 +286,8 @@ fn take(
     })
 }
 
-/// Takes the first pass of a migration (every page, the bulk of a pre-copy) on two threads
-/// taking turns at the stream (`turns`), and returns the first message after its pages.
+/// Takes the first pass of a migration (every page, the bulk of a pre-copy) on threads taking
+/// turns at the stream (`turns`), and returns the first message after its pages.
 ///
 /// Its pages go in by UFFDIO_COPY, while the pages of fresh RAM are missing: it allocates a
 /// page and copies into it without clearing it first, as a store through the mapping would,
@@ -297,7 +297,7 @@ fn take(
 /// thread of this process, EFAULT for a system call), never wait for an answer that does not
 /// come. Without a userfaultfd to be had, pages are written with `pwrite` (`write_pages`).
 ///
-/// The two threads install side by side, so a page must come once in the pass: a source
+/// The threads install side by side, so a page must come once in the pass: a source
 /// that sends one twice (a later copy could lose to an earlier one) is refused.
 fn first_pass<R: std::io::Read + Send>(
     reader: &mut R,

@@ -18,9 +18,10 @@ use vmm::throttle::Throttle;
 use vmm::{DirtyMode, DirtyPages, VmError, VmHandle, PAGE_SIZE};
 
 use super::channel::{build_timeout, read_within, Channel, REPLY_TIMEOUT};
+use super::identity;
 use super::pace::Pacer;
 use super::progress::Progress;
-use super::{identity, lock};
+use crate::locking::lock;
 
 /// A round that sends `n` pages must leave at most `n * SHRINK_NUMERATOR / SHRINK_DENOMINATOR`
 /// written again for the rounds to be worth going on unchanged: one that does not halve what
@@ -1145,10 +1146,7 @@ impl<'a> PageReader<'a> {
         }
         if self.holes_are_zero && self.ram.is_hole(gpa, count * PAGE_SIZE) {
             // Never written (or punched out): zeros, without reading a byte.
-            let message = Message::ZeroPages { gpa, count };
-            write_message(writer, &message)?;
-            sent.add(0, count, message.wire_len());
-            return Ok(());
+            return send_zeros(writer, sent, gpa, count);
         }
         if let Some(pacer) = &mut self.pacer {
             pacer.take(count * PAGE_SIZE);
@@ -1174,14 +1172,14 @@ impl PageReader<'_> {
         if !self.holes_are_zero || !matches!(writer.get_ref(), Channel::Tcp(_)) {
             return self.send(writer, gpa, count, sent);
         }
+        if let Some(give_up) = &self.give_up {
+            give_up.check()?;
+        }
         let len = count * PAGE_SIZE;
         let (index, region) = self
             .ram
             .region_at(gpa, len)
             .context("a page to send is not RAM")?;
-        if let Some(pacer) = &mut self.pacer {
-            pacer.take(len);
-        }
         let memfd = region.memfd_file();
         let data_extents = match self.data_extents.entry(index) {
             std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
@@ -1196,12 +1194,7 @@ impl PageReader<'_> {
             if !data {
                 // A hole: zeros, without reading a byte (nor allocating one, as a read of
                 // the mapping would).
-                let message = Message::ZeroPages {
-                    gpa: extent_gpa,
-                    count: extent / PAGE_SIZE,
-                };
-                write_message(writer, &message)?;
-                sent.add(0, extent / PAGE_SIZE, message.wire_len());
+                send_zeros(writer, sent, extent_gpa, extent / PAGE_SIZE)?;
                 continue;
             }
             // SAFETY: `[at, at + extent)` is memfd data that guest RAM's mapping maps at
@@ -1218,16 +1211,14 @@ impl PageReader<'_> {
             for (first, pages, zero) in zero_runs(bytes) {
                 let run_gpa = extent_gpa + first * PAGE_SIZE;
                 if zero {
-                    let message = Message::ZeroPages {
-                        gpa: run_gpa,
-                        count: pages,
-                    };
-                    write_message(writer, &message)?;
-                    sent.add(0, pages, message.wire_len());
+                    send_zeros(writer, sent, run_gpa, pages)?;
                     continue;
                 }
                 let data =
                     &bytes[(first * PAGE_SIZE) as usize..((first + pages) * PAGE_SIZE) as usize];
+                if let Some(pacer) = &mut self.pacer {
+                    pacer.take(pages * PAGE_SIZE);
+                }
                 let header = migrate::pages_header(run_gpa, data)?;
                 writer.write_all(&header)?;
                 writer.flush()?;
@@ -1300,28 +1291,30 @@ fn send_run<W: Write>(
     gpa: u64,
     data: &[u8],
 ) -> anyhow::Result<()> {
-    let page = PAGE_SIZE as usize;
-    let mut i = 0;
-    let pages = data.len() / page;
-    while i < pages {
-        let zero = is_zero_page(&data[i * page..(i + 1) * page]);
-        let mut j = i + 1;
-        while j < pages && is_zero_page(&data[j * page..(j + 1) * page]) == zero {
-            j += 1;
-        }
-        let at = gpa + (i * page) as u64;
-        let count = (j - i) as u64;
+    for (first, pages, zero) in zero_runs(data) {
+        let at = gpa + first * PAGE_SIZE;
         if zero {
-            let message = Message::ZeroPages { gpa: at, count };
-            write_message(writer, &message)?;
-            sent.add(0, count, message.wire_len());
+            send_zeros(writer, sent, at, pages)?;
         } else {
             // Straight from the buffer the pages were read into: no copy of their own.
-            let bytes = migrate::write_pages(writer, at, &data[i * page..j * page])?;
-            sent.add(count, 0, bytes);
+            let run = &data[(first * PAGE_SIZE) as usize..((first + pages) * PAGE_SIZE) as usize];
+            let bytes = migrate::write_pages(writer, at, run)?;
+            sent.add(pages, 0, bytes);
         }
-        i = j;
     }
+    Ok(())
+}
+
+/// Sends `count` zero pages from `gpa` as one range.
+fn send_zeros<W: Write>(
+    writer: &mut W,
+    sent: &mut Sent,
+    gpa: u64,
+    count: u64,
+) -> anyhow::Result<()> {
+    let message = Message::ZeroPages { gpa, count };
+    write_message(writer, &message)?;
+    sent.add(0, count, message.wire_len());
     Ok(())
 }
 
