@@ -11,8 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    api, faultline, set_hold, spawn_gated, spawn_held, text, wait_for_socket, wait_until_held,
-    TempDir,
+    api, faultline, set_hold, spawn_gated, spawn_held, text, wait_state, wait_until_held, TempDir,
 };
 use snapshot::state;
 
@@ -224,8 +223,9 @@ fn restore_lazily_to(snap: &Path, sock: &Path, hold: u64, gate: &Path) -> Child 
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let child = spawn_gated(&args, gate);
-    wait_for_socket(sock);
+    let mut child = spawn_gated(&args, gate);
+    // Paused (the API answers a moment before the VM is).
+    wait_state(sock, &mut child, "paused");
     set_hold(sock, Some(hold));
     let (status, body) = api(sock, "PUT", "/vm/resume", None);
     assert_eq!(status, 204, "{body}");

@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use faultline::api::http;
 use snapshot::state;
 use snapshot::{MemorySpanMut, SnapshotMemory};
 
@@ -19,7 +18,7 @@ const PASSES: u64 = 2000;
 const HOLD_AT: u64 = 700;
 const RANGE_PAGES: u64 = 128;
 
-use common::{api, faultline, restore, set_hold, text, wait_until_held, TempDir};
+use common::{api, faultline, restore, set_hold, text, wait_state, wait_until_held, TempDir};
 
 /// A `faultline run` child serving the API on `sock`.
 fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
@@ -47,34 +46,6 @@ fn spawn_run(sock: &Path, extra: &[&str]) -> Child {
 /// Waits until the VM behind `sock` reports `running`.
 fn wait_running(sock: &Path, child: &mut Child) {
     wait_state(sock, child, "running");
-}
-
-/// Waits until the VM behind `sock` reports `state`.
-fn wait_state(sock: &Path, child: &mut Child, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("faultline exited early ({status}): {err}");
-        }
-        if sock.exists() {
-            // A bounded call: an API that stops answering fails the test, never hangs it.
-            let bounded = Some(Duration::from_secs(10));
-            if let Ok((200, Some(info))) = http::call(sock, "GET", "/vm", None, bounded) {
-                if info["state"] == state {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "the VM never reached {state}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Waits until the guest behind `sock` is held at the end of pass `pass`.

@@ -155,7 +155,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
         let image = dir.join("memory.img");
         let sock = dir.join("api.sock");
         let length = rng.below(size / 2);
-        let child = common::command()
+        let mut child = common::command()
             .args(["restore", "--snapshot", dir.to_str().unwrap()])
             .args(["--memory", "lazy", "--paused", "--json", "--api-sock"])
             .arg(&sock)
@@ -163,7 +163,8 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        common::wait_for_socket(&sock);
+        // Paused (the API answers a moment before the VM is).
+        common::wait_state(&sock, &mut child, "paused");
         std::fs::OpenOptions::new()
             .write(true)
             .open(&image)
@@ -171,7 +172,10 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             .set_len(length)
             .unwrap();
         let (status, answer) = common::api(&sock, "PUT", "/vm/resume", None);
-        assert_eq!(status, 204, "{answer}");
+        if status != 204 {
+            let _ = child.kill();
+            panic!("the resume was answered {status}: {answer}");
+        }
         let what = format!("held lazy run {run} (cut to {length} of {size} bytes)");
         assert!(
             matches!(ended(child, &image, expected, &what), Ended::Refused),

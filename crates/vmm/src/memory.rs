@@ -259,26 +259,57 @@ impl GuestRam {
     pub fn write_protected_pages(&self) -> std::io::Result<u64> {
         let pagemap = std::fs::File::open("/proc/self/pagemap")?;
         let mut count = 0;
-        let mut entries = vec![0u8; 8 * 4096];
+        let mut entries = Vec::new();
         for region in &self.regions {
             let pages = region.size() / crate::PAGE_SIZE;
-            let first = region.host_addr() as u64 / crate::PAGE_SIZE;
             let mut done = 0;
             while done < pages {
                 let n = (pages - done).min(4096);
-                let bytes = &mut entries[..(n * 8) as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&pagemap, bytes, (first + done) * 8)?;
-                count += bytes
-                    .chunks_exact(8)
-                    .filter(|e| {
-                        u64::from_le_bytes((*e).try_into().expect("8 bytes")) & PAGEMAP_UFFD_WP != 0
-                    })
+                let addr = region.host_addr() as u64 + done * crate::PAGE_SIZE;
+                count += pagemap_entries(&pagemap, addr, n, &mut entries)?
+                    .filter(|entry| entry & PAGEMAP_UFFD_WP != 0)
                     .count() as u64;
                 done += n;
             }
         }
         Ok(count)
     }
+
+    /// Whether every page of guest RAM `[gpa, gpa + len)` (within one region) is mapped in
+    /// this process's page tables now, from `pagemap` (`/proc/self/pagemap`): a read of it
+    /// then takes no fault (no swap-in, no pager; a page a memory error took is unmapped).
+    /// False when unsure.
+    pub fn is_mapped(&self, pagemap: &File, gpa: u64, len: u64) -> bool {
+        let Some(addr) = self.host_range(gpa, len) else {
+            return false;
+        };
+        let mut entries = Vec::new();
+        pagemap_entries(
+            pagemap,
+            addr as u64,
+            len.div_ceil(crate::PAGE_SIZE),
+            &mut entries,
+        )
+        .is_ok_and(|mut entries| entries.all(|entry| entry & PAGEMAP_PRESENT != 0))
+    }
+}
+
+/// Bit 63 of a pagemap entry: the page is present in the page tables.
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+
+/// This process's pagemap entries (`pagemap`: `/proc/self/pagemap`) for the `pages` pages
+/// from address `addr`, read into `entries`.
+fn pagemap_entries<'a>(
+    pagemap: &File,
+    addr: u64,
+    pages: u64,
+    entries: &'a mut Vec<u8>,
+) -> std::io::Result<impl Iterator<Item = u64> + 'a> {
+    entries.resize((pages * 8) as usize, 0);
+    std::os::unix::fs::FileExt::read_exact_at(pagemap, entries, addr / crate::PAGE_SIZE * 8)?;
+    Ok(entries
+        .chunks_exact(8)
+        .map(|entry| u64::from_le_bytes(entry.try_into().expect("8 bytes"))))
 }
 
 /// Reads `buf.len()` bytes at address `addr` of this process with process_vm_readv(2), so
@@ -353,6 +384,31 @@ fn create_memfd(gpa: u64, size: u64) -> Result<File, MemoryError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn mapped_means_in_this_process_s_page_tables() {
+        use vm_memory::Bytes;
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let page = crate::PAGE_SIZE;
+        assert!(!ram.is_mapped(&pagemap, 0, page), "fresh RAM maps nothing");
+        // Written through the mapping: mapped. Written to the memfd only: in the file, but
+        // a read of the mapping would still fault.
+        ram.memory()
+            .write_slice(&[1; 8192], GuestAddress(2 * page))
+            .unwrap();
+        ram.regions()[0]
+            .memfd_file()
+            .write_all_at(&[2; 4096], 4 * page)
+            .unwrap();
+        assert!(ram.is_mapped(&pagemap, 2 * page, 2 * page));
+        assert!(
+            !ram.is_mapped(&pagemap, 2 * page, 3 * page),
+            "one page is not"
+        );
+        assert!(!ram.is_mapped(&pagemap, 4 * page, page));
+        assert!(!ram.is_mapped(&pagemap, 4 << 20, page), "not RAM");
+    }
 
     #[test]
     fn holes_are_ram_never_written() {

@@ -162,7 +162,9 @@ impl Channel {
     /// Sends `len` bytes of `file` from `offset` straight from its page cache with
     /// sendfile(2), where this is a plain TCP channel: the bytes are never copied through this
     /// process (nor, on loopback, on this side at all). Returns false, having sent nothing, on
-    /// a TLS channel, whose bytes must be encrypted here. Bounded like a write.
+    /// a TLS channel, whose bytes must be encrypted here. Bounded like a write. (sendfile has
+    /// no MSG_NOSIGNAL: a peer gone is EPIPE only because Rust's runtime ignores SIGPIPE, as
+    /// for every other write to a socket here.)
     pub fn send_file(&self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<bool> {
         let Channel::Tcp(socket) = self else {
             return Ok(false);

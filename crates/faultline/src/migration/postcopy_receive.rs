@@ -608,7 +608,7 @@ fn take_all(
     source: &NetworkSource,
     incoming: &Incoming,
 ) -> Result<(), Stop> {
-    // Two threads take turns at the stream, each installing what it read (`turns`).
+    // Threads take turns at the stream, each installing what it read (`turns`).
     let layout = layout_of(ram);
     let install_message = |message: &Message| -> Result<(), Stop> {
         message.check(&layout).map_err(|e| Stop::Fatal(e.into()))?;

@@ -101,7 +101,7 @@ where
             let _ = other.join();
         }
     });
-    // Both threads are done, and with them every install.
+    // Every thread is done, and with it every install.
     let turns = turns.into_inner().unwrap_or_else(|e| e.into_inner());
     match (turns.failure, turns.ended_by) {
         (Some(failure), _) => Err(failure),

@@ -202,6 +202,37 @@ pub fn spawn_held(
     child
 }
 
+/// Waits (at most 30 s) until the VM behind `sock` reports `state`; a `child` that exits
+/// first fails the test with what it said.
+pub fn wait_state(sock: &Path, child: &mut std::process::Child, state: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+            }
+            panic!("faultline exited early ({status}): {err}");
+        }
+        if sock.exists() {
+            // A bounded call: an API that stops answering fails the test, never hangs it.
+            let bounded = Some(std::time::Duration::from_secs(10));
+            if let Ok((200, Some(info))) =
+                faultline::api::http::call(sock, "GET", "/vm", None, bounded)
+            {
+                if info["state"] == state {
+                    return;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM never reached {state}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Waits (at most 30 s) until a faultline answers on its API socket at `sock` (the socket
 /// file appears at bind, a moment before the server listens).
 pub fn wait_for_socket(sock: &Path) {
