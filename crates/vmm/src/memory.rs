@@ -277,20 +277,18 @@ impl GuestRam {
 
     /// Whether every page of guest RAM `[gpa, gpa + len)` (within one region) is mapped in
     /// this process's page tables now, from `pagemap` (`/proc/self/pagemap`): a read of it
-    /// then takes no fault (no swap-in, no pager; a page a memory error took is unmapped).
-    /// False when unsure.
+    /// right away takes no fault that could fail (no swap-in, no pager; a page a memory
+    /// error took is unmapped), though a page reclaimed or poisoned after this answer can
+    /// still fault. False when unsure.
     pub fn is_mapped(&self, pagemap: &File, gpa: u64, len: u64) -> bool {
         let Some(addr) = self.host_range(gpa, len) else {
             return false;
         };
+        let first = addr as u64 / crate::PAGE_SIZE;
+        let end = (addr as u64 + len).div_ceil(crate::PAGE_SIZE);
         let mut entries = Vec::new();
-        pagemap_entries(
-            pagemap,
-            addr as u64,
-            len.div_ceil(crate::PAGE_SIZE),
-            &mut entries,
-        )
-        .is_ok_and(|mut entries| entries.all(|entry| entry & PAGEMAP_PRESENT != 0))
+        pagemap_entries(pagemap, first * crate::PAGE_SIZE, end - first, &mut entries)
+            .is_ok_and(|mut entries| entries.all(|entry| entry & PAGEMAP_PRESENT != 0))
     }
 }
 

@@ -54,7 +54,8 @@ struct Turns<'a, R, E> {
 /// How many threads take turns. An install takes about twice as long as a read, so with two
 /// the stream waited for a reader most of the time; a third took a 1 GiB post-copy from a
 /// median of 666 ms to 604 and a pre-copy from 575 to 519 (alternating five and four times,
-/// on two cores that the source shares); a fourth gained nothing more.
+/// on two cores that the source shares, in a quick hour; in a slow one it made no
+/// difference); a fourth gained nothing more.
 pub(crate) const THREADS: usize = 3;
 
 /// Reads `reader` on this thread and [`THREADS`] - 1 more (named `name`), each installing the
@@ -80,7 +81,7 @@ where
     });
     std::thread::scope(|scope| {
         let take = || {
-            // A panic ends the other's turns too, and counts as this thread's failure.
+            // A panic ends the others' turns too, and counts as this thread's failure.
             let _guard = EndOnPanic(&turns);
             if let Err(failure) = take_turns(&turns, install) {
                 end(&turns, failure);
