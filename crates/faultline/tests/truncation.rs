@@ -123,12 +123,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
                 .spawn()
                 .unwrap();
             std::thread::sleep(delay);
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&image)
-                .unwrap()
-                .set_len(length)
-                .unwrap();
+            cut(&image, length);
             let what =
                 format!("{mode} run {run} (cut to {length} of {size} bytes after {delay:?})");
             match ended(child, &image, expected, &what) {
@@ -165,12 +160,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             .unwrap();
         // Paused (the API answers a moment before the VM is).
         common::wait_state(&sock, &mut child, "paused");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .unwrap()
-            .set_len(length)
-            .unwrap();
+        cut(&image, length);
         let (status, answer) = common::api(&sock, "PUT", "/vm/resume", None);
         if status != 204 {
             let _ = child.kill();
@@ -184,6 +174,16 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
         std::fs::remove_dir_all(&dir).unwrap();
     }
     eprintln!("| lazy, cut while paused | {HELD_RUNS} | {HELD_RUNS} | 0 | 0 | 0 | 0 |");
+}
+
+/// Cuts `image` to `length` bytes, under the restore reading it.
+fn cut(image: &Path, length: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .unwrap()
+        .set_len(length)
+        .unwrap();
 }
 
 /// How a restore cut short ended.
