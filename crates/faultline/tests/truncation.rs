@@ -132,6 +132,10 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             }
             std::fs::remove_dir_all(&dir).unwrap();
         }
+        if outcomes.refused == 0 {
+            // Not a failure: a quick host can finish every restore of a mode before its cut.
+            eprintln!("no {mode} restore met its cut: only the held runs below check refusals");
+        }
         table.push((mode, outcomes));
     }
     eprintln!("| mode | runs | refused cleanly | finished right | wrong | crashed | hung |");

@@ -15,7 +15,7 @@
 //! | DELETE | /track | the same | 204; one user fewer; 409 if a frame is not tracked so |
 //! | GET | /track | | the tracked ranges (with user counts) and how the dirty log is kept |
 //! | GET | /track/events | | 200, then one JSON line per event until the client or VM goes |
-//! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N, "throttle": BOOL, "tls_dir": DIR, "resume": BOOL}` | the migration's report once done; 502 if it failed (saying whether the VM runs on here or is paused, waiting for a resume); `"resume": true` resumes a paused one, and refuses the settings of a new one (400: it goes on as it began) |
+//! | PUT | /migration/send | `{"to": "HOST:PORT", "mode": "pre"\|"post"\|"hybrid", "downtime_ms": N, "max_rounds": N, "throttle": BOOL, "max_bandwidth": BYTES_PER_S, "tls_dir": DIR, "resume": BOOL}` | the migration's report once done; 502 if it failed (saying whether the VM runs on here or is paused, waiting for a resume); `"resume": true` resumes a paused one, and refuses the settings of a new one (400: it goes on as it began) |
 //! | GET | /migration | | the migration's status: a source's report, or its progress while it runs; a destination's phase, pages and answer times |
 //! | PUT | /migration/switchover | | 204: a hybrid migration goes post-copy after this round; 409 (saying why) if none runs, it is not hybrid, or its rounds are over |
 //! | PUT | /migration/recover | `{"listen": "HOST:PORT", "tls_dir": DIR}` | a destination whose migration paused (or completed): `{"listening": ADDR}`, where the source may resume it; 409 otherwise |

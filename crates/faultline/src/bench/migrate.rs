@@ -652,16 +652,21 @@ impl Qemu {
             Workload::Data | Workload::MostlyZero => STEP_LIMIT,
         };
         // QEMU can say "completed" a moment before its figures are in (a total and a
-        // downtime of 0 were seen once): those are asked again, for a second at most.
+        // downtime of 0 were seen once): those are asked again, for a second at most, and a
+        // run whose figures never come counts as not completed.
         let mut figures_asked = 0;
         let info = loop {
-            let info = source.execute("query-migrate", json!({}))?;
+            let mut info = source.execute("query-migrate", json!({}))?;
             let status = info["status"].as_str().unwrap_or("");
             let figures_in = info["total-time"].as_f64().is_some_and(|ms| ms > 0.0);
-            if status == "completed" && !figures_in && figures_asked < 50 {
-                figures_asked += 1;
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
+            if status == "completed" && !figures_in {
+                if figures_asked < 50 {
+                    figures_asked += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                info["status"] = json!("completed, but QEMU gave no total time");
+                break info;
             }
             if matches!(status, "completed" | "failed" | "cancelled") {
                 break info;
