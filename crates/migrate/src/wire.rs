@@ -203,19 +203,23 @@ pub fn read_message_reusing<R: Read>(
     if kind == Message::PAGES_KIND && length >= 8 {
         // Pages are the bulk of a migration: read straight into their own buffer.
         let mut gpa = [0u8; 8];
-        let mut data = match spare.take() {
-            Some(mut used) => {
-                // Only a longer run than the buffer held is zeroed (in the part it adds).
-                used.resize(length as usize - 8, 0);
-                used
-            }
-            None => vec![0u8; length as usize - 8],
-        };
+        let wanted = length as usize - 8;
         let got = fill(reader, &mut gpa)?;
-        let got = if got == gpa.len() {
-            got + fill(reader, &mut data)?
+        let (got, data) = if got < gpa.len() {
+            (got, Vec::new())
         } else {
-            got
+            let data = match spare.take() {
+                // A run that fits the buffer of one read before (no allocation, and only the
+                // part it adds to the buffer's length is zeroed).
+                Some(mut used) if used.capacity() >= wanted => {
+                    used.resize(wanted, 0);
+                    let got = fill(reader, &mut used)?;
+                    used.truncate(got);
+                    used
+                }
+                _ => fill_growing(reader, wanted)?,
+            };
+            (got + data.len(), data)
         };
         if got < length as usize {
             return Err(ProtocolError::Truncated {
@@ -234,9 +238,9 @@ pub fn read_message_reusing<R: Read>(
         reserved_is_clear(&header, name)?;
         return Message::pages(u64::from_le_bytes(gpa), data);
     }
-    let mut payload = vec![0u8; length as usize];
-    let got = fill(reader, &mut payload)?;
-    if got < payload.len() {
+    let payload = fill_growing(reader, length as usize)?;
+    let got = payload.len();
+    if got < length as usize {
         return Err(ProtocolError::Truncated {
             part: "payload",
             got,
@@ -270,6 +274,25 @@ fn checksum(head: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Reads until `buf` is full or the stream ends; returns how many bytes were read.
+/// Reads `len` bytes (fewer only where the stream ends) into a buffer that grows as they come:
+/// a peer that announces a long message and sends little of it makes this side hold only
+/// what it sent, not what it announced (up to [`MAX_PAYLOAD`] a message).
+fn fill_growing<R: Read>(reader: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    const FIRST: usize = 128 << 10;
+    let mut buf = Vec::new();
+    while buf.len() < len {
+        let had = buf.len();
+        let next = (had * 2).clamp(FIRST, len.max(FIRST)).min(len);
+        buf.resize(next, 0);
+        let got = fill(reader, &mut buf[had..])?;
+        buf.truncate(had + got);
+        if had + got < next {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
 fn fill<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
@@ -346,6 +369,52 @@ mod tests {
 
     fn frame(message: &Message) -> Vec<u8> {
         super::frame(message).unwrap()
+    }
+
+    /// A reader of `data` that notes the longest buffer it was asked to fill.
+    struct Watched<'a> {
+        data: &'a [u8],
+        longest: usize,
+    }
+
+    impl Read for Watched<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.longest = self.longest.max(buf.len());
+            self.data.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_message_announced_long_and_cut_short_holds_only_what_came() {
+        // A header announcing the largest payload there may be, then 10 bytes of it.
+        for kind in [Message::PAGES_KIND, Message::Done.kind()] {
+            let mut stream = vec![0u8; HEADER_BYTES];
+            stream[0..4].copy_from_slice(&MAGIC);
+            stream[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            stream[6] = kind;
+            stream[8..12].copy_from_slice(&MAX_PAYLOAD.to_le_bytes());
+            stream.extend([7u8; 10]);
+            let mut reader = Watched {
+                data: &stream,
+                longest: 0,
+            };
+            let error = read_message(&mut reader).unwrap_err();
+            assert!(
+                matches!(error, ProtocolError::Truncated { got: 10, .. }),
+                "{error}"
+            );
+            assert!(
+                reader.longest <= 128 << 10,
+                "a buffer of {} bytes was made ready for 10",
+                reader.longest
+            );
+        }
+        // A whole long message still comes whole, in the buffer that grew for it.
+        let data = vec![0x5au8; 3 << 20];
+        let mut stream = Vec::new();
+        write_pages(&mut stream, 1 << 20, &data).unwrap();
+        let message = read_message(&mut stream.as_slice()).unwrap();
+        assert_eq!(message, Message::Pages { gpa: 1 << 20, data });
     }
 
     #[test]
