@@ -1190,6 +1190,27 @@ fn tls_with_mutual_authentication_moves_the_guest_and_refuses_strangers() {
 }
 
 #[test]
+fn a_tls_alert_whose_first_byte_comes_alone_is_still_told_for_what_it_is() {
+    require_kvm!();
+    // A destination that speaks TLS, as a plain source sees it: its alert record (7 bytes)
+    // comes in two parts, the first byte alone.
+    let (addr, fake) = fake_peer(|mut stream| {
+        stream.set_nodelay(true).unwrap();
+        let mut hello = BufReader::new(stream.try_clone().unwrap());
+        let _ = migrate::read_message(&mut hello);
+        stream.write_all(&[0x15]).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = stream.write_all(&[0x03, 0x03, 0x00, 0x02, 0x02, 0x46]);
+    });
+    a_failed_migration_leaves_the_source_running(
+        "migrate-tls-alert-split",
+        &addr,
+        "the destination speaks TLS: give this side --tls-dir too",
+    );
+    fake.join().unwrap();
+}
+
+#[test]
 fn a_tls_handshake_that_trickles_in_is_given_up_on() {
     require_kvm!();
     let tmp = TempDir::new("migrate-tls-trickle");

@@ -1036,8 +1036,18 @@ pub(super) fn connect(
             // bytes, shorter than a frame's header): seen in the first bytes, it is named.
             reader.get_ref().set_read_timeout(Some(REPLY_TIMEOUT))?;
             let first = std::io::BufRead::fill_buf(&mut reader).map(<[u8]>::to_vec);
+            let tls_record = match first.map_err(ProtocolError::from)?[..] {
+                [0x15 | 0x16, 0x03, ..] => true,
+                // Only the record's first byte came yet. No frame of ours begins so (the
+                // magic's first byte is another), so the next byte may be taken to tell.
+                [0x15 | 0x16] => {
+                    let mut two = [0u8; 2];
+                    std::io::Read::read_exact(&mut reader, &mut two).is_ok() && two[1] == 0x03
+                }
+                _ => false,
+            };
             reader.get_ref().set_read_timeout(None)?;
-            if let [0x15 | 0x16, 0x03, ..] = first.map_err(ProtocolError::from)?[..] {
+            if tls_record {
                 bail!("the destination speaks TLS: give this side --tls-dir too");
             }
         }
