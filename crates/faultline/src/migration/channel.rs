@@ -160,14 +160,17 @@ impl Channel {
     }
 
     /// Sends `len` bytes of `file` from `offset` straight from its page cache with
-    /// sendfile(2), where this is a plain TCP channel: the bytes are never copied through this
-    /// process (nor, on loopback, on this side at all). Returns false, having sent nothing, on
-    /// a TLS channel, whose bytes must be encrypted here. Bounded like a write. (sendfile has
+    /// sendfile(2): the bytes are never copied through this process (nor, on loopback, on this
+    /// side at all). Only for a plain TCP channel: a TLS one must encrypt them here, and is
+    /// refused (`Unsupported`) having sent nothing. Bounded like a write. (sendfile has
     /// no MSG_NOSIGNAL: a peer gone is EPIPE only because Rust's runtime ignores SIGPIPE, as
     /// for every other write to a socket here.)
-    pub fn send_file(&self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<bool> {
+    pub fn send_file(&self, file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
         let Channel::Tcp(socket) = self else {
-            return Ok(false);
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "sendfile on a TLS channel",
+            ));
         };
         let (mut at, end) = (offset, offset + len);
         while at < end {
@@ -186,7 +189,7 @@ impl Channel {
                 Err(e) => return Err(out_of_time(e.into(), NOTHING_TAKEN)),
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Ends the connection both ways (a reader blocked on it returns).

@@ -1105,8 +1105,9 @@ pub(super) struct PageReader<'a> {
     /// run in it.
     data_extents: std::collections::HashMap<usize, Vec<(u64, u64)>>,
     /// This process's `/proc/self/pagemap`, which tells `send_paused` whether pages are
-    /// mapped (`None` if it cannot be opened: every run is then read with a system call).
-    pagemap: Option<std::fs::File>,
+    /// mapped, opened at its first run (`None` if it cannot be: every run is then read with
+    /// a system call).
+    pagemap: std::cell::OnceCell<Option<std::fs::File>>,
     /// Pages `send_paused` read in place, not copied (for the tests to tell the two apart).
     #[cfg(test)]
     read_in_place: u64,
@@ -1121,7 +1122,7 @@ impl<'a> PageReader<'a> {
             pacer: None,
             give_up: None,
             data_extents: std::collections::HashMap::new(),
-            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
+            pagemap: std::cell::OnceCell::new(),
             #[cfg(test)]
             read_in_place: 0,
         }
@@ -1192,9 +1193,7 @@ impl PageReader<'_> {
         if !self.holes_are_zero || !matches!(writer.get_ref(), Channel::Tcp(_)) {
             return self.send(writer, gpa, count, sent);
         }
-        if let Some(give_up) = &self.give_up {
-            give_up.check()?;
-        }
+        // (A post-copy's stream has neither a give-up to look at nor a cap: its VM waits.)
         let len = count * PAGE_SIZE;
         let (index, region) = self
             .ram
@@ -1219,6 +1218,7 @@ impl PageReader<'_> {
             }
             let mapped = self
                 .pagemap
+                .get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok())
                 .as_ref()
                 .is_some_and(|pagemap| self.ram.is_mapped(pagemap, extent_gpa, extent));
             let bytes: &[u8] = if mapped {
@@ -1243,17 +1243,10 @@ impl PageReader<'_> {
             } else {
                 // Read with a system call, as every other page reader here does: a page that
                 // cannot be had is an error, not a signal.
-                if self.buffer.len() < extent as usize {
-                    self.buffer.resize(extent as usize, 0);
-                }
-                let bytes = &mut self.buffer[..extent as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&*memfd, bytes, at)
-                    .with_context(|| format!("cannot read guest RAM at {extent_gpa:#x}"))?;
-                bytes
+                self.read(extent_gpa, extent / PAGE_SIZE)?
             };
             // The zero runs and each data run's header (its checksum), all read now.
             let runs = zero_runs(bytes)
-                .into_iter()
                 .map(|(first, pages, zero)| {
                     let run = &bytes
                         [(first * PAGE_SIZE) as usize..((first + pages) * PAGE_SIZE) as usize];
@@ -1273,18 +1266,11 @@ impl PageReader<'_> {
                     send_zeros(writer, sent, run_gpa, pages)?;
                     continue;
                 };
-                if let Some(pacer) = &mut self.pacer {
-                    pacer.take(pages * PAGE_SIZE);
-                }
                 writer.write_all(&header)?;
                 writer.flush()?;
-                let sent_from_the_page_cache = writer.get_ref().send_file(
-                    &memfd,
-                    at + first * PAGE_SIZE,
-                    pages * PAGE_SIZE,
-                )?;
-                // Only a plain TCP channel comes here (checked above).
-                anyhow::ensure!(sent_from_the_page_cache, "sendfile on a TLS channel");
+                writer
+                    .get_ref()
+                    .send_file(&memfd, at + first * PAGE_SIZE, pages * PAGE_SIZE)?;
                 sent.add(pages, 0, header.len() as u64 + pages * PAGE_SIZE);
             }
         }
@@ -1293,21 +1279,23 @@ impl PageReader<'_> {
 }
 
 /// The runs of zero and of other pages in `data` (whole pages): (first page, pages, zero).
-fn zero_runs(data: &[u8]) -> Vec<(u64, u64, bool)> {
+fn zero_runs(data: &[u8]) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
     let page = PAGE_SIZE as usize;
     let pages = data.len() / page;
-    let mut runs = Vec::new();
+    let is_zero = move |i: usize| is_zero_page(&data[i * page..(i + 1) * page]);
     let mut i = 0;
-    while i < pages {
-        let zero = is_zero_page(&data[i * page..(i + 1) * page]);
-        let mut j = i + 1;
-        while j < pages && is_zero_page(&data[j * page..(j + 1) * page]) == zero {
-            j += 1;
+    std::iter::from_fn(move || {
+        if i >= pages {
+            return None;
         }
-        runs.push((i as u64, (j - i) as u64, zero));
-        i = j;
-    }
-    runs
+        let zero = is_zero(i);
+        let first = i;
+        i += 1;
+        while i < pages && is_zero(i) == zero {
+            i += 1;
+        }
+        Some((first as u64, (i - first) as u64, zero))
+    })
 }
 
 /// The data extents and holes of `[offset, offset + len)` (page aligned), in order, given
