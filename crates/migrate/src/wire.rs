@@ -205,22 +205,12 @@ pub fn read_message_reusing<R: Read>(
         let mut gpa = [0u8; 8];
         let wanted = length as usize - 8;
         let got = fill(reader, &mut gpa)?;
-        let (got, data) = if got < gpa.len() {
-            (got, Vec::new())
+        let data = if got < gpa.len() {
+            Vec::new()
         } else {
-            let data = match spare.take() {
-                // A run that fits the buffer of one read before (no allocation, and only the
-                // part it adds to the buffer's length is zeroed).
-                Some(mut used) if used.capacity() >= wanted => {
-                    used.resize(wanted, 0);
-                    let got = fill(reader, &mut used)?;
-                    used.truncate(got);
-                    used
-                }
-                _ => fill_growing(reader, wanted)?,
-            };
-            (got + data.len(), data)
+            fill_growing(reader, wanted, spare.take().unwrap_or_default())?
         };
+        let got = got + data.len();
         if got < length as usize {
             return Err(ProtocolError::Truncated {
                 part: "payload",
@@ -238,13 +228,12 @@ pub fn read_message_reusing<R: Read>(
         reserved_is_clear(&header, name)?;
         return Message::pages(u64::from_le_bytes(gpa), data);
     }
-    let payload = fill_growing(reader, length as usize)?;
-    let got = payload.len();
-    if got < length as usize {
+    let payload = fill_growing(reader, length as usize, Vec::new())?;
+    if payload.len() < length as usize {
         return Err(ProtocolError::Truncated {
             part: "payload",
-            got,
-            wanted: payload.len(),
+            got: payload.len(),
+            wanted: length as usize,
         });
     }
     if crc != checksum(&header[..12], &payload) {
@@ -273,26 +262,27 @@ fn checksum(head: &[u8], payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
-/// Reads `len` bytes (fewer only where the stream ends) into a buffer that grows as they come:
-/// a peer that announces a long message and sends little of it makes this side hold only
-/// what it sent, not what it announced (up to [`MAX_PAYLOAD`] a message).
-fn fill_growing<R: Read>(reader: &mut R, len: usize) -> io::Result<Vec<u8>> {
+/// Reads `len` bytes (fewer only where the stream ends) into `buf` (one used before, or a new
+/// one), which grows as they come: a peer that announces a long message and sends little of
+/// it makes this side hold only what it sent, not what it announced (up to [`MAX_PAYLOAD`] a
+/// message). A used buffer is read into as far as its capacity goes first: a run that fits
+/// allocates nothing, and only what it adds to the buffer's length is zeroed.
+fn fill_growing<R: Read>(reader: &mut R, len: usize, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
     const FIRST: usize = 128 << 10;
-    let mut buf = Vec::new();
-    while buf.len() < len {
-        let had = buf.len();
-        let next = (had * 2).clamp(FIRST, len.max(FIRST)).min(len);
+    let mut had = 0;
+    while had < len {
+        let next = buf.capacity().max(FIRST).max(had * 2).min(len);
         buf.resize(next, 0);
-        let got = fill(reader, &mut buf[had..])?;
-        buf.truncate(had + got);
-        if had + got < next {
+        had += fill(reader, &mut buf[had..])?;
+        if had < next {
             break;
         }
     }
+    buf.truncate(had);
     Ok(buf)
 }
 
+/// Reads until `buf` is full or the stream ends; returns how many bytes were read.
 fn fill<R: Read>(reader: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
