@@ -174,20 +174,22 @@ pub fn read_message_reusing<R: Read>(
     spare: &mut Option<Vec<u8>>,
 ) -> Result<Message, ProtocolError> {
     let mut header = [0u8; HEADER_BYTES];
-    match fill(reader, &mut header)? {
-        0 => return Err(ProtocolError::PeerClosed),
-        got if got < HEADER_BYTES => {
-            return Err(ProtocolError::Truncated {
-                part: "header",
-                got,
-                wanted: HEADER_BYTES,
-            })
-        }
-        _ => {}
+    let got = fill(reader, &mut header)?;
+    if got == 0 {
+        return Err(ProtocolError::PeerClosed);
     }
+    // The magic is looked at as soon as it is in, even in a header cut short: a peer that
+    // speaks something else (a TLS alert is 7 bytes) is told by what it sent.
     let found: [u8; 4] = header[0..4].try_into().expect("4 bytes");
-    if found != MAGIC {
+    if got >= found.len() && found != MAGIC {
         return Err(ProtocolError::BadMagic { found });
+    }
+    if got < HEADER_BYTES {
+        return Err(ProtocolError::Truncated {
+            part: "header",
+            got,
+            wanted: HEADER_BYTES,
+        });
     }
     let version = u16::from_le_bytes([header[4], header[5]]);
     if version != VERSION {

@@ -996,13 +996,18 @@ fn connect_within(to: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| std::io::Error::other("the name has no address")))
 }
 
-/// What went wrong in the hello exchange: a silence is named as such.
+/// What went wrong in the hello exchange: a silence is named as such, and so is a
+/// destination that speaks TLS to a plain source (it answers the hello with an alert record,
+/// whose first bytes are a record type and 0x03).
 fn hello_failure(error: anyhow::Error) -> anyhow::Error {
     match error.downcast_ref::<ProtocolError>() {
         Some(e) if e.is_timeout() => error.context(format!(
             "the destination did not answer the hello within {} s",
             REPLY_TIMEOUT.as_secs()
         )),
+        Some(ProtocolError::BadMagic {
+            found: [0x15 | 0x16, 0x03, ..],
+        }) => error.context("the destination speaks TLS: give this side --tls-dir too"),
         Some(_) => error.context("the hello exchange with the destination failed"),
         None => error,
     }
@@ -1031,26 +1036,6 @@ pub(super) fn connect(
     let mut exchange = || -> anyhow::Result<Message> {
         write_message(&mut writer, &Message::Hello(ours.clone()))?;
         writer.flush()?;
-        if tls.is_none() {
-            // A destination that speaks TLS answers a plain hello with an alert record (7
-            // bytes, shorter than a frame's header): seen in the first bytes, it is named.
-            reader.get_ref().set_read_timeout(Some(REPLY_TIMEOUT))?;
-            let first = std::io::BufRead::fill_buf(&mut reader).map(<[u8]>::to_vec);
-            let tls_record = match first.map_err(ProtocolError::from)?[..] {
-                [0x15 | 0x16, 0x03, ..] => true,
-                // Only the record's first byte came yet. No frame of ours begins so (the
-                // magic's first byte is another), so the next byte may be taken to tell.
-                [0x15 | 0x16] => {
-                    let mut two = [0u8; 2];
-                    std::io::Read::read_exact(&mut reader, &mut two).is_ok() && two[1] == 0x03
-                }
-                _ => false,
-            };
-            reader.get_ref().set_read_timeout(None)?;
-            if tls_record {
-                bail!("the destination speaks TLS: give this side --tls-dir too");
-            }
-        }
         // A destination that does not answer must not hold the VM (or the API) forever.
         Ok(read_within(&mut reader, REPLY_TIMEOUT)?)
     };
