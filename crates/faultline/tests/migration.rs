@@ -1774,8 +1774,7 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
     for message in [switch_over, Message::Done] {
         write_message(&mut writer, &message).unwrap();
     }
-    let status = destination.child.wait_with_output().unwrap().status;
-    let err = destination.stderr.join().unwrap();
+    let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
     assert!(!status.success());
     assert!(
         err.contains("the source finished without sending every page of RAM: 1 never came, the first at 0x5000"),

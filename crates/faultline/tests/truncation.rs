@@ -10,7 +10,6 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use faultline::micro::MicroVm;
@@ -115,13 +114,14 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             let image = dir.join("memory.img");
             let delay = Duration::from_millis(rng.below(MAX_DELAY_MS + 1));
             let length = rng.below(size);
-            let child = common::command()
-                .args(["restore", "--snapshot", dir.to_str().unwrap()])
-                .args(["--memory", mode, "--json"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
+            let child = common::spawn(&[
+                "restore",
+                "--snapshot",
+                dir.to_str().unwrap(),
+                "--memory",
+                mode,
+                "--json",
+            ]);
             std::thread::sleep(delay);
             cut(&image, length);
             let what =
@@ -154,14 +154,17 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
         let image = dir.join("memory.img");
         let sock = dir.join("api.sock");
         let length = rng.below(size / 2);
-        let mut child = common::command()
-            .args(["restore", "--snapshot", dir.to_str().unwrap()])
-            .args(["--memory", "lazy", "--paused", "--json", "--api-sock"])
-            .arg(&sock)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = common::spawn(&[
+            "restore",
+            "--snapshot",
+            dir.to_str().unwrap(),
+            "--memory",
+            "lazy",
+            "--paused",
+            "--json",
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]);
         // Paused (the API answers a moment before the VM is).
         common::wait_state(&sock, &mut child, "paused");
         cut(&image, length);
