@@ -114,14 +114,7 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
             let image = dir.join("memory.img");
             let delay = Duration::from_millis(rng.below(MAX_DELAY_MS + 1));
             let length = rng.below(size);
-            let child = common::spawn(&[
-                "restore",
-                "--snapshot",
-                dir.to_str().unwrap(),
-                "--memory",
-                mode,
-                "--json",
-            ]);
+            let child = common::spawn_restore(&dir, mode, &[]);
             std::thread::sleep(delay);
             cut(&image, length);
             let what =
@@ -154,17 +147,11 @@ fn a_memory_image_truncated_during_restore_is_an_error_naming_it_never_a_crash()
         let image = dir.join("memory.img");
         let sock = dir.join("api.sock");
         let length = rng.below(size / 2);
-        let mut child = common::spawn(&[
-            "restore",
-            "--snapshot",
-            dir.to_str().unwrap(),
-            "--memory",
+        let mut child = common::spawn_restore(
+            &dir,
             "lazy",
-            "--paused",
-            "--json",
-            "--api-sock",
-            sock.to_str().unwrap(),
-        ]);
+            &["--paused", "--api-sock", sock.to_str().unwrap()],
+        );
         // Paused (the API answers a moment before the VM is).
         common::wait_state(&sock, &mut child, "paused");
         cut(&image, length);

@@ -101,6 +101,15 @@ pub fn api(
 
 /// `faultline restore --snapshot DIR --memory MODE --json EXTRA...`, run to its end.
 pub fn restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
+    faultline(&restore_args(dir, mode, extra))
+}
+
+/// [`restore`], started: its stdout and stderr piped.
+pub fn spawn_restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Child {
+    spawn(&restore_args(dir, mode, extra))
+}
+
+fn restore_args<'a>(dir: &'a Path, mode: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "restore",
         "--snapshot",
@@ -110,7 +119,7 @@ pub fn restore(dir: &Path, mode: &str, extra: &[&str]) -> std::process::Output {
         "--json",
     ];
     args.extend_from_slice(extra);
-    faultline(&args)
+    args
 }
 
 /// Starts the faultline binary with `args`, its stdout and stderr piped.
