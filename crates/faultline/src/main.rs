@@ -528,6 +528,16 @@ enum BenchCommand {
         /// Runs of each case on each side, taken in turns; the figures are their medians.
         #[arg(long, value_name = "N", default_value_t = 3)]
         runs: u32,
+        /// Only these cases (comma-separated): data-pre, data-post, mostly-zero-pre,
+        /// mostly-zero-post, dirtier-pre, dirtier-hybrid, dirtier-post. Default: all.
+        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        cases: Vec<String>,
+        /// Before each migration, on both sides alike, use and free twice the guest RAM of
+        /// fresh memory, so that the destination's new pages are ones this machine's own host
+        /// still backs (on a machine that is itself a guest giving freed memory back to its
+        /// host, pages given back cost a host fault each when next used).
+        #[arg(long)]
+        warm_host: bool,
         /// Print JSON (the output is always JSON; accepted for scripts).
         #[arg(long)]
         json: bool,
@@ -1569,13 +1579,25 @@ fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench {
-            bench: BenchCommand::Migrate { mem, runs, json: _ },
+            bench:
+                BenchCommand::Migrate {
+                    mem,
+                    runs,
+                    cases,
+                    warm_host,
+                    json: _,
+                },
         } => {
             if runs == 0 {
                 bail!("--runs must be at least 1");
             }
-            let result =
-                bench::migrate::run(mem, runs, |step| eprintln!("faultline bench {step}"))?;
+            let options = bench::migrate::Options {
+                mem,
+                runs,
+                cases,
+                warm_host,
+            };
+            let result = bench::migrate::run(&options, |step| eprintln!("faultline bench {step}"))?;
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(())
         }

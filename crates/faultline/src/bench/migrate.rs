@@ -46,10 +46,11 @@ const QEMU_GUEST_CONFIG: usize = 0x1f0;
 const DIRTIER_PATIENCE: Duration = Duration::from_secs(120);
 /// The passes of the dirtier moved in post-copy or hybrid (the last ones at the destination).
 const DIRTIER_PASSES: u64 = 30;
-/// The pause before each run. Hosts like these take memory freed by a guest's processes back
-/// a couple of seconds later (virtio-balloon free page reporting), and a run that overlaps
-/// that is slowed by it (a 1 GiB post-copy right after another took 0.7-1.6 s, 0.5-0.8 s
-/// after a pause like this): each run, on either side, starts with the host settled.
+/// The pause before each run. Machines like these give memory their processes freed back to
+/// their own host a couple of seconds later (virtio-balloon free page reporting), and a run
+/// that overlaps that is slowed by it (a 1 GiB post-copy right after another took 0.7-1.6 s,
+/// 0.5-0.8 s after a pause like this): each run, on either side, starts once it is over.
+/// A page given back costs a host fault when next used: see [`warm_host`].
 const SETTLE: Duration = Duration::from_secs(5);
 /// How long any one step (a boot, a first pass, an idle migration) may take.
 const STEP_LIMIT: Duration = Duration::from_secs(600);
@@ -99,6 +100,9 @@ pub struct Report {
     pub mem_bytes: u64,
     /// Runs of each case on each side.
     pub runs: u32,
+    /// Bytes of fresh memory used and freed before each migration on either side
+    /// (`--warm-host`), or none.
+    pub warm_host_bytes: Option<u64>,
     pub qemu: String,
     pub cases: Vec<Case>,
     /// What the destination's kernel alone needs for a data post-copy, measured before each
@@ -123,30 +127,65 @@ enum Workload {
     Dirtier,
 }
 
-/// Runs every case `runs` times on `mem` bytes of guest RAM, faultline and QEMU in turns;
-/// `step` is told what runs.
-pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
+/// The cases, by name (`data-post`: the `data` case in post-copy), in the order they run.
+const CASES: [(&str, Workload, &str); 7] = [
+    ("data", Workload::Data, "pre"),
+    ("data", Workload::Data, "post"),
+    ("mostly-zero", Workload::MostlyZero, "pre"),
+    ("mostly-zero", Workload::MostlyZero, "post"),
+    ("dirtier", Workload::Dirtier, "pre"),
+    ("dirtier", Workload::Dirtier, "hybrid"),
+    ("dirtier", Workload::Dirtier, "post"),
+];
+
+/// What `bench migrate` runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Guest RAM on both sides.
+    pub mem: u64,
+    /// Runs of each case on each side.
+    pub runs: u32,
+    /// The cases to run by name (`data-post`, ...: see `CASES`); empty: all of them.
+    pub cases: Vec<String>,
+    /// Before each migration, on either side alike, use and free twice the guest RAM of
+    /// fresh memory ([`warm_host`]).
+    pub warm_host: bool,
+}
+
+/// Runs each chosen case `runs` times on `mem` bytes of guest RAM, faultline and QEMU in
+/// turns; `step` is told what runs.
+pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
+    let Options {
+        mem,
+        runs,
+        ref cases,
+        warm_host: warm,
+    } = *options;
     if !(64 << 20..=3 << 30).contains(&mem) {
         bail!("--mem must be between 64M and 3G (the QEMU guest addresses 32-bit memory)");
     }
+    let name = |(case, _, mode): &(&str, Workload, &str)| format!("{case}-{mode}");
+    if let Some(unknown) = cases.iter().find(|c| !CASES.iter().any(|k| name(k) == **c)) {
+        bail!(
+            "--cases: no case is called {unknown:?}; the cases are {}",
+            CASES.iter().map(name).collect::<Vec<_>>().join(", ")
+        );
+    }
+    // Twice the guest RAM: the destination's fresh pages, and what its kernel takes besides.
+    let warm = warm.then_some(2 * mem);
     let tmp = TempDir::new("migrate")?;
     let qemu = Qemu::find(tmp.path());
     let qemu_name = match &qemu {
         Ok(q) => q.describe(),
         Err(e) => format!("unavailable: {e:#}"),
     };
-    let cases = [
-        ("data", Workload::Data, "pre"),
-        ("data", Workload::Data, "post"),
-        ("mostly-zero", Workload::MostlyZero, "pre"),
-        ("mostly-zero", Workload::MostlyZero, "post"),
-        ("dirtier", Workload::Dirtier, "pre"),
-        ("dirtier", Workload::Dirtier, "hybrid"),
-        ("dirtier", Workload::Dirtier, "post"),
-    ];
     let mut out = Vec::new();
     let mut install_floor_runs = Vec::new();
-    for (index, (case, workload, mode)) in cases.into_iter().enumerate() {
+    let chosen = CASES
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| cases.is_empty() || cases.contains(&name(k)));
+    for (index, &(case, workload, mode)) in chosen {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for attempt in 1..=runs {
@@ -159,7 +198,7 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
             if qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm));
             }
             if matches!(workload, Workload::Data) && mode == "post" {
                 step(&format!("migrate: {of}: installing {mem} bytes alone"));
@@ -169,13 +208,13 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
             step(&format!("migrate: {of}: faultline"));
             std::thread::sleep(SETTLE);
             ours.push(
-                faultline_case(&dir, mem, workload, mode)
+                faultline_case(&dir, mem, workload, mode, warm)
                     .with_context(|| format!("faultline, {of}"))?,
             );
             if !qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm));
             }
         }
         let faultline_runs = ours.iter().map(|o| (o.total_ms, o.downtime_ms)).collect();
@@ -225,6 +264,7 @@ pub fn run(mem: u64, runs: u32, step: impl Fn(&str)) -> anyhow::Result<Report> {
     Ok(Report {
         mem_bytes: mem,
         runs,
+        warm_host_bytes: warm,
         qemu: qemu_name,
         cases: out,
         install_floor_runs,
@@ -286,6 +326,25 @@ fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// Uses `bytes` of fresh anonymous memory, a byte written in each page, and frees it.
+///
+/// The machines these benchmarks run on are guests of their own host, and give it back the
+/// memory their processes free once it has been free a couple of seconds (virtio-balloon free
+/// page reporting). Such a page costs a fault in that host when it is next used, and a
+/// destination's every install is a first use: a 1 GiB post-copy destination spent 1.2-2.3 s
+/// of CPU on pages given back, 0.6-0.7 s on pages that had just been used. Freed right before
+/// a migration, these pages are what the destination's kernel hands out next, and they are
+/// backed, as on a host that runs on the bare machine. Both sides get it alike.
+fn warm_host(bytes: u64) {
+    let page = vmm::PAGE_SIZE as usize;
+    let mut memory = vec![0u8; bytes as usize];
+    for at in (0..memory.len()).step_by(page) {
+        memory[at] = 1;
+    }
+    // The writes must happen although the memory is freed unread.
+    std::hint::black_box(&mut memory);
+}
+
 /// The byte [`fill_by_copy`] fills pages with.
 const FILL: u8 = 0x5a;
 
@@ -296,10 +355,11 @@ fn qemu_case(
     mem: u64,
     workload: Workload,
     mode: &str,
+    warm: Option<u64>,
 ) -> Result<Outcome, String> {
     match qemu {
         Ok(q) => q
-            .case(dir, mem, workload, mode)
+            .case(dir, mem, workload, mode, warm)
             .map_err(|e| format!("{e:#}")),
         Err(e) => Err(format!("{e:#}")),
     }
@@ -323,7 +383,13 @@ fn median(mut outcomes: Vec<Outcome>) -> Outcome {
 }
 
 /// faultline's side of a case: a `run` source and a `migrate receive` destination.
-fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyhow::Result<Outcome> {
+fn faultline_case(
+    dir: &Path,
+    mem: u64,
+    workload: Workload,
+    mode: &str,
+    warm: Option<u64>,
+) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("cannot find the faultline executable")?;
     let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let ram_pages = mem / vmm::PAGE_SIZE;
@@ -394,6 +460,9 @@ fn faultline_case(dir: &Path, mem: u64, workload: Workload, mode: &str) -> anyho
     super::wait_held(&ssock, "the source's first pass", STEP_LIMIT)?;
     if let Workload::Dirtier = workload {
         api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
+    }
+    if let Some(bytes) = warm {
+        warm_host(bytes);
     }
     let report = api(
         &ssock,
@@ -611,6 +680,7 @@ impl Qemu {
         mem: u64,
         workload: Workload,
         mode: &str,
+        warm: Option<u64>,
     ) -> anyhow::Result<Outcome> {
         let image = self.image_for(dir, mem, workload)?;
         let (_source, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
@@ -641,6 +711,9 @@ impl Qemu {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
+        if let Some(bytes) = warm {
+            warm_host(bytes);
+        }
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {
             source.execute("migrate-start-postcopy", json!({}))?;
@@ -754,6 +827,22 @@ impl Qmp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_case_that_does_not_exist_is_refused_before_anything_runs() {
+        let options = Options {
+            mem: 64 << 20,
+            runs: 1,
+            cases: vec!["data-post".into(), "data-hybrid".into()],
+            warm_host: false,
+        };
+        let error = run(&options, |step| panic!("{step} ran")).unwrap_err();
+        let said = format!("{error:#}");
+        assert!(said.contains("\"data-hybrid\""), "{said}");
+        for name in ["data-pre", "mostly-zero-post", "dirtier-hybrid"] {
+            assert!(said.contains(name), "{said}");
+        }
+    }
 
     #[test]
     fn the_install_floor_fills_every_page_of_ram() {
