@@ -528,14 +528,14 @@ enum BenchCommand {
         /// Runs of each case on each side, taken in turns; the figures are their medians.
         #[arg(long, value_name = "N", default_value_t = 3)]
         runs: u32,
-        /// Only these cases (comma-separated): data-pre, data-post, mostly-zero-pre,
-        /// mostly-zero-post, dirtier-pre, dirtier-hybrid, dirtier-post. Default: all.
-        #[arg(long, value_name = "LIST", value_delimiter = ',')]
+        /// Only these cases (comma-separated). Default: all.
+        #[arg(long, value_name = "LIST", value_delimiter = ',',
+              value_parser = clap::builder::PossibleValuesParser::new(bench::migrate::case_names()))]
         cases: Vec<String>,
-        /// Before each migration, on both sides alike, use and free twice the guest RAM of
-        /// fresh memory, so that the destination's new pages are ones this machine's own host
-        /// still backs (on a machine that is itself a guest giving freed memory back to its
-        /// host, pages given back cost a host fault each when next used).
+        /// Before each migration (and each install floor), on both sides alike, use and free
+        /// twice the guest RAM of fresh memory, so that the destination's new pages are ones
+        /// this machine's own host still backs (a machine that is itself a guest and gives
+        /// freed memory back to its host pays a host fault for each such page it uses again).
         #[arg(long)]
         warm_host: bool,
         /// Print JSON (the output is always JSON; accepted for scripts).

@@ -127,16 +127,31 @@ enum Workload {
     Dirtier,
 }
 
-/// The cases, by name (`data-post`: the `data` case in post-copy), in the order they run.
-const CASES: [(&str, Workload, &str); 7] = [
-    ("data", Workload::Data, "pre"),
-    ("data", Workload::Data, "post"),
-    ("mostly-zero", Workload::MostlyZero, "pre"),
-    ("mostly-zero", Workload::MostlyZero, "post"),
-    ("dirtier", Workload::Dirtier, "pre"),
-    ("dirtier", Workload::Dirtier, "hybrid"),
-    ("dirtier", Workload::Dirtier, "post"),
+/// The cases: name, case, workload and mode, in the order they run.
+const CASES: [(&str, &str, Workload, &str); 7] = [
+    ("data-pre", "data", Workload::Data, "pre"),
+    ("data-post", "data", Workload::Data, "post"),
+    (
+        "mostly-zero-pre",
+        "mostly-zero",
+        Workload::MostlyZero,
+        "pre",
+    ),
+    (
+        "mostly-zero-post",
+        "mostly-zero",
+        Workload::MostlyZero,
+        "post",
+    ),
+    ("dirtier-pre", "dirtier", Workload::Dirtier, "pre"),
+    ("dirtier-hybrid", "dirtier", Workload::Dirtier, "hybrid"),
+    ("dirtier-post", "dirtier", Workload::Dirtier, "post"),
 ];
+
+/// The cases' names, as `--cases` takes them.
+pub fn case_names() -> impl Iterator<Item = &'static str> {
+    CASES.iter().map(|&(name, ..)| name)
+}
 
 /// What `bench migrate` runs.
 #[derive(Debug, Clone)]
@@ -145,10 +160,10 @@ pub struct Options {
     pub mem: u64,
     /// Runs of each case on each side.
     pub runs: u32,
-    /// The cases to run by name (`data-post`, ...: see `CASES`); empty: all of them.
+    /// The cases to run, by name ([`case_names`]); empty: all of them.
     pub cases: Vec<String>,
-    /// Before each migration, on either side alike, use and free twice the guest RAM of
-    /// fresh memory ([`warm_host`]).
+    /// Before each migration and each install floor, on either side alike, use and free
+    /// twice the guest RAM of fresh memory (`warm_host`).
     pub warm_host: bool,
 }
 
@@ -164,15 +179,14 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
     if !(64 << 20..=3 << 30).contains(&mem) {
         bail!("--mem must be between 64M and 3G (the QEMU guest addresses 32-bit memory)");
     }
-    let name = |(case, _, mode): &(&str, Workload, &str)| format!("{case}-{mode}");
-    if let Some(unknown) = cases.iter().find(|c| !CASES.iter().any(|k| name(k) == **c)) {
+    if let Some(unknown) = cases.iter().find(|c| !case_names().any(|name| name == *c)) {
         bail!(
             "--cases: no case is called {unknown:?}; the cases are {}",
-            CASES.iter().map(name).collect::<Vec<_>>().join(", ")
+            case_names().collect::<Vec<_>>().join(", ")
         );
     }
     // Twice the guest RAM: the destination's fresh pages, and what its kernel takes besides.
-    let warm = warm.then_some(2 * mem);
+    let warm_bytes = warm.then_some(2 * mem);
     let tmp = TempDir::new("migrate")?;
     let qemu = Qemu::find(tmp.path());
     let qemu_name = match &qemu {
@@ -184,8 +198,8 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
     let chosen = CASES
         .iter()
         .enumerate()
-        .filter(|(_, k)| cases.is_empty() || cases.contains(&name(k)));
-    for (index, &(case, workload, mode)) in chosen {
+        .filter(|(_, (name, ..))| cases.is_empty() || cases.iter().any(|c| c == name));
+    for (index, &(_, case, workload, mode)) in chosen {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for attempt in 1..=runs {
@@ -198,23 +212,26 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             if qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm_bytes));
             }
             if matches!(workload, Workload::Data) && mode == "post" {
                 step(&format!("migrate: {of}: installing {mem} bytes alone"));
                 std::thread::sleep(SETTLE);
+                if let Some(bytes) = warm_bytes {
+                    warm_host(bytes)?;
+                }
                 install_floor_runs.push(install_floor_ms(mem)?);
             }
             step(&format!("migrate: {of}: faultline"));
             std::thread::sleep(SETTLE);
             ours.push(
-                faultline_case(&dir, mem, workload, mode, warm)
+                faultline_case(&dir, mem, workload, mode, warm_bytes)
                     .with_context(|| format!("faultline, {of}"))?,
             );
             if !qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm));
+                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm_bytes));
             }
         }
         let faultline_runs = ours.iter().map(|o| (o.total_ms, o.downtime_ms)).collect();
@@ -264,7 +281,7 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
     Ok(Report {
         mem_bytes: mem,
         runs,
-        warm_host_bytes: warm,
+        warm_host_bytes: warm_bytes,
         qemu: qemu_name,
         cases: out,
         install_floor_runs,
@@ -326,23 +343,51 @@ fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-/// Uses `bytes` of fresh anonymous memory, a byte written in each page, and frees it.
+/// Uses up to `bytes` of fresh anonymous memory (no more than half of what the kernel says
+/// is available), a byte written in each page, and frees it.
 ///
-/// The machines these benchmarks run on are guests of their own host, and give it back the
-/// memory their processes free once it has been free a couple of seconds (virtio-balloon free
-/// page reporting). Such a page costs a fault in that host when it is next used, and a
-/// destination's every install is a first use: a 1 GiB post-copy destination spent 1.2-2.3 s
-/// of CPU on pages given back, 0.6-0.7 s on pages that had just been used. Freed right before
-/// a migration, these pages are what the destination's kernel hands out next, and they are
-/// backed, as on a host that runs on the bare machine. Both sides get it alike.
-fn warm_host(bytes: u64) {
-    let page = vmm::PAGE_SIZE as usize;
-    let mut memory = vec![0u8; bytes as usize];
-    for at in (0..memory.len()).step_by(page) {
-        memory[at] = 1;
+/// Machines like these are guests of their own host, and give it back the memory their
+/// processes freed a couple of seconds after (virtio-balloon free page reporting). Such a page
+/// costs a host fault when it is next used, and every page a destination installs is a first
+/// use (README, "Migration figures"). Freed right before a migration, these pages are the next
+/// ones the kernel hands out, and they are still backed.
+fn warm_host(bytes: u64) -> anyhow::Result<()> {
+    use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    let len = bytes.min(mem_available()? / 2) as usize;
+    if len == 0 {
+        return Ok(());
     }
-    // The writes must happen although the memory is freed unread.
-    std::hint::black_box(&mut memory);
+    // SAFETY: a new private anonymous mapping at an address the kernel picks: it replaces
+    // nothing.
+    let base = unsafe {
+        mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::READ | ProtFlags::WRITE,
+            MapFlags::PRIVATE,
+        )
+    }
+    .context("cannot map the memory to warm the host with")?;
+    for at in (0..len).step_by(vmm::PAGE_SIZE as usize) {
+        // SAFETY: `at` is within the writable mapping made above. Volatile, so that the
+        // stores are made although the memory is freed unread.
+        unsafe { base.cast::<u8>().add(at).write_volatile(1) };
+    }
+    // SAFETY: the mapping made above, unmapped once; nothing points into it any more.
+    unsafe { munmap(base, len) }.context("cannot unmap the memory that warmed the host")?;
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> anyhow::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .context("/proc/meminfo gives no MemAvailable in kB")
 }
 
 /// The byte [`fill_by_copy`] fills pages with.
@@ -355,11 +400,11 @@ fn qemu_case(
     mem: u64,
     workload: Workload,
     mode: &str,
-    warm: Option<u64>,
+    warm_bytes: Option<u64>,
 ) -> Result<Outcome, String> {
     match qemu {
         Ok(q) => q
-            .case(dir, mem, workload, mode, warm)
+            .case(dir, mem, workload, mode, warm_bytes)
             .map_err(|e| format!("{e:#}")),
         Err(e) => Err(format!("{e:#}")),
     }
@@ -388,7 +433,7 @@ fn faultline_case(
     mem: u64,
     workload: Workload,
     mode: &str,
-    warm: Option<u64>,
+    warm_bytes: Option<u64>,
 ) -> anyhow::Result<Outcome> {
     let exe = std::env::current_exe().context("cannot find the faultline executable")?;
     let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -458,11 +503,12 @@ fn faultline_case(
             .context("cannot start the source")?,
     );
     super::wait_held(&ssock, "the source's first pass", STEP_LIMIT)?;
+    // Before the dirtier is let go: it counts its passes from there.
+    if let Some(bytes) = warm_bytes {
+        warm_host(bytes)?;
+    }
     if let Workload::Dirtier = workload {
         api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
-    }
-    if let Some(bytes) = warm {
-        warm_host(bytes);
     }
     let report = api(
         &ssock,
@@ -680,7 +726,7 @@ impl Qemu {
         mem: u64,
         workload: Workload,
         mode: &str,
-        warm: Option<u64>,
+        warm_bytes: Option<u64>,
     ) -> anyhow::Result<Outcome> {
         let image = self.image_for(dir, mem, workload)?;
         let (_source, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
@@ -711,8 +757,8 @@ impl Qemu {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
-        if let Some(bytes) = warm {
-            warm_host(bytes);
+        if let Some(bytes) = warm_bytes {
+            warm_host(bytes)?;
         }
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {
