@@ -1118,8 +1118,6 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
     }
 }
 
-/// Prints an API answer as JSON on stdout. A reader that went away (`| head`) is not an
-/// error: there is nothing more to tell it.
 /// `faultline vm swap out|in`.
 fn swap_command(action: &SwapCommand) -> anyhow::Result<()> {
     match action {
@@ -1137,6 +1135,8 @@ fn swap_command(action: &SwapCommand) -> anyhow::Result<()> {
     }
 }
 
+/// Prints an API answer as JSON on stdout. A reader that went away (`| head`) is not an
+/// error: there is nothing more to tell it.
 fn print_answer(answer: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let text = serde_json::to_string_pretty(answer)?;

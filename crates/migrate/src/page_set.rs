@@ -14,7 +14,7 @@ use crate::wire::MAX_PAYLOAD;
 /// The bitmap's 64-bit words follow, as many as the pages need; bits past the last page are
 /// clear.
 const BITMAP: u8 = 0;
-/// Runs follow: first page and count, 8 bytes each.
+/// Runs follow: first page and count, 8 bytes each (16 a run).
 const RUNS: u8 = 1;
 
 /// The most pages a set may have: as many as a bitmap in one frame can hold (after the page
