@@ -217,9 +217,7 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             if matches!(workload, Workload::Data) && mode == "post" {
                 step(&format!("migrate: {of}: installing {mem} bytes alone"));
                 std::thread::sleep(SETTLE);
-                if let Some(bytes) = warm_bytes {
-                    warm_host(bytes)?;
-                }
+                warm_host(warm_bytes)?;
                 install_floor_runs.push(install_floor_ms(mem)?);
             }
             step(&format!("migrate: {of}: faultline"));
@@ -344,15 +342,18 @@ fn fill_by_copy(ram: &vmm::GuestRam) -> anyhow::Result<Duration> {
 }
 
 /// Uses up to `bytes` of fresh anonymous memory (no more than half of what the kernel says
-/// is available), a byte written in each page, and frees it.
+/// is available), a byte written in each page, and frees it; nothing if `None`.
 ///
 /// Machines like these are guests of their own host, and give it back the memory their
 /// processes freed a couple of seconds after (virtio-balloon free page reporting). Such a page
 /// costs a host fault when it is next used, and every page a destination installs is a first
 /// use (README, "Migration figures"). Freed right before a migration, these pages are the next
 /// ones the kernel hands out, and they are still backed.
-fn warm_host(bytes: u64) -> anyhow::Result<()> {
+fn warm_host(bytes: Option<u64>) -> anyhow::Result<()> {
     use rustix::mm::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+    let Some(bytes) = bytes else {
+        return Ok(());
+    };
     let len = bytes.min(mem_available()? / 2) as usize;
     if len == 0 {
         return Ok(());
@@ -504,9 +505,7 @@ fn faultline_case(
     );
     super::wait_held(&ssock, "the source's first pass", STEP_LIMIT)?;
     // Before the dirtier is let go: it counts its passes from there.
-    if let Some(bytes) = warm_bytes {
-        warm_host(bytes)?;
-    }
+    warm_host(warm_bytes)?;
     if let Workload::Dirtier = workload {
         api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
     }
@@ -757,9 +756,7 @@ impl Qemu {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
-        if let Some(bytes) = warm_bytes {
-            warm_host(bytes)?;
-        }
+        warm_host(warm_bytes)?;
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {
             source.execute("migrate-start-postcopy", json!({}))?;
