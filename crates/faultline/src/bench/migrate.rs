@@ -206,13 +206,20 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             let of = format!("{case} {mode}, run {attempt} of {runs}");
             let dir = tmp.path().join(format!("case-{index}-{attempt}"));
             std::fs::create_dir_all(&dir)?;
+            let trial = Trial {
+                dir: &dir,
+                mem,
+                workload,
+                mode,
+                warm_bytes,
+            };
             // Each side goes first every other run: what one leaves behind (memory the host
             // must give back, caches) weighs on both alike.
             let qemu_first = attempt % 2 == 0;
             if qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm_bytes));
+                theirs.push(qemu_case(&qemu, trial));
             }
             if matches!(workload, Workload::Data) && mode == "post" {
                 step(&format!("migrate: {of}: installing {mem} bytes alone"));
@@ -222,14 +229,11 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             }
             step(&format!("migrate: {of}: faultline"));
             std::thread::sleep(SETTLE);
-            ours.push(
-                faultline_case(&dir, mem, workload, mode, warm_bytes)
-                    .with_context(|| format!("faultline, {of}"))?,
-            );
+            ours.push(faultline_case(trial).with_context(|| format!("faultline, {of}"))?);
             if !qemu_first {
                 step(&format!("migrate: {of}: QEMU"));
                 std::thread::sleep(SETTLE);
-                theirs.push(qemu_case(&qemu, &dir, mem, workload, mode, warm_bytes));
+                theirs.push(qemu_case(&qemu, trial));
             }
         }
         let faultline_runs = ours.iter().map(|o| (o.total_ms, o.downtime_ms)).collect();
@@ -394,19 +398,22 @@ fn mem_available() -> anyhow::Result<u64> {
 /// The byte [`fill_by_copy`] fills pages with.
 const FILL: u8 = 0x5a;
 
-/// QEMU's side of a case, or why there is none.
-fn qemu_case(
-    qemu: &anyhow::Result<Qemu>,
-    dir: &Path,
+/// One run of one case, on either side.
+#[derive(Clone, Copy)]
+struct Trial<'a> {
+    /// Where the run keeps its sockets and files.
+    dir: &'a Path,
     mem: u64,
     workload: Workload,
-    mode: &str,
+    mode: &'a str,
+    /// What [`warm_host`] uses before the migration.
     warm_bytes: Option<u64>,
-) -> Result<Outcome, String> {
+}
+
+/// QEMU's side of a case, or why there is none.
+fn qemu_case(qemu: &anyhow::Result<Qemu>, trial: Trial) -> Result<Outcome, String> {
     match qemu {
-        Ok(q) => q
-            .case(dir, mem, workload, mode, warm_bytes)
-            .map_err(|e| format!("{e:#}")),
+        Ok(q) => q.case(trial).map_err(|e| format!("{e:#}")),
         Err(e) => Err(format!("{e:#}")),
     }
 }
@@ -429,13 +436,14 @@ fn median(mut outcomes: Vec<Outcome>) -> Outcome {
 }
 
 /// faultline's side of a case: a `run` source and a `migrate receive` destination.
-fn faultline_case(
-    dir: &Path,
-    mem: u64,
-    workload: Workload,
-    mode: &str,
-    warm_bytes: Option<u64>,
-) -> anyhow::Result<Outcome> {
+fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
+    let Trial {
+        dir,
+        mem,
+        workload,
+        mode,
+        warm_bytes,
+    } = trial;
     let exe = std::env::current_exe().context("cannot find the faultline executable")?;
     let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let ram_pages = mem / vmm::PAGE_SIZE;
@@ -719,14 +727,14 @@ impl Qemu {
     }
 
     /// QEMU's side of a case.
-    fn case(
-        &self,
-        dir: &Path,
-        mem: u64,
-        workload: Workload,
-        mode: &str,
-        warm_bytes: Option<u64>,
-    ) -> anyhow::Result<Outcome> {
+    fn case(&self, trial: Trial) -> anyhow::Result<Outcome> {
+        let Trial {
+            dir,
+            mem,
+            workload,
+            mode,
+            ..
+        } = trial;
         let image = self.image_for(dir, mem, workload)?;
         let (_source, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
         let (_destination, mut destination) = self.spawn(dir, "qemu-dst", &image, mem, true)?;
@@ -756,7 +764,7 @@ impl Qemu {
             json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
-        warm_host(warm_bytes)?;
+        warm_host(trial.warm_bytes)?;
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {
             source.execute("migrate-start-postcopy", json!({}))?;
