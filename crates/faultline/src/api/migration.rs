@@ -168,17 +168,22 @@ impl Migrations {
     /// `PUT /migration/cancel`: gives up a migration paused before the destination
     /// confirmed it runs the VM (the operator knows it does not): the VM runs here again.
     pub fn cancel(&self, handle: &VmHandle) -> Response {
-        let Some(paused) = lock(&self.paused).take() else {
-            return Response::error(409, "no migration is paused");
+        // Looked at in its slot, and taken only to be cancelled: a shutdown meanwhile sees a
+        // paused migration until it is given up.
+        let paused = {
+            let mut slot = lock(&self.paused);
+            match slot.as_ref() {
+                None => return Response::error(409, "no migration is paused"),
+                Some(paused) if paused.confirmed => {
+                    return Response::error(
+                        409,
+                        "the destination confirmed that it runs the VM: it must not run here \
+                         too (resume the migration instead)",
+                    )
+                }
+                Some(_) => slot.take().expect("looked at above"),
+            }
         };
-        if paused.confirmed {
-            *lock(&self.paused) = Some(paused);
-            return Response::error(
-                409,
-                "the destination confirmed that it runs the VM: it must not run here too \
-                 (resume the migration instead)",
-            );
-        }
         // Given up either way: the paused migration is gone, and the status says so.
         let cancelled = crate::migration::send::cancel(handle, *paused);
         let vm = if handle.control().is_paused() {
@@ -412,34 +417,38 @@ impl Migrations {
             },
             None => None,
         };
-        let paused = lock(&self.paused).take();
-        match (&paused, request.resume) {
-            (None, true) => return Response::error(409, "there is no paused migration to resume"),
-            (Some(_), false) => {
-                *lock(&self.paused) = paused;
-                return Response::error(
-                    409,
-                    "a migration is paused (the VM may run on its destination): resume it with \
-                     \"resume\": true",
-                );
+        let mode = request.mode.unwrap_or_default();
+        let give_up = GiveUp::default();
+        // The paused migration leaves its slot under the lock a shutdown takes (in the same
+        // order, `in_progress` then `paused`), so that a shutdown sees it or this migration,
+        // never neither.
+        let paused = {
+            let mut in_progress = lock(&self.in_progress);
+            if in_progress.shutting_down {
+                return Response::error(409, "the VM is shutting down: it migrates nowhere");
             }
-            _ => {}
-        }
+            let mut slot = lock(&self.paused);
+            match (slot.is_some(), request.resume) {
+                (false, true) => {
+                    return Response::error(409, "there is no paused migration to resume")
+                }
+                (true, false) => {
+                    return Response::error(
+                        409,
+                        "a migration is paused (the VM may run on its destination): resume it \
+                         with \"resume\": true",
+                    )
+                }
+                _ => {}
+            }
+            in_progress.current = Some((give_up.clone(), mode));
+            slot.take()
+        };
         let progress = Arc::new(Progress::default());
         self.switch_now.store(false, Ordering::Release);
-        let give_up = GiveUp::default();
         if paused.is_some() {
             // A resume is past its switch-over already.
             let _ = give_up.close();
-        }
-        {
-            let mut in_progress = lock(&self.in_progress);
-            if in_progress.shutting_down {
-                drop(in_progress);
-                *lock(&self.paused) = paused;
-                return Response::error(409, "the VM is shutting down: it migrates nowhere");
-            }
-            in_progress.current = Some((give_up.clone(), request.mode.unwrap_or_default()));
         }
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
@@ -447,7 +456,7 @@ impl Migrations {
             switch_now: Arc::clone(&self.switch_now),
             tls,
             to: request.to.clone(),
-            mode: request.mode.unwrap_or_default(),
+            mode,
             downtime: Duration::from_millis(request.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
             max_rounds: request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
             throttle: request.throttle.unwrap_or(true),
