@@ -174,15 +174,19 @@ pub fn read_message_reusing<R: Read>(
     spare: &mut Option<Vec<u8>>,
 ) -> Result<Message, ProtocolError> {
     let mut header = [0u8; HEADER_BYTES];
-    let got = fill(reader, &mut header)?;
+    // The magic is read and looked at before the rest of the header: a peer that speaks
+    // something else is told by what it sent, even one that sends less than a header and
+    // waits (a TLS alert is 7 bytes).
+    let mut got = fill(reader, &mut header[..MAGIC.len()])?;
     if got == 0 {
         return Err(ProtocolError::PeerClosed);
     }
-    // The magic is looked at as soon as it is in, even in a header cut short: a peer that
-    // speaks something else (a TLS alert is 7 bytes) is told by what it sent.
-    let found: [u8; 4] = header[0..4].try_into().expect("4 bytes");
-    if got >= found.len() && found != MAGIC {
-        return Err(ProtocolError::BadMagic { found });
+    let found: [u8; 4] = header[..MAGIC.len()].try_into().expect("4 bytes");
+    if got == MAGIC.len() {
+        if found != MAGIC {
+            return Err(ProtocolError::BadMagic { found });
+        }
+        got += fill(reader, &mut header[MAGIC.len()..])?;
     }
     if got < HEADER_BYTES {
         return Err(ProtocolError::Truncated {
@@ -374,6 +378,29 @@ mod tests {
             self.longest = self.longest.max(buf.len());
             self.data.read(buf)
         }
+    }
+
+    #[test]
+    fn a_peer_that_sends_less_than_a_header_and_waits_is_told_by_its_first_bytes() {
+        /// A peer that sent `0` and waits: a read past it would block for ever.
+        struct Waits<'a>(&'a [u8]);
+        impl Read for Waits<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                assert!(!self.0.is_empty(), "read on past what the peer sent");
+                let n = buf.len().min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        // A TLS alert record (7 bytes), as a TLS server answers a plain hello.
+        let alert = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28];
+        assert!(matches!(
+            read_message(&mut Waits(&alert)),
+            Err(ProtocolError::BadMagic {
+                found: [0x15, 0x03, 0x03, 0x00]
+            })
+        ));
     }
 
     #[test]
