@@ -257,7 +257,7 @@ impl GuestRam {
     /// How many pages of RAM are userfaultfd write-protected now, from this process's
     /// pagemap: after a live snapshot, none may be.
     pub fn write_protected_pages(&self) -> std::io::Result<u64> {
-        let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+        let pagemap = pagemap()?;
         let mut count = 0;
         let mut entries = Vec::new();
         for region in &self.regions {
@@ -266,7 +266,7 @@ impl GuestRam {
             while done < pages {
                 let n = (pages - done).min(4096);
                 let addr = region.host_addr() as u64 + done * crate::PAGE_SIZE;
-                count += pagemap_entries(&pagemap, addr, n, &mut entries)?
+                count += pagemap_entries(pagemap, addr, n, &mut entries)?
                     .filter(|entry| entry & PAGEMAP_UFFD_WP != 0)
                     .count() as u64;
                 done += n;
@@ -276,12 +276,12 @@ impl GuestRam {
     }
 
     /// Whether every page of guest RAM `[gpa, gpa + len)` (within one region) is mapped in
-    /// this process's page tables now, from `pagemap` (`/proc/self/pagemap`): a read of it
-    /// right away takes no fault that could fail (no swap-in, no pager; a page a memory
-    /// error took is unmapped), though a page reclaimed or poisoned after this answer can
-    /// still fault. False when unsure.
-    pub fn is_mapped(&self, pagemap: &File, gpa: u64, len: u64) -> bool {
-        let Some(addr) = self.host_range(gpa, len) else {
+    /// this process's page tables now, from its pagemap: a read of it right away takes no
+    /// fault that could fail (no swap-in, no pager; a page a memory error took is
+    /// unmapped), though a page reclaimed or poisoned after this answer can still fault.
+    /// False when unsure.
+    pub fn is_mapped(&self, gpa: u64, len: u64) -> bool {
+        let (Some(addr), Ok(pagemap)) = (self.host_range(gpa, len), pagemap()) else {
             return false;
         };
         let first = addr as u64 / crate::PAGE_SIZE;
@@ -290,6 +290,16 @@ impl GuestRam {
         pagemap_entries(pagemap, first * crate::PAGE_SIZE, end - first, &mut entries)
             .is_ok_and(|mut entries| entries.all(|entry| entry & PAGEMAP_PRESENT != 0))
     }
+}
+
+/// This process's `/proc/self/pagemap`, opened once.
+fn pagemap() -> std::io::Result<&'static File> {
+    static PAGEMAP: std::sync::OnceLock<Result<File, std::io::ErrorKind>> =
+        std::sync::OnceLock::new();
+    PAGEMAP
+        .get_or_init(|| File::open("/proc/self/pagemap").map_err(|e| e.kind()))
+        .as_ref()
+        .map_err(|&kind| std::io::Error::new(kind, "cannot open /proc/self/pagemap"))
 }
 
 /// Bit 63 of a pagemap entry: the page is present in the page tables.
@@ -387,9 +397,8 @@ mod tests {
     fn mapped_means_in_this_process_s_page_tables() {
         use vm_memory::Bytes;
         let ram = GuestRam::new(4 << 20).unwrap();
-        let pagemap = File::open("/proc/self/pagemap").unwrap();
         let page = crate::PAGE_SIZE;
-        assert!(!ram.is_mapped(&pagemap, 0, page), "fresh RAM maps nothing");
+        assert!(!ram.is_mapped(0, page), "fresh RAM maps nothing");
         // Written through the mapping: mapped. Written to the memfd only: in the file, but
         // a read of the mapping would still fault.
         ram.memory()
@@ -399,13 +408,10 @@ mod tests {
             .memfd_file()
             .write_all_at(&[2; 4096], 4 * page)
             .unwrap();
-        assert!(ram.is_mapped(&pagemap, 2 * page, 2 * page));
-        assert!(
-            !ram.is_mapped(&pagemap, 2 * page, 3 * page),
-            "one page is not"
-        );
-        assert!(!ram.is_mapped(&pagemap, 4 * page, page));
-        assert!(!ram.is_mapped(&pagemap, 4 << 20, page), "not RAM");
+        assert!(ram.is_mapped(2 * page, 2 * page));
+        assert!(!ram.is_mapped(2 * page, 3 * page), "one page is not");
+        assert!(!ram.is_mapped(4 * page, page));
+        assert!(!ram.is_mapped(4 << 20, page), "not RAM");
     }
 
     #[test]

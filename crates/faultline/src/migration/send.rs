@@ -1089,10 +1089,6 @@ pub(super) struct PageReader<'a> {
     /// Each region's memfd data extents, found by the first [`send_paused`](Self::send_paused)
     /// run in it.
     data_extents: std::collections::HashMap<usize, Vec<(u64, u64)>>,
-    /// This process's `/proc/self/pagemap`, which tells `send_paused` whether pages are
-    /// mapped, opened at its first run (`None` if it cannot be: every run is then read with
-    /// a system call).
-    pagemap: std::cell::OnceCell<Option<std::fs::File>>,
     /// Pages `send_paused` read in place, not copied (for the tests to tell the two apart).
     #[cfg(test)]
     read_in_place: u64,
@@ -1107,7 +1103,6 @@ impl<'a> PageReader<'a> {
             pacer: None,
             give_up: None,
             data_extents: std::collections::HashMap::new(),
-            pagemap: std::cell::OnceCell::new(),
             #[cfg(test)]
             read_in_place: 0,
         }
@@ -1175,7 +1170,7 @@ impl PageReader<'_> {
         count: u64,
         sent: &mut Sent,
     ) -> anyhow::Result<()> {
-        if !self.holes_are_zero || !matches!(writer.get_ref(), Channel::Tcp(_)) {
+        if !self.holes_are_zero || !writer.get_ref().can_send_file() {
             return self.send(writer, gpa, count, sent);
         }
         // (A post-copy's stream has neither a give-up to look at nor a cap: its VM waits.)
@@ -1201,11 +1196,7 @@ impl PageReader<'_> {
                 send_zeros(writer, sent, extent_gpa, extent / PAGE_SIZE)?;
                 continue;
             }
-            let mapped = self
-                .pagemap
-                .get_or_init(|| std::fs::File::open("/proc/self/pagemap").ok())
-                .as_ref()
-                .is_some_and(|pagemap| self.ram.is_mapped(pagemap, extent_gpa, extent));
+            let mapped = self.ram.is_mapped(extent_gpa, extent);
             let bytes: &[u8] = if mapped {
                 // Every page is in this process's page tables, so a read of them now takes
                 // no fault (no swap-in that could fail; a page a memory error took is
@@ -1213,7 +1204,9 @@ impl PageReader<'_> {
                 // check and checksums (the pages themselves go from the page cache): a third
                 // of a 1 GiB post-copy source's CPU. A page reclaimed (or newly poisoned)
                 // between the check and the read could still fault, so every read of them
-                // follows the check at once, before anything is sent.
+                // follows the check at once, before anything is sent. Such a fault is a
+                // SIGBUS, whose handler ends the process: after the switch-over, the VM's
+                // pages not yet at the destination are then lost with it.
                 // SAFETY: `[at, at + extent)` of the region is mapped at `host_addr() + at`
                 // for as long as `self.ram` lives, and the VM is paused until the migration
                 // ends (this method's contract), so nothing writes these pages while the
