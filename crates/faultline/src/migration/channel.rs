@@ -159,6 +159,12 @@ impl Channel {
         }
     }
 
+    /// Whether [`send_file`](Self::send_file) works on this channel: a plain TCP one (a TLS
+    /// one must encrypt the bytes here).
+    pub fn can_send_file(&self) -> bool {
+        matches!(self, Channel::Tcp(_))
+    }
+
     /// Sends `len` bytes of `file` from `offset` straight from its page cache with
     /// sendfile(2): the bytes are never copied through this process (nor, on loopback, on this
     /// side at all). Only for a plain TCP channel: a TLS one must encrypt them here, and is
