@@ -100,8 +100,8 @@ pub struct Report {
     pub mem_bytes: u64,
     /// Runs of each case on each side.
     pub runs: u32,
-    /// Bytes of fresh memory used and freed before each migration on either side
-    /// (`--warm-host`), or none.
+    /// Bytes of fresh memory asked for before each migration on either side (`--warm-host`;
+    /// no more than half of what is available is used), or none.
     pub warm_host_bytes: Option<u64>,
     pub qemu: String,
     pub cases: Vec<Case>,
@@ -775,24 +775,13 @@ impl Qemu {
             Workload::Dirtier => DIRTIER_PATIENCE,
             Workload::Data | Workload::MostlyZero => STEP_LIMIT,
         };
-        // QEMU can say "completed" a moment before its figures are in (a total and a
-        // downtime of 0 were seen once): those are asked again, for a second at most, and a
-        // run whose figures never come counts as not completed.
-        let mut figures_asked = 0;
         let info = loop {
-            let mut info = source.execute("query-migrate", json!({}))?;
+            let info = source.execute("query-migrate", json!({}))?;
             let status = info["status"].as_str().unwrap_or("");
-            let figures_in = info["total-time"].as_f64().is_some_and(|ms| ms > 0.0);
-            if status == "completed" && !figures_in {
-                if figures_asked < 50 {
-                    figures_asked += 1;
-                    std::thread::sleep(Duration::from_millis(20));
-                    continue;
-                }
-                info["status"] = json!("completed, but QEMU gave no total time");
-                break info;
+            if status == "completed" {
+                break completed_figures(&mut source, info)?;
             }
-            if matches!(status, "completed" | "failed" | "cancelled") {
+            if matches!(status, "failed" | "cancelled") {
                 break info;
             }
             // Hybrid: post-copy once the first full pass is done (QEMU's postcopy-after-precopy).
@@ -829,6 +818,32 @@ impl Qemu {
             urgent_page_p99_us: None,
             verified: None,
         })
+    }
+}
+
+/// QEMU's figures for a migration `info` says completed. QEMU can say "completed" a moment
+/// before they are in (a total and a downtime of 0 were seen once): they are asked again for
+/// a second at most, and a run whose total never comes counts as not completed.
+fn completed_figures(source: &mut Qmp, info: Value) -> anyhow::Result<Value> {
+    let has_total = |info: &Value| info["total-time"].as_f64().is_some_and(|ms| ms > 0.0);
+    if has_total(&info) {
+        return Ok(info);
+    }
+    // A failed query ends the wait with its error; only the wait's own time limit is "no
+    // total".
+    let asked = wait_for("QEMU's figures", Duration::from_secs(1), || {
+        Ok(match source.execute("query-migrate", json!({})) {
+            Ok(info) => has_total(&info).then_some(Ok(info)),
+            Err(e) => Some(Err(e)),
+        })
+    });
+    match asked {
+        Ok(figures) => figures,
+        Err(_) => {
+            let mut info = info;
+            info["status"] = json!("completed, but QEMU gave no total time");
+            Ok(info)
+        }
     }
 }
 
