@@ -97,21 +97,8 @@ fn spawn_mix(sock: &Path, mix: Mix) -> Child {
         .chain(mix.run_args.iter().copied())
         .collect();
     let mut child = spawn_env(&args, mix.env);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((200, Some(info))) =
-            faultline::api::http::call(sock, "GET", "/vm", None, Some(Duration::from_secs(5)))
-        {
-            if info["state"] == "running" {
-                return child;
-            }
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the source exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "the source never ran");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_state(sock, &mut child, "running");
+    child
 }
 
 /// A peer on a free loopback port that serves one connection with `serve`: its address, and
