@@ -73,6 +73,24 @@ pub struct Outcome {
     /// faultline: the destination checked the guest's memory (and, for an idle guest, its
     /// result) and found it right. QEMU: not checked (`None`).
     pub verified: Option<bool>,
+    /// CPU time the source's and the destination's processes used from the migration's
+    /// start to its end, every thread's, user and system (the guest's vCPUs' too: idle but
+    /// for the dirtier's); `None` where the process had ended by then.
+    pub source_cpu_ms: Option<f64>,
+    pub destination_cpu_ms: Option<f64>,
+}
+
+impl Outcome {
+    /// Both sides' CPU time, if both were measured.
+    fn cpu_ms(&self) -> Option<f64> {
+        Some(self.source_cpu_ms? + self.destination_cpu_ms?)
+    }
+}
+
+/// The CPU time `process` has used since it had used `before`, in milliseconds.
+fn cpu_ms_since(process: &Process, before: Option<Duration>) -> Option<f64> {
+    let now = process.cpu_time()?;
+    Some(now.checked_sub(before?)?.as_secs_f64() * 1e3)
 }
 
 /// One case, both sides, over all its runs.
@@ -92,6 +110,9 @@ pub struct Case {
     pub total_ratio: Option<f64>,
     /// faultline / QEMU median downtime.
     pub downtime_ratio: Option<f64>,
+    /// faultline / QEMU CPU time of both sides together, in the runs of median total time:
+    /// how much work each did, whatever the two cores made of it.
+    pub cpu_ratio: Option<f64>,
 }
 
 /// The whole benchmark.
@@ -251,12 +272,13 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             Some(failed) => failed.clone(),
             None => Ok(median(theirs.into_iter().flatten().collect())),
         };
-        let (total_ratio, downtime_ratio) = match &theirs {
+        let (total_ratio, downtime_ratio, cpu_ratio) = match &theirs {
             Ok(q) if q.status == "completed" => (
                 Some(ratio(ours.total_ms, q.total_ms)),
                 Some(ratio(ours.downtime_ms, q.downtime_ms)),
+                ours.cpu_ms().zip(q.cpu_ms()).map(|(a, b)| ratio(a, b)),
             ),
-            _ => (None, None),
+            _ => (None, None, None),
         };
         out.push(Case {
             case,
@@ -267,6 +289,7 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             qemu_runs,
             total_ratio,
             downtime_ratio,
+            cpu_ratio,
         });
     }
     let install_floor_ms = {
@@ -517,6 +540,7 @@ fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
     if let Workload::Dirtier = workload {
         api(&ssock, "PUT", "/vm/hold", Some(json!({ "at": null })))?;
     }
+    let cpu_before = (source.cpu_time(), destination.cpu_time());
     let report = api(
         &ssock,
         "PUT",
@@ -539,6 +563,8 @@ fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
         .and_then(|(_, status)| status)
         .filter(|s| s["status"] == "completed" || s["status"] == "failed"))
     })?;
+    let source_cpu_ms = cpu_ms_since(&source, cpu_before.0);
+    let destination_cpu_ms = cpu_ms_since(&destination, cpu_before.1);
     drop(source);
     if arrived != Value::Null {
         match workload {
@@ -588,6 +614,8 @@ fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
         urgent_page_p50_us: figures["urgent_page_p50_us"].as_u64(),
         urgent_page_p99_us: figures["urgent_page_p99_us"].as_u64(),
         verified: Some(verified),
+        source_cpu_ms,
+        destination_cpu_ms,
     })
 }
 
@@ -736,8 +764,9 @@ impl Qemu {
             ..
         } = trial;
         let image = self.image_for(dir, mem, workload)?;
-        let (_source, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
-        let (_destination, mut destination) = self.spawn(dir, "qemu-dst", &image, mem, true)?;
+        let (source_process, mut source) = self.spawn(dir, "qemu-src", &image, mem, false)?;
+        let (destination_process, mut destination) =
+            self.spawn(dir, "qemu-dst", &image, mem, true)?;
         let serial = dir.join("qemu-src.serial");
         wait_for("the QEMU guest's first pass", STEP_LIMIT, || {
             Ok(std::fs::read(&serial)
@@ -765,6 +794,7 @@ impl Qemu {
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
         warm_host(trial.warm_bytes)?;
+        let cpu_before = (source_process.cpu_time(), destination_process.cpu_time());
         source.execute("migrate", json!({ "uri": uri }))?;
         if mode == "post" {
             source.execute("migrate-start-postcopy", json!({}))?;
@@ -800,6 +830,8 @@ impl Qemu {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
+        let source_cpu_ms = cpu_ms_since(&source_process, cpu_before.0);
+        let destination_cpu_ms = cpu_ms_since(&destination_process, cpu_before.1);
         let ram = &info["ram"];
         let number = |v: &Value| v.as_u64().unwrap_or(0);
         Ok(Outcome {
@@ -817,6 +849,8 @@ impl Qemu {
             urgent_page_p50_us: None,
             urgent_page_p99_us: None,
             verified: None,
+            source_cpu_ms,
+            destination_cpu_ms,
         })
     }
 }

@@ -48,6 +48,22 @@ impl Drop for TempDir {
 /// A child process killed on drop.
 pub(crate) struct Process(pub(crate) Child);
 
+impl Process {
+    /// The CPU time the process's threads have used so far, user and system, those that have
+    /// ended included (from `/proc`); `None` once it has been waited for.
+    pub(crate) fn cpu_time(&self) -> Option<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
+        // The command name, in parentheses, may hold spaces and parentheses: the fields are
+        // counted from after its last one, where the third (the state) begins.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let field = |number: usize| fields.get(number - 3)?.parse::<u64>().ok();
+        let ticks = field(14)? + field(15)?;
+        // SAFETY: sysconf has no preconditions.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+    }
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -159,5 +175,31 @@ mod tests {
         assert_eq!(median_ms(&ms(&[4, 1, 3, 2])), 3.0);
         assert!(median_ms(&[]).is_nan());
         assert_eq!(ratio(3.0, 2.0), 1.5);
+    }
+
+    #[test]
+    fn a_process_that_spins_has_used_cpu_time_and_one_that_sleeps_has_not() {
+        let spawn = |script: &str| {
+            Process(
+                std::process::Command::new("sh")
+                    .args(["-c", script])
+                    .spawn()
+                    .unwrap(),
+            )
+        };
+        let sleeper = spawn("sleep 60");
+        let mut spinner = spawn("while :; do :; done");
+        let spent = wait_for("a spinner's 200 ms", Duration::from_secs(60), || {
+            Ok(spinner
+                .cpu_time()
+                .filter(|t| *t >= Duration::from_millis(200)))
+        })
+        .unwrap();
+        assert!(spent < Duration::from_secs(60), "{spent:?}");
+        let slept = sleeper.cpu_time().unwrap();
+        assert!(slept < Duration::from_millis(100), "{slept:?}");
+        spinner.0.kill().unwrap();
+        spinner.0.wait().unwrap();
+        assert_eq!(spinner.cpu_time(), None);
     }
 }
