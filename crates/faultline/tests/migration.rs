@@ -1533,6 +1533,10 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
         err.contains("post-copy is paused") && err.contains("runs on the destination"),
         "{err}"
     );
+    assert!(
+        err.contains("the connection to the destination was lost"),
+        "the cause is not named: {err}"
+    );
     let (_, info) = api(source_sock, "GET", "/vm", None);
     assert_eq!(info["state"], "paused", "{info}");
     let (status, refusal) = api(source_sock, "PUT", "/vm/resume", None);

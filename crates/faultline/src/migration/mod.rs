@@ -26,6 +26,34 @@ pub(crate) mod turns;
 use migrate::{Layout, VmIdentity};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
+/// `error`, said to be the connection to `peer` lost when that is what it is: a broken pipe,
+/// a reset, or the peer closing it or ending a message short, which the OS's or the wire's
+/// words alone do not name.
+pub(crate) fn naming_a_lost_connection(error: anyhow::Error, peer: &str) -> anyhow::Error {
+    use std::io::ErrorKind;
+    let lost = error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| {
+            matches!(
+                e.kind(),
+                ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::UnexpectedEof
+            )
+        }) || matches!(
+            cause.downcast_ref::<migrate::ProtocolError>(),
+            Some(migrate::ProtocolError::PeerClosed | migrate::ProtocolError::Truncated { .. })
+        )
+    });
+    if lost {
+        error.context(format!(
+            "the connection to {peer} was lost (it ended, or the network failed)"
+        ))
+    } else {
+        error
+    }
+}
+
 /// The identity a VM with `ram` and `vcpus` vCPUs has on this host.
 pub fn identity(ram: &GuestRam, vcpus: u8) -> anyhow::Result<VmIdentity> {
     let kvm = kvm_ioctls::Kvm::new()?;

@@ -245,7 +245,7 @@ pub fn resume(
         complete(options, main, server, &mut paused)
     });
     paused.recoveries += 1;
-    finished(completed, paused)
+    finished(completed, paused).map_err(SendFailure::naming_a_lost_connection)
 }
 
 /// The report of a post-copy that `completed`, or where it is paused.

@@ -260,6 +260,15 @@ impl SendFailure {
             SendFailure::Here(e) | SendFailure::Paused(e, _) => e,
         }
     }
+
+    /// The same failure, its error said to be the connection lost where it is one.
+    pub(super) fn naming_a_lost_connection(self) -> Self {
+        let name = |e| super::naming_a_lost_connection(e, "the destination");
+        match self {
+            SendFailure::Here(e) => SendFailure::Here(name(e)),
+            SendFailure::Paused(e, paused) => SendFailure::Paused(name(e), paused),
+        }
+    }
 }
 
 impl From<anyhow::Error> for SendFailure {
@@ -337,7 +346,8 @@ pub fn send(
         started,
         &mut taken,
         &mut paused_here,
-    );
+    )
+    .map_err(SendFailure::naming_a_lost_connection);
     match &mut result {
         Err(SendFailure::Here(_)) => {
             // Put the VM back as it was: running if it ran, its dirty log as if nothing was
