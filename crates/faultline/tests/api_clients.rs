@@ -64,18 +64,17 @@ impl Faultline {
 
     /// Waits (within [`DEADLINE`]) for the child to exit.
     fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "faultline did not exit within {DEADLINE:?}: {}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let stderr = self.stderr.clone();
+        common::exit_within(
+            &mut self.child,
+            DEADLINE,
+            Duration::from_millis(10),
+            || {},
+            || {
+                let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+                format!("faultline did not exit within {DEADLINE:?}: {said}")
+            },
+        )
     }
 
     /// Waits until the VM behind `sock` reports `running`.

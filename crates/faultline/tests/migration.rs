@@ -1690,20 +1690,15 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
 fn ended_within_a_minute(
     mut destination: Destination,
     waiting_for: &str,
-    mut meanwhile: impl FnMut(),
+    meanwhile: impl FnMut(),
 ) -> (std::process::ExitStatus, String) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = destination.child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = destination.child.kill();
-            panic!("the destination still waits for {waiting_for} after a minute");
-        }
-        meanwhile();
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = common::exit_within(
+        &mut destination.child,
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        meanwhile,
+        || format!("the destination still waits for {waiting_for} after a minute"),
+    );
     (status, destination.stderr.join().unwrap())
 }
 
@@ -2100,14 +2095,13 @@ fn a_destination_whose_api_socket_cannot_be_used_refuses_before_it_listens() {
         "--api-sock",
         taken.to_str().unwrap(),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("it waited for a migration it could not serve");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::exit_within(
+        &mut child,
+        Duration::from_secs(30),
+        Duration::from_millis(10),
+        || {},
+        || "it waited for a migration it could not serve".into(),
+    );
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = text(&out.stderr);

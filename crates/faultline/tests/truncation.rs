@@ -10,7 +10,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use faultline::micro::MicroVm;
 use vm_memory::{Bytes, GuestAddress};
@@ -191,17 +191,13 @@ enum Ended {
 /// two right ways: exit status 1 with a message naming the image, or the right result. Never a
 /// signal, a hang or a wrong result.
 fn ended(mut child: std::process::Child, image: &Path, expected: u64, what: &str) -> Ended {
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > HANG {
-            let _ = child.kill();
-            panic!("{what} hung");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = common::exit_within(
+        &mut child,
+        HANG,
+        Duration::from_millis(5),
+        || {},
+        || format!("{what} hung"),
+    );
     let out = child.wait_with_output().unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     let what = format!("{what}: {status}\n{stderr}");

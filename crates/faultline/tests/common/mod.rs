@@ -211,6 +211,31 @@ pub fn spawn_held(
     child
 }
 
+/// Waits for `child` to exit, calling `meanwhile` between looks (every `every`): its status.
+/// Past `limit` the child is killed and the test fails saying `hung()` (a child that would
+/// wait for ever fails the test rather than hangs it).
+pub fn exit_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut meanwhile: impl FnMut(),
+    hung: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{}", hung());
+        }
+        meanwhile();
+        std::thread::sleep(every);
+    }
+}
+
 /// Waits (at most 30 s) until the VM behind `sock` reports `state`; a `child` that exits
 /// first fails the test with what it said.
 pub fn wait_state(sock: &Path, child: &mut std::process::Child, state: &str) {
