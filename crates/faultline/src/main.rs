@@ -323,10 +323,10 @@ enum MigrateCommand {
         #[arg(long, value_name = "MODE", default_value = "pre", value_parser = ["pre", "post", "hybrid"])]
         mode: String,
         /// The longest pause allowed: copy rounds go on until what is left fits in it.
-        #[arg(long, value_name = "MS", default_value_t = 300)]
+        #[arg(long, value_name = "MS", default_value_t = faultline::migration::send::DEFAULT_DOWNTIME_MS)]
         downtime_ms: u64,
         /// Copy rounds after the first pass at most, then switch over whatever is left.
-        #[arg(long, value_name = "N", default_value_t = 30)]
+        #[arg(long, value_name = "N", default_value_t = faultline::migration::send::DEFAULT_MAX_ROUNDS)]
         max_rounds: u32,
         /// Resume a post-copy paused by a broken connection: --to is where the destination's
         /// `faultline migrate recover` listens. The pages it lacks are sent, and it completes.

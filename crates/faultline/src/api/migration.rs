@@ -16,7 +16,7 @@ use super::http::Response;
 use crate::locking::lock;
 use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
-use crate::migration::send::{GiveUp, Mode, PausedMigration, SendFailure, SendOptions};
+use crate::migration::send::{self, GiveUp, Mode, PausedMigration, SendFailure, SendOptions};
 
 /// `PUT /migration/send`.
 #[derive(Deserialize)]
@@ -30,10 +30,10 @@ pub struct SendRequest {
     /// migration began, so it refuses them.
     #[serde(default)]
     mode: Option<Mode>,
-    /// At most 300 ms when absent.
+    /// `send::DEFAULT_DOWNTIME_MS` when absent.
     #[serde(default)]
     downtime_ms: Option<u64>,
-    /// 30 when absent.
+    /// `send::DEFAULT_MAX_ROUNDS` when absent.
     #[serde(default)]
     max_rounds: Option<u32>,
     /// Resume a post-copy paused by a broken connection (`to`: where the destination's
@@ -65,10 +65,6 @@ impl SendRequest {
 }
 
 pub const SEND_SHAPE: &str = r#"{"to": "HOST:PORT", "mode": "pre"|"post"|"hybrid", "downtime_ms": N, "max_rounds": N, "tls_dir": DIR, "resume": BOOL, "throttle": BOOL, "max_bandwidth": BYTES_PER_S}"#;
-
-/// A migration's settings where its request does not give them.
-const DEFAULT_DOWNTIME_MS: u64 = 300;
-const DEFAULT_MAX_ROUNDS: u32 = 30;
 
 /// What the migration must know of guest memory.
 pub struct MemoryState {
@@ -185,7 +181,7 @@ impl Migrations {
             }
         };
         // Given up either way: the paused migration is gone, and the status says so.
-        let cancelled = crate::migration::send::cancel(handle, *paused);
+        let cancelled = send::cancel(handle, *paused);
         let vm = if handle.control().is_paused() {
             "paused"
         } else {
@@ -457,8 +453,10 @@ impl Migrations {
             tls,
             to: request.to.clone(),
             mode,
-            downtime: Duration::from_millis(request.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS)),
-            max_rounds: request.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS),
+            downtime: Duration::from_millis(
+                request.downtime_ms.unwrap_or(send::DEFAULT_DOWNTIME_MS),
+            ),
+            max_rounds: request.max_rounds.unwrap_or(send::DEFAULT_MAX_ROUNDS),
             throttle: request.throttle.unwrap_or(true),
             max_bandwidth: request.max_bandwidth,
             progress: Arc::clone(&progress),
@@ -466,7 +464,7 @@ impl Migrations {
         };
         let result = match paused {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
-            None => crate::migration::send::send(handle, guest, &options),
+            None => send::send(handle, guest, &options),
         };
         // Done with it only once a paused migration is in its slot, so that a shutdown meanwhile
         // sees one or the other.
@@ -480,7 +478,7 @@ impl Migrations {
         &self,
         handle: &VmHandle,
         to: &str,
-        result: Result<crate::migration::send::SendReport, SendFailure>,
+        result: Result<send::SendReport, SendFailure>,
     ) -> Response {
         match result {
             Ok(report) => {

@@ -790,7 +790,10 @@ impl Qemu {
         // downtime limit is faultline's default.
         source.execute(
             "migrate-set-parameters",
-            json!({ "max-bandwidth": 1u64 << 40, "downtime-limit": 300 }),
+            json!({
+                "max-bandwidth": 1u64 << 40,
+                "downtime-limit": crate::migration::send::DEFAULT_DOWNTIME_MS,
+            }),
         )?;
         destination.execute("migrate-incoming", json!({ "uri": uri }))?;
         warm_host(trial.warm_bytes)?;

@@ -68,6 +68,11 @@ impl Mode {
     }
 }
 
+/// The longest pause a migration allows where it is not told (`SendOptions::downtime`).
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Rounds after the first pass at most where it is not told (`SendOptions::max_rounds`).
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
+
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
