@@ -87,6 +87,10 @@ impl Outcome {
     }
 }
 
+/// The least CPU time both sides must have used for their ratio to be given: it is counted in
+/// 10 ms ticks, so below ten of them a ratio says more about the ticks than the work.
+const CPU_RATIO_FLOOR_MS: f64 = 100.0;
+
 /// The CPU time `process` has used since it had used `before`, in milliseconds.
 fn cpu_ms_since(process: &Process, before: Option<Duration>) -> Option<f64> {
     let now = process.cpu_time()?;
@@ -111,7 +115,8 @@ pub struct Case {
     /// faultline / QEMU median downtime.
     pub downtime_ratio: Option<f64>,
     /// faultline / QEMU CPU time of both sides together, in the runs of median total time:
-    /// how much work each did, whatever the two cores made of it.
+    /// how much work each did, whatever the two cores made of it (none where either used
+    /// less than [`CPU_RATIO_FLOOR_MS`]).
     pub cpu_ratio: Option<f64>,
 }
 
@@ -276,7 +281,10 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             Ok(q) if q.status == "completed" => (
                 Some(ratio(ours.total_ms, q.total_ms)),
                 Some(ratio(ours.downtime_ms, q.downtime_ms)),
-                ours.cpu_ms().zip(q.cpu_ms()).map(|(a, b)| ratio(a, b)),
+                ours.cpu_ms()
+                    .zip(q.cpu_ms())
+                    .filter(|&(a, b)| a.min(b) >= CPU_RATIO_FLOOR_MS)
+                    .map(|(a, b)| ratio(a, b)),
             ),
             _ => (None, None, None),
         };
