@@ -75,7 +75,7 @@ pub struct Outcome {
     pub verified: Option<bool>,
     /// CPU time the source's and the destination's processes used from the migration's
     /// start to its end, every thread's, user and system (the guest's vCPUs' too: idle but
-    /// for the dirtier's); `None` where the process had ended by then.
+    /// for the dirtier's); `None` where it could not be read.
     pub source_cpu_ms: Option<f64>,
     pub destination_cpu_ms: Option<f64>,
 }
@@ -555,9 +555,10 @@ fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
         "/migration/send",
         Some(json!({ "to": addr, "mode": mode })),
     )?;
-    // The destination's end: every page in (it may finish its run soon after).
+    // The destination's end: every page in (it may finish its run soon after; it is not
+    // waited for here, so that its CPU can still be read).
     let arrived = wait_for("the destination's end of the migration", STEP_LIMIT, || {
-        if destination.0.try_wait()?.is_some() {
+        if destination.has_exited()? {
             return Ok(Some(Value::Null));
         }
         Ok(http::call(
@@ -816,14 +817,22 @@ impl Qemu {
             Workload::Dirtier => DIRTIER_PATIENCE,
             Workload::Data | Workload::MostlyZero => STEP_LIMIT,
         };
-        let info = loop {
+        // Both sides' CPU, read the moment the migration ends (before more queries).
+        let cpu_now = || {
+            (
+                cpu_ms_since(&source_process, cpu_before.0),
+                cpu_ms_since(&destination_process, cpu_before.1),
+            )
+        };
+        let (info, (source_cpu_ms, destination_cpu_ms)) = loop {
             let info = source.execute("query-migrate", json!({}))?;
             let status = info["status"].as_str().unwrap_or("");
             if status == "completed" {
-                break completed_figures(&mut source, info)?;
+                let cpu = cpu_now();
+                break (completed_figures(&mut source, info)?, cpu);
             }
             if matches!(status, "failed" | "cancelled") {
-                break info;
+                break (info, cpu_now());
             }
             // Hybrid: post-copy once the first full pass is done (QEMU's postcopy-after-precopy).
             if !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
@@ -831,18 +840,17 @@ impl Qemu {
                 switched = true;
             }
             if started.elapsed() > limit {
+                let cpu = cpu_now();
                 source.execute("migrate_cancel", json!({}))?;
                 let mut info = info;
                 info["status"] = json!(format!(
                     "not converged within {} s (cancelled)",
                     limit.as_secs()
                 ));
-                break info;
+                break (info, cpu);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let source_cpu_ms = cpu_ms_since(&source_process, cpu_before.0);
-        let destination_cpu_ms = cpu_ms_since(&destination_process, cpu_before.1);
         let ram = &info["ram"];
         let number = |v: &Value| v.as_u64().unwrap_or(0);
         Ok(Outcome {

@@ -52,15 +52,41 @@ impl Process {
     /// The CPU time the process's threads have used so far, user and system, those that have
     /// ended included (from `/proc`); `None` once it has been waited for.
     pub(crate) fn cpu_time(&self) -> Option<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).ok()?;
-        // The command name, in parentheses, may hold spaces and parentheses: the fields are
-        // counted from after its last one, where the third (the state) begins.
-        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let stat = std::fs::read(format!("/proc/{}/stat", self.0.id())).ok()?;
+        // The command name, in parentheses, may hold spaces, parentheses and bytes that are
+        // not UTF-8: the fields are counted from after its last ')', where the third (the
+        // state) begins.
+        let after_name =
+            std::str::from_utf8(&stat[stat.iter().rposition(|&b| b == b')')? + 1..]).ok()?;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
         let field = |number: usize| fields.get(number - 3)?.parse::<u64>().ok();
         let ticks = field(14)? + field(15)?;
         // SAFETY: sysconf has no preconditions.
-        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+        let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok()?;
+        (per_second > 0).then(|| Duration::from_millis(ticks * 1000 / per_second))
+    }
+
+    /// Whether the process has exited, found without waiting for it: until it is waited for,
+    /// its `/proc` entry, and so its [`cpu_time`](Self::cpu_time), stays.
+    pub(crate) fn has_exited(&self) -> std::io::Result<bool> {
+        let pid = self.0.id();
+        // SAFETY: an all-zero siginfo_t is a valid value for waitid to overwrite.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is valid and writable; WNOWAIT leaves the child to be waited for by
+        // its `Child`, and WNOHANG makes this return at once.
+        let ret = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: waitid filled `info` in; its pid is 0 where no child had exited.
+        Ok(unsafe { info.si_pid() } != 0)
     }
 }
 
@@ -177,29 +203,56 @@ mod tests {
         assert_eq!(ratio(3.0, 2.0), 1.5);
     }
 
+    /// The time the only thread of `process` has run, from the scheduler: in nanoseconds,
+    /// not ticks, and counted apart from `/proc/PID/stat`.
+    fn run_time(process: &Process) -> Option<Duration> {
+        let text = std::fs::read_to_string(format!("/proc/{}/schedstat", process.0.id())).ok()?;
+        Some(Duration::from_nanos(
+            text.split_whitespace().next()?.parse().ok()?,
+        ))
+    }
+
     #[test]
-    fn a_process_that_spins_has_used_cpu_time_and_one_that_sleeps_has_not() {
-        let spawn = |script: &str| {
+    fn the_cpu_time_of_processes_that_spun_is_what_the_scheduler_says() {
+        let spawn = |command: &[&str]| {
             Process(
-                std::process::Command::new("sh")
-                    .args(["-c", script])
+                std::process::Command::new(command[0])
+                    .args(&command[1..])
+                    .stderr(std::process::Stdio::null())
                     .spawn()
                     .unwrap(),
             )
         };
-        let sleeper = spawn("sleep 60");
-        let mut spinner = spawn("while :; do :; done");
-        let spent = wait_for("a spinner's 200 ms", Duration::from_secs(60), || {
-            Ok(spinner
-                .cpu_time()
-                .filter(|t| *t >= Duration::from_millis(200)))
-        })
-        .unwrap();
-        assert!(spent < Duration::from_secs(60), "{spent:?}");
+        let sleeper = spawn(&["sleep", "60"]);
+        // One spins in user space, one in the kernel (clearing the buffers it reads): user
+        // and system time must both count.
+        for command in [
+            &["sh", "-c", "while :; do :; done"][..],
+            &["dd", "if=/dev/zero", "of=/dev/null", "bs=1M"],
+        ] {
+            let what = command.join(" ");
+            let mut spinner = spawn(command);
+            wait_for(&what, Duration::from_secs(60), || {
+                Ok(run_time(&spinner).filter(|t| *t >= Duration::from_millis(300)))
+            })
+            .unwrap();
+            assert!(!spinner.has_exited().unwrap(), "{what}");
+            spinner.0.kill().unwrap();
+            // Ended but not waited for: still there to be read, and no longer running.
+            wait_for("the spinner's end", Duration::from_secs(60), || {
+                Ok(spinner.has_exited()?.then_some(()))
+            })
+            .unwrap();
+            let (counted, ran) = (spinner.cpu_time().unwrap(), run_time(&spinner).unwrap());
+            let off = counted.abs_diff(ran);
+            assert!(
+                off <= (ran / 10).max(Duration::from_millis(50)),
+                "{what}: {counted:?} counted, {ran:?} run"
+            );
+            spinner.0.wait().unwrap();
+            assert_eq!(spinner.cpu_time(), None, "{what}");
+        }
         let slept = sleeper.cpu_time().unwrap();
         assert!(slept < Duration::from_millis(100), "{slept:?}");
-        spinner.0.kill().unwrap();
-        spinner.0.wait().unwrap();
-        assert_eq!(spinner.cpu_time(), None);
     }
 }
