@@ -26,28 +26,32 @@ pub(crate) mod turns;
 use migrate::{Layout, VmIdentity};
 use vmm::{DirtyPages, GuestRam, PAGE_SIZE};
 
-/// `error`, said to be the connection to `peer` lost when that is what it is: a broken pipe,
-/// a reset, or the peer closing it or ending a message short, which the OS's or the wire's
-/// words alone do not name.
-pub(crate) fn naming_a_lost_connection(error: anyhow::Error, peer: &str) -> anyhow::Error {
+/// Whether `error` is a connection lost: a broken pipe, a reset, or the peer closing it or
+/// ending a message short. Narrower than `ProtocolError::is_connection_loss`, which takes any
+/// I/O error on a connection for a break that recovery may mend (a timeout too): this one
+/// names what happened. (An unexpected end of file is not in it: on this side that comes from
+/// reading guest RAM's memfd, never from a connection, which the wire reads itself.)
+pub(crate) fn is_lost_connection(error: &anyhow::Error) -> bool {
     use std::io::ErrorKind;
-    let lost = error.chain().any(|cause| {
+    error.chain().any(|cause| {
         cause.downcast_ref::<std::io::Error>().is_some_and(|e| {
             matches!(
                 e.kind(),
-                ErrorKind::BrokenPipe
-                    | ErrorKind::ConnectionReset
-                    | ErrorKind::ConnectionAborted
-                    | ErrorKind::UnexpectedEof
+                ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
             )
         }) || matches!(
             cause.downcast_ref::<migrate::ProtocolError>(),
             Some(migrate::ProtocolError::PeerClosed | migrate::ProtocolError::Truncated { .. })
         )
-    });
-    if lost {
+    })
+}
+
+/// `error`, said to be the connection to `peer` lost where [`is_lost_connection`], which the
+/// OS's or the wire's words alone do not name.
+pub(crate) fn naming_a_lost_connection(error: anyhow::Error, peer: &str) -> anyhow::Error {
+    if is_lost_connection(&error) {
         error.context(format!(
-            "the connection to {peer} was lost (it ended, or the network failed)"
+            "the connection to {peer} was lost ({peer} ended or closed it, or the network failed)"
         ))
     } else {
         error

@@ -394,9 +394,20 @@ fn complete(
     // Pages sent on request count as sent (the progress had them as they went).
     paused.sent.normal += shared.answered_pages.load(Ordering::Relaxed);
     paused.sent.bytes += shared.answered_bytes.load(Ordering::Relaxed);
-    if let Err(e) = served {
-        tracing::warn!("post-copy page requests: {e:#}");
-    }
+    let finished = match (finished, served) {
+        // Answering failed here (a page that cannot be read, a request that cannot be right)
+        // and shut the stream down with it: that is the cause, not the stream's broken pipe.
+        (Err(stream), Err(answering)) if !super::is_lost_connection(&answering) => {
+            tracing::warn!("post-copy stream, stopped after the page requests failed: {stream:#}");
+            Err(answering.context("answering the destination's page requests failed"))
+        }
+        (finished, served) => {
+            if let Err(e) = served {
+                tracing::warn!("post-copy page requests: {e:#}");
+            }
+            finished
+        }
+    };
     finished.context("post-copy failed")
 }
 
