@@ -483,8 +483,9 @@ fn serve_requests(
         let message = match read_message(&mut reader) {
             Ok(message) => message,
             Err(_) if shared.finishing.load(Ordering::Acquire) => return Ok(()),
-            Err(ProtocolError::PeerClosed) => {
-                bail!("the destination closed the page-request connection")
+            // Kept in the chain: a connection lost, not a failure of this side's answering.
+            Err(e @ ProtocolError::PeerClosed) => {
+                return Err(e).context("the destination closed the page-request connection")
             }
             Err(e) => return Err(e).context("the page-request connection broke"),
         };
