@@ -171,3 +171,43 @@ fn a_reply_that_trickles_in_is_as_late_as_one_that_never_comes() {
         "a reply that took 750 ms came within 200: {result:?}"
     );
 }
+
+#[test]
+fn a_tls_session_that_fails_after_the_handshake_tells_its_reader_why() {
+    let tmp = TempDir::new("tls-damaged");
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server_tls = Tls::server(&tmp.join("destination")).unwrap();
+    let accepting = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        channel::open(tcp, Some(&server_tls), "").unwrap()
+    });
+    // A byte damaged well past the handshake (a few KiB): in the data, which the session's
+    // integrity check then refuses.
+    let proxy = common::proxy::CuttingProxy::start_damaging(&addr, 256 << 10);
+    let mut client = channel::open(
+        TcpStream::connect(&proxy.addr).unwrap(),
+        Some(&Tls::client(&tmp.join("source")).unwrap()),
+        "127.0.0.1",
+    )
+    .unwrap();
+    let mut server = accepting.join().unwrap();
+    let writing = std::thread::spawn(move || {
+        let _ = client.write_all(&vec![7u8; 1 << 20]);
+    });
+    let mut got = Vec::new();
+    let error = server
+        .read_to_end(&mut got)
+        .expect_err("a damaged session read as a clean end");
+    assert!(proxy.has_cut());
+    assert!(got.len() < 1 << 20, "{} bytes", got.len());
+    let why = server.failure().expect("the session's failure recorded");
+    assert!(
+        error.to_string() == format!("the TLS session failed: {why}"),
+        "{error}"
+    );
+    // The network goes down: the writer, held or not, ends.
+    drop(proxy);
+    writing.join().unwrap();
+}

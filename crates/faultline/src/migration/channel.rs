@@ -217,13 +217,40 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// The error a read or write of a channel whose TLS session failed gets (`kind`, and
+    /// why), rather than a plain end of the stream or a broken pipe; `None` if it did not.
+    fn session_failure(&self, kind: io::ErrorKind) -> Option<io::Error> {
+        self.failure()
+            .map(|why| io::Error::new(kind, format!("the TLS session failed: {why}")))
+    }
+
+    /// `error` from a read or write, said as what it is: out of time, or the TLS session's
+    /// failure.
+    fn said(&self, error: io::Error, out_of_time_says: &'static str) -> io::Error {
+        match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                out_of_time(error, out_of_time_says)
+            }
+            kind => self.session_failure(kind).unwrap_or(error),
+        }
+    }
+}
+
 impl Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = match self {
             Channel::Tcp(s) => s.read(buf),
             Channel::Tls(s, _) => s.read(buf),
         };
-        read.map_err(|e| out_of_time(e, NOTHING_SAID))
+        match read {
+            // The end of a TLS session that failed is that failure, not a peer that closed.
+            Ok(0) if !buf.is_empty() => self
+                .session_failure(io::ErrorKind::ConnectionAborted)
+                .map_or(Ok(0), Err),
+            Ok(n) => Ok(n),
+            Err(e) => Err(self.said(e, NOTHING_SAID)),
+        }
     }
 }
 
@@ -246,7 +273,7 @@ impl Write for Channel {
             Channel::Tcp(s) => s.write(buf),
             Channel::Tls(s, _) => s.write(buf),
         };
-        written.map_err(|e| out_of_time(e, NOTHING_TAKEN))
+        written.map_err(|e| self.said(e, NOTHING_TAKEN))
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
