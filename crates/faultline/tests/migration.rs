@@ -1660,6 +1660,49 @@ fn a_post_copy_stream_damaged_on_the_way_pauses_and_is_recovered() {
 }
 
 #[test]
+fn a_post_copy_over_tls_damaged_on_the_way_pauses_says_why_and_is_recovered() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-tls-damaged");
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    let tls = |side: &str| tmp.join(side).to_str().unwrap().to_string();
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let destination = Destination::spawn(&[
+        "--tls-dir",
+        &tls("destination"),
+        "--json",
+        "--api-sock",
+        dsock.to_str().unwrap(),
+    ]);
+    let source = spawn_mix_written(&sock, MID);
+    // A byte in the page stream's TLS records: the session's integrity check refuses it.
+    let at = cut_points(1, 1 << 20, 8 << 20)[0];
+    let proxy = common::proxy::CuttingProxy::start_damaging(&destination.addr, at);
+    let out = migrate_send_with(
+        &sock,
+        &proxy.addr,
+        &["--mode", "post", "--tls-dir", &tls("source")],
+    );
+    assert!(proxy.has_cut(), "the migration ended before byte {at}");
+    assert!(!out.status.success(), "a damaged migration succeeded");
+    let err = text(&out.stderr);
+    assert!(err.contains("post-copy is paused"), "{err}");
+    // The destination says what broke: the TLS session, not a peer that closed.
+    let paused = wait_for_migration_status(&dsock, "postcopy-paused");
+    assert!(
+        paused["why"]
+            .as_str()
+            .is_some_and(|why| why.contains("the TLS session failed")),
+        "{paused}"
+    );
+    let at = recover(&dsock);
+    let out = migrate_send_with(&sock, &at, &["--resume", "--tls-dir", &tls("source")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    check_arrived(destination.child, MID);
+}
+
+#[test]
 fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
     require_kvm!();
     // Within the first pass (the small guest's is some 512 KiB).
