@@ -1628,74 +1628,69 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
 
 #[test]
 fn a_post_copy_stream_damaged_on_the_way_pauses_and_is_recovered() {
-    require_kvm!();
-    let tmp = TempDir::new("migrate-damaged");
-    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
-    let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
-    let source = spawn_mix_written(&sock, MID);
-    // A byte in the page stream (after the state's few KiB), nearly always in a page.
-    let at = cut_points(1, 1 << 20, 8 << 20)[0];
-    let proxy = common::proxy::CuttingProxy::start_damaging(&destination.addr, at);
-    let out = migrate_send_with(&sock, &proxy.addr, &["--mode", "post"]);
-    assert!(proxy.has_cut(), "the migration ended before byte {at}");
-    assert!(!out.status.success(), "a damaged migration succeeded");
-    let err = text(&out.stderr);
-    assert!(err.contains("post-copy is paused"), "{err}");
     // Nothing damaged went in: the destination waits for the source, as after a cut.
-    let paused = wait_for_migration_status(&dsock, "postcopy-paused");
-    assert!(
-        paused["why"]
-            .as_str()
-            .is_some_and(|why| why.contains("damaged")
-                || why.contains("magic")
-                || why.contains("message")),
-        "{paused}"
-    );
-    let at = recover(&dsock);
-    let out = migrate_send_with(&sock, &at, &["--resume"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let source = source.wait_with_output().unwrap();
-    assert!(source.status.success(), "{}", text(&source.stderr));
-    check_arrived(destination.child, MID);
+    damaged_post_copy_is_recovered("migrate-damaged", false, |why| {
+        why.contains("damaged") || why.contains("magic") || why.contains("message")
+    });
 }
 
 #[test]
 fn a_post_copy_over_tls_damaged_on_the_way_pauses_says_why_and_is_recovered() {
+    // The session's integrity check refuses the damaged record, and the destination says
+    // so: the TLS session, not a peer that closed.
+    damaged_post_copy_is_recovered("migrate-tls-damaged", true, |why| {
+        why.contains("the TLS session failed")
+    });
+}
+
+/// A post-copy (over TLS with `tls`) whose page stream has a byte damaged on the way: the
+/// source pauses, the destination pauses saying why (`why_says` holds of it), and the
+/// migration is recovered and finishes right.
+fn damaged_post_copy_is_recovered(name: &str, tls: bool, why_says: impl Fn(&str) -> bool) {
     require_kvm!();
-    let tmp = TempDir::new("migrate-tls-damaged");
-    make_pki(tmp.path(), "ca", &["source", "destination"]);
-    let tls = |side: &str| tmp.join(side).to_str().unwrap().to_string();
+    let tmp = TempDir::new(name);
     let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
-    let destination = Destination::spawn(&[
-        "--tls-dir",
-        &tls("destination"),
-        "--json",
-        "--api-sock",
-        dsock.to_str().unwrap(),
-    ]);
+    if tls {
+        make_pki(tmp.path(), "ca", &["source", "destination"]);
+    }
+    let tls_dir = |side: &str| {
+        if tls {
+            vec![
+                "--tls-dir".to_string(),
+                tmp.join(side).display().to_string(),
+            ]
+        } else {
+            Vec::new()
+        }
+    };
+    let with = |args: &[&str], side: &str| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        all.extend(tls_dir(side));
+        all
+    };
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+    let destination_args = with(
+        &["--json", "--api-sock", dsock.to_str().unwrap()],
+        "destination",
+    );
+    let destination = Destination::spawn(&strs(&destination_args));
     let source = spawn_mix_written(&sock, MID);
-    // A byte in the page stream's TLS records: the session's integrity check refuses it.
+    // A byte in the page stream (after the state's few KiB), nearly always in a page.
     let at = cut_points(1, 1 << 20, 8 << 20)[0];
     let proxy = common::proxy::CuttingProxy::start_damaging(&destination.addr, at);
-    let out = migrate_send_with(
-        &sock,
-        &proxy.addr,
-        &["--mode", "post", "--tls-dir", &tls("source")],
-    );
+    let post = with(&["--mode", "post"], "source");
+    let out = migrate_send_with(&sock, &proxy.addr, &strs(&post));
     assert!(proxy.has_cut(), "the migration ended before byte {at}");
     assert!(!out.status.success(), "a damaged migration succeeded");
     let err = text(&out.stderr);
     assert!(err.contains("post-copy is paused"), "{err}");
-    // The destination says what broke: the TLS session, not a peer that closed.
     let paused = wait_for_migration_status(&dsock, "postcopy-paused");
-    assert!(
-        paused["why"]
-            .as_str()
-            .is_some_and(|why| why.contains("the TLS session failed")),
-        "{paused}"
-    );
+    assert!(paused["why"].as_str().is_some_and(&why_says), "{paused}");
     let at = recover(&dsock);
-    let out = migrate_send_with(&sock, &at, &["--resume", "--tls-dir", &tls("source")]);
+    let resume = with(&["--resume"], "source");
+    let out = migrate_send_with(&sock, &at, &strs(&resume));
     assert!(out.status.success(), "{}", text(&out.stderr));
     let source = source.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));
