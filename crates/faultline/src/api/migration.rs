@@ -415,6 +415,13 @@ impl Migrations {
         };
         let mode = request.mode.unwrap_or_default();
         let give_up = GiveUp::default();
+        // Both settled before the migration is published below: a resume is past its
+        // switch-over already (a shutdown must not take it for one it can give up), and a
+        // switch-over asked once it is published must not be undone.
+        if request.resume {
+            let _ = give_up.close();
+        }
+        self.switch_now.store(false, Ordering::Release);
         // The paused migration leaves its slot under the lock a shutdown takes (in the same
         // order, `in_progress` then `paused`), so that a shutdown sees it or this migration,
         // never neither.
@@ -441,11 +448,6 @@ impl Migrations {
             slot.take()
         };
         let progress = Arc::new(Progress::default());
-        self.switch_now.store(false, Ordering::Release);
-        if paused.is_some() {
-            // A resume is past its switch-over already.
-            let _ = give_up.close();
-        }
         self.begin_outgoing(json!({ "status": "active", "to": request.to }), &progress);
         let options = SendOptions {
             give_up,
