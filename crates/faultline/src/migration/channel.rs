@@ -221,8 +221,7 @@ impl Channel {
     /// The error a read or write of a channel whose TLS session failed gets (`kind`, and
     /// why), rather than a plain end of the stream or a broken pipe; `None` if it did not.
     fn session_failure(&self, kind: io::ErrorKind) -> Option<io::Error> {
-        self.failure()
-            .map(|why| io::Error::new(kind, format!("the TLS session failed: {why}")))
+        self.failure().map(|why| io::Error::new(kind, why))
     }
 
     /// `error` from a read or write, said as what it is: out of time, or the TLS session's
@@ -486,7 +485,13 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
             let mut local = theirs;
             if let Err(e) = carry(tcp, conn, &mut local) {
                 tracing::debug!("migration TLS session ended: {e}");
-                *lock(&record) = Some(e.to_string());
+                // `carry` words the session's own failures (InvalidData); the connection's
+                // errors under it are worded here, so that every reason reads whole.
+                let why = match e.kind() {
+                    io::ErrorKind::InvalidData => e.to_string(),
+                    _ => format!("the TLS session failed: {e}"),
+                };
+                *lock(&record) = Some(why);
             }
         })?;
     Ok(Channel::Tls(ours, failure))
