@@ -1653,35 +1653,32 @@ fn damaged_post_copy_is_recovered(name: &str, tls: bool, why_says: impl Fn(&str)
     if tls {
         make_pki(tmp.path(), "ca", &["source", "destination"]);
     }
-    let tls_dir = |side: &str| {
+    let dir = |side: &str| tmp.join(side).to_str().unwrap().to_string();
+    let (source_dir, destination_dir) = (dir("source"), dir("destination"));
+    fn tls_of(tls: bool, dir: &str) -> Vec<&str> {
         if tls {
-            vec![
-                "--tls-dir".to_string(),
-                tmp.join(side).display().to_string(),
-            ]
+            vec!["--tls-dir", dir]
         } else {
             Vec::new()
         }
-    };
-    let with = |args: &[&str], side: &str| -> Vec<String> {
-        let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        all.extend(tls_dir(side));
-        all
-    };
-    fn strs(args: &[String]) -> Vec<&str> {
-        args.iter().map(String::as_str).collect()
     }
-    let destination_args = with(
-        &["--json", "--api-sock", dsock.to_str().unwrap()],
-        "destination",
+    let (source_tls, destination_tls) = (tls_of(tls, &source_dir), tls_of(tls, &destination_dir));
+    let destination = Destination::spawn(
+        &[
+            &["--json", "--api-sock", dsock.to_str().unwrap()][..],
+            &destination_tls,
+        ]
+        .concat(),
     );
-    let destination = Destination::spawn(&strs(&destination_args));
     let source = spawn_mix_written(&sock, MID);
     // A byte in the page stream (after the state's few KiB), nearly always in a page.
     let at = cut_points(1, 1 << 20, 8 << 20)[0];
     let proxy = common::proxy::CuttingProxy::start_damaging(&destination.addr, at);
-    let post = with(&["--mode", "post"], "source");
-    let out = migrate_send_with(&sock, &proxy.addr, &strs(&post));
+    let out = migrate_send_with(
+        &sock,
+        &proxy.addr,
+        &[&["--mode", "post"][..], &source_tls].concat(),
+    );
     assert!(proxy.has_cut(), "the migration ended before byte {at}");
     assert!(!out.status.success(), "a damaged migration succeeded");
     let err = text(&out.stderr);
@@ -1689,8 +1686,7 @@ fn damaged_post_copy_is_recovered(name: &str, tls: bool, why_says: impl Fn(&str)
     let paused = wait_for_migration_status(&dsock, "postcopy-paused");
     assert!(paused["why"].as_str().is_some_and(&why_says), "{paused}");
     let at = recover(&dsock);
-    let resume = with(&["--resume"], "source");
-    let out = migrate_send_with(&sock, &at, &strs(&resume));
+    let out = migrate_send_with(&sock, &at, &[&["--resume"][..], &source_tls].concat());
     assert!(out.status.success(), "{}", text(&out.stderr));
     let source = source.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));

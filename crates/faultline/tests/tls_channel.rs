@@ -86,6 +86,15 @@ fn data_that_came_with_the_handshake_is_delivered() {
 fn channel_pair(
     tls: Option<(&std::path::Path, &std::path::Path)>,
 ) -> (channel::Channel, channel::Channel) {
+    channel_pair_via(tls, |addr| addr.to_string())
+}
+
+/// [`channel_pair`], the client connecting to where `route` says (given the server's
+/// address: a proxy in front of it, say).
+fn channel_pair_via(
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+    route: impl FnOnce(std::net::SocketAddr) -> String,
+) -> (channel::Channel, channel::Channel) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let server_tls = tls.map(|(_, server)| Tls::server(server).unwrap());
@@ -95,7 +104,7 @@ fn channel_pair(
     });
     let client_tls = tls.map(|(client, _)| Tls::client(client).unwrap());
     let client = channel::open(
-        TcpStream::connect(addr).unwrap(),
+        TcpStream::connect(route(addr)).unwrap(),
         client_tls.as_ref(),
         "127.0.0.1",
     )
@@ -176,23 +185,20 @@ fn a_reply_that_trickles_in_is_as_late_as_one_that_never_comes() {
 fn a_tls_session_that_fails_after_the_handshake_tells_its_reader_why() {
     let tmp = TempDir::new("tls-damaged");
     make_pki(tmp.path(), "ca", &["source", "destination"]);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server_tls = Tls::server(&tmp.join("destination")).unwrap();
-    let accepting = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        channel::open(tcp, Some(&server_tls), "").unwrap()
-    });
     // A byte damaged well past the handshake (a few KiB): in the data, which the session's
     // integrity check then refuses.
-    let proxy = common::proxy::CuttingProxy::start_damaging(&addr, 256 << 10);
-    let mut client = channel::open(
-        TcpStream::connect(&proxy.addr).unwrap(),
-        Some(&Tls::client(&tmp.join("source")).unwrap()),
-        "127.0.0.1",
-    )
-    .unwrap();
-    let mut server = accepting.join().unwrap();
+    let mut proxy = None;
+    let (mut client, mut server) = channel_pair_via(
+        Some((&tmp.join("source"), &tmp.join("destination"))),
+        |addr| {
+            let damaging =
+                common::proxy::CuttingProxy::start_damaging(&addr.to_string(), 256 << 10);
+            let to = damaging.addr.clone();
+            proxy = Some(damaging);
+            to
+        },
+    );
+    let proxy = proxy.expect("routed through the proxy");
     let writing = std::thread::spawn(move || {
         let _ = client.write_all(&vec![7u8; 1 << 20]);
     });
