@@ -817,22 +817,12 @@ impl Qemu {
             Workload::Dirtier => DIRTIER_PATIENCE,
             Workload::Data | Workload::MostlyZero => STEP_LIMIT,
         };
-        // Both sides' CPU, read the moment the migration ends (before more queries).
-        let cpu_now = || {
-            (
-                cpu_ms_since(&source_process, cpu_before.0),
-                cpu_ms_since(&destination_process, cpu_before.1),
-            )
-        };
-        let (info, (source_cpu_ms, destination_cpu_ms)) = loop {
+        // Until it ends, or runs out of time.
+        let (info, out_of_time) = loop {
             let info = source.execute("query-migrate", json!({}))?;
             let status = info["status"].as_str().unwrap_or("");
-            if status == "completed" {
-                let cpu = cpu_now();
-                break (completed_figures(&mut source, info)?, cpu);
-            }
-            if matches!(status, "failed" | "cancelled") {
-                break (info, cpu_now());
+            if matches!(status, "completed" | "failed" | "cancelled") {
+                break (info, false);
             }
             // Hybrid: post-copy once the first full pass is done (QEMU's postcopy-after-precopy).
             if !switched && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
@@ -840,16 +830,25 @@ impl Qemu {
                 switched = true;
             }
             if started.elapsed() > limit {
-                let cpu = cpu_now();
-                source.execute("migrate_cancel", json!({}))?;
-                let mut info = info;
-                info["status"] = json!(format!(
-                    "not converged within {} s (cancelled)",
-                    limit.as_secs()
-                ));
-                break (info, cpu);
+                break (info, true);
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        // Both sides' CPU, read the moment it ends (before a cancel, or more queries).
+        let source_cpu_ms = cpu_ms_since(&source_process, cpu_before.0);
+        let destination_cpu_ms = cpu_ms_since(&destination_process, cpu_before.1);
+        let info = if out_of_time {
+            source.execute("migrate_cancel", json!({}))?;
+            let mut info = info;
+            info["status"] = json!(format!(
+                "not converged within {} s (cancelled)",
+                limit.as_secs()
+            ));
+            info
+        } else if info["status"] == "completed" {
+            completed_figures(&mut source, info)?
+        } else {
+            info
         };
         let ram = &info["ram"];
         let number = |v: &Value| v.as_u64().unwrap_or(0);
