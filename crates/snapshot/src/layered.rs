@@ -149,7 +149,8 @@ impl SnapshotMemory {
 
     /// Restores the whole memory into `spans`, laid back to back like the image, which must
     /// be freshly zeroed memory: holes are not touched, so the destination stays sparse.
-    /// Every chunk is verified before anything is copied from it. `progress(done, total)` is
+    /// Every chunk is verified before anything is copied from it, and the base's holes
+    /// before anything is copied at all. `progress(done, total)` is
     /// called every 64 MiB or so and at the end.
     pub fn load_into(
         &self,
@@ -166,6 +167,9 @@ impl SnapshotMemory {
             )));
         }
         let base = self.base();
+        // The base's holes are left alone in the destination, so they are checked here, before
+        // anything is copied: a chunk that had data and lost it must not read as zeros.
+        base.verify_holes()?;
         let diffs = &self.layers[..self.layers.len() - 1];
         let total = base
             .data_extents()
@@ -629,5 +633,48 @@ mod tests {
             layered.load_into(&dest, &mut |_, _| {}),
             Err(SnapshotError::ChunkChecksum { .. })
         ));
+    }
+
+    #[test]
+    fn a_base_chunk_that_lost_its_data_is_refused_eagerly_and_on_demand() {
+        for chunk_size in [PAGE_SIZE, OLD_CHUNK_SIZE] {
+            let chain = chain_chunked(chunk_size);
+            // What a copy that never reached the disk leaves: the file keeps its length, and
+            // a chunk that held data reads as a hole.
+            let image = chain.dir.path().join("base").join(MEMORY_FILE);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap();
+            // The chunk of page 30, which holds data.
+            let lost = 30 * PAGE_SIZE / chunk_size * chunk_size;
+            rustix::fs::fallocate(
+                &file,
+                rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                lost,
+                chunk_size,
+            )
+            .unwrap();
+            drop(file);
+
+            let base = SnapshotMemory::open(&chain.dirs(&["base"])).unwrap();
+            assert!(!base.base().has_data(lost, lost + chunk_size));
+            let mut restored = vec![0u8; PAGES as usize * PAGE];
+            let dest = spans_mut(&mut restored, &[]);
+            assert!(base.base().has_data(0, PAGE_SIZE));
+            match base.load_into(&dest, &mut |_, _| {}) {
+                Err(SnapshotError::ChunkChecksum { offset, .. }) => assert_eq!(offset, lost),
+                other => panic!("{chunk_size}-byte chunks: {other:?}"),
+            }
+            assert!(
+                restored.iter().all(|&byte| byte == 0),
+                "nothing is copied before the holes are checked"
+            );
+            let mut page = vec![0u8; PAGE];
+            assert!(matches!(
+                base.fetch(lost, &mut page),
+                Err(SourceError::Unavailable { offset, .. }) if offset == lost
+            ));
+        }
     }
 }

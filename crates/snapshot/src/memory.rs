@@ -15,13 +15,14 @@
 //! ```
 //!
 //! A chunk's CRC32 is that of its bytes as they read back from `memory.img` (holes read as
-//! zero); the last chunk may be shorter than the others.
+//! zero); the last chunk may be shorter than the others. A chunk is at most 1 MiB.
 
 use std::fmt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use crate::container::{self, Decoder};
 use crate::{SnapshotError, MEMORY_FILE, SUMS_FILE};
@@ -690,6 +691,10 @@ impl SumTable {
     }
 }
 
+/// The largest chunk a checksums file may declare: more than faultline ever wrote (4 KiB, and
+/// 64 KiB before), and little enough to read a chunk into memory whole.
+const MAX_CHUNK_SIZE: u64 = 1 << 20;
+
 fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
     let mut d = Decoder::new(path, &payload);
     d.page_size()?;
@@ -697,6 +702,11 @@ fn decode_sums(path: &Path, payload: Vec<u8>) -> Result<Sums, SnapshotError> {
     if chunk_size == 0 || !chunk_size.is_multiple_of(PAGE_SIZE) {
         return Err(d.malformed(format!(
             "the chunk size {chunk_size} is not a whole number of pages"
+        )));
+    }
+    if chunk_size > MAX_CHUNK_SIZE {
+        return Err(d.malformed(format!(
+            "the chunk size {chunk_size} is over the most a chunk may be ({MAX_CHUNK_SIZE})"
         )));
     }
     let size = d.u64("the image size")?;
@@ -765,6 +775,8 @@ pub struct MemoryImage {
     data: Vec<(u64, u64)>,
     /// Per chunk: `UNCHECKED`, `GOOD` or `BAD`.
     verified: Vec<AtomicU8>,
+    /// The checksum of a whole chunk of zeros, once needed.
+    zero_chunk: OnceLock<u32>,
     /// The image, read with system calls (`pread`): a file that shrinks or fails under a
     /// restore gives an error, never a signal.
     file: File,
@@ -811,6 +823,7 @@ impl MemoryImage {
             verified: (0..sums.sums.len())
                 .map(|_| AtomicU8::new(UNCHECKED))
                 .collect(),
+            zero_chunk: OnceLock::new(),
             sums: sums.sums,
             bitmap: sums.bitmap,
             data,
@@ -1000,8 +1013,13 @@ impl MemoryImage {
     /// Checks the bytes read of chunk `chunk` against its checksum and remembers the answer;
     /// a damaged chunk is a [`SnapshotError::ChunkChecksum`] naming `memory.img`.
     fn settle(&self, chunk: u64, bytes: &[u8]) -> Result<(), SnapshotError> {
+        self.settle_sum(chunk, crc32fast::hash(bytes))
+    }
+
+    /// [`settle`](Self::settle) for chunk `chunk` whose bytes have the checksum `sum`.
+    fn settle_sum(&self, chunk: u64, sum: u32) -> Result<(), SnapshotError> {
         let state = self.chunk_state(chunk)?;
-        let good = crc32fast::hash(bytes) == self.sums.get(chunk);
+        let good = sum == self.sums.get(chunk);
         state.store(if good { GOOD } else { BAD }, Ordering::Release);
         if good {
             Ok(())
@@ -1048,6 +1066,10 @@ impl MemoryImage {
         self.chunk_state(chunk)?;
         let start = chunk * self.chunk_size;
         let end = (start + self.chunk_size).min(self.size);
+        if !self.has_data(start, end) {
+            // All zeros: the checksum of zeros is known without reading or hashing them.
+            return self.settle_sum(chunk, self.zero_sum(end - start));
+        }
         let mut buf = vec![0u8; (end - start) as usize];
         let first = self.data.partition_point(|&(_, e)| e <= start);
         for &(s, e) in &self.data[first..] {
@@ -1058,6 +1080,42 @@ impl MemoryImage {
             self.read_at(s, &mut buf[(s - start) as usize..(e - start) as usize])?;
         }
         self.settle(chunk, &buf)
+    }
+
+    /// Checks every chunk that holds no data (it reads as zeros) against its checksum,
+    /// without reading the file: a chunk written with data that is now a hole (a copy that
+    /// never reached the disk, a range punched out) is a [`SnapshotError::ChunkChecksum`].
+    pub fn verify_holes(&self) -> Result<(), SnapshotError> {
+        let mut hole_start = 0u64;
+        for (start, end) in self.data.iter().copied().chain([(self.size, self.size)]) {
+            // The chunks wholly inside the hole `[hole_start, start)` (the last chunk, maybe
+            // shorter, ends with the image).
+            let first = hole_start.div_ceil(self.chunk_size);
+            let last = if start == self.size {
+                self.chunks()
+            } else {
+                start / self.chunk_size
+            };
+            for chunk in first..last {
+                self.verify_chunk(chunk)?;
+            }
+            hole_start = end;
+        }
+        Ok(())
+    }
+
+    /// The checksum of `len` zero bytes (a whole chunk's is computed once).
+    fn zero_sum(&self, len: u64) -> u32 {
+        let zeros = |len| {
+            let mut hasher = crc32fast::Hasher::new();
+            hash_zeros(&mut hasher, len);
+            hasher.finalize()
+        };
+        if len == self.chunk_size {
+            *self.zero_chunk.get_or_init(|| zeros(len))
+        } else {
+            zeros(len)
+        }
     }
 
     /// Sorted, disjoint `[start, end)` byte ranges of the image that hold data; everything
@@ -1346,6 +1404,27 @@ mod tests {
             MemoryImage::open(dir.path()),
             Err(SnapshotError::ChecksumMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_chunk_size_too_large_to_read_whole_is_refused_at_open() {
+        let dir = TempDir::new("memory-chunk-size");
+        let mut buf = vec![0u8; 16 * PAGE];
+        fill_page(&mut buf, 7, 5);
+        write_full(dir.path(), &buf, &[]);
+        // A well-formed file that says its single checksum covers 2 MiB.
+        let sums_path = dir.path().join(SUMS_FILE);
+        let mut payload = container::read(&sums_path, &SUMS_MAGIC, SUMS_VERSION).unwrap();
+        payload[4..8].copy_from_slice(&(2u32 << 20).to_le_bytes());
+        payload[24..32].copy_from_slice(&1u64.to_le_bytes());
+        payload.truncate(32 + 4);
+        container::write(&sums_path, &SUMS_MAGIC, SUMS_VERSION, &payload).unwrap();
+        match MemoryImage::open(dir.path()) {
+            Err(SnapshotError::Malformed { reason, .. }) => {
+                assert!(reason.contains("chunk size 2097152"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
