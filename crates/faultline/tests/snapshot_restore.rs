@@ -475,6 +475,62 @@ fn a_failed_snapshot_leaves_the_dirty_log_for_the_next_diff() {
 }
 
 /// A snapshot's whole memory, loaded into a buffer.
+#[test]
+fn a_diff_is_never_layered_on_a_snapshot_put_in_place_of_the_one_taken() {
+    require_kvm!();
+    let tmp = TempDir::new("replaced");
+    let sock = tmp.join("api.sock");
+    let mut child = spawn_run(&sock, &["--arg", "0", "--track-dirty", "--hold-at", "1"]);
+    wait_running(&sock, &mut child);
+    wait_held(&sock, 1);
+    snapshot_via_cli(&sock, &tmp.join("first"), false);
+    hold_at(&sock, 2);
+    snapshot_via_cli(&sock, &tmp.join("second"), false);
+    // The snapshot the next diff would be taken on is replaced by a valid one of another
+    // moment: a diff layered on it would restore pass 2's writes over pass 1's memory.
+    std::fs::remove_dir_all(tmp.join("second")).unwrap();
+    std::fs::rename(tmp.join("first"), tmp.join("second")).unwrap();
+    let (status, _) = api(&sock, "PUT", "/vm/pause", None);
+    assert_eq!(status, 204);
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": tmp.join("diff"), "type": "diff"})),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("is no longer the snapshot this VM took there"),
+        "{body}"
+    );
+    assert!(!tmp.join("diff").exists(), "nothing half-written");
+    // A full snapshot starts a chain again, and a diff on it restores like a full snapshot.
+    snapshot_via_cli(&sock, &tmp.join("again"), false);
+    let (status, _) = api(&sock, "PUT", "/vm/resume", None);
+    assert_eq!(status, 204);
+    hold_at(&sock, 3);
+    let (status, _) = api(&sock, "PUT", "/vm/pause", None);
+    assert_eq!(status, 204);
+    snapshot_via_cli(&sock, &tmp.join("diff"), true);
+    snapshot_via_cli(&sock, &tmp.join("full"), false);
+    shutdown(&sock, child);
+    let diff_dir = tmp.join("diff");
+    let chain = state::chain(&diff_dir, &state::read(&diff_dir).unwrap()).unwrap();
+    assert_eq!(
+        chain,
+        [
+            diff_dir.canonicalize().unwrap(),
+            tmp.join("again").canonicalize().unwrap()
+        ]
+    );
+    let layered = SnapshotMemory::open(&chain).unwrap();
+    let single = SnapshotMemory::open(&[tmp.join("full")]).unwrap();
+    assert!(load(&layered) == load(&single));
+}
+
 fn load(memory: &SnapshotMemory) -> Vec<u8> {
     let mut bytes = vec![0u8; memory.size() as usize];
     // SAFETY: `bytes` is a live, writable buffer of exactly this length.

@@ -13,7 +13,7 @@ use vmm::{DirtyMode, DirtyPages, GuestRam, MachineState, MemoryMap, TrackedRange
 
 use crate::container;
 use crate::memory::{self, LayerKind, MemorySpan, WriteSummary};
-use crate::state::{self, GuestInfo, MemoryKind, ParentRef, RamRange, SnapshotState};
+use crate::state::{self, GuestInfo, MemoryKind, ParentRef, RamRange, SnapshotRef, SnapshotState};
 use crate::SnapshotError;
 
 /// Whether guest RAM is all in place, or partly still behind the pager.
@@ -33,8 +33,9 @@ pub struct CreateOptions {
     /// The new snapshot's directory; it must not exist, and its parent must.
     pub dir: PathBuf,
     /// Take a diff snapshot layered on this one (the VM's previous snapshot, taken with dirty
-    /// tracking on): only the pages written since then are saved.
-    pub diff_parent: Option<PathBuf>,
+    /// tracking on): only the pages written since then are saved. It is refused if the
+    /// snapshot there now is not the one taken ([`SnapshotError::ParentReplaced`]).
+    pub diff_parent: Option<SnapshotRef>,
     /// The micro-guest that runs, if any.
     pub guest: Option<GuestInfo>,
     pub backing: MemoryBacking,
@@ -47,6 +48,8 @@ pub struct CreateSummary {
     #[serde(rename = "type")]
     pub kind: MemoryKind,
     pub parent: Option<PathBuf>,
+    /// Its [`state::identity`].
+    pub identity: String,
     pub vcpus: usize,
     pub memory: WriteSummary,
     /// How long the VM was paused for the snapshot (0 if it was paused already).
@@ -83,7 +86,7 @@ pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummar
     if !was_paused {
         handle.resume().map_err(SnapshotError::Vm)?;
     }
-    let memory = result?;
+    let (memory, identity) = result?;
     Ok(CreateSummary {
         dir: options.dir.clone(),
         kind: if options.diff_parent.is_some() {
@@ -91,7 +94,11 @@ pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummar
         } else {
             MemoryKind::Full
         },
-        parent: options.diff_parent.clone(),
+        parent: options
+            .diff_parent
+            .as_ref()
+            .map(|parent| parent.dir.clone()),
+        identity,
         vcpus: usize::from(handle.vcpu_count()),
         memory,
         paused_ms: if was_paused { 0.0 } else { paused_ms },
@@ -119,16 +126,16 @@ pub(crate) fn no_dirty_tracking() -> SnapshotError {
     )
 }
 
-/// Saves the paused VM into `staging` and publishes it. The dirty log is read (and reset) at
-/// every snapshot, so that a diff holds exactly the pages written since the snapshot before
-/// it; if anything fails after that, the pages are given back before the staging directory
-/// is removed.
+/// Saves the paused VM into `staging` and publishes it; returns what was written and the
+/// snapshot's identity. The dirty log is read (and reset) at every snapshot, so that a diff
+/// holds exactly the pages written since the snapshot before it; if anything fails after that,
+/// the pages are given back before the staging directory is removed.
 fn take(
     handle: &VmHandle,
     mut staging: Staging,
     parent: Option<ParentRef>,
     options: &CreateOptions,
-) -> Result<WriteSummary, SnapshotError> {
+) -> Result<(WriteSummary, String), SnapshotError> {
     let machine = handle.paused_state().map_err(SnapshotError::Vm)?;
     let dirty = if handle.tracks_dirty() {
         Some(handle.take_dirty_pages().map_err(SnapshotError::Vm)?)
@@ -153,7 +160,8 @@ fn take(
                 options.backing,
             )
         })
-        .and_then(|summary| staging.publish().map(|()| summary));
+        .and_then(|summary| Ok((summary, state::identity(staging.path())?)))
+        .and_then(|written| staging.publish().map(|()| written));
     if result.is_err() {
         if let Some(dirty) = dirty {
             handle.return_dirty_pages(dirty);
@@ -248,8 +256,9 @@ impl Drop for Staging {
 }
 
 /// How the diff to be written at `dir` (which does not exist yet) refers to `parent`: the
-/// path from `dir` to `parent`, both canonical, and the parent's identity.
-fn parent_ref(dir: &Path, parent: &Path) -> Result<ParentRef, SnapshotError> {
+/// path from `dir` to `parent`, both canonical, and the parent's identity, which must still
+/// be the one it was written with.
+fn parent_ref(dir: &Path, parent: &SnapshotRef) -> Result<ParentRef, SnapshotError> {
     let name = dir.file_name().ok_or_else(|| {
         SnapshotError::Usage(format!("{} is not a directory name", dir.display()))
     })?;
@@ -257,10 +266,18 @@ fn parent_ref(dir: &Path, parent: &Path) -> Result<ParentRef, SnapshotError> {
     let from = std::fs::canonicalize(holder)
         .map_err(SnapshotError::io(holder))?
         .join(name);
-    let to = std::fs::canonicalize(parent).map_err(SnapshotError::io(parent))?;
+    let to = std::fs::canonicalize(&parent.dir).map_err(SnapshotError::io(&parent.dir))?;
+    let found = state::identity(&to)?;
+    if found != parent.identity {
+        return Err(SnapshotError::ParentReplaced {
+            parent: parent.dir.clone(),
+            expected: parent.identity.clone(),
+            found,
+        });
+    }
     Ok(ParentRef {
         path: state::relative_path(&from, &to),
-        identity: state::identity(&to)?,
+        identity: found,
     })
 }
 
@@ -527,13 +544,35 @@ mod tests {
         let base = tmp.path().join("base");
         write_full(&base).unwrap();
         let diffs = tmp.subdir("diffs");
-        let parent = parent_ref(&diffs.join("d1"), &base).unwrap();
+        let taken = |dir: PathBuf| SnapshotRef {
+            identity: state::identity(&base).unwrap(),
+            dir,
+        };
+        let parent = parent_ref(&diffs.join("d1"), &taken(base.clone())).unwrap();
         assert_eq!(parent.path, Path::new("../../base"));
         assert_eq!(parent.identity, state::identity(&base).unwrap());
-        let sibling = parent_ref(&tmp.path().join("d1"), &diffs.join("..").join("base")).unwrap();
+        let sibling = parent_ref(
+            &tmp.path().join("d1"),
+            &taken(diffs.join("..").join("base")),
+        )
+        .unwrap();
         assert_eq!(sibling.path, Path::new("../base"));
-        match parent_ref(&tmp.path().join("d2"), &tmp.path().join("gone")) {
+        match parent_ref(&tmp.path().join("d2"), &taken(tmp.path().join("gone"))) {
             Err(SnapshotError::Io { path, .. }) => assert_eq!(path, tmp.path().join("gone")),
+            other => panic!("{other:?}"),
+        }
+        // Another snapshot put where the one taken was: no diff is layered on it.
+        let replaced = SnapshotRef {
+            identity: "0-0-0-0".into(),
+            dir: base.clone(),
+        };
+        match parent_ref(&diffs.join("d3"), &replaced) {
+            Err(SnapshotError::ParentReplaced { parent, found, .. }) => {
+                assert_eq!(
+                    (parent, found),
+                    (base.clone(), state::identity(&base).unwrap())
+                )
+            }
             other => panic!("{other:?}"),
         }
     }

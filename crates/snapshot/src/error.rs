@@ -122,6 +122,20 @@ pub enum SnapshotError {
         /// The identity of what is there now.
         found: String,
     },
+    /// The snapshot a new diff would be taken on is no longer the one this VM took there.
+    #[error(
+        "{parent} is no longer the snapshot this VM took there (it was replaced or changed \
+         since: its identity is {found}, the snapshot taken was {expected}), so no diff can be \
+         layered on it: take a full snapshot"
+    )]
+    ParentReplaced {
+        /// The directory of the snapshot the diff would be taken on.
+        parent: PathBuf,
+        /// Its identity when this VM wrote it.
+        expected: String,
+        /// The identity of what is there now.
+        found: String,
+    },
     /// A diff's parent directory cannot be found (or opened).
     #[error(
         "{parent}, the parent of the diff {child}, cannot be opened, so the chain cannot be \
@@ -166,8 +180,12 @@ pub enum SnapshotError {
 impl SnapshotError {
     /// Whether the caller asked for something that cannot be done (rather than a failure).
     pub fn is_usage(&self) -> bool {
-        matches!(self, SnapshotError::Usage(_) | SnapshotError::Exists(_))
-            || matches!(self, SnapshotError::Vm(vmm::VmError::DirtyTrackingOff))
+        matches!(
+            self,
+            SnapshotError::Usage(_)
+                | SnapshotError::Exists(_)
+                | SnapshotError::ParentReplaced { .. }
+        ) || matches!(self, SnapshotError::Vm(vmm::VmError::DirtyTrackingOff))
     }
 
     /// Wraps an I/O error with the file it concerns (`.map_err(SnapshotError::io(path))`).

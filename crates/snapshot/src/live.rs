@@ -353,9 +353,10 @@ pub fn create_live(
         .and_then(|()| saver.take_failure().map_or(Ok(()), Err))
         .and_then(|()| image.finish())
         .and_then(|memory| state::write(staging.path(), &state).map(|()| memory))
-        .and_then(|memory| staging.publish().map(|()| memory));
-    let memory = match result {
-        Ok(memory) => memory,
+        .and_then(|memory| Ok((memory, state::identity(staging.path())?)))
+        .and_then(|written| staging.publish().map(|()| written));
+    let (memory, identity) = match result {
+        Ok(written) => written,
         Err(error) => {
             image.abandon();
             if let Some(dirty) = dirty {
@@ -367,7 +368,11 @@ pub fn create_live(
     Ok(CreateSummary {
         dir: options.dir.clone(),
         kind: state.memory,
-        parent: options.diff_parent.clone(),
+        parent: options
+            .diff_parent
+            .as_ref()
+            .map(|parent| parent.dir.clone()),
+        identity,
         vcpus: usize::from(handle.vcpu_count()),
         memory,
         paused_ms,

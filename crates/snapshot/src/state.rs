@@ -351,6 +351,15 @@ fn resolve_parent(child: &Path, parent: &ParentRef) -> Result<PathBuf, SnapshotE
     Ok(dir)
 }
 
+/// A snapshot this process took: its directory, and its [`identity`] when it was written, so
+/// that a diff taken on it later is layered on that snapshot, never on another that took its
+/// place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRef {
+    pub dir: PathBuf,
+    pub identity: String,
+}
+
 /// The identity of the snapshot in `dir`: what a diff records of its parent, so that a
 /// restore can tell that the parent is still the snapshot the diff was taken on. It digests
 /// the two files that describe the snapshot and never change after it is written, `state`

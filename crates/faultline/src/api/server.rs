@@ -21,7 +21,7 @@ use pager::PagerHandle;
 use serde::Deserialize;
 use serde_json::json;
 use snapshot::create::{CreateOptions, MemoryBacking};
-use snapshot::state::GuestInfo;
+use snapshot::state::{GuestInfo, SnapshotRef};
 use vmm::control::PauseError;
 use vmm::tracking::TrackError;
 use vmm::{VmError, VmHandle};
@@ -78,7 +78,7 @@ pub struct Controller {
     /// The last snapshot this process wrote: the parent of the next diff snapshot. Only ever
     /// held for a read or a write of the value, never across a snapshot, so `GET /vm/stats`
     /// does not wait for one.
-    last_snapshot: Mutex<Option<PathBuf>>,
+    last_snapshot: Mutex<Option<SnapshotRef>>,
     /// Held while an operation that changes the VM (pause, resume, snapshot) runs. A second
     /// one is refused with 409 rather than queued; reads and shutdown never take it.
     operation: Mutex<()>,
@@ -270,9 +270,9 @@ impl Controller {
         }
     }
 
-    /// Makes `dir` the parent of the next diff snapshot (a VM restored from it).
-    pub fn set_last_snapshot(&self, dir: Option<PathBuf>) {
-        *lock(&self.last_snapshot) = dir;
+    /// Makes `snapshot` the parent of the next diff snapshot.
+    fn set_last_snapshot(&self, snapshot: Option<SnapshotRef>) {
+        *lock(&self.last_snapshot) = snapshot;
     }
 
     /// Runs `operation`, which changes the VM, unless another one runs (409).
@@ -323,7 +323,7 @@ impl Controller {
     fn stats(&self) -> serde_json::Value {
         let mut info = self.info();
         info["pager"] = json!(self.pager.as_ref().map(PagerHandle::stats));
-        info["last_snapshot"] = json!(*lock(&self.last_snapshot));
+        info["last_snapshot"] = json!(lock(&self.last_snapshot).as_ref().map(|last| &last.dir));
         info["ram_resident_bytes"] = match self.ram_resident_bytes() {
             Ok(bytes) => json!(bytes),
             Err(e) => json!({ "error": e.to_string() }),
@@ -444,7 +444,10 @@ impl Controller {
                     refused(fatal)
                 }
                 None => {
-                    self.set_last_snapshot(Some(summary.dir.clone()));
+                    self.set_last_snapshot(Some(SnapshotRef {
+                        dir: summary.dir.clone(),
+                        identity: summary.identity.clone(),
+                    }));
                     Response::ok(json!(summary))
                 }
             },
