@@ -1555,6 +1555,22 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
     assert_eq!(migration["status"], "postcopy-paused", "{migration}");
     let paused = wait_for_migration_status(destination_sock, "postcopy-paused");
     assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
+    // Pages still on the source are not in its memory: no snapshot of it, regular or live.
+    let early = destination_sock.with_file_name("early-snapshot");
+    for live in [false, true] {
+        let (status, refusal) = api(
+            destination_sock,
+            "PUT",
+            "/snapshot/create",
+            Some(serde_json::json!({"dir": early, "live": live})),
+        );
+        assert_eq!(status, 409, "live {live}: {refusal}");
+        assert!(
+            refusal["error"].as_str().unwrap().contains("postcopy-paused"),
+            "{refusal}"
+        );
+        assert!(!early.exists());
+    }
 }
 
 /// A `mix` run held after two passes: every page of its range written, and nothing more

@@ -265,17 +265,18 @@ impl Migrations {
         }
     }
 
-    /// Why a live snapshot cannot be taken now, if so: pages still on an incoming
-    /// migration's source would be read from it while it streams them.
-    pub fn refuse_live_snapshot(&self) -> Option<Response> {
+    /// Why a snapshot cannot be taken now, if so: pages still on an incoming migration's
+    /// source are not in guest RAM (a regular snapshot would save them as zeros), and the
+    /// source may be unreachable until the migration is recovered.
+    pub fn refuse_snapshot(&self) -> Option<Response> {
         let incoming = self.incoming.as_ref()?;
         let phase = incoming.phase();
         (phase != crate::migration::incoming::Phase::Completed).then(|| {
             Response::error(
                 409,
                 format!(
-                    "the migration that brought the VM here is {}: a live snapshot waits until \
-                     all its memory is here (a regular snapshot does not)",
+                    "the migration that brought the VM here is {}: a snapshot waits until all \
+                     its memory is here",
                     phase.name()
                 ),
             )

@@ -428,10 +428,10 @@ impl Controller {
                 MemoryBacking::Resident
             },
         };
+        if let Some(refusal) = self.migrations.refuse_snapshot() {
+            return refusal;
+        }
         let taken = if request.live {
-            if let Some(refusal) = self.migrations.refuse_live_snapshot() {
-                return refusal;
-            }
             snapshot::live::create_live(&self.handle, self.pager.as_ref(), &options)
         } else {
             snapshot::create::create(&self.handle, &options)
