@@ -1566,7 +1566,10 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
         );
         assert_eq!(status, 409, "live {live}: {refusal}");
         assert!(
-            refusal["error"].as_str().unwrap().contains("postcopy-paused"),
+            refusal["error"]
+                .as_str()
+                .unwrap()
+                .contains("postcopy-paused"),
             "{refusal}"
         );
         assert!(!early.exists());

@@ -835,6 +835,14 @@ impl Shared {
         };
         let region = &self.regions[index];
         let page = region.page_of(address);
+        if region.present.get(page) && region.is_resident(page) {
+            // Read in a batch before another thread installed the page (a stream, a
+            // prefetch), and over: its thread is woken, and nothing is fetched again (after a
+            // migration there is no source left to fetch it from).
+            Counters::add(&self.counters.faults_joined, 1);
+            let _ = self.uffd.wake(region.addr_of(page), region.page_size);
+            return;
+        }
         let readahead = self.config.readahead_pages.max(1);
         self.make_room(readahead as u64);
         let count = self.claim_fault(region, page, readahead);

@@ -94,27 +94,38 @@ impl Region {
     /// that they are never fetched: `mincore` reports page-cache residency for shared file
     /// mappings and populated pages for anonymous ones.
     pub(crate) fn mark_resident(&self) -> std::io::Result<usize> {
-        let mut vec = vec![0u8; self.pages()];
-        // SAFETY: `start`/`len` describe a live mapping the caller registered; `vec` has one
-        // byte per page of it, as mincore requires.
-        let ret = unsafe {
-            libc::mincore(
-                self.start as *mut libc::c_void,
-                self.len as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        if ret != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
         let mut resident = 0;
-        for (page, byte) in vec.iter().enumerate() {
+        for (page, byte) in self.residency(0, self.pages())?.iter().enumerate() {
             if byte & 1 != 0 {
                 self.present.set(page);
                 resident += 1;
             }
         }
         Ok(resident)
+    }
+
+    /// Whether the kernel has page `page` (as [`mark_resident`](Self::mark_resident) reads
+    /// it): a missing fault for it is then over already. `false` if that cannot be told.
+    pub(crate) fn is_resident(&self, page: usize) -> bool {
+        page < self.pages() && self.residency(page, 1).is_ok_and(|vec| vec[0] & 1 != 0)
+    }
+
+    /// `mincore`'s answer for `count` pages from `first`, which must lie in the region.
+    fn residency(&self, first: usize, count: usize) -> std::io::Result<Vec<u8>> {
+        let mut vec = vec![0u8; count];
+        // SAFETY: the range lies in the live mapping the caller registered; `vec` has one
+        // byte per page of it, as mincore requires.
+        let ret = unsafe {
+            libc::mincore(
+                self.addr_of(first) as *mut libc::c_void,
+                count * self.page_size as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(vec)
     }
 
     pub(crate) fn stats(&self) -> RegionStats {

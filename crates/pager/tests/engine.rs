@@ -180,10 +180,10 @@ fn concurrent_random_faults_get_every_page_right_once() {
     assert!(stats.faults_other >= PAGES as u64 - stats.faults_joined);
 }
 
-/// A source that blocks fetches of one page until released, and counts fetches per page.
+/// A source that blocks fetches of some pages until released, and counts fetches per page.
 struct GatedSource {
     inner: MemorySource,
-    gated_page: usize,
+    gated: Vec<usize>,
     gate: Arc<Barrier>,
     fetches: Mutex<Vec<usize>>,
 }
@@ -198,7 +198,7 @@ impl PageSource for GatedSource {
             .lock()
             .unwrap()
             .extend(first..first + buf.len() / PAGE);
-        if (first..first + buf.len() / PAGE).contains(&self.gated_page) {
+        if (first..first + buf.len() / PAGE).any(|page| self.gated.contains(&page)) {
             self.gate.wait();
         }
         self.inner.fetch(offset, buf)
@@ -218,7 +218,7 @@ fn held_background_fetch(
     let shm = Shm::new(pages);
     let source = Arc::new(GatedSource {
         inner: MemorySource::new(pattern(pages)),
-        gated_page,
+        gated: vec![gated_page],
         gate: Arc::new(Barrier::new(2)),
         fetches: Mutex::new(Vec::new()),
     });
@@ -263,6 +263,78 @@ fn a_fault_on_a_page_in_flight_joins_it() {
     );
     assert_eq!(stats.pages_installed_background, 1);
     assert_eq!(stats.pages_installed_urgent, 0);
+}
+
+/// The kernel function thread `tid` of this process sleeps in.
+fn wchan(tid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")).unwrap_or_default()
+}
+
+/// Reads 8 bytes at `addr` on a new thread; returns it once the thread sleeps in its missing
+/// fault (its event is queued on the userfaultfd).
+fn toucher_in_fault(addr: u64) -> std::thread::JoinHandle<u64> {
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let toucher = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        read_u64(addr)
+    });
+    let tid = tid_rx.recv().unwrap();
+    wait_until("the toucher to sleep in its fault", || {
+        wchan(tid).contains("userfault")
+    });
+    toucher
+}
+
+#[test]
+fn a_fault_read_before_another_thread_installed_its_page_is_only_woken() {
+    const PAGES: usize = 16;
+    let (g, a, x) = (1, 3, 9);
+    let Some(mut builder) = builder(unpredicted()) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let source = Arc::new(GatedSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        gated: vec![g, a],
+        gate: Arc::new(Barrier::new(2)),
+        fetches: Mutex::new(Vec::new()),
+    });
+    serve(
+        &mut builder,
+        &shm,
+        Arc::clone(&source) as Arc<dyn PageSource>,
+    );
+    let pager = builder.start().unwrap();
+    let fetched = |page| source.fetches.lock().unwrap().contains(&page);
+    // The one fault thread is held in page g's fetch while pages a and x are faulted: it
+    // then reads both events in one batch, and is held again in page a's fetch.
+    let toucher_g = std::thread::spawn({
+        let addr = shm.page(g);
+        move || read_u64(addr)
+    });
+    wait_until("page g's fetch", || fetched(g));
+    let toucher_a = toucher_in_fault(shm.page(a));
+    let toucher_x = toucher_in_fault(shm.page(x));
+    source.gate.wait();
+    wait_until("page a's fetch", || fetched(a));
+    // Meanwhile page x is installed by another thread (as a migration stream does), which
+    // wakes its toucher; x's event, read already, is still to be served.
+    let bytes = pattern(PAGES)[x * PAGE..(x + 1) * PAGE].to_vec();
+    assert_eq!(pager.install_pages(0, x, &bytes).unwrap(), 1);
+    assert_eq!(toucher_x.join().unwrap(), x as u64 * 0x1_0001 + 7);
+    source.gate.wait();
+    assert_eq!(toucher_a.join().unwrap(), a as u64 * 0x1_0001 + 7);
+    assert_eq!(toucher_g.join().unwrap(), g as u64 * 0x1_0001 + 7);
+    let handle = pager.handle();
+    wait_until("page x's event to be served", || {
+        handle.stats().faults_joined == 1 || fetched(x)
+    });
+    assert!(
+        !fetched(x),
+        "a page the kernel has is fetched again for a fault that is over"
+    );
+    pager.shutdown();
 }
 
 #[test]
