@@ -663,6 +663,12 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             names.join(", ")
         );
     };
+    // Bound first: a socket path that cannot be used is refused before RAM is allocated.
+    let api_socket = args
+        .api_sock
+        .as_deref()
+        .map(BoundSocket::bind)
+        .transpose()?;
     let mem = args.mem.unwrap_or(64 << 20);
     let range = match args.range_pages {
         None => None,
@@ -731,20 +737,20 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             vm.arg
         );
     }
-    let api = match &args.api_sock {
-        Some(path) => {
+    let api = match (api_socket, &args.api_sock) {
+        (Some(socket), Some(path)) => {
             let controller = Controller::new(
                 vm.vm.handle(),
                 vm.pager.as_ref().map(|p| p.handle()),
                 Some(vm.guest_info()),
             );
-            let api = start_api(path, controller, args.json)?;
+            // Before the API serves: a resume that comes at once is never refused.
             if args.paused {
                 start_paused(&vm.vm.control(), path, args.json);
             }
-            Some(api)
+            Some(start_api(socket, path, controller, args.json)?)
         }
-        None => None,
+        _ => None,
     };
     let report = vm.run();
     // The guest's memory goes with this process: tracking ends, and event streams hear of it
@@ -760,12 +766,13 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
 
 /// Serves the control API on `path` for the VM behind `controller`.
 fn start_api(
+    socket: BoundSocket,
     path: &std::path::Path,
     controller: Controller,
     json: bool,
 ) -> anyhow::Result<(ApiServer, std::sync::Arc<Controller>)> {
     let controller = std::sync::Arc::new(controller);
-    let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
+    let server = ApiServer::serve(socket, std::sync::Arc::clone(&controller))?;
     if !json {
         println!("faultline: API on {}", path.display());
     }
@@ -872,6 +879,12 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
     if args.readahead == 0 {
         bail!("--readahead must be at least 1 (1 turns read-ahead off)");
     }
+    // Bound first: a socket path that cannot be used is refused before the snapshot is read.
+    let api_socket = args
+        .api_sock
+        .as_deref()
+        .map(BoundSocket::bind)
+        .transpose()?;
     let mut options = RestoreOptions {
         dir: args.snapshot.clone(),
         mode: args.memory,
@@ -902,20 +915,20 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             restored.timings.pages_loaded
         );
     }
-    let api = match &args.api_sock {
-        Some(path) => {
+    let api = match (api_socket, &args.api_sock) {
+        (Some(socket), Some(path)) => {
             let controller = Controller::new(
                 restored.vm.handle(),
                 restored.pager.as_ref().map(|p| p.handle()),
                 restored.state.guest.clone(),
             );
-            let api = start_api(path, controller, args.json)?;
+            // Before the API serves: a resume that comes at once is never refused.
             if args.paused {
                 start_paused(&restored.vm.control(), path, args.json);
             }
-            Some(api)
+            Some(start_api(socket, path, controller, args.json)?)
         }
-        None => None,
+        _ => None,
     };
     let result = match restored.guest_run() {
         Some(run) => {
@@ -1305,12 +1318,13 @@ fn receive_migration(
                 Controller::new(arrived.vm.handle(), None, guest.clone())
                     .arrived(std::sync::Arc::clone(&arrived.incoming)),
             );
+            // Before the API serves: a resume that comes at once is never refused.
+            if arrival.paused {
+                start_paused(&arrived.vm.control(), path, json);
+            }
             let server = ApiServer::serve(bound, std::sync::Arc::clone(&controller))?;
             if !json {
                 println!("faultline: API on {}", path.display());
-            }
-            if arrival.paused {
-                start_paused(&arrived.vm.control(), path, json);
             }
             Some((server, controller))
         }

@@ -306,4 +306,7 @@ fn a_regular_file_at_the_socket_path_is_left_alone() {
         contents,
         "the file is untouched"
     );
+    // Refused before anything was built: no VM was announced.
+    let stdout = std::fs::read_to_string(tmp.join("stdout")).unwrap();
+    assert!(!stdout.contains("faultline: guest"), "{stdout}");
 }

@@ -213,9 +213,10 @@ impl RunControl {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.started.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.stop.store(false, Ordering::SeqCst);
+        // Under the lock a resume takes: one that came before the run began is not undone.
+        let mut threads = self.threads();
         let paused = self.start_paused.swap(false, Ordering::SeqCst);
         self.pause.store(paused, Ordering::SeqCst);
-        let mut threads = self.threads();
         threads.vcpus = vcpus;
         threads.finished.clear();
         threads.parked.clear();
@@ -227,8 +228,10 @@ impl RunControl {
     /// Makes the next run start paused: each vCPU parks, with its state saved, before its
     /// first instruction, and the VM is paused (as [`pause`](Self::pause) leaves it) until
     /// [`resume`](Self::resume). Whatever must be in place before the guest runs can be set up
-    /// meanwhile.
+    /// meanwhile. A resume that comes before the run begins takes this back: the run starts
+    /// running.
     pub fn set_start_paused(&self, paused: bool) {
+        let _threads = self.threads();
         self.start_paused.store(paused, Ordering::SeqCst);
     }
 
@@ -462,7 +465,11 @@ impl RunControl {
     pub fn resume(&self) -> Result<(), PauseError> {
         let mut threads = self.threads();
         if !threads.paused {
-            return Err(PauseError::NotPaused);
+            // A run set to start paused that has not begun yet starts running instead.
+            return match self.start_paused.swap(false, Ordering::SeqCst) {
+                true => Ok(()),
+                false => Err(PauseError::NotPaused),
+            };
         }
         if self.runs_elsewhere() {
             return Err(PauseError::RunsElsewhere);
@@ -477,6 +484,23 @@ impl RunControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resume_before_a_paused_start_begins_lets_the_run_start_running() {
+        let control = RunControl::default();
+        control.set_start_paused(true);
+        assert!(control.resume().is_ok());
+        control.begin_run(1);
+        assert!(!control.pause_requested());
+        assert!(matches!(control.resume(), Err(PauseError::NotPaused)));
+
+        // Without a resume, the run starts paused and waits for one.
+        control.set_start_paused(true);
+        control.begin_run(1);
+        assert!(control.pause_requested());
+        assert!(control.resume().is_ok());
+        assert!(!control.pause_requested());
+    }
 
     #[test]
     fn first_reason_wins() {
