@@ -77,16 +77,17 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// initramfs for the kernel.
-    #[arg(long, value_name = "PATH", requires = "kernel")]
+    #[arg(long, value_name = "PATH", conflicts_with = "guest")]
     initrd: Option<PathBuf>,
     /// Kernel command line [default: serial console, reboot through the i8042, no ACPI].
-    #[arg(long, value_name = "STRING", requires = "kernel")]
+    #[arg(long, value_name = "STRING", conflicts_with = "guest")]
     cmdline: Option<String>,
     /// Guest RAM, e.g. 64M or 1G [default: 64M for micro-guests, 256M for Linux].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     mem: Option<u64>,
-    /// Number of vCPUs. A micro-guest's work range is split between them.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    /// Number of vCPUs, 1 to 32. A micro-guest's work range is split between them.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(vmm::vm::MAX_VCPUS)))]
     cpus: u8,
     /// The micro-guest's argument (a seed, a pass count...; see `faultline guests`).
     #[arg(long, value_name = "N", value_parser = parse_u64, conflicts_with = "kernel")]
@@ -98,8 +99,8 @@ struct RunArgs {
     /// instruction-emulating KVM hosts cannot run.
     #[arg(long, value_name = "LIST")]
     cpuid_mask: Option<String>,
-    /// Stop the guest after this many seconds.
-    #[arg(long, value_name = "SECS")]
+    /// Linux guests: stop the guest after this many seconds.
+    #[arg(long, value_name = "SECS", conflicts_with = "guest")]
     timeout: Option<u64>,
     /// Serve guest RAM lazily through the pager (userfaultfd): "zero", or "file:PATH" for a raw
     /// image of guest RAM. What the loader wrote at start stays resident; the rest is fetched
@@ -138,8 +139,9 @@ struct RunArgs {
     /// Log guest writes (KVM dirty log), so that snapshots after the first can be diffs.
     #[arg(long, conflicts_with = "kernel")]
     track_dirty: bool,
-    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two,
-    /// e.g. 4096) instead of the dirty bitmap; implies --track-dirty.
+    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two
+    /// from 256, or 1024 on hosts with Intel PML, to 65536; e.g. 4096) instead of the dirty
+    /// bitmap; implies --track-dirty.
     #[arg(long, value_name = "ENTRIES", conflicts_with = "kernel")]
     dirty_ring: Option<u32>,
     /// Limit the micro-guest's work range to its first N pages.
@@ -211,8 +213,9 @@ struct RestoreArgs {
     /// Log guest writes, so that a snapshot of the restored VM can be a diff on this one.
     #[arg(long)]
     track_dirty: bool,
-    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two,
-    /// e.g. 4096) instead of the dirty bitmap; implies --track-dirty.
+    /// Log guest writes through KVM's per-vCPU dirty ring of ENTRIES entries (a power of two
+    /// from 256, or 1024 on hosts with Intel PML, to 65536; e.g. 4096) instead of the dirty
+    /// bitmap; implies --track-dirty.
     #[arg(long, value_name = "ENTRIES")]
     dirty_ring: Option<u32>,
     /// Track the pages the snapshot's VM tracked (`faultline track`), as many times each.
@@ -250,6 +253,7 @@ enum SnapshotCommand {
     /// to record its state and write-protect its memory, and runs on while the pages are
     /// written.
     Create {
+        /// The control API socket of the VM to snapshot (its --api-sock).
         #[arg(long, value_name = "PATH")]
         api_sock: PathBuf,
         /// The new snapshot's directory (must not exist).
@@ -381,8 +385,10 @@ enum MigrateCommand {
     /// Wait on --listen for one migration, then run the VM that arrives to the end, like
     /// `restore` (micro-guest reports and memory checks included).
     Receive {
-        /// Where to listen, HOST:PORT (port 0: any free port, printed). The channel is not
-        /// authenticated or encrypted: listen on loopback or a private network only.
+        /// Where to listen, HOST:PORT (port 0: any free port, printed). Without --tls-dir the
+        /// channel is neither authenticated nor encrypted: listen on loopback or a private
+        /// network only. A source silent for 60 s (120 s at the switch-over) counts as
+        /// stalled; FAULTLINE_PEER_TIMEOUT_S=N sets those bounds to N seconds.
         #[arg(long, value_name = "HOST:PORT")]
         listen: String,
         /// Serve the control API on this Unix socket once the VM runs.
@@ -397,8 +403,8 @@ enum MigrateCommand {
         #[arg(long, requires = "api_sock")]
         paused: bool,
         /// Micro-guests: vCPUs wait at hold point N (a pass count) until told otherwise
-        /// through the API (`PUT /vm/hold`).
-        #[arg(long, value_name = "N")]
+        /// through the API (`PUT /vm/hold`; needs --api-sock).
+        #[arg(long, value_name = "N", requires = "api_sock")]
         hold_at: Option<u32>,
         /// Check the guest's memory as it arrives, before it runs: the `counter` micro-guest's
         /// pages must show one pass count, or two at one edge (a page that missed a write
@@ -968,15 +974,31 @@ fn api_call(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> anyhow::Result<Option<serde_json::Value>> {
-    // A snapshot or a migration takes as long as its guest's memory does (a migration capped
-    // at 1 MiB/s, hours): it is waited for to its end, which the VMM always answers (its own
-    // waits on a peer are bounded). Everything else answers at once.
-    let timeout = if path.starts_with("/snapshot") || path == "/migration/send" {
-        None
-    } else {
-        Some(Duration::from_secs(30))
-    };
-    let (status, answer) = http::call(socket, method, path, body, timeout)?;
+    // A snapshot, a swap-out or a migration takes as long as its guest's memory does (a
+    // migration capped at 1 MiB/s, hours): it is waited for to its end, which the VMM always
+    // answers (its own waits on a peer are bounded). Everything else answers at once.
+    const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+    let timeout =
+        if path.starts_with("/snapshot") || path == "/migration/send" || path == "/vm/swap/out" {
+            None
+        } else {
+            Some(ANSWER_WITHIN)
+        };
+    let (status, answer) =
+        http::call(socket, method, path, body, timeout).map_err(|e| match &e {
+            http::HttpError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                anyhow::Error::new(e).context(format!(
+                    "the VMM did not answer {method} {path} within {} s (it may still be doing it)",
+                    ANSWER_WITHIN.as_secs()
+                ))
+            }
+            _ => e.into(),
+        })?;
     if !(200..300).contains(&status) {
         return Err(refusal(method, path, status, answer.as_ref()));
     }

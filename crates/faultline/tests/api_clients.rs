@@ -157,6 +157,10 @@ fn idle_and_stalled_clients_do_not_delay_others() {
     let sock = tmp.join("api.sock");
     let mut faultline = Faultline::run_forever(&sock, &tmp);
     faultline.wait_running(&sock);
+    // Only this user may connect, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
     let idle = idle_connections(&sock, 200);
     let mut stalled = UnixStream::connect(&sock).unwrap();

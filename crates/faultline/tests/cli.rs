@@ -63,6 +63,34 @@ fn bad_input_is_named() {
             "unknown CPU feature \"warp\"",
         ),
         (&["run"], "required"),
+        // Options of one kind of guest are refused for the other, not ignored.
+        (
+            &["run", "--guest", "hello", "--timeout", "3"],
+            "'--guest <NAME>' cannot be used with '--timeout <SECS>'",
+        ),
+        (
+            &["run", "--guest", "hello", "--initrd", "/x"],
+            "'--guest <NAME>' cannot be used with '--initrd <PATH>'",
+        ),
+        (
+            &["run", "--guest", "hello", "--cpus", "33"],
+            "33 is not in 1..=32",
+        ),
+        (
+            &["run", "--guest", "hello", "--cpus", "0"],
+            "0 is not in 1..=32",
+        ),
+        (
+            &[
+                "migrate",
+                "receive",
+                "--listen",
+                "127.0.0.1:0",
+                "--hold-at",
+                "2",
+            ],
+            "--api-sock",
+        ),
         (
             &[
                 "migrate",

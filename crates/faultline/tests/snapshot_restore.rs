@@ -662,6 +662,8 @@ fn api_errors_are_clear() {
     assert_eq!(status, 404);
     let (status, _) = api(&sock, "DELETE", "/vm/pause", None);
     assert_eq!(status, 405);
+    let (status, _) = api(&sock, "GET", "/vm/swap/out", None);
+    assert_eq!(status, 405);
     let (status, body) = api(
         &sock,
         "PUT",

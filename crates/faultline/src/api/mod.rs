@@ -10,7 +10,9 @@
 //! | PUT | /vm/resume | | 204; 409 if not paused |
 //! | PUT | /vm/shutdown | `{"force": BOOL}` (optional) | 204; the VMM stops the VM and exits. 409 while an outgoing migration past its switch-over runs or is paused here (its destination may need this side), unless `force` |
 //! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
-//! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff"}` | what was written |
+//! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff", "live": BOOL}` | what was written; 409 on a post-copy destination until its migration completes |
+//! | PUT | /vm/swap/out | `{"keep": BYTES}` | what was moved to the swap file; 409 without one |
+//! | PUT | /vm/swap/in | | 204: every swapped page comes back; 409 without a swap file |
 //! | PUT | /track | `{"gpa": N, "len": N, "mode": "write"\|"access"}` | 204; one more user tracks those frames |
 //! | DELETE | /track | the same | 204; one user fewer; 409 if a frame is not tracked so |
 //! | GET | /track | | the tracked ranges (with user counts) and how the dirty log is kept |
@@ -26,8 +28,9 @@
 //! bounded queue of 65536 events: a slow reader never stalls the guest; what it had no room
 //! for is reported as `{"event": "lost", "count": N}`.
 //!
-//! Pause, resume and snapshot change the VM and run one at a time: while one runs, another
-//! is answered 409 ("another operation is in progress"), not queued. `GET /vm`,
+//! Pause, resume, snapshot, swap, tracking changes and a migration's send (and the cancel of a
+//! paused one) change the VM and run one at a time: while one runs, another is answered 409
+//! ("another operation is in progress"), not queued. `GET /vm`,
 //! `GET /vm/stats` and `PUT /vm/shutdown` never wait for them. Any request is answered 400 if
 //! it is malformed, 408 if it has not arrived in full (head and body) within
 //! [`REQUEST_DEADLINE`] (5 s) of connecting, and 503 when [`MAX_CONNECTIONS`] (256)

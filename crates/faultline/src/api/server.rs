@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Read};
 use std::net::Shutdown;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -561,6 +561,7 @@ impl Controller {
                 "dirty_log": dirty_log_name(self.handle.memory().dirty_mode()),
             })),
             (_, "/vm" | "/vm/stats" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/hold")
+            | (_, "/vm/swap/out" | "/vm/swap/in")
             | (_, "/snapshot/create" | "/track" | "/track/events")
             | (_, "/migration" | "/migration/send" | "/migration/switchover")
             | (_, "/migration/recover" | "/migration/cancel") => Response::error(
@@ -848,11 +849,21 @@ impl BoundSocket {
             path: path.into(),
             source,
         })?;
-        Ok(BoundSocket {
+        // Whoever can connect can pause the VM, write snapshots anywhere this process may, or
+        // send its memory to any host: only this user, whatever the umask (nothing is
+        // accepted before this).
+        let socket = BoundSocket {
             path: path.into(),
             identity: socket_identity(path),
             listener: Some(listener),
-        })
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| ApiError::Bind {
+                path: path.into(),
+                source,
+            },
+        )?;
+        Ok(socket)
     }
 }
 
