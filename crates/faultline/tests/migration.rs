@@ -1544,6 +1544,16 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
         status, 409,
         "the source must not run a VM its destination runs: {refusal}"
     );
+    // Nor snapshot it: restored, the snapshot would be a second copy of the VM.
+    let stale = source_sock.with_file_name("stale-snapshot");
+    let (status, refusal) = api(
+        source_sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({ "dir": stale })),
+    );
+    assert_eq!(status, 409, "{refusal}");
+    assert!(!stale.exists());
     let out = faultline(&[
         "migrate",
         "status",
@@ -1622,6 +1632,16 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
             at = recover(&dsock);
             assert_ne!(first, at);
             let deadline = Instant::now() + Duration::from_secs(30);
+            // The attempt on the first listener gives up, saying why.
+            loop {
+                let (_, status) = api(&dsock, "GET", "/migration", None);
+                let why = status["why"].as_str().unwrap_or_default();
+                if why.contains("a later `migrate recover` replaced this listener") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{status}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
             while std::net::TcpStream::connect(&first).is_ok() {
                 assert!(Instant::now() < deadline, "the first listener stays open");
                 std::thread::sleep(Duration::from_millis(10));

@@ -431,6 +431,13 @@ impl Controller {
         if let Some(refusal) = self.migrations.refuse_snapshot() {
             return refusal;
         }
+        if self.handle.control().runs_elsewhere() {
+            return Response::error(
+                409,
+                "the VM may run on the destination of its migration: a snapshot of this copy \
+                 would be a second, stale one",
+            );
+        }
         let taken = if request.live {
             snapshot::live::create_live(&self.handle, self.pager.as_ref(), &options)
         } else {

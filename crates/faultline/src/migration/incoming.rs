@@ -295,9 +295,16 @@ impl Incoming {
     }
 
     /// Whether `generation` is still the offer to wait on (not replaced, VM not shut down).
-    pub(super) fn offer_stands(&self, generation: u64) -> bool {
+    /// Why the recovery offer `generation` no longer stands, if so.
+    pub(super) fn offer_withdrawn(&self, generation: u64) -> Option<&'static str> {
         let state = lock(&self.state);
-        !state.abandoned && state.generation == generation
+        if state.abandoned {
+            Some("the VM was shut down")
+        } else if state.generation != generation {
+            Some("a later `migrate recover` replaced this listener")
+        } else {
+            None
+        }
     }
 
     /// The source reconnected and asked to resume.

@@ -33,11 +33,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// page to be in.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts one connection on `listener`, until `deadline` (if any) or until `give_up` says so.
+/// Accepts one connection on `listener`, until `deadline` (if any) or until `give_up` gives a
+/// reason to stop waiting.
 fn accept_until(
     listener: &TcpListener,
     deadline: Option<Instant>,
-    give_up: &dyn Fn() -> bool,
+    give_up: &dyn Fn() -> Option<&'static str>,
 ) -> anyhow::Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let accepted = loop {
@@ -47,8 +48,8 @@ fn accept_until(
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break Err(anyhow::anyhow!("no connection came in time"));
                 }
-                if give_up() {
-                    break Err(anyhow::anyhow!("the VM was shut down"));
+                if let Some(why) = give_up() {
+                    break Err(anyhow::anyhow!(why));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -69,7 +70,7 @@ fn accept_link(
     tls: Option<&Tls>,
     ours: &VmIdentity,
     deadline: Option<Instant>,
-    give_up: &dyn Fn() -> bool,
+    give_up: &dyn Fn() -> Option<&'static str>,
 ) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
     let stream = accept_until(listener, deadline, give_up)?;
     let channel = super::channel::open(stream, tls, "")?;
@@ -354,7 +355,7 @@ pub(super) fn accept_requests(
         tls,
         ours,
         Some(Instant::now() + ACCEPT_TIMEOUT),
-        &|| false,
+        &|| None,
     )
     .context("cannot accept the page-request connection")?;
     source.connect(reader, writer)
@@ -505,7 +506,7 @@ fn resume_from(
     held: impl Fn() -> DirtyPages,
     source: Option<&Arc<NetworkSource>>,
 ) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
-    let give_up = || !incoming.offer_stands(offer.generation);
+    let give_up = || incoming.offer_withdrawn(offer.generation);
     let tls = offer.tls.as_ref();
     let (mut reader, mut writer) = accept_link(&offer.listener, tls, ours, None, &give_up)
         .context("cannot take the source's reconnection")?;
