@@ -44,7 +44,13 @@ pub fn write(
         let _ = std::fs::remove_file(&tmp);
         return Err(SnapshotError::Io { path: tmp, source });
     }
-    std::fs::rename(&tmp, path).map_err(SnapshotError::io(path))?;
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(SnapshotError::Io {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
     sync_dir(parent_dir(path))
 }
 
@@ -176,20 +182,24 @@ fn check_header(
     Ok(expected)
 }
 
-/// Creates (or truncates) `path`, writes `parts` one after the other, and waits until the
-/// data is on disk.
+/// Creates `path` (which must not exist: a link there is not followed), writes `parts` one
+/// after the other, and waits until the data is on disk.
 fn write_synced(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
-    let mut file = File::create(path)?;
+    let mut file = File::create_new(path)?;
     for part in parts {
         file.write_all(part)?;
     }
     file.sync_data()
 }
 
-/// `<path>.tmp`: beside `path`, so that the rename stays within one file system.
+/// `<path>.tmp-<pid>-<n>`: beside `path`, so that the rename stays within one file system,
+/// and this writer's own, so that two processes (or threads) writing the same file never
+/// write into one temporary file.
 pub(crate) fn tmp_path(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
+    name.push(format!(".tmp-{}-{n}", std::process::id()));
     PathBuf::from(name)
 }
 
@@ -324,7 +334,11 @@ mod tests {
             HEADER_LEN + payload.len() as u64 + TRAILER_LEN
         );
         assert_eq!(read(&path, MAGIC, 1).unwrap(), payload);
-        assert!(!tmp_path(&path).exists(), "the temporary file was renamed");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["file"], "the temporary file was renamed");
         // An empty payload, written over the first file.
         write(&path, MAGIC, 1, &[]).unwrap();
         assert_eq!(read(&path, MAGIC, 1).unwrap(), Vec::<u8>::new());

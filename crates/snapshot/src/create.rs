@@ -84,7 +84,12 @@ pub fn create(handle: &VmHandle, options: &CreateOptions) -> Result<CreateSummar
     let result = take(handle, staging, parent, options);
     let paused_ms = started.elapsed().as_secs_f64() * 1e3;
     if !was_paused {
-        handle.resume().map_err(SnapshotError::Vm)?;
+        if let Err(e) = handle.resume() {
+            // What the snapshot did is the answer: one published took the dirty log, so
+            // calling it failed would leave the next diff without those pages. A VM left
+            // paused shows as paused.
+            tracing::warn!("snapshot: the VM could not be resumed after it: {e}");
+        }
     }
     let (memory, identity) = result?;
     Ok(CreateSummary {
