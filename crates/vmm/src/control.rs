@@ -60,8 +60,12 @@ struct Threads {
     /// vCPUs that have left their run loop during this run, with the state they ended in (or
     /// why it could not be saved).
     finished: BTreeMap<u8, Result<VcpuState, String>>,
-    /// The state each parked vCPU saved as it parked (or why it could not).
-    parked: BTreeMap<u8, Result<VcpuState, String>>,
+    /// The state each parked vCPU saved as it parked (or why it could not), and the epoch it
+    /// saved it in.
+    parked: BTreeMap<u8, (u64, Result<VcpuState, String>)>,
+    /// Moves on at every resume, and when a pause asks the parked vCPUs to save their states
+    /// again: a parked vCPU waits until it changes (or the pause ends).
+    epoch: u64,
     /// vCPUs waiting at a hold point, and the point (see [`RunControl::set_hold_at`]).
     held: BTreeMap<u8, u32>,
     /// A pause is in force (requested, possibly not reached yet).
@@ -76,14 +80,20 @@ impl Threads {
         self.vcpus > 0 && self.parked.len() + self.finished.len() == usize::from(self.vcpus)
     }
 
+    /// Whether every vCPU has parked, or finished, and each parked one saved its state in
+    /// `epoch`.
+    fn all_saved_in(&self, epoch: u64) -> bool {
+        self.all_stopped() && self.parked.values().all(|(saved_in, _)| *saved_in == epoch)
+    }
+
     /// Every vCPU's state, by index: parked ones as they parked, finished ones as they ended
     /// (or the first failure to save one).
     fn saved_states(&self) -> Result<Vec<VcpuState>, PauseError> {
         let mut states: Vec<(u8, &Result<VcpuState, String>)> = self
             .parked
             .iter()
-            .chain(self.finished.iter())
-            .map(|(&vcpu, state)| (vcpu, state))
+            .map(|(&vcpu, (_, state))| (vcpu, state))
+            .chain(self.finished.iter().map(|(&vcpu, state)| (vcpu, state)))
             .collect();
         states.sort_by_key(|(vcpu, _)| *vcpu);
         states
@@ -364,18 +374,22 @@ impl RunControl {
     }
 
     /// Called by a vCPU thread that saw a pause request: hands over its saved state and waits
-    /// until the VM is resumed or stopped.
+    /// until the VM is resumed or stopped, or the pause asks for the state again (the caller
+    /// then finds the pause still requested, saves again and parks again).
     pub(crate) fn park(&self, vcpu: u8, state: Result<VcpuState, String>) {
         let mut threads = self.threads();
-        threads.parked.insert(vcpu, state);
+        let epoch = threads.epoch;
+        threads.parked.insert(vcpu, (epoch, state));
         self.changed.notify_all();
-        while self.pause_requested() && !self.should_stop() {
+        while self.pause_requested() && !self.should_stop() && threads.epoch == epoch {
             threads = self
                 .changed
                 .wait(threads)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        threads.parked.remove(&vcpu);
+        if !self.pause_requested() || self.should_stop() {
+            threads.parked.remove(&vcpu);
+        }
     }
 
     /// Pauses the VM: every vCPU leaves KVM_RUN, completes pending I/O, saves its state and
@@ -394,12 +408,21 @@ impl RunControl {
         threads.paused = true;
         self.pause.store(true, Ordering::SeqCst);
         self.changed.notify_all();
+        // Every vCPU parks, then (with more than one parked) each saves its state again: a
+        // vCPU that parked early may have been sent an interrupt (an IPI) by one still
+        // running, which its first save missed and which no vCPU can send any more now.
+        let mut resaved = false;
         let result = loop {
             if self.should_stop() {
                 break Err(PauseError::Stopped);
             }
-            if threads.all_stopped() {
+            if threads.all_saved_in(threads.epoch) && (resaved || threads.parked.len() <= 1) {
                 break Ok(());
+            }
+            if threads.all_stopped() && !resaved {
+                resaved = true;
+                threads.epoch += 1;
+                self.changed.notify_all();
             }
             if Instant::now() >= deadline {
                 break Err(PauseError::Timeout(timeout));
@@ -415,6 +438,8 @@ impl RunControl {
         if states.is_err() {
             // Never leave a half-paused VM behind.
             threads.paused = false;
+            threads.epoch += 1;
+            threads.parked.clear();
             self.pause.store(false, Ordering::SeqCst);
             self.changed.notify_all();
         }
@@ -475,6 +500,10 @@ impl RunControl {
             return Err(PauseError::RunsElsewhere);
         }
         threads.paused = false;
+        // States saved in this pause are over: a pause that comes before a vCPU wakes waits
+        // for it to save anew.
+        threads.epoch += 1;
+        threads.parked.clear();
         self.pause.store(false, Ordering::SeqCst);
         self.changed.notify_all();
         Ok(())
@@ -484,6 +513,8 @@ impl RunControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
 
     #[test]
     fn a_resume_before_a_paused_start_begins_lets_the_run_start_running() {
@@ -500,6 +531,64 @@ mod tests {
         assert!(control.pause_requested());
         assert!(control.resume().is_ok());
         assert!(!control.pause_requested());
+    }
+
+    /// Fake vCPU threads for `control`'s run: each saves (a numbered "state", as the message of
+    /// a failed save) and parks when a pause is asked for, until the run stops.
+    fn fake_vcpus(
+        control: &Arc<RunControl>,
+        vcpus: u8,
+        saves: &Arc<AtomicU64>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        (0..vcpus)
+            .map(|vcpu| {
+                let (control, saves) = (Arc::clone(control), Arc::clone(saves));
+                std::thread::spawn(move || loop {
+                    if control.should_stop() {
+                        return;
+                    }
+                    if control.pause_requested() {
+                        let n = saves.fetch_add(1, Ordering::SeqCst);
+                        control.park(vcpu, Err(format!("{n}")));
+                        continue;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                })
+            })
+            .collect()
+    }
+
+    /// The number of vCPU 0's save that a pause returned (its state is the fake failure).
+    fn save_returned(paused: Result<Vec<VcpuState>, PauseError>) -> u64 {
+        match paused {
+            Err(PauseError::SaveFailed { vcpu: 0, message }) => message.parse().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pause_returns_states_saved_once_every_vcpu_had_stopped_and_never_old_ones() {
+        let control = Arc::new(RunControl::default());
+        control.begin_run(2);
+        let saves = Arc::new(AtomicU64::new(0));
+        let threads = fake_vcpus(&control, 2, &saves);
+        for _ in 0..20 {
+            // Saves before that pause came from earlier pauses.
+            let before = saves.load(Ordering::SeqCst);
+            // The two first saves of this pause come before both vCPUs had stopped: the state
+            // returned is from a save made after (an interrupt sent meanwhile is in it).
+            let n = save_returned(control.pause(Duration::from_secs(10)));
+            assert!(
+                n >= before + 2,
+                "save {n} returned; {before} before the pause"
+            );
+            // The failed "states" unpaused the VM; the next pause comes at once, before the
+            // vCPUs have woken, and must not take their old states.
+        }
+        control.request_stop(StopReason::Requested);
+        for thread in threads {
+            thread.join().unwrap();
+        }
     }
 
     #[test]
