@@ -92,8 +92,15 @@ impl DirtyPages {
     }
     /// The set a bitmap of `words` describes (bit `p % 64` of word `p / 64` is page `p`), or
     /// `None` if it has not exactly the words `pages` pages need.
-    pub fn from_words(pages: u64, words: Vec<u64>) -> Option<Self> {
-        (words.len() as u64 == pages.div_ceil(64)).then_some(DirtyPages { words, pages })
+    pub fn from_words(pages: u64, mut words: Vec<u64>) -> Option<Self> {
+        if words.len() as u64 != pages.div_ceil(64) {
+            return None;
+        }
+        // Bits past the last page (KVM's bitmaps may have them, a peer's could) are not pages.
+        if let (Some(last), used @ 1..) = (words.last_mut(), pages % 64) {
+            *last &= (1 << used) - 1;
+        }
+        Some(DirtyPages { words, pages })
     }
     /// Every page of `pages` dirty.
     pub fn all(pages: u64) -> Self {
@@ -790,6 +797,9 @@ mod tests {
         // Bits past the last page are not pages.
         let past = DirtyPages::from_words(3, vec![0b1111]).unwrap();
         assert_eq!(past.run_length(0, 64), 3);
+        assert_eq!(past.count(), 3, "nor are they counted");
+        let full = DirtyPages::from_words(128, vec![u64::MAX, u64::MAX]).unwrap();
+        assert_eq!(full.count(), 128);
         let all = DirtyPages::all(256);
         assert_eq!(all.run_length(0, 256), 256);
 

@@ -192,8 +192,10 @@ pub(crate) fn save_vcpu(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<Vcpu
 }
 
 /// Puts `state` into a vCPU that has not run since it was created, in the order KVM needs:
-/// CPUID first (MSR checks look at it), the LAPIC before the MSRs (the TSC deadline MSR is
-/// only taken in TSC-deadline mode), vCPU events last.
+/// CPUID first (MSR checks look at it), then the TSC frequency (KVM turns a written TSC into
+/// an offset at the frequency in force, and does not redo it when the frequency changes), the
+/// LAPIC before the MSRs (the TSC deadline MSR is only taken in TSC-deadline mode), vCPU
+/// events last.
 pub(crate) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
     let index = state.index;
     let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::BadState {
@@ -202,6 +204,12 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuErr
     })?;
     fd.set_cpuid2(&cpuid)
         .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
+    if let (Some(khz), Ok(current)) = (state.tsc_khz, fd.get_tsc_khz()) {
+        if khz != current {
+            fd.set_tsc_khz(khz)
+                .map_err(kvm_err(index, "KVM_SET_TSC_KHZ"))?;
+        }
+    }
     fd.set_mp_state(state.mp_state)
         .map_err(kvm_err(index, "KVM_SET_MP_STATE"))?;
     fd.set_regs(&state.regs)
@@ -238,12 +246,6 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), VcpuErr
     }
     fd.set_vcpu_events(&state.events)
         .map_err(kvm_err(index, "KVM_SET_VCPU_EVENTS"))?;
-    if let (Some(khz), Ok(current)) = (state.tsc_khz, fd.get_tsc_khz()) {
-        if khz != current {
-            fd.set_tsc_khz(khz)
-                .map_err(kvm_err(index, "KVM_SET_TSC_KHZ"))?;
-        }
-    }
     Ok(())
 }
 

@@ -28,6 +28,8 @@ const MAX_EMPTY_RING_EXITS: u32 = 3;
 /// Pieces of one split access `save_state` completes before it gives up (KVM splits an access
 /// at most into a few).
 const MAX_PENDING_PIECES: usize = 16;
+/// Test-device reports kept per vCPU (512 KiB of them); later ones are dropped.
+const MAX_REPORTS: usize = 1 << 16;
 
 /// Errors of one vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -374,11 +376,13 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => match port {
                     guests::ports::STARTED => control.mark_started(),
                     guests::ports::REPORT_LO => report_low = le_u32(data),
-                    guests::ports::REPORT_HI => {
+                    // Kept up to a bound: a guest looping on the port cannot grow the VMM.
+                    guests::ports::REPORT_HI if outcome.reports.len() < MAX_REPORTS => {
                         outcome
                             .reports
                             .push((u64::from(le_u32(data)) << 32) | u64::from(report_low));
                     }
+                    guests::ports::REPORT_HI => {}
                     guests::ports::EXIT => {
                         outcome.stop = VcpuStop::Exited(le_u32(data));
                         control.mark_exit();
