@@ -1996,6 +1996,64 @@ fn a_pre_copy_unconfirmed_after_the_go_ahead_stays_paused_until_cancelled() {
     finishes_right(source);
 }
 
+/// A fake destination that takes everything, says it built the VM, and resets the
+/// connection at once (closed with a zero linger).
+fn resetting_after_built() -> (String, std::thread::JoinHandle<()>) {
+    use migrate::{write_message, Message};
+    fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        take_until_done(&mut reader, &mut writer);
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt on an open socket, with a linger struct of its own size.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&writer),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        write_message(&mut writer, &Message::Built).unwrap();
+        drop((reader, writer));
+    })
+}
+
+#[test]
+fn a_pre_copy_whose_go_ahead_cannot_be_sent_runs_on_here() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-go-ahead-lost");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, SMALL);
+    // Whether the reset reaches the source before it writes the go-ahead is a race: a reset
+    // that comes after leaves the switch-over unconfirmed (the destination may have had the
+    // go-ahead), which a cancel settles, and the migration is tried again.
+    for attempt in 1.. {
+        let (addr, fake) = resetting_after_built();
+        let out = migrate_send_mode(&sock, &addr, "pre");
+        fake.join().unwrap();
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        if err.contains("the go-ahead could not be sent to the destination") {
+            // A write that fails sent none of the go-ahead: the VM runs on here.
+            assert!(err.contains("the VM runs on here"), "{err}");
+            let (_, info) = api(&sock, "GET", "/vm", None);
+            assert_eq!(info["state"], "running", "{info}");
+            break;
+        }
+        assert!(err.contains("the switch-over is unconfirmed"), "{err}");
+        assert!(attempt < 20, "the reset never came before the go-ahead");
+        let out = faultline(&["migrate", "cancel", "--api-sock", sock.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    set_hold(&sock, None);
+    finishes_right(source);
+}
+
 /// The bytes a frame of `message` takes on the wire.
 fn frame_len(message: &migrate::Message) -> u64 {
     migrate::frame(message).unwrap().len() as u64

@@ -572,16 +572,25 @@ fn switch_over(
         paused_by_it: *paused_here,
         migration,
     });
-    // A go-ahead that could not be written may meet the destination's refusal (it gave up
-    // waiting for it): then nothing runs the VM there.
     let answer = match go {
         // Its answer settles where the VM runs; a silent destination leaves that open (paused
         // here), for a cancel or a resume to settle, not for ever.
         Ok(()) => read_within(&mut reader, REPLY_TIMEOUT),
-        Err(e) => match abort_reason(&mut reader) {
-            Some(reason) => Ok(Message::Abort(reason)),
-            None => Err(ProtocolError::from(e)),
-        },
+        // A write that fails queued none of what it was left to send: the destination never
+        // has the whole go-ahead, so it never runs the VM (it refuses without one), and the VM
+        // runs on here.
+        Err(e) => {
+            handle.control().set_runs_elsewhere(false);
+            let e = anyhow::Error::from(e).context(
+                "the go-ahead could not be sent to the destination, which therefore does not run \
+                 the VM",
+            );
+            return Err(match abort_reason(&mut reader) {
+                Some(reason) => e.context(format!("the destination gave up: {reason}")),
+                None => e,
+            }
+            .into());
+        }
     };
     paused.downtime = paused_at.elapsed();
     let unconfirmed = match answer {
