@@ -354,13 +354,18 @@ pub fn send(
     )
     .map_err(SendFailure::naming_a_lost_connection);
     match &mut result {
-        Err(SendFailure::Here(_)) => {
+        Err(SendFailure::Here(error)) => {
             // Put the VM back as it was: running if it ran, its dirty log as if nothing was
             // taken.
             put_back(handle, taken, logging_before);
             if paused_here {
                 if let Err(e) = handle.resume() {
                     tracing::error!("cannot resume the VM after a failed migration: {e}");
+                    // Said with the failure: the VM stays paused, and this is why.
+                    let failed = std::mem::replace(error, anyhow::anyhow!("taken"));
+                    *error = failed.context(format!(
+                        "the VM could not be resumed after the failure ({e})"
+                    ));
                 }
             }
         }
