@@ -1646,6 +1646,9 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
                 assert!(Instant::now() < deadline, "the first listener stays open");
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // A resume sent there finds nobody: it fails, and is not counted a recovery.
+            let out = migrate_send_with(&sock, &first, &["--resume"]);
+            assert!(!out.status.success());
         }
         if run == 0 {
             // The recovery is cut too, early in what it resends: recovered again.

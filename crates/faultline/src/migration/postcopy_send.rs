@@ -232,8 +232,10 @@ pub fn resume(
             Message::Abort(reason) => bail!("the destination cannot resume: {reason}"),
             other => bail!("the destination answered the resume with {}", other.name()),
         };
-        // It answered: it runs the VM (it holds what the first connection built).
+        // It answered: it runs the VM (it holds what the first connection built), and the
+        // migration is recovered (an attempt that never got this far is not counted).
         paused.confirmed = true;
+        paused.recoveries += 1;
         let mut to_come = DirtyPages::all(held.pages());
         to_come.remove(&held);
         let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
@@ -244,7 +246,6 @@ pub fn resume(
         let server = Server::start(handle, urgent, to_come, options, main.1.get_ref())?;
         complete(options, main, server, &mut paused)
     });
-    paused.recoveries += 1;
     finished(completed, paused).map_err(SendFailure::naming_a_lost_connection)
 }
 
