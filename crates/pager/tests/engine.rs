@@ -205,20 +205,17 @@ impl PageSource for GatedSource {
     }
 }
 
-/// A started pager over `pages` pages of [`pattern`] whose background worker has fetched
-/// `gated_page` (prefetched) and is held in its source until the source's gate is passed.
-fn held_background_fetch(
+/// A pager started from `builder` over `pages` pages of [`pattern`], from a [`GatedSource`]
+/// that holds the fetches of the `gated` pages.
+fn gated_pager(
+    mut builder: PagerBuilder,
     pages: usize,
-    gated_page: usize,
-) -> Option<(Pager, Shm, Arc<GatedSource>)> {
-    let mut builder = builder(PagerConfig {
-        background_batch_pages: 1,
-        ..Default::default()
-    })?;
+    gated: Vec<usize>,
+) -> (Pager, Shm, Arc<GatedSource>) {
     let shm = Shm::new(pages);
     let source = Arc::new(GatedSource {
         inner: MemorySource::new(pattern(pages)),
-        gated: vec![gated_page],
+        gated,
         gate: Arc::new(Barrier::new(2)),
         fetches: Mutex::new(Vec::new()),
     });
@@ -227,7 +224,20 @@ fn held_background_fetch(
         &shm,
         Arc::clone(&source) as Arc<dyn PageSource>,
     );
-    let pager = builder.start().unwrap();
+    (builder.start().unwrap(), shm, source)
+}
+
+/// A started pager over `pages` pages of [`pattern`] whose background worker has fetched
+/// `gated_page` (prefetched) and is held in its source until the source's gate is passed.
+fn held_background_fetch(
+    pages: usize,
+    gated_page: usize,
+) -> Option<(Pager, Shm, Arc<GatedSource>)> {
+    let builder = builder(PagerConfig {
+        background_batch_pages: 1,
+        ..Default::default()
+    })?;
+    let (pager, shm, source) = gated_pager(builder, pages, vec![gated_page]);
     pager.prefetch(0, gated_page, 1).unwrap();
     wait_until("the background fetch of the gated page", || {
         source.fetches.lock().unwrap().contains(&gated_page)
@@ -290,22 +300,10 @@ fn toucher_in_fault(addr: u64) -> std::thread::JoinHandle<u64> {
 fn a_fault_read_before_another_thread_installed_its_page_is_only_woken() {
     const PAGES: usize = 16;
     let (g, a, x) = (1, 3, 9);
-    let Some(mut builder) = builder(unpredicted()) else {
+    let Some(builder) = builder(unpredicted()) else {
         return;
     };
-    let shm = Shm::new(PAGES);
-    let source = Arc::new(GatedSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        gated: vec![g, a],
-        gate: Arc::new(Barrier::new(2)),
-        fetches: Mutex::new(Vec::new()),
-    });
-    serve(
-        &mut builder,
-        &shm,
-        Arc::clone(&source) as Arc<dyn PageSource>,
-    );
-    let pager = builder.start().unwrap();
+    let (pager, shm, source) = gated_pager(builder, PAGES, vec![g, a]);
     let fetched = |page| source.fetches.lock().unwrap().contains(&page);
     // The one fault thread is held in page g's fetch while pages a and x are faulted: it
     // then reads both events in one batch, and is held again in page a's fetch.
