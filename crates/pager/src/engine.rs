@@ -694,10 +694,16 @@ impl Shared {
             addr,
             addr + count as u64 * region.page_size
         );
-        tracing::error!("pager: {message}");
-        // Tell the VMM first, so that it stops the VM before the toucher resumes with an error.
-        if self.config.failure_policy == FailurePolicy::Stop {
-            self.report_fatal(&message);
+        // Tell the VMM first, so that it stops the VM before the toucher resumes with an error;
+        // unless the pager is stopping, which fails whatever it was still fetching (its
+        // sources are told to give up): that is the end of the run, not a memory failure.
+        if self.stopping() {
+            tracing::debug!("pager: stopped before it provided {message}");
+        } else {
+            tracing::error!("pager: {message}");
+            if self.config.failure_policy == FailurePolicy::Stop {
+                self.report_fatal(&message);
+            }
         }
         let mut done = 0;
         let mut again = AgainWait::new();
@@ -741,11 +747,13 @@ impl Shared {
     /// then waking them (they fault again and the VM is already stopping).
     fn poison_failed(&self, region: &Region, page: usize, count: usize, reason: &str) {
         let addr = region.addr_of(page);
-        self.report_fatal(&format!(
-            "cannot poison pages {:#x}..{:#x} that could not be provided: {reason}",
-            addr,
-            addr + count as u64 * region.page_size
-        ));
+        if !self.stopping() {
+            self.report_fatal(&format!(
+                "cannot poison pages {:#x}..{:#x} that could not be provided: {reason}",
+                addr,
+                addr + count as u64 * region.page_size
+            ));
+        }
         let _ = self.uffd.wake(addr, count as u64 * region.page_size);
     }
 

@@ -1496,9 +1496,17 @@ impl PageSource for Unanswered {
 
 #[test]
 fn a_shutdown_stops_a_fetch_that_waits_on_a_silent_source() {
-    let Some(mut builder) = builder(unpredicted()) else {
+    // Under the policy that stops the VM on a page that cannot be had: the fetch the shutdown
+    // ends is no such page, and nothing fatal is reported.
+    let Some(mut builder) = builder(PagerConfig {
+        failure_policy: FailurePolicy::Stop,
+        ..unpredicted()
+    }) else {
         return;
     };
+    let reported = Arc::new(Mutex::new(None::<String>));
+    let sink = Arc::clone(&reported);
+    builder.on_fatal(move |message| *sink.lock().unwrap() = Some(message.to_string()));
     let shm = Shm::new(4);
     let source = Arc::new(Unanswered::default());
     // Behind an offset, as guest RAM's regions are: the stop must reach the inner source.
@@ -1521,6 +1529,11 @@ fn a_shutdown_stops_a_fetch_that_waits_on_a_silent_source() {
         "the pager's shutdown waited on the silent source"
     );
     assert_eq!(toucher.join().unwrap(), Err(libc::EFAULT));
+    assert_eq!(
+        *reported.lock().unwrap(),
+        None,
+        "a shutdown is not a memory failure"
+    );
 }
 
 #[test]
