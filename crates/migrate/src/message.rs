@@ -138,8 +138,32 @@ pub enum Message {
     /// Pre-copy, before the pause: the source asks the destination to answer (with the same)
     /// once it has taken everything sent before, so that no backlog is left for the pause.
     Sync,
-    /// The sender gives up, and says why.
+    /// The sender gives up, and says why. Decoded, the reason is at most
+    /// [`MAX_REASON_CHARS`] characters, its control characters escaped: it is shown in
+    /// errors, logs and the API, and a peer's words must not run on or steer a terminal.
     Abort(String),
+}
+
+/// The most characters of a peer's reason kept (see [`Message::Abort`]).
+pub const MAX_REASON_CHARS: usize = 1024;
+
+/// `reason` as a peer's words are shown: control characters escaped (`\u{1b}`, `\n`), cut
+/// after [`MAX_REASON_CHARS`] characters, saying how much was left out.
+fn peer_words(reason: &str) -> String {
+    let mut shown = String::new();
+    let mut chars = reason.chars();
+    for c in chars.by_ref().take(MAX_REASON_CHARS) {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    let left = chars.as_str().len();
+    if left > 0 {
+        shown.push_str(&format!("... ({left} more bytes left out)"));
+    }
+    shown
 }
 
 const KINDS: [&str; 14] = [
@@ -376,10 +400,10 @@ impl Message {
                 migration: p.u64()?,
             },
             14 => Message::Sync,
-            10 => Message::Abort(
-                String::from_utf8(p.rest().to_vec())
+            10 => Message::Abort(peer_words(
+                std::str::from_utf8(p.rest())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
-            ),
+            )),
             _ => unreachable!("kind_name knows kinds 1 to 14"),
         };
         if !p.bytes.is_empty() {
@@ -436,6 +460,31 @@ impl<'a> Parser<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peers_reason_is_cut_short_and_cannot_steer_a_terminal() {
+        let decoded = |reason: &str| match Message::decode(10, reason.as_bytes()).unwrap() {
+            Message::Abort(shown) => shown,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(decoded("out of memory"), "out of memory");
+        let hostile = "\u{1b}[2J\u{1b}]0;owned\u{7}gone\r\n";
+        let shown = decoded(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(shown, "\\u{1b}[2J\\u{1b}]0;owned\\u{7}gone\\r\\n");
+        let long = "x".repeat(1 << 20);
+        let shown = decoded(&long);
+        assert!(
+            shown.starts_with(&"x".repeat(MAX_REASON_CHARS)),
+            "{}",
+            shown.len()
+        );
+        assert!(
+            shown.ends_with("... (1047552 more bytes left out)"),
+            "{}",
+            &shown[1000..]
+        );
+    }
 
     fn layout() -> Layout {
         Layout::new(vec![(0, 0xc000_0000), (1 << 32, 1 << 30)])
