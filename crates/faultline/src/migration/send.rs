@@ -585,16 +585,21 @@ fn switch_over(
         // has the whole go-ahead, so it never runs the VM (it refuses without one), and the VM
         // runs on here.
         Err(e) => {
-            handle.control().set_runs_elsewhere(false);
             let e = anyhow::Error::from(e).context(
                 "the go-ahead could not be sent to the destination, which therefore does not run \
                  the VM",
             );
-            return Err(match abort_reason(&mut reader) {
+            let e = match abort_reason(&mut reader) {
                 Some(reason) => e.context(format!("the destination gave up: {reason}")),
                 None => e,
-            }
-            .into());
+            };
+            // Nothing more of it may go out, ever: a BufWriter dropped flushes what it holds
+            // again, and a second try could complete it. Its rest is thrown away and the
+            // connection's sending side shut before the VM may run here again.
+            let (channel, _unsent) = writer.into_parts();
+            channel.shutdown_write();
+            handle.control().set_runs_elsewhere(false);
+            return Err(e.into());
         }
     };
     paused.downtime = paused_at.elapsed();
