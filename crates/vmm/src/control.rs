@@ -332,7 +332,7 @@ impl RunControl {
     /// Whether the VM is paused (every vCPU has parked or finished).
     pub fn is_paused(&self) -> bool {
         let threads = self.threads();
-        threads.paused && threads.all_stopped()
+        threads.paused && threads.all_saved_in(threads.epoch)
     }
 
     /// Called by a vCPU thread as it enters its run loop.
@@ -408,15 +408,16 @@ impl RunControl {
         threads.paused = true;
         self.pause.store(true, Ordering::SeqCst);
         self.changed.notify_all();
-        // Every vCPU parks, then (with more than one parked) each saves its state again: a
+        // Every vCPU parks, then (in a run of more than one) each saves its state again: a
         // vCPU that parked early may have been sent an interrupt (an IPI) by one still
-        // running, which its first save missed and which no vCPU can send any more now.
+        // running (or finishing), which its first save missed and which no vCPU can send any
+        // more now.
         let mut resaved = false;
         let result = loop {
             if self.should_stop() {
                 break Err(PauseError::Stopped);
             }
-            if threads.all_saved_in(threads.epoch) && (resaved || threads.parked.len() <= 1) {
+            if threads.all_saved_in(threads.epoch) && (resaved || threads.vcpus <= 1) {
                 break Ok(());
             }
             if threads.all_stopped() && !resaved {
@@ -455,7 +456,8 @@ impl RunControl {
             if !threads.paused {
                 return Err(PauseError::NotPaused);
             }
-            if threads.all_stopped() {
+            // (States of the epoch in force: a pause still asking for them again is waited for.)
+            if threads.all_saved_in(threads.epoch) {
                 return threads.saved_states();
             }
             if self.should_stop() {
