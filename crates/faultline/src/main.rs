@@ -669,12 +669,12 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             names.join(", ")
         );
     };
-    // Bound first: a socket path that cannot be used is refused before RAM is allocated.
-    let api_socket = args
-        .api_sock
-        .as_deref()
-        .map(BoundSocket::bind)
-        .transpose()?;
+    // Checked first: a socket path that cannot be used is refused before RAM is allocated.
+    // (Bound only once the VM is built: a client that connects meanwhile is refused, not
+    // left waiting for a VM that may take minutes.)
+    if let Some(path) = &args.api_sock {
+        BoundSocket::check(path)?;
+    }
     let mem = args.mem.unwrap_or(64 << 20);
     let range = match args.range_pages {
         None => None,
@@ -743,8 +743,8 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             vm.arg
         );
     }
-    let api = match (api_socket, &args.api_sock) {
-        (Some(socket), Some(path)) => {
+    let api = match &args.api_sock {
+        Some(path) => {
             let controller = Controller::new(
                 vm.vm.handle(),
                 vm.pager.as_ref().map(|p| p.handle()),
@@ -754,9 +754,9 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
             if args.paused {
                 start_paused(&vm.vm.control(), path, args.json);
             }
-            Some(start_api(socket, path, controller, args.json)?)
+            Some(start_api(path, controller, args.json)?)
         }
-        _ => None,
+        None => None,
     };
     let report = vm.run();
     // The guest's memory goes with this process: tracking ends, and event streams hear of it
@@ -772,13 +772,12 @@ fn run_micro(args: &RunArgs, name: &str) -> anyhow::Result<()> {
 
 /// Serves the control API on `path` for the VM behind `controller`.
 fn start_api(
-    socket: BoundSocket,
     path: &std::path::Path,
     controller: Controller,
     json: bool,
 ) -> anyhow::Result<(ApiServer, std::sync::Arc<Controller>)> {
     let controller = std::sync::Arc::new(controller);
-    let server = ApiServer::serve(socket, std::sync::Arc::clone(&controller))?;
+    let server = ApiServer::start(path, std::sync::Arc::clone(&controller))?;
     if !json {
         println!("faultline: API on {}", path.display());
     }
@@ -885,12 +884,11 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
     if args.readahead == 0 {
         bail!("--readahead must be at least 1 (1 turns read-ahead off)");
     }
-    // Bound first: a socket path that cannot be used is refused before the snapshot is read.
-    let api_socket = args
-        .api_sock
-        .as_deref()
-        .map(BoundSocket::bind)
-        .transpose()?;
+    // Checked first: a socket path that cannot be used is refused before the snapshot is read
+    // (and bound once the VM is built, as for `run`).
+    if let Some(path) = &args.api_sock {
+        BoundSocket::check(path)?;
+    }
     let mut options = RestoreOptions {
         dir: args.snapshot.clone(),
         mode: args.memory,
@@ -921,8 +919,8 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             restored.timings.pages_loaded
         );
     }
-    let api = match (api_socket, &args.api_sock) {
-        (Some(socket), Some(path)) => {
+    let api = match &args.api_sock {
+        Some(path) => {
             let controller = Controller::new(
                 restored.vm.handle(),
                 restored.pager.as_ref().map(|p| p.handle()),
@@ -932,9 +930,9 @@ fn run_restore(args: &RestoreArgs) -> anyhow::Result<()> {
             if args.paused {
                 start_paused(&restored.vm.control(), path, args.json);
             }
-            Some(start_api(socket, path, controller, args.json)?)
+            Some(start_api(path, controller, args.json)?)
         }
-        _ => None,
+        None => None,
     };
     let result = match restored.guest_run() {
         Some(run) => {

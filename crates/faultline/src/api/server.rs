@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, ErrorKind, Read};
 use std::net::Shutdown;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -789,6 +789,14 @@ fn socket_identity(path: &Path) -> Option<(u64, u64)> {
         .then(|| (metadata.dev(), metadata.ino()))
 }
 
+/// The directory `path` is in (`.` for a bare name).
+fn container_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Removes the socket file at `path` if it still is the one `identity` names (someone may
 /// have replaced it since).
 fn remove_socket_if_ours(path: &Path, identity: Option<(u64, u64)>) {
@@ -848,29 +856,51 @@ pub struct BoundSocket {
 }
 
 impl BoundSocket {
+    /// Checks, without binding it, that `path` can be bound now: nothing is there (a stale
+    /// socket is removed), and its directory exists. What [`bind`](Self::bind) would refuse
+    /// for what is at the path is refused the same way, before anything depends on it.
+    pub fn check(path: &Path) -> Result<(), ApiError> {
+        clear_stale_socket(path)?;
+        let dir = container_dir(path);
+        match std::fs::metadata(dir) {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(ApiError::Bind {
+                path: path.into(),
+                source: std::io::Error::new(
+                    ErrorKind::NotADirectory,
+                    format!("{} is not a directory", dir.display()),
+                ),
+            }),
+            Err(source) => Err(ApiError::Bind {
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
     /// Binds `path` (a stale socket left by a dead process is replaced; one that a live
     /// process serves, and anything that is not a socket, are not).
     pub fn bind(path: &Path) -> Result<BoundSocket, ApiError> {
         clear_stale_socket(path)?;
-        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        // Whoever can connect can pause the VM, write snapshots anywhere this process may, or
+        // send its memory to any host: only this user may, whatever the umask. The socket is
+        // created with mode 0600, never wider for a moment (the umask is the process's, set
+        // around the bind: a file another thread creates meanwhile gets no more than 0600
+        // either).
+        // SAFETY: umask only swaps the process's file-creation mask.
+        let umask = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, putting the mask back.
+        unsafe { libc::umask(umask) };
+        let listener = bound.map_err(|source| ApiError::Bind {
             path: path.into(),
             source,
         })?;
-        // Whoever can connect can pause the VM, write snapshots anywhere this process may, or
-        // send its memory to any host: only this user, whatever the umask (nothing is
-        // accepted before this).
-        let socket = BoundSocket {
+        Ok(BoundSocket {
             path: path.into(),
             identity: socket_identity(path),
             listener: Some(listener),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| ApiError::Bind {
-                path: path.into(),
-                source,
-            },
-        )?;
-        Ok(socket)
+        })
     }
 }
 
