@@ -138,22 +138,28 @@ pub enum Message {
     /// Pre-copy, before the pause: the source asks the destination to answer (with the same)
     /// once it has taken everything sent before, so that no backlog is left for the pause.
     Sync,
-    /// The sender gives up, and says why. Decoded, the reason is at most
-    /// [`MAX_REASON_CHARS`] characters, its control characters escaped: it is shown in
-    /// errors, logs and the API, and a peer's words must not run on or steer a terminal.
+    /// The sender gives up, and says why. Decoded, the reason keeps at most
+    /// [`MAX_REASON_CHARS`] of its characters, its control and direction-changing characters
+    /// escaped: it is shown in errors, logs and the API, and a peer's words must not run on or
+    /// steer a terminal.
     Abort(String),
 }
 
 /// The most characters of a peer's reason kept (see [`Message::Abort`]).
 pub const MAX_REASON_CHARS: usize = 1024;
 
-/// `reason` as a peer's words are shown: control characters escaped (`\u{1b}`, `\n`), cut
-/// after [`MAX_REASON_CHARS`] characters, saying how much was left out.
+/// `reason` as a peer's words are shown: its first [`MAX_REASON_CHARS`] characters, control
+/// characters, line and paragraph separators and bidirectional overrides escaped (`\u{1b}`,
+/// `\n`, `\u{202e}`), saying how much was left out.
 fn peer_words(reason: &str) -> String {
     let mut shown = String::new();
     let mut chars = reason.chars();
     for c in chars.by_ref().take(MAX_REASON_CHARS) {
-        if c.is_control() {
+        let steers = matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        );
+        if c.is_control() || steers {
             shown.extend(c.escape_default());
         } else {
             shown.push(c);
@@ -468,10 +474,13 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(decoded("out of memory"), "out of memory");
-        let hostile = "\u{1b}[2J\u{1b}]0;owned\u{7}gone\r\n";
+        let hostile = "\u{1b}[2J\u{1b}]0;owned\u{7}gone\r\n\u{202e}txt.exe";
         let shown = decoded(hostile);
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
-        assert_eq!(shown, "\\u{1b}[2J\\u{1b}]0;owned\\u{7}gone\\r\\n");
+        assert_eq!(
+            shown,
+            "\\u{1b}[2J\\u{1b}]0;owned\\u{7}gone\\r\\n\\u{202e}txt.exe"
+        );
         let long = "x".repeat(1 << 20);
         let shown = decoded(&long);
         assert!(

@@ -275,8 +275,8 @@ impl Migrations {
             Response::error(
                 409,
                 format!(
-                    "the migration that brought the VM here is {}: a snapshot waits until all \
-                     its memory is here",
+                    "the migration that brought the VM here is {}: no snapshot is taken \
+                     before all its memory is here",
                     phase.name()
                 ),
             )

@@ -10,7 +10,7 @@
 //! | PUT | /vm/resume | | 204; 409 if not paused |
 //! | PUT | /vm/shutdown | `{"force": BOOL}` (optional) | 204; the VMM stops the VM and exits. 409 while an outgoing migration past its switch-over runs or is paused here (its destination may need this side), unless `force` |
 //! | PUT | /vm/hold | `{"at": N\|null}` | 204; micro-guest vCPUs wait at hold point N (tests) |
-//! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff", "live": BOOL}` | what was written; 409 on a post-copy destination until its migration completes |
+//! | PUT | /snapshot/create | `{"dir": PATH, "type": "full"\|"diff", "live": BOOL}` | what was written; 409 on a post-copy destination until its migration completes, and on a source whose VM may run on its destination |
 //! | PUT | /vm/swap/out | `{"keep": BYTES}` | what was moved to the swap file; 409 without one |
 //! | PUT | /vm/swap/in | | 204: every swapped page comes back; 409 without a swap file |
 //! | PUT | /track | `{"gpa": N, "len": N, "mode": "write"\|"access"}` | 204; one more user tracks those frames |

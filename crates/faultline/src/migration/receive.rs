@@ -512,8 +512,8 @@ fn post_copy(
             // Faults ask the source for their own pages only: the stream brings the rest.
             predict: false,
             // A fault thread waits for the source's answer: one for each vCPU and one for
-            // the VMM's own threads, so that a page asked for never holds up another fault
-            // (nor, while the migration is paused, a vCPU whose pages need no source).
+            // the VMM's own threads, so that a page asked for seldom holds up another fault
+            // (only one read in the same batch of events waits behind it).
             fault_threads: vm.vcpus().len() + 1,
             ..PagerConfig::default()
         },
