@@ -215,3 +215,50 @@ fn a_tls_session_that_fails_after_the_handshake_tells_its_reader_why() {
     drop(proxy);
     writing.join().unwrap();
 }
+
+#[test]
+fn a_tls_peer_that_keeps_the_connection_open_and_silent_does_not_hold_it_for_good() {
+    let tmp = TempDir::new("tls-silent-peer");
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    let Tls::Client(client) = Tls::client(&tmp.join("source")).unwrap() else {
+        unreachable!()
+    };
+    let server = Tls::server(&tmp.join("destination")).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // The peer: a handshake, then nothing, and its side of TCP open, until this side's TLS
+    // thread gives up and closes the connection.
+    let peer = std::thread::spawn(move || {
+        let mut tcp = TcpStream::connect(addr).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = rustls::ClientConnection::new(client, name).unwrap();
+        while conn.is_handshaking() {
+            if conn.wants_write() {
+                conn.write_tls(&mut tcp).unwrap();
+            } else {
+                conn.read_tls(&mut tcp).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+        }
+        while conn.wants_write() {
+            conn.write_tls(&mut tcp).unwrap();
+        }
+        // Everything the other side sends (its close_notify) is read, and the end waited for.
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut sink = [0u8; 4096];
+        loop {
+            match tcp.read(&mut sink) {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    let (tcp, _) = listener.accept().unwrap();
+    let channel = channel::open(tcp, Some(&server), "").unwrap();
+    // This side is done with the connection (a failed migration, say).
+    drop(channel);
+    peer.join()
+        .unwrap()
+        .expect("the connection was still open a minute after this side was gone");
+}

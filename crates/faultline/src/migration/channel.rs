@@ -505,8 +505,26 @@ fn pump(mut tcp: TcpStream, mut conn: rustls::Connection) -> anyhow::Result<Chan
 /// peer (one read may take it a little past).
 const LOCAL_BACKLOG: usize = 256 << 10;
 
+/// How long the TLS thread waits for the peer to end its side once this side is gone (every
+/// end of the plaintext socket closed, everything sent): a peer that keeps TCP open and says
+/// nothing must not hold the thread and its connection for good.
+const PEER_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether every end of the plaintext socket but this one (`local`) is closed.
+fn hung_up(local: &UnixStream) -> bool {
+    let mut fd = libc::pollfd {
+        fd: local.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; does not wait.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready == 1 && fd.revents & libc::POLLHUP != 0
+}
+
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
-/// directions have ended.
+/// directions have ended (or this side is gone and the peer has not ended its side within
+/// [`PEER_END_WAIT`]).
 fn carry(
     mut tcp: TcpStream,
     mut conn: rustls::Connection,
@@ -520,6 +538,8 @@ fn carry(
     // it is already decrypted, and no new bytes on `tcp` will announce it.
     let mut tcp_done = take_plaintext(&mut conn, &mut to_local, &mut buf)?;
     let mut local_done = false;
+    // When this side was found gone, everything of it sent.
+    let mut gone_since: Option<std::time::Instant> = None;
     loop {
         // The peer's bytes are read only while this side keeps up with them: past a backlog,
         // TCP's flow control holds the peer, instead of this side's memory growing.
@@ -558,6 +578,15 @@ fn carry(
         }
         if tcp_done && local_done && !conn.wants_write() {
             return Ok(());
+        }
+        if local_done && !conn.wants_write() && hung_up(local) {
+            if gone_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= PEER_END_WAIT
+            {
+                return Ok(());
+            }
         }
         // SAFETY: two valid pollfds; waits at most a second.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } < 0 {
