@@ -579,14 +579,15 @@ fn carry(
         if tcp_done && local_done && !conn.wants_write() {
             return Ok(());
         }
-        if local_done && !conn.wants_write() && hung_up(local) {
-            if gone_since
+        if local_done
+            && !conn.wants_write()
+            && hung_up(local)
+            && gone_since
                 .get_or_insert_with(std::time::Instant::now)
                 .elapsed()
                 >= PEER_END_WAIT
-            {
-                return Ok(());
-            }
+        {
+            return Ok(());
         }
         // SAFETY: two valid pollfds; waits at most a second.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) } < 0 {
