@@ -12,9 +12,12 @@ use common::pki::make_pki;
 use common::TempDir;
 use faultline::migration::channel::{self, Tls};
 
-/// Drives a client handshake by hand so that its last handshake flight and `data` leave in
-/// one write: the server reads them together, as a busy host may.
-fn handshake_and_send_at_once(tcp: &mut TcpStream, config: Arc<rustls::ClientConfig>, data: &[u8]) {
+/// A client TLS session on `tcp` driven by hand through its handshake (its last flight may
+/// still be queued).
+fn client_handshake(
+    tcp: &mut TcpStream,
+    config: Arc<rustls::ClientConfig>,
+) -> rustls::ClientConnection {
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut conn = rustls::ClientConnection::new(config, name).unwrap();
     while conn.is_handshaking() {
@@ -25,6 +28,24 @@ fn handshake_and_send_at_once(tcp: &mut TcpStream, config: Arc<rustls::ClientCon
             conn.process_new_packets().unwrap();
         }
     }
+    conn
+}
+
+/// In `tmp`, a CA and a certificate for each side: the source's client settings, the
+/// destination's server ones, and a listener on a free loopback port.
+fn client_and_server(tmp: &TempDir) -> (Arc<rustls::ClientConfig>, Tls, TcpListener) {
+    make_pki(tmp.path(), "ca", &["source", "destination"]);
+    let Tls::Client(client) = Tls::client(&tmp.join("source")).unwrap() else {
+        unreachable!()
+    };
+    let server = Tls::server(&tmp.join("destination")).unwrap();
+    (client, server, TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// Drives a client handshake by hand so that its last handshake flight and `data` leave in
+/// one write: the server reads them together, as a busy host may.
+fn handshake_and_send_at_once(tcp: &mut TcpStream, config: Arc<rustls::ClientConfig>, data: &[u8]) {
+    let mut conn = client_handshake(tcp, config);
     // The client's Finished (and certificate) are still queued; the data joins them.
     conn.writer().write_all(data).unwrap();
     let mut wire = Vec::new();
@@ -55,13 +76,7 @@ fn handshake_and_send_at_once(tcp: &mut TcpStream, config: Arc<rustls::ClientCon
 #[test]
 fn data_that_came_with_the_handshake_is_delivered() {
     let tmp = TempDir::new("tls-channel");
-    make_pki(tmp.path(), "ca", &["source", "destination"]);
-    let Tls::Client(client) = Tls::client(&tmp.join("source")).unwrap() else {
-        unreachable!()
-    };
-    let server = Tls::server(&tmp.join("destination")).unwrap();
-
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, server, listener) = client_and_server(&tmp);
     let addr = listener.local_addr().unwrap();
     let client = std::thread::spawn(move || {
         let mut tcp = TcpStream::connect(addr).unwrap();
@@ -219,27 +234,13 @@ fn a_tls_session_that_fails_after_the_handshake_tells_its_reader_why() {
 #[test]
 fn a_tls_peer_that_keeps_the_connection_open_and_silent_does_not_hold_it_for_good() {
     let tmp = TempDir::new("tls-silent-peer");
-    make_pki(tmp.path(), "ca", &["source", "destination"]);
-    let Tls::Client(client) = Tls::client(&tmp.join("source")).unwrap() else {
-        unreachable!()
-    };
-    let server = Tls::server(&tmp.join("destination")).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, server, listener) = client_and_server(&tmp);
     let addr = listener.local_addr().unwrap();
     // The peer: a handshake, then nothing, and its side of TCP open, until this side's TLS
     // thread gives up and closes the connection.
     let peer = std::thread::spawn(move || {
         let mut tcp = TcpStream::connect(addr).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let mut conn = rustls::ClientConnection::new(client, name).unwrap();
-        while conn.is_handshaking() {
-            if conn.wants_write() {
-                conn.write_tls(&mut tcp).unwrap();
-            } else {
-                conn.read_tls(&mut tcp).unwrap();
-                conn.process_new_packets().unwrap();
-            }
-        }
+        let mut conn = client_handshake(&mut tcp, client);
         while conn.wants_write() {
             conn.write_tls(&mut tcp).unwrap();
         }
