@@ -12,6 +12,7 @@ pub mod micro;
 pub mod migration;
 pub mod restore;
 pub mod size;
+mod unix_socket;
 
 /// Sum (wrapping) of the first u64 of every page of `range` as the host sees guest memory:
 /// what the `touch`, `checksum` and `dirty` guests report when memory is right. Guest RAM is

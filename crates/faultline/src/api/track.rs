@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -99,19 +98,6 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Whether the peer of `stream` has closed its end. (Only a hang-up counts: the server shuts
-/// the read side of its connections down as it stops, which alone reads as POLLRDHUP.)
-fn peer_gone(stream: &UnixStream) -> bool {
-    let mut poll = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
-}
-
 /// Writes `queue`'s events to `stream` as JSON lines until the reader goes or `stopping` says
 /// the server is stopping: what is queued then is still written, to a reader that keeps
 /// reading. A reader that stops reading only holds up this thread, never the guest; once the
@@ -134,7 +120,7 @@ pub fn stream_events(
             writeln!(lines, "{}", event_json(event))?;
         }
         write_patiently(stream, &lines, &stopping)?;
-        if stop || peer_gone(stream) {
+        if stop || crate::unix_socket::peer_gone(stream) {
             return Ok(());
         }
     }
@@ -165,7 +151,7 @@ fn write_patiently(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if peer_gone(stream) {
+                if crate::unix_socket::peer_gone(stream) {
                     return Err(io::ErrorKind::BrokenPipe.into());
                 }
                 if stopping() {

@@ -510,18 +510,6 @@ const LOCAL_BACKLOG: usize = 256 << 10;
 /// nothing must not hold the thread and its connection for good.
 const PEER_END_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Whether every end of the plaintext socket but this one (`local`) is closed.
-fn hung_up(local: &UnixStream) -> bool {
-    let mut fd = libc::pollfd {
-        fd: local.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; does not wait.
-    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
-    ready == 1 && fd.revents & libc::POLLHUP != 0
-}
-
 /// Moves bytes between the TLS session on `tcp` and the plaintext socket `local` until both
 /// directions have ended (or this side is gone and the peer has not ended its side within
 /// [`PEER_END_WAIT`]).
@@ -581,7 +569,7 @@ fn carry(
         }
         if local_done
             && !conn.wants_write()
-            && hung_up(local)
+            && crate::unix_socket::peer_gone(local)
             && gone_since
                 .get_or_insert_with(std::time::Instant::now)
                 .elapsed()
