@@ -1545,15 +1545,7 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
         "the source must not run a VM its destination runs: {refusal}"
     );
     // Nor snapshot it: restored, the snapshot would be a second copy of the VM.
-    let stale = source_sock.with_file_name("stale-snapshot");
-    let (status, refusal) = api(
-        source_sock,
-        "PUT",
-        "/snapshot/create",
-        Some(serde_json::json!({ "dir": stale })),
-    );
-    assert_eq!(status, 409, "{refusal}");
-    assert!(!stale.exists());
+    snapshot_refused(source_sock, "stale-snapshot", false);
     let out = faultline(&[
         "migrate",
         "status",
@@ -1566,24 +1558,25 @@ fn post_copy_cut(source_sock: &Path, destination_sock: &Path, to: &str, extra: &
     let paused = wait_for_migration_status(destination_sock, "postcopy-paused");
     assert!(paused["breaks"].as_u64().unwrap() >= 1, "{paused}");
     // Pages still on the source are not in its memory: no snapshot of it, regular or live.
-    let early = destination_sock.with_file_name("early-snapshot");
     for live in [false, true] {
-        let (status, refusal) = api(
-            destination_sock,
-            "PUT",
-            "/snapshot/create",
-            Some(serde_json::json!({"dir": early, "live": live})),
-        );
-        assert_eq!(status, 409, "live {live}: {refusal}");
-        assert!(
-            refusal["error"]
-                .as_str()
-                .unwrap()
-                .contains("postcopy-paused"),
-            "{refusal}"
-        );
-        assert!(!early.exists());
+        let refusal = snapshot_refused(destination_sock, "early-snapshot", live);
+        assert!(refusal.contains("postcopy-paused"), "{refusal}");
     }
+}
+
+/// A snapshot (`live` or not) into `name`, beside `sock`, of the VM behind `sock`: refused
+/// with 409, nothing written. Returns the refusal's reason.
+fn snapshot_refused(sock: &Path, name: &str, live: bool) -> String {
+    let dir = sock.with_file_name(name);
+    let (status, refusal) = api(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({"dir": dir, "live": live})),
+    );
+    assert_eq!(status, 409, "live {live}: {refusal}");
+    assert!(!dir.exists());
+    refusal["error"].as_str().unwrap().to_string()
 }
 
 /// A `mix` run held after two passes: every page of its range written, and nothing more
