@@ -160,18 +160,24 @@ fn switched_to_post_copy(
     listener: &TcpListener,
 ) -> (BufReader<std::net::TcpStream>, std::net::TcpStream) {
     use migrate::{read_message, Message};
-    assert!(matches!(
-        read_message(reader).unwrap(),
-        Message::SwitchOver {
-            post_copy: true,
-            ..
-        }
-    ));
+    let Message::SwitchOver {
+        post_copy: true,
+        migration,
+    } = read_message(reader).unwrap()
+    else {
+        panic!("no switch-over to post-copy");
+    };
     assert!(matches!(
         read_message(reader).unwrap(),
         Message::Stale { .. }
     ));
-    greeted(listener.accept().unwrap().0)
+    let (mut requests_reader, requests_writer) = greeted(listener.accept().unwrap().0);
+    // The page-request connection names the migration its switch-over named.
+    assert_eq!(
+        read_message(&mut requests_reader).unwrap(),
+        Message::Requests { migration }
+    );
+    (requests_reader, requests_writer)
 }
 
 /// A `migrate receive` on a free loopback port, and that port.
@@ -1835,6 +1841,50 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
         err.contains("the source finished without sending every page of RAM: 1 never came, the first at 0x5000"),
         "{err}"
     );
+}
+
+#[test]
+fn a_page_request_connection_that_names_another_migration_is_refused() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // Only the source that began a post-copy may answer its page faults: a connection that
+    // passes the hello but names another migration is told why and refused, and the
+    // migration ends before the VM is built (its source runs on).
+    let destination = Destination::spawn(&["--json"]);
+    let (_reader, mut writer) = greeting(&destination.addr);
+    let pages = (8 << 20) / 4096;
+    let switch_over = Message::SwitchOver {
+        post_copy: true,
+        migration: 0x1111,
+    };
+    let none_stale = Message::Stale {
+        pages,
+        bitmap: vec![0; pages as usize / 64],
+    };
+    for message in [switch_over, none_stale] {
+        write_message(&mut writer, &message).unwrap();
+    }
+    let (mut requests_reader, mut requests_writer) = greeting(&destination.addr);
+    write_message(
+        &mut requests_writer,
+        &Message::Requests { migration: 0x2222 },
+    )
+    .unwrap();
+    // Bounded: a destination that takes the connection fails the test instead of hanging it.
+    requests_reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let said = match read_message(&mut requests_reader) {
+        Ok(Message::Abort(reason)) => reason,
+        other => panic!("the connection was answered with {other:?}, not refused"),
+    };
+    let why = "the page-request connection names migration 0000000000002222; \
+               the one here is 0000000000001111";
+    assert_eq!(said, why);
+    let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
+    assert!(!status.success());
+    assert!(err.contains(why), "{err}");
 }
 
 /// A peer waited for 2 s where it owes a message, not a minute or two.

@@ -135,6 +135,11 @@ pub enum Message {
     /// after the hello); the destination answers with what it holds (`Received`), if
     /// `migration` is the one its switch-over named.
     Resume { migration: u64 },
+    /// Post-copy: the first message after the hello on a page-request connection, naming the
+    /// migration whose page requests it answers (the one its switch-over named): a connection
+    /// that names another is refused, so that only the source that began this post-copy can
+    /// answer its page faults.
+    Requests { migration: u64 },
     /// Pre-copy, before the pause: the source asks the destination to answer (with the same)
     /// once it has taken everything sent before, so that no backlog is left for the pause.
     Sync,
@@ -172,7 +177,7 @@ fn peer_words(reason: &str) -> String {
     shown
 }
 
-const KINDS: [&str; 14] = [
+const KINDS: [&str; 15] = [
     "hello",
     "pages",
     "zero-pages",
@@ -187,6 +192,7 @@ const KINDS: [&str; 14] = [
     "built",
     "resume",
     "sync",
+    "requests",
 ];
 
 impl Message {
@@ -233,6 +239,7 @@ impl Message {
             Message::Built => 11,
             Message::Resume { .. } => 12,
             Message::Sync => 13,
+            Message::Requests { .. } => 14,
         }
     }
 
@@ -318,7 +325,9 @@ impl Message {
                 out.push(u8::from(*post_copy));
                 put_u64(&mut out, *migration);
             }
-            Message::Resume { migration } => put_u64(&mut out, *migration),
+            Message::Resume { migration } | Message::Requests { migration } => {
+                put_u64(&mut out, *migration)
+            }
             Message::Done | Message::Built | Message::Sync => {}
             Message::PageRequest { gpa, count } => {
                 put_u64(&mut out, *gpa);
@@ -406,11 +415,14 @@ impl Message {
                 migration: p.u64()?,
             },
             14 => Message::Sync,
+            15 => Message::Requests {
+                migration: p.u64()?,
+            },
             10 => Message::Abort(peer_words(
                 std::str::from_utf8(p.rest())
                     .map_err(|_| malformed("the reason is not UTF-8".into()))?,
             )),
-            _ => unreachable!("kind_name knows kinds 1 to 14"),
+            _ => unreachable!("kind_name knows kinds 1 to 15"),
         };
         if !p.bytes.is_empty() {
             return Err(malformed(format!("{} bytes left over", p.bytes.len())));

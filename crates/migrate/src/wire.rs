@@ -10,8 +10,9 @@ pub const MAGIC: [u8; 4] = *b"FLMG";
 /// message, 3 carries the state as snapshot state format 3 (postcard, not JSON), 4 has a
 /// hybrid's source send the pages written since its first stale list before it pauses, 5
 /// sends page sets (stale, received) as runs when that is shorter than their bitmap, 6 names
-/// the migration at the switch-over and in a resume.
-pub const VERSION: u16 = 6;
+/// the migration at the switch-over and in a resume, 7 names it on each page-request
+/// connection too.
+pub const VERSION: u16 = 7;
 /// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
@@ -360,6 +361,9 @@ mod tests {
             Message::Built,
             Message::Resume { migration: 7 },
             Message::Sync,
+            Message::Requests {
+                migration: 0xfeed_f00d_dead_beef,
+            },
         ]
     }
 
@@ -587,7 +591,7 @@ mod tests {
         bad[4..6].copy_from_slice(&3u16.to_le_bytes());
         assert_eq!(
             read_message(&mut &bad[..]).unwrap_err().to_string(),
-            "the peer speaks migration protocol version 3; this faultline speaks 6"
+            "the peer speaks migration protocol version 3; this faultline speaks 7"
         );
         let mut bad = good.clone();
         bad[6] = 200;

@@ -343,22 +343,50 @@ fn image_to_gpa(regions: &[(u64, u64)], offset: u64, len: u64) -> Option<(u64, u
 }
 
 /// Accepts the page-request connection (and its hello) from `listener` and gives it to
-/// `source` (which the pager was built on before).
+/// `source` (which the pager was built on before), if it names `migration`.
 pub(super) fn accept_requests(
     listener: &TcpListener,
     tls: Option<&Tls>,
     ours: &VmIdentity,
+    migration: u64,
     source: &Arc<NetworkSource>,
 ) -> anyhow::Result<()> {
-    let (reader, writer) = accept_link(
-        listener,
-        tls,
-        ours,
-        Some(Instant::now() + ACCEPT_TIMEOUT),
-        &|| None,
-    )
-    .context("cannot accept the page-request connection")?;
+    let deadline = Some(Instant::now() + ACCEPT_TIMEOUT);
+    let (reader, writer) = accept_requests_link(listener, tls, ours, migration, deadline, &|| None)
+        .context("cannot accept the page-request connection")?;
     source.connect(reader, writer)
+}
+
+/// A page-request connection on `listener`: accepted, hellos exchanged, and its first message
+/// naming `migration`. Anything else is told why and refused: only the source that began
+/// this migration may answer its page faults.
+fn accept_requests_link(
+    listener: &TcpListener,
+    tls: Option<&Tls>,
+    ours: &VmIdentity,
+    migration: u64,
+    deadline: Option<Instant>,
+    give_up: &dyn Fn() -> Option<&'static str>,
+) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
+    let (mut reader, mut writer) = accept_link(listener, tls, ours, deadline, give_up)?;
+    let refusal = match read_within(&mut reader, REPLY_TIMEOUT)
+        .context("no migration named after the hello")?
+    {
+        Message::Requests { migration: named } if named == migration => {
+            return Ok((reader, writer))
+        }
+        Message::Requests { migration: named } => format!(
+            "the page-request connection names migration {named:016x}; the one here is \
+             {migration:016x}"
+        ),
+        other => format!(
+            "the page-request connection began with {}, not the migration it serves",
+            other.name()
+        ),
+    };
+    let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
+    let _ = writer.flush();
+    bail!("{refusal}")
 }
 
 /// What the stream thread works with.
@@ -541,7 +569,7 @@ fn resume_from(
     writer.flush()?;
     let deadline = Some(Instant::now() + ACCEPT_TIMEOUT);
     let (requests_reader, requests_writer) =
-        accept_link(&offer.listener, tls, ours, deadline, &give_up)
+        accept_requests_link(&offer.listener, tls, ours, migration, deadline, &give_up)
             .context("cannot take the source's new page-request connection")?;
     match source {
         Some(source) => source.connect(requests_reader, requests_writer)?,

@@ -89,7 +89,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     .and_then(|()| write_message(&mut writer, &stale_message(early)))
     .and_then(|()| writer.flush())
     .context("cannot send the switch-over")?;
-    let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
+    let urgent = open_requests(handle, options, migration)
         .context("cannot open the page-request connection")?;
     // A hybrid: the pages written since that list (while the destination got ready, some
     // tens of milliseconds) go too, and are dropped there while the VM still runs here, so
@@ -204,6 +204,19 @@ fn send_written_since(
     }
 }
 
+/// Opens a page-request connection to the destination: hellos, then the name of the
+/// `migration` whose page requests it answers (the destination takes no other).
+fn open_requests(
+    handle: &VmHandle,
+    options: &SendOptions,
+    migration: u64,
+) -> anyhow::Result<(BufWriter<Channel>, BufReader<Channel>)> {
+    let (mut writer, reader) = super::send::connect(handle, &options.to, options.tls.as_ref())?;
+    write_message(&mut writer, &Message::Requests { migration })?;
+    writer.flush()?;
+    Ok((writer, reader))
+}
+
 /// Resumes a post-copy that `paused`: reconnects to the destination (whose `recover` listens
 /// at `options.to`), learns what it holds, and sends the rest.
 pub fn resume(
@@ -238,7 +251,7 @@ pub fn resume(
         paused.recoveries += 1;
         let mut to_come = DirtyPages::all(held.pages());
         to_come.remove(&held);
-        let urgent = super::send::connect(handle, &options.to, options.tls.as_ref())
+        let urgent = open_requests(handle, options, paused.migration)
             .context("cannot open the page-request connection again")?;
         Ok(((writer, reader), urgent, to_come))
     })();
@@ -491,6 +504,9 @@ fn serve_requests(
             Err(e) => return Err(e).context("the page-request connection broke"),
         };
         message.check(&layout)?;
+        if let Message::Abort(reason) = message {
+            bail!("the destination refused the page-request connection: {reason}");
+        }
         let Message::PageRequest { gpa, count } = message else {
             bail!(
                 "unexpected {} on the page-request connection",

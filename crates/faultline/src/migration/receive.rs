@@ -520,7 +520,10 @@ fn post_copy(
         &link,
         vm.control(),
     )?;
-    accept_requests(listener, tls, ours, &source)?;
+    let migration = incoming
+        .migration()
+        .context("a post-copy whose switch-over named no migration")?;
+    accept_requests(listener, tls, ours, migration, &source)?;
     // A hybrid's source sends the pages written since the first list before it pauses: they
     // are dropped now, outside the downtime (1600 pages took a millisecond).
     let mut dropped_early = early;
