@@ -103,16 +103,16 @@ fn spawn_mix(sock: &Path, mix: Mix) -> Child {
 
 /// A peer on a free loopback port that serves one connection with `serve`: its address, and
 /// its thread.
-fn fake_peer(
-    serve: impl FnOnce(std::net::TcpStream) + Send + 'static,
-) -> (String, std::thread::JoinHandle<()>) {
+fn fake_peer<T: Send + 'static>(
+    serve: impl FnOnce(std::net::TcpStream) -> T + Send + 'static,
+) -> (String, std::thread::JoinHandle<T>) {
     fake_peer_with_listener(|stream, _| serve(stream))
 }
 
 /// Like [`fake_peer`], `serve` also getting the listener (to accept more).
-fn fake_peer_with_listener(
-    serve: impl FnOnce(std::net::TcpStream, &TcpListener) + Send + 'static,
-) -> (String, std::thread::JoinHandle<()>) {
+fn fake_peer_with_listener<T: Send + 'static>(
+    serve: impl FnOnce(std::net::TcpStream, &TcpListener) -> T + Send + 'static,
+) -> (String, std::thread::JoinHandle<T>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let thread = std::thread::spawn(move || serve(listener.accept().unwrap().0, &listener));
@@ -1044,6 +1044,17 @@ fn a_failed_migration_of_leaves_it_running(
     extra: &[&str],
     says: &str,
 ) {
+    a_failed_migration_of_leaves_it_running_as(sock, (source, SMALL), to, extra, says);
+}
+
+/// [`a_failed_migration_of_leaves_it_running`] for a run of `mix`.
+fn a_failed_migration_of_leaves_it_running_as(
+    sock: &Path,
+    (source, mix): (Child, Mix),
+    to: &str,
+    extra: &[&str],
+    says: &str,
+) {
     let out = migrate_send_with(sock, to, extra);
     assert!(!out.status.success());
     let err = text(&out.stderr);
@@ -1057,7 +1068,7 @@ fn a_failed_migration_of_leaves_it_running(
     assert_eq!(migration["status"], "failed");
     // Let it finish: release the hold point.
     set_hold(sock, None);
-    finishes_right(source);
+    finishes_right_as(source, mix);
 }
 
 #[test]
@@ -1841,6 +1852,90 @@ fn a_pre_copy_source_that_leaves_a_page_out_is_refused_by_name() {
         err.contains("the source finished without sending every page of RAM: 1 never came, the first at 0x5000"),
         "{err}"
     );
+}
+
+#[test]
+fn a_destination_that_gives_up_mid_pass_is_heard_at_once() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // A destination that fails part way through the first pass says why, then takes what
+    // is still on the way without a look (closing with bytes unread would reset the
+    // connection, which can throw its reason away). The source must stop at its next run of
+    // pages and say why, not send the rest of the pass (64 MiB of data) to no one first.
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        while !matches!(read_message(&mut reader).unwrap(), Message::Pages { .. }) {}
+        write_message(
+            &mut writer,
+            &Message::Abort("no room for the VM's memory here".into()),
+        )
+        .unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+        // Bounded: a source that never stops fails the test instead of hanging it.
+        reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut after = Vec::new();
+        reader.read_to_end(&mut after).unwrap();
+        after.len()
+    });
+    let tmp = TempDir::new("migrate-pre-gives-up-mid-pass");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, BIG);
+    a_failed_migration_of_leaves_it_running_as(
+        &sock,
+        (source, BIG),
+        &addr,
+        &["--mode", "pre"],
+        "the destination gave up the migration: no room for the VM's memory here",
+    );
+    let after = fake.join().unwrap();
+    // What the sockets held when the abort came, and a run: a few MiB, not the pass.
+    assert!(
+        after < 16 << 20,
+        "{after} bytes came after the abort, of a 64 MiB pass"
+    );
+}
+
+#[test]
+fn a_destination_that_refuses_a_source_mid_stream_takes_what_is_on_the_way_and_is_heard() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    // A destination that gives up says why, then takes what the source still sends until it
+    // closes: a destination that closed with bytes unread would reset the connection, failing
+    // the source's writes and throwing away the reason before the source reads it.
+    let destination = Destination::spawn(&["--json"]);
+    let (mut reader, mut writer) = greeting(&destination.addr);
+    let outside = Message::Pages {
+        gpa: 1 << 40,
+        data: vec![1; 4096],
+    };
+    write_message(&mut writer, &outside).unwrap();
+    // A source that has not looked yet goes on sending (64 MiB, more than the sockets hold).
+    let run = Message::Pages {
+        gpa: 0x10_0000,
+        data: vec![7; 1 << 20],
+    };
+    for sent in 0..64 {
+        if let Err(e) = write_message(&mut writer, &run) {
+            panic!("the destination reset the connection after {sent} MiB: {e}");
+        }
+    }
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let said = match read_message(&mut reader) {
+        Ok(Message::Abort(reason)) => reason,
+        other => panic!("the destination's reason was lost: {other:?}"),
+    };
+    let why = "a pages message names memory outside the VM: 1 pages at 0x10000000000";
+    assert!(said.contains(why), "{said}");
+    drop((reader, writer));
+    let (status, err) = ended_within_a_minute(destination, "the source to close", || {});
+    assert!(!status.success());
+    assert!(err.contains(why), "{err}");
 }
 
 #[test]

@@ -202,6 +202,23 @@ impl Channel {
         Ok(())
     }
 
+    /// Whether the peer has sent something that no read has taken yet, or ended the
+    /// connection (asked without waiting; bytes a `BufReader` over it holds already are not
+    /// seen).
+    pub fn has_news(&self) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let mut fds = match self {
+            Channel::Tcp(s) => [PollFd::new(s, PollFlags::IN)],
+            Channel::Tls(s, _) => [PollFd::new(s, PollFlags::IN)],
+        };
+        // An error asking counts as news: the read that follows says what it is.
+        poll(&mut fds, Some(&zero)).map_or(true, |ready| ready > 0)
+    }
+
     /// Ends the connection both ways (a reader blocked on it returns).
     pub fn shutdown(&self) {
         self.shutdown_how(Shutdown::Both);

@@ -1,10 +1,10 @@
 //! The destination side: take the pages into fresh guest RAM, then build the VM from the state
 //! through the restore path, and say so.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use migrate::{read_message, read_message_reusing, write_message, Message};
@@ -115,8 +115,31 @@ pub fn receive(
         // Tell the source why, if it still listens: it then keeps its VM running.
         let _ = write_message(&mut writer, &Message::Abort(format!("{e:#}")));
         let _ = writer.flush();
+        writer.get_ref().shutdown_write();
+        drain(&mut reader);
     }
     result
+}
+
+/// How long a destination that gave up takes what the source still sends, at most.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops what the source still sends until it closes the connection (for
+/// [`DRAIN_TIME`] at most): a socket closed with bytes unread resets the connection, and a
+/// reset can throw away the abort just sent before the source reads it. (A source in the
+/// middle of a round stops at its next run of pages once the abort is there.)
+fn drain(reader: &mut BufReader<Channel>) {
+    let until = Instant::now() + DRAIN_TIME;
+    let mut scratch = vec![0u8; 64 << 10];
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || reader.get_ref().set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match reader.read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn take(

@@ -430,12 +430,10 @@ fn run(
     let migration = super::new_migration_id();
     let copied = match options.mode {
         Mode::Post => None,
-        Mode::Pre | Mode::Hybrid => Some(copy_rounds(
-            (&mut writer, &mut reader),
-            handle,
-            options,
-            taken,
-        )?),
+        Mode::Pre | Mode::Hybrid => Some(
+            copy_rounds((&mut writer, &mut reader), handle, options, taken)
+                .map_err(|e| with_destination_reason(e, &mut reader))?,
+        ),
     };
     let goes_post = copied
         .as_ref()
@@ -684,6 +682,7 @@ fn copy_rounds<'a>(
     let mut pages_of = PageReader::new(handle.ram(), options.holes_are_zero);
     pages_of.pacer = Pacer::new(options.max_bandwidth);
     pages_of.give_up = Some(options.give_up.clone());
+    pages_of.peer = Some(reader.get_ref().try_clone()?);
     let policy = RoundPolicy {
         mode: options.mode,
         downtime: options.downtime,
@@ -772,8 +771,29 @@ fn copy_rounds<'a>(
         took: began.elapsed(),
         ended_by,
         throttling,
-        pages_of,
+        // After the rounds the destination speaks on its own (a hybrid's answers).
+        pages_of: PageReader {
+            peer: None,
+            ..pages_of
+        },
     })
+}
+
+/// The destination sent something in the middle of a round, or ended the connection.
+#[derive(Debug, thiserror::Error)]
+#[error("the destination spoke in the middle of a round, or ended the connection")]
+struct DestinationSpoke;
+
+/// `error`, which ended the rounds, with the destination's reason if it gave up (looked for
+/// when it spoke, or when a write to it failed).
+fn with_destination_reason(error: anyhow::Error, reader: &mut BufReader<Channel>) -> anyhow::Error {
+    let heard = error
+        .chain()
+        .any(|e| e.is::<DestinationSpoke>() || e.is::<std::io::Error>());
+    match heard.then(|| abort_reason(reader)).flatten() {
+        Some(reason) => error.context(format!("the destination gave up the migration: {reason}")),
+        None => error,
+    }
 }
 
 /// Pages of the first pass sent between two looks at what the guest writes meanwhile: 64 MiB,
@@ -1120,6 +1140,10 @@ pub(super) struct PageReader<'a> {
     pacer: Option<Pacer>,
     /// Looked at before each run (the rounds' reader: a give-up is still safe while it sends).
     give_up: Option<GiveUp>,
+    /// The connection from the destination, looked at before each run of the rounds: in the
+    /// middle of a round a destination speaks only to give up (or it has gone), and the
+    /// source stops at once to hear why, instead of sending the rest of the round to no one.
+    peer: Option<Channel>,
     /// Each region's memfd data extents, found by the first [`send_paused`](Self::send_paused)
     /// run in it.
     data_extents: std::collections::HashMap<usize, Vec<(u64, u64)>>,
@@ -1136,6 +1160,7 @@ impl<'a> PageReader<'a> {
             holes_are_zero,
             pacer: None,
             give_up: None,
+            peer: None,
             data_extents: std::collections::HashMap::new(),
             #[cfg(test)]
             read_in_place: 0,
@@ -1177,6 +1202,9 @@ impl<'a> PageReader<'a> {
     ) -> anyhow::Result<()> {
         if let Some(give_up) = &self.give_up {
             give_up.check()?;
+        }
+        if self.peer.as_ref().is_some_and(Channel::has_news) {
+            return Err(DestinationSpoke.into());
         }
         if self.holes_are_zero && self.ram.is_hole(gpa, count * PAGE_SIZE) {
             // Never written (or punched out): zeros, without reading a byte.
