@@ -411,6 +411,10 @@ enum MigrateCommand {
         /// fails the migration, naming it).
         #[arg(long)]
         verify_arrival: bool,
+        /// The most guest RAM to take: the source says how much its VM has, and one with more
+        /// is refused before anything is allocated. Default: this host's memory.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_mem: Option<u64>,
         /// Print the reports as JSON.
         #[arg(long)]
         json: bool,
@@ -1136,6 +1140,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             hold_at,
             paused,
             verify_arrival,
+            max_mem,
             json,
         } => receive_migration(
             &listen,
@@ -1145,6 +1150,10 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 hold_at,
                 paused,
                 verify: verify_arrival,
+                max_ram: match max_mem {
+                    Some(size) => size,
+                    None => host_memory()?,
+                },
             },
             json,
         ),
@@ -1187,6 +1196,8 @@ struct Arrival {
     paused: bool,
     /// Check the `counter` guest's memory before it runs.
     verify: bool,
+    /// The most guest RAM it may have.
+    max_ram: u64,
 }
 
 /// A progress line on stderr (a terminal only) while a migration runs.
@@ -1261,6 +1272,18 @@ fn show_progress(socket: &std::path::Path) -> ProgressLine {
 }
 
 /// `faultline migrate receive`: one VM in, run to the end.
+/// This host's memory (`MemTotal`), the most guest RAM `migrate receive` takes by default.
+fn host_memory() -> anyhow::Result<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    meminfo
+        .lines()
+        .find_map(|line| {
+            let kib = line.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?;
+            kib.trim().parse::<u64>().ok()?.checked_mul(1024)
+        })
+        .context("/proc/meminfo says no MemTotal: give migrate receive --max-mem")
+}
+
 fn receive_migration(
     listen: &str,
     api_sock: Option<&std::path::Path>,
@@ -1293,6 +1316,7 @@ fn receive_migration(
         &listener,
         tls.as_ref(),
         config,
+        arrival.max_ram,
         api_sock.is_some(),
     )?;
     drop(listener);

@@ -1939,6 +1939,24 @@ fn a_destination_that_refuses_a_source_mid_stream_takes_what_is_on_the_way_and_i
 }
 
 #[test]
+fn a_vm_with_more_ram_than_the_destination_takes_is_refused_and_runs_on() {
+    require_kvm!();
+    // The source says how much RAM its VM has: a destination takes at most --max-mem (by
+    // default its host's memory), refusing more before it allocates anything.
+    let destination = Destination::spawn(&["--json", "--max-mem", "3M"]);
+    let why = "the source's VM has 4 MiB of RAM, more than the 3 MiB this destination takes \
+               (--max-mem)";
+    a_failed_migration_leaves_the_source_running(
+        "migrate-max-mem",
+        &destination.addr,
+        &format!("the destination refused the migration: {why}"),
+    );
+    let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
+    assert!(!status.success());
+    assert!(err.contains(why), "{err}");
+}
+
+#[test]
 fn a_page_request_connection_that_names_another_migration_is_refused() {
     require_kvm!();
     use migrate::{read_message, write_message, Message};

@@ -85,12 +85,14 @@ impl Drop for Arrived {
 
 /// Takes one migration from a connection `listener` accepts, and builds its VM with `config`
 /// (its vCPU count comes from the state). Refuses (and tells the source why) a VM this host
-/// cannot take; any error leaves nothing behind. With `recoverable`, a post-copy whose
-/// connection breaks waits to be recovered (through the API) rather than failing.
+/// cannot take (one with more than `max_ram` bytes of RAM among them: the source says how
+/// much); any error leaves nothing behind. With `recoverable`, a post-copy whose connection
+/// breaks waits to be recovered (through the API) rather than failing.
 pub fn receive(
     listener: &TcpListener,
     tls: Option<&Tls>,
     config: VmConfig,
+    max_ram: u64,
     recoverable: bool,
 ) -> anyhow::Result<Arrived> {
     let (stream, peer) = listener
@@ -105,9 +107,9 @@ pub fn receive(
     let result = take(
         listener,
         tls,
-        &mut reader,
-        &mut writer,
+        (&mut reader, &mut writer),
         config,
+        max_ram,
         started,
         incoming,
     );
@@ -145,9 +147,9 @@ fn drain(reader: &mut BufReader<Channel>) {
 fn take(
     listener: &TcpListener,
     tls: Option<&Tls>,
-    reader: &mut BufReader<Channel>,
-    writer: &mut BufWriter<Channel>,
+    (reader, writer): (&mut BufReader<Channel>, &mut BufWriter<Channel>),
     config: VmConfig,
+    max_ram: u64,
     started: Instant,
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
@@ -164,6 +166,14 @@ fn take(
         Err(e) => return Err(anyhow::Error::from(e).context("the source's hello was refused")),
     };
     let size = theirs.layout.pages() * PAGE_SIZE;
+    if size > max_ram {
+        bail!(
+            "the source's VM has {} MiB of RAM, more than the {} MiB this destination takes \
+             (--max-mem)",
+            size >> 20,
+            max_ram >> 20
+        );
+    }
     let ram = GuestRam::new(size).context("cannot create guest RAM for the arriving VM")?;
     let ours = identity(&ram, theirs.vcpus)?;
     ours.check_matches(&theirs)
