@@ -1271,19 +1271,20 @@ fn show_progress(socket: &std::path::Path) -> ProgressLine {
     }
 }
 
-/// `faultline migrate receive`: one VM in, run to the end.
-/// This host's memory (`MemTotal`), the most guest RAM `migrate receive` takes by default.
+/// This host's memory (`MemTotal`, in whole MiB), the most guest RAM `migrate receive` takes
+/// by default.
 fn host_memory() -> anyhow::Result<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
     meminfo
         .lines()
         .find_map(|line| {
             let kib = line.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?;
-            kib.trim().parse::<u64>().ok()?.checked_mul(1024)
+            Some((kib.trim().parse::<u64>().ok()? >> 10) << 20)
         })
         .context("/proc/meminfo says no MemTotal: give migrate receive --max-mem")
 }
 
+/// `faultline migrate receive`: one VM in, run to the end.
 fn receive_migration(
     listen: &str,
     api_sock: Option<&std::path::Path>,

@@ -1759,7 +1759,7 @@ fn a_pre_copy_cut_by_the_network_leaves_the_source_running_right() {
             &format!("migrate-pre-cut-{run}"),
             &proxy.addr,
             &[],
-            "the migration failed",
+            "the connection to the destination was lost",
         );
         assert!(proxy.has_cut());
         let refused = destination.child.wait_with_output().unwrap();
@@ -1995,6 +1995,7 @@ fn a_page_request_connection_that_names_another_migration_is_refused() {
     let why = "the page-request connection names migration 0000000000002222; \
                the one here is 0000000000001111";
     assert_eq!(said, why);
+    drop((_reader, writer, requests_reader, requests_writer));
     let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
     assert!(!status.success());
     assert!(err.contains(why), "{err}");

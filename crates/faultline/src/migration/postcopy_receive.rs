@@ -369,21 +369,24 @@ fn accept_requests_link(
     give_up: &dyn Fn() -> Option<&'static str>,
 ) -> anyhow::Result<(BufReader<Channel>, BufWriter<Channel>)> {
     let (mut reader, mut writer) = accept_link(listener, tls, ours, deadline, give_up)?;
-    let refusal = match read_within(&mut reader, REPLY_TIMEOUT)
-        .context("no migration named after the hello")?
-    {
-        Message::Requests { migration: named } if named == migration => {
-            return Ok((reader, writer))
-        }
-        Message::Requests { migration: named } => format!(
-            "the page-request connection names migration {named:016x}; the one here is \
+    let wait = deadline.map_or(REPLY_TIMEOUT, |d| {
+        d.saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), REPLY_TIMEOUT)
+    });
+    let refusal =
+        match read_within(&mut reader, wait).context("no migration named after the hello")? {
+            Message::Requests { migration: named } if named == migration => {
+                return Ok((reader, writer))
+            }
+            Message::Requests { migration: named } => format!(
+                "the page-request connection names migration {named:016x}; the one here is \
              {migration:016x}"
-        ),
-        other => format!(
-            "the page-request connection began with {}, not the migration it serves",
-            other.name()
-        ),
-    };
+            ),
+            other => format!(
+                "the page-request connection began with {}, not the migration it serves",
+                other.name()
+            ),
+        };
     let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
     let _ = writer.flush();
     bail!("{refusal}")

@@ -167,11 +167,17 @@ fn take(
     };
     let size = theirs.layout.pages() * PAGE_SIZE;
     if size > max_ram {
+        let said = |bytes: u64| {
+            if bytes.is_multiple_of(1 << 20) {
+                format!("{} MiB", bytes >> 20)
+            } else {
+                format!("{bytes} bytes")
+            }
+        };
         bail!(
-            "the source's VM has {} MiB of RAM, more than the {} MiB this destination takes \
-             (--max-mem)",
-            size >> 20,
-            max_ram >> 20
+            "the source's VM has {} of RAM, more than the {} this destination takes (--max-mem)",
+            said(size),
+            said(max_ram)
         );
     }
     let ram = GuestRam::new(size).context("cannot create guest RAM for the arriving VM")?;

@@ -516,19 +516,22 @@ fn switch_over(
     drop(throttling);
     pending.merge(&take(handle, taken)?);
     options.progress.phase("switch-over", pending.count());
-    write_message(
-        &mut writer,
-        &Message::SwitchOver {
+    // The rounds' reader (its buffer in memory already), without their cap: the guest waits.
+    // It still looks at the destination before each run: it says nothing until it has built
+    // the VM, unless it gives up.
+    pages_of.pacer = None;
+    let last = || -> anyhow::Result<()> {
+        let switch_over = Message::SwitchOver {
             post_copy: false,
             migration,
-        },
-    )?;
-    // The rounds' reader (its buffer in memory already), without their cap: the guest waits.
-    pages_of.pacer = None;
-    send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
-    write_message(&mut writer, &state_message(handle, guest)?)?;
-    write_message(&mut writer, &Message::Done)?;
-    writer.flush()?;
+        };
+        write_message(&mut writer, &switch_over)?;
+        send_pages(&mut writer, &mut pages_of, &pending, &mut sent)?;
+        write_message(&mut writer, &state_message(handle, guest)?)?;
+        write_message(&mut writer, &Message::Done)?;
+        Ok(writer.flush()?)
+    };
+    last().map_err(|e| with_destination_reason(e, &mut reader))?;
     // The destination builds the VM and waits for the go-ahead before it runs it: until this
     // side gives it, a failure leaves the VM here only, and a destination that says nothing
     // (stalled, or hostile) must not keep it paused here.
@@ -633,7 +636,10 @@ fn sync(writer: &mut BufWriter<Channel>, reader: &mut BufReader<Channel>) -> any
     match read_within(reader, REPLY_TIMEOUT)
         .context("the destination did not take the pre-copy rounds")?
     {
-        Message::Sync => Ok(()),
+        // Anything it sent after its answer is already in the buffer, where the look before
+        // each run of the next round (at the socket) would not see it: it is heard now.
+        Message::Sync if reader.buffer().is_empty() => Ok(()),
+        Message::Sync => Err(with_destination_reason(DestinationSpoke.into(), reader)),
         Message::Abort(reason) => bail!("the destination gave up the migration: {reason}"),
         other => bail!("the destination answered a sync with {}", other.name()),
     }
@@ -771,11 +777,7 @@ fn copy_rounds<'a>(
         took: began.elapsed(),
         ended_by,
         throttling,
-        // After the rounds the destination speaks on its own (a hybrid's answers).
-        pages_of: PageReader {
-            peer: None,
-            ..pages_of
-        },
+        pages_of,
     })
 }
 
@@ -784,15 +786,26 @@ fn copy_rounds<'a>(
 #[error("the destination spoke in the middle of a round, or ended the connection")]
 struct DestinationSpoke;
 
-/// `error`, which ended the rounds, with the destination's reason if it gave up (looked for
-/// when it spoke, or when a write to it failed).
+/// `error`, which ended the sending of pages before the switch-over's answer, as what the
+/// destination did, if it did something (looked for when it spoke, or a write to it failed):
+/// its reason, if it gave up; the end of the connection, if it closed it (named then as a
+/// connection lost).
 fn with_destination_reason(error: anyhow::Error, reader: &mut BufReader<Channel>) -> anyhow::Error {
-    let heard = error
-        .chain()
-        .any(|e| e.is::<DestinationSpoke>() || e.is::<std::io::Error>());
-    match heard.then(|| abort_reason(reader)).flatten() {
-        Some(reason) => error.context(format!("the destination gave up the migration: {reason}")),
-        None => error,
+    let spoke = error.chain().any(|e| e.is::<DestinationSpoke>());
+    if !spoke && !error.chain().any(|e| e.is::<std::io::Error>()) {
+        return error;
+    }
+    match read_within(reader, Duration::from_secs(1)) {
+        Ok(Message::Abort(reason)) => {
+            anyhow::anyhow!("the destination gave up the migration: {reason}")
+        }
+        Ok(other) if spoke => anyhow::anyhow!(
+            "the destination sent {} while this side sent pages",
+            other.name()
+        ),
+        Err(end) if spoke && !end.is_timeout() => anyhow::Error::from(end)
+            .context("the destination's connection ended while this side sent pages"),
+        _ => error,
     }
 }
 
