@@ -1679,6 +1679,70 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
 }
 
 #[test]
+fn a_recovery_whose_page_request_connection_names_another_migration_is_refused() {
+    require_kvm!();
+    use migrate::{read_message, write_message, Message};
+    let tmp = TempDir::new("migrate-recover-requests");
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
+    let source = spawn_mix_written(&sock, MID);
+    // The migration's name, read on its way, and a cut in the page stream.
+    let named = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let gate = MessageGate::start(&destination.addr, {
+        let named = std::sync::Arc::clone(&named);
+        move |message: &Message| {
+            if let Message::SwitchOver { migration, .. } = message {
+                *named.lock().unwrap() = Some(*migration);
+            }
+        }
+    });
+    post_copy_cut(&sock, &dsock, &gate.addr, &["--mode", "post"], 4 << 20);
+    let migration = named.lock().unwrap().expect("no switch-over went by");
+
+    // A peer that knows the name resumes, but its page-request connection names another
+    // migration: refused, saying why, and the attempt fails.
+    let at = recover(&dsock);
+    let mem = (4 + MID.pages * 4096 / (1 << 20)) << 20;
+    let (mut reader, mut writer) = greeting_vm(&at, mem);
+    write_message(&mut writer, &Message::Resume { migration }).unwrap();
+    assert!(matches!(
+        read_message(&mut reader),
+        Ok(Message::Received { .. })
+    ));
+    let (mut requests_reader, mut requests_writer) = greeting_vm(&at, mem);
+    let other = migration ^ 1;
+    write_message(
+        &mut requests_writer,
+        &Message::Requests { migration: other },
+    )
+    .unwrap();
+    requests_reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    match read_message(&mut requests_reader) {
+        Ok(Message::Abort(why)) => assert_eq!(
+            why,
+            format!(
+                "the page-request connection names migration {other:016x}; the one here is \
+                 {migration:016x}"
+            )
+        ),
+        other => panic!("the page-request connection was answered with {other:?}"),
+    }
+    drop((reader, writer, requests_reader, requests_writer));
+    let failed = wait_for_migration_in(&dsock, &["postcopy-paused"], Duration::from_secs(30));
+    // The source itself then resumes on the same listener, and the migration completes.
+    let out = migrate_send_with(&sock, &at, &["--resume"]);
+    assert!(out.status.success(), "{failed}: {}", text(&out.stderr));
+    let report = json_report(&text(&out.stdout));
+    assert_eq!(report["status"], "completed", "{report}");
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    check_arrived(destination.child, MID);
+}
+
+#[test]
 fn a_post_copy_stream_damaged_on_the_way_pauses_and_is_recovered() {
     // Nothing damaged went in: the destination waits for the source, as after a cut.
     damaged_post_copy_is_recovered("migrate-damaged", false, |why| {
