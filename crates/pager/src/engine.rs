@@ -32,8 +32,6 @@ use crate::source::{Content, SourceError};
 use crate::stats::{Counters, FaultOrigin};
 use crate::{FailurePolicy, PagerConfig};
 
-/// Events read per read(2).
-const EVENT_BATCH: usize = 64;
 /// The first wait after an install is refused with EAGAIN; it doubles up to the cap.
 const AGAIN_FIRST_WAIT: Duration = Duration::from_micros(20);
 const AGAIN_MAX_WAIT: Duration = Duration::from_millis(5);
@@ -962,7 +960,9 @@ impl Shared {
     pub(crate) fn read_events(&self, queue: &mut EventQueue) -> Result<usize, UffdError> {
         let _gate = self.event_gate.write().unwrap_or_else(|e| e.into_inner());
         queue.scratch.clear();
-        let n = self.uffd.read_events(&mut queue.scratch, EVENT_BATCH)?;
+        let n = self
+            .uffd
+            .read_events(&mut queue.scratch, self.config.events_per_read.max(1))?;
         queue.read_at = Some(Instant::now());
         if n > 0 {
             self.counters.note_batch(n as u64);

@@ -56,6 +56,12 @@ pub enum FailurePolicy {
 pub struct PagerConfig {
     /// Fault-service threads.
     pub fault_threads: usize,
+    /// Events a fault thread reads at once (at least 1). A fault read in the same batch as
+    /// one whose fetch waits on its source waits behind it: a pager over a source that waits
+    /// on a peer for each fetch (a post-copy destination's) reads one at a time, with a fault
+    /// thread for each thread that may fault, so that a slow page never holds up another's
+    /// request.
+    pub events_per_read: usize,
     /// Pages installed per fault, the faulting one first (1 = read-ahead off).
     pub readahead_pages: usize,
     /// Pages per background install.
@@ -83,6 +89,7 @@ impl Default for PagerConfig {
     fn default() -> Self {
         PagerConfig {
             fault_threads: 1,
+            events_per_read: 64,
             readahead_pages: 1,
             background_batch_pages: 64,
             background_rate: None,

@@ -361,6 +361,111 @@ fn a_fault_read_before_another_thread_installed_its_page_is_only_woken() {
     pager.shutdown();
 }
 
+/// A source that holds the fetches of the pages in `held` until they are let go, each on its
+/// own, and notes every page fetched.
+struct HoldingSource {
+    inner: MemorySource,
+    held: Mutex<Vec<usize>>,
+    let_go: std::sync::Condvar,
+    fetches: Mutex<Vec<usize>>,
+}
+
+impl HoldingSource {
+    fn let_go(&self, page: usize) {
+        self.held.lock().unwrap().retain(|&p| p != page);
+        self.let_go.notify_all();
+    }
+
+    fn fetched(&self, page: usize) -> bool {
+        self.fetches.lock().unwrap().contains(&page)
+    }
+}
+
+impl PageSource for HoldingSource {
+    fn describe(&self) -> String {
+        "holding".into()
+    }
+    fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
+        let pages = offset as usize / PAGE..(offset as usize + buf.len()) / PAGE;
+        self.fetches.lock().unwrap().extend(pages.clone());
+        let mut held = self.held.lock().unwrap();
+        while held.iter().any(|page| pages.contains(page)) {
+            held = self.let_go.wait(held).unwrap();
+        }
+        drop(held);
+        self.inner.fetch(offset, buf)
+    }
+}
+
+#[test]
+fn read_one_event_at_a_time_a_slow_page_never_holds_up_another_fault() {
+    const PAGES: usize = 16;
+    let (c, d, a, b) = (1, 3, 5, 9);
+    if !wchan_names_functions() {
+        eprintln!("SKIPPED: /proc/PID/task/TID/wchan does not say where a thread sleeps here");
+        return;
+    }
+    // As a post-copy destination's pager: a fault thread per toucher, one event per read.
+    let Some(mut builder) = builder(PagerConfig {
+        fault_threads: 2,
+        events_per_read: 1,
+        ..unpredicted()
+    }) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let source = Arc::new(HoldingSource {
+        inner: MemorySource::new(pattern(PAGES)),
+        held: Mutex::new(vec![c, d, a]),
+        let_go: std::sync::Condvar::new(),
+        fetches: Mutex::new(Vec::new()),
+    });
+    serve(
+        &mut builder,
+        &shm,
+        Arc::clone(&source) as Arc<dyn PageSource>,
+    );
+    let pager = builder.start().unwrap();
+    let value = |page: usize| page as u64 * 0x1_0001 + 7;
+    // Both fault threads are held, in the fetches of pages c and d, while pages a and b are
+    // faulted: both events wait to be read at once.
+    let toucher = |page: usize| {
+        let addr = shm.page(page);
+        std::thread::spawn(move || read_u64(addr))
+    };
+    let toucher_c = toucher(c);
+    wait_until("page c's fetch", || source.fetched(c));
+    let toucher_d = toucher(d);
+    wait_until("page d's fetch", || source.fetched(d));
+    let toucher_a = toucher_in_fault(shm.page(a));
+    let toucher_b = toucher_in_fault(shm.page(b));
+    source.let_go(c);
+    source.let_go(d);
+    // One thread takes a's fault and is held in its fetch; the other serves b meanwhile (read
+    // in one batch with a's, b's fault would wait behind it).
+    wait_until("page a's fetch", || source.fetched(a));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !toucher_b.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let served_meanwhile = toucher_b.is_finished() && !toucher_a.is_finished();
+    // Let go before asserting, so that a failure ends the test rather than hangs it.
+    source.let_go(a);
+    for (toucher, page) in [
+        (toucher_a, a),
+        (toucher_b, b),
+        (toucher_c, c),
+        (toucher_d, d),
+    ] {
+        assert_eq!(toucher.join().unwrap(), value(page));
+    }
+    pager.shutdown();
+    assert!(
+        served_meanwhile,
+        "page b's fault waited for page a's fetch to end"
+    );
+}
+
 #[test]
 fn removed_pages_are_served_again_as_zero() {
     const PAGES: usize = 8;

@@ -551,9 +551,11 @@ fn post_copy(
             // Faults ask the source for their own pages only: the stream brings the rest.
             predict: false,
             // A fault thread waits for the source's answer: one for each vCPU and one for
-            // the VMM's own threads, so that a page asked for seldom holds up another fault
-            // (only one read in the same batch of events waits behind it).
+            // the VMM's own threads, each reading one fault at a time, so that a page asked
+            // for never holds up another fault's request (a fault waits only when more
+            // threads fault at once than that, and then for whichever answer comes first).
             fault_threads: vm.vcpus().len() + 1,
+            events_per_read: 1,
             ..PagerConfig::default()
         },
         &link,
