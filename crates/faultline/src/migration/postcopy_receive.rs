@@ -380,16 +380,22 @@ fn accept_requests_link(
             }
             Message::Requests { migration: named } => format!(
                 "the page-request connection names migration {named:016x}; the one here is \
-             {migration:016x}"
+                 {migration:016x}"
             ),
             other => format!(
                 "the page-request connection began with {}, not the migration it serves",
                 other.name()
             ),
         };
-    let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
+    Err(refused(&mut writer, refusal))
+}
+
+/// Tells the peer on `writer` why its connection is refused (if it still listens): the
+/// refusal, as this side's error.
+fn refused(writer: &mut BufWriter<Channel>, refusal: String) -> anyhow::Error {
+    let _ = write_message(writer, &Message::Abort(refusal.clone()));
     let _ = writer.flush();
-    bail!("{refusal}")
+    anyhow::anyhow!(refusal)
 }
 
 /// What the stream thread works with.
@@ -554,9 +560,7 @@ fn resume_from(
             "the resume names migration {migration:016x}; the one here is {}",
             named_here.map_or_else(|| "unnamed".to_string(), |m| format!("{m:016x}"))
         );
-        let _ = write_message(&mut writer, &Message::Abort(refusal.clone()));
-        let _ = writer.flush();
-        bail!("{refusal}");
+        return Err(refused(&mut writer, refusal));
     }
     if source.is_some() {
         incoming.recovering();
