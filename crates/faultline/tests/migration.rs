@@ -37,6 +37,13 @@ struct Mix {
     env: &'static [(&'static str, &'static str)],
 }
 
+impl Mix {
+    /// The RAM its run has, in MiB: its range and 4 MiB more.
+    fn ram_mib(&self) -> u64 {
+        4 + self.pages * 4096 / (1 << 20)
+    }
+}
+
 /// The small guest: every pass rewrites all its pages (in 1 ms or so).
 const SMALL: Mix = Mix {
     guest: "mix",
@@ -67,7 +74,7 @@ fn spawn_source(sock: &Path, cpus: u8) -> Child {
 }
 
 fn spawn_mix(sock: &Path, mix: Mix) -> Child {
-    let mem = format!("{}M", 4 + mix.pages * 4096 / (1 << 20));
+    let mem = format!("{}M", mix.ram_mib());
     let (passes, hold, cpus, pages) = (
         mix.passes.to_string(),
         mix.hold.to_string(),
@@ -1702,35 +1709,22 @@ fn a_recovery_whose_page_request_connection_names_another_migration_is_refused()
     // A peer that knows the name resumes, but its page-request connection names another
     // migration: refused, saying why, and the attempt fails.
     let at = recover(&dsock);
-    let mem = (4 + MID.pages * 4096 / (1 << 20)) << 20;
+    let mem = MID.ram_mib() << 20;
     let (mut reader, mut writer) = greeting_vm(&at, mem);
     write_message(&mut writer, &Message::Resume { migration }).unwrap();
     assert!(matches!(
         read_message(&mut reader),
         Ok(Message::Received { .. })
     ));
-    let (mut requests_reader, mut requests_writer) = greeting_vm(&at, mem);
     let other = migration ^ 1;
-    write_message(
-        &mut requests_writer,
-        &Message::Requests { migration: other },
-    )
-    .unwrap();
-    requests_reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    match read_message(&mut requests_reader) {
-        Ok(Message::Abort(why)) => assert_eq!(
-            why,
-            format!(
-                "the page-request connection names migration {other:016x}; the one here is \
-                 {migration:016x}"
-            )
-        ),
-        other => panic!("the page-request connection was answered with {other:?}"),
-    }
-    drop((reader, writer, requests_reader, requests_writer));
+    assert_eq!(
+        page_requests_refused(&at, mem, other),
+        format!(
+            "the page-request connection names migration {other:016x}; the one here is \
+             {migration:016x}"
+        )
+    );
+    drop((reader, writer));
     let failed = wait_for_migration_in(&dsock, &["postcopy-paused"], Duration::from_secs(30));
     // The source itself then resumes on the same listener, and the migration completes.
     let out = migrate_send_with(&sock, &at, &["--resume"]);
@@ -1850,6 +1844,23 @@ fn ended_within_a_minute(
         || format!("the destination still waits for {waiting_for} after a minute"),
     );
     (status, destination.stderr.join().unwrap())
+}
+
+/// Opens a page-request connection to `at` that names `migration`, playing a source of a
+/// one-vCPU VM with `mem` bytes of RAM: the reason the destination refuses it with (one it
+/// takes fails the test, after 20 s at most, instead of hanging it).
+fn page_requests_refused(at: &str, mem: u64, migration: u64) -> String {
+    use migrate::{read_message, write_message, Message};
+    let (mut reader, mut writer) = greeting_vm(at, mem);
+    write_message(&mut writer, &Message::Requests { migration }).unwrap();
+    reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    match read_message(&mut reader) {
+        Ok(Message::Abort(reason)) => reason,
+        other => panic!("the page-request connection was answered with {other:?}, not refused"),
+    }
 }
 
 /// Plays a source of an 8 MiB, one-vCPU VM to `destination` up to the hellos: the
@@ -2023,7 +2034,7 @@ fn a_vm_with_more_ram_than_the_destination_takes_is_refused_and_runs_on() {
 #[test]
 fn a_page_request_connection_that_names_another_migration_is_refused() {
     require_kvm!();
-    use migrate::{read_message, write_message, Message};
+    use migrate::{write_message, Message};
     // Only the source that began a post-copy may answer its page faults: a connection that
     // passes the hello but names another migration is told why and refused, and the
     // migration ends before the VM is built (its source runs on).
@@ -2041,25 +2052,11 @@ fn a_page_request_connection_that_names_another_migration_is_refused() {
     for message in [switch_over, none_stale] {
         write_message(&mut writer, &message).unwrap();
     }
-    let (mut requests_reader, mut requests_writer) = greeting(&destination.addr);
-    write_message(
-        &mut requests_writer,
-        &Message::Requests { migration: 0x2222 },
-    )
-    .unwrap();
-    // Bounded: a destination that takes the connection fails the test instead of hanging it.
-    requests_reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let said = match read_message(&mut requests_reader) {
-        Ok(Message::Abort(reason)) => reason,
-        other => panic!("the connection was answered with {other:?}, not refused"),
-    };
+    let said = page_requests_refused(&destination.addr, 8 << 20, 0x2222);
     let why = "the page-request connection names migration 0000000000002222; \
                the one here is 0000000000001111";
     assert_eq!(said, why);
-    drop((_reader, writer, requests_reader, requests_writer));
+    drop((_reader, writer));
     let (status, err) = ended_within_a_minute(destination, "its refusal", || {});
     assert!(!status.success());
     assert!(err.contains(why), "{err}");
