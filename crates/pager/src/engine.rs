@@ -74,8 +74,11 @@ pub(crate) struct Shared {
     pub counters: Counters,
     pub stop: AtomicBool,
     pub stop_evt: std::os::fd::OwnedFd,
-    /// Faults read but not yet answered: the background worker yields while this is non-zero.
+    /// Faults read but not yet answered: background fill waits while this is non-zero.
     pub urgent_pending: AtomicU64,
+    /// The background worker waits (on `background_cv`) for `urgent_pending` to reach zero:
+    /// the fault thread that brings it there wakes it.
+    pub fill_waits_for_faults: AtomicBool,
     pub background: Mutex<Jobs>,
     pub background_cv: Condvar,
     /// Follows each toucher's faults and says what to install ahead (`None`: prediction off).
@@ -1000,7 +1003,7 @@ impl Shared {
                 } else {
                     self.serve_missing(address, thread_id, queue, buf);
                 }
-                self.urgent_pending.fetch_sub(1, Ordering::AcqRel);
+                self.fault_answered();
             }
             // Applied when read (see `read_events`).
             Event::Remove { .. } | Event::Unmap { .. } => {}
@@ -1099,6 +1102,36 @@ impl Shared {
         }
     }
 
+    /// Waits while faults are being served (fill comes after them; a core spent spinning here
+    /// would be taken from the fault threads and vCPUs). Woken by `fault_answered` or a stop.
+    fn wait_out_urgent_faults(&self) {
+        if self.urgent_pending.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        // Said before the count is looked at again, under the lock the wake-up takes: a fault
+        // answered after this look wakes the wait, one answered before it ends it.
+        self.fill_waits_for_faults.store(true, Ordering::SeqCst);
+        while self.urgent_pending.load(Ordering::SeqCst) > 0 && !self.stopping() {
+            queue = self
+                .background_cv
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        self.fill_waits_for_faults.store(false, Ordering::SeqCst);
+    }
+
+    /// A fault read from the userfaultfd has been answered: the last one outstanding lets a
+    /// waiting fill go on.
+    fn fault_answered(&self) {
+        if self.urgent_pending.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.fill_waits_for_faults.load(Ordering::SeqCst)
+        {
+            let _queue = self.background.lock().unwrap_or_else(|e| e.into_inner());
+            self.background_cv.notify_all();
+        }
+    }
+
     /// The next background job (predicted pages first), waiting for one, and whether it is
     /// fill; `None` once the pager stops.
     fn next_job(&self) -> Option<(Job, bool)> {
@@ -1120,7 +1153,7 @@ impl Shared {
         }
     }
 
-    /// The background worker: installs queued jobs in batches, yielding to urgent faults;
+    /// The background worker: installs queued jobs in batches, fill after urgent faults;
     /// fill keeps to the configured rate.
     pub fn background_loop(&self) {
         let mut fill_ctx = InstallContext::other();
@@ -1152,8 +1185,8 @@ impl Shared {
             while page < end {
                 // Urgent faults before fill: wait while any is being served. Predicted pages
                 // do not wait: they are what the faulting toucher needs next.
-                while fill && self.urgent_pending.load(Ordering::Acquire) > 0 && !self.stopping() {
-                    std::thread::yield_now();
+                if fill {
+                    self.wait_out_urgent_faults();
                 }
                 if let Some(rate) = self.config.background_rate.filter(|_| fill) {
                     let due = Duration::from_secs_f64(bytes_done as f64 / rate as f64);

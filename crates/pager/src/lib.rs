@@ -383,6 +383,7 @@ impl PagerBuilder {
             stop: AtomicBool::new(false),
             stop_evt,
             urgent_pending: AtomicU64::new(0),
+            fill_waits_for_faults: AtomicBool::new(false),
             background: Mutex::new(Jobs::default()),
             background_cv: Condvar::new(),
             predictor: (self.config.predict && !self.config.record_faults)

@@ -367,17 +367,36 @@ struct HoldingSource {
     inner: MemorySource,
     held: Mutex<Vec<usize>>,
     let_go: std::sync::Condvar,
-    fetches: Mutex<Vec<usize>>,
+    /// Each page fetched, with the thread that fetched it.
+    fetches: Mutex<Vec<(usize, i32)>>,
 }
 
 impl HoldingSource {
+    fn new(pages: usize, held: Vec<usize>) -> HoldingSource {
+        HoldingSource {
+            inner: MemorySource::new(pattern(pages)),
+            held: Mutex::new(held),
+            let_go: std::sync::Condvar::new(),
+            fetches: Mutex::new(Vec::new()),
+        }
+    }
+
     fn let_go(&self, page: usize) {
         self.held.lock().unwrap().retain(|&p| p != page);
         self.let_go.notify_all();
     }
 
+    /// The thread that fetched `page` first, if one did.
+    fn fetcher(&self, page: usize) -> Option<i32> {
+        let fetches = self.fetches.lock().unwrap();
+        fetches
+            .iter()
+            .find(|(p, _)| *p == page)
+            .map(|&(_, tid)| tid)
+    }
+
     fn fetched(&self, page: usize) -> bool {
-        self.fetches.lock().unwrap().contains(&page)
+        self.fetcher(page).is_some()
     }
 }
 
@@ -387,7 +406,12 @@ impl PageSource for HoldingSource {
     }
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<Content, SourceError> {
         let pages = offset as usize / PAGE..(offset as usize + buf.len()) / PAGE;
-        self.fetches.lock().unwrap().extend(pages.clone());
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.fetches
+            .lock()
+            .unwrap()
+            .extend(pages.clone().map(|page| (page, tid)));
         let mut held = self.held.lock().unwrap();
         while held.iter().any(|page| pages.contains(page)) {
             held = self.let_go.wait(held).unwrap();
@@ -414,12 +438,7 @@ fn read_one_event_at_a_time_a_slow_page_never_holds_up_another_fault() {
         return;
     };
     let shm = Shm::new(PAGES);
-    let source = Arc::new(HoldingSource {
-        inner: MemorySource::new(pattern(PAGES)),
-        held: Mutex::new(vec![c, d, a]),
-        let_go: std::sync::Condvar::new(),
-        fetches: Mutex::new(Vec::new()),
-    });
+    let source = Arc::new(HoldingSource::new(PAGES, vec![c, d, a]));
     serve(
         &mut builder,
         &shm,
@@ -741,6 +760,72 @@ fn resident_pages_are_never_fetched() {
     let handle = pager.handle();
     wait_until("page 2 to be marked present", || handle.is_present(0, 2));
     assert_eq!(pager.shutdown().regions[0].pages_present, 2);
+}
+
+/// Whether thread `tid` of this process is running or waiting to run (`R` in its stat).
+fn runs(tid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+    // "tid (comm) state ...": the comm may hold spaces, never a ')' after its own.
+    let after_comm = &stat[stat.rfind(')').unwrap() + 1..];
+    after_comm.trim_start().starts_with('R')
+}
+
+#[test]
+fn background_fill_sleeps_while_a_fault_is_served_and_goes_on_after_it() {
+    const PAGES: usize = 16;
+    let (first, x) = (0, 9);
+    // One page a batch, so that fill comes back to look at the faults after its first page.
+    let Some(mut builder) = builder(PagerConfig {
+        background_batch_pages: 1,
+        ..unpredicted()
+    }) else {
+        return;
+    };
+    let shm = Shm::new(PAGES);
+    let source = Arc::new(HoldingSource::new(PAGES, vec![first, x]));
+    serve(
+        &mut builder,
+        &shm,
+        Arc::clone(&source) as Arc<dyn PageSource>,
+    );
+    let pager = builder.start().unwrap();
+    let handle = pager.handle();
+    // Fill is held in its first page's fetch (which names its thread), and page x's fault in
+    // its own: once fill has its first page, a fault is being served.
+    pager.fill_all();
+    wait_until("fill's first fetch", || source.fetched(first));
+    let fill = source.fetcher(first).unwrap();
+    let toucher = std::thread::spawn({
+        let addr = shm.page(x);
+        move || read_u64(addr)
+    });
+    wait_until("page x's fetch", || source.fetched(x));
+    source.let_go(first);
+    wait_until("fill's first page", || handle.is_present(0, first));
+    // Fill now waits for the fault: asleep, not spinning on a core (a thread that yields in
+    // a loop is seen running nearly every time).
+    let running = (0..200)
+        .filter(|_| {
+            std::thread::sleep(Duration::from_millis(1));
+            runs(fill)
+        })
+        .count();
+    let fill_went_on = (0..PAGES).any(|page| page != first && handle.is_present(0, page));
+    // Let go before asserting, so that a failure ends the test rather than hangs it.
+    source.let_go(x);
+    assert_eq!(toucher.join().unwrap(), x as u64 * 0x1_0001 + 7);
+    assert!(
+        running <= 20,
+        "fill ran in {running} of 200 looks while a fault was served"
+    );
+    assert!(!fill_went_on, "fill went on while a fault was served");
+    // The fault's end wakes fill, which installs the rest.
+    wait_until("background fill", || {
+        handle.stats().regions[0].pages_present == PAGES as u64
+    });
+    for page in 0..PAGES {
+        assert_eq!(read_u64(shm.page(page) + 8), page as u64 * 0x1_0001 + 7);
+    }
 }
 
 #[test]
