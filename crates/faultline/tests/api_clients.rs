@@ -4,14 +4,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::TempDir;
-use faultline::api::{http, MAX_CONNECTIONS};
+use faultline::api::{http, MAX_CONNECTIONS, MAX_EVENT_STREAMS};
 
 /// The longest any wait in these tests may take.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -313,4 +313,53 @@ fn a_regular_file_at_the_socket_path_is_left_alone() {
     // Refused before anything was built: no VM was announced.
     let stdout = std::fs::read_to_string(tmp.join("stdout")).unwrap();
     assert!(!stdout.contains("faultline: guest"), "{stdout}");
+}
+
+/// Opens a `GET /track/events` stream on `sock`: its lines, or the refusal's status and body.
+fn event_stream(sock: &Path) -> Result<BufReader<UnixStream>, (u16, serde_json::Value)> {
+    match http::get_stream(sock, "/track/events").unwrap() {
+        http::Stream::Lines(lines) => Ok(lines),
+        http::Stream::Refused(status, body) => Err((status, body.unwrap_or_default())),
+    }
+}
+
+#[test]
+fn event_streams_beyond_their_limit_are_refused_and_leave_room_for_requests() {
+    require_kvm!();
+    let tmp = TempDir::new("streams");
+    let sock = tmp.join("api.sock");
+    let mut faultline = Faultline::run_forever(&sock, &tmp);
+    faultline.wait_running(&sock);
+    // Streams hold their connections for as long as their clients read: without a limit of
+    // their own, enough of them would take every connection, shutdown's and recovery's too.
+    let mut streams: Vec<_> = (0..MAX_EVENT_STREAMS)
+        .map(|i| event_stream(&sock).unwrap_or_else(|e| panic!("stream {i} refused: {e:?}")))
+        .collect();
+    let (status, body) = event_stream(&sock)
+        .map(|_| ())
+        .expect_err("a stream over the limit");
+    assert_eq!(status, 503, "{body}");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("too many tracking event streams"), "{body}");
+    let (status, info) = call(&sock, "GET", "/vm", 10);
+    assert_eq!(status, 200, "{info}");
+
+    // A stream that ends gives its place back (once the server sees its client gone).
+    drop(streams.pop());
+    let deadline = Instant::now() + DEADLINE;
+    let again = loop {
+        match event_stream(&sock) {
+            Ok(stream) => break stream,
+            Err((503, _)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("a stream after one ended: {e:?}"),
+        }
+    };
+    streams.push(again);
+    // Shutting down ends them all.
+    shut_down(&sock, faultline);
+    for mut stream in streams {
+        stream.read_to_end(&mut Vec::new()).unwrap();
+    }
 }

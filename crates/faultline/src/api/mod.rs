@@ -34,11 +34,15 @@
 //! `GET /vm/stats` and `PUT /vm/shutdown` never wait for them. Any request is answered 400 if
 //! it is malformed, 408 if it has not arrived in full (head and body) within
 //! [`REQUEST_DEADLINE`] (5 s) of connecting, and 503 when [`MAX_CONNECTIONS`] (256)
-//! connections are open already. Errors carry `{"error": MESSAGE}`.
+//! connections are open already, or, for `GET /track/events`, when [`MAX_EVENT_STREAMS`] (64)
+//! streams are: the rest always serve other requests. Errors carry `{"error": MESSAGE}`.
 
 pub mod http;
 mod migration;
 mod server;
 pub mod track;
 
-pub use server::{ApiError, ApiServer, BoundSocket, Controller, MAX_CONNECTIONS, REQUEST_DEADLINE};
+pub use server::{
+    ApiError, ApiServer, BoundSocket, Controller, MAX_CONNECTIONS, MAX_EVENT_STREAMS,
+    REQUEST_DEADLINE,
+};

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,10 @@ use crate::locking::lock;
 
 /// Most connections served at once; the accept thread answers any beyond with 503.
 pub const MAX_CONNECTIONS: usize = 256;
+
+/// Most `GET /track/events` streams open at once (each holds a connection for as long as its
+/// client reads): the connections left always serve requests, shutdown and recovery among them.
+pub const MAX_EVENT_STREAMS: usize = 64;
 
 /// A request (head and body) must arrive in full within this long of its connection being
 /// accepted, or it is answered with 408.
@@ -85,6 +89,8 @@ pub struct Controller {
     shutdown: AtomicBool,
     /// The server is stopping: streams end (after writing what they hold).
     closing: AtomicBool,
+    /// `GET /track/events` streams open.
+    event_streams: AtomicUsize,
     /// Migrations of the VM, in and out.
     migrations: Migrations,
 }
@@ -203,6 +209,7 @@ impl Controller {
             operation: Mutex::new(()),
             shutdown: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            event_streams: AtomicUsize::new(0),
             migrations: Migrations::new(None),
         }
     }
@@ -256,8 +263,20 @@ impl Controller {
     }
 
     /// `GET /track/events`: streams tracking events to `stream` until the client goes or
-    /// the server stops.
+    /// the server stops; answers 503 when [`MAX_EVENT_STREAMS`] are open already.
     fn stream_track_events(&self, stream: &UnixStream) {
+        let Some(_place) = self.take_event_stream_place() else {
+            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            let refusal = Response::error(
+                503,
+                format!(
+                    "too many tracking event streams (at most {MAX_EVENT_STREAMS} at once); \
+                     close one and try again"
+                ),
+            );
+            let _ = http::write_response(&mut &*stream, &refusal);
+            return;
+        };
         let queue = Arc::new(EventQueue::default());
         let memory = self.handle.memory();
         let id = memory.register(queue.clone());
@@ -268,6 +287,17 @@ impl Controller {
         if let Err(e) = result {
             tracing::debug!("api: tracking event stream ended: {e}");
         }
+    }
+
+    /// One of the [`MAX_EVENT_STREAMS`] places, held until the guard drops; `None` when all
+    /// are taken.
+    fn take_event_stream_place(&self) -> Option<EventStreamPlace<'_>> {
+        self.event_streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < MAX_EVENT_STREAMS).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| EventStreamPlace(&self.event_streams))
     }
 
     /// Makes `snapshot` the parent of the next diff snapshot.
@@ -645,6 +675,15 @@ fn request_timeout() -> Response {
             REQUEST_DEADLINE.as_secs()
         ),
     )
+}
+
+/// A tracking event stream's place among the [`MAX_EVENT_STREAMS`], given back on drop.
+struct EventStreamPlace<'a>(&'a AtomicUsize);
+
+impl Drop for EventStreamPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The answer to a connection beyond [`MAX_CONNECTIONS`].
