@@ -2081,6 +2081,31 @@ fn silent_until_closed(mut reader: BufReader<std::net::TcpStream>) {
 }
 
 #[test]
+fn a_destination_that_never_answers_a_round_leaves_the_source_running() {
+    require_kvm!();
+    use migrate::{read_message, Message};
+    // Takes the first pass, then says nothing at its sync (the connection open): the source
+    // waits as long as for `Built` (what the buffers hold comes first), a bound
+    // FAULTLINE_PEER_TIMEOUT_S sets for a slow link, then gives up and runs the VM on.
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, _writer) = greeted(stream);
+        while read_message(&mut reader).unwrap() != Message::Sync {}
+        silent_until_closed(reader);
+    });
+    let tmp = TempDir::new("migrate-no-sync");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, IMPATIENT);
+    a_failed_migration_of_leaves_it_running(
+        &sock,
+        source,
+        &addr,
+        &[],
+        "the destination did not take the pre-copy rounds within 2 s",
+    );
+    fake.join().unwrap();
+}
+
+#[test]
 fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_running() {
     require_kvm!();
     // Takes everything, then says nothing (the connection open) until the source gives up on

@@ -535,18 +535,7 @@ fn switch_over(
     // The destination builds the VM and waits for the go-ahead before it runs it: until this
     // side gives it, a failure leaves the VM here only, and a destination that says nothing
     // (stalled, or hostile) must not keep it paused here.
-    let patience = build_timeout();
-    let built = read_within(&mut reader, patience).map_err(|e| {
-        if e.is_timeout() {
-            anyhow::anyhow!(
-                "the destination did not say it built the VM within {} s",
-                patience.as_secs()
-            )
-        } else {
-            anyhow::Error::from(e).context("the destination did not say it built the VM")
-        }
-    })?;
-    match built {
+    match awaited(&mut reader, "say it built the VM")? {
         Message::Built => {}
         Message::Abort(reason) => {
             return Err(anyhow::anyhow!("the destination could not take the VM: {reason}").into())
@@ -628,14 +617,30 @@ fn switch_over(
     Ok(report)
 }
 
+/// The destination's answer to what this side just sent, after which it must first take what
+/// the connection's buffers hold (megabytes): waited for `build_timeout()`; an error names
+/// what the destination did not do (`did`), and the bound when it was silent.
+fn awaited(reader: &mut BufReader<Channel>, did: &str) -> anyhow::Result<Message> {
+    let patience = build_timeout();
+    read_within(reader, patience).map_err(|e| {
+        if e.is_timeout() {
+            anyhow::anyhow!(
+                "the destination did not {did} within {} s",
+                patience.as_secs()
+            )
+        } else {
+            anyhow::Error::from(e).context(format!("the destination did not {did}"))
+        }
+    })
+}
+
 /// Waits until the destination has taken everything sent so far (it answers a sync once it
-/// has).
+/// has): as long as for `Built`, since what the connection's buffers hold comes first
+/// (`build_timeout`; `FAULTLINE_PEER_TIMEOUT_S` for a slow link).
 fn sync(writer: &mut BufWriter<Channel>, reader: &mut BufReader<Channel>) -> anyhow::Result<()> {
     write_message(writer, &Message::Sync)?;
     writer.flush()?;
-    match read_within(reader, REPLY_TIMEOUT)
-        .context("the destination did not take the pre-copy rounds")?
-    {
+    match awaited(reader, "take the pre-copy rounds")? {
         // Anything it sent after its answer is already in the buffer, where the look before
         // each run of the next round (at the socket) would not see it: it is heard now.
         Message::Sync if reader.buffer().is_empty() => Ok(()),
