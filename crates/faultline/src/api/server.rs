@@ -6,6 +6,7 @@
 //! (pause, resume, snapshot) run one at a time; reads and shutdown never wait for them.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{self, BufReader, ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -71,6 +72,13 @@ pub enum ApiError {
     NotASocket(PathBuf),
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
+    #[error(
+        "another faultline process has been binding a socket in {} for {} s (stopped?): \
+         not waiting for it",
+        .0.display(),
+        BIND_LOCK_PATIENCE.as_secs()
+    )]
+    DirectoryBusy(PathBuf),
 }
 
 /// What the API acts on: the VM, its pager, and the snapshot history of this process.
@@ -844,6 +852,39 @@ fn remove_socket_if_ours(path: &Path, identity: Option<(u64, u64)>) {
     }
 }
 
+/// How long a faultline process waits for another one to finish binding a socket in the same
+/// directory (a moment, unless that one was stopped).
+const BIND_LOCK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// An exclusive `flock` on the directory of an API socket, held by a faultline process while
+/// it makes way for its socket and binds it. A socket bound but not yet listening refuses
+/// connections exactly as a stale one does: without the lock another process making way for
+/// the same path in that moment would take it for stale and remove it, leaving its server
+/// unreachable. A dead process's lock goes with it. `None` where the directory cannot be
+/// opened to be locked (bind says what is wrong with it, if anything).
+fn lock_socket_dir(path: &Path) -> Result<Option<File>, ApiError> {
+    use rustix::fs::{flock, FlockOperation};
+    let dir = container_dir(path);
+    let Ok(handle) = File::open(dir) else {
+        return Ok(None);
+    };
+    let deadline = Instant::now() + BIND_LOCK_PATIENCE;
+    loop {
+        match flock(&handle, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(Some(handle)),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(ApiError::DirectoryBusy(dir.into())),
+            // A file system without flock: as before it had one.
+            Err(e) => {
+                tracing::debug!("api: cannot lock {} while binding: {e}", dir.display());
+                return Ok(None);
+            }
+        }
+    }
+}
+
 /// Makes way for a new socket at `path`. Nothing there is fine; a socket that a live server
 /// answers on is in use; a socket nobody answers on is stale (its process died) and is removed.
 /// Anything else (a file, a directory, a symbolic link) is never touched.
@@ -899,6 +940,7 @@ impl BoundSocket {
     /// socket is removed), and its directory exists. What [`bind`](Self::bind) would refuse
     /// for what is at the path is refused the same way, before anything depends on it.
     pub fn check(path: &Path) -> Result<(), ApiError> {
+        let _locked = lock_socket_dir(path)?;
         clear_stale_socket(path)?;
         let dir = container_dir(path);
         match std::fs::metadata(dir) {
@@ -920,6 +962,8 @@ impl BoundSocket {
     /// Binds `path` (a stale socket left by a dead process is replaced; one that a live
     /// process serves, and anything that is not a socket, are not).
     pub fn bind(path: &Path) -> Result<BoundSocket, ApiError> {
+        // Held until the socket listens (see `lock_socket_dir`).
+        let _locked = lock_socket_dir(path)?;
         clear_stale_socket(path)?;
         // Whoever can connect can pause the VM, write snapshots anywhere this process may, or
         // send its memory to any host: only this user may, whatever the umask. The socket is
@@ -1045,6 +1089,94 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let _ = std::fs::remove_dir(&path);
         path
+    }
+
+    /// A Unix socket bound at `path` but not listening (yet): it refuses connections.
+    fn bound_not_listening(path: &Path) -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor this function owns.
+        let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain data, valid zeroed.
+        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_os_str().as_bytes();
+        assert!(bytes.len() < address.sun_path.len());
+        for (to, from) in address.sun_path.iter_mut().zip(bytes) {
+            *to = *from as libc::c_char;
+        }
+        // SAFETY: `address` is a valid sockaddr_un of the size given, `socket` a live socket.
+        let bound = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&address as *const libc::sockaddr_un).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(bound, 0, "{}", io::Error::last_os_error());
+        socket
+    }
+
+    #[test]
+    fn a_socket_another_faultline_is_binding_is_never_taken_for_stale() {
+        use rustix::fs::{flock, FlockOperation};
+        let dir = scratch("binding");
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("api.sock");
+        // Another faultline between its bind and its listen: it holds the directory's lock,
+        // and its socket refuses connections as a stale one does.
+        let lock = File::open(&dir).unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        let other = bound_not_listening(&path);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let binder = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                tid_tx.send(rustix::thread::gettid()).unwrap();
+                BoundSocket::bind(&path).map(|bound| bound.identity)
+            }
+        });
+        let tid = tid_rx.recv().unwrap().as_raw_nonzero();
+        // The binder waits for the lock (asleep between tries), or, without one, is done.
+        let wchan = || std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"));
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while !binder.is_finished() && !wchan().unwrap_or_default().contains("sleep") {
+            assert!(
+                Instant::now() < deadline,
+                "the binder never waited: {:?}",
+                wchan()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: listen(2) on a live socket.
+        assert_eq!(unsafe { libc::listen(other.as_raw_fd(), 1) }, 0);
+        drop(lock);
+        let outcome = binder.join().unwrap();
+        assert!(
+            matches!(outcome, Err(ApiError::InUse(_))),
+            "the other faultline's socket was taken: {outcome:?}"
+        );
+        drop(other);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_faultline_stopped_while_binding_is_not_waited_for_without_end() {
+        use rustix::fs::{flock, FlockOperation};
+        let dir = scratch("stopped-binder");
+        std::fs::create_dir(&dir).unwrap();
+        let lock = File::open(&dir).unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        let outcome = BoundSocket::bind(&dir.join("api.sock"));
+        let Err(error @ ApiError::DirectoryBusy(_)) = outcome else {
+            panic!("{:?}", outcome.map(|bound| bound.identity));
+        };
+        assert!(error.to_string().contains("for 5 s (stopped?)"), "{error}");
+        drop(lock);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
