@@ -1067,10 +1067,13 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "faultline: migrated in {:.1} ms (downtime {:.1} ms): {} pages, {} zero \
-                     pages, {} dirty rounds, {:.0} Mbit/s",
+                    "faultline: migrated in {:.1} ms (downtime {:.1} ms, the state sent after \
+                     {:.1}): {} pages, {} zero pages, {} dirty rounds, {:.0} Mbit/s",
                     report["total_ms"].as_f64().unwrap_or(f64::NAN),
                     report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                    report["downtime_until_state_sent_ms"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
                     report["normal_pages"],
                     report["zero_pages"],
                     report["dirty_rounds"],

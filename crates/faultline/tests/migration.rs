@@ -401,6 +401,13 @@ fn migrated_as(mix: Mix, extra: &[&str], rounds: Rounds) -> serde_json::Value {
     let report = json_report(&text(&out.stdout));
     assert_eq!(report["status"], "completed", "{report}");
     assert!(report["normal_pages"].as_u64().unwrap() > 0);
+    // The downtime until the state was sent (QEMU's count) is part of the whole downtime.
+    let until_state_sent = report["downtime_until_state_sent_ms"].as_f64().unwrap();
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(
+        0.0 < until_state_sent && until_state_sent < downtime,
+        "{report}"
+    );
 
     let source = source.child.wait_with_output().unwrap();
     assert!(source.status.success(), "{}", text(&source.stderr));

@@ -61,6 +61,11 @@ pub struct Outcome {
     pub status: String,
     pub total_ms: f64,
     pub downtime_ms: f64,
+    /// faultline: the downtime until the source had written the VM's state, as QEMU counts
+    /// its own (QEMU's `downtime` ends there, at the source, while faultline's `downtime_ms`
+    /// goes on until the destination said it runs the VM). QEMU: not given (`downtime_ms` is
+    /// that already).
+    pub downtime_until_state_sent_ms: Option<f64>,
     pub bytes: u64,
     pub normal_pages: u64,
     pub zero_pages: u64,
@@ -112,8 +117,12 @@ pub struct Case {
     pub qemu_runs: Vec<(f64, f64)>,
     /// faultline / QEMU median total time.
     pub total_ratio: Option<f64>,
-    /// faultline / QEMU median downtime.
+    /// faultline / QEMU median downtime (faultline's to the destination's word, QEMU's to
+    /// its state sent).
     pub downtime_ratio: Option<f64>,
+    /// faultline / QEMU median downtime, both counted as QEMU counts it: until the source had
+    /// written the state.
+    pub downtime_as_qemu_counts_ratio: Option<f64>,
     /// faultline / QEMU CPU time of both sides together, in the runs of median total time:
     /// how much work each did, whatever the two cores made of it (none where either used
     /// less than [`CPU_RATIO_FLOOR_MS`]).
@@ -277,16 +286,19 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             Some(failed) => failed.clone(),
             None => Ok(median(theirs.into_iter().flatten().collect())),
         };
-        let (total_ratio, downtime_ratio, cpu_ratio) = match &theirs {
+        let (total_ratio, downtime_ratio, downtime_as_qemu_counts_ratio, cpu_ratio) = match &theirs
+        {
             Ok(q) if q.status == "completed" => (
                 Some(ratio(ours.total_ms, q.total_ms)),
                 Some(ratio(ours.downtime_ms, q.downtime_ms)),
+                ours.downtime_until_state_sent_ms
+                    .map(|d| ratio(d, q.downtime_ms)),
                 ours.cpu_ms()
                     .zip(q.cpu_ms())
                     .filter(|&(a, b)| a.min(b) >= CPU_RATIO_FLOOR_MS)
                     .map(|(a, b)| ratio(a, b)),
             ),
-            _ => (None, None, None),
+            _ => (None, None, None, None),
         };
         out.push(Case {
             case,
@@ -297,6 +309,7 @@ pub fn run(options: &Options, step: impl Fn(&str)) -> anyhow::Result<Report> {
             qemu_runs,
             total_ratio,
             downtime_ratio,
+            downtime_as_qemu_counts_ratio,
             cpu_ratio,
         });
     }
@@ -450,18 +463,24 @@ fn qemu_case(qemu: &anyhow::Result<Qemu>, trial: Trial) -> Result<Outcome, Strin
 }
 
 /// The run of median total time among `outcomes` (the lower of the two middle ones for an
-/// even count), with the median downtime, verified only if every run was.
+/// even count), with the median downtimes, verified only if every run was.
 fn median(mut outcomes: Vec<Outcome>) -> Outcome {
     let middle = (outcomes.len() - 1) / 2;
-    let mut downtimes: Vec<f64> = outcomes.iter().map(|o| o.downtime_ms).collect();
-    downtimes.sort_by(f64::total_cmp);
+    let median_of = |figure: fn(&Outcome) -> Option<f64>| {
+        let mut all: Vec<f64> = outcomes.iter().filter_map(figure).collect();
+        all.sort_by(f64::total_cmp);
+        (all.len() == outcomes.len()).then(|| all[middle])
+    };
+    let downtime = median_of(|o| Some(o.downtime_ms));
+    let until_state_sent = median_of(|o| o.downtime_until_state_sent_ms);
     let verified = outcomes
         .iter()
         .map(|o| o.verified)
         .try_fold(true, |all, v| v.map(|v| all && v));
     outcomes.sort_by(|a, b| a.total_ms.total_cmp(&b.total_ms));
     let mut chosen = outcomes.swap_remove(middle);
-    chosen.downtime_ms = downtimes[middle];
+    chosen.downtime_ms = downtime.unwrap_or(f64::NAN);
+    chosen.downtime_until_state_sent_ms = until_state_sent;
     chosen.verified = verified;
     chosen
 }
@@ -614,6 +633,7 @@ fn faultline_case(trial: Trial) -> anyhow::Result<Outcome> {
         status: report["status"].as_str().unwrap_or("?").to_string(),
         total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
         downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+        downtime_until_state_sent_ms: report["downtime_until_state_sent_ms"].as_f64(),
         bytes: number(&report["bytes"]),
         normal_pages: number(&report["normal_pages"]),
         zero_pages: number(&report["zero_pages"]),
@@ -858,6 +878,7 @@ impl Qemu {
                 .as_f64()
                 .unwrap_or(started.elapsed().as_secs_f64() * 1e3),
             downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+            downtime_until_state_sent_ms: None,
             bytes: number(&ram["transferred"]),
             normal_pages: number(&ram["normal"]),
             zero_pages: number(&ram["duplicate"]),

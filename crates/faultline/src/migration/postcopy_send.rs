@@ -23,7 +23,7 @@ use vmm::{DirtyPages, VmHandle, PAGE_SIZE};
 use super::channel::{build_timeout, read_within, Channel, REPLY_TIMEOUT};
 use super::progress::Progress;
 use super::send::{
-    PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
+    Downtime, PageReader, PausedMigration, SendFailure, SendOptions, SendReport, Sent, RUN_PAGES,
 };
 use super::{layout_of, run_from};
 use crate::locking::lock;
@@ -112,6 +112,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     write_message(&mut writer, &state)?;
     write_message(&mut writer, &stale_message(&to_come))?;
     writer.flush().context("cannot send the state")?;
+    let until_state_sent = paused_at.elapsed();
     // The destination may run the VM from now on: it must not run here again unless the
     // destination says it does not.
     handle.control().set_runs_elsewhere(true);
@@ -123,7 +124,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         ended_by,
         started,
         setup,
-        downtime: Duration::ZERO,
+        downtime: Downtime::default(),
         sent: before,
         rounds,
         requests: 0,
@@ -170,7 +171,10 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
             return Err(SendFailure::Paused(e, paused));
         }
     }
-    paused.downtime = paused_at.elapsed();
+    paused.downtime = Downtime {
+        whole: paused_at.elapsed(),
+        until_state_sent,
+    };
     let completed = complete(options, (writer, reader), server, &mut paused);
     finished(completed, paused)
 }

@@ -163,6 +163,10 @@ pub struct SendReport {
     pub total_ms: f64,
     pub setup_ms: f64,
     pub downtime_ms: f64,
+    /// The part of the downtime until this side had written the VM's state (pre-copy: with
+    /// its last pages): what QEMU's `downtime` counts, which ends at the source.
+    /// `downtime_ms` goes on until the destination said it runs the VM.
+    pub downtime_until_state_sent_ms: f64,
     pub bytes: u64,
     pub normal_pages: u64,
     pub zero_pages: u64,
@@ -197,7 +201,7 @@ impl SendReport {
         ended_by: &'static str,
         started: Instant,
         setup: Duration,
-        downtime: Duration,
+        downtime: Downtime,
         sent: &Sent,
         rounds: u32,
         dirty_rate_pages_per_s: f64,
@@ -209,7 +213,8 @@ impl SendReport {
             mode,
             total_ms: total * 1e3,
             setup_ms: setup.as_secs_f64() * 1e3,
-            downtime_ms: downtime.as_secs_f64() * 1e3,
+            downtime_ms: downtime.whole.as_secs_f64() * 1e3,
+            downtime_until_state_sent_ms: downtime.until_state_sent.as_secs_f64() * 1e3,
             bytes: sent.bytes,
             normal_pages: sent.normal,
             zero_pages: sent.zero,
@@ -224,6 +229,16 @@ impl SendReport {
             ended_by,
         }
     }
+}
+
+/// How long a switch-over kept the VM paused.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Downtime {
+    /// Until the destination said it runs the VM (pre-copy: it acknowledged the go-ahead;
+    /// post-copy: it built the VM).
+    pub whole: Duration,
+    /// Until this side had written the VM's state (pre-copy: with its last pages).
+    pub until_state_sent: Duration,
 }
 
 /// Counters of what went on the wire (also told to the migration's progress, if any).
@@ -296,7 +311,7 @@ pub struct PausedMigration {
     pub(super) ended_by: &'static str,
     pub(super) started: Instant,
     pub(super) setup: Duration,
-    pub(super) downtime: Duration,
+    pub(super) downtime: Downtime,
     pub(super) sent: Sent,
     pub(super) rounds: u32,
     pub(super) requests: u64,
@@ -532,6 +547,7 @@ fn switch_over(
         Ok(writer.flush()?)
     };
     last().map_err(|e| with_destination_reason(e, &mut reader))?;
+    let until_state_sent = paused_at.elapsed();
     // The destination builds the VM and waits for the go-ahead before it runs it: until this
     // side gives it, a failure leaves the VM here only, and a destination that says nothing
     // (stalled, or hostile) must not keep it paused here.
@@ -557,7 +573,7 @@ fn switch_over(
         ended_by,
         started,
         setup,
-        downtime: Duration::ZERO,
+        downtime: Downtime::default(),
         sent,
         rounds,
         requests: 0,
@@ -592,7 +608,10 @@ fn switch_over(
             return Err(e.into());
         }
     };
-    paused.downtime = paused_at.elapsed();
+    paused.downtime = Downtime {
+        whole: paused_at.elapsed(),
+        until_state_sent,
+    };
     let unconfirmed = match answer {
         Ok(Message::Done) => None,
         Ok(Message::Abort(reason)) => {
