@@ -1068,7 +1068,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             } else {
                 println!(
                     "faultline: migrated in {:.1} ms (downtime {:.1} ms, the state sent after \
-                     {:.1}): {} pages, {} zero pages, {} dirty rounds, {:.0} Mbit/s",
+                     {:.1} ms): {} pages, {} zero pages, {} dirty rounds, {:.0} Mbit/s",
                     report["total_ms"].as_f64().unwrap_or(f64::NAN),
                     report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
                     report["downtime_until_state_sent_ms"]

@@ -1183,16 +1183,17 @@ impl Shared {
                 .saturating_add(1)
                 .min(region.pages());
             while page < end {
-                // Urgent faults before fill: wait while any is being served. Predicted pages
-                // do not wait: they are what the faulting toucher needs next.
-                if fill {
-                    self.wait_out_urgent_faults();
-                }
                 if let Some(rate) = self.config.background_rate.filter(|_| fill) {
                     let due = Duration::from_secs_f64(bytes_done as f64 / rate as f64);
                     if !self.sleep_until(started + due) {
                         return;
                     }
+                }
+                // Urgent faults before fill: wait while any is being served (looked at after
+                // the rate's wait, which faults may have come in). Predicted pages do not
+                // wait: they are what the faulting toucher needs next.
+                if fill {
+                    self.wait_out_urgent_faults();
                 }
                 if self.stopping() {
                     return;

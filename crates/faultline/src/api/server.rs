@@ -73,12 +73,12 @@ pub enum ApiError {
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
     #[error(
-        "another faultline process has been binding a socket in {} for {} s (stopped?): \
+        "another faultline process has been binding the API socket {} for {} s (stopped?): \
          not waiting for it",
         .0.display(),
         BIND_LOCK_PATIENCE.as_secs()
     )]
-    DirectoryBusy(PathBuf),
+    BindBusy(PathBuf),
 }
 
 /// What the API acts on: the VM, its pager, and the snapshot history of this process.
@@ -847,41 +847,89 @@ fn container_dir(path: &Path) -> &Path {
 /// Removes the socket file at `path` if it still is the one `identity` names (someone may
 /// have replaced it since).
 fn remove_socket_if_ours(path: &Path, identity: Option<(u64, u64)>) {
+    // Under the bind lock (if it can be had): the path is not replaced between the look and
+    // the removal by a process that just found this socket gone (or took it for stale).
+    let _locked = lock_socket_path(path).ok().flatten();
     if identity.is_some() && socket_identity(path) == identity {
         let _ = std::fs::remove_file(path);
     }
 }
 
-/// How long a faultline process waits for another one to finish binding a socket in the same
-/// directory (a moment, unless that one was stopped).
+/// How long a faultline process waits for another one to finish binding the same socket path
+/// (a moment, unless that one was stopped).
 const BIND_LOCK_PATIENCE: Duration = Duration::from_secs(5);
 
-/// An exclusive `flock` on the directory of an API socket, held by a faultline process while
-/// it makes way for its socket and binds it. A socket bound but not yet listening refuses
-/// connections exactly as a stale one does: without the lock another process making way for
-/// the same path in that moment would take it for stale and remove it, leaving its server
-/// unreachable. A dead process's lock goes with it. `None` where the directory cannot be
-/// opened to be locked (bind says what is wrong with it, if anything).
-fn lock_socket_dir(path: &Path) -> Result<Option<File>, ApiError> {
+/// An exclusive `flock` on `.NAME.lock` beside an API socket `NAME`, held by a faultline
+/// process while it makes way for its socket and binds it, and while it removes it at exit. A
+/// socket bound but not yet listening refuses connections exactly as a stale one does: without
+/// the lock another process making way for the same path in that moment would take it for
+/// stale and remove it, leaving its server unreachable. The lock file is removed before the
+/// lock is let go (a dead process's lock goes with it; its file stays, and is reused), so
+/// nothing is left beside the socket.
+struct BindLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for BindLock {
+    fn drop(&mut self) {
+        // Still locked: whoever opened this file meanwhile finds it gone once it has the lock,
+        // and opens the path again (`lock_socket_path`).
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Locks the socket path `path` (see [`BindLock`]); `None` where its lock file cannot be had
+/// (a directory faultline may not write, a symbolic link planted there: the lock is then
+/// only not taken, and bind says what is wrong, if anything).
+fn lock_socket_path(path: &Path) -> Result<Option<BindLock>, ApiError> {
     use rustix::fs::{flock, FlockOperation};
-    let dir = container_dir(path);
-    let Ok(handle) = File::open(dir) else {
-        return Ok(None);
-    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let lock_path = container_dir(path).join(format!(".{name}.lock"));
     let deadline = Instant::now() + BIND_LOCK_PATIENCE;
     loop {
-        match flock(&handle, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => return Ok(Some(handle)),
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&lock_path);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::debug!("api: no lock {} while binding: {e}", lock_path.display());
+                return Ok(None);
+            }
+        };
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            // Locked, unless the holder before removed the file meanwhile: then again.
+            Ok(()) if same_file(&file, &lock_path) => {
+                return Ok(Some(BindLock {
+                    path: lock_path,
+                    _file: file,
+                }))
+            }
+            Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(ApiError::DirectoryBusy(dir.into())),
-            // A file system without flock: as before it had one.
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(ApiError::BindBusy(path.into())),
+            // A file system without flock: as before there was a lock.
             Err(e) => {
-                tracing::debug!("api: cannot lock {} while binding: {e}", dir.display());
+                tracing::debug!("api: cannot lock {}: {e}", lock_path.display());
                 return Ok(None);
             }
         }
+    }
+}
+
+/// Whether `file` is the file at `path` now.
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -940,7 +988,7 @@ impl BoundSocket {
     /// socket is removed), and its directory exists. What [`bind`](Self::bind) would refuse
     /// for what is at the path is refused the same way, before anything depends on it.
     pub fn check(path: &Path) -> Result<(), ApiError> {
-        let _locked = lock_socket_dir(path)?;
+        let _locked = lock_socket_path(path)?;
         clear_stale_socket(path)?;
         let dir = container_dir(path);
         match std::fs::metadata(dir) {
@@ -962,8 +1010,8 @@ impl BoundSocket {
     /// Binds `path` (a stale socket left by a dead process is replaced; one that a live
     /// process serves, and anything that is not a socket, are not).
     pub fn bind(path: &Path) -> Result<BoundSocket, ApiError> {
-        // Held until the socket listens (see `lock_socket_dir`).
-        let _locked = lock_socket_dir(path)?;
+        // Held until the socket listens (see `BindLock`).
+        let _locked = lock_socket_path(path)?;
         clear_stale_socket(path)?;
         // Whoever can connect can pause the VM, write snapshots anywhere this process may, or
         // send its memory to any host: only this user may, whatever the umask. The socket is
@@ -1120,16 +1168,33 @@ mod tests {
         socket
     }
 
+    /// Whether thread `tid` of this process sleeps (`S` in its stat).
+    fn sleeps(tid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // "tid (comm) state ...": the comm may hold spaces, never a ')' after its own.
+        stat[stat.rfind(')').unwrap() + 1..]
+            .trim_start()
+            .starts_with('S')
+    }
+
+    /// Takes the bind lock of the socket path `path` as another faultline process would.
+    fn lock_as_another_process(path: &Path) -> (PathBuf, File) {
+        use rustix::fs::{flock, FlockOperation};
+        let name = path.file_name().unwrap().to_string_lossy();
+        let lock_path = path.with_file_name(format!(".{name}.lock"));
+        let lock = File::create(&lock_path).unwrap();
+        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        (lock_path, lock)
+    }
+
     #[test]
     fn a_socket_another_faultline_is_binding_is_never_taken_for_stale() {
-        use rustix::fs::{flock, FlockOperation};
         let dir = scratch("binding");
         std::fs::create_dir(&dir).unwrap();
         let path = dir.join("api.sock");
-        // Another faultline between its bind and its listen: it holds the directory's lock,
+        // Another faultline between its bind and its listen: it holds the path's bind lock,
         // and its socket refuses connections as a stale one does.
-        let lock = File::open(&dir).unwrap();
-        flock(&lock, FlockOperation::LockExclusive).unwrap();
+        let (lock_path, lock) = lock_as_another_process(&path);
         let other = bound_not_listening(&path);
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let binder = std::thread::spawn({
@@ -1139,43 +1204,42 @@ mod tests {
                 BoundSocket::bind(&path).map(|bound| bound.identity)
             }
         });
-        let tid = tid_rx.recv().unwrap().as_raw_nonzero();
+        let tid = tid_rx.recv().unwrap().as_raw_nonzero().get();
         // The binder waits for the lock (asleep between tries), or, without one, is done.
-        let wchan = || std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan"));
         let deadline = Instant::now() + Duration::from_secs(4);
-        while !binder.is_finished() && !wchan().unwrap_or_default().contains("sleep") {
+        while !binder.is_finished() && !sleeps(tid) {
             assert!(
                 Instant::now() < deadline,
-                "the binder never waited: {:?}",
-                wchan()
+                "the binder neither waited nor ended"
             );
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::yield_now();
         }
+        // The other one listens, and lets go as faultline does.
         // SAFETY: listen(2) on a live socket.
         assert_eq!(unsafe { libc::listen(other.as_raw_fd(), 1) }, 0);
+        std::fs::remove_file(&lock_path).unwrap();
         drop(lock);
         let outcome = binder.join().unwrap();
         assert!(
             matches!(outcome, Err(ApiError::InUse(_))),
             "the other faultline's socket was taken: {outcome:?}"
         );
+        assert!(!lock_path.exists(), "the lock file was left behind");
         drop(other);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn a_faultline_stopped_while_binding_is_not_waited_for_without_end() {
-        use rustix::fs::{flock, FlockOperation};
         let dir = scratch("stopped-binder");
         std::fs::create_dir(&dir).unwrap();
-        let lock = File::open(&dir).unwrap();
-        flock(&lock, FlockOperation::LockExclusive).unwrap();
-        let outcome = BoundSocket::bind(&dir.join("api.sock"));
-        let Err(error @ ApiError::DirectoryBusy(_)) = outcome else {
+        let path = dir.join("api.sock");
+        let _held = lock_as_another_process(&path);
+        let outcome = BoundSocket::bind(&path);
+        let Err(error @ ApiError::BindBusy(_)) = outcome else {
             panic!("{:?}", outcome.map(|bound| bound.identity));
         };
         assert!(error.to_string().contains("for 5 s (stopped?)"), "{error}");
-        drop(lock);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -984,6 +984,31 @@ mod tests {
     }
 
     #[test]
+    fn the_median_run_keeps_the_median_downtimes_and_a_figure_only_every_run_has() {
+        let run = |total_ms, downtime_ms, until: Option<f64>| Outcome {
+            total_ms,
+            downtime_ms,
+            downtime_until_state_sent_ms: until,
+            verified: Some(true),
+            ..Outcome::default()
+        };
+        let chosen = median(vec![
+            run(30.0, 1.0, Some(0.5)),
+            run(10.0, 3.0, Some(0.1)),
+            run(20.0, 2.0, Some(0.9)),
+        ]);
+        assert_eq!(
+            (chosen.total_ms, chosen.downtime_ms),
+            (20.0, 2.0),
+            "the run of median total, with the median downtime"
+        );
+        assert_eq!(chosen.downtime_until_state_sent_ms, Some(0.5));
+        assert_eq!(chosen.verified, Some(true));
+        let chosen = median(vec![run(1.0, 1.0, Some(0.5)), run(2.0, 1.0, None)]);
+        assert_eq!(chosen.downtime_until_state_sent_ms, None);
+    }
+
+    #[test]
     fn the_install_floor_fills_every_page_of_ram() {
         let ram = vmm::GuestRam::new(8 << 20).unwrap();
         fill_by_copy(&ram).unwrap();

@@ -124,7 +124,12 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         ended_by,
         started,
         setup,
-        downtime: Downtime::default(),
+        // The whole downtime is known once the destination answers; a pause before (a cut,
+        // a silence) keeps this part for the report of the resume that completes it.
+        downtime: Downtime {
+            until_state_sent,
+            ..Downtime::default()
+        },
         sent: before,
         rounds,
         requests: 0,
