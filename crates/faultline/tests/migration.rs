@@ -2094,21 +2094,29 @@ fn a_destination_that_never_answers_a_round_leaves_the_source_running() {
     // Takes the first pass, then says nothing at its sync (the connection open): the source
     // waits as long as for `Built` (what the buffers hold comes first), a bound
     // FAULTLINE_PEER_TIMEOUT_S sets for a slow link, then gives up and runs the VM on.
-    let (addr, fake) = fake_peer(|stream| {
-        let (mut reader, _writer) = greeted(stream);
-        while read_message(&mut reader).unwrap() != Message::Sync {}
-        silent_until_closed(reader);
-    });
-    let tmp = TempDir::new("migrate-no-sync");
-    let sock = tmp.join("src.sock");
-    let source = spawn_mix_written(&sock, IMPATIENT);
-    a_failed_migration_of_leaves_it_running(
-        &sock,
-        source,
-        &addr,
-        &[],
+    an_impatient_source_gives_up_on(
+        "migrate-no-sync",
+        |stream| {
+            let (mut reader, _writer) = greeted(stream);
+            while read_message(&mut reader).unwrap() != Message::Sync {}
+            silent_until_closed(reader);
+        },
         "the destination did not take the pre-copy rounds within 2 s",
     );
+}
+
+/// Migrates the small guest, whose source waits 2 s where it owes an answer, to a fake
+/// destination that `plays` its part: the migration fails saying `says`, and the VM runs on.
+fn an_impatient_source_gives_up_on(
+    name: &str,
+    plays: impl FnOnce(std::net::TcpStream) + Send + 'static,
+    says: &str,
+) {
+    let (addr, fake) = fake_peer(plays);
+    let tmp = TempDir::new(name);
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, IMPATIENT);
+    a_failed_migration_of_leaves_it_running(&sock, source, &addr, &[], says);
     fake.join().unwrap();
 }
 
@@ -2118,22 +2126,15 @@ fn a_destination_that_says_nothing_after_the_switch_over_leaves_the_source_runni
     // Takes everything, then says nothing (the connection open) until the source gives up on
     // it: it never got the go-ahead, so the VM runs on here. (It gives up itself after a
     // minute, so that a source that waits for ever fails this test rather than hangs it.)
-    let (addr, fake) = fake_peer(|stream| {
-        let (mut reader, mut writer) = greeted(stream);
-        assert!(take_until_done(&mut reader, &mut writer));
-        silent_until_closed(reader);
-    });
-    let tmp = TempDir::new("migrate-silent");
-    let sock = tmp.join("src.sock");
-    let source = spawn_mix_written(&sock, IMPATIENT);
-    a_failed_migration_of_leaves_it_running(
-        &sock,
-        source,
-        &addr,
-        &[],
+    an_impatient_source_gives_up_on(
+        "migrate-silent",
+        |stream| {
+            let (mut reader, mut writer) = greeted(stream);
+            assert!(take_until_done(&mut reader, &mut writer));
+            silent_until_closed(reader);
+        },
         "the destination did not say it built the VM within 2 s",
     );
-    fake.join().unwrap();
 }
 
 #[test]
