@@ -154,15 +154,22 @@ pub enum Message {
 pub const MAX_REASON_CHARS: usize = 1024;
 
 /// `reason` as a peer's words are shown: its first [`MAX_REASON_CHARS`] characters, control
-/// characters, line and paragraph separators and bidirectional overrides escaped (`\u{1b}`,
-/// `\n`, `\u{202e}`), saying how much was left out.
+/// characters, line and paragraph separators, bidirectional marks and overrides and
+/// zero-width characters escaped (`\u{1b}`, `\n`, `\u{202e}`, `\u{200b}`), saying how much
+/// was left out.
 fn peer_words(reason: &str) -> String {
     let mut shown = String::new();
     let mut chars = reason.chars();
     for c in chars.by_ref().take(MAX_REASON_CHARS) {
+        // Marks that reorder or hide what follows: bidirectional marks, overrides and
+        // isolates, and zero-width characters.
         let steers = matches!(
             c,
-            '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            '\u{061c}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{feff}'
         );
         if c.is_control() || steers {
             shown.extend(c.escape_default());
@@ -492,6 +499,10 @@ mod tests {
         assert_eq!(
             shown,
             "\\u{1b}[2J\\u{1b}]0;owned\\u{7}gone\\r\\n\\u{202e}txt.exe"
+        );
+        assert_eq!(
+            decoded("a\u{61c}b\u{200b}c\u{feff}d"),
+            "a\\u{61c}b\\u{200b}c\\u{feff}d"
         );
         let long = "x".repeat(1 << 20);
         let shown = decoded(&long);

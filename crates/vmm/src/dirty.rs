@@ -194,6 +194,27 @@ impl DirtyPages {
         // Bits past the last page are not pages.
         (page < self.pages).then_some(page)
     }
+    /// Whether any page of `[first, end)` is in the set, looking only at the words that hold
+    /// those pages (not on to the next page in the set, as [`first_from`](Self::first_from)
+    /// does, which can be all the way to the end).
+    pub fn any_in(&self, first: u64, end: u64) -> bool {
+        let end = end.min(self.pages);
+        if first >= end {
+            return false;
+        }
+        let (first_word, last_word) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        (first_word..=last_word).any(|index| {
+            let mut word = self.words[index];
+            if index == first_word {
+                word &= u64::MAX << (first % 64);
+            }
+            let after_last = end - index as u64 * 64;
+            if index == last_word && after_last < 64 {
+                word &= (1u64 << after_last) - 1;
+            }
+            word != 0
+        })
+    }
     /// How many pages from `from` on, up to `end`, are all in the set: the length of the run
     /// that starts there, a word of 64 pages at a time.
     pub fn run_length(&self, from: u64, end: u64) -> u64 {
@@ -750,6 +771,34 @@ mod tests {
         assert_eq!(some.count_outside(&other), 2);
         assert_eq!(other.count_outside(&some), 1);
         assert_eq!(some.count_outside(&some), 0);
+    }
+
+    #[test]
+    fn any_in_looks_at_exactly_the_pages_of_its_range() {
+        for marked in [
+            &[][..],
+            &[0],
+            &[63],
+            &[64],
+            &[127, 128],
+            &[299],
+            &[5, 190, 250],
+        ] {
+            let mut set = DirtyPages::new(300);
+            for &page in marked {
+                set.mark(page);
+            }
+            for first in 0..=301 {
+                for end in first..=310 {
+                    let wanted = (first..end).any(|page| marked.contains(&page));
+                    assert_eq!(
+                        set.any_in(first, end),
+                        wanted,
+                        "{marked:?} in {first}..{end}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
