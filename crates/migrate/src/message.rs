@@ -620,6 +620,55 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_whose_vm_cannot_be_is_refused_by_name() {
+        let hello = |vcpus: u8, regions: &[(u64, u64)]| {
+            let mut payload = vec![vcpus];
+            payload.extend(0u32.to_le_bytes());
+            payload.extend((regions.len() as u32).to_le_bytes());
+            for &(gpa, size) in regions {
+                payload.extend(gpa.to_le_bytes());
+                payload.extend(size.to_le_bytes());
+            }
+            Message::decode(1, &payload)
+        };
+        assert!(hello(1, &[(0, 1 << 20), (1 << 32, 1 << 20)]).is_ok());
+        let too_many: Vec<_> = (0..=MAX_REGIONS as u64)
+            .map(|i| (i << 20, 1 << 12))
+            .collect();
+        for (vcpus, regions, says) in [
+            (0, &[(0, 1 << 20)][..], "0 vCPUs"),
+            (1, &[(0, 0x2000), (0x1000, 0x1000)], "RAM region 1 (0x1000"),
+            (1, &[(0x800, 0x1000)], "RAM region 0 (0x800"),
+            (1, &[(0, 0x1800)], "RAM region 0 (0x0, 0x1800"),
+            (1, &[(0, 0)], "RAM region 0 (0x0, 0x0"),
+            (1, &[(u64::MAX - 0xfff, 0x2000)], "RAM region 0"),
+            (1, &too_many, "65 RAM regions"),
+        ] {
+            let error = hello(vcpus, regions).unwrap_err().to_string();
+            assert!(error.contains(says), "{error:?} should say {says:?}");
+        }
+        // A page set must be the VM's size whichever list it is.
+        let stale = Message::Stale {
+            pages: 10,
+            bitmap: vec![0],
+        };
+        assert!(stale
+            .check(&layout())
+            .unwrap_err()
+            .to_string()
+            .contains("10 pages"));
+        let pages = Message::Pages {
+            gpa: 0xbfff_f000,
+            data: vec![0; 2 * 4096],
+        };
+        assert!(pages
+            .check(&layout())
+            .unwrap_err()
+            .to_string()
+            .contains("outside the VM"));
+    }
+
+    #[test]
     fn a_peer_vm_that_differs_is_named() {
         let here = VmIdentity {
             vcpus: 2,
