@@ -778,6 +778,59 @@ mod tests {
     }
 
     #[test]
+    fn only_an_answer_to_a_page_asked_of_the_size_asked_is_taken() {
+        let layout = Layout::new(vec![(0, 1 << 20)]);
+        let incoming = Arc::new(Incoming::new("test".into(), None, false));
+        let source = Arc::new(NetworkSource::new(layout, incoming));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let theirs = listener.accept().unwrap().0;
+        source
+            .connect(
+                BufReader::new(Channel::Tcp(ours.try_clone().unwrap())),
+                BufWriter::new(Channel::Tcp(ours)),
+            )
+            .unwrap();
+        // A source that answers a page nobody asked for, then the page asked with the wrong
+        // size, then the page asked.
+        let peer = std::thread::spawn(move || {
+            let mut reader = BufReader::new(theirs.try_clone().unwrap());
+            let mut writer = theirs;
+            let Message::PageRequest { gpa, count: 1 } = read_message(&mut reader).unwrap() else {
+                panic!("not a request for one page");
+            };
+            for (at, byte, pages) in [(gpa + PAGE_SIZE, 9u8, 1), (gpa, 8, 2), (gpa, 7, 1)] {
+                let data = vec![byte; pages * PAGE_SIZE as usize];
+                write_message(&mut writer, &Message::Pages { gpa: at, data }).unwrap();
+            }
+            // Closed: this side reads the answers, then the end.
+        });
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let fetched = source.fetch(0x3000, &mut page);
+        peer.join().unwrap();
+        assert_eq!(fetched.unwrap(), Content::Data);
+        assert!(
+            page.iter().all(|&b| b == 7),
+            "the answer taken: {:?}",
+            &page[..8]
+        );
+        // Every answer read (the end after them too): the others were dropped, not kept for a
+        // fetch to find later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&source.answers).connected {
+            assert!(
+                Instant::now() < deadline,
+                "the end of the connection was never read"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            lock(&source.answers).pages.is_empty(),
+            "an answer nobody asked for was kept"
+        );
+    }
+
+    #[test]
     fn a_lost_connection_or_damaged_bytes_are_a_break_and_a_fatal_failure_outranks_one() {
         let broken = Stop::from_read(ProtocolError::PeerClosed);
         let fatal = Stop::from_read(ProtocolError::Malformed {
