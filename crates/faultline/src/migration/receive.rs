@@ -844,6 +844,37 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_list_must_be_one_and_of_the_vms_size() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        let ours = identity(&ram, 1).unwrap();
+        let pages = ours.layout.pages();
+        let mut stale = DirtyPages::new(pages);
+        stale.mark_range(3, 5);
+        let message = Message::Stale {
+            pages,
+            bitmap: stale.words().to_vec(),
+        };
+        assert_eq!(
+            stale_pages(message, &ours)
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>(),
+            [3, 4, 5, 6, 7]
+        );
+        let short = Message::Stale {
+            pages: 10,
+            bitmap: vec![0],
+        };
+        let error = format!("{:#}", stale_pages(short, &ours).unwrap_err());
+        assert!(
+            error.contains(&format!("10 pages, the VM has {pages}")),
+            "{error}"
+        );
+        let error = format!("{:#}", stale_pages(Message::Sync, &ours).unwrap_err());
+        assert!(error.contains("sync where stale pages belong"), "{error}");
+    }
+
+    #[test]
     fn zero_pages_replace_what_an_earlier_round_sent() {
         let ram = GuestRam::new(4 << 20).unwrap();
         ram.memory()
