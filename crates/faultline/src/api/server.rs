@@ -271,20 +271,8 @@ impl Controller {
     }
 
     /// `GET /track/events`: streams tracking events to `stream` until the client goes or
-    /// the server stops; answers 503 when [`MAX_EVENT_STREAMS`] are open already.
-    fn stream_track_events(&self, stream: &UnixStream) {
-        let Some(_place) = self.take_event_stream_place() else {
-            let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
-            let refusal = Response::error(
-                503,
-                format!(
-                    "too many tracking event streams (at most {MAX_EVENT_STREAMS} at once); \
-                     close one and try again"
-                ),
-            );
-            let _ = http::write_response(&mut &*stream, &refusal);
-            return;
-        };
+    /// the server stops, holding one of the [`MAX_EVENT_STREAMS`] places meanwhile.
+    fn stream_track_events(&self, stream: &UnixStream, _place: EventStreamPlace<'_>) {
         let queue = Arc::new(EventQueue::default());
         let memory = self.handle.memory();
         let id = memory.register(queue.clone());
@@ -702,6 +690,17 @@ fn too_many_connections() -> Response {
     )
 }
 
+/// The answer to a `GET /track/events` beyond [`MAX_EVENT_STREAMS`].
+fn too_many_event_streams() -> Response {
+    Response::error(
+        503,
+        format!(
+            "too many tracking event streams (at most {MAX_EVENT_STREAMS} at once); close one \
+             and try again"
+        ),
+    )
+}
+
 /// Serves one connection (one request) that was accepted at `accepted`.
 fn serve(stream: UnixStream, accepted: Instant, controller: &Controller) {
     let (stream, request) = read_by(stream, accepted + REQUEST_DEADLINE);
@@ -709,8 +708,13 @@ fn serve(stream: UnixStream, accepted: Instant, controller: &Controller) {
         Ok(request)
             if request.method == "GET" && request.path.trim_end_matches('/') == "/track/events" =>
         {
-            controller.stream_track_events(&stream);
-            return;
+            match controller.take_event_stream_place() {
+                Some(place) => {
+                    controller.stream_track_events(&stream, place);
+                    return;
+                }
+                None => too_many_event_streams(),
+            }
         }
         Ok(request) => {
             tracing::debug!("api: {} {}", request.method, request.path);
@@ -885,8 +889,7 @@ impl Drop for BindLock {
 fn lock_socket_path(path: &Path) -> Result<Option<BindLock>, ApiError> {
     use rustix::fs::{flock, FlockOperation};
     use std::os::unix::fs::OpenOptionsExt;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let lock_path = container_dir(path).join(format!(".{name}.lock"));
+    let lock_path = bind_lock_path(path);
     let deadline = Instant::now() + BIND_LOCK_PATIENCE;
     loop {
         let opened = std::fs::OpenOptions::new()
@@ -923,6 +926,12 @@ fn lock_socket_path(path: &Path) -> Result<Option<BindLock>, ApiError> {
             }
         }
     }
+}
+
+/// Where the bind lock of the socket path `path` lies: `.NAME.lock` beside it.
+fn bind_lock_path(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    container_dir(path).join(format!(".{name}.lock"))
 }
 
 /// Whether `file` is the file at `path` now.
@@ -1180,8 +1189,7 @@ mod tests {
     /// Takes the bind lock of the socket path `path` as another faultline process would.
     fn lock_as_another_process(path: &Path) -> (PathBuf, File) {
         use rustix::fs::{flock, FlockOperation};
-        let name = path.file_name().unwrap().to_string_lossy();
-        let lock_path = path.with_file_name(format!(".{name}.lock"));
+        let lock_path = bind_lock_path(path);
         let lock = File::create(&lock_path).unwrap();
         flock(&lock, FlockOperation::LockExclusive).unwrap();
         (lock_path, lock)
