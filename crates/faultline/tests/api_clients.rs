@@ -36,6 +36,16 @@ impl Faultline {
         Faultline { child, stderr }
     }
 
+    /// [`run_forever`](Self::run_forever) in a new temporary directory `name`, once its VM
+    /// runs: the directory, the API socket and the process.
+    fn running(name: &str) -> (TempDir, PathBuf, Faultline) {
+        let tmp = TempDir::new(name);
+        let sock = tmp.join("api.sock");
+        let mut faultline = Faultline::run_forever(&sock, &tmp);
+        faultline.wait_running(&sock);
+        (tmp, sock, faultline)
+    }
+
     /// A VM that runs until asked to stop, serving the API on `sock`.
     fn run_forever(sock: &Path, tmp: &TempDir) -> Faultline {
         let sock = sock.to_str().unwrap();
@@ -153,10 +163,7 @@ fn shut_down(sock: &Path, mut faultline: Faultline) {
 #[test]
 fn idle_and_stalled_clients_do_not_delay_others() {
     require_kvm!();
-    let tmp = TempDir::new("idle");
-    let sock = tmp.join("api.sock");
-    let mut faultline = Faultline::run_forever(&sock, &tmp);
-    faultline.wait_running(&sock);
+    let (_tmp, sock, faultline) = Faultline::running("idle");
     // Only this user may connect, whatever the umask.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
@@ -179,10 +186,7 @@ fn idle_and_stalled_clients_do_not_delay_others() {
 #[test]
 fn over_the_limit_is_refused_clearly() {
     require_kvm!();
-    let tmp = TempDir::new("limit");
-    let sock = tmp.join("api.sock");
-    let mut faultline = Faultline::run_forever(&sock, &tmp);
-    faultline.wait_running(&sock);
+    let (_tmp, sock, faultline) = Faultline::running("limit");
     let deadline = Instant::now() + DEADLINE;
     let mut idle = idle_connections(&sock, MAX_CONNECTIONS);
     let body = loop {
@@ -239,10 +243,7 @@ fn over_the_limit_is_refused_clearly() {
 #[test]
 fn a_stalled_request_gets_408() {
     require_kvm!();
-    let tmp = TempDir::new("stalled");
-    let sock = tmp.join("api.sock");
-    let mut faultline = Faultline::run_forever(&sock, &tmp);
-    faultline.wait_running(&sock);
+    let (_tmp, sock, faultline) = Faultline::running("stalled");
 
     let mut stream = UnixStream::connect(&sock).unwrap();
     stream
@@ -326,10 +327,7 @@ fn event_stream(sock: &Path) -> Result<BufReader<UnixStream>, (u16, serde_json::
 #[test]
 fn event_streams_beyond_their_limit_are_refused_and_leave_room_for_requests() {
     require_kvm!();
-    let tmp = TempDir::new("streams");
-    let sock = tmp.join("api.sock");
-    let mut faultline = Faultline::run_forever(&sock, &tmp);
-    faultline.wait_running(&sock);
+    let (_tmp, sock, faultline) = Faultline::running("streams");
     // Streams hold their connections for as long as their clients read: without a limit of
     // their own, enough of them would take every connection, shutdown's and recovery's too.
     let mut streams: Vec<_> = (0..MAX_EVENT_STREAMS)
