@@ -1532,6 +1532,22 @@ fn wait_for_migration_in(sock: &Path, statuses: &[&str], limit: Duration) -> ser
     }
 }
 
+/// Waits (30 s at most) until `GET /migration` on `sock` gives `field` as `value`: its status.
+fn wait_for_migration_field(sock: &Path, field: &str, value: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = api(sock, "GET", "/migration", None);
+        if status[field] == value {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{field} is not {value}: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// `faultline migrate recover` on the destination's API: where it listens.
 fn recover(destination_sock: &Path) -> String {
     let out = faultline(&[
@@ -1651,21 +1667,20 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
 
         let mut at = recover(&dsock);
         if run == 1 {
-            // Asked again (say, the first address was wrong): the newer listener replaces it.
+            // Asked again (say, the first address was wrong) once the destination waits on the
+            // first listener: the newer listener replaces it.
             let first = at;
+            wait_for_migration_field(&dsock, "awaiting_source_on", &first);
             at = recover(&dsock);
             assert_ne!(first, at);
+            // The attempt on the first listener gives up, saying why, and waits on the new.
+            let status = wait_for_migration_field(&dsock, "awaiting_source_on", &at);
+            let why = status["why"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("a later `migrate recover` replaced this listener"),
+                "{status}"
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
-            // The attempt on the first listener gives up, saying why.
-            loop {
-                let (_, status) = api(&dsock, "GET", "/migration", None);
-                let why = status["why"].as_str().unwrap_or_default();
-                if why.contains("a later `migrate recover` replaced this listener") {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{status}");
-                std::thread::sleep(Duration::from_millis(10));
-            }
             while std::net::TcpStream::connect(&first).is_ok() {
                 assert!(Instant::now() < deadline, "the first listener stays open");
                 std::thread::sleep(Duration::from_millis(10));

@@ -85,6 +85,9 @@ struct State {
     /// Where the source may reconnect, once `recover` said so (until it has).
     offer: Option<Offer>,
     generation: u64,
+    /// Where a recovery attempt waits for the source now: the offer it took (an older one
+    /// than `offer` until that attempt sees it was replaced and gives up).
+    awaiting_source_on: Option<SocketAddr>,
     /// A thread answers reconnections to a completed migration (its source missed the end).
     confirming: bool,
     /// The VM was shut down: a paused migration waits no more.
@@ -129,6 +132,7 @@ impl Incoming {
                 breaks: 0,
                 offer: None,
                 generation: 0,
+                awaiting_source_on: None,
                 confirming: false,
                 abandoned: false,
             }),
@@ -176,6 +180,7 @@ impl Incoming {
             state.why = why;
         }
         state.offer = None;
+        state.awaiting_source_on = None;
         self.changed.notify_all();
     }
 
@@ -283,12 +288,14 @@ impl Incoming {
     /// Waits until `recover` gives a listener; `None` once the VM was shut down.
     pub(super) fn wait_for_offer(&self) -> Option<Offer> {
         let mut state = lock(&self.state);
+        state.awaiting_source_on = None;
         loop {
             if state.abandoned {
                 return None;
             }
-            if let Some(offer) = &state.offer {
-                return Some(offer.clone());
+            if let Some(offer) = state.offer.clone() {
+                state.awaiting_source_on = Some(offer.addr);
+                return Some(offer);
             }
             state = wait(&self.changed, state);
         }
@@ -320,6 +327,7 @@ impl Incoming {
         state.phase = Phase::PostcopyActive;
         state.why = None;
         state.offer = None;
+        state.awaiting_source_on = None;
         self.changed.notify_all();
     }
 
@@ -362,6 +370,7 @@ impl Incoming {
             "why": state.why,
             "breaks": state.breaks,
             "listening": state.offer.as_ref().map(|o| o.addr.to_string()),
+            "awaiting_source_on": state.awaiting_source_on.map(|addr| addr.to_string()),
             "normal_pages": self.normal_pages.load(Ordering::Relaxed),
             "zero_pages": self.zero_pages.load(Ordering::Relaxed),
             "bytes": self.bytes.load(Ordering::Relaxed),
