@@ -1664,6 +1664,21 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
         let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
         let source = spawn_mix_written(&sock, MID);
         post_copy_cut(&sock, &dsock, &destination.addr, &["--mode", "post"], cut);
+        if run == 0 {
+            // An address that is none is refused, naming it, and the migration waits on.
+            let (status, refusal) = api(
+                &dsock,
+                "PUT",
+                "/migration/recover",
+                Some(serde_json::json!({"listen": "no-port-here"})),
+            );
+            assert_eq!(status, 400, "{refusal}");
+            let error = refusal["error"].as_str().unwrap_or_default();
+            assert!(error.contains("cannot listen on no-port-here"), "{refusal}");
+            let (_, paused) = api(&dsock, "GET", "/migration", None);
+            assert_eq!(paused["status"], "postcopy-paused", "{paused}");
+            assert_eq!(paused["listening"], serde_json::Value::Null, "{paused}");
+        }
 
         let mut at = recover(&dsock);
         if run == 1 {

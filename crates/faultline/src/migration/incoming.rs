@@ -7,7 +7,7 @@
 //! listener; the source reconnects to it (`faultline migrate send --resume`), and the page
 //! stream goes on from what the destination holds.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -249,11 +249,20 @@ impl Incoming {
         if self.tls.is_some() && tls.is_none() {
             return Err(RecoverError::TlsRequired);
         }
+        // Resolved before the status lock is taken: a stalled resolver must not stall
+        // `GET /migration` and shutdown with it.
+        let addrs: Vec<SocketAddr> = listen
+            .to_socket_addrs()
+            .map_err(|source| RecoverError::Listen {
+                listen: listen.to_string(),
+                source,
+            })?
+            .collect();
         let mut state = lock(&self.state);
         if !matches!(state.phase, Phase::PostcopyPaused | Phase::Completed) {
             return Err(RecoverError::NotPaused(state.phase.name()));
         }
-        let listener = TcpListener::bind(listen).map_err(|source| RecoverError::Listen {
+        let listener = TcpListener::bind(&addrs[..]).map_err(|source| RecoverError::Listen {
             listen: listen.to_string(),
             source,
         })?;
