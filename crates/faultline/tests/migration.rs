@@ -854,6 +854,49 @@ fn paused_destination_gets_every_page_from_the_stream(extra: &[&str], rounds: Ro
 }
 
 #[test]
+fn a_post_copy_arrival_dropped_while_paused_stops_its_page_stream() {
+    require_kvm!();
+    use faultline::migration::incoming::Phase;
+    // In this process: the destination as a library user has it.
+    let tmp = TempDir::new("migrate-arrival-dropped");
+    let sock = tmp.join("src.sock");
+    let source = spawn_mix_written(&sock, MID);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy =
+        common::proxy::CuttingProxy::start(&listener.local_addr().unwrap().to_string(), 2 << 20);
+    let send = {
+        let (sock, to) = (sock.clone(), proxy.addr.clone());
+        std::thread::spawn(move || migrate_send_with(&sock, &to, &["--mode", "post"]))
+    };
+    let arrived = faultline::migration::receive::receive(
+        &listener,
+        None,
+        vmm::VmConfig::default(),
+        u64::MAX,
+        true,
+    )
+    .unwrap();
+    // Cut in the page stream, the migration waits for a recovery nobody will ask for.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while arrived.incoming.phase() != Phase::PostcopyPaused {
+        assert!(Instant::now() < deadline, "{}", arrived.incoming.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(proxy.has_cut());
+    assert!(!send.join().unwrap().status.success());
+    drop(arrived);
+    let streams: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "postcopy-stream")
+        .collect();
+    let mut source = source;
+    let _ = source.kill();
+    let _ = source.wait();
+    assert!(streams.is_empty(), "the page stream runs on: {streams:?}");
+}
+
+#[test]
 fn a_post_copy_that_fails_after_the_state_left_keeps_the_source_paused() {
     require_kvm!();
     let tmp = TempDir::new("migrate-post-cut");

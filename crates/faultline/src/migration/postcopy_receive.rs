@@ -452,7 +452,6 @@ pub(super) fn take_stream(stream: Stream) -> anyhow::Result<()> {
         incoming,
         ours,
     } = stream;
-    incoming.add_link(reader.get_ref().try_clone()?);
     loop {
         // The source streams without a break: one silent for longer has stalled, which
         // pauses the migration as a cut does.

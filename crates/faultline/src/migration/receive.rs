@@ -52,6 +52,25 @@ pub struct Arrived {
     stream: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
+impl Drop for Arrived {
+    /// A post-copy arrival let go before `finish` (the source never heard `Built`, an error
+    /// after the VM arrived, a library user that drops it): its page stream stops and is
+    /// joined, rather than running on, or waiting for a recovery, with nobody to finish it.
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            self.incoming.abandon();
+            self.incoming.shut_links();
+            if stream.join().is_err() {
+                tracing::warn!("the page stream thread panicked");
+            }
+        }
+        // The pager's threads go before the VM and its RAM.
+        if let Some(pager) = self.pager.take() {
+            pager.shutdown();
+        }
+    }
+}
+
 impl Arrived {
     /// Post-copy: waits until every page has arrived and the source was told (the run may
     /// end before; a paused migration waits for its recovery, or for the VM's shutdown), then
@@ -71,15 +90,6 @@ impl Arrived {
             pager.shutdown();
         }
         Ok(figures)
-    }
-}
-
-impl Drop for Arrived {
-    fn drop(&mut self) {
-        // The pager's threads go before the VM and its RAM.
-        if let Some(pager) = self.pager.take() {
-            pager.shutdown();
-        }
     }
 }
 
@@ -514,7 +524,7 @@ fn post_copy(
     mut vm: Vm,
     ours: &migrate::VmIdentity,
     link: PagerLink,
-    mut report: ReceiveReport,
+    report: ReceiveReport,
     zeroed: &DirtyPages,
     incoming: Arc<Incoming>,
 ) -> anyhow::Result<Arrived> {
@@ -612,22 +622,26 @@ fn post_copy(
         incoming: Arc::clone(&incoming),
         ours: ours.clone(),
     };
+    // Shut down with the others when one breaks, or when the arrival is dropped.
+    incoming.add_link(stream.reader.get_ref().try_clone()?);
     let stream = std::thread::Builder::new()
         .name("postcopy-stream".into())
         .spawn(move || take_stream(stream))?;
-    // The VM is built: from now on it runs here, never at the source. (The stream thread
-    // reads nothing before the source has this.)
-    write_message(writer, &Message::Built)?;
-    writer.flush()?;
-    report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
-    Ok(Arrived {
+    // From here a failure drops the arrival, which stops the stream.
+    let mut arrived = Arrived {
         vm,
         state,
         report,
         pager: Some(pager),
         incoming,
         stream: Some(stream),
-    })
+    };
+    // The VM is built: from now on it runs here, never at the source. (The stream thread
+    // reads nothing before the source has this.)
+    write_message(writer, &Message::Built)?;
+    writer.flush()?;
+    arrived.report.switch_over_ms = switched_at.elapsed().as_secs_f64() * 1e3;
+    Ok(arrived)
 }
 
 /// Drops `pages` from guest RAM through the pager: they are missing from now on, and a touch
