@@ -180,8 +180,12 @@ impl LegacyDevices {
     pub fn io_in(&self, port: u16, data: &mut [u8]) -> bool {
         match port {
             COM1_BASE..=0x3ff => {
+                // A string read (`rep insb`) comes as one exit with a byte per iteration:
+                // each is a read of its own (the receive buffer gives its next byte).
                 let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-                data.fill(serial.read((port - COM1_BASE) as u8));
+                for byte in data.iter_mut() {
+                    *byte = serial.read((port - COM1_BASE) as u8);
+                }
                 true
             }
             I8042_DATA | I8042_COMMAND => {
@@ -261,6 +265,15 @@ mod tests {
         let mut data = [0u8; 1];
         assert!(other.io_in(COM1_BASE, &mut data));
         assert_eq!(data[0], b'a');
+    }
+
+    #[test]
+    fn a_string_read_of_the_serial_port_takes_a_byte_per_iteration() {
+        let (devices, _, _) = devices();
+        assert_eq!(devices.serial_input(b"abc"), 3);
+        let mut data = [0u8; 3];
+        assert!(devices.io_in(COM1_BASE, &mut data));
+        assert_eq!(&data, b"abc");
     }
 
     #[test]
