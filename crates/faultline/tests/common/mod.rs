@@ -6,6 +6,7 @@ pub mod pki;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use faultline::micro::{MicroOptions, MicroReport, MicroVm};
 use vmm::devices::ConsoleSink;
@@ -151,10 +152,17 @@ pub fn text(bytes: &[u8]) -> String {
 pub struct TempDir(PathBuf);
 
 impl TempDir {
-    /// Creates `faultline-e2e-<name>-<pid>` (removing a leftover of an earlier run first).
+    /// Creates `faultline-e2e-<name>-<pid>-<n>` (removing a leftover of an earlier run
+    /// first). `n` counts in this process: tests running side by side may give one name
+    /// (two migrations of the same mode and guest shape), and must never share a directory
+    /// or an API socket.
     pub fn new(name: &str) -> TempDir {
-        let path =
-            std::env::temp_dir().join(format!("faultline-e2e-{name}-{}", std::process::id()));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "faultline-e2e-{name}-{}-{n}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap();
         TempDir(path)
