@@ -884,7 +884,14 @@ fn a_post_copy_arrival_dropped_while_paused_stops_its_page_stream() {
     }
     assert!(proxy.has_cut());
     assert!(!send.join().unwrap().status.success());
-    drop(arrived);
+    // Dropped on a thread of its own: a drop that waits for the stream without stopping it
+    // fails the test rather than hangs it.
+    let (dropped, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(arrived);
+        let _ = dropped.send(());
+    });
+    let ended = done.recv_timeout(Duration::from_secs(60)).is_ok();
     // A thread joined may be listed a moment longer (the kernel wakes its joiner first).
     let streams = || {
         std::fs::read_dir("/proc/self/task")
@@ -900,6 +907,10 @@ fn a_post_copy_arrival_dropped_while_paused_stops_its_page_stream() {
     let mut source = source;
     let _ = source.kill();
     let _ = source.wait();
+    assert!(
+        ended,
+        "dropping the arrival waited for its page stream for a minute"
+    );
     assert_eq!(streams(), 0, "the page stream runs on");
 }
 

@@ -199,8 +199,14 @@ impl Incoming {
     }
 
     /// A connection of the migration, to shut down if another one breaks.
+    /// Once the VM was shut down (`abandon`), a link added late (a recovery attempt that was
+    /// accepting then) is shut at once: `abandon` marks before it shuts the links there are.
     pub(super) fn add_link(&self, channel: Channel) {
-        lock(&self.links).push(channel);
+        let mut links = lock(&self.links);
+        if lock(&self.state).abandoned {
+            channel.shutdown();
+        }
+        links.push(channel);
     }
 
     /// Shuts down every connection of the migration.
@@ -352,7 +358,10 @@ impl Incoming {
 
     /// The VM was shut down: a paused migration stops waiting.
     pub fn abandon(&self) {
-        lock(&self.state).abandoned = true;
+        let mut state = lock(&self.state);
+        state.abandoned = true;
+        state.offer = None;
+        state.awaiting_source_on = None;
         self.changed.notify_all();
     }
 
@@ -387,5 +396,44 @@ impl Incoming {
             "urgent_page_p50_us": at(0.5),
             "urgent_page_p99_us": at(0.99),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    /// Both ends of a loopback TCP connection.
+    fn connection() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (near, listener.accept().unwrap().0)
+    }
+
+    /// Whether `far` sees its peer's end: its read returns 0 (bounded, so that a connection
+    /// left open fails the test rather than hangs it).
+    fn ended(mut far: TcpStream) -> bool {
+        far.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        matches!(far.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_link_added_after_the_vm_was_shut_down_is_shut_at_once() {
+        let incoming = Incoming::new("peer".into(), None, true);
+        let (before, before_far) = connection();
+        incoming.add_link(Channel::Tcp(before));
+        incoming.abandon();
+        incoming.shut_links();
+        assert!(ended(before_far), "a link there when it was shut down");
+        // A recovery attempt that accepted a connection before it saw the shutdown.
+        let (late, late_far) = connection();
+        incoming.add_link(Channel::Tcp(late));
+        assert!(
+            ended(late_far),
+            "a link added after it was shut down stays open"
+        );
     }
 }

@@ -241,6 +241,9 @@ mod tests {
             while lock(&threads).len() < 2 && std::time::Instant::now() < deadline {
                 std::thread::sleep(std::time::Duration::from_micros(100));
             }
+            // Installs take a while, so that some are still going on when the message
+            // after the pages is read.
+            std::thread::sleep(std::time::Duration::from_micros(100));
             match message {
                 Message::Pages { gpa, data } => lock(&installed).insert(*gpa, data.clone()),
                 Message::ZeroPages { gpa, count } => {
