@@ -649,6 +649,46 @@ fn damaged_snapshots_are_refused_with_distinct_errors() {
 }
 
 #[test]
+fn a_snapshot_that_reads_damaged_memory_behind_the_pager_is_not_taken() {
+    require_kvm!();
+    // A lazily restored VM, paused: its RAM is still in the snapshot it came from, where a
+    // page nothing has touched yet is damaged. A snapshot of it reads every page through
+    // the pager, which meets the damage: no snapshot may come of that.
+    let tmp = TempDir::new("snapshot-damaged-lazy");
+    let good = tmp.join("good");
+    small_snapshot(&good);
+    let size = std::fs::metadata(good.join("memory.img")).unwrap().len();
+    patch(&good.join("memory.img"), size - 100, b"damage");
+    let sock = tmp.join("api.sock");
+    let mut child = common::spawn_restore(
+        &good,
+        "lazy",
+        &["--paused", "--api-sock", sock.to_str().unwrap()],
+    );
+    wait_state(&sock, &mut child, "paused");
+    let taken = tmp.join("taken");
+    let (status, body) = api(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(serde_json::json!({ "dir": taken })),
+    );
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(status, 500, "{body} {}", text(&out.stderr));
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("cannot be trusted"), "{body}");
+    assert!(error.contains("does not match its checksum"), "{body}");
+    assert!(!taken.exists(), "a snapshot of damaged memory was left");
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().contains("taken"))
+        .collect();
+    assert!(leftovers.is_empty(), "its staging was left: {leftovers:?}");
+}
+
+#[test]
 fn api_errors_are_clear() {
     require_kvm!();
     let tmp = TempDir::new("apierr");

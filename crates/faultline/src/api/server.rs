@@ -469,22 +469,25 @@ impl Controller {
         } else {
             snapshot::create::create(&self.handle, &options)
         };
-        match taken {
-            Ok(summary) => match self.memory_failure() {
-                // The pager failed while the snapshot was written: what it read may be wrong.
-                Some(fatal) => {
-                    let _ = std::fs::remove_dir_all(&summary.dir);
-                    refused(fatal)
-                }
-                None => {
-                    self.set_last_snapshot(Some(SnapshotRef {
-                        dir: summary.dir.clone(),
-                        identity: summary.identity.clone(),
-                    }));
-                    Response::ok(json!(summary))
-                }
-            },
-            Err(error) => {
+        match (taken, self.memory_failure()) {
+            // The pager failed while the snapshot was written: what it read may be wrong.
+            (Ok(summary), Some(fatal)) => {
+                let _ = std::fs::remove_dir_all(&summary.dir);
+                refused(fatal)
+            }
+            (Ok(summary), None) => {
+                self.set_last_snapshot(Some(SnapshotRef {
+                    dir: summary.dir.clone(),
+                    identity: summary.identity.clone(),
+                }));
+                Response::ok(json!(summary))
+            }
+            // It failed because the pager did (a page it read could not be provided): the
+            // pager's failure is the cause to name.
+            (Err(error), Some(fatal)) => {
+                refused(format!("{fatal} (the snapshot stopped: {})", chain(&error)))
+            }
+            (Err(error), None) => {
                 // The previous snapshot stays the parent of the next diff: a failed snapshot
                 // puts back the dirty log it took, as if it had not been taken.
                 let status = if error.is_usage() { 400 } else { 500 };
