@@ -193,7 +193,9 @@ impl PagerBuilder {
     }
 
     /// Gives `region` its backing file (guest RAM's memfd; byte 0 of the region is byte
-    /// `offset` of `file`), which swap-out reads pages from and releases them in.
+    /// `offset` of `file`), which swap-out reads pages from and releases them in. Pages the
+    /// file holds are present from now on, those the kernel swapped out among them (which
+    /// the residency probe cannot see).
     pub fn backing(
         &mut self,
         region: usize,
@@ -204,7 +206,19 @@ impl PagerBuilder {
             .regions
             .get_mut(region)
             .ok_or(PagerError::NoRegion(region))?;
-        region.backing = Some(region::Backing { file, offset });
+        let backing = region::Backing { file, offset };
+        let (start, len) = (region.start, region.len);
+        let swapped = region
+            .mark_file_data(&backing)
+            .map_err(|source| PagerError::Residency { start, len, source })?;
+        if swapped > 0 {
+            tracing::debug!(
+                start,
+                swapped,
+                "pager: pages held in the file but not resident"
+            );
+        }
+        region.backing = Some(backing);
         Ok(())
     }
 

@@ -53,6 +53,23 @@ impl Backing {
         )
         .map_err(std::io::Error::from)
     }
+
+    /// The first run `(start, end)` of region offsets from `from` on, before `end`, where the
+    /// file has data (pages in its cache, or swapped out), or `None`.
+    fn data_from(&self, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
+        use rustix::fs::SeekFrom;
+        let data = match rustix::fs::seek(&*self.file, SeekFrom::Data(self.offset + from)) {
+            Ok(at) => at - self.offset,
+            // No data after `from` in the whole file.
+            Err(rustix::io::Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if data >= end {
+            return Ok(None);
+        }
+        let hole = rustix::fs::seek(&*self.file, SeekFrom::Hole(self.offset + data))?;
+        Ok(Some((data, (hole - self.offset).min(end))))
+    }
 }
 
 impl Region {
@@ -104,6 +121,36 @@ impl Region {
         Ok(resident)
     }
 
+    /// Marks as present the pages the region's file holds that are not marked yet: a shmem
+    /// page swapped out is not resident for `mincore`, yet it is there (a touch swaps it
+    /// back in, with no userfaultfd fault), and must never be taken for missing. Looks only
+    /// in the runs of pages not present. Returns how many it marked.
+    pub(crate) fn mark_file_data(&self, backing: &Backing) -> std::io::Result<usize> {
+        let (page_size, pages) = (self.page_size, self.pages());
+        let mut marked = 0;
+        let mut page = 0;
+        while page < pages {
+            if self.present.get(page) {
+                page += 1;
+                continue;
+            }
+            let mut end = page + 1;
+            while end < pages && !self.present.get(end) {
+                end += 1;
+            }
+            let mut from = page as u64 * page_size;
+            while let Some((data, hole)) = backing.data_from(from, end as u64 * page_size)? {
+                for held in (data / page_size) as usize..hole.div_ceil(page_size) as usize {
+                    self.present.set(held);
+                    marked += 1;
+                }
+                from = hole;
+            }
+            page = end;
+        }
+        Ok(marked)
+    }
+
     /// Whether the kernel has page `page` (as [`mark_resident`](Self::mark_resident) reads
     /// it): a missing fault for it is then over already. `false` if that cannot be told.
     pub(crate) fn is_resident(&self, page: usize) -> bool {
@@ -139,5 +186,51 @@ impl Region {
                 + self.inflight.bytes()
                 + self.discarded.bytes()) as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A source never asked here.
+    struct Unused;
+
+    impl PageSource for Unused {
+        fn describe(&self) -> String {
+            "unused".into()
+        }
+        fn fetch(
+            &self,
+            _offset: u64,
+            _buf: &mut [u8],
+        ) -> Result<crate::source::Content, crate::source::SourceError> {
+            unreachable!("nothing is fetched")
+        }
+    }
+
+    #[test]
+    fn the_pages_the_file_holds_are_marked_present_and_only_those() {
+        const PAGE: u64 = 4096;
+        let fd = rustix::fs::memfd_create("region-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(40 * PAGE).unwrap();
+        // Data at file pages 3-4, 9, 15 and 30 (past the region); the region covers file
+        // pages 2 to 17, so its pages 1-2, 7 and 13 are held.
+        for page in [3u64, 4, 9, 15, 30] {
+            file.write_all_at(&[1u8; 4096], page * PAGE).unwrap();
+        }
+        let region = Region::new(0x1000_0000, 16 * PAGE, PAGE, Arc::new(Unused));
+        // Already present (resident when it was added): left as it is, not counted.
+        region.present.set(2);
+        region.present.set(5);
+        let backing = Backing {
+            file: Arc::new(file),
+            offset: 2 * PAGE,
+        };
+        assert_eq!(region.mark_file_data(&backing).unwrap(), 3);
+        let present: Vec<usize> = (0..16).filter(|&p| region.present.get(p)).collect();
+        assert_eq!(present, [1, 2, 5, 7, 13]);
     }
 }
