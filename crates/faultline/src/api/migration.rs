@@ -317,7 +317,9 @@ impl Migrations {
             Ok(addr) => Response::ok(json!({ "listening": addr.to_string() })),
             Err(e) => {
                 let status = match e {
-                    RecoverError::NotPaused(_) | RecoverError::NotRecoverable => 409,
+                    RecoverError::NotPaused(_)
+                    | RecoverError::NotRecoverable
+                    | RecoverError::ShuttingDown => 409,
                     RecoverError::Tls { .. } | RecoverError::TlsRequired => 400,
                     RecoverError::Listen { .. } => 400,
                 };

@@ -63,6 +63,8 @@ pub enum RecoverError {
     Tls { dir: String, why: String },
     #[error("the migration arrived over TLS, so its recovery must use TLS too")]
     TlsRequired,
+    #[error("the VM is shutting down: nothing will take the source's reconnection")]
+    ShuttingDown,
 }
 
 /// A listener `recover` gave, for the source's reconnection.
@@ -265,6 +267,9 @@ impl Incoming {
             })?
             .collect();
         let mut state = lock(&self.state);
+        if state.abandoned {
+            return Err(RecoverError::ShuttingDown);
+        }
         if !matches!(state.phase, Phase::PostcopyPaused | Phase::Completed) {
             return Err(RecoverError::NotPaused(state.phase.name()));
         }
@@ -336,11 +341,14 @@ impl Incoming {
         self.changed.notify_all();
     }
 
-    /// The recovery worked: the migration goes on.
+    /// The recovery worked: the migration goes on, unless a connection broke again while it
+    /// was being made (then it stays paused, saying why, for the next `recover`).
     pub(super) fn recovered(&self) {
         let mut state = lock(&self.state);
-        state.phase = Phase::PostcopyActive;
-        state.why = None;
+        if state.phase == Phase::PostcopyRecover {
+            state.phase = Phase::PostcopyActive;
+            state.why = None;
+        }
         state.offer = None;
         state.awaiting_source_on = None;
         self.changed.notify_all();
@@ -418,6 +426,41 @@ mod tests {
         far.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         matches!(far.read(&mut [0u8; 1]), Ok(0))
+    }
+
+    #[test]
+    fn a_break_while_a_recovery_is_made_leaves_the_migration_paused_saying_why() {
+        let incoming = Incoming::new("peer".into(), None, true);
+        assert!(incoming.pause("the page stream broke"));
+        incoming.recovering();
+        // The new page-request connection breaks before the attempt is done.
+        assert!(incoming.pause("the page-request connection: the peer closed it"));
+        incoming.recovered();
+        let status = incoming.status();
+        assert_eq!(status["status"], "postcopy-paused", "{status}");
+        assert_eq!(status["breaks"], 2, "{status}");
+        assert_eq!(
+            status["why"], "the page-request connection: the peer closed it",
+            "{status}"
+        );
+        // Then a recovery that holds.
+        incoming.recovering();
+        incoming.recovered();
+        assert_eq!(incoming.phase(), Phase::PostcopyActive);
+        assert_eq!(incoming.status()["why"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_vm_shut_down_takes_no_recovery_offer() {
+        let incoming = Arc::new(Incoming::new("peer".into(), None, true));
+        assert!(incoming.pause("the page stream broke"));
+        assert!(incoming.offer("127.0.0.1:0", None).is_ok());
+        incoming.abandon();
+        assert_eq!(incoming.status()["listening"], serde_json::Value::Null);
+        assert!(matches!(
+            incoming.offer("127.0.0.1:0", None),
+            Err(RecoverError::ShuttingDown)
+        ));
     }
 
     #[test]
