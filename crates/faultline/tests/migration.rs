@@ -1611,13 +1611,18 @@ fn wait_for_migration_field(sock: &Path, field: &str, value: &str) -> serde_json
 
 /// `faultline migrate recover` on the destination's API: where it listens.
 fn recover(destination_sock: &Path) -> String {
+    recover_on(destination_sock, "127.0.0.1:0")
+}
+
+/// `faultline migrate recover --listen listen` on the destination's API: where it listens.
+fn recover_on(destination_sock: &Path, listen: &str) -> String {
     let out = faultline(&[
         "migrate",
         "recover",
         "--api-sock",
         destination_sock.to_str().unwrap(),
         "--listen",
-        "127.0.0.1:0",
+        listen,
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout).trim().to_string()
@@ -1764,6 +1769,9 @@ fn a_post_copy_cut_by_the_network_is_recovered_and_finishes_right() {
             // A resume sent there finds nobody: it fails, and is not counted a recovery.
             let out = migrate_send_with(&sock, &first, &["--resume"]);
             assert!(!out.status.success());
+            // Asked again where it listens now: it goes on listening there.
+            assert_eq!(recover_on(&dsock, &at), at);
+            wait_for_migration_field(&dsock, "awaiting_source_on", &at);
         }
         if run == 0 {
             // The recovery is cut too, early in what it resends: recovered again.

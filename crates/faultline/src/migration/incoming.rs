@@ -273,10 +273,23 @@ impl Incoming {
         if !matches!(state.phase, Phase::PostcopyPaused | Phase::Completed) {
             return Err(RecoverError::NotPaused(state.phase.name()));
         }
-        let listener = TcpListener::bind(&addrs[..]).map_err(|source| RecoverError::Listen {
-            listen: listen.to_string(),
-            source,
-        })?;
+        // Asked again where the offer it replaces listens (a fixed port, say with other TLS
+        // settings): that listener goes on, since binding there again would find it in use.
+        let listening_there = state
+            .offer
+            .as_ref()
+            .filter(|offer| addrs.contains(&offer.addr))
+            .map(|offer| Arc::clone(&offer.listener));
+        let listener =
+            match listening_there {
+                Some(listener) => listener,
+                None => Arc::new(TcpListener::bind(&addrs[..]).map_err(|source| {
+                    RecoverError::Listen {
+                        listen: listen.to_string(),
+                        source,
+                    }
+                })?),
+            };
         let addr = listener
             .local_addr()
             .map_err(|source| RecoverError::Listen {
@@ -285,7 +298,7 @@ impl Incoming {
             })?;
         state.generation += 1;
         let offer = Offer {
-            listener: Arc::new(listener),
+            listener,
             tls,
             generation: state.generation,
             addr,
