@@ -689,16 +689,17 @@ fn take_all(
                 "guest memory could not be provided: {fatal}"
             )));
         }
+        let missing = first_missing(ram, pager, from);
+        match missing {
+            // Every page is here: done, whatever became of the page-request connection.
+            None if source.outstanding() == 0 => return Ok(()),
+            None => {}
+            Some(at) => from = at,
+        }
         if !source.connected() {
             return Err(Stop::Broken(anyhow::anyhow!(
                 "the page-request connection broke while the last pages came"
             )));
-        }
-        let missing = first_missing(ram, pager, from);
-        match missing {
-            None if source.outstanding() == 0 => return Ok(()),
-            None => {}
-            Some(at) => from = at,
         }
         if source.outstanding() > 0 {
             deadline = Instant::now() + ACCEPT_TIMEOUT;
