@@ -2415,6 +2415,42 @@ fn frame_len(message: &migrate::Message) -> u64 {
 }
 
 #[test]
+fn a_post_copy_whose_built_is_lost_is_resumed_and_its_downtime_lasts_until_the_resume() {
+    require_kvm!();
+    let tmp = TempDir::new("migrate-built-lost");
+    let (sock, dsock) = (tmp.join("src.sock"), tmp.join("dst.sock"));
+    let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
+    // Back to the source goes the destination's hello; the cut comes with its `Built`: it
+    // runs the VM, and the source cannot know.
+    let hello = migrate::Message::Hello(migrate::VmIdentity {
+        vcpus: 1,
+        layout: migrate::Layout::new(vec![(0, 4 << 20)]),
+        cpuid_digest: 0,
+    });
+    let proxy = common::proxy::CuttingProxy::start_back(&destination.addr, frame_len(&hello));
+    let source = spawn_mix_written(&sock, SMALL);
+    let out = migrate_send_mode(&sock, &proxy.addr, "post");
+    assert!(proxy.has_cut());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("did not say whether it runs the VM"), "{err}");
+    wait_for_migration_status(&dsock, "postcopy-paused");
+    let at = recover(&dsock);
+    let out = migrate_send_with(&sock, &at, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report = json_report(&text(&out.stdout));
+    assert_eq!(report["status"], "completed", "{report}");
+    // The destination said it runs the VM only at the resume: the downtime lasts until then,
+    // and holds its part until the state was sent.
+    let whole = report["downtime_ms"].as_f64().unwrap();
+    let part = report["downtime_until_state_sent_ms"].as_f64().unwrap();
+    assert!(0.0 < part && part < whole, "{report}");
+    let source = source.wait_with_output().unwrap();
+    assert!(source.status.success(), "{}", text(&source.stderr));
+    check_arrived(destination.child, SMALL);
+}
+
+#[test]
 fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     require_kvm!();
     let tmp = TempDir::new("migrate-last-word");

@@ -124,6 +124,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         ended_by,
         started,
         setup,
+        paused_at,
         // The whole downtime is known once the destination answers; a pause before (a cut,
         // a silence) keeps this part for the report of the resume that completes it.
         downtime: Downtime {
@@ -255,7 +256,11 @@ pub fn resume(
             other => bail!("the destination answered the resume with {}", other.name()),
         };
         // It answered: it runs the VM (it holds what the first connection built), and the
-        // migration is recovered (an attempt that never got this far is not counted).
+        // migration is recovered (an attempt that never got this far is not counted). If its
+        // `Built` was lost, this is the first it says so: the downtime ends here.
+        if !paused.confirmed {
+            paused.downtime.whole = paused.paused_at.elapsed();
+        }
         paused.confirmed = true;
         paused.recoveries += 1;
         let mut to_come = DirtyPages::all(held.pages());

@@ -311,6 +311,8 @@ pub struct PausedMigration {
     pub(super) ended_by: &'static str,
     pub(super) started: Instant,
     pub(super) setup: Duration,
+    /// When the VM was paused for the switch-over.
+    pub(super) paused_at: Instant,
     pub(super) downtime: Downtime,
     pub(super) sent: Sent,
     pub(super) rounds: u32,
@@ -573,6 +575,7 @@ fn switch_over(
         ended_by,
         started,
         setup,
+        paused_at,
         downtime: Downtime::default(),
         sent,
         rounds,
