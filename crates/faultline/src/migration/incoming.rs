@@ -396,9 +396,10 @@ impl Incoming {
 
     /// The status, as `GET /migration` on the destination says it.
     pub fn status(&self) -> serde_json::Value {
-        let state = lock(&self.state);
+        // Sorted before the state is locked: a pause or a recovery never waits on it.
         let mut latencies = lock(&self.latencies).clone();
         latencies.sort_unstable();
+        let state = lock(&self.state);
         let at = |q: f64| {
             (!latencies.is_empty()).then(|| latencies[((latencies.len() - 1) as f64 * q) as usize])
         };
