@@ -54,6 +54,17 @@ impl Backing {
         .map_err(std::io::Error::from)
     }
 
+    /// The bytes the file holds (in memory or swapped out), if it is a tmpfs file (a memfd),
+    /// whose `SEEK_DATA` tells those pages; `None` for another file system, whose `SEEK_DATA`
+    /// may call the whole file data (hugetlbfs does).
+    fn tmpfs_allocated(&self) -> std::io::Result<Option<u64>> {
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        if rustix::fs::fstatfs(&*self.file)?.f_type as i64 != TMPFS_MAGIC {
+            return Ok(None);
+        }
+        Ok(Some(rustix::fs::fstat(&*self.file)?.st_blocks as u64 * 512))
+    }
+
     /// The first run `(start, end)` of region offsets from `from` on, before `end`, where the
     /// file has data (pages in its cache, or swapped out), or `None`.
     fn data_from(&self, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
@@ -127,6 +138,12 @@ impl Region {
     /// in the runs of pages not present. Returns how many it marked.
     pub(crate) fn mark_file_data(&self, backing: &Backing) -> std::io::Result<usize> {
         let (page_size, pages) = (self.page_size, self.pages());
+        // The file holds no more than what is marked (the rest of it is not in this region,
+        // nothing is swapped out): nothing to look for, in one system call or two.
+        match backing.tmpfs_allocated()? {
+            Some(allocated) if allocated > self.present.count() as u64 * page_size => {}
+            _ => return Ok(0),
+        }
         let mut marked = 0;
         let mut page = 0;
         while page < pages {

@@ -76,6 +76,8 @@ pub(super) struct Offer {
     pub generation: u64,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The TLS settings `recover` named, if any.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 struct State {
@@ -178,7 +180,8 @@ impl Incoming {
     pub(super) fn finish(&self, phase: Phase, why: Option<String>) {
         let mut state = lock(&self.state);
         state.phase = phase;
-        if why.is_some() {
+        if why.is_some() || phase == Phase::Completed {
+            // (A break that came once every page was here is no reason any more.)
             state.why = why;
         }
         state.offer = None;
@@ -273,13 +276,17 @@ impl Incoming {
         if !matches!(state.phase, Phase::PostcopyPaused | Phase::Completed) {
             return Err(RecoverError::NotPaused(state.phase.name()));
         }
-        // Asked again where the offer it replaces listens (a fixed port, say with other TLS
-        // settings): that listener goes on, since binding there again would find it in use.
+        // Asked again where the offer it replaces listens (a fixed port): with the same TLS
+        // settings it stands as it is; with others, its listener goes on under the new offer,
+        // since binding there again would find it in use.
         let listening_there = state
             .offer
             .as_ref()
-            .filter(|offer| addrs.contains(&offer.addr))
-            .map(|offer| Arc::clone(&offer.listener));
+            .filter(|offer| addrs.contains(&offer.addr));
+        if let Some(offer) = listening_there.filter(|offer| offer.tls_dir.as_deref() == tls_dir) {
+            return Ok(offer.addr);
+        }
+        let listening_there = listening_there.map(|offer| Arc::clone(&offer.listener));
         let listener =
             match listening_there {
                 Some(listener) => listener,
@@ -302,6 +309,7 @@ impl Incoming {
             tls,
             generation: state.generation,
             addr,
+            tls_dir: tls_dir.map(Path::to_path_buf),
         };
         state.offer = Some(offer.clone());
         if state.phase == Phase::Completed && !state.confirming {
@@ -354,17 +362,20 @@ impl Incoming {
         self.changed.notify_all();
     }
 
-    /// The recovery worked: the migration goes on, unless a connection broke again while it
-    /// was being made (then it stays paused, saying why, for the next `recover`).
-    pub(super) fn recovered(&self) {
+    /// The recovery worked: the migration goes on (true), unless a connection broke again
+    /// while it was being made: then it stays paused, saying why, and the offer stands for
+    /// the source's next attempt (false).
+    pub(super) fn recovered(&self) -> bool {
         let mut state = lock(&self.state);
-        if state.phase == Phase::PostcopyRecover {
+        let goes_on = state.phase == Phase::PostcopyRecover;
+        if goes_on {
             state.phase = Phase::PostcopyActive;
             state.why = None;
+            state.offer = None;
+            state.awaiting_source_on = None;
         }
-        state.offer = None;
-        state.awaiting_source_on = None;
         self.changed.notify_all();
+        goes_on
     }
 
     /// An attempt to recover failed (`why`): the offer stands for the next one.
@@ -444,12 +455,13 @@ mod tests {
 
     #[test]
     fn a_break_while_a_recovery_is_made_leaves_the_migration_paused_saying_why() {
-        let incoming = Incoming::new("peer".into(), None, true);
+        let incoming = Arc::new(Incoming::new("peer".into(), None, true));
         assert!(incoming.pause("the page stream broke"));
+        let listening = incoming.offer("127.0.0.1:0", None).unwrap().to_string();
         incoming.recovering();
         // The new page-request connection breaks before the attempt is done.
         assert!(incoming.pause("the page-request connection: the peer closed it"));
-        incoming.recovered();
+        assert!(!incoming.recovered());
         let status = incoming.status();
         assert_eq!(status["status"], "postcopy-paused", "{status}");
         assert_eq!(status["breaks"], 2, "{status}");
@@ -457,11 +469,26 @@ mod tests {
             status["why"], "the page-request connection: the peer closed it",
             "{status}"
         );
+        // The listener stands for the source's next attempt.
+        assert_eq!(status["listening"], listening, "{status}");
         // Then a recovery that holds.
         incoming.recovering();
-        incoming.recovered();
+        assert!(incoming.recovered());
         assert_eq!(incoming.phase(), Phase::PostcopyActive);
         assert_eq!(incoming.status()["why"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn a_migration_completed_after_a_break_gives_no_reason() {
+        let incoming = Incoming::new("peer".into(), None, true);
+        assert!(incoming.pause("the page-request connection broke"));
+        incoming.finish(Phase::Completed, None);
+        let status = incoming.status();
+        assert_eq!(status["status"], "completed", "{status}");
+        assert_eq!(status["why"], serde_json::Value::Null, "{status}");
+        // A failure keeps its reason.
+        incoming.finish(Phase::Failed, Some("the source gave up".into()));
+        assert_eq!(incoming.status()["why"], "the source gave up");
     }
 
     #[test]

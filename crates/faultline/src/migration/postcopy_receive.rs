@@ -42,14 +42,16 @@ fn accept_until(
 ) -> anyhow::Result<TcpStream> {
     listener.set_nonblocking(true)?;
     let accepted = loop {
+        // Looked at before each accept too: a withdrawn offer's listener may go on under a
+        // newer offer, whose source this attempt must not take.
+        if let Some(why) = give_up() {
+            break Err(anyhow::anyhow!(why));
+        }
         match listener.accept() {
             Ok((stream, _)) => break Ok(stream),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break Err(anyhow::anyhow!("no connection came in time"));
-                }
-                if let Some(why) = give_up() {
-                    break Err(anyhow::anyhow!(why));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -516,8 +518,11 @@ fn recover(
         let held = || held_pages(ram, pager);
         match resume_from(&offer, incoming, ours, held, Some(source)) {
             Ok(links) => {
-                incoming.recovered();
-                tracing::info!("post-copy recovered");
+                if incoming.recovered() {
+                    tracing::info!("post-copy recovered");
+                } else {
+                    tracing::warn!("post-copy recovered, and broken again at once");
+                }
                 return Ok(links);
             }
             Err(e) => {

@@ -257,7 +257,8 @@ pub fn resume(
         };
         // It answered: it runs the VM (it holds what the first connection built), and the
         // migration is recovered (an attempt that never got this far is not counted). If its
-        // `Built` was lost, this is the first it says so: the downtime ends here.
+        // word that it runs the VM (`Built`, a pre-copy's acknowledgement) was lost, this is
+        // the first it says so: the downtime ends here.
         if !paused.confirmed {
             paused.downtime.whole = paused.paused_at.elapsed();
         }

@@ -235,7 +235,7 @@ impl SendReport {
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Downtime {
     /// Until the destination said it runs the VM (pre-copy: it acknowledged the go-ahead;
-    /// post-copy: it built the VM).
+    /// post-copy: it built the VM; that word lost to a cut: it answered the resume).
     pub whole: Duration,
     /// Until this side had written the VM's state (pre-copy: with its last pages).
     pub until_state_sent: Duration,
