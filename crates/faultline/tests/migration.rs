@@ -2408,6 +2408,16 @@ fn a_pre_copy_whose_go_ahead_cannot_be_sent_runs_on_here() {
     finishes_right(source);
 }
 
+/// A hello of the small guest's VM, as a destination answers it: its length is what the
+/// proxy lets back before the next message.
+fn small_hello() -> migrate::Message {
+    migrate::Message::Hello(migrate::VmIdentity {
+        vcpus: 1,
+        layout: migrate::Layout::new(vec![(0, 4 << 20)]),
+        cpuid_digest: 0,
+    })
+}
+
 /// The bytes a frame of `message` takes on the wire.
 fn frame_len(message: &migrate::Message) -> u64 {
     migrate::frame(message).unwrap().len() as u64
@@ -2421,11 +2431,7 @@ fn a_post_copy_whose_built_is_lost_is_resumed_and_its_downtime_lasts_until_the_r
     let destination = Destination::spawn(&["--json", "--api-sock", dsock.to_str().unwrap()]);
     // Back to the source goes the destination's hello; the cut comes with its `Built`: it
     // runs the VM, and the source cannot know.
-    let hello = migrate::Message::Hello(migrate::VmIdentity {
-        vcpus: 1,
-        layout: migrate::Layout::new(vec![(0, 4 << 20)]),
-        cpuid_digest: 0,
-    });
+    let hello = small_hello();
     let proxy = common::proxy::CuttingProxy::start_back(&destination.addr, frame_len(&hello));
     let source = spawn_mix_written(&sock, SMALL);
     let out = migrate_send_mode(&sock, &proxy.addr, "post");
@@ -2459,11 +2465,7 @@ fn a_pre_copy_whose_last_word_is_lost_completes_by_resuming() {
     // Back to the source go the destination's hello, its answer to the sync and its
     // "built"; the cut comes with the next byte: the last word, sent once the destination
     // runs the VM.
-    let hello = migrate::Message::Hello(migrate::VmIdentity {
-        vcpus: 1,
-        layout: migrate::Layout::new(vec![(0, 4 << 20)]),
-        cpuid_digest: 0,
-    });
+    let hello = small_hello();
     let before_the_last_word = frame_len(&hello)
         + frame_len(&migrate::Message::Sync)
         + frame_len(&migrate::Message::Built);

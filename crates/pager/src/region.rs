@@ -64,23 +64,6 @@ impl Backing {
         }
         Ok(Some(rustix::fs::fstat(&*self.file)?.st_blocks as u64 * 512))
     }
-
-    /// The first run `(start, end)` of region offsets from `from` on, before `end`, where the
-    /// file has data (pages in its cache, or swapped out), or `None`.
-    fn data_from(&self, from: u64, end: u64) -> std::io::Result<Option<(u64, u64)>> {
-        use rustix::fs::SeekFrom;
-        let data = match rustix::fs::seek(&*self.file, SeekFrom::Data(self.offset + from)) {
-            Ok(at) => at - self.offset,
-            // No data after `from` in the whole file.
-            Err(rustix::io::Errno::NXIO) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        if data >= end {
-            return Ok(None);
-        }
-        let hole = rustix::fs::seek(&*self.file, SeekFrom::Hole(self.offset + data))?;
-        Ok(Some((data, (hole - self.offset).min(end))))
-    }
 }
 
 impl Region {
@@ -134,36 +117,29 @@ impl Region {
 
     /// Marks as present the pages the region's file holds that are not marked yet: a shmem
     /// page swapped out is not resident for `mincore`, yet it is there (a touch swaps it
-    /// back in, with no userfaultfd fault), and must never be taken for missing. Looks only
-    /// in the runs of pages not present. Returns how many it marked.
+    /// back in, with no userfaultfd fault), and must never be taken for missing. Returns how
+    /// many it marked.
     pub(crate) fn mark_file_data(&self, backing: &Backing) -> std::io::Result<usize> {
-        let (page_size, pages) = (self.page_size, self.pages());
+        let page_size = self.page_size;
         // The file holds no more than what is marked (the rest of it is not in this region,
         // nothing is swapped out): nothing to look for, in one system call or two.
         match backing.tmpfs_allocated()? {
             Some(allocated) if allocated > self.present.count() as u64 * page_size => {}
             _ => return Ok(0),
         }
+        let (first, end) = (backing.offset, backing.offset + self.len);
         let mut marked = 0;
-        let mut page = 0;
-        while page < pages {
-            if self.present.get(page) {
-                page += 1;
+        for (start, stop) in crate::source::data_extents(&*backing.file, end)? {
+            let (start, stop) = (start.max(first) - first, stop.saturating_sub(first));
+            if stop <= start {
                 continue;
             }
-            let mut end = page + 1;
-            while end < pages && !self.present.get(end) {
-                end += 1;
-            }
-            let mut from = page as u64 * page_size;
-            while let Some((data, hole)) = backing.data_from(from, end as u64 * page_size)? {
-                for held in (data / page_size) as usize..hole.div_ceil(page_size) as usize {
-                    self.present.set(held);
+            for page in (start / page_size) as usize..stop.div_ceil(page_size) as usize {
+                if !self.present.get(page) {
+                    self.present.set(page);
                     marked += 1;
                 }
-                from = hole;
             }
-            page = end;
         }
         Ok(marked)
     }
@@ -233,9 +209,9 @@ mod tests {
         let fd = rustix::fs::memfd_create("region-test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         let file = std::fs::File::from(fd);
         file.set_len(40 * PAGE).unwrap();
-        // Data at file pages 3-4, 9, 15 and 30 (past the region); the region covers file
-        // pages 2 to 17, so its pages 1-2, 7 and 13 are held.
-        for page in [3u64, 4, 9, 15, 30] {
+        // Data at file pages 0 (before the region), 3-4, 9, 15 and 30 (past it); the region
+        // covers file pages 2 to 17, so its pages 1-2, 7 and 13 are held.
+        for page in [0u64, 3, 4, 9, 15, 30] {
             file.write_all_at(&[1u8; 4096], page * PAGE).unwrap();
         }
         let region = Region::new(0x1000_0000, 16 * PAGE, PAGE, Arc::new(Unused));

@@ -279,17 +279,10 @@ impl Incoming {
         // Asked again where the offer it replaces listens (a fixed port): with the same TLS
         // settings it stands as it is; with others, its listener goes on under the new offer,
         // since binding there again would find it in use.
-        let listening_there = state
-            .offer
-            .as_ref()
-            .filter(|offer| addrs.contains(&offer.addr));
-        if let Some(offer) = listening_there.filter(|offer| offer.tls_dir.as_deref() == tls_dir) {
-            return Ok(offer.addr);
-        }
-        let listening_there = listening_there.map(|offer| Arc::clone(&offer.listener));
         let listener =
-            match listening_there {
-                Some(listener) => listener,
+            match state.offer.as_ref().filter(|o| addrs.contains(&o.addr)) {
+                Some(offer) if offer.tls_dir.as_deref() == tls_dir => return Ok(offer.addr),
+                Some(offer) => Arc::clone(&offer.listener),
                 None => Arc::new(TcpListener::bind(&addrs[..]).map_err(|source| {
                     RecoverError::Listen {
                         listen: listen.to_string(),
