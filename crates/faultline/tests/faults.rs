@@ -222,3 +222,84 @@ fn a_vcpu_that_had_finished_when_snapshotted_stays_finished_after_restore() {
         "vCPU 1's reports from before the snapshot"
     );
 }
+
+/// A page source that has no page to give.
+struct NoPages;
+
+impl pager::PageSource for NoPages {
+    fn describe(&self) -> String {
+        "no pages".into()
+    }
+    fn fetch(&self, offset: u64, _buf: &mut [u8]) -> Result<pager::Content, pager::SourceError> {
+        Err(pager::SourceError::Unavailable {
+            offset,
+            reason: "gone for the test".into(),
+        })
+    }
+}
+
+#[test]
+fn a_snapshot_is_not_published_once_the_pager_serving_memory_has_failed() {
+    require_kvm!();
+    // The pager fails on a page the snapshot never reads (its background install of a page
+    // its source cannot give): every read of the snapshot succeeds, and still it must not be
+    // published, since guest memory cannot be trusted after a pager failure.
+    let ram = GuestRam::new(2 << 20).unwrap();
+    let config = pager::PagerConfig {
+        failure_policy: pager::FailurePolicy::Stop,
+        ..Default::default()
+    };
+    let mut builder = pager::PagerBuilder::new(config).unwrap();
+    let region = &ram.regions()[0];
+    // SAFETY: the test's own guest RAM, mapped until `ram` drops after the pager; no Rust
+    // reference points into it.
+    unsafe { builder.region(region.host_addr() as u64, region.size(), Arc::new(NoPages)) }
+        .unwrap();
+    let failed_pager = builder.start().unwrap();
+    let failed = failed_pager.handle();
+    failed.prefetch(0, 0, 1).unwrap();
+    let deadline = std::time::Instant::now() + HANG;
+    while failed.fatal_error().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the pager never failed");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+
+    let vm = forever_vm(1, None);
+    let handle = vm.handle();
+    let rx = start_run(vm);
+    let tmp = common::TempDir::new("snapshot-pager-failed");
+    let dir = tmp.join("snap");
+    let options = snapshot::create::CreateOptions {
+        dir: dir.clone(),
+        diff_parent: None,
+        guest: None,
+        backing: snapshot::create::MemoryBacking::Resident,
+        pager: Some(failed.clone()),
+    };
+    let deadline = std::time::Instant::now() + HANG;
+    let taken = loop {
+        match snapshot::create::create(&handle, &options) {
+            Err(snapshot::SnapshotError::Vm(vmm::VmError::Pause(
+                vmm::control::PauseError::NotRunning,
+            ))) => {
+                assert!(std::time::Instant::now() < deadline, "the VM never ran");
+                std::thread::yield_now();
+            }
+            taken => break taken,
+        }
+    };
+    let error = taken.expect_err("a snapshot over a failed pager is refused");
+    let message = format!("{:#}", anyhow::Error::new(error));
+    assert!(message.contains("cannot be trusted"), "{message}");
+    assert!(message.contains("gone for the test"), "{message}");
+    assert!(!dir.exists(), "the snapshot was published");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "its staging was left: {left:?}");
+    // The VM it paused runs again.
+    assert!(!handle.control().is_paused());
+    handle
+        .control()
+        .request_stop(vmm::control::StopReason::Requested);
+    rx.recv_timeout(HANG).expect("the run ended").unwrap();
+    failed_pager.shutdown();
+}

@@ -661,6 +661,11 @@ fn a_hybrid_migration_whose_rounds_stop_shrinking_goes_post_copy() {
     let report = migrated_as(BIG, HYBRID_GOING_POST_COPY, Rounds::OnePassThenFree);
     assert_eq!(report["ended_by"], "not shrinking", "{report}");
     assert_eq!(report["mode"], "hybrid", "post-copy took over: {report}");
+    // The rounds' figures stay in the report of the post-copy that ended the migration.
+    assert!(
+        report["dirty_rate_pages_per_s"].as_f64() > Some(0.0),
+        "{report}"
+    );
 }
 
 #[test]

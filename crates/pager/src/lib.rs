@@ -453,6 +453,14 @@ pub struct PagerHandle {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for PagerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagerHandle")
+            .field("fatal", &self.fatal_error())
+            .finish_non_exhaustive()
+    }
+}
+
 impl PagerHandle {
     /// Counts faults from thread `tid` as vCPU faults.
     pub fn register_vcpu_thread(&self, tid: u32) {

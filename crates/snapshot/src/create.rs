@@ -39,6 +39,20 @@ pub struct CreateOptions {
     /// The micro-guest that runs, if any.
     pub guest: Option<GuestInfo>,
     pub backing: MemoryBacking,
+    /// The pager that serves guest memory, if one does. A snapshot is not published once it
+    /// has failed ([`SnapshotError::PagerFailed`]): a page it read may be wrong. (Looked at
+    /// after the last page was read, so a failure after the publish cannot concern it.)
+    pub pager: Option<pager::PagerHandle>,
+}
+
+impl CreateOptions {
+    /// Publishes `staging` unless the pager failed while it was filled.
+    pub(crate) fn publish(&self, staging: &mut Staging) -> Result<(), SnapshotError> {
+        if let Some(fatal) = self.pager.as_ref().and_then(pager::PagerHandle::fatal_error) {
+            return Err(SnapshotError::PagerFailed(fatal));
+        }
+        staging.publish()
+    }
 }
 
 /// What was written.
@@ -166,7 +180,7 @@ fn take(
             )
         })
         .and_then(|summary| Ok((summary, state::identity(staging.path())?)))
-        .and_then(|written| staging.publish().map(|()| written));
+        .and_then(|written| options.publish(&mut staging).map(|()| written));
     if result.is_err() {
         if let Some(dirty) = dirty {
             handle.return_dirty_pages(dirty);

@@ -175,6 +175,10 @@ pub enum SnapshotError {
         /// What the source said.
         reason: String,
     },
+    /// The pager that serves guest memory failed before the snapshot was published: what it
+    /// read may be wrong, so it is not kept.
+    #[error("guest memory cannot be trusted, so no snapshot is taken: {0}")]
+    PagerFailed(String),
 }
 
 impl SnapshotError {

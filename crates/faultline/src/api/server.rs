@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use snapshot::create::{CreateOptions, MemoryBacking};
 use snapshot::state::{GuestInfo, SnapshotRef};
+use snapshot::SnapshotError;
 use vmm::control::PauseError;
 use vmm::tracking::TrackError;
 use vmm::{VmError, VmHandle};
@@ -453,6 +454,7 @@ impl Controller {
             } else {
                 MemoryBacking::Resident
             },
+            pager: self.pager.clone(),
         };
         if let Some(refusal) = self.migrations.refuse_snapshot() {
             return refusal;
@@ -470,12 +472,12 @@ impl Controller {
             snapshot::create::create(&self.handle, &options)
         };
         match (taken, self.memory_failure()) {
-            // The pager failed while the snapshot was written: what it read may be wrong.
-            (Ok(summary), Some(fatal)) => {
-                let _ = std::fs::remove_dir_all(&summary.dir);
-                refused(fatal)
-            }
-            (Ok(summary), None) => {
+            // The pager failed while the snapshot was written: what it read may be wrong, and
+            // it was not published.
+            (Err(SnapshotError::PagerFailed(fatal)), _) => refused(fatal),
+            // Published: every page was read before the pager was last seen sound, so a
+            // failure since cannot concern it.
+            (Ok(summary), _) => {
                 self.set_last_snapshot(Some(SnapshotRef {
                     dir: summary.dir.clone(),
                     identity: summary.identity.clone(),

@@ -47,6 +47,8 @@ pub(super) struct Switch<'a> {
     /// What the rounds sent.
     pub before: Sent,
     pub rounds: u32,
+    /// Pages the guest dirtied per second over the rounds (hybrid).
+    pub dirty_rate_pages_per_s: f64,
     /// The migration's name (for a resume).
     pub migration: u64,
 }
@@ -68,6 +70,7 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         ended_by,
         before,
         rounds,
+        dirty_rate_pages_per_s,
         migration,
     } = switch;
     let ram = handle.ram();
@@ -133,6 +136,9 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         },
         sent: before,
         rounds,
+        dirty_rate_pages_per_s,
+        // A hybrid goes post-copy rather than throttle.
+        throttle_percent: 0,
         requests: 0,
         confirmed: false,
         recoveries: 0,

@@ -316,6 +316,10 @@ pub struct PausedMigration {
     pub(super) downtime: Downtime,
     pub(super) sent: Sent,
     pub(super) rounds: u32,
+    /// Pages the guest dirtied per second over the rounds (0 without rounds).
+    pub(super) dirty_rate_pages_per_s: f64,
+    /// The most the rounds throttled the guest, in percent.
+    pub(super) throttle_percent: u8,
     pub(super) requests: u64,
     /// Whether the destination said it runs the VM (if not, it may not: a cut came between
     /// the state and its answer).
@@ -340,10 +344,11 @@ impl PausedMigration {
             self.downtime,
             &self.sent,
             self.rounds,
-            0.0,
+            self.dirty_rate_pages_per_s,
             self.requests,
         );
         report.postcopy_recoveries = self.recoveries;
+        report.throttle_percent = self.throttle_percent;
         report
     }
 }
@@ -456,7 +461,7 @@ fn run(
         .as_ref()
         .is_none_or(|c| options.mode == Mode::Hybrid && c.ended_by != "converged");
     if goes_post {
-        let (stale, ended_by, before, rounds) = match copied {
+        let (stale, ended_by, before, rounds, dirty_rate_pages_per_s) = match copied {
             None => (
                 None,
                 "post-copy",
@@ -465,8 +470,15 @@ fn run(
                     ..Sent::default()
                 },
                 0,
+                0.0,
             ),
-            Some(c) => (Some(c.pending), c.ended_by, c.sent, c.rounds),
+            Some(c) => (
+                Some(c.pending),
+                c.ended_by,
+                c.sent,
+                c.rounds,
+                dirty_rate(c.dirtied, c.took),
+            ),
         };
         return super::postcopy_send::send(super::postcopy_send::Switch {
             handle,
@@ -482,6 +494,7 @@ fn run(
             ended_by,
             before,
             rounds,
+            dirty_rate_pages_per_s,
             migration,
         });
     }
@@ -579,6 +592,8 @@ fn switch_over(
         downtime: Downtime::default(),
         sent,
         rounds,
+        dirty_rate_pages_per_s: dirty_rate(dirtied, took),
+        throttle_percent,
         requests: 0,
         confirmed: false,
         recoveries: 0,
@@ -633,10 +648,12 @@ fn switch_over(
         *paused_here = false;
         return Err(SendFailure::Paused(e, paused));
     }
-    let mut report = paused.report();
-    report.dirty_rate_pages_per_s = dirtied as f64 / took.as_secs_f64().max(1e-6);
-    report.throttle_percent = throttle_percent;
-    Ok(report)
+    Ok(paused.report())
+}
+
+/// Pages dirtied per second: `dirtied` over rounds that `took` so long.
+fn dirty_rate(dirtied: u64, took: Duration) -> f64 {
+    dirtied as f64 / took.as_secs_f64().max(1e-6)
 }
 
 /// The destination's answer to what this side just sent, after which it must first take what
