@@ -253,14 +253,16 @@ fn a_snapshot_is_not_published_once_the_pager_serving_memory_has_failed() {
     let region = &ram.regions()[0];
     // SAFETY: the test's own guest RAM, mapped until `ram` drops after the pager; no Rust
     // reference points into it.
-    unsafe { builder.region(region.host_addr() as u64, region.size(), Arc::new(NoPages)) }
-        .unwrap();
+    unsafe { builder.region(region.host_addr() as u64, region.size(), Arc::new(NoPages)) }.unwrap();
     let failed_pager = builder.start().unwrap();
     let failed = failed_pager.handle();
     failed.prefetch(0, 0, 1).unwrap();
     let deadline = std::time::Instant::now() + HANG;
     while failed.fatal_error().is_none() {
-        assert!(std::time::Instant::now() < deadline, "the pager never failed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pager never failed"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 

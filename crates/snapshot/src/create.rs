@@ -48,7 +48,11 @@ pub struct CreateOptions {
 impl CreateOptions {
     /// Publishes `staging` unless the pager failed while it was filled.
     pub(crate) fn publish(&self, staging: &mut Staging) -> Result<(), SnapshotError> {
-        if let Some(fatal) = self.pager.as_ref().and_then(pager::PagerHandle::fatal_error) {
+        if let Some(fatal) = self
+            .pager
+            .as_ref()
+            .and_then(pager::PagerHandle::fatal_error)
+        {
             return Err(SnapshotError::PagerFailed(fatal));
         }
         staging.publish()
