@@ -154,9 +154,9 @@ pub enum Message {
 pub const MAX_REASON_CHARS: usize = 1024;
 
 /// `reason` as a peer's words are shown: its first [`MAX_REASON_CHARS`] characters, control
-/// characters, line and paragraph separators, bidirectional marks and overrides and
-/// zero-width characters escaped (`\u{1b}`, `\n`, `\u{202e}`, `\u{200b}`), saying how much
-/// was left out.
+/// characters, line and paragraph separators, bidirectional marks and overrides, zero-width
+/// and invisible characters (soft hyphen, word joiner, tags) escaped (`\u{1b}`, `\n`,
+/// `\u{202e}`, `\u{200b}`, `\u{e0041}`), saying how much was left out.
 fn peer_words(reason: &str) -> String {
     let mut shown = String::new();
     let mut chars = reason.chars();
@@ -165,11 +165,14 @@ fn peer_words(reason: &str) -> String {
         // isolates, and zero-width characters.
         let steers = matches!(
             c,
-            '\u{061c}'
+            '\u{00ad}'
+                | '\u{061c}'
+                | '\u{180e}'
                 | '\u{200b}'..='\u{200f}'
                 | '\u{2028}'..='\u{202e}'
-                | '\u{2066}'..='\u{2069}'
+                | '\u{2060}'..='\u{206f}'
                 | '\u{feff}'
+                | '\u{e0000}'..='\u{e007f}'
         );
         if c.is_control() || steers {
             shown.extend(c.escape_default());
@@ -503,6 +506,12 @@ mod tests {
         assert_eq!(
             decoded("a\u{61c}b\u{200b}c\u{feff}d"),
             "a\\u{61c}b\\u{200b}c\\u{feff}d"
+        );
+        // Invisible ones: a soft hyphen, a word joiner, and a tag letter (tags can spell out
+        // hidden text).
+        assert_eq!(
+            decoded("a\u{ad}b\u{2060}c\u{e0041}d"),
+            "a\\u{ad}b\\u{2060}c\\u{e0041}d"
         );
         let long = "x".repeat(1 << 20);
         let shown = decoded(&long);

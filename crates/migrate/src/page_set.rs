@@ -18,7 +18,7 @@ const BITMAP: u8 = 0;
 const RUNS: u8 = 1;
 
 /// The most pages a set may have: as many as a bitmap in one frame can hold (after the page
-/// count and the form byte), 512 GiB of RAM.
+/// count and the form byte): 134,217,600 pages, 512 GiB of RAM less 512 KiB.
 pub(crate) const MAX_SET_PAGES: u64 = (MAX_PAYLOAD as u64 - 9) / 8 * 64;
 
 /// Appends the set of `pages` pages `bitmap` (a word per 64 pages) in its shorter form. Bits

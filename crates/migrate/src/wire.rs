@@ -13,7 +13,8 @@ pub const MAGIC: [u8; 4] = *b"FLMG";
 /// the migration at the switch-over and in a resume, 7 names it on each page-request
 /// connection too.
 pub const VERSION: u16 = 7;
-/// The largest payload a reader accepts: a run of 1024 pages and its address, or a state.
+/// The largest payload a reader accepts: a run of 1024 pages and its address, a state, or a
+/// page set of up to [`crate::page_set::MAX_SET_PAGES`] pages as a bitmap.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Bytes of a frame header.
 pub const HEADER_BYTES: usize = 16;
@@ -183,10 +184,12 @@ pub fn read_message_reusing<R: Read>(
         return Err(ProtocolError::PeerClosed);
     }
     let found: [u8; 4] = header[..MAGIC.len()].try_into().expect("4 bytes");
+    // Fewer bytes than the magic, and already not its start: another protocol, not a cut
+    // (the bytes that did not come show as zero).
+    if header[..got] != MAGIC[..got] {
+        return Err(ProtocolError::BadMagic { found });
+    }
     if got == MAGIC.len() {
-        if found != MAGIC {
-            return Err(ProtocolError::BadMagic { found });
-        }
         got += fill(reader, &mut header[MAGIC.len()..])?;
     }
     if got < HEADER_BYTES {
@@ -405,6 +408,14 @@ mod tests {
                 found: [0x15, 0x03, 0x03, 0x00]
             })
         ));
+        // Less than the magic, and not its start, then closed: the wrong protocol too, not
+        // a cut connection (which a recovery would try to mend).
+        assert!(matches!(
+            read_message(&mut &b"GE"[..]),
+            Err(ProtocolError::BadMagic {
+                found: [b'G', b'E', 0, 0]
+            })
+        ));
     }
 
     #[test]
@@ -528,9 +539,12 @@ mod tests {
     fn any_flipped_bit_is_refused() {
         for message in every_message() {
             let bytes = frame(&message);
-            // Every bit of small frames; a spread of bits of the page run.
+            // Every bit of small frames; of the page run, every bit of its header and address
+            // (read apart from its data) and a spread of the rest.
             let step = (bytes.len() / 512).max(1);
-            for byte in (0..bytes.len()).step_by(step) {
+            let head = HEADER_BYTES + 8;
+            let spread = (head..bytes.len()).step_by(step);
+            for byte in (0..head.min(bytes.len())).chain(spread) {
                 for bit in 0..8 {
                     let mut damaged = bytes.clone();
                     damaged[byte] ^= 1 << bit;
