@@ -326,12 +326,14 @@ enum MigrateCommand {
         /// pre-copy only if the last pages go within 2 ms.
         #[arg(long, value_name = "MODE", default_value = "pre", value_parser = ["pre", "post", "hybrid"])]
         mode: String,
-        /// The longest pause allowed: copy rounds go on until what is left fits in it.
-        #[arg(long, value_name = "MS", default_value_t = faultline::migration::send::DEFAULT_DOWNTIME_MS)]
-        downtime_ms: u64,
-        /// Copy rounds after the first pass at most, then switch over whatever is left.
-        #[arg(long, value_name = "N", default_value_t = faultline::migration::send::DEFAULT_MAX_ROUNDS)]
-        max_rounds: u32,
+        /// Pre-copy and hybrid: the longest pause allowed: copy rounds go on until what is left
+        /// fits in it [default: 300].
+        #[arg(long, value_name = "MS")]
+        downtime_ms: Option<u64>,
+        /// Pre-copy and hybrid: copy rounds after the first pass at most, then switch over
+        /// whatever is left [default: 30].
+        #[arg(long, value_name = "N")]
+        max_rounds: Option<u32>,
         /// Resume a post-copy paused by a broken connection: --to is where the destination's
         /// `faultline migrate recover` listens. The pages it lacks are sent, and it completes.
         /// It goes on as the migration began: the settings of a new one do not go with it.
@@ -1044,9 +1046,11 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             let body = if resume {
                 serde_json::json!({ "to": to, "tls_dir": tls_dir, "resume": true })
             } else {
+                // Only what was given: the API refuses a setting the mode does not use.
                 serde_json::json!({
                     "to": to, "mode": mode, "downtime_ms": downtime_ms, "max_rounds": max_rounds,
-                    "tls_dir": tls_dir, "throttle": !no_throttle, "max_bandwidth": max_bandwidth,
+                    "tls_dir": tls_dir, "throttle": no_throttle.then_some(false),
+                    "max_bandwidth": max_bandwidth,
                 })
             };
             let channel = if tls_dir.is_some() {
@@ -1066,28 +1070,9 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!(
-                    "faultline: migrated in {:.1} ms (downtime {:.1} ms, the state sent after \
-                     {:.1} ms): {} pages, {} zero pages, {} dirty rounds, {:.0} Mbit/s",
-                    report["total_ms"].as_f64().unwrap_or(f64::NAN),
-                    report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-                    report["downtime_until_state_sent_ms"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN),
-                    report["normal_pages"],
-                    report["zero_pages"],
-                    report["dirty_rounds"],
-                    report["throughput_mbit_per_s"].as_f64().unwrap_or(f64::NAN),
-                );
-                println!(
-                    "faultline: {} mode; the copy rounds ended: {}{}",
-                    report["mode"].as_str().unwrap_or("?"),
-                    report["ended_by"].as_str().unwrap_or("?"),
-                    match report["throttle_percent"].as_u64() {
-                        Some(p) if p > 0 => format!(" (the guest was throttled to {p}%)"),
-                        _ => String::new(),
-                    }
-                );
+                for line in faultline::migration::send::report_text(&report).lines() {
+                    println!("faultline: {line}");
+                }
             }
             Ok(())
         }
@@ -1121,7 +1106,7 @@ fn migrate_command(action: MigrateCommand) -> anyhow::Result<()> {
                 // A migration in progress: it gives up before its next pages.
                 Some(answer) if answer["status"] == "cancelling" => eprintln!(
                     "faultline: the migration in progress gives up before its next pages; the \
-                     VM runs on here"
+                     VM stays here as it was (running, or paused if it was before)"
                 ),
                 Some(answer) if answer["vm"] == "paused" => eprintln!(
                     "faultline: the migration is cancelled; the VM stays paused here, as it was \

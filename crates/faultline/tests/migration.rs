@@ -587,10 +587,18 @@ fn cancelled_as_its_first_pages_go(name: &str, mix: Mix, extra: &[&str]) -> u32 
     let (_, info) = api(&sock, "GET", "/vm", None);
     assert_eq!(info["state"], "running", "{info}");
     let (_, migration) = api(&sock, "GET", "/migration", None);
-    assert_eq!(migration["status"], "failed", "{migration}");
+    // Its outcome is the cancel, not a failure.
+    assert_eq!(migration["status"], "cancelled", "{migration}");
+    assert!(err.contains("the migration was cancelled"), "{err}");
     // Nothing runs or is paused any more: a second cancel has nothing to do.
-    let (status, _) = api(&sock, "PUT", "/migration/cancel", None);
+    let (status, answer) = api(&sock, "PUT", "/migration/cancel", None);
     assert_eq!(status, 409);
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no migration runs or is paused")),
+        "{answer}"
+    );
     let _ = destination.kill();
     let _ = destination.wait();
     set_hold(&sock, None);
@@ -734,10 +742,30 @@ fn send_requests_that_cannot_be_right_are_refused_by_name_and_the_vm_runs_on() {
             "{err}"
         );
     }
+    // Settings the mode does not use are refused, not ignored.
+    for (extra, says) in [
+        (
+            &["--mode", "post", "--downtime-ms", "5", "--max-rounds", "2"][..],
+            "downtime_ms, max_rounds change nothing in a post migration",
+        ),
+        (
+            &["--mode", "post", "--max-bandwidth", "8M"][..],
+            "max_bandwidth changes nothing in a post migration",
+        ),
+        (
+            &["--mode", "hybrid", "--no-throttle"][..],
+            "throttle changes nothing in a hybrid migration",
+        ),
+    ] {
+        let out = migrate_send_with(&sock, "127.0.0.1:9", extra);
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains(says) && err.contains("HTTP 400"), "{err}");
+    }
     // Nor is an address that names no destination tried.
     for (to, says) in [
         ("127.0.0.1:0", "port 0 names no destination"),
-        ("127.0.0.1", "is not HOST:PORT"),
+        ("127.0.0.1", "is not a HOST:PORT that resolves"),
     ] {
         let out = migrate_send_with(&sock, to, &[]);
         assert!(!out.status.success());

@@ -476,6 +476,7 @@ fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         409 => "Conflict",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
         _ => "Status",
     }
@@ -501,6 +502,14 @@ mod tests {
     fn parse(input: &[u8]) -> Result<Request, HttpError> {
         let mut reader = input;
         read_request(&mut reader)
+    }
+
+    #[test]
+    fn every_status_the_server_answers_has_its_reason_phrase() {
+        // Each status the API answers with (a failed migration is 502).
+        for status in [200, 202, 204, 400, 404, 405, 408, 409, 500, 502, 503] {
+            assert_ne!(reason(status), "Status", "{status}");
+        }
     }
 
     #[test]

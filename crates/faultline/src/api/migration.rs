@@ -18,6 +18,9 @@ use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
 use crate::migration::send::{self, GiveUp, Mode, PausedMigration, SendFailure, SendOptions};
 
+/// Why a migration in progress gives up when `PUT /migration/cancel` asks.
+const CANCELLED_BY_THE_OPERATOR: &str = "cancelled by the operator";
+
 /// `PUT /migration/send`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +64,20 @@ impl SendRequest {
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
         .collect()
+    }
+
+    /// The settings given that the mode asked for does not use (none for a resume, whose
+    /// settings are refused whole): a post-copy has no rounds, a hybrid never throttles.
+    fn settings_unused(&self) -> Vec<&'static str> {
+        let unused: &[&str] = match self.mode {
+            Some(Mode::Post) => &["downtime_ms", "max_rounds", "throttle", "max_bandwidth"],
+            Some(Mode::Hybrid) => &["throttle"],
+            _ => &[],
+        };
+        self.settings_given()
+            .into_iter()
+            .filter(|name| unused.contains(name))
+            .collect()
     }
 }
 
@@ -144,12 +161,13 @@ impl Migrations {
     pub fn give_up_in_progress(&self) -> Option<Response> {
         let in_progress = lock(&self.in_progress);
         let (give_up, _) = in_progress.current.as_ref()?;
-        Some(if give_up.ask("cancelled by the operator") {
+        Some(if give_up.ask(CANCELLED_BY_THE_OPERATOR) {
             Response {
                 status: 202,
                 body: Some(json!({
                     "status": "cancelling",
-                    "detail": "the migration gives up before its next pages; the VM runs on here",
+                    "detail": "the migration gives up before its next pages; the VM stays here \
+                               as it was (running, or paused if it was before)",
                 })),
             }
         } else {
@@ -169,7 +187,12 @@ impl Migrations {
         let paused = {
             let mut slot = lock(&self.paused);
             match slot.as_ref() {
-                None => return Response::error(409, "no migration is paused"),
+                None => {
+                    return Response::error(
+                        409,
+                        "no migration runs or is paused: nothing to cancel",
+                    )
+                }
                 Some(paused) if paused.confirmed => {
                     return Response::error(
                         409,
@@ -361,7 +384,10 @@ impl Migrations {
         let mut addrs = match request.to.to_socket_addrs() {
             Ok(addrs) => addrs,
             Err(e) => {
-                return Response::error(400, format!("{:?} is not HOST:PORT: {e}", request.to))
+                return Response::error(
+                    400,
+                    format!("{:?} is not a HOST:PORT that resolves: {e}", request.to),
+                )
             }
         };
         if addrs.any(|addr| addr.port() == 0) {
@@ -382,6 +408,23 @@ impl Migrations {
                     ),
                 );
             }
+        }
+        let unused = request.settings_unused();
+        if !unused.is_empty() {
+            return Response::error(
+                400,
+                format!(
+                    "{} {} nothing in a {} migration (post-copy sends no rounds; a hybrid goes \
+                     post-copy rather than throttle)",
+                    unused.join(", "),
+                    if unused.len() == 1 {
+                        "changes"
+                    } else {
+                        "change"
+                    },
+                    request.mode.unwrap_or_default().name(),
+                ),
+            );
         }
         use crate::migration::pace::MIN_CAP;
         if request.max_bandwidth.is_some_and(|cap| cap < MIN_CAP) {
@@ -471,19 +514,23 @@ impl Migrations {
             Some(paused) => crate::migration::postcopy_send::resume(handle, &options, paused),
             None => send::send(handle, guest, &options),
         };
-        // Done with it only once a paused migration is in its slot, so that a shutdown meanwhile
-        // sees one or the other.
-        let answer = self.answer_send(handle, &request.to, result);
-        lock(&self.in_progress).current = None;
+        // The outcome is settled (a paused migration put in its slot) and the migration is done
+        // with under one lock, the one a shutdown or a cancel takes first: they see it in
+        // progress or settled, never an ended one as still running.
+        let mut in_progress = lock(&self.in_progress);
+        let answer = self.answer_send(handle, &request.to, result, options.give_up.asked());
+        in_progress.current = None;
         answer
     }
 
-    /// The answer to `PUT /migration/send` whose migration ended with `result`.
+    /// The answer to `PUT /migration/send` whose migration ended with `result`, asked to give
+    /// up for `gave_up` if it was.
     fn answer_send(
         &self,
         handle: &VmHandle,
         to: &str,
         result: Result<send::SendReport, SendFailure>,
+        gave_up: Option<&'static str>,
     ) -> Response {
         match result {
             Ok(report) => {
@@ -498,7 +545,13 @@ impl Migrations {
             }
             Err(SendFailure::Here(e)) => {
                 let message = format!("{e:#}");
-                self.end_outgoing(json!({ "status": "failed", "error": message }));
+                // Ended because the operator cancelled it: that is its outcome, not a failure.
+                let status = if gave_up == Some(CANCELLED_BY_THE_OPERATOR) {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                self.end_outgoing(json!({ "status": status, "error": message }));
                 let control = handle.control();
                 let here = if control.should_stop() {
                     "the VM is shutting down here"
@@ -509,14 +562,16 @@ impl Migrations {
                 } else {
                     "the VM runs on here"
                 };
-                Response::error(502, format!("the migration failed; {here}: {message}"))
+                let what = if status == "cancelled" {
+                    "the migration was cancelled"
+                } else {
+                    "the migration failed"
+                };
+                Response::error(502, format!("{what}; {here}: {message}"))
             }
             Err(SendFailure::Paused(e, paused)) => {
                 let message = format!("{e:#}");
-                let (status, what) = match paused.mode {
-                    "pre" => ("switchover-unconfirmed", "the switch-over is unconfirmed"),
-                    _ => ("postcopy-paused", "post-copy is paused"),
-                };
+                let (status, what) = paused.status();
                 let where_now = if paused.confirmed {
                     "the VM runs on the destination, and stays paused here, never to run here \
                      again"

@@ -230,6 +230,16 @@ impl Channel {
         self.shutdown_how(Shutdown::Write);
     }
 
+    /// Throws away what `writer` holds unsent and ends this side's writing: after a write to
+    /// the peer failed, nothing more of what it was left to send ever goes out. (A
+    /// `BufWriter` dropped flushes what it holds again, and a second try may complete what
+    /// the failed one left half sent: the peer would then take a message this side gave up
+    /// on, a state say.) The connection's other handles still read.
+    pub fn discard_unsent(writer: std::io::BufWriter<Channel>) {
+        let (channel, _unsent) = writer.into_parts();
+        channel.shutdown_write();
+    }
+
     fn shutdown_how(&self, how: Shutdown) {
         let _ = match self {
             Channel::Tcp(s) => s.shutdown(how),
@@ -671,5 +681,34 @@ fn take_plaintext(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufWriter;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_writer_whose_rest_is_discarded_sends_none_of_it_and_the_peer_sees_the_end() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = Channel::Tcp(TcpStream::connect(listener.local_addr().unwrap()).unwrap());
+        let (mut peer, _) = listener.accept().unwrap();
+        // Another handle stays open, as a migration's reader does: only the shutdown can end
+        // the peer's reading.
+        let reader = ours.try_clone().unwrap();
+        let mut writer = BufWriter::new(ours);
+        writer.write_all(b"sent").unwrap();
+        writer.flush().unwrap();
+        writer.write_all(b"a state given up on").unwrap();
+        Channel::discard_unsent(writer);
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got)
+            .expect("the end of the connection, not a wait");
+        assert_eq!(got, b"sent");
+        drop(reader);
     }
 }

@@ -112,9 +112,17 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
         None => DirtyPages::all(total),
     };
     let state = super::send::state_message(handle, guest)?;
-    write_message(&mut writer, &state)?;
-    write_message(&mut writer, &stale_message(&to_come))?;
-    writer.flush().context("cannot send the state")?;
+    let sent = write_message(&mut writer, &state)
+        .and_then(|()| write_message(&mut writer, &stale_message(&to_come)))
+        .and_then(|()| writer.flush());
+    if let Err(e) = sent {
+        // The VM runs on here: the destination must never get the whole state, which it
+        // would build and run (post-copy has no go-ahead), so what is left of it is dropped.
+        Channel::discard_unsent(writer);
+        return Err(anyhow::Error::from(e)
+            .context("cannot send the state")
+            .into());
+    }
     let until_state_sent = paused_at.elapsed();
     // The destination may run the VM from now on: it must not run here again unless the
     // destination says it does not.
@@ -422,9 +430,11 @@ fn complete(
     if finished.is_err() {
         main_channel.shutdown();
     }
+    // A panic there is its failure like any other: a migration the destination confirmed
+    // has completed all the same.
     let served = thread
         .join()
-        .map_err(|_| anyhow::anyhow!("the page-request thread panicked"))?;
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the page-request thread panicked")));
     paused.requests += shared.requests.load(Ordering::Relaxed);
     // Pages sent on request count as sent (the progress had them as they went).
     paused.sent.normal += shared.answered_pages.load(Ordering::Relaxed);

@@ -136,6 +136,11 @@ impl GiveUp {
         !state.closed
     }
 
+    /// Why it was asked to give up, if it was.
+    pub fn asked(&self) -> Option<&'static str> {
+        lock(&self.0).asked
+    }
+
     /// Whether the migration is still before its switch-over.
     pub fn before_switch_over(&self) -> bool {
         !lock(&self.0).closed
@@ -229,6 +234,38 @@ impl SendReport {
             ended_by,
         }
     }
+}
+
+/// A migration's report (`SendReport` as JSON, as the API gives it) in words: every figure
+/// it has, on three lines.
+pub fn report_text(report: &serde_json::Value) -> String {
+    let ms = |key: &str| report[key].as_f64().unwrap_or(f64::NAN);
+    let count = |key: &str| report[key].as_u64().unwrap_or(0);
+    let throttled = match count("throttle_percent") {
+        0 => String::new(),
+        p => format!(" (the guest was throttled by {p}%)"),
+    };
+    format!(
+        "migrated in {:.1} ms (setup {:.1} ms, downtime {:.1} ms, the state sent after {:.1} \
+         ms), {} mode; the copy rounds ended: {}{throttled}\n\
+         {} bytes: {} pages, {} zero pages, {:.0} pages/s, {:.0} Mbit/s\n\
+         {} dirty rounds at {:.0} pages dirtied/s; {} post-copy page requests, {} recoveries",
+        ms("total_ms"),
+        ms("setup_ms"),
+        ms("downtime_ms"),
+        ms("downtime_until_state_sent_ms"),
+        report["mode"].as_str().unwrap_or("?"),
+        report["ended_by"].as_str().unwrap_or("?"),
+        count("bytes"),
+        count("normal_pages"),
+        count("zero_pages"),
+        ms("pages_per_s"),
+        ms("throughput_mbit_per_s"),
+        count("dirty_rounds"),
+        ms("dirty_rate_pages_per_s"),
+        count("postcopy_requests"),
+        count("postcopy_recoveries"),
+    )
 }
 
 /// How long a switch-over kept the VM paused.
@@ -334,6 +371,19 @@ pub struct PausedMigration {
 }
 
 impl PausedMigration {
+    /// How `GET /migration` names this pause (its `status`), and the same in words.
+    pub fn status(&self) -> (&'static str, &'static str) {
+        match (self.mode, self.confirmed) {
+            ("pre", false) => ("switchover-unconfirmed", "the switch-over is unconfirmed"),
+            // The destination answered a resume (it runs the VM); the end was cut again.
+            ("pre", true) => (
+                "switchover-paused",
+                "the switch-over is confirmed, but the migration's end was cut",
+            ),
+            _ => ("postcopy-paused", "post-copy is paused"),
+        }
+    }
+
     /// The report of the migration, completed now.
     pub(super) fn report(&self) -> SendReport {
         let mut report = SendReport::new(
@@ -561,7 +611,12 @@ fn switch_over(
         write_message(&mut writer, &Message::Done)?;
         Ok(writer.flush()?)
     };
-    last().map_err(|e| with_destination_reason(e, &mut reader))?;
+    if let Err(e) = last() {
+        let e = with_destination_reason(e, &mut reader);
+        // Not flushed again when dropped: that could wait as long again, the VM paused.
+        Channel::discard_unsent(writer);
+        return Err(e.into());
+    }
     let until_state_sent = paused_at.elapsed();
     // The destination builds the VM and waits for the go-ahead before it runs it: until this
     // side gives it, a failure leaves the VM here only, and a destination that says nothing
@@ -620,8 +675,7 @@ fn switch_over(
             // Nothing more of it may go out, ever: a BufWriter dropped flushes what it holds
             // again, and a second try could complete it. Its rest is thrown away and the
             // connection's sending side shut before the VM may run here again.
-            let (channel, _unsent) = writer.into_parts();
-            channel.shutdown_write();
+            Channel::discard_unsent(writer);
             handle.control().set_runs_elsewhere(false);
             return Err(e.into());
         }
@@ -1461,6 +1515,81 @@ fn send_zeros<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pause_is_named_by_its_mode_and_whether_the_destination_confirmed() {
+        let paused = |mode, confirmed| PausedMigration {
+            mode,
+            ended_by: "converged",
+            started: Instant::now(),
+            setup: Duration::ZERO,
+            paused_at: Instant::now(),
+            downtime: Downtime::default(),
+            sent: Sent::default(),
+            rounds: 0,
+            dirty_rate_pages_per_s: 0.0,
+            throttle_percent: 0,
+            requests: 0,
+            confirmed,
+            recoveries: 0,
+            taken: None,
+            paused_by_it: true,
+            migration: 1,
+        };
+        assert_eq!(paused("pre", false).status().0, "switchover-unconfirmed");
+        // Confirmed by the answer to a resume, then cut again: not unconfirmed any more.
+        assert_eq!(paused("pre", true).status().0, "switchover-paused");
+        for mode in ["post", "hybrid"] {
+            for confirmed in [false, true] {
+                assert_eq!(paused(mode, confirmed).status().0, "postcopy-paused");
+            }
+        }
+    }
+
+    #[test]
+    fn the_report_in_words_has_every_figure() {
+        let report = SendReport {
+            status: "completed",
+            mode: "hybrid",
+            total_ms: 1234.5,
+            setup_ms: 2.5,
+            downtime_ms: 1.5,
+            downtime_until_state_sent_ms: 0.5,
+            bytes: 4_321_000,
+            normal_pages: 1001,
+            zero_pages: 2002,
+            dirty_rounds: 3,
+            dirty_rate_pages_per_s: 4004.0,
+            pages_per_s: 5005.0,
+            throughput_mbit_per_s: 606.0,
+            converged: false,
+            postcopy_requests: 77,
+            postcopy_recoveries: 2,
+            throttle_percent: 40,
+            ended_by: "not shrinking",
+        };
+        let text = report_text(&serde_json::json!(report));
+        for figure in [
+            "1234.5 ms",
+            "setup 2.5 ms",
+            "downtime 1.5 ms",
+            "after 0.5 ms",
+            "hybrid mode",
+            "ended: not shrinking",
+            "throttled by 40%",
+            "4321000 bytes",
+            "1001 pages",
+            "2002 zero pages",
+            "5005 pages/s",
+            "606 Mbit/s",
+            "3 dirty rounds",
+            "4004 pages dirtied/s",
+            "77 post-copy page requests",
+            "2 recoveries",
+        ] {
+            assert!(text.contains(figure), "{figure:?} missing from {text:?}");
+        }
+    }
 
     fn policy(mode: Mode) -> RoundPolicy {
         RoundPolicy {
