@@ -1076,6 +1076,59 @@ fn a_destination_that_gives_up_after_the_switch_over_leaves_the_source_running()
     fake.join().unwrap();
 }
 
+#[test]
+fn a_failed_migration_gives_the_dirty_log_back_so_the_next_diff_holds_every_page() {
+    require_kvm!();
+    use migrate::{write_message, Message};
+    // A VM logging dirty pages for diff snapshots: a full snapshot, then every page of its
+    // range written again, then a pre-copy that takes the dirty log (its first pass, its
+    // rounds and its switch-over each do) and is refused at the very end, the VM paused and
+    // its state sent. The next diff must still hold every page written since the full
+    // snapshot: the migration gave back all it took.
+    let mix = Mix {
+        run_args: &["--track-dirty"],
+        ..SMALL
+    };
+    let tmp = TempDir::new("migrate-failed-dirty-log");
+    let sock = tmp.join("src.sock");
+    // Held at pass 2, every page written.
+    let source = spawn_mix_held(&sock, mix);
+    let snapshot = |name: &str, kind: &str| {
+        let (status, summary) = api(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            Some(serde_json::json!({ "dir": tmp.join(name), "type": kind })),
+        );
+        assert_eq!(status, 200, "{summary}");
+        summary
+    };
+    snapshot("full", "full");
+    // Passes 2 and 3 write every page again; the guest then waits.
+    set_hold(&sock, Some(4));
+    wait_until_held(&sock, 4, mix.cpus);
+    let (addr, fake) = fake_peer(|stream| {
+        let (mut reader, mut writer) = greeted(stream);
+        assert!(take_until_done(&mut reader, &mut writer));
+        write_message(&mut writer, &Message::Abort("the disk is full".into())).unwrap();
+    });
+    let out = migrate_send_with(&sock, &addr, &["--mode", "pre"]);
+    fake.join().unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("the disk is full"), "{err}");
+    // The guest still waits: nothing was written since the migration took the log.
+    let diff = snapshot("diff", "diff");
+    let included = diff["memory"]["pages_included"].as_u64().unwrap();
+    assert!(
+        included >= mix.pages,
+        "the diff holds {included} pages, not the {} the guest wrote since the full one: {diff}",
+        mix.pages
+    );
+    set_hold(&sock, None);
+    finishes_right_as(source, mix);
+}
+
 /// Plays a pre-copy destination up to the source's done, answering its sync: whether a
 /// switch-over came.
 fn take_until_done(
