@@ -2364,6 +2364,14 @@ fn a_post_copy_destination_that_says_nothing_after_the_state_leaves_it_paused_un
         let sock = sock.clone();
         fake_peer_with_listener(move |stream, listener| {
             let (reader, _writer, _requests) = post_copy_state(stream, listener);
+            // The source waits for the destination's word, in its switch-over (unless, on a
+            // slow host, its 2 s wait is over and it is paused).
+            let (_, migration) = api(&sock, "GET", "/migration", None);
+            assert!(
+                migration["progress"]["phase"] == "switch-over"
+                    || migration["status"] == "postcopy-paused",
+                "{migration}"
+            );
             // Past its switch-over, the source may hold what the VM needs: it is not shut
             // down without a word. (On a slow host its 2 s wait may be over by now: then it
             // is paused, and says so.)

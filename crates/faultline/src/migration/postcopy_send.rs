@@ -76,10 +76,16 @@ pub(super) fn send(switch: Switch<'_>) -> Result<SendReport, SendFailure> {
     let ram = handle.ram();
     // A give-up asked before is taken now; from here it is not (the VM may soon run there).
     options.give_up.close()?;
+    // Until the stream begins (the destination may take up to `build_timeout` to build the
+    // VM), not "connecting" any more.
+    let total = ram.size() / PAGE_SIZE;
+    options.progress.phase(
+        "switch-over",
+        stale.as_ref().map_or(total, DirtyPages::count),
+    );
     // Post-copy begins: the destination makes the pages the rounds sent that changed since
     // missing (it has none in a plain post-copy) and takes the page-request connection, while
     // the VM still runs here.
-    let total = ram.size() / PAGE_SIZE;
     let none_sent = DirtyPages::new(total);
     let early = stale.as_ref().unwrap_or(&none_sent);
     write_message(
