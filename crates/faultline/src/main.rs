@@ -366,7 +366,8 @@ enum MigrateCommand {
     /// Print the migration status of the VM served on --api-sock (JSON): a source's progress
     /// or report, a destination's phase (postcopy-active, postcopy-paused, completed, ...).
     Status(ApiSock),
-    /// Give up the migration in progress before its switch-over (the VM runs on here), or one
+    /// Give up the migration in progress before its switch-over (the VM stays here as it
+    /// was: running, or paused if it was), or one
     /// whose connection broke before the destination confirmed it runs the VM, and run the
     /// VM here again: the latter only for a destination that surely does not run it (its
     /// process ended, say), as two copies of one VM running corrupt what it works on.

@@ -545,8 +545,11 @@ impl Migrations {
             }
             Err(SendFailure::Here(e)) => {
                 let message = format!("{e:#}");
-                // Ended because the operator cancelled it: that is its outcome, not a failure.
-                let status = if gave_up == Some(CANCELLED_BY_THE_OPERATOR) {
+                // Ended because the operator cancelled it (not by a failure that came first):
+                // that is its outcome.
+                let status = if gave_up == Some(CANCELLED_BY_THE_OPERATOR)
+                    && message.contains(CANCELLED_BY_THE_OPERATOR)
+                {
                     "cancelled"
                 } else {
                     "failed"

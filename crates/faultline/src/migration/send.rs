@@ -1005,7 +1005,7 @@ impl Throttling {
         }
         let now = self.percent();
         options.progress.throttled(now);
-        tracing::info!("pre-copy: not converging, the guest is throttled to {now}%");
+        tracing::info!("pre-copy: not converging, the guest is throttled by {now}%");
         Ok(())
     }
 }
