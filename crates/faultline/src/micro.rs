@@ -266,6 +266,7 @@ impl MicroVm {
             Some(guest),
             snapshot::create::Watch::of(self.vm.handle().memory()),
             backing,
+            self.pager.as_ref().map(Pager::handle),
         )
         .with_context(|| format!("cannot write a snapshot into {}", dir.display()))
     }

@@ -345,7 +345,9 @@ pub fn restore(options: &RestoreOptions) -> anyhow::Result<RestoredVm> {
     );
     if memory.size() != state.ram_size() {
         bail!(
-            "the memory image holds {} bytes but the state describes {} bytes of RAM",
+            "cannot restore {}: its memory image holds {} bytes but its state describes {} \
+             bytes of RAM",
+            options.dir.display(),
             memory.size(),
             state.ram_size()
         );

@@ -45,6 +45,7 @@ fn write_full_snapshot(dir: &std::path::Path, machine: vmm::MachineState, ram: &
         None,
         snapshot::create::Watch::default(),
         snapshot::create::MemoryBacking::Resident,
+        None,
     )
     .unwrap();
 }
@@ -299,6 +300,26 @@ fn a_snapshot_is_not_published_once_the_pager_serving_memory_has_failed() {
     assert!(left.is_empty(), "its staging was left: {left:?}");
     // The VM it paused runs again.
     assert!(!handle.control().is_paused());
+    // Nor is one written from a paused VM's state (the benchmarks' way).
+    handle.pause().unwrap();
+    let written = tmp.join("written");
+    let refused = snapshot::create::write(
+        &written,
+        handle.paused_state().unwrap(),
+        handle.ram(),
+        None,
+        snapshot::create::Watch::default(),
+        snapshot::create::MemoryBacking::Resident,
+        Some(failed.clone()),
+    );
+    assert!(
+        matches!(refused, Err(snapshot::SnapshotError::PagerFailed(_))),
+        "{refused:?}"
+    );
+    assert!(!written.exists(), "the snapshot was published");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().collect();
+    assert!(left.is_empty(), "its staging was left: {left:?}");
+    handle.resume().unwrap();
     handle
         .control()
         .request_stop(vmm::control::StopReason::Requested);

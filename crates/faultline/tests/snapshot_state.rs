@@ -112,6 +112,7 @@ fn round_trip(guest: &str, vcpus: u8) -> (MachineState, MachineState, PathBuf) {
         Some(vm.guest_info()),
         snapshot::create::Watch::default(),
         MemoryBacking::Resident,
+        None,
     )
     .unwrap();
     let read = state::read(&dir).unwrap();

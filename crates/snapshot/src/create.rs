@@ -329,7 +329,8 @@ pub(crate) fn resident_pages(ram: &GuestRam) -> Result<Vec<bool>, SnapshotError>
 
 /// Writes a full snapshot of a VM that is not running (paused, or never started) from its
 /// machine state and RAM into the new directory `dir`: checks `dir` and makes its staging
-/// directory, then fills and publishes it. Nothing is left behind if it fails.
+/// directory, then fills and publishes it, unless `pager` (the one serving its RAM, if any)
+/// failed meanwhile ([`SnapshotError::PagerFailed`]). Nothing is left behind if it fails.
 pub fn write(
     dir: &Path,
     machine: MachineState,
@@ -337,6 +338,7 @@ pub fn write(
     guest: Option<GuestInfo>,
     watch: Watch,
     backing: MemoryBacking,
+    pager: Option<pager::PagerHandle>,
 ) -> Result<WriteSummary, SnapshotError> {
     let mut staging = Staging::create(dir)?;
     let summary = fill(
@@ -344,11 +346,18 @@ pub fn write(
         machine,
         ram,
         Layer::Full,
-        guest,
+        guest.clone(),
         watch,
         backing,
     )?;
-    staging.publish()?;
+    let options = CreateOptions {
+        dir: dir.to_path_buf(),
+        diff_parent: None,
+        guest,
+        backing,
+        pager,
+    };
+    options.publish(&mut staging)?;
     Ok(summary)
 }
 
@@ -469,6 +478,7 @@ mod tests {
             None,
             watch,
             MemoryBacking::Resident,
+            None,
         )
     }
 

@@ -108,12 +108,21 @@ impl SnapshotMemory {
                 // The bytes installed are the bytes checked: one read.
                 layer.read_verified(pos, piece).map_err(failed)?
             } else {
-                // Larger chunks than the piece (images written with 64 KiB chunks): check
-                // the chunks, then read the piece.
-                layer.verify_range(pos, piece_end - pos).map_err(failed)?;
-                let data = layer.has_data(pos, piece_end);
+                // Larger chunks than the piece (images written with 64 KiB chunks): the
+                // chunks around it are read and checked whole, and the piece is copied out of
+                // the bytes checked (a second read could find the file changed since).
+                let chunk = layer.chunk_size();
+                let start = pos / chunk * chunk;
+                let stop = piece_end
+                    .div_ceil(chunk)
+                    .saturating_mul(chunk)
+                    .min(layer.size());
+                let mut around = vec![0u8; (stop - start) as usize];
+                let data = layer.read_verified(start, &mut around).map_err(failed)?
+                    && layer.has_data(pos, piece_end);
                 if data {
-                    layer.read_at(pos, piece).map_err(failed)?;
+                    let from = (pos - start) as usize;
+                    piece.copy_from_slice(&around[from..from + piece.len()]);
                 }
                 data
             };
@@ -553,27 +562,34 @@ mod tests {
 
     #[test]
     fn every_fetch_checks_the_bytes_it_returns() {
-        let chain = chain();
-        let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
-        let mut buf = vec![0u8; PAGE];
-        assert_eq!(
-            layered.fetch(30 * PAGE_SIZE, &mut buf).unwrap(),
-            Content::Data
-        );
-        // The image changes under the restore after its chunk was checked once: the next
-        // fetch reads the new bytes, and refuses them.
-        let image = chain.dir.path().join("base").join(MEMORY_FILE);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .unwrap();
-        file.write_all_at(&[buf[9] ^ 1], 30 * PAGE_SIZE + 9)
-            .unwrap();
-        drop(file);
-        assert!(matches!(
-            layered.fetch(30 * PAGE_SIZE, &mut buf),
-            Err(SourceError::Unavailable { offset, .. }) if offset == 30 * PAGE_SIZE
-        ));
+        // Page-sized chunks, and the 64 KiB chunks of older images (larger than a page).
+        for chunk in [PAGE_SIZE, OLD_CHUNK_SIZE] {
+            let chain = chain_chunked(chunk);
+            let layered = SnapshotMemory::open(&chain.dirs(&["diff2", "diff1", "base"])).unwrap();
+            let mut buf = vec![0u8; PAGE];
+            assert_eq!(
+                layered.fetch(30 * PAGE_SIZE, &mut buf).unwrap(),
+                Content::Data
+            );
+            // The image changes under the restore after its chunk was checked once: the next
+            // fetch reads the new bytes, and refuses them.
+            let image = chain.dir.path().join("base").join(MEMORY_FILE);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&image)
+                .unwrap();
+            file.write_all_at(&[buf[9] ^ 1], 30 * PAGE_SIZE + 9)
+                .unwrap();
+            drop(file);
+            let refused = layered.fetch(30 * PAGE_SIZE, &mut buf);
+            assert!(
+                matches!(
+                    refused,
+                    Err(SourceError::Unavailable { offset, .. }) if offset == 30 * PAGE_SIZE
+                ),
+                "chunks of {chunk} bytes: {refused:?}"
+            );
+        }
     }
 
     #[test]

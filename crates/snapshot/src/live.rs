@@ -328,7 +328,11 @@ pub fn create_live(
     ) = match prepared {
         Ok(prepared) => prepared,
         Err(error) => {
-            resumed?;
+            // The failure is the answer (as `create` answers): a VM left paused shows as
+            // paused, and the resume's failure is logged.
+            if let Err(e) = resumed {
+                tracing::warn!("live snapshot: the VM could not be resumed after it: {e}");
+            }
             return Err(error);
         }
     };

@@ -1224,7 +1224,13 @@ mod tests {
         assert_eq!(summary.zero_pages, pages - data.len() as u64);
         assert_eq!(summary.bytes_written, data.len() as u64 * PAGE_SIZE);
         assert_eq!(reports.last(), Some(&(size, size)));
-        assert!(!dir.path().join("memory.img.tmp").exists());
+        // Nothing else is left in the directory (no temporary file).
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [MEMORY_FILE, SUMS_FILE]);
 
         assert_eq!(std::fs::read(dir.path().join(MEMORY_FILE)).unwrap(), buf);
         let image = MemoryImage::open(dir.path()).unwrap();
