@@ -810,7 +810,7 @@ impl Shared {
         bytes: impl Fn(usize) -> Bytes,
     ) -> usize {
         let region = &self.regions[index];
-        let end = (first + count).min(region.pages());
+        let end = first.saturating_add(count).min(region.pages());
         let mut ctx = InstallContext::other();
         let mut installed = 0;
         let mut page = first;

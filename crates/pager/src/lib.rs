@@ -365,6 +365,21 @@ impl PagerBuilder {
                 "swap needs a backing file for every region (PagerBuilder::backing)".into(),
             ));
         }
+        // Before the start, only a write-protect-only region is registered for write
+        // protection. It gets no missing faults: a page swapped out of it would come back as
+        // a zero page the kernel makes, its data lost.
+        if self.config.swap_file.is_some()
+            && self
+                .regions
+                .iter()
+                .any(|r| r.write_protect_registered.load(Ordering::Acquire))
+        {
+            return Err(PagerError::Config(
+                "swap cannot serve a write-protect-only region (it gets no missing faults to \
+                 swap pages in)"
+                    .into(),
+            ));
+        }
         let mut slots = 0;
         for region in &mut self.regions {
             region.swap_base = slots;
@@ -561,7 +576,7 @@ impl PagerHandle {
             .event_gate
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        for page in first..(first + count).min(r.pages()) {
+        for page in first..first.saturating_add(count).min(r.pages()) {
             if !r.present.get(page) {
                 r.discarded.set(page);
             }
@@ -829,7 +844,7 @@ impl PagerHandle {
                 "no write protection was begun (begin_write_protect)".into(),
             ));
         }
-        if first + count > r.pages() {
+        if first.checked_add(count).is_none_or(|end| end > r.pages()) {
             return Err(PagerError::WriteProtect(format!(
                 "pages [{first}, +{count}) are outside region {region} ({} pages)",
                 r.pages()

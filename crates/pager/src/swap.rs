@@ -270,7 +270,7 @@ impl Shared {
                 "region {index} has no backing file to release pages from"
             )));
         };
-        let end = (first + count).min(region.pages());
+        let end = first.saturating_add(count).min(region.pages());
         let mut report = SwapOutReport::default();
         let mut page = first;
         let mut buf = vec![0u8; SWAP_BATCH_PAGES * PAGE];

@@ -1399,11 +1399,59 @@ fn swapping_pager(pages: usize, dir: &Path, config: PagerConfig) -> Option<(Page
     Some((builder.start().unwrap(), shm))
 }
 
+#[test]
+fn swap_over_a_write_protect_only_region_is_refused() {
+    // Such a region gets no missing faults: a page swapped out of it would come back as a
+    // zero page, its data lost.
+    let dir = temp_dir("swap-wp-only");
+    let Some(mut builder) = builder(PagerConfig {
+        swap_file: Some(dir.join("swap")),
+        ..unpredicted()
+    }) else {
+        return;
+    };
+    let shm = Shm::new(8);
+    // SAFETY: the test's own shared mapping, mapped until `shm` drops.
+    unsafe { builder.region_write_protect_only(shm.addr, shm.len as u64) }.unwrap();
+    builder
+        .backing(0, Arc::new(shm._file.try_clone().unwrap()), 0)
+        .unwrap();
+    match builder.start() {
+        Err(PagerError::Config(why)) => assert!(why.contains("write-protect-only"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a swapping pager over a write-protect-only region started"),
+    }
+    assert!(!dir.join("swap").exists(), "the swap file was made");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("pager-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+#[test]
+fn page_ranges_that_run_past_the_end_of_the_address_space_are_cut_or_refused() {
+    // `first + count` past usize::MAX: nothing wraps round to a small range (in a build
+    // without overflow checks, the wrapped end passed the bounds checks).
+    let dir = temp_dir("swap-overflow");
+    let Some((pager, _shm)) = swapping_pager(8, &dir, unpredicted()) else {
+        return;
+    };
+    let handle = pager.handle();
+    let far = usize::MAX - 1;
+    handle.mark_zero(0, far, 4).unwrap();
+    assert_eq!(handle.install_zero_pages(0, far, 4).unwrap(), 0);
+    let report = handle.swap_out(0, far, 4).unwrap();
+    assert_eq!(report.swapped, 0, "{report:?}");
+    assert!(matches!(
+        handle.unprotect(0, far, 4),
+        Err(PagerError::WriteProtect(why)) if why.contains("outside region 0")
+    ));
+    pager.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
