@@ -718,10 +718,11 @@ impl PagerHandle {
             .punch(first as u64 * r.page_size, count as u64 * r.page_size)
             .map_err(|e| PagerError::Swap(format!("cannot release guest RAM: {e}")))?;
         for page in first..first + count {
-            // The source's again: neither present nor known zero (a page marked zero, then
-            // written, would otherwise read zero).
+            // The source's again: neither present, nor known zero (a page marked zero, then
+            // written, would otherwise read zero), nor in the swap file (its old contents).
             r.present.clear(page);
             r.discarded.clear(page);
+            r.swapped.clear(page);
         }
         Ok(())
     }

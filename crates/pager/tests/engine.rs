@@ -1455,6 +1455,23 @@ fn page_ranges_that_run_past_the_end_of_the_address_space_are_cut_or_refused() {
 }
 
 #[test]
+fn a_released_page_comes_back_from_the_source_not_from_the_swap_file() {
+    let dir = temp_dir("swap-release");
+    let Some((pager, shm)) = swapping_pager(8, &dir, unpredicted()) else {
+        return;
+    };
+    let handle = pager.handle();
+    write_u64(shm.page(3), 42);
+    wait_until("page 3 present", || handle.resident_pages() >= 1);
+    assert_eq!(handle.swap_out(0, 3, 1).unwrap().swapped, 1);
+    // Released, it is the source's again (a zero source here), not what was swapped out.
+    handle.release(0, 3, 1).unwrap();
+    assert_eq!(read_u64(shm.page(3)), 0);
+    pager.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn swapped_out_pages_leave_ram_and_come_back_on_touch() {
     let dir = temp_dir("swap");
     let Some((pager, shm)) = swapping_pager(64, &dir, unpredicted()) else {
