@@ -40,23 +40,8 @@ pub struct CreateOptions {
     pub guest: Option<GuestInfo>,
     pub backing: MemoryBacking,
     /// The pager that serves guest memory, if one does. A snapshot is not published once it
-    /// has failed ([`SnapshotError::PagerFailed`]): a page it read may be wrong. (Looked at
-    /// after the last page was read, so a failure after the publish cannot concern it.)
+    /// has failed ([`SnapshotError::PagerFailed`]): a page it read may be wrong.
     pub pager: Option<pager::PagerHandle>,
-}
-
-impl CreateOptions {
-    /// Publishes `staging` unless the pager failed while it was filled.
-    pub(crate) fn publish(&self, staging: &mut Staging) -> Result<(), SnapshotError> {
-        if let Some(fatal) = self
-            .pager
-            .as_ref()
-            .and_then(pager::PagerHandle::fatal_error)
-        {
-            return Err(SnapshotError::PagerFailed(fatal));
-        }
-        staging.publish()
-    }
 }
 
 /// What was written.
@@ -184,7 +169,7 @@ fn take(
             )
         })
         .and_then(|summary| Ok((summary, state::identity(staging.path())?)))
-        .and_then(|written| options.publish(&mut staging).map(|()| written));
+        .and_then(|written| staging.publish(options.pager.as_ref()).map(|()| written));
     if result.is_err() {
         if let Some(dirty) = dirty {
             handle.return_dirty_pages(dirty);
@@ -257,9 +242,18 @@ impl Staging {
         &self.path
     }
 
-    /// Renames the staging directory into place and syncs the directory that holds it. If
-    /// the sync fails, the snapshot is removed again: it might not survive a crash.
-    pub(crate) fn publish(&mut self) -> Result<(), SnapshotError> {
+    /// Renames the staging directory into place and syncs the directory that holds it, unless
+    /// `pager` (the one serving guest memory, if any) has failed: a page it read may be wrong
+    /// ([`SnapshotError::PagerFailed`]). Looked at after the last page was read, so a failure
+    /// after the rename cannot concern it. If the sync fails, the snapshot is removed again:
+    /// it might not survive a crash.
+    pub(crate) fn publish(
+        &mut self,
+        pager: Option<&pager::PagerHandle>,
+    ) -> Result<(), SnapshotError> {
+        if let Some(fatal) = pager.and_then(pager::PagerHandle::fatal_error) {
+            return Err(SnapshotError::PagerFailed(fatal));
+        }
         std::fs::rename(&self.path, &self.dir).map_err(SnapshotError::io(&self.dir))?;
         if let Err(e) = container::sync_dir(container::parent_dir(&self.dir)) {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -346,18 +340,11 @@ pub fn write(
         machine,
         ram,
         Layer::Full,
-        guest.clone(),
+        guest,
         watch,
         backing,
     )?;
-    let options = CreateOptions {
-        dir: dir.to_path_buf(),
-        diff_parent: None,
-        guest,
-        backing,
-        pager,
-    };
-    options.publish(&mut staging)?;
+    staging.publish(pager.as_ref())?;
     Ok(summary)
 }
 
@@ -565,7 +552,7 @@ mod tests {
 
         let mut staging = Staging::create(&dir).unwrap();
         std::fs::write(staging.path().join("x"), b"x").unwrap();
-        staging.publish().unwrap();
+        staging.publish(None).unwrap();
         drop(staging);
         assert_eq!(entries(tmp.path()), ["snap"]);
         assert_eq!(std::fs::read(dir.join("x")).unwrap(), b"x");

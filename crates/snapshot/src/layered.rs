@@ -102,21 +102,19 @@ impl SnapshotMemory {
             let at = (pos - offset) as usize;
             let piece = &mut buf[at..at + (piece_end - pos) as usize];
             let failed = |e: SnapshotError| (pos, e);
-            let whole_chunks = pos.is_multiple_of(layer.chunk_size())
-                && (piece_end.is_multiple_of(layer.chunk_size()) || piece_end == layer.size());
-            let data = if whole_chunks {
-                // The bytes installed are the bytes checked: one read.
+            // The whole chunks around the piece: the bytes installed are the bytes checked.
+            let chunk = layer.chunk_size();
+            let start = pos / chunk * chunk;
+            let stop = piece_end
+                .div_ceil(chunk)
+                .saturating_mul(chunk)
+                .min(layer.size());
+            let data = if (start, stop) == (pos, piece_end) {
                 layer.read_verified(pos, piece).map_err(failed)?
             } else {
-                // Larger chunks than the piece (images written with 64 KiB chunks): the
-                // chunks around it are read and checked whole, and the piece is copied out of
-                // the bytes checked (a second read could find the file changed since).
-                let chunk = layer.chunk_size();
-                let start = pos / chunk * chunk;
-                let stop = piece_end
-                    .div_ceil(chunk)
-                    .saturating_mul(chunk)
-                    .min(layer.size());
+                // Larger chunks than the piece (images written with 64 KiB chunks): they are
+                // read and checked whole, and the piece is copied out of them (a second read
+                // could find the file changed since).
                 let mut around = vec![0u8; (stop - start) as usize];
                 let data = layer.read_verified(start, &mut around).map_err(failed)?
                     && layer.has_data(pos, piece_end);

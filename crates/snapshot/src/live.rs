@@ -358,7 +358,7 @@ pub fn create_live(
         .and_then(|()| image.finish())
         .and_then(|memory| state::write(staging.path(), &state).map(|()| memory))
         .and_then(|memory| Ok((memory, state::identity(staging.path())?)))
-        .and_then(|written| options.publish(&mut staging).map(|()| written));
+        .and_then(|written| staging.publish(options.pager.as_ref()).map(|()| written));
     let (memory, identity) = match result {
         Ok(written) => written,
         Err(error) => {

@@ -16,7 +16,9 @@ use super::http::Response;
 use crate::locking::lock;
 use crate::migration::incoming::{Incoming, RecoverError};
 use crate::migration::progress::Progress;
-use crate::migration::send::{self, GiveUp, Mode, PausedMigration, SendFailure, SendOptions};
+use crate::migration::send::{
+    self, GiveUp, GivenUp, Mode, PauseKind, PausedMigration, SendFailure, SendOptions,
+};
 
 /// Why a migration in progress gives up when `PUT /migration/cancel` asks.
 const CANCELLED_BY_THE_OPERATOR: &str = "cancelled by the operator";
@@ -248,15 +250,15 @@ impl Migrations {
         }
         if !force {
             if let Some(paused) = lock(&self.paused).as_ref() {
-                return Err(match (paused.mode, paused.confirmed) {
-                    ("pre", false) => {
+                return Err(match paused.kind() {
+                    PauseKind::SwitchOverUnconfirmed => {
                         "an unconfirmed switch-over is paused here: only this side can learn \
                          (by resuming) whether the destination runs the VM"
                     }
-                    ("pre", true) => {
+                    PauseKind::EndCut => {
                         "a migration is paused here before its last word: resuming ends it"
                     }
-                    _ => {
+                    PauseKind::PostCopy => {
                         "a post-copy is paused here: the destination may run the VM and need \
                          pages that only this side has"
                     }
@@ -518,19 +520,17 @@ impl Migrations {
         // with under one lock, the one a shutdown or a cancel takes first: they see it in
         // progress or settled, never an ended one as still running.
         let mut in_progress = lock(&self.in_progress);
-        let answer = self.answer_send(handle, &request.to, result, options.give_up.asked());
+        let answer = self.answer_send(handle, &request.to, result);
         in_progress.current = None;
         answer
     }
 
-    /// The answer to `PUT /migration/send` whose migration ended with `result`, asked to give
-    /// up for `gave_up` if it was.
+    /// The answer to `PUT /migration/send` whose migration ended with `result`.
     fn answer_send(
         &self,
         handle: &VmHandle,
         to: &str,
         result: Result<send::SendReport, SendFailure>,
-        gave_up: Option<&'static str>,
     ) -> Response {
         match result {
             Ok(report) => {
@@ -547,9 +547,7 @@ impl Migrations {
                 let message = format!("{e:#}");
                 // Ended because the operator cancelled it (not by a failure that came first):
                 // that is its outcome.
-                let status = if gave_up == Some(CANCELLED_BY_THE_OPERATOR)
-                    && message.contains(CANCELLED_BY_THE_OPERATOR)
-                {
+                let status = if GivenUp::reason_in(&e) == Some(CANCELLED_BY_THE_OPERATOR) {
                     "cancelled"
                 } else {
                     "failed"
@@ -574,7 +572,7 @@ impl Migrations {
             }
             Err(SendFailure::Paused(e, paused)) => {
                 let message = format!("{e:#}");
-                let (status, what) = paused.status();
+                let (status, what) = (paused.kind().status(), paused.kind().describe());
                 let where_now = if paused.confirmed {
                     "the VM runs on the destination, and stays paused here, never to run here \
                      again"

@@ -119,9 +119,25 @@ struct GiveUpState {
 impl GiveUpState {
     fn check(&self) -> anyhow::Result<()> {
         match self.asked {
-            Some(why) => bail!("the migration was given up: {why}"),
+            Some(why) => Err(GivenUp(why).into()),
             None => Ok(()),
         }
+    }
+}
+
+/// The error of a migration that gave up because it was asked to (the reason it was given),
+/// found in its error's chain by whoever must tell a give-up from a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the migration was given up: {0}")]
+pub struct GivenUp(pub &'static str);
+
+impl GivenUp {
+    /// The reason `error` gave up for, if it ended in a give-up.
+    pub fn reason_in(error: &anyhow::Error) -> Option<&'static str> {
+        error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<GivenUp>())
+            .map(|given_up| given_up.0)
     }
 }
 
@@ -134,11 +150,6 @@ impl GiveUp {
             state.asked.get_or_insert(why);
         }
         !state.closed
-    }
-
-    /// Why it was asked to give up, if it was.
-    pub fn asked(&self) -> Option<&'static str> {
-        lock(&self.0).asked
     }
 
     /// Whether the migration is still before its switch-over.
@@ -370,17 +381,44 @@ pub struct PausedMigration {
     pub(super) migration: u64,
 }
 
+/// Where a paused migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseKind {
+    /// A pre-copy whose destination did not say whether it runs the VM.
+    SwitchOverUnconfirmed,
+    /// A pre-copy whose destination said it runs the VM (answering a resume), its end cut.
+    EndCut,
+    /// A post-copy (or a hybrid gone post-copy) paused by a break.
+    PostCopy,
+}
+
+impl PauseKind {
+    /// Its name in `GET /migration` (`status`).
+    pub fn status(self) -> &'static str {
+        match self {
+            PauseKind::SwitchOverUnconfirmed => "switchover-unconfirmed",
+            PauseKind::EndCut => "switchover-paused",
+            PauseKind::PostCopy => "postcopy-paused",
+        }
+    }
+
+    /// The same in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PauseKind::SwitchOverUnconfirmed => "the switch-over is unconfirmed",
+            PauseKind::EndCut => "the switch-over is confirmed, but the migration's end was cut",
+            PauseKind::PostCopy => "post-copy is paused",
+        }
+    }
+}
+
 impl PausedMigration {
-    /// How `GET /migration` names this pause (its `status`), and the same in words.
-    pub fn status(&self) -> (&'static str, &'static str) {
+    /// Where this paused migration stands.
+    pub fn kind(&self) -> PauseKind {
         match (self.mode, self.confirmed) {
-            ("pre", false) => ("switchover-unconfirmed", "the switch-over is unconfirmed"),
-            // The destination answered a resume (it runs the VM); the end was cut again.
-            ("pre", true) => (
-                "switchover-paused",
-                "the switch-over is confirmed, but the migration's end was cut",
-            ),
-            _ => ("postcopy-paused", "post-copy is paused"),
+            ("pre", false) => PauseKind::SwitchOverUnconfirmed,
+            ("pre", true) => PauseKind::EndCut,
+            _ => PauseKind::PostCopy,
         }
     }
 
@@ -1536,12 +1574,15 @@ mod tests {
             paused_by_it: true,
             migration: 1,
         };
-        assert_eq!(paused("pre", false).status().0, "switchover-unconfirmed");
+        assert_eq!(
+            paused("pre", false).kind().status(),
+            "switchover-unconfirmed"
+        );
         // Confirmed by the answer to a resume, then cut again: not unconfirmed any more.
-        assert_eq!(paused("pre", true).status().0, "switchover-paused");
+        assert_eq!(paused("pre", true).kind().status(), "switchover-paused");
         for mode in ["post", "hybrid"] {
             for confirmed in [false, true] {
-                assert_eq!(paused(mode, confirmed).status().0, "postcopy-paused");
+                assert_eq!(paused(mode, confirmed).kind().status(), "postcopy-paused");
             }
         }
     }
